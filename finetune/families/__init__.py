@@ -1,0 +1,42 @@
+"""Model families. `family_for(path)` picks one from `tiny:<name>` or the folder's config.json."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from finetune.families.base import Family
+
+
+def _registry() -> dict[str, type[Family]]:
+    from finetune.families.qwen2_5_omni import Qwen25OmniFamily
+
+    return {"qwen2_5_omni": Qwen25OmniFamily}
+
+
+# config.json model_type -> family name
+MODEL_TYPES = {"qwen2_5_omni": "qwen2_5_omni", "qwen2_5_omni_thinker": "qwen2_5_omni"}
+
+
+def get_family(name: str) -> Family:
+    """A family by name, with the list of known names on a miss."""
+    reg = _registry()
+    if name not in reg:
+        raise ValueError(f"unknown model family {name!r}; known: {', '.join(sorted(reg))}")
+    return reg[name]()
+
+
+def family_for(path: str, family: str = "auto") -> Family:
+    """The family of `model.path` (`tiny:<family>` or a local folder) unless named explicitly."""
+    if family != "auto":
+        return get_family(family)
+    if path.startswith("tiny:"):
+        return get_family(path.split(":", 1)[1])
+    cfg_path = Path(path).expanduser() / "config.json"
+    if not cfg_path.exists():
+        raise FileNotFoundError(f"model.path {path!r}: no config.json there; point it at a local model folder "
+                                "or use tiny:<family>")
+    mt = json.loads(cfg_path.read_text()).get("model_type")
+    if mt not in MODEL_TYPES:
+        raise ValueError(f"{cfg_path}: model_type {mt!r} is not supported; supported: {', '.join(sorted(MODEL_TYPES))}")
+    return get_family(MODEL_TYPES[mt])

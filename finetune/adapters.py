@@ -1,0 +1,222 @@
+"""Per-role trainability: each role `frozen`, `lora` or `full`; LoRA settings per role.
+
+LoRA adapters and fully trained modules both go through one PEFT config, so the adapter
+folder is a standard PEFT folder (`PeftModel.from_pretrained` loads it) and
+`merge_and_unload` gives the merged model: LoRA targets are listed by their full module
+path, per-role rank/alpha go in PEFT's rank/alpha patterns, and `full` roles become
+`modules_to_save` at the shallowest non-container modules that lie wholly inside the role.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from finetune.families.base import ROLE_NAMES, Family, strip_peft_prefix
+
+
+@dataclass
+class RolePlan:
+    """What `plan_roles` decided for one model: LoRA targets and full-trained modules."""
+
+    lora_targets: dict[str, list[str]] = field(default_factory=dict)  # role -> module paths
+    full_modules: dict[str, list[str]] = field(default_factory=dict)  # role -> module paths
+    modes: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def all_lora(self) -> list[str]:
+        return [m for mods in self.lora_targets.values() for m in mods]
+
+    @property
+    def all_full(self) -> list[str]:
+        return [m for mods in self.full_modules.values() for m in mods]
+
+
+def _is_linear(mod: nn.Module) -> bool:
+    if isinstance(mod, nn.Linear):
+        return True
+    name = type(mod).__name__
+    return name in ("Linear4bit", "Linear8bitLt")
+
+
+def plan_roles(model: nn.Module, family: Family, recipe) -> RolePlan:
+    """Decide, from the recipe's roles, which modules get LoRA and which are trained fully."""
+    plan = RolePlan()
+    present = set(family.present_roles(model))
+    for role in ROLE_NAMES:
+        spec = getattr(recipe.roles, role)
+        if role not in present:
+            if spec.mode != "frozen":
+                raise ValueError(f"roles.{role}.mode is {spec.mode!r} but this {family.name} model has no "
+                                 f"{role}; set roles.{role}.mode: frozen")
+            continue
+        plan.modes[role] = spec.mode
+        if spec.mode == "lora":
+            plan.lora_targets[role] = _lora_targets(model, family, role, spec.targets)
+            if not plan.lora_targets[role]:
+                raise ValueError(f"roles.{role}.targets {spec.targets!r} matches no linear or embedding layer "
+                                 f"in {role}; use 'all-linear' or module names such as q_proj, v_proj")
+        elif spec.mode == "full":
+            plan.full_modules[role] = _cover(model, family, role)
+    return plan
+
+
+def _lora_targets(model: nn.Module, family: Family, role: str, targets) -> list[str]:
+    names = []
+    for name, mod in model.named_modules():
+        if family.role_of(name) != role:
+            continue
+        ok = _is_linear(mod) or (role == "embeddings" and isinstance(mod, nn.Embedding))
+        if not ok:
+            continue
+        if targets != "all-linear":
+            leaf = name.rsplit(".", 1)[-1]
+            if not any(leaf == t or name.endswith("." + t) for t in targets):
+                continue
+        names.append(name)
+    return names
+
+
+def _cover(model: nn.Module, family: Family, role: str) -> list[str]:
+    """The shallowest modules whose parameters all belong to `role` (no ModuleList/Dict)."""
+    out: list[str] = []
+
+    def roles_in(mod: nn.Module, prefix: str) -> set:
+        return {family.role_of(f"{prefix}.{n}" if prefix else n) for n, _ in mod.named_parameters()}
+
+    def visit(mod: nn.Module, prefix: str):
+        rs = roles_in(mod, prefix)
+        if not rs or role not in rs:
+            return
+        if rs == {role} and prefix and not isinstance(mod, (nn.ModuleList, nn.ModuleDict)):
+            out.append(prefix)
+            return
+        direct = [n for n, _ in mod.named_parameters(recurse=False)]
+        if any(family.role_of(f"{prefix}.{n}" if prefix else n) == role for n in direct):
+            raise ValueError(f"cannot train {role} fully: {prefix} holds parameters of several roles")
+        for n, child in mod.named_children():
+            visit(child, f"{prefix}.{n}" if prefix else n)
+
+    visit(model, "")
+    return out
+
+
+def apply_roles(model: nn.Module, family: Family, recipe, *, gradient_checkpointing: bool = False):
+    """Freeze, attach LoRA and unfreeze full roles as the recipe says; returns (model, plan).
+
+    The returned model is a `PeftModel`. Quantised models must have been loaded with the LLM's
+    linear layers in 4/8-bit already (see `Family.load`).
+    """
+    from peft import LoraConfig, get_peft_model
+
+    plan = plan_roles(model, family, recipe)
+    for p in model.parameters():
+        p.requires_grad_(False)
+    if not plan.all_lora and not plan.all_full:
+        raise ValueError("every role is frozen: set at least one role to lora or full")
+    if not plan.all_lora:
+        raise ValueError("at least one role must be lora (full-only training is not supported yet); "
+                         "e.g. roles.llm.mode: lora")
+    first = next(r for r in ROLE_NAMES if r in plan.lora_targets)
+    base = getattr(recipe.roles, first)
+    rank_pattern, alpha_pattern = {}, {}
+    for role, mods in plan.lora_targets.items():
+        spec = getattr(recipe.roles, role)
+        for m in mods:
+            if spec.r != base.r:
+                rank_pattern[f"^{re.escape(m)}$"] = spec.r
+            if spec.alpha != base.alpha:
+                alpha_pattern[f"^{re.escape(m)}$"] = spec.alpha
+    config = LoraConfig(
+        r=base.r, lora_alpha=base.alpha, lora_dropout=base.dropout,
+        target_modules=plan.all_lora, rank_pattern=rank_pattern, alpha_pattern=alpha_pattern,
+        modules_to_save=plan.all_full or None, bias="none",
+    )
+    if gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        if hasattr(model, "enable_input_require_grads"):
+            model.enable_input_require_grads()
+    peft_model = get_peft_model(model, config)
+    # Per-role dropout: PEFT's config holds one value; dropout does not change merged weights.
+    for name, mod in peft_model.named_modules():
+        drop = getattr(mod, "lora_dropout", None)
+        if isinstance(drop, nn.ModuleDict) and "default" in drop:
+            role = family.role_of(name)
+            p = getattr(recipe.roles, role).dropout if role else base.dropout
+            drop["default"] = nn.Dropout(p) if p > 0 else nn.Identity()
+    return peft_model, plan
+
+
+def param_count(p: torch.Tensor) -> int:
+    """Element count of a parameter, counting 4-bit packed weights by their real shape."""
+    qs = getattr(p, "quant_state", None)
+    if qs is not None and getattr(qs, "shape", None) is not None:
+        return int(torch.Size(qs.shape).numel())
+    return p.numel()
+
+
+def role_table(model: nn.Module, family: Family, plan: RolePlan | None = None) -> list[dict]:
+    """Per role: mode, trainable parameters (LoRA and full copies) and total base parameters."""
+    rows = {r: {"role": r, "mode": (plan.modes.get(r, "frozen") if plan else "frozen"),
+                "trainable": 0, "total": 0, "dtype": set()} for r in ROLE_NAMES}
+    for name, p in model.named_parameters():
+        role = family.role_of(name)
+        if role is None:
+            continue
+        row = rows[role]
+        is_adapter = ".lora_" in name or ".modules_to_save." in name
+        if p.requires_grad:
+            row["trainable"] += param_count(p)
+        if not is_adapter:
+            row["total"] += param_count(p)
+            row["dtype"].add("4bit" if getattr(p, "quant_state", None) is not None
+                             else str(p.dtype).replace("torch.", ""))
+    out = []
+    for r in ROLE_NAMES:
+        row = rows[r]
+        if row["total"] == 0:
+            continue
+        row["dtype"] = "/".join(sorted(row["dtype"]))
+        out.append(row)
+    return out
+
+
+def format_role_table(rows: list[dict]) -> str:
+    """The start-of-run table: role, mode, trainable and total parameters, dtype."""
+    def fmt(n: int) -> str:
+        for unit, div in (("B", 1e9), ("M", 1e6), ("K", 1e3)):
+            if n >= div:
+                return f"{n / div:.2f}{unit}"
+        return str(n)
+
+    lines = [f"{'role':<18}{'mode':<8}{'trainable':>12}{'total':>12}  dtype"]
+    tt = tot = 0
+    for r in rows:
+        lines.append(f"{r['role']:<18}{r['mode']:<8}{fmt(r['trainable']):>12}{fmt(r['total']):>12}  {r['dtype']}")
+        tt += r["trainable"]
+        tot += r["total"]
+    lines.append(f"{'all':<18}{'':<8}{fmt(tt):>12}{fmt(tot):>12}  ({100 * tt / max(tot, 1):.2f}% trainable)")
+    return "\n".join(lines)
+
+
+def role_param_groups(model: nn.Module, family: Family, recipe, weight_decay: float) -> list[dict]:
+    """Optimizer groups with each role's learning rate (role lr, else train.lr)."""
+    groups: dict[tuple, dict] = {}
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        role = family.role_of(name)
+        lr = getattr(recipe.roles, role).lr if role else None
+        lr = lr if lr is not None else recipe.train.lr
+        decay = weight_decay if p.ndim >= 2 else 0.0
+        key = (lr, decay)
+        groups.setdefault(key, {"params": [], "lr": lr, "weight_decay": decay})["params"].append(p)
+    return list(groups.values())
+
+
+def strip(name: str) -> str:
+    """Module path without PEFT's prefixes (re-exported for callers)."""
+    return strip_peft_prefix(name)

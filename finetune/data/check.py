@@ -1,0 +1,246 @@
+"""Dataset checker: reports every problem of every line at once, plus a summary.
+
+Usage: ``python -m finetune.data.check FILE [FILE...]``
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Iterable
+
+import numpy as np
+
+from finetune.data import media
+from finetune.data.media import MediaError
+from finetune.data.schema import MEDIA_TYPES, DataError, Part, Sample, iter_jsonl, parse_sample
+
+_MEDIA_FIX = {
+    "unreadable_image": "re-export the image as PNG or JPEG, or remove the sample",
+    "unreadable_audio": "re-encode the audio as WAV or FLAC, or remove the sample",
+    "empty_audio": "replace the recording with a non-empty one, or remove the sample",
+    "unreadable_video": "re-export the video as a folder of PNG/JPEG frames, or remove the sample",
+}
+
+# Decoding a video file only proves the container is readable; a few frames suffice.
+_VIDEO_CHECK_FRAMES = 8
+
+
+@dataclass
+class CheckReport:
+    """Outcome of :func:`check_dataset`."""
+
+    files: list[str]
+    n_samples: int
+    n_ok: int
+    errors: list[DataError]
+    modality_counts: dict[str, int]
+    token_counts: list[int] | None = None
+
+    def error_counts(self) -> dict[str, int]:
+        """Number of errors per kind, most frequent first."""
+        return dict(Counter(e.kind for e in self.errors).most_common())
+
+    def format(self) -> str:
+        """Every error on its own line, then a summary with an optional token histogram."""
+        lines = [str(e) for e in self.errors]
+        if lines:
+            lines.append("")
+        n_files = len(self.files)
+        lines.append(
+            f"checked {n_files} file{'s' if n_files != 1 else ''}: "
+            f"{self.n_samples} samples, {self.n_ok} ok, {len(self.errors)} errors"
+        )
+        counts = self.error_counts()
+        if counts:
+            lines.append("errors by kind:")
+            width = max(len(k) for k in counts)
+            lines += [f"  {k:<{width}}  {v}" for k, v in counts.items()]
+        if self.modality_counts:
+            lines.append("modality mix:")
+            width = max(len(k) for k in self.modality_counts)
+            mix = sorted(self.modality_counts.items(), key=lambda kv: (-kv[1], kv[0]))
+            lines += [f"  {k:<{width}}  {v}" for k, v in mix]
+        if self.token_counts:
+            lines += _histogram(self.token_counts)
+        return "\n".join(lines)
+
+
+def _histogram(counts: list[int], buckets: int = 8, bar_width: int = 40) -> list[str]:
+    arr = np.asarray(counts)
+    lo, hi = int(arr.min()), int(arr.max())
+    out = [
+        f"token lengths (n={len(arr)}): min {lo}, median {round(float(np.median(arr)))}, "
+        f"p95 {round(float(np.percentile(arr, 95)))}, max {hi}"
+    ]
+    n_buckets = min(buckets, hi - lo + 1)
+    edges = np.linspace(lo, hi + 1, n_buckets + 1)
+    hist, _ = np.histogram(arr, bins=edges)
+    top = max(int(hist.max()), 1)
+    labels = [f"{int(np.ceil(edges[i]))}-{int(np.ceil(edges[i + 1])) - 1}" for i in range(n_buckets)]
+    width = max(len(s) for s in labels)
+    for label, n in zip(labels, hist):
+        bar = "#" * max(int(round(n / top * bar_width)), 1 if n else 0)
+        out.append(f"  {label:>{width}} | {bar + ' ' if bar else ''}{int(n)}")
+    return out
+
+
+def _modality_key(sample: Sample) -> str:
+    present = [t for t in MEDIA_TYPES if t in sample.modalities()]
+    return "+".join(present) if present else "text-only"
+
+
+class _MediaChecker:
+    """Decodes media once per file, however many samples reference it."""
+
+    def __init__(self) -> None:
+        self._cache: dict[tuple[str, Path], tuple[str, str] | None] = {}
+
+    def _try(self, kind: str, path: Path, fn: Callable[[], object]) -> tuple[str, str] | None:
+        key = (kind, path)
+        if key not in self._cache:
+            try:
+                fn()
+                self._cache[key] = None
+            except MediaError as e:
+                self._cache[key] = (e.kind if e.kind in _MEDIA_FIX else kind, str(e))
+        return self._cache[key]
+
+    def problems(self, part: Part, fld: str) -> Iterable[tuple[str, str, str]]:
+        """Yield ``(kind, field, problem)`` for every unreadable file of a part."""
+        if part.type == "image":
+            res = self._try("unreadable_image", part.path, lambda: media.load_image(part.path))
+            if res:
+                yield res[0], f"{fld}.path", res[1]
+        elif part.type == "audio":
+            res = self._try("unreadable_audio", part.path,
+                            lambda: media.load_audio(part.path, sampling_rate=None))
+            if res:
+                yield res[0], f"{fld}.path", res[1]
+        elif part.type == "video":
+            yield from self._video_problems(part, fld)
+
+    def _video_problems(self, part: Part, fld: str):
+        if part.frames:
+            frames = [(f"{fld}.frames[{k}]", p) for k, p in enumerate(part.frames)]
+        elif part.path is not None and part.path.is_dir():
+            try:
+                frames = [(f"{fld}.path", p) for p in media.list_video_frames(part.path)]
+            except MediaError as e:
+                yield "unreadable_video", f"{fld}.path", str(e)
+                return
+        else:
+            res = self._try("unreadable_video", part.path,
+                            lambda: media.load_video(part, max_frames=_VIDEO_CHECK_FRAMES))
+            if res:
+                yield "unreadable_video", f"{fld}.path", res[1]
+            return
+        # Every frame is decoded because training may sample any of them.
+        for frame_field, p in frames:
+            res = self._try("unreadable_video", p, lambda p=p: media.load_image(p))
+            if res:
+                yield "unreadable_video", frame_field, res[1]
+
+
+def check_dataset(
+    paths: list[Path],
+    *,
+    token_counter: Callable[[Sample], int] | None = None,
+    max_tokens: int | None = None,
+    allow_outside_paths: bool = False,
+    open_media: bool = True,
+) -> CheckReport:
+    """Validate every line of every file and collect all problems into a report.
+
+    With ``open_media`` every referenced media file is decoded; with
+    ``token_counter`` each error-free sample is measured and samples longer
+    than ``max_tokens`` are reported as ``too_long``.
+    """
+    files = [str(p) for p in paths]
+    errors: list[DataError] = []
+    modality_counts: Counter[str] = Counter()
+    token_counts: list[int] | None = [] if token_counter is not None else None
+    n_samples = n_ok = 0
+    checker = _MediaChecker()
+
+    for path in map(Path, paths):
+        source = str(path)
+        if not path.is_file():
+            errors.append(DataError("missing_file", f"dataset file '{path}' does not exist",
+                                    "check the file path", file=source))
+            continue
+        n_in_file = 0
+        for lineno, obj in iter_jsonl(path):
+            n_samples += 1
+            n_in_file += 1
+            if isinstance(obj, DataError):
+                errors.append(obj)
+                continue
+            try:
+                sample = parse_sample(obj, source=source, line=lineno, base_dir=path.parent,
+                                      allow_outside_paths=allow_outside_paths)
+            except DataError as e:
+                errors.append(e)
+                continue
+            modality_counts[_modality_key(sample)] += 1
+
+            sample_errors: list[DataError] = []
+            if open_media:
+                for i, msg in enumerate(sample.messages):
+                    for j, part in enumerate(msg.parts):
+                        if not part.is_media:
+                            continue
+                        for kind, fld, problem in checker.problems(part, f"messages[{i}].content[{j}]"):
+                            sample_errors.append(DataError(kind, problem, _MEDIA_FIX[kind],
+                                                           file=source, line=lineno, field=fld))
+            if token_counter is not None and not sample_errors:
+                sample_errors += _count_tokens(sample, token_counter, max_tokens, token_counts)
+            errors += sample_errors
+            if not sample_errors:
+                n_ok += 1
+        if n_in_file == 0:
+            errors.append(DataError("empty", "the file has no samples",
+                                    "add one JSON sample per line", file=source))
+
+    return CheckReport(files=files, n_samples=n_samples, n_ok=n_ok, errors=errors,
+                       modality_counts=dict(modality_counts), token_counts=token_counts)
+
+
+def _count_tokens(sample: Sample, counter, max_tokens, token_counts: list[int]) -> list[DataError]:
+    try:
+        n = int(counter(sample))
+    except Exception as e:  # any failure inside a model processor is a data problem here
+        return [DataError("encode", f"encoding the sample failed: {type(e).__name__}: {e}",
+                          "check the sample's text and media against the model's processor",
+                          file=sample.source, line=sample.line)]
+    token_counts.append(n)
+    if max_tokens is not None and n > max_tokens:
+        return [DataError("too_long", f"the sample has {n} tokens, more than data.max_tokens={max_tokens}",
+                          "raise data.max_tokens or shorten the sample",
+                          file=sample.source, line=sample.line)]
+    return []
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Check dataset files from the command line; exit status 1 when any error is found."""
+    parser = argparse.ArgumentParser(
+        prog="python -m finetune.data.check",
+        description="Validate omni-modal JSONL datasets and report every problem at once.",
+    )
+    parser.add_argument("files", nargs="+", type=Path, help="JSONL dataset files")
+    parser.add_argument("--no-media", action="store_true",
+                        help="only check that media files exist; do not decode them")
+    parser.add_argument("--allow-outside-paths", action="store_true",
+                        help="allow media paths outside each dataset file's folder")
+    args = parser.parse_args(argv)
+    report = check_dataset(args.files, allow_outside_paths=args.allow_outside_paths,
+                           open_media=not args.no_media)
+    print(report.format())
+    return 1 if report.errors else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

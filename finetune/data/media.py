@@ -1,0 +1,228 @@
+"""Media readers for images, audio and video (Pillow, soundfile, scipy, optional PyAV).
+
+Every failure is raised as :class:`MediaError` with a message that names the
+file; :mod:`finetune.data.check` turns it into a located DataError.
+"""
+
+from __future__ import annotations
+
+import re
+from math import gcd
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from finetune.data.schema import Part
+
+FRAME_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
+VIDEO_SUFFIXES = (".mp4", ".avi", ".mkv", ".webm", ".mov")
+MEDICAL_SUFFIXES = (".dcm", ".dicom", ".nii", ".nii.gz")
+
+_AUDIO_FORMATS_HINT = (
+    "soundfile reads WAV, FLAC, OGG/Vorbis and MP3 (MP3 needs libsndfile>=1.1); "
+    "convert other formats first, e.g. ffmpeg -i in.m4a -ar 16000 -ac 1 out.wav"
+)
+
+
+class MediaError(Exception):
+    """A media file could not be read; ``kind`` optionally refines the category."""
+
+    def __init__(self, message: str, kind: str | None = None) -> None:
+        super().__init__(message)
+        self.kind = kind
+
+
+def _is_medical(path: Path) -> bool:
+    name = Path(path).name.lower()
+    return name.endswith(MEDICAL_SUFFIXES)
+
+
+def _medical_unsupported(path: Path) -> MediaError:
+    # Branch point for the [medical] extra: DICOM/NIfTI readers plug in here.
+    return MediaError(
+        f"'{path}': DICOM/NIfTI support arrives with the [medical] extra", kind="unsupported"
+    )
+
+
+def load_image(path: Path) -> Image.Image:
+    """Decode an image fully and return it as RGB."""
+    path = Path(path)
+    if _is_medical(path):
+        raise _medical_unsupported(path)
+    try:
+        with Image.open(path) as im:
+            # load() forces the full decode so truncated files fail here,
+            # not later inside a DataLoader worker.
+            im.load()
+            return _to_rgb(im)
+    except MediaError:
+        raise
+    except FileNotFoundError:
+        raise MediaError(f"image '{path}' does not exist") from None
+    except Exception as e:  # Pillow raises OSError, SyntaxError, ValueError, ...
+        raise MediaError(f"cannot decode image '{path}': {e}") from e
+
+
+def _to_rgb(im: Image.Image) -> Image.Image:
+    if im.mode in ("I", "I;16", "I;16B", "I;16L", "I;16N", "F"):
+        # Pillow clips high-bit-depth values to 255 when converting to RGB,
+        # which turns 12/16-bit scans white; stretch the used range instead.
+        arr = np.asarray(im, dtype=np.float32)
+        lo, hi = float(arr.min()), float(arr.max())
+        scale = 255.0 / (hi - lo) if hi > lo else 0.0
+        arr8 = ((arr - lo) * scale).clip(0, 255).astype(np.uint8)
+        return Image.fromarray(arr8).convert("RGB")
+    return im.convert("RGB")
+
+
+def image_size(path: Path) -> tuple[int, int]:
+    """``(width, height)`` read from the image header, without decoding pixels."""
+    path = Path(path)
+    if _is_medical(path):
+        raise _medical_unsupported(path)
+    try:
+        with Image.open(path) as im:
+            return im.size
+    except FileNotFoundError:
+        raise MediaError(f"image '{path}' does not exist") from None
+    except Exception as e:
+        raise MediaError(f"cannot read image header of '{path}': {e}") from e
+
+
+def load_audio(path: Path, sampling_rate: int | None = 16000) -> np.ndarray:
+    """Decode audio as float32 mono in [-1, 1], resampled to ``sampling_rate``.
+
+    ``sampling_rate=None`` keeps the file's own rate (used by the checker,
+    which only needs to know the file decodes).
+    """
+    import soundfile as sf
+
+    path = Path(path)
+    if not path.exists():
+        raise MediaError(f"audio '{path}' does not exist")
+    try:
+        data, sr = sf.read(str(path), dtype="float32", always_2d=True)
+    except Exception as e:  # LibsndfileError, or RuntimeError from older soundfile
+        raise MediaError(
+            f"cannot read audio '{path}': {_sf_reason(e)}; {_AUDIO_FORMATS_HINT}",
+            kind="unreadable_audio",
+        ) from e
+    if data.shape[0] == 0:
+        raise MediaError(f"audio '{path}' has no samples", kind="empty_audio")
+    wav = data.mean(axis=1) if data.shape[1] > 1 else data[:, 0]
+    if sampling_rate is not None and sr != sampling_rate:
+        from scipy.signal import resample_poly
+
+        g = gcd(int(sr), int(sampling_rate))
+        wav = resample_poly(wav, sampling_rate // g, int(sr) // g)
+    # The polyphase filter can overshoot full scale slightly on loud input.
+    return np.ascontiguousarray(np.clip(wav, -1.0, 1.0), dtype=np.float32)
+
+
+def _sf_reason(e: Exception) -> str:
+    # libsndfile repeats the path ("Error opening '<path>': ..."); our message
+    # already names it, so keep only the reason.
+    return re.sub(r"^Error opening .*?: ", "", str(e)).rstrip(". ")
+
+
+def audio_duration(path: Path) -> float:
+    """Duration in seconds from the audio header, without decoding samples."""
+    import soundfile as sf
+
+    path = Path(path)
+    if not path.exists():
+        raise MediaError(f"audio '{path}' does not exist")
+    try:
+        info = sf.info(str(path))
+    except Exception as e:
+        raise MediaError(
+            f"cannot read audio header of '{path}': {_sf_reason(e)}; {_AUDIO_FORMATS_HINT}",
+            kind="unreadable_audio",
+        ) from e
+    return float(info.frames) / float(info.samplerate) if info.samplerate else 0.0
+
+
+def _natural_key(path: Path):
+    # frame_2 must come before frame_10, which plain string sorting gets wrong.
+    return [int(t) if t.isdigit() else t.lower() for t in re.split(r"(\d+)", path.name)]
+
+
+def list_video_frames(part_path: Path) -> list[Path]:
+    """Image files of a frame folder, in natural (numeric-aware) name order."""
+    folder = Path(part_path)
+    if not folder.is_dir():
+        raise MediaError(f"'{folder}' is not a folder of frames")
+    frames = [p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in FRAME_SUFFIXES]
+    if not frames:
+        raise MediaError(
+            f"folder '{folder}' has no frame images ({', '.join(FRAME_SUFFIXES)})"
+        )
+    return sorted(frames, key=_natural_key)
+
+
+def _even_indices(n: int, k: int) -> list[int]:
+    if n <= k:
+        return list(range(n))
+    return [int(round(x)) for x in np.linspace(0, n - 1, k)]
+
+
+def _fps_indices(n: int, src_fps: float | None, fps: float | None) -> list[int]:
+    if not fps or not src_fps or fps >= src_fps:
+        return list(range(n))
+    step = src_fps / fps
+    return sorted({int(i * step) for i in range(int(n / step) + 1) if int(i * step) < n})
+
+
+def load_video(part: Part, max_frames: int, fps: float | None = None) -> list[Image.Image]:
+    """Frames of a video part as RGB images, evenly subsampled to at most ``max_frames``.
+
+    The part may hold ``frames`` (a list of images), a folder of frames in
+    ``path``, or a video file (decoded with PyAV when installed). ``fps``
+    thins frames first when the source rate is known (video files, or a frame
+    folder whose part carries ``"fps"``).
+    """
+    if max_frames < 1:
+        raise ValueError(f"max_frames must be >= 1, not {max_frames}")
+    if part.frames:
+        return _load_frame_list(list(part.frames), max_frames, fps, part.extra.get("fps"))
+    if part.path is None:
+        raise MediaError("the video part has neither 'path' nor 'frames'")
+    path = Path(part.path)
+    if path.is_dir():
+        return _load_frame_list(list_video_frames(path), max_frames, fps, part.extra.get("fps"))
+    if not path.exists():
+        raise MediaError(f"video '{path}' does not exist")
+    if path.suffix.lower() in VIDEO_SUFFIXES:
+        return _load_video_file(path, max_frames, fps)
+    raise MediaError(
+        f"'{path}' is not a frame folder or a video file ({', '.join(VIDEO_SUFFIXES)})"
+    )
+
+
+def _load_frame_list(frames: list[Path], max_frames: int, fps, src_fps) -> list[Image.Image]:
+    picked = [frames[i] for i in _fps_indices(len(frames), src_fps, fps)]
+    picked = [picked[i] for i in _even_indices(len(picked), max_frames)]
+    return [load_image(p) for p in picked]
+
+
+def _load_video_file(path: Path, max_frames: int, fps: float | None) -> list[Image.Image]:
+    try:
+        import av
+    except ImportError:
+        raise MediaError(
+            f"reading video file '{path}' needs PyAV: pip install av "
+            "(or give the video as a folder of frames)"
+        ) from None
+    try:
+        with av.open(str(path)) as container:
+            stream = container.streams.video[0]
+            src_fps = float(stream.average_rate) if stream.average_rate else None
+            # Decoding keeps every frame briefly; clips for fine-tuning are short.
+            images = [f.to_image() for f in container.decode(stream)]
+    except Exception as e:
+        raise MediaError(f"cannot decode video '{path}': {e}") from e
+    if not images:
+        raise MediaError(f"video '{path}' has no frames")
+    picked = [images[i] for i in _fps_indices(len(images), src_fps, fps)]
+    return [picked[i].convert("RGB") for i in _even_indices(len(picked), max_frames)]

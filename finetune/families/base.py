@@ -1,0 +1,142 @@
+"""The Family contract: everything model-specific lives behind it.
+
+A Family knows how to load its model from a local folder (or build a tiny random one), which
+module paths make up each role, how to turn a `Sample` into an `EncodedSample` (chat
+template, label masking, media tensors, the sample's own positions), how to count a sample's
+tokens before any encoder runs, how to batch encoded samples, and how to write a merged model
+back into a complete checkpoint. The rest of the toolkit is written once against this class.
+"""
+
+from __future__ import annotations
+
+import abc
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+if TYPE_CHECKING:  # families never import the trainer; data types only
+    from finetune.data.schema import Sample
+    from finetune.recipe import Recipe
+
+IGNORE_INDEX = -100
+
+ROLE_NAMES = (
+    "llm",
+    "embeddings",
+    "lm_head",
+    "vision_encoder",
+    "vision_projector",
+    "audio_encoder",
+    "audio_projector",
+    "audio_head",
+)
+
+
+@dataclass
+class EncodedSample:
+    """One sample, tokenised and with its media tensors, ready for a collator.
+
+    `position_ids` are the positions the model computes for this sample when it sees it alone:
+    shape [L] for 1-D RoPE families, [3, L] (t/h/w) for M-RoPE families. `media` holds the
+    tensors the model takes for this sample only, keyed by the model's forward argument names.
+    """
+
+    input_ids: torch.Tensor
+    labels: torch.Tensor
+    position_ids: torch.Tensor
+    media: dict[str, Any] = field(default_factory=dict)
+    sample_id: str = ""
+    where: str = ""
+
+    @property
+    def num_tokens(self) -> int:
+        return int(self.input_ids.shape[0])
+
+    @property
+    def num_label_tokens(self) -> int:
+        return int((self.labels != IGNORE_INDEX).sum())
+
+
+@dataclass
+class LoadedModel:
+    """What `Family.load` returns: the model, the encoder (processor) and where they came from."""
+
+    model: torch.nn.Module
+    processor: Any
+    base_path: Path
+    is_full_checkpoint: bool = False
+    info: dict = field(default_factory=dict)
+
+
+class Family(abc.ABC):
+    """Base class of a model family. Subclasses set `name` and `role_prefixes`."""
+
+    name: str = ""
+    #: role -> module-path prefixes (relative to the bare model, not a PEFT wrapper). The longest
+    #: matching prefix wins, so `model.visual.merger` can be the projector inside `model.visual`.
+    role_prefixes: dict[str, tuple[str, ...]] = {}
+    #: M-RoPE families add a text row on top of their t/h/w positions when packing.
+    mrope: bool = False
+
+    # ---- loading -----------------------------------------------------------------------
+    @abc.abstractmethod
+    def load(self, recipe: "Recipe", *, quantize: str | None = None, dtype: torch.dtype | None = None) -> LoadedModel:
+        """Load the trainable model and its processor from `recipe.model.path`."""
+
+    @abc.abstractmethod
+    def materialize_tiny(self, seed: int = 0) -> Path:
+        """Build the tiny random model of this family into a cached folder and return it."""
+
+    # ---- roles -------------------------------------------------------------------------
+    def role_of(self, name: str) -> str | None:
+        """The role a parameter or module path belongs to (PEFT prefixes are stripped)."""
+        name = strip_peft_prefix(name)
+        best, best_len = None, -1
+        for role, prefixes in self.role_prefixes.items():
+            for p in prefixes:
+                if (name == p or name.startswith(p + ".")) and len(p) > best_len:
+                    best, best_len = role, len(p)
+        return best
+
+    def present_roles(self, model: torch.nn.Module) -> list[str]:
+        """Roles that own at least one parameter in this model."""
+        seen = {self.role_of(n) for n, _ in model.named_parameters()}
+        return [r for r in ROLE_NAMES if r in seen]
+
+    # ---- data --------------------------------------------------------------------------
+    @abc.abstractmethod
+    def encode(self, sample: "Sample", processor: Any, *, for_generation: bool = False) -> EncodedSample:
+        """Tokenise a sample with the chat template; labels on assistant turns only.
+
+        With `for_generation` the last assistant turn is dropped and the generation prompt is
+        appended (labels are then all ignored).
+        """
+
+    @abc.abstractmethod
+    def count_tokens(self, sample: "Sample", processor: Any) -> int:
+        """The sample's token count from text and media metadata, without running encoders."""
+
+    @abc.abstractmethod
+    def collate_padded(self, batch: list[EncodedSample], pad_id: int) -> dict[str, Any]:
+        """A right-padded batch with an attention mask."""
+
+    # ---- export ------------------------------------------------------------------------
+    @abc.abstractmethod
+    def save_merged(self, model: torch.nn.Module, loaded: LoadedModel, out_dir: Path, *,
+                    dtype: torch.dtype, max_shard_size: str) -> list[str]:
+        """Write a complete, loadable checkpoint of the merged model into `out_dir`."""
+
+    @abc.abstractmethod
+    def load_merged_for_check(self, folder: Path, dtype: torch.dtype) -> torch.nn.Module:
+        """Load an exported checkpoint's trainable model (for verification)."""
+
+
+def strip_peft_prefix(name: str) -> str:
+    """`base_model.model.x.y` -> `x.y`; also removes PEFT's wrapper segments."""
+    if name.startswith("base_model.model."):
+        name = name[len("base_model.model."):]
+    for seg in (".base_layer", ".original_module", ".modules_to_save.default"):
+        name = name.replace(seg, "")
+    return name

@@ -1,0 +1,681 @@
+"""The Qwen2.5-Omni family: the thinker (vision + audio encoders, projectors, LLM) is trained.
+
+Loading takes a local folder holding either a full Qwen2.5-Omni checkpoint (thinker, talker,
+token2wav; `model_type: qwen2_5_omni`) or a thinker-only one (`qwen2_5_omni_thinker`).
+`tiny:qwen2_5_omni` materialises a random tiny thinker (and tokenizer) into a cached folder,
+so every later step treats it exactly like a real local checkpoint.
+
+Our processor is built from transformers' component classes (tokenizer, the PIL image
+processor, the Whisper feature extractor) plus our own video patchifier: transformers'
+Qwen2.5-Omni processor needs torchvision for its video processor, which we avoid on the CPU.
+The chat format matches the model's own template:
+
+    <|im_start|>system\n...<|im_end|>\n<|im_start|>user\n<|vision_bos|><|IMAGE|>*n<|vision_eos|>text<|im_end|>\n
+    <|im_start|>assistant\nanswer<|im_end|>\n
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from finetune.families.base import IGNORE_INDEX, EncodedSample, Family, LoadedModel
+
+IM_START, IM_END = "<|im_start|>", "<|im_end|>"
+VISION_BOS, VISION_EOS = "<|vision_bos|>", "<|vision_eos|>"
+AUDIO_BOS, AUDIO_EOS = "<|audio_bos|>", "<|audio_eos|>"
+IMAGE_TOKEN, VIDEO_TOKEN, AUDIO_TOKEN = "<|IMAGE|>", "<|VIDEO|>", "<|AUDIO|>"
+
+# The files a loader needs beside the weights; copied from the base into exports.
+PROCESSOR_FILES = (
+    "tokenizer.json", "tokenizer_config.json", "vocab.json", "merges.txt", "special_tokens_map.json",
+    "added_tokens.json", "chat_template.json", "chat_template.jinja", "preprocessor_config.json",
+    "processor_config.json", "video_preprocessor_config.json", "generation_config.json",
+)
+# Extra files of a full checkpoint that the speech output needs (copied unchanged).
+SPEECH_FILES = ("spk_dict.pt",)
+
+# Our own rendering of the Qwen2.5-Omni chat format (same text the model was trained on).
+CHAT_TEMPLATE = (
+    "{%- for message in messages -%}"
+    "{{- '<|im_start|>' + message['role'] + '\\n' -}}"
+    "{%- if message['content'] is string -%}{{- message['content'] -}}"
+    "{%- else -%}{%- for part in message['content'] -%}"
+    "{%- if part['type'] == 'text' -%}{{- part['text'] -}}"
+    "{%- elif part['type'] == 'image' -%}{{- '<|vision_bos|><|IMAGE|><|vision_eos|>' -}}"
+    "{%- elif part['type'] == 'video' -%}{{- '<|vision_bos|><|VIDEO|><|vision_eos|>' -}}"
+    "{%- elif part['type'] == 'audio' -%}{{- '<|audio_bos|><|AUDIO|><|audio_eos|>' -}}"
+    "{%- endif -%}{%- endfor -%}{%- endif -%}"
+    "{{- '<|im_end|>\\n' -}}"
+    "{%- endfor -%}"
+    "{%- if add_generation_prompt -%}{{- '<|im_start|>assistant\\n' -}}{%- endif -%}"
+)
+
+
+def _feat_to_tokens(n_frames: int) -> int:
+    """Audio tokens the thinker's audio tower yields for `n_frames` mel frames."""
+    n = (n_frames - 1) // 2 + 1
+    return (n - 2) // 2 + 1
+
+
+def smart_resize(height: int, width: int, factor: int, min_pixels: int, max_pixels: int) -> tuple[int, int]:
+    """Qwen2-VL's resize rule: sides divisible by `factor`, area within [min, max] pixels."""
+    if max(height, width) / min(height, width) > 200:
+        raise ValueError(f"aspect ratio {max(height, width) / min(height, width):.0f} exceeds 200")
+    h = max(factor, round(height / factor) * factor)
+    w = max(factor, round(width / factor) * factor)
+    if h * w > max_pixels:
+        beta = math.sqrt((height * width) / max_pixels)
+        h = max(factor, math.floor(height / beta / factor) * factor)
+        w = max(factor, math.floor(width / beta / factor) * factor)
+    elif h * w < min_pixels:
+        beta = math.sqrt(min_pixels / (height * width))
+        h = math.ceil(height * beta / factor) * factor
+        w = math.ceil(width * beta / factor) * factor
+    return h, w
+
+
+@dataclass
+class OmniProcessor:
+    """Tokenizer + image/audio/video preprocessing for one Qwen2.5-Omni checkpoint."""
+
+    tokenizer: Any
+    patch_size: int = 14
+    merge_size: int = 2
+    temporal_patch_size: int = 2
+    min_pixels: int = 56 * 56
+    max_pixels: int = 28 * 28 * 1280
+    image_mean: tuple = (0.48145466, 0.4578275, 0.40821073)
+    image_std: tuple = (0.26862954, 0.26130258, 0.27577711)
+    sampling_rate: int = 16000
+    feature_size: int = 128
+    hop_length: int = 160
+    n_fft: int = 400
+    video_fps: float = 2.0
+    video_max_frames: int = 16
+    system_prompt: str | None = None
+    token_ids: dict = field(default_factory=dict)
+    _fe: Any = None
+    _text_cache: dict = field(default_factory=dict)
+
+    @classmethod
+    def from_folder(cls, folder: Path, *, min_pixels: int | None = None, max_pixels: int | None = None,
+                    video_fps: float = 2.0, video_max_frames: int = 16, system_prompt: str | None = None):
+        """Read the tokenizer and preprocessing settings saved in a model folder."""
+        from transformers import AutoTokenizer
+
+        tok = AutoTokenizer.from_pretrained(str(folder))
+        cfg: dict = {}
+        for name in ("preprocessor_config.json", "processor_config.json"):
+            p = Path(folder) / name
+            if p.exists():
+                data = json.loads(p.read_text())
+                # transformers 5 nests sub-processor settings; older checkpoints keep them flat
+                for sub in ("image_processor", "feature_extractor"):
+                    if isinstance(data.get(sub), dict):
+                        cfg.update(data[sub])
+                cfg.update({k: v for k, v in data.items() if not isinstance(v, dict)})
+        proc = cls(
+            tokenizer=tok,
+            patch_size=int(cfg.get("patch_size", 14)),
+            merge_size=int(cfg.get("merge_size", 2)),
+            temporal_patch_size=int(cfg.get("temporal_patch_size", 2)),
+            min_pixels=int(min_pixels or cfg.get("min_pixels", 56 * 56)),
+            max_pixels=int(max_pixels or cfg.get("max_pixels", 28 * 28 * 1280)),
+            image_mean=tuple(cfg.get("image_mean", cls.image_mean)),
+            image_std=tuple(cfg.get("image_std", cls.image_std)),
+            sampling_rate=int(cfg.get("sampling_rate", 16000)),
+            feature_size=int(cfg.get("feature_size", 128)),
+            hop_length=int(cfg.get("hop_length", 160)),
+            n_fft=int(cfg.get("n_fft", 400)),
+            video_fps=video_fps,
+            video_max_frames=video_max_frames,
+            system_prompt=system_prompt,
+        )
+        specials = [IM_START, IM_END, VISION_BOS, VISION_EOS, AUDIO_BOS, AUDIO_EOS,
+                    IMAGE_TOKEN, VIDEO_TOKEN, AUDIO_TOKEN]
+        for s in specials:
+            tid = tok.convert_tokens_to_ids(s)
+            if tid is None or tid == tok.unk_token_id:
+                raise ValueError(f"{folder}: tokenizer has no special token {s}; is this a Qwen2.5-Omni folder?")
+            proc.token_ids[s] = int(tid)
+        return proc
+
+    # ---- text ------------------------------------------------------------------------
+    def text_ids(self, text: str) -> list[int]:
+        """Token ids of plain text (no special tokens added), cached: prompts repeat a lot."""
+        ids = self._text_cache.get(text)
+        if ids is None:
+            ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
+            if len(self._text_cache) < 100_000:
+                self._text_cache[text] = ids
+        return list(ids)
+
+    @property
+    def pad_id(self) -> int:
+        pid = self.tokenizer.pad_token_id
+        return int(pid if pid is not None else self.token_ids[IM_END])
+
+    @property
+    def eos_id(self) -> int:
+        return self.token_ids[IM_END]
+
+    # ---- images ----------------------------------------------------------------------
+    def image_grid(self, width: int, height: int) -> tuple[int, int, int]:
+        """(t, h, w) patch grid of an image of this size, without decoding it."""
+        factor = self.patch_size * self.merge_size
+        h, w = smart_resize(height, width, factor, self.min_pixels, self.max_pixels)
+        return 1, h // self.patch_size, w // self.patch_size
+
+    def _normalise(self, img) -> tuple[np.ndarray, int, int]:
+        from PIL import Image
+
+        img = img.convert("RGB")
+        factor = self.patch_size * self.merge_size
+        h, w = smart_resize(img.height, img.width, factor, self.min_pixels, self.max_pixels)
+        if (img.width, img.height) != (w, h):
+            img = img.resize((w, h), Image.BICUBIC)
+        arr = np.asarray(img, dtype=np.float32) / 255.0
+        arr = (arr - np.asarray(self.image_mean, np.float32)) / np.asarray(self.image_std, np.float32)
+        return arr.transpose(2, 0, 1), h, w  # C, H, W
+
+    def _patchify(self, frames: np.ndarray) -> tuple[np.ndarray, tuple[int, int, int]]:
+        """frames [T, C, H, W] -> flat patches [t*h*w, C*tp*p*p] in the vision tower's order."""
+        tp, p, m = self.temporal_patch_size, self.patch_size, self.merge_size
+        if frames.shape[0] % tp:
+            pad = tp - frames.shape[0] % tp
+            frames = np.concatenate([frames, np.repeat(frames[-1:], pad, axis=0)], axis=0)
+        t, c, h, w = frames.shape
+        gt, gh, gw = t // tp, h // p, w // p
+        x = frames.reshape(gt, tp, c, gh // m, m, p, gw // m, m, p)
+        x = x.transpose(0, 3, 6, 4, 7, 2, 1, 5, 8)
+        return np.ascontiguousarray(x.reshape(gt * gh * gw, c * tp * p * p)), (gt, gh, gw)
+
+    def process_image(self, img) -> tuple[torch.Tensor, torch.Tensor]:
+        """An image -> (pixel_values [n_patches, dim], grid_thw [3])."""
+        arr, _, _ = self._normalise(img)
+        patches, grid = self._patchify(arr[None])
+        return torch.from_numpy(patches), torch.tensor(grid, dtype=torch.long)
+
+    def process_video(self, frames: list) -> tuple[torch.Tensor, torch.Tensor, float]:
+        """Frames -> (pixel_values_videos, grid_thw, seconds per temporal grid)."""
+        first, h, w = self._normalise(frames[0])
+        arrs = [first]
+        for f in frames[1:]:
+            a, fh, fw = self._normalise(f.resize((frames[0].width, frames[0].height)))
+            arrs.append(a)
+        patches, grid = self._patchify(np.stack(arrs))
+        return torch.from_numpy(patches), torch.tensor(grid, dtype=torch.long), self.temporal_patch_size / self.video_fps
+
+    def video_grid(self, n_frames: int, width: int, height: int) -> tuple[int, int, int]:
+        """(t, h, w) grid of a video from frame count and size, without decoding."""
+        _, gh, gw = self.image_grid(width, height)
+        return math.ceil(n_frames / self.temporal_patch_size), gh, gw
+
+    # ---- audio -----------------------------------------------------------------------
+    @property
+    def feature_extractor(self):
+        if self._fe is None:
+            from transformers import WhisperFeatureExtractor
+
+            self._fe = WhisperFeatureExtractor(
+                feature_size=self.feature_size, sampling_rate=self.sampling_rate,
+                hop_length=self.hop_length, n_fft=self.n_fft,
+            )
+        return self._fe
+
+    def audio_frames(self, n_samples: int) -> int:
+        """Mel frames the model sees for `n_samples` samples (the feature attention mask's sum)."""
+        return max(1, math.ceil(n_samples / self.hop_length))
+
+    def process_audio(self, wave: np.ndarray) -> torch.Tensor:
+        """A mono waveform -> log-mel features [n_mels, frames].
+
+        The reference processor zero-pads every clip to 300 s before the STFT and masks the
+        padding; zero-padding by a few hops gives the same values for the valid frames at a
+        fraction of the cost.
+        """
+        n_valid = self.audio_frames(len(wave))
+        target = (n_valid + 3) * self.hop_length
+        feats = self.feature_extractor(
+            wave.astype(np.float32), sampling_rate=self.sampling_rate, padding="max_length",
+            max_length=target, return_attention_mask=True, return_tensors="np",
+        )
+        return torch.from_numpy(feats["input_features"][0][:, :n_valid].astype(np.float32))
+
+
+class _RopeIndex:
+    """Runs transformers' own M-RoPE index code for one sample, from the config alone."""
+
+    def __init__(self, config):
+        from transformers.models.qwen2_5_omni import modeling_qwen2_5_omni as m
+
+        cls = m.Qwen2_5OmniPreTrainedModelForConditionalGeneration
+        self.config = config
+        self.spatial_merge_size = config.vision_config.spatial_merge_size
+        self._fn = cls.get_rope_index
+        self.get_llm_pos_ids_for_vision = cls.get_llm_pos_ids_for_vision.__get__(self)
+        self.get_chunked_index = cls.get_chunked_index.__get__(self)
+
+    def __call__(self, input_ids: torch.Tensor, media: dict) -> torch.Tensor:
+        ids = input_ids[None]
+        audio_len = media.get("audio_feature_lengths")
+        pos, _ = self._fn(
+            self, ids, media.get("image_grid_thw"), media.get("video_grid_thw"),
+            torch.ones_like(ids), False, audio_len, media.get("video_second_per_grid"),
+        )
+        return pos[:, 0, :]
+
+
+def _dtype_of(name: str) -> torch.dtype:
+    return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
+
+
+class Qwen25OmniFamily(Family):
+    """Qwen2.5-Omni (7B and 3B): the thinker is trained, talker/token2wav kept for export."""
+
+    name = "qwen2_5_omni"
+    mrope = True
+    role_prefixes = {
+        "llm": ("model.language_model",),
+        "embeddings": ("model.language_model.embed_tokens",),
+        "lm_head": ("lm_head",),
+        "vision_encoder": ("model.visual",),
+        "vision_projector": ("model.visual.merger",),
+        "audio_encoder": ("model.audio_tower",),
+        "audio_projector": ("model.audio_tower.proj",),
+    }
+    # Modules quantised by QLoRA: the LLM's linear layers only; everything else is skipped.
+    quant_skip = ["lm_head", "visual", "audio_tower"]
+
+    # ---- folders -----------------------------------------------------------------------
+    @staticmethod
+    def read_config(folder: Path) -> dict:
+        """config.json of a folder, with a clear error when it is not a Qwen2.5-Omni one."""
+        p = Path(folder) / "config.json"
+        if not p.exists():
+            raise FileNotFoundError(f"{folder}: no config.json; model.path must be a local model folder")
+        cfg = json.loads(p.read_text())
+        if cfg.get("model_type") not in ("qwen2_5_omni", "qwen2_5_omni_thinker"):
+            raise ValueError(f"{p}: model_type {cfg.get('model_type')!r} is not Qwen2.5-Omni "
+                             "(expected qwen2_5_omni or qwen2_5_omni_thinker)")
+        return cfg
+
+    def thinker_config(self, folder: Path):
+        from transformers import Qwen2_5OmniConfig, Qwen2_5OmniThinkerConfig
+
+        cfg = self.read_config(folder)
+        if cfg["model_type"] == "qwen2_5_omni":
+            return Qwen2_5OmniConfig.from_pretrained(str(folder)).thinker_config
+        return Qwen2_5OmniThinkerConfig.from_pretrained(str(folder))
+
+    def resolve_path(self, path: str, tiny_seed: int = 0) -> Path:
+        """`tiny:qwen2_5_omni` -> the cached tiny folder; else the local folder."""
+        if path.startswith("tiny:"):
+            return self.materialize_tiny(tiny_seed)
+        folder = Path(path).expanduser()
+        if not folder.is_dir():
+            raise FileNotFoundError(
+                f"model.path {path!r} is not a folder. Real weights are read from a local folder "
+                "(download it once, e.g. with `huggingface-cli download Qwen/Qwen2.5-Omni-7B --local-dir DIR`)")
+        return folder
+
+    # ---- loading -----------------------------------------------------------------------
+    def processor(self, folder: Path, recipe=None) -> OmniProcessor:
+        """The processor for a folder, with the recipe's pixel/video settings."""
+        kw = {}
+        if recipe is not None:
+            kw = dict(min_pixels=recipe.model.min_pixels, max_pixels=recipe.model.max_pixels,
+                      video_fps=recipe.model.video_fps, video_max_frames=recipe.model.video_max_frames,
+                      system_prompt=recipe.data.system_prompt)
+        return OmniProcessor.from_folder(folder, **kw)
+
+    def load(self, recipe, *, quantize: str | None = None, dtype: torch.dtype | None = None,
+             attn: str | None = None) -> LoadedModel:
+        """Load the thinker in `dtype`, optionally 4/8-bit on the LLM's linear layers."""
+        from transformers import Qwen2_5OmniThinkerForConditionalGeneration
+
+        folder = self.resolve_path(recipe.model.path, recipe.model.tiny_seed)
+        cfg = self.read_config(folder)
+        full = cfg["model_type"] == "qwen2_5_omni"
+        tcfg = self.thinker_config(folder)
+        dtype = dtype or torch.float32
+        quantize = recipe.model.quantize if quantize is None else quantize
+        kwargs: dict = {"dtype": dtype}
+        if attn:
+            kwargs["attn_implementation"] = attn
+        if quantize in ("4bit", "8bit"):
+            kwargs["quantization_config"] = quantization_config(quantize, dtype, self.quant_skip)
+        if full:
+            model = self._load_thinker_from_full(folder, tcfg, kwargs)
+        else:
+            model = Qwen2_5OmniThinkerForConditionalGeneration.from_pretrained(str(folder), config=tcfg, **kwargs)
+        model.config.use_cache = False
+        proc = self.processor(folder, recipe)
+        return LoadedModel(model=model, processor=proc, base_path=folder, is_full_checkpoint=full,
+                           info={"quantize": quantize, "dtype": str(dtype).replace("torch.", "")})
+
+    def _load_thinker_from_full(self, folder: Path, tcfg, kwargs):
+        """The thinker of a full checkpoint: its `thinker.` weights, nothing else loaded."""
+        from transformers import Qwen2_5OmniThinkerForConditionalGeneration
+
+        # transformers maps `thinker.*` keys onto a thinker loaded from a full checkpoint via
+        # key_mapping; the talker/token2wav keys are ignored (see _keys_to_ignore_on_load_unexpected).
+        return Qwen2_5OmniThinkerForConditionalGeneration.from_pretrained(
+            str(folder), config=tcfg, key_mapping={r"^thinker\.": ""}, **kwargs)
+
+    def rope_index(self, model_or_config) -> _RopeIndex:
+        cfg = getattr(model_or_config, "config", model_or_config)
+        return _RopeIndex(cfg)
+
+    # ---- encoding ----------------------------------------------------------------------
+    def encode(self, sample, processor: OmniProcessor, *, for_generation: bool = False,
+               rope: _RopeIndex | None = None) -> EncodedSample:
+        from finetune.data import media as M
+
+        messages = list(sample.messages)
+        if for_generation:
+            while messages and messages[-1].role == "assistant":
+                messages.pop()
+        if processor.system_prompt and (not messages or messages[0].role != "system"):
+            messages = [_SystemMessage(processor.system_prompt)] + messages
+        tid = processor.token_ids
+        ids: list[int] = []
+        labels: list[int] = []
+        pix, grids, vpix, vgrids, vsec, feats = [], [], [], [], [], []
+
+        def emit(tokens: list[int], learn: bool):
+            ids.extend(tokens)
+            labels.extend(tokens if learn else [IGNORE_INDEX] * len(tokens))
+
+        for msg in messages:
+            learn = msg.role == "assistant" and not for_generation
+            emit([tid[IM_START]] + processor.text_ids(msg.role + "\n"), False)
+            text_buf = ""
+            for part in msg.parts:
+                if part.type == "text":
+                    text_buf += part.text or ""
+                    continue
+                if text_buf:
+                    emit(processor.text_ids(text_buf), learn)
+                    text_buf = ""
+                if part.type == "image":
+                    pv, g = processor.process_image(M.load_image(part.path))
+                    pix.append(pv)
+                    grids.append(g)
+                    n = int(g.prod()) // processor.merge_size ** 2
+                    emit([tid[VISION_BOS]] + [tid[IMAGE_TOKEN]] * n + [tid[VISION_EOS]], False)
+                elif part.type == "audio":
+                    f = processor.process_audio(M.load_audio(part.path, processor.sampling_rate))
+                    feats.append(f)
+                    n = _feat_to_tokens(f.shape[1])
+                    emit([tid[AUDIO_BOS]] + [tid[AUDIO_TOKEN]] * n + [tid[AUDIO_EOS]], False)
+                elif part.type == "video":
+                    frames = M.load_video(part, processor.video_max_frames, processor.video_fps)
+                    pv, g, sec = processor.process_video(frames)
+                    vpix.append(pv)
+                    vgrids.append(g)
+                    vsec.append(sec)
+                    n = int(g.prod()) // processor.merge_size ** 2
+                    emit([tid[VISION_BOS]] + [tid[VIDEO_TOKEN]] * n + [tid[VISION_EOS]], False)
+            if text_buf:
+                emit(processor.text_ids(text_buf), learn)
+            emit([tid[IM_END]], learn)
+            emit(processor.text_ids("\n"), False)
+        if for_generation:
+            emit([tid[IM_START]] + processor.text_ids("assistant\n"), False)
+        media: dict[str, Any] = {}
+        if pix:
+            media["pixel_values"] = torch.cat(pix)
+            media["image_grid_thw"] = torch.stack(grids)
+        if vpix:
+            media["pixel_values_videos"] = torch.cat(vpix)
+            media["video_grid_thw"] = torch.stack(vgrids)
+            media["video_second_per_grid"] = torch.tensor(vsec, dtype=torch.float32)
+        if feats:
+            media["input_features"] = feats  # list of [n_mels, frames]; the collator pads
+            media["audio_feature_lengths"] = torch.tensor([f.shape[1] for f in feats], dtype=torch.long)
+        input_ids = torch.tensor(ids, dtype=torch.long)
+        lab = torch.tensor(labels, dtype=torch.long)
+        if lab.numel():
+            lab[0] = IGNORE_INDEX  # a sample never learns its first token (packing contract)
+        pos = rope(input_ids, media) if rope is not None else torch.arange(len(ids)).expand(3, -1).clone()
+        return EncodedSample(input_ids=input_ids, labels=lab, position_ids=pos, media=media,
+                             sample_id=sample.id or "", where=getattr(sample, "where", ""))
+
+    def count_tokens(self, sample, processor: OmniProcessor) -> int:
+        from finetune.data import media as M
+
+        n = 0
+        messages = list(sample.messages)
+        if processor.system_prompt and (not messages or messages[0].role != "system"):
+            n += 3 + len(processor.text_ids("system\n")) + len(processor.text_ids(processor.system_prompt))
+        for msg in messages:
+            n += 1 + len(processor.text_ids(msg.role + "\n")) + 1 + len(processor.text_ids("\n"))
+            text_buf = ""
+            for part in msg.parts:
+                if part.type == "text":
+                    text_buf += part.text or ""
+                    continue
+                if text_buf:
+                    n += len(processor.text_ids(text_buf))
+                    text_buf = ""
+                if part.type == "image":
+                    w, h = M.image_size(part.path)
+                    t, gh, gw = processor.image_grid(w, h)
+                    n += 2 + t * gh * gw // processor.merge_size ** 2
+                elif part.type == "audio":
+                    dur = M.audio_duration(part.path)
+                    frames = processor.audio_frames(int(round(dur * processor.sampling_rate)))
+                    n += 2 + _feat_to_tokens(frames)
+                elif part.type == "video":
+                    frames = M.load_video(part, processor.video_max_frames, processor.video_fps)
+                    t, gh, gw = processor.video_grid(len(frames), frames[0].width, frames[0].height)
+                    n += 2 + t * gh * gw // processor.merge_size ** 2
+            if text_buf:
+                n += len(processor.text_ids(text_buf))
+        return n
+
+    def collate_padded(self, batch: list[EncodedSample], pad_id: int) -> dict[str, Any]:
+        L = max(e.num_tokens for e in batch)
+        B = len(batch)
+        input_ids = torch.full((B, L), pad_id, dtype=torch.long)
+        labels = torch.full((B, L), IGNORE_INDEX, dtype=torch.long)
+        mask = torch.zeros((B, L), dtype=torch.long)
+        for i, e in enumerate(batch):
+            n = e.num_tokens
+            input_ids[i, :n] = e.input_ids
+            labels[i, :n] = e.labels
+            mask[i, :n] = 1
+        out = {"input_ids": input_ids, "labels": labels, "attention_mask": mask}
+        out.update(collate_media(batch))
+        return out
+
+    # ---- tiny --------------------------------------------------------------------------
+    def materialize_tiny(self, seed: int = 0) -> Path:
+        root = tiny_cache_dir() / f"qwen2_5_omni-thinker-s{seed}-v{TINY_VERSION}"
+        if (root / "config.json").exists():
+            return root
+        return _atomic_build(root, lambda d: build_tiny_thinker(d, seed))
+
+    # ---- export ------------------------------------------------------------------------
+    def save_merged(self, model, loaded: LoadedModel, out_dir: Path, *, dtype: torch.dtype,
+                    max_shard_size: str) -> list[str]:
+        model = model.to(dtype)
+        model.config.use_cache = True
+        model.save_pretrained(str(out_dir), max_shard_size=max_shard_size, safe_serialization=True)
+        copy_processor_files(loaded.base_path, out_dir)
+        return sorted(p.name for p in out_dir.iterdir())
+
+    def load_merged_for_check(self, folder: Path, dtype: torch.dtype):
+        from transformers import Qwen2_5OmniThinkerForConditionalGeneration
+
+        return Qwen2_5OmniThinkerForConditionalGeneration.from_pretrained(str(folder), dtype=dtype)
+
+
+@dataclass
+class _SystemMessage:
+    text_: str
+
+    @property
+    def role(self) -> str:
+        return "system"
+
+    @property
+    def parts(self):
+        from finetune.data.schema import Part
+
+        return [Part(type="text", text=self.text_)]
+
+
+def collate_media(batch: list[EncodedSample]) -> dict[str, Any]:
+    """Concatenate the batch's media tensors in sample order; pad audio features."""
+    out: dict[str, Any] = {}
+    for key in ("pixel_values", "image_grid_thw", "pixel_values_videos", "video_grid_thw", "video_second_per_grid"):
+        parts = [e.media[key] for e in batch if key in e.media]
+        if parts:
+            out[key] = torch.cat(parts)
+    feats = [f for e in batch for f in e.media.get("input_features", [])]
+    if feats:
+        T = max(f.shape[1] for f in feats)
+        x = torch.zeros(len(feats), feats[0].shape[0], T)
+        m = torch.zeros(len(feats), T, dtype=torch.long)
+        for i, f in enumerate(feats):
+            x[i, :, : f.shape[1]] = f
+            m[i, : f.shape[1]] = 1
+        out["input_features"] = x
+        out["feature_attention_mask"] = m
+    return out
+
+
+def quantization_config(quantize: str, dtype: torch.dtype, skip: list[str]):
+    """bitsandbytes config that quantises the LLM's linear layers only (NF4 + double quant)."""
+    from transformers import BitsAndBytesConfig
+
+    if quantize == "4bit":
+        return BitsAndBytesConfig(
+            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+            bnb_4bit_compute_dtype=dtype, bnb_4bit_quant_storage=torch.uint8,
+            llm_int8_skip_modules=list(skip),
+        )
+    return BitsAndBytesConfig(load_in_8bit=True, llm_int8_skip_modules=list(skip))
+
+
+def copy_processor_files(src: Path, dst: Path) -> None:
+    """Copy tokenizer, processor, chat-template and generation files from the base folder."""
+    for name in PROCESSOR_FILES + SPEECH_FILES:
+        p = Path(src) / name
+        if p.exists() and not (Path(dst) / name).exists():
+            shutil.copy2(p, Path(dst) / name)
+
+
+# ---- the tiny model ------------------------------------------------------------------------
+TINY_VERSION = 1
+
+
+def tiny_cache_dir() -> Path:
+    """Where tiny models are materialised (OMNI_FINETUNE_CACHE, else ~/.cache/omni-finetune)."""
+    return Path(os.environ.get("OMNI_FINETUNE_CACHE", Path.home() / ".cache" / "omni-finetune")) / "tiny"
+
+
+def _atomic_build(root: Path, build) -> Path:
+    root.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=root.name + ".tmp-", dir=root.parent))
+    try:
+        build(tmp)
+        try:
+            os.rename(tmp, root)
+        except OSError:  # another process won the race; theirs is identical
+            shutil.rmtree(tmp, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return root
+
+
+def tiny_thinker_config(vocab_size: int, token_ids: dict):
+    """A small Qwen2.5-Omni thinker config: the real architecture with small widths."""
+    from transformers import Qwen2_5OmniThinkerConfig
+
+    hidden = 64
+    return Qwen2_5OmniThinkerConfig(
+        audio_config=dict(d_model=64, encoder_layers=2, encoder_attention_heads=4, encoder_ffn_dim=128,
+                          num_mel_bins=128, output_dim=hidden, n_window=50, max_source_positions=1500),
+        vision_config=dict(depth=2, hidden_size=64, intermediate_size=128, num_heads=4, out_hidden_size=hidden,
+                           patch_size=14, spatial_merge_size=2, temporal_patch_size=2, window_size=112,
+                           fullatt_block_indexes=[1], in_channels=3),
+        text_config=dict(hidden_size=hidden, intermediate_size=192, num_hidden_layers=2, num_attention_heads=4,
+                         num_key_value_heads=2, vocab_size=vocab_size, max_position_embeddings=4096,
+                         rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 3, 3]},
+                         tie_word_embeddings=False, rms_norm_eps=1e-6),
+        audio_token_index=token_ids[AUDIO_TOKEN], image_token_index=token_ids[IMAGE_TOKEN],
+        video_token_index=token_ids[VIDEO_TOKEN], audio_start_token_id=token_ids[AUDIO_BOS],
+        audio_end_token_id=token_ids[AUDIO_EOS], vision_start_token_id=token_ids[VISION_BOS],
+        vision_end_token_id=token_ids[VISION_EOS], user_token_id=token_ids.get("user", 0),
+        position_id_per_seconds=25, seconds_per_chunk=2, tie_word_embeddings=False,
+    )
+
+
+def build_tiny_tokenizer():
+    """The tiny Qwen-style tokenizer (byte-level BPE trained in code)."""
+    from transformers import Qwen2Tokenizer
+
+    from finetune.families.tiny import SPECIAL_TOKENS_QWEN, build_bpe_tokenizer
+
+    tok = build_bpe_tokenizer(SPECIAL_TOKENS_QWEN)
+    return Qwen2Tokenizer(
+        tokenizer_object=tok, eos_token=IM_END, pad_token="<|endoftext|>", unk_token=None,
+        extra_special_tokens={
+            "image_token": IMAGE_TOKEN, "audio_token": AUDIO_TOKEN, "video_token": VIDEO_TOKEN,
+            "vision_bos_token": VISION_BOS, "vision_eos_token": VISION_EOS,
+            "audio_bos_token": AUDIO_BOS, "audio_eos_token": AUDIO_EOS,
+        },
+        chat_template=CHAT_TEMPLATE,
+    )
+
+
+def build_tiny_thinker(folder: Path, seed: int = 0) -> None:
+    """Write a random tiny thinker checkpoint with tokenizer and processor files to `folder`."""
+    from transformers import GenerationConfig, Qwen2_5OmniThinkerForConditionalGeneration
+
+    tok = build_tiny_tokenizer()
+    ids = {t: tok.convert_tokens_to_ids(t) for t in (AUDIO_TOKEN, IMAGE_TOKEN, VIDEO_TOKEN, AUDIO_BOS,
+                                                     AUDIO_EOS, VISION_BOS, VISION_EOS)}
+    vocab = int(math.ceil(len(tok) / 64) * 64)
+    cfg = tiny_thinker_config(vocab, ids)
+    torch.manual_seed(seed)
+    model = Qwen2_5OmniThinkerForConditionalGeneration(cfg).eval()
+    model.save_pretrained(str(folder), safe_serialization=True)
+    tok.save_pretrained(str(folder))
+    write_processor_config(folder, min_pixels=56 * 56, max_pixels=28 * 28 * 1280)
+    (Path(folder) / "chat_template.json").write_text(json.dumps({"chat_template": CHAT_TEMPLATE}, indent=2))
+    gen = GenerationConfig(eos_token_id=[tok.convert_tokens_to_ids(IM_END), tok.convert_tokens_to_ids("<|endoftext|>")],
+                           pad_token_id=tok.convert_tokens_to_ids("<|endoftext|>"), do_sample=False)
+    gen.save_pretrained(str(folder))
+
+
+def write_processor_config(folder: Path, *, min_pixels: int, max_pixels: int) -> None:
+    """preprocessor_config.json in the flat layout Qwen2.5-Omni checkpoints ship."""
+    cfg = {
+        "processor_class": "Qwen2_5OmniProcessor",
+        "image_processor_type": "Qwen2VLImageProcessor",
+        "feature_extractor_type": "WhisperFeatureExtractor",
+        "patch_size": 14, "merge_size": 2, "temporal_patch_size": 2,
+        "min_pixels": min_pixels, "max_pixels": max_pixels,
+        "image_mean": list(OmniProcessor.image_mean), "image_std": list(OmniProcessor.image_std),
+        "do_rescale": True, "rescale_factor": 1 / 255, "do_normalize": True, "do_resize": True,
+        "do_convert_rgb": True, "resample": 3,
+        "feature_size": 128, "sampling_rate": 16000, "hop_length": 160, "n_fft": 400,
+        "chunk_length": 300, "n_samples": 4800000, "nb_max_frames": 30000,
+        "padding_side": "right", "padding_value": 0.0, "return_attention_mask": True, "dither": 0.0,
+    }
+    (Path(folder) / "preprocessor_config.json").write_text(json.dumps(cfg, indent=2, sort_keys=True))

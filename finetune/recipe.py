@@ -1,0 +1,904 @@
+"""Typed training recipes: nested dataclasses loaded from YAML, strictly checked, with provenance.
+
+A recipe is a YAML file in ``recipes/`` (or any path). It may ``extends:`` another recipe and
+is then deep-merged on top of it; ``key.path=value`` overrides from the command line are applied
+last. Every problem found is reported at once in a single :class:`RecipeError`, and the loaded
+:class:`Recipe` remembers, for each setting, whether it is a default, came from a recipe file or
+from an override (see :func:`recipe_provenance` and :func:`save_resolved`).
+"""
+
+from __future__ import annotations
+
+import copy
+import difflib
+import math
+import re
+import types
+import typing
+from collections.abc import Sequence
+from dataclasses import dataclass, field, fields, is_dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+__all__ = [
+    "ROLE_NAMES",
+    "CHOICES",
+    "RecipeError",
+    "Recipe",
+    "ModelConfig",
+    "RoleConfig",
+    "RolesConfig",
+    "DataConfig",
+    "TrainConfig",
+    "EvalConfig",
+    "ExportConfig",
+    "OutputConfig",
+    "role_names",
+    "load_recipe",
+    "load_resolved",
+    "save_resolved",
+    "recipe_to_dict",
+    "recipe_provenance",
+    "list_recipes",
+    "field_help",
+]
+
+ROLE_NAMES: tuple[str, ...] = (
+    "llm",
+    "embeddings",
+    "lm_head",
+    "vision_encoder",
+    "vision_projector",
+    "audio_encoder",
+    "audio_projector",
+    "audio_head",
+)
+
+DEFAULT_SOURCE = "default"
+OVERRIDE_SOURCE = "override"
+
+_DTYPES = ("auto", "float32", "bfloat16", "float16")
+
+
+def _opt(default: Any, help: str, choices: Sequence[Any] | None = None) -> Any:
+    """A scalar field with its help string (and allowed values, when enumerated)."""
+    meta: dict[str, Any] = {"help": help}
+    if choices is not None:
+        meta["choices"] = tuple(choices)
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda: copy.deepcopy(default), metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+def _section(factory: Any, help: str) -> Any:
+    """A nested-section field with its help string."""
+    return field(default_factory=factory, metadata={"help": help})
+
+
+# ----------------------------------------------------------------------------------------------
+# Schema
+# ----------------------------------------------------------------------------------------------
+
+
+@dataclass
+class ModelConfig:
+    """Which base model to load and how."""
+
+    path: str = _opt("tiny:qwen2_5_omni", "local model folder, or 'tiny:<family>' for a random tiny model")
+    family: str = _opt("auto", "model family; 'auto' detects it from the config", ("auto", "qwen2_5_omni", "baichuan_omni"))
+    dtype: str = _opt("auto", "dtype the weights are loaded in", _DTYPES)
+    quantize: str = _opt("none", "load the LLM quantized with bitsandbytes (QLoRA)", ("none", "4bit", "8bit"))
+    attn: str = _opt(
+        "auto",
+        "attention implementation",
+        ("auto", "sdpa", "eager", "flash_attention_2", "flex_attention", "varlen"),
+    )
+    min_pixels: int = _opt(3136, "minimum pixels per image after resizing (56*56)")
+    max_pixels: int = _opt(401408, "maximum pixels per image after resizing (512*28*28)")
+    video_max_frames: int = _opt(16, "maximum number of frames sampled from one video")
+    video_fps: float = _opt(2.0, "frames per second sampled from videos")
+    tiny_seed: int = _opt(0, "seed used when building a random tiny model")
+
+
+@dataclass
+class RoleConfig:
+    """How one component (role) of the model is trained."""
+
+    mode: str = _opt("frozen", "frozen: not trained; lora: LoRA adapters; full: all weights trained", ("frozen", "lora", "full"))
+    r: int = _opt(16, "LoRA rank")
+    alpha: int = _opt(32, "LoRA alpha (scaling = alpha / r)")
+    dropout: float = _opt(0.05, "dropout applied to the LoRA input")
+    targets: str | list[str] = _opt("all-linear", "'all-linear' or a list of module-name suffixes to adapt")
+    lr: float | None = _opt(None, "learning rate for this role; null = train.lr")
+
+
+@dataclass
+class RolesConfig:
+    """One :class:`RoleConfig` per model component, in :data:`ROLE_NAMES` order."""
+
+    llm: RoleConfig = _section(lambda: RoleConfig(mode="lora"), "the language model's transformer layers")
+    embeddings: RoleConfig = _section(RoleConfig, "the input token embeddings")
+    lm_head: RoleConfig = _section(RoleConfig, "the output projection to the vocabulary")
+    vision_encoder: RoleConfig = _section(RoleConfig, "the image/video encoder")
+    vision_projector: RoleConfig = _section(RoleConfig, "the projector from vision features to the LLM")
+    audio_encoder: RoleConfig = _section(RoleConfig, "the audio encoder")
+    audio_projector: RoleConfig = _section(RoleConfig, "the projector from audio features to the LLM")
+    audio_head: RoleConfig = _section(RoleConfig, "the speech-output head (never trained by this toolkit)")
+
+    def items(self) -> list[tuple[str, RoleConfig]]:
+        """(role name, config) pairs in :data:`ROLE_NAMES` order."""
+        return [(name, getattr(self, name)) for name in ROLE_NAMES]
+
+
+@dataclass
+class DataConfig:
+    """Where the training data comes from and how samples are built."""
+
+    train: str = _opt("", "training JSONL file (relative paths resolve against the current working dir)")
+    eval: str = _opt("", "held-out JSONL file; '' = none")
+    demo: str = _opt("", "'medical': generate the synthetic demo dataset into train's folder if missing", ("", "medical"))
+    system_prompt: str | None = _opt(None, "system prompt used when a sample has no system turn")
+    max_tokens: int = _opt(4096, "token budget of one sample / one packed row")
+    on_error: str = _opt("raise", "what to do with a broken sample", ("raise", "skip"))
+    allow_outside_paths: bool = _opt(False, "allow media paths outside the dataset's folder")
+    packing: bool = _opt(False, "pack several samples into one row of max_tokens")
+    num_workers: int = _opt(0, "data-loader worker processes")
+
+
+@dataclass
+class TrainConfig:
+    """Optimisation settings."""
+
+    seed: int = _opt(42, "random seed")
+    epochs: float = _opt(1.0, "number of passes over the training data")
+    max_steps: int = _opt(-1, "stop after this many optimizer steps; -1 = use epochs")
+    lr: float = _opt(2e-4, "peak learning rate")
+    weight_decay: float = _opt(0.0, "AdamW weight decay")
+    warmup_ratio: float = _opt(0.03, "fraction of steps used for learning-rate warmup")
+    scheduler: str = _opt("cosine", "learning-rate schedule", ("cosine", "linear", "constant", "constant_with_warmup"))
+    batch_size: int = _opt(1, "rows per device per step")
+    grad_accum: int = _opt(8, "gradient accumulation steps")
+    max_grad_norm: float = _opt(1.0, "gradient clipping norm; 0 = no clipping")
+    precision: str = _opt("auto", "mixed-precision mode", ("auto", "fp32", "bf16", "fp16"))
+    gradient_checkpointing: bool = _opt(True, "recompute activations in backward to save memory")
+    optim: str = _opt("adamw_torch", "optimizer", ("adamw_torch", "paged_adamw_8bit", "adamw_8bit"))
+    logging_steps: int = _opt(1, "log every N optimizer steps")
+    save_steps: int = _opt(50, "save a checkpoint every N optimizer steps")
+    save_total_limit: int = _opt(2, "number of checkpoints kept")
+    resume: str = _opt("auto", "'auto' (latest checkpoint in the run folder), 'never', or a checkpoint path")
+
+
+@dataclass
+class EvalConfig:
+    """Evaluation on the held-out split."""
+
+    max_new_tokens: int = _opt(32, "tokens generated per evaluation sample")
+    max_samples: int = _opt(0, "evaluate at most this many samples; 0 = all")
+    batch_size: int = _opt(8, "samples generated at once")
+    compare_base: bool = _opt(True, "also evaluate the base model for comparison")
+    examples: int = _opt(5, "number of example generations shown in the report")
+
+
+@dataclass
+class ExportConfig:
+    """How the fine-tuned model is exported."""
+
+    format: str = _opt("merged", "merged: adapters merged into the weights; adapter: adapters only", ("merged", "adapter", "both"))
+    dtype: str = _opt("auto", "dtype of the exported weights", _DTYPES)
+    max_shard_size: str = _opt("2GB", "largest safetensors shard, e.g. '2GB' or '500MB'")
+    verify_atol: float = _opt(
+        1e-4,
+        "max abs logit difference accepted between merged and adapter model (the bf16 rule lives in the exporter)",
+    )
+
+
+@dataclass
+class OutputConfig:
+    """Where run artifacts are written."""
+
+    dir: str = _opt("", "run folder; '' = runs/<recipe name>")
+
+
+@dataclass
+class Recipe:
+    """A complete, validated training recipe."""
+
+    name: str = _opt("", "recipe name; set from the YAML file stem when loaded")
+    description: str = _opt("", "free-text description")
+    model: ModelConfig = _section(ModelConfig, "base model")
+    roles: RolesConfig = _section(RolesConfig, "what is trained, per model component")
+    data: DataConfig = _section(DataConfig, "training data")
+    train: TrainConfig = _section(TrainConfig, "optimisation")
+    eval: EvalConfig = _section(EvalConfig, "evaluation")
+    export: ExportConfig = _section(ExportConfig, "export")
+    output: OutputConfig = _section(OutputConfig, "output location")
+    # Provenance travels with the object so a run can record where each value came from, but two
+    # recipes with equal values are equal whatever their history.
+    _sources: dict[str, str] = field(default_factory=dict, init=False, repr=False, compare=False)
+
+    @property
+    def run_dir(self) -> Path:
+        """The run folder: ``output.dir`` if set, else ``runs/<name>``."""
+        return Path(self.output.dir) if self.output.dir else Path("runs") / self.name
+
+
+def role_names() -> tuple[str, ...]:
+    """The role names, in canonical order."""
+    return ROLE_NAMES
+
+
+class RecipeError(ValueError):
+    """A recipe could not be loaded; the message lists every problem, one per line.
+
+    ``problems`` holds the same lines (without the header) for programmatic use.
+    """
+
+    def __init__(self, message: str, problems: Sequence[str] = ()):
+        super().__init__(message)
+        self.problems = list(problems)
+
+
+# ----------------------------------------------------------------------------------------------
+# Schema introspection
+# ----------------------------------------------------------------------------------------------
+
+_HINTS: dict[type, dict[str, Any]] = {}
+
+
+def _hints(cls: type) -> dict[str, Any]:
+    # `from __future__ import annotations` turns annotations into strings; resolve them once.
+    if cls not in _HINTS:
+        _HINTS[cls] = typing.get_type_hints(cls)
+    return _HINTS[cls]
+
+
+def _public_fields(cls: type) -> list[Any]:
+    return [f for f in fields(cls) if not f.name.startswith("_")]
+
+
+def _walk_schema(cls: type, prefix: str = ""):
+    """Yield (dotted path, dataclass field, type) for every leaf of the schema."""
+    hints = _hints(cls)
+    for f in _public_fields(cls):
+        tp = hints[f.name]
+        if is_dataclass(tp):
+            yield from _walk_schema(tp, f"{prefix}{f.name}.")
+        else:
+            yield f"{prefix}{f.name}", f, tp
+
+
+def _leaf_paths() -> list[str]:
+    return [p for p, _, _ in _walk_schema(Recipe)]
+
+
+def _leaf_type(parts: Sequence[str]) -> Any:
+    """Annotation of the schema leaf at ``parts``, or None if it is not a leaf."""
+    cls: Any = Recipe
+    for part in parts:
+        if not is_dataclass(cls):
+            return None
+        hints = _hints(cls)
+        if part not in hints or part.startswith("_"):
+            return None
+        cls = hints[part]
+    return None if is_dataclass(cls) else cls
+
+
+CHOICES: dict[str, tuple[Any, ...]] = {
+    path: f.metadata["choices"] for path, f, _ in _walk_schema(Recipe) if "choices" in f.metadata
+}
+"""Allowed values of every enumerated field, by dotted path."""
+
+
+def field_help() -> dict[str, str]:
+    """Help string of every leaf setting, by dotted path (for CLIs and docs)."""
+    return {path: f.metadata.get("help", "") for path, f, _ in _walk_schema(Recipe)}
+
+
+# ----------------------------------------------------------------------------------------------
+# YAML reading
+# ----------------------------------------------------------------------------------------------
+
+
+class _StrictLoader(yaml.SafeLoader):
+    """SafeLoader that rejects duplicate keys, which PyYAML would otherwise silently drop."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        seen: set[Any] = set()
+        for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":
+                continue
+            key = self.construct_object(key_node, deep=True)
+            try:
+                duplicate = key in seen
+            except TypeError:  # unhashable key: let the base class produce its own error
+                break
+            if duplicate:
+                raise yaml.constructor.ConstructorError(
+                    "while constructing a mapping", node.start_mark, f"found duplicate key {key!r}", key_node.start_mark
+                )
+            seen.add(key)
+        return super().construct_mapping(node, deep=deep)
+
+
+def _parse_yaml(text: str) -> Any:
+    return yaml.load(text, Loader=_StrictLoader)
+
+
+def _yaml_error_text(exc: yaml.YAMLError) -> str:
+    return " ".join(str(exc).split())
+
+
+# ----------------------------------------------------------------------------------------------
+# Problems and provenance over layers
+# ----------------------------------------------------------------------------------------------
+
+# A layer is (label, nested dict); label is a file name or OVERRIDE_SOURCE. Layers are applied in
+# order, so "who set this path" is answered by the last layer containing it.
+_Layer = tuple[str, dict]
+
+
+def _has_path(data: Any, parts: Sequence[str]) -> bool:
+    for part in parts:
+        if not isinstance(data, dict) or part not in data:
+            return False
+        data = data[part]
+    return True
+
+
+def _layer_index(layers: Sequence[_Layer], path: str) -> int:
+    parts = path.split(".") if path else []
+    for i in range(len(layers) - 1, -1, -1):
+        if _has_path(layers[i][1], parts):
+            return i
+    return -1
+
+
+def _format_error(name: str, problems: Sequence[str]) -> RecipeError:
+    lines = [f"recipe {name} has {len(problems)} problem(s):", *problems]
+    return RecipeError("\n".join(lines), problems)
+
+
+class _Problems:
+    """Collects (path, message) problems and attributes each to the layer that set the path."""
+
+    def __init__(self, layers: Sequence[_Layer], fallback: str):
+        self.layers = layers
+        self.fallback = fallback
+        self.items: list[tuple[str | None, str, str]] = []
+
+    def add(self, path: str, message: str, source: str | None = None) -> None:
+        self.items.append((source, path, message))
+
+    def latest(self, *paths: str) -> str:
+        """Of several related paths, the one set by the latest layer (for attributing a clash)."""
+        return max(paths, key=lambda p: _layer_index(self.layers, p))
+
+    def lines(self) -> list[str]:
+        out = []
+        for source, path, message in self.items:
+            if source is None:
+                i = _layer_index(self.layers, path)
+                source = self.layers[i][0] if i >= 0 else self.fallback
+            out.append(f"{source}: {path}: {message}")
+        return out
+
+
+# ----------------------------------------------------------------------------------------------
+# Type coercion
+# ----------------------------------------------------------------------------------------------
+
+
+def _describe(value: Any) -> str:
+    if value is None:
+        return "null"
+    text = repr(value)
+    if len(text) > 60:
+        text = text[:57] + "..."
+    return f"{type(value).__name__} {text}"
+
+
+def _type_words(tp: Any) -> str:
+    if tp is type(None):
+        return "null"
+    if tp is int:
+        return "an integer"
+    if tp is float:
+        return "a number"
+    if tp is bool:
+        return "true or false"
+    if tp is str:
+        return "a string"
+    if typing.get_origin(tp) is list:
+        return f"a list of {_type_words(typing.get_args(tp)[0]).removeprefix('a ').removeprefix('an ')}s"
+    if _is_union(tp):
+        return " or ".join(_type_words(a) for a in typing.get_args(tp))
+    return getattr(tp, "__name__", str(tp))
+
+
+def _is_union(tp: Any) -> bool:
+    return isinstance(tp, types.UnionType) or typing.get_origin(tp) is typing.Union
+
+
+_NO = object()
+
+
+def _coerce(value: Any, tp: Any) -> Any:
+    """``value`` converted to ``tp``, or ``_NO`` if it does not fit."""
+    if _is_union(tp):
+        for arg in typing.get_args(tp):
+            out = _coerce(value, arg)
+            if out is not _NO:
+                return out
+        return _NO
+    if tp is type(None):
+        return None if value is None else _NO
+    if tp is bool:
+        return value if isinstance(value, bool) else _NO
+    if tp is int:
+        # bool is an int subclass; `r: true` is a mistake, not r=1.
+        return value if isinstance(value, int) and not isinstance(value, bool) else _NO
+    if tp is float:
+        if isinstance(value, bool):
+            return _NO
+        if isinstance(value, (int, float)):
+            out = float(value)
+        elif isinstance(value, str):
+            # YAML 1.1 only reads `2e-4` as a float when written `2.0e-4`, so plain
+            # scientific notation arrives here as a string.
+            try:
+                out = float(value.strip())
+            except ValueError:
+                return _NO
+        else:
+            return _NO
+        return out if math.isfinite(out) else _NO
+    if tp is str:
+        return value if isinstance(value, str) else _NO
+    if typing.get_origin(tp) is list:
+        if not isinstance(value, list):
+            return _NO
+        (item_tp,) = typing.get_args(tp)
+        items = [_coerce(v, item_tp) for v in value]
+        return _NO if any(i is _NO for i in items) else items
+    raise TypeError(f"unsupported schema type {tp!r}")  # a schema bug, not a user error
+
+
+# ----------------------------------------------------------------------------------------------
+# Building and checking
+# ----------------------------------------------------------------------------------------------
+
+
+def _unknown_key_message(key: str, valid: Sequence[str]) -> str:
+    close = difflib.get_close_matches(key, valid, n=1)
+    if close:
+        return f"unknown key; did you mean '{close[0]}'?"
+    return f"unknown key; valid keys: {', '.join(valid)}"
+
+
+def _fill(obj: Any, raw: dict, prefix: str, problems: _Problems) -> None:
+    """Set the fields of dataclass ``obj`` from ``raw``, recording every problem.
+
+    Starts from ``obj``'s own defaults (not the class defaults) so that per-role defaults such as
+    ``roles.llm.mode = lora`` survive a partial ``roles.llm`` section. A bad value keeps the
+    default, which keeps later semantic checks from piling up follow-on errors.
+    """
+    cls = type(obj)
+    hints = _hints(cls)
+    valid = [f.name for f in _public_fields(cls)]
+    for key in raw:
+        if not isinstance(key, str) or key not in valid:
+            problems.add(f"{prefix}{key}", _unknown_key_message(str(key), valid))
+    for f in _public_fields(cls):
+        if f.name not in raw:
+            continue
+        path = f"{prefix}{f.name}"
+        value = raw[f.name]
+        tp = hints[f.name]
+        if is_dataclass(tp):
+            if value is None:  # an empty section, e.g. `data:` with everything commented out
+                continue
+            if not isinstance(value, dict):
+                problems.add(path, f"must be a mapping of settings, got {_describe(value)}")
+                continue
+            _fill(getattr(obj, f.name), value, f"{path}.", problems)
+            continue
+        out = _coerce(value, tp)
+        if out is _NO:
+            problems.add(path, f"must be {_type_words(tp)}, got {_describe(value)}")
+            continue
+        choices = f.metadata.get("choices")
+        if choices is not None and out not in choices:
+            allowed = ", ".join(repr(c) if c == "" else str(c) for c in choices)
+            problems.add(path, f"invalid value {out!r}; allowed: {allowed}")
+            continue
+        setattr(obj, f.name, out)
+
+
+_SHARD_SIZE = re.compile(r"^\s*\d+(\.\d+)?\s*([KMGT]i?B|B)\s*$", re.IGNORECASE)
+
+
+def _check(recipe: Recipe, problems: _Problems) -> None:
+    """Semantic checks that need more than one field's type."""
+    add = problems.add
+    if not recipe.name:
+        add("name", "must not be empty")
+    elif "/" in recipe.name or "\\" in recipe.name:
+        add("name", f"must not contain path separators (it names the run folder), got {recipe.name!r}")
+
+    m = recipe.model
+    if m.min_pixels < 1:
+        add("model.min_pixels", f"must be >= 1, got {m.min_pixels}")
+    if m.max_pixels < m.min_pixels:
+        add("model.max_pixels", f"must be >= model.min_pixels ({m.min_pixels}), got {m.max_pixels}")
+    if m.video_max_frames < 1:
+        add("model.video_max_frames", f"must be >= 1, got {m.video_max_frames}")
+    if m.video_fps <= 0:
+        add("model.video_fps", f"must be > 0, got {m.video_fps}")
+
+    for role, cfg in recipe.roles.items():
+        p = f"roles.{role}"
+        if cfg.r < 1:
+            add(f"{p}.r", f"must be >= 1, got {cfg.r}")
+        if cfg.alpha < 1:
+            add(f"{p}.alpha", f"must be >= 1, got {cfg.alpha}")
+        if not 0 <= cfg.dropout < 1:
+            add(f"{p}.dropout", f"must be in [0, 1), got {cfg.dropout}")
+        if cfg.lr is not None and cfg.lr <= 0:
+            add(f"{p}.lr", f"must be > 0 (or null to use train.lr), got {cfg.lr}")
+        if isinstance(cfg.targets, str):
+            if cfg.targets != "all-linear":
+                add(
+                    f"{p}.targets",
+                    f"must be 'all-linear' or a list of module-name suffixes, got {cfg.targets!r}; "
+                    f"write [{cfg.targets}] to adapt only that module",
+                )
+        elif not cfg.targets:
+            add(f"{p}.targets", "must not be an empty list; use 'all-linear' or name at least one module")
+        elif any(not t.strip() for t in cfg.targets):
+            add(f"{p}.targets", "module-name suffixes must not be empty strings")
+
+    roles = recipe.roles
+    if roles.audio_head.mode != "frozen":
+        add(
+            "roles.audio_head.mode",
+            f"must be frozen, got {roles.audio_head.mode!r}: this toolkit does not train speech output",
+        )
+    if m.quantize != "none" and roles.llm.mode == "full":
+        path = problems.latest("model.quantize", "roles.llm.mode")
+        add(
+            path,
+            f"cannot fully train a quantized LLM (model.quantize={m.quantize}, roles.llm.mode=full): "
+            "quantized weights cannot be updated; use roles.llm.mode: lora (QLoRA) or model.quantize: none",
+        )
+    if all(cfg.mode == "frozen" for _, cfg in roles.items()):
+        add("roles", "every role is frozen, so nothing would be trained; set e.g. roles.llm.mode: lora")
+
+    d = recipe.data
+    if d.max_tokens < 64:
+        add("data.max_tokens", f"must be >= 64, got {d.max_tokens}")
+    if d.num_workers < 0:
+        add("data.num_workers", f"must be >= 0, got {d.num_workers}")
+    if d.demo and not d.train:
+        add("data.demo", "needs data.train: the demo dataset is written to data.train's path")
+
+    t = recipe.train
+    if t.lr <= 0:
+        add("train.lr", f"must be > 0, got {t.lr}")
+    if t.epochs <= 0 and t.max_steps <= 0:
+        add("train.epochs", f"must be > 0 unless train.max_steps > 0, got {t.epochs}")
+    if t.weight_decay < 0:
+        add("train.weight_decay", f"must be >= 0, got {t.weight_decay}")
+    if not 0 <= t.warmup_ratio <= 1:
+        add("train.warmup_ratio", f"must be in [0, 1], got {t.warmup_ratio}")
+    if t.batch_size < 1:
+        add("train.batch_size", f"must be >= 1, got {t.batch_size}")
+    if t.grad_accum < 1:
+        add("train.grad_accum", f"must be >= 1, got {t.grad_accum}")
+    if t.max_grad_norm < 0:
+        add("train.max_grad_norm", f"must be >= 0 (0 = no clipping), got {t.max_grad_norm}")
+    if t.logging_steps < 1:
+        add("train.logging_steps", f"must be >= 1, got {t.logging_steps}")
+    if t.save_steps < 1:
+        add("train.save_steps", f"must be >= 1, got {t.save_steps}")
+    if t.save_total_limit < 1:
+        add("train.save_total_limit", f"must be >= 1, got {t.save_total_limit}")
+    if not t.resume.strip():
+        add("train.resume", "must be 'auto', 'never' or a checkpoint path, got ''")
+
+    e = recipe.eval
+    if e.max_new_tokens < 1:
+        add("eval.max_new_tokens", f"must be >= 1, got {e.max_new_tokens}")
+    if e.max_samples < 0:
+        add("eval.max_samples", f"must be >= 0 (0 = all), got {e.max_samples}")
+    if e.batch_size < 1:
+        add("eval.batch_size", f"must be >= 1, got {e.batch_size}")
+    if e.examples < 0:
+        add("eval.examples", f"must be >= 0, got {e.examples}")
+
+    x = recipe.export
+    if not _SHARD_SIZE.match(x.max_shard_size):
+        add("export.max_shard_size", f"must be a size such as '2GB' or '500MB', got {x.max_shard_size!r}")
+    if x.verify_atol < 0:
+        add("export.verify_atol", f"must be >= 0, got {x.verify_atol}")
+
+
+def _deep_merge(base: dict, over: dict) -> None:
+    """Merge ``over`` into ``base`` in place: mappings merge, everything else replaces."""
+    for key, value in over.items():
+        current = base.get(key)
+        if isinstance(current, dict):
+            if isinstance(value, dict):
+                _deep_merge(current, value)
+                continue
+            if value is None:  # an emptied-out section keeps what the parent had
+                continue
+        base[key] = copy.deepcopy(value)
+
+
+def _resolve_layers(layers: Sequence[_Layer], name: str, extra: Sequence[tuple[str, str, str]] = ()) -> Recipe:
+    """Merge the layers, build and check the recipe; raise one RecipeError listing every problem."""
+    merged: dict = {}
+    for _, data in layers:
+        _deep_merge(merged, data)
+    files = [label for label, _ in layers if label != OVERRIDE_SOURCE]
+    problems = _Problems(layers, fallback=files[-1] if files else OVERRIDE_SOURCE)
+    for source, path, message in extra:
+        problems.add(path, message, source)
+    recipe = Recipe()
+    _fill(recipe, merged, "", problems)
+    _check(recipe, problems)
+    if problems.items:
+        raise _format_error(name, problems.lines())
+    sources = {}
+    for path in _leaf_paths():
+        i = _layer_index(layers, path)
+        if i < 0:
+            sources[path] = DEFAULT_SOURCE
+        elif layers[i][0] == OVERRIDE_SOURCE:
+            sources[path] = OVERRIDE_SOURCE
+        else:
+            sources[path] = f"recipe:{layers[i][0]}"
+    recipe._sources = sources
+    return recipe
+
+
+# ----------------------------------------------------------------------------------------------
+# Files, extends and overrides
+# ----------------------------------------------------------------------------------------------
+
+
+def _default_recipes_dir() -> Path:
+    local = Path.cwd() / "recipes"
+    if local.is_dir():
+        return local
+    return Path(__file__).resolve().parent.parent / "recipes"
+
+
+def list_recipes(recipes_dir: Path | None = None) -> list[str]:
+    """Names (file stems) of the YAML recipes in ``recipes_dir``, sorted."""
+    folder = Path(recipes_dir) if recipes_dir is not None else _default_recipes_dir()
+    if not folder.is_dir():
+        return []
+    return sorted({p.stem for p in folder.iterdir() if p.is_file() and p.suffix in (".yaml", ".yml")})
+
+
+def _looks_like_name(text: str) -> bool:
+    return "/" not in text and "\\" not in text and not text.endswith((".yaml", ".yml"))
+
+
+def _find_recipe_file(path_or_name: str | Path, recipes_dir: Path) -> Path:
+    text = str(path_or_name)
+    candidates: list[Path] = []
+    if isinstance(path_or_name, str) and _looks_like_name(text):
+        candidates += [recipes_dir / f"{text}.yaml", recipes_dir / f"{text}.yml", Path(text)]
+    else:
+        candidates.append(Path(text))
+        # `medical-tiny.yaml` typed from another folder still means the bundled recipe.
+        if len(Path(text).parts) == 1:
+            candidates.append(recipes_dir / text)
+    for candidate in candidates:
+        if candidate.is_file():
+            return candidate
+    available = list_recipes(recipes_dir)
+    hint = f"; available recipes in {recipes_dir}: {', '.join(available)}" if available else f"; no recipes in {recipes_dir}"
+    close = difflib.get_close_matches(Path(text).stem, available, n=1)
+    if close:
+        hint = f"; did you mean '{close[0]}'?" + hint
+    raise RecipeError(f"recipe {text!r} not found (looked for {', '.join(map(str, candidates))}){hint}")
+
+
+def _find_parent(ref: str, child: Path, recipes_dir: Path) -> Path | None:
+    base = child.parent / ref
+    candidates = [base]
+    if not base.suffix:
+        candidates += [base.with_name(base.name + ".yaml"), base.with_name(base.name + ".yml")]
+    if _looks_like_name(ref):
+        # A bare name may also refer to a bundled recipe when the child lives elsewhere.
+        candidates += [recipes_dir / f"{ref}.yaml", recipes_dir / f"{ref}.yml"]
+    for candidate in candidates:
+        if candidate.is_file():
+            return candidate
+    return None
+
+
+def _read_layers(path: Path, recipes_dir: Path, top_name: str, chain: list[Path]) -> list[_Layer]:
+    """The layers of ``path`` and its ``extends`` ancestors, ancestors first."""
+    label = path.name
+
+    def fail(message: str, where: str = "(file)") -> RecipeError:
+        return _format_error(top_name, [f"{label}: {where}: {message}"])
+
+    resolved = path.resolve()
+    if resolved in chain:
+        names = " -> ".join(p.name for p in [*chain[chain.index(resolved):], resolved])
+        # Attribute the cycle to the file whose `extends` closed it.
+        raise _format_error(top_name, [f"{chain[-1].name}: extends: extends cycle: {names}"])
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise fail(f"cannot read file: {exc}") from exc
+    try:
+        data = _parse_yaml(text)
+    except yaml.YAMLError as exc:
+        raise fail(f"invalid YAML: {_yaml_error_text(exc)}") from exc
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise fail(f"top level must be a mapping of settings, got {_describe(data)}")
+    data = dict(data)
+    ref = data.pop("extends", None)
+    layers: list[_Layer] = []
+    if ref is not None:
+        if not isinstance(ref, str) or not ref.strip():
+            raise fail(f"must be a recipe name or relative path, got {_describe(ref)}", "extends")
+        parent = _find_parent(ref.strip(), path, recipes_dir)
+        if parent is None:
+            raise fail(f"parent recipe {ref!r} not found next to {path.name} or in {recipes_dir}", "extends")
+        layers = _read_layers(parent, recipes_dir, top_name, [*chain, resolved])
+    layers.append((label, data))
+    return layers
+
+
+def _override_layer(text: str) -> tuple[dict | None, str | None]:
+    """Parse ``a.b=value`` into a nested dict; on failure return (None, problem)."""
+    if "=" not in text:
+        return None, "override must look like key.path=value (no '=' found)"
+    key, _, raw = text.partition("=")
+    key = key.strip()
+    parts = key.split(".")
+    if not key or any(not p.strip() for p in parts):
+        return None, f"override key {key!r} is not a dotted path such as train.lr"
+    parts = [p.strip() for p in parts]
+    tp = _leaf_type(parts)
+    plain_str = tp is str
+    try:
+        value = _parse_yaml(raw)
+    except yaml.YAMLError as exc:
+        if tp is not None and _coerce("", tp) is not _NO:
+            value = raw.strip()  # text that YAML chokes on is still a fine string value
+        else:
+            return None, f"cannot parse value {raw.strip()!r}: {_yaml_error_text(exc)}"
+    else:
+        if plain_str and raw.strip() == "":
+            value = ""
+        elif (
+            tp is not None
+            and _coerce("", tp) is not _NO
+            and value is not None
+            and not isinstance(value, (str, list))
+        ):
+            # `model.path=123` or `data.system_prompt=Answer: briefly` meant the literal text.
+            value = raw.strip()
+    nested: dict = {parts[-1]: value}
+    for part in reversed(parts[:-1]):
+        nested = {part: nested}
+    return nested, None
+
+
+def load_recipe(
+    path_or_name: str | Path,
+    overrides: Sequence[str] = (),
+    recipes_dir: Path | None = None,
+) -> Recipe:
+    """Load, merge (``extends``), override and validate a recipe.
+
+    ``path_or_name`` is a YAML path or a bare name looked up in ``recipes_dir`` (default:
+    ``./recipes`` if it exists, else the ``recipes/`` folder shipped next to the package).
+    ``overrides`` are ``dotted.path=value`` strings whose values are parsed as YAML.
+    Raises :class:`RecipeError` listing every problem at once.
+    """
+    folder = Path(recipes_dir) if recipes_dir is not None else _default_recipes_dir()
+    path = _find_recipe_file(path_or_name, folder)
+    top_name = path.stem
+    layers = _read_layers(path, folder, top_name, [])
+    # The name comes from the file that was asked for, never from a parent, so that a child
+    # recipe gets its own run folder.
+    top_label, top_data = layers[-1]
+    if "name" not in top_data:
+        layers[-1] = (top_label, {"name": top_name, **top_data})
+
+    extra: list[tuple[str, str, str]] = []
+    for text in overrides:
+        nested, problem = _override_layer(str(text))
+        if problem is not None:
+            extra.append((OVERRIDE_SOURCE, str(text).partition("=")[0].strip() or str(text), problem))
+        else:
+            layers.append((OVERRIDE_SOURCE, nested))
+
+    header = top_name
+    name_index = _layer_index(layers, "name")
+    if name_index >= 0 and isinstance(layers[name_index][1].get("name"), str) and layers[name_index][1]["name"]:
+        header = layers[name_index][1]["name"]
+    return _resolve_layers(layers, header, extra)
+
+
+# ----------------------------------------------------------------------------------------------
+# Serialisation
+# ----------------------------------------------------------------------------------------------
+
+
+def recipe_to_dict(recipe: Recipe) -> dict[str, Any]:
+    """The recipe as a nested plain dict (private fields left out)."""
+
+    def convert(obj: Any) -> Any:
+        if is_dataclass(obj):
+            return {f.name: convert(getattr(obj, f.name)) for f in _public_fields(type(obj))}
+        return copy.deepcopy(obj)
+
+    return convert(recipe)
+
+
+def recipe_provenance(recipe: Recipe) -> dict[str, str]:
+    """Where each leaf setting came from: ``default``, ``recipe:<file name>`` or ``override``.
+
+    A recipe built in code (not by :func:`load_recipe`) reports every setting as ``default``.
+    """
+    sources = getattr(recipe, "_sources", {}) or {}
+    return {path: sources.get(path, DEFAULT_SOURCE) for path in _leaf_paths()}
+
+
+def save_resolved(recipe: Recipe, path: Path) -> None:
+    """Write the fully resolved recipe (``recipe:``) and each setting's origin (``sources:``)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    body = yaml.safe_dump(
+        {"recipe": recipe_to_dict(recipe), "sources": recipe_provenance(recipe)},
+        sort_keys=False,
+        allow_unicode=True,
+        default_flow_style=False,
+    )
+    header = (
+        f"# Resolved recipe '{recipe.name}'. Re-create the run with finetune.recipe.load_resolved().\n"
+        "# sources: default | recipe:<file that set it> | override\n"
+    )
+    path.write_text(header + body, encoding="utf-8")
+
+
+def load_resolved(path: Path) -> Recipe:
+    """Read a file written by :func:`save_resolved` back into a validated :class:`Recipe`.
+
+    The values come from ``recipe:``; ``sources:`` is not used as settings, but it restores the
+    original provenance so a re-saved run keeps recording where its values came from.
+    """
+    path = Path(path)
+    label = path.name
+    try:
+        data = _parse_yaml(path.read_text(encoding="utf-8"))
+    except OSError as exc:
+        raise RecipeError(f"cannot read resolved recipe {path}: {exc}") from exc
+    except yaml.YAMLError as exc:
+        raise _format_error(path.stem, [f"{label}: (file): invalid YAML: {_yaml_error_text(exc)}"]) from exc
+    if not isinstance(data, dict) or not isinstance(data.get("recipe"), dict):
+        raise _format_error(path.stem, [f"{label}: recipe: not a resolved recipe file (no top-level 'recipe:' mapping)"])
+    body = data["recipe"]
+    name = body.get("name") if isinstance(body.get("name"), str) and body.get("name") else path.stem
+    recipe = _resolve_layers([(label, body)], name)
+    saved = data.get("sources")
+    if isinstance(saved, dict):
+        for key, value in saved.items():
+            if key in recipe._sources and isinstance(value, str):
+                recipe._sources[key] = value
+    return recipe

@@ -1,0 +1,327 @@
+"""Recipe -> run folder, top to bottom.
+
+    1. resolve the run folder, write the resolved recipe (with where each value came from)
+    2. data: generate the demo set if asked, read and validate every sample before training
+    3. model: family, load (4/8-bit on the LLM if asked), roles -> LoRA/full, print the table
+    4. train with TRL's SFTTrainer (a transformers Trainer) and the toolkit's collator
+    5. save the adapter (PEFT format) with the processor files, metrics, loss curve
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from finetune import adapters
+from finetune.data.schema import DataError, Sample, load_samples
+from finetune.families import family_for
+from finetune.families.base import EncodedSample, Family, LoadedModel
+from finetune.recipe import Recipe, save_resolved
+
+log = logging.getLogger("finetune")
+
+
+# ---- environment ----------------------------------------------------------------------------
+def quiet_libraries() -> None:
+    """Keep the console readable: our own progress bar and tables, not every library's."""
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    import transformers
+
+    transformers.utils.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+    import warnings
+
+    warnings.filterwarnings("ignore", message=".*use_reentrant.*")
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    warnings.filterwarnings("ignore", category=UserWarning, module="peft")
+
+
+def choose_precision(setting: str) -> str:
+    """auto -> bf16 where the GPU supports it, fp16 on older GPUs, fp32 on the CPU."""
+    if setting != "auto":
+        return setting
+    if torch.cuda.is_available():
+        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+    return "fp32"
+
+
+def torch_dtype(precision: str) -> torch.dtype:
+    return {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16,
+            "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[precision]
+
+
+# ---- data -----------------------------------------------------------------------------------
+def prepare_data(recipe: Recipe) -> None:
+    """Generate the synthetic demo dataset when the recipe asks for it and it is missing."""
+    if recipe.data.demo == "medical":
+        from finetune.demo_data import generate_medical
+
+        out = Path(recipe.data.train).parent
+        if not Path(recipe.data.train).exists() or (recipe.data.eval and not Path(recipe.data.eval).exists()):
+            print(f"generating the synthetic medical dataset in {out}/ ...", flush=True)
+        generate_medical(out, seed=0)
+
+
+def read_split(path: str, recipe: Recipe) -> tuple[list[Sample], list[DataError]]:
+    """All samples of a JSONL split; `raise` stops at the first bad line, `skip` collects them."""
+    if not path:
+        return [], []
+    p = Path(path)
+    if not p.exists():
+        raise FileNotFoundError(f"data file {p} does not exist (data.train / data.eval in the recipe)")
+    return load_samples(p, on_error=recipe.data.on_error, allow_outside_paths=recipe.data.allow_outside_paths)
+
+
+class EncodedDataset(torch.utils.data.Dataset):
+    """Samples encoded on access (media decoded in the DataLoader's workers)."""
+
+    def __init__(self, samples: list[Sample], family: Family, processor, rope):
+        self.samples, self.family, self.processor, self.rope = samples, family, processor, rope
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, i: int) -> dict:
+        return {"encoded": self.family.encode(self.samples[i], self.processor, rope=self.rope)}
+
+
+@dataclass
+class PaddedCollator:
+    """Right-padded batches with an attention mask (the model computes its positions)."""
+
+    family: Family
+    pad_id: int
+
+    def __call__(self, features: list[dict]) -> dict[str, Any]:
+        batch: list[EncodedSample] = [f["encoded"] for f in features]
+        return self.family.collate_padded(batch, self.pad_id)
+
+
+def filter_too_long(samples: list[Sample], family: Family, processor, recipe: Recipe,
+                    skipped: list[DataError]) -> list[Sample]:
+    """Drop (skip) or refuse (raise) samples over data.max_tokens, counted before encoding."""
+    keep = []
+    for s in samples:
+        try:
+            n = family.count_tokens(s, processor)
+        except Exception as e:  # unreadable media found while counting
+            err = DataError(kind="encode", file=s.source, line=s.line, field="messages",
+                            problem=f"cannot read the sample's media: {e}", fix="fix or remove the file")
+            if recipe.data.on_error == "raise":
+                raise err from e
+            skipped.append(err)
+            continue
+        if n > recipe.data.max_tokens:
+            err = DataError(kind="too_long", file=s.source, line=s.line, field="messages",
+                            problem=f"{n} tokens exceed data.max_tokens={recipe.data.max_tokens}",
+                            fix="raise data.max_tokens, lower model.max_pixels, or shorten the sample")
+            if recipe.data.on_error == "raise":
+                raise err
+            skipped.append(err)
+            continue
+        keep.append(s)
+    return keep
+
+
+# ---- model ----------------------------------------------------------------------------------
+def load_for_training(recipe: Recipe, family: Family, precision: str) -> LoadedModel:
+    """Load the model in the training dtype (fp32 on the CPU) with the recipe's quantisation."""
+    dtype = torch_dtype(precision)
+    attn = None if recipe.model.attn == "auto" else recipe.model.attn
+    return family.load(recipe, dtype=dtype, attn=attn or "sdpa")
+
+
+# ---- trainer --------------------------------------------------------------------------------
+def make_trainer(recipe: Recipe, family: Family, model, processor, train_ds, collator, precision: str,
+                 run_dir: Path, callbacks: list):
+    """TRL's SFTTrainer with per-role learning rates and our collator."""
+    from trl import SFTConfig, SFTTrainer
+
+    class RoleLRTrainer(SFTTrainer):
+        def create_optimizer(self, model=None):
+            if self.optimizer is None:
+                groups = adapters.role_param_groups(self.model, family, recipe, recipe.train.weight_decay)
+                cls, kwargs = self.get_optimizer_cls_and_kwargs(self.args, self.model)
+                kwargs.pop("lr", None)
+                self.optimizer = cls(groups, **kwargs)
+            return self.optimizer
+
+    t = recipe.train
+    os.environ["TENSORBOARD_LOGGING_DIR"] = str(run_dir / "tensorboard")
+    args = SFTConfig(
+        output_dir=str(run_dir / "checkpoints"),
+        per_device_train_batch_size=t.batch_size,
+        gradient_accumulation_steps=t.grad_accum,
+        learning_rate=t.lr,
+        weight_decay=t.weight_decay,
+        lr_scheduler_type=t.scheduler,
+        warmup_steps=t.warmup_ratio,
+        num_train_epochs=t.epochs,
+        max_steps=t.max_steps,
+        max_grad_norm=t.max_grad_norm,
+        logging_steps=t.logging_steps,
+        save_strategy="steps",
+        save_steps=t.save_steps,
+        save_total_limit=t.save_total_limit,
+        seed=t.seed,
+        data_seed=t.seed,
+        bf16=precision == "bf16",
+        fp16=precision == "fp16",
+        optim=t.optim,
+        gradient_checkpointing=False,  # enabled by adapters.apply_roles, before PEFT wraps the model
+        report_to=["tensorboard"],
+        remove_unused_columns=False,
+        dataset_kwargs={"skip_prepare_dataset": True},
+        dataloader_num_workers=recipe.data.num_workers,
+        dataloader_pin_memory=torch.cuda.is_available(),
+        disable_tqdm=False,
+        use_cpu=not torch.cuda.is_available(),
+        max_length=None,
+        save_only_model=False,
+    )
+    return RoleLRTrainer(model=model, args=args, train_dataset=train_ds, data_collator=collator,
+                         processing_class=processor.tokenizer, callbacks=callbacks)
+
+
+def make_metrics_callback(run_dir: Path):
+    """A callback appending every log record to run_dir/metrics.jsonl."""
+    from transformers import TrainerCallback
+
+    class MetricsJsonl(TrainerCallback):
+        def on_log(self, args, state, control, logs=None, **kw):
+            if not state.is_world_process_zero or not logs:
+                return
+            rec = {"step": state.global_step, "epoch": state.epoch, "time": time.time(), **logs}
+            with open(run_dir / "metrics.jsonl", "a") as f:
+                f.write(json.dumps(rec) + "\n")
+
+    return MetricsJsonl()
+
+
+def last_checkpoint(run_dir: Path) -> str | None:
+    """The newest complete checkpoint-N folder, or None."""
+    ck = run_dir / "checkpoints"
+    if not ck.is_dir():
+        return None
+    done = [p for p in ck.glob("checkpoint-*") if (p / "trainer_state.json").exists()]
+    if not done:
+        return None
+    return str(max(done, key=lambda p: int(p.name.split("-")[-1])))
+
+
+def plot_loss(run_dir: Path) -> Path | None:
+    """loss_curve.png from metrics.jsonl (training loss per step)."""
+    mpath = run_dir / "metrics.jsonl"
+    if not mpath.exists():
+        return None
+    steps, losses = [], []
+    for line in mpath.read_text().splitlines():
+        rec = json.loads(line)
+        if "loss" in rec:
+            steps.append(rec["step"])
+            losses.append(rec["loss"])
+    if not steps:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 3.5), dpi=100)
+    ax.plot(steps, losses, lw=1.5)
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("training loss (per label token)")
+    ax.set_title(run_dir.name)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    out = run_dir / "loss_curve.png"
+    fig.savefig(out)
+    plt.close(fig)
+    return out
+
+
+# ---- the run --------------------------------------------------------------------------------
+def train(recipe: Recipe) -> Path:
+    """Train the recipe; returns the run folder (adapter in run_dir/adapter)."""
+    quiet_libraries()
+    run_dir = recipe.run_dir
+    run_dir.mkdir(parents=True, exist_ok=True)
+    save_resolved(recipe, run_dir / "recipe.yaml")
+    torch.manual_seed(recipe.train.seed)
+
+    prepare_data(recipe)
+    family = family_for(recipe.model.path, recipe.model.family)
+    samples, skipped = read_split(recipe.data.train, recipe)
+
+    precision = choose_precision(recipe.train.precision)
+    loaded = load_for_training(recipe, family, precision)
+    processor = loaded.processor
+    samples = filter_too_long(samples, family, processor, recipe, skipped)
+    if not samples:
+        raise ValueError(f"{recipe.data.train}: no usable training samples")
+
+    model, plan = adapters.apply_roles(loaded.model, family, recipe,
+                                       gradient_checkpointing=recipe.train.gradient_checkpointing)
+    print(f"model {loaded.base_path} ({family.name}), precision {precision}, "
+          f"quantize {recipe.model.quantize}")
+    print(adapters.format_role_table(adapters.role_table(model, family, plan)), flush=True)
+
+    rope = family.rope_index(loaded.model)
+    train_ds = EncodedDataset(samples, family, processor, rope)
+    collator = PaddedCollator(family, processor.pad_id)
+    trainer = make_trainer(recipe, family, model, processor, train_ds, collator, precision, run_dir,
+                           [make_metrics_callback(run_dir)])
+
+    resume = None
+    if recipe.train.resume == "auto":
+        resume = last_checkpoint(run_dir)
+    elif recipe.train.resume != "never":
+        resume = recipe.train.resume
+    if resume:
+        print(f"resuming from {resume}", flush=True)
+    elif (run_dir / "metrics.jsonl").exists():
+        (run_dir / "metrics.jsonl").unlink()
+    trainer.train(resume_from_checkpoint=resume)
+
+    save_adapter(model, loaded, run_dir / "adapter")
+    write_skipped(run_dir, skipped)
+    plot_loss(run_dir)
+    return run_dir
+
+
+def save_adapter(model, loaded: LoadedModel, out: Path) -> None:
+    """PEFT adapter folder plus the processor files, written atomically."""
+    import shutil
+    import tempfile
+
+    from finetune.families.qwen2_5_omni import copy_processor_files
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=out.name + ".tmp-", dir=out.parent))
+    model.save_pretrained(str(tmp))
+    copy_processor_files(loaded.base_path, tmp)
+    (tmp / "base_model.json").write_text(json.dumps({"base_path": str(loaded.base_path)}, indent=2))
+    if out.exists():
+        shutil.rmtree(out)
+    os.rename(tmp, out)
+
+
+def write_skipped(run_dir: Path, skipped: list[DataError]) -> None:
+    """skipped.jsonl: one record per skipped sample, and a console summary."""
+    path = run_dir / "skipped.jsonl"
+    if not skipped:
+        if path.exists():
+            path.unlink()
+        return
+    with open(path, "w") as f:
+        for e in skipped:
+            f.write(json.dumps({"file": e.file, "line": e.line, "kind": e.kind, "error": str(e)}) + "\n")
+    print(f"skipped {len(skipped)} bad sample(s) (data.on_error: skip); list in {path}")
