@@ -80,17 +80,15 @@ def read_split(path: str, recipe: Recipe) -> tuple[list[Sample], list[DataError]
     return load_samples(p, on_error=recipe.data.on_error, allow_outside_paths=recipe.data.allow_outside_paths)
 
 
-class EncodedDataset(torch.utils.data.Dataset):
-    """Samples encoded on access (media decoded in the DataLoader's workers)."""
+def index_dataset(n: int):
+    """The Trainer sees sample indices only (TRL wants a `datasets.Dataset`); the collator encodes.
 
-    def __init__(self, samples: list[Sample], family: Family, processor, rope):
-        self.samples, self.family, self.processor, self.rope = samples, family, processor, rope
+    Encoding in the collator keeps media decoding in the DataLoader's workers and lets the
+    Trainer's seeded sampler (and its resume logic) own the data order.
+    """
+    import datasets
 
-    def __len__(self) -> int:
-        return len(self.samples)
-
-    def __getitem__(self, i: int) -> dict:
-        return {"encoded": self.family.encode(self.samples[i], self.processor, rope=self.rope)}
+    return datasets.Dataset.from_dict({"index": list(range(n))})
 
 
 @dataclass
@@ -98,11 +96,15 @@ class PaddedCollator:
     """Right-padded batches with an attention mask (the model computes its positions)."""
 
     family: Family
-    pad_id: int
+    processor: Any
+    samples: list
+    rope: Any
+
+    def encode(self, features: list[dict]) -> list[EncodedSample]:
+        return [self.family.encode(self.samples[f["index"]], self.processor, rope=self.rope) for f in features]
 
     def __call__(self, features: list[dict]) -> dict[str, Any]:
-        batch: list[EncodedSample] = [f["encoded"] for f in features]
-        return self.family.collate_padded(batch, self.pad_id)
+        return self.family.collate_padded(self.encode(features), self.processor.pad_id)
 
 
 def filter_too_long(samples: list[Sample], family: Family, processor, recipe: Recipe,
@@ -206,6 +208,28 @@ def make_metrics_callback(run_dir: Path):
     return MetricsJsonl()
 
 
+def make_crash_callback():
+    """Test hook: FINETUNE_CRASH_AFTER_STEP=N raises after optimizer step N (an interrupted run)."""
+    from transformers import TrainerCallback
+
+    class CrashAfter(TrainerCallback):
+        def on_step_end(self, args, state, control, **kw):
+            n = int(os.environ.get("FINETUNE_CRASH_AFTER_STEP", "0") or 0)
+            if n and state.global_step >= n:
+                raise KeyboardInterrupt(f"FINETUNE_CRASH_AFTER_STEP={n}: simulated interruption")
+
+    return CrashAfter()
+
+
+def truncate_metrics(run_dir: Path, step: int) -> None:
+    """On resume, forget records logged after the checkpoint so the curve has no duplicates."""
+    path = run_dir / "metrics.jsonl"
+    if not path.exists():
+        return
+    keep = [ln for ln in path.read_text().splitlines() if ln.strip() and json.loads(ln).get("step", 0) <= step]
+    path.write_text("".join(ln + "\n" for ln in keep))
+
+
 def last_checkpoint(run_dir: Path) -> str | None:
     """The newest complete checkpoint-N folder, or None."""
     ck = run_dir / "checkpoints"
@@ -275,10 +299,10 @@ def train(recipe: Recipe) -> Path:
     print(adapters.format_role_table(adapters.role_table(model, family, plan)), flush=True)
 
     rope = family.rope_index(loaded.model)
-    train_ds = EncodedDataset(samples, family, processor, rope)
-    collator = PaddedCollator(family, processor.pad_id)
+    train_ds = index_dataset(len(samples))
+    collator = PaddedCollator(family, processor, samples, rope)
     trainer = make_trainer(recipe, family, model, processor, train_ds, collator, precision, run_dir,
-                           [make_metrics_callback(run_dir)])
+                           [make_metrics_callback(run_dir), make_crash_callback()])
 
     resume = None
     if recipe.train.resume == "auto":
@@ -287,6 +311,7 @@ def train(recipe: Recipe) -> Path:
         resume = recipe.train.resume
     if resume:
         print(f"resuming from {resume}", flush=True)
+        truncate_metrics(run_dir, int(Path(resume).name.split("-")[-1]))
     elif (run_dir / "metrics.jsonl").exists():
         (run_dir / "metrics.jsonl").unlink()
     trainer.train(resume_from_checkpoint=resume)

@@ -119,8 +119,8 @@ class Family(abc.ABC):
         """The sample's token count from text and media metadata, without running encoders."""
 
     @abc.abstractmethod
-    def collate_padded(self, batch: list[EncodedSample], pad_id: int) -> dict[str, Any]:
-        """A right-padded batch with an attention mask."""
+    def collate_padded(self, batch: list[EncodedSample], pad_id: int, side: str = "right") -> dict[str, Any]:
+        """A padded batch (right for training, left for generation) with an attention mask."""
 
     # ---- export ------------------------------------------------------------------------
     @abc.abstractmethod

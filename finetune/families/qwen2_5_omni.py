@@ -295,7 +295,7 @@ class Qwen25OmniFamily(Family):
         "audio_projector": ("model.audio_tower.proj",),
     }
     # Modules quantised by QLoRA: the LLM's linear layers only; everything else is skipped.
-    quant_skip = ["lm_head", "visual", "audio_tower"]
+    quant_skip = ["lm_head", "model.visual", "model.audio_tower"]
 
     # ---- folders -----------------------------------------------------------------------
     @staticmethod
@@ -485,7 +485,7 @@ class Qwen25OmniFamily(Family):
                 n += len(processor.text_ids(text_buf))
         return n
 
-    def collate_padded(self, batch: list[EncodedSample], pad_id: int) -> dict[str, Any]:
+    def collate_padded(self, batch: list[EncodedSample], pad_id: int, side: str = "right") -> dict[str, Any]:
         L = max(e.num_tokens for e in batch)
         B = len(batch)
         input_ids = torch.full((B, L), pad_id, dtype=torch.long)
@@ -493,9 +493,10 @@ class Qwen25OmniFamily(Family):
         mask = torch.zeros((B, L), dtype=torch.long)
         for i, e in enumerate(batch):
             n = e.num_tokens
-            input_ids[i, :n] = e.input_ids
-            labels[i, :n] = e.labels
-            mask[i, :n] = 1
+            sl = slice(0, n) if side == "right" else slice(L - n, L)
+            input_ids[i, sl] = e.input_ids
+            labels[i, sl] = e.labels
+            mask[i, sl] = 1
         out = {"input_ids": input_ids, "labels": labels, "attention_mask": mask}
         out.update(collate_media(batch))
         return out

@@ -1,0 +1,174 @@
+"""`python -m finetune <command>`: train, eval, export, run (all three), data check, demo."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+
+def _recipe(args):
+    from finetune.recipe import load_recipe
+
+    return load_recipe(args.recipe, overrides=args.overrides)
+
+
+def cmd_train(args) -> int:
+    from finetune.train import train
+
+    run_dir = train(_recipe(args))
+    print(f"adapter: {run_dir / 'adapter'}")
+    return 0
+
+
+def cmd_eval(args) -> int:
+    from finetune.evaluate import evaluate, summary_line
+
+    recipe = _recipe(args)
+    r = evaluate(recipe)
+    print(f"eval: {summary_line(r)}")
+    print(f"eval report: {recipe.run_dir / 'eval.md'}")
+    return 0
+
+
+def _run_dir_of(target: str, overrides) -> Path:
+    p = Path(target)
+    if (p / "recipe.yaml").exists():
+        return p
+    from finetune.recipe import load_recipe
+
+    return load_recipe(target, overrides=overrides).run_dir
+
+
+def cmd_export(args) -> int:
+    from finetune.export import export_run
+
+    out = export_run(_run_dir_of(args.target, args.overrides), force=args.force, fmt=args.format)
+    for kind, path in out.items():
+        print(f"{kind} export: {path}")
+    return 0
+
+
+def cmd_run(args) -> int:
+    """train -> eval (base vs tuned) -> export, then say where everything is."""
+    from finetune.evaluate import evaluate, summary_line
+    from finetune.export import export_run
+    from finetune.train import train
+
+    t0 = time.time()
+    recipe = _recipe(args)
+    run_dir = train(recipe)
+    r = evaluate(recipe, run_dir)
+    out = export_run(run_dir, force=True)
+    print()
+    print(f"done in {time.time() - t0:.0f} s")
+    print(f"  run folder   {run_dir}/")
+    print(f"  adapter      {run_dir / 'adapter'}/  (PeftModel.from_pretrained)")
+    print(f"  metrics      {run_dir / 'metrics.jsonl'}, {run_dir / 'loss_curve.png'}, {run_dir / 'tensorboard'}/")
+    print(f"  eval         {run_dir / 'eval.md'}: {summary_line(r)}")
+    for kind, path in out.items():
+        print(f"  {kind:<12} {path}/")
+    return 0
+
+
+def cmd_data_check(args) -> int:
+    from finetune.data.check import check_dataset
+
+    counter, max_tokens = None, None
+    if args.recipe:
+        from finetune.families import family_for
+        from finetune.recipe import load_recipe
+
+        recipe = load_recipe(args.recipe, overrides=args.overrides)
+        family = family_for(recipe.model.path, recipe.model.family)
+        folder = family.resolve_path(recipe.model.path, recipe.model.tiny_seed)
+        proc = family.processor(folder, recipe)
+        counter = lambda s: family.count_tokens(s, proc)  # noqa: E731
+        max_tokens = recipe.data.max_tokens
+    report = check_dataset([Path(f) for f in args.files], token_counter=counter, max_tokens=max_tokens,
+                           allow_outside_paths=args.allow_outside_paths, open_media=not args.no_media)
+    print(report.format())
+    return 1 if report.errors else 0
+
+
+def cmd_demo(args) -> int:
+    from finetune.demo_data import generate_medical
+
+    paths = generate_medical(args.out, n_train=args.n_train, n_eval=args.n_eval, seed=args.seed, force=args.force)
+    for k, v in paths.items():
+        print(f"{k}: {v}")
+    return 0
+
+
+def cmd_recipes(args) -> int:
+    from finetune.recipe import list_recipes, load_recipe
+
+    for name in list_recipes():
+        r = load_recipe(name)
+        print(f"{name:<28} {r.description}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m finetune", description=__doc__)
+    sub = p.add_subparsers(dest="command", required=True)
+
+    def recipe_cmd(name, fn, help_):
+        sp = sub.add_parser(name, help=help_)
+        sp.add_argument("recipe", help="recipe name (recipes/NAME.yaml) or path")
+        sp.add_argument("overrides", nargs="*", help="overrides such as train.lr=1e-4 data.max_tokens=2048")
+        sp.set_defaults(fn=fn)
+        return sp
+
+    recipe_cmd("train", cmd_train, "train the recipe's adapters")
+    recipe_cmd("eval", cmd_eval, "evaluate base vs tuned on the held-out split")
+    recipe_cmd("run", cmd_run, "train, evaluate and export")
+    ex = sub.add_parser("export", help="merge and export a run (RUN_DIR or recipe name)")
+    ex.add_argument("target")
+    ex.add_argument("overrides", nargs="*")
+    ex.add_argument("--force", action="store_true", help="replace an existing export")
+    ex.add_argument("--format", choices=["merged", "adapter", "both"], default=None)
+    ex.set_defaults(fn=cmd_export)
+
+    data = sub.add_parser("data", help="dataset tools")
+    dsub = data.add_subparsers(dest="data_command", required=True)
+    chk = dsub.add_parser("check", help="report every problem of JSONL datasets")
+    chk.add_argument("files", nargs="+")
+    chk.add_argument("--recipe", help="count tokens with this recipe's model and check data.max_tokens")
+    chk.add_argument("--no-media", action="store_true", help="do not decode media files")
+    chk.add_argument("--allow-outside-paths", action="store_true")
+    chk.set_defaults(fn=cmd_data_check, overrides=[])
+
+    demo = sub.add_parser("demo", help="generate a synthetic dataset")
+    demo.add_argument("kind", choices=["medical"])
+    demo.add_argument("out", nargs="?", default="data/demo/medical")
+    demo.add_argument("--n-train", type=int, default=400)
+    demo.add_argument("--n-eval", type=int, default=100)
+    demo.add_argument("--seed", type=int, default=0)
+    demo.add_argument("--force", action="store_true")
+    demo.set_defaults(fn=cmd_demo)
+
+    rc = sub.add_parser("recipes", help="list the recipes")
+    rc.set_defaults(fn=cmd_recipes)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point; errors of our own are printed as one clear message, not a traceback."""
+    from finetune.data.schema import DataError
+    from finetune.recipe import RecipeError
+
+    args = build_parser().parse_args(argv)
+    try:
+        return args.fn(args)
+    except (RecipeError, DataError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except Exception as e:  # our own export/validation errors carry their fix in the message
+        from finetune.export import ExportError
+
+        if isinstance(e, (ExportError, ValueError)) and "Traceback" not in str(e):
+            print(f"error: {e}", file=sys.stderr)
+            return 2
+        raise

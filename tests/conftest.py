@@ -1,0 +1,59 @@
+"""Shared fixtures: the tiny-model cache, a small synthetic dataset, a loaded tiny model."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+os.environ.setdefault("OMNI_FINETUNE_CACHE", str(ROOT / ".cache"))
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+def pytest_collection_modifyitems(config, items):
+    import torch
+
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
+@pytest.fixture(scope="session")
+def small_demo(tmp_path_factory) -> dict[str, Path]:
+    """A small synthetic medical dataset (24 train, 12 eval samples)."""
+    from finetune.demo_data import generate_medical
+
+    return generate_medical(tmp_path_factory.mktemp("demo"), n_train=24, n_eval=12, seed=0)
+
+
+@pytest.fixture(scope="session")
+def tiny_qwen():
+    """(family, loaded) for the tiny Qwen2.5-Omni thinker in float32."""
+    import torch
+
+    from finetune.families import get_family
+    from finetune.recipe import load_recipe
+    from finetune.train import quiet_libraries
+
+    quiet_libraries()
+    fam = get_family("qwen2_5_omni")
+    recipe = load_recipe("medical-tiny", ["model.max_pixels=12544"])
+    loaded = fam.load(recipe, dtype=torch.float32, attn="sdpa")
+    loaded.model.eval()
+    return fam, loaded
+
+
+def tiny_recipe(tmp_path: Path, demo: dict, *overrides: str):
+    """medical-tiny on the small dataset, writing into tmp_path/run."""
+    from finetune.recipe import load_recipe
+
+    base = [f"data.train={demo['train']}", f"data.eval={demo['eval']}", "data.demo=",
+            f"output.dir={tmp_path / 'run'}", "model.max_pixels=12544", "train.batch_size=4",
+            "train.max_steps=6", "train.save_steps=3", "train.logging_steps=1", "eval.max_samples=6",
+            "eval.max_new_tokens=6"]
+    return load_recipe("medical-tiny", base + list(overrides))
