@@ -1,0 +1,183 @@
+"""End-to-end on the tiny model: train, resume after an interruption, evaluate, export."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from conftest import ROOT, tiny_recipe
+
+pytestmark = pytest.mark.slow
+
+
+def losses(run_dir):
+    out = {}
+    for line in (run_dir / "metrics.jsonl").read_text().splitlines():
+        rec = json.loads(line)
+        if "loss" in rec:
+            out[rec["step"]] = rec["loss"]
+    return out
+
+
+def test_resume_after_interruption_gives_the_same_losses(tmp_path, small_demo, monkeypatch):
+    from finetune.train import train
+
+    ref = train(tiny_recipe(tmp_path / "a", small_demo))
+    ref_losses = losses(ref)
+    assert sorted(ref_losses) == [1, 2, 3, 4, 5, 6]
+
+    recipe = tiny_recipe(tmp_path / "b", small_demo)
+    monkeypatch.setenv("FINETUNE_CRASH_AFTER_STEP", "5")
+    with pytest.raises(KeyboardInterrupt):
+        train(recipe)
+    assert (recipe.run_dir / "checkpoints" / "checkpoint-3").is_dir()
+    assert not (recipe.run_dir / "adapter").exists()
+    monkeypatch.delenv("FINETUNE_CRASH_AFTER_STEP")
+    resumed = train(recipe)  # train.resume: auto -> continues from checkpoint-3
+    got = losses(resumed)
+    assert sorted(got) == [1, 2, 3, 4, 5, 6]
+    for step in ref_losses:
+        assert got[step] == pytest.approx(ref_losses[step], abs=1e-6), step
+    a = torch.load  # adapters of both runs are the same
+    from safetensors.torch import load_file
+
+    wa = load_file(ref / "adapter" / "adapter_model.safetensors")
+    wb = load_file(resumed / "adapter" / "adapter_model.safetensors")
+    assert wa.keys() == wb.keys()
+    assert max(float((wa[k] - wb[k]).abs().max()) for k in wa) < 1e-6
+
+
+def test_loss_is_the_mean_over_all_label_tokens_of_the_step(tmp_path, small_demo):
+    """With accumulation, the step loss equals sum(token losses) / label tokens of the whole step."""
+    from finetune.train import train
+
+    r1 = train(tiny_recipe(tmp_path / "x", small_demo, "train.batch_size=4", "train.grad_accum=1",
+                           "train.max_steps=1", "train.lr=1e-9"))
+    r2 = train(tiny_recipe(tmp_path / "y", small_demo, "train.batch_size=2", "train.grad_accum=2",
+                           "train.max_steps=1", "train.lr=1e-9"))
+    assert losses(r1)[1] == pytest.approx(losses(r2)[1], rel=1e-5)
+
+
+def test_skip_bad_samples_and_report_them(tmp_path, small_demo):
+    from finetune.train import train
+
+    bad = tmp_path / "train.jsonl"
+    lines = small_demo["train"].read_text().splitlines()
+    lines.insert(2, '{"messages": [{"role": "user", "content": "no answer"}]}')
+    lines.insert(5, "{not json")
+    # keep media paths valid: the copy lives in another folder, so make paths absolute
+    fixed = []
+    for ln in lines:
+        try:
+            obj = json.loads(ln)
+        except json.JSONDecodeError:
+            fixed.append(ln)
+            continue
+        for m in obj["messages"]:
+            if isinstance(m["content"], list):
+                for p in m["content"]:
+                    if "path" in p:
+                        p["path"] = str(small_demo["train"].parent / p["path"])
+        fixed.append(json.dumps(obj))
+    bad.write_text("\n".join(fixed) + "\n")
+    recipe = tiny_recipe(tmp_path, small_demo, f"data.train={bad}", "data.on_error=skip", "train.max_steps=1",
+                         "data.allow_outside_paths=true")
+    run = train(recipe)
+    rec = [json.loads(x) for x in (run / "skipped.jsonl").read_text().splitlines()]
+    assert sorted(r["line"] for r in rec) == [3, 6]
+    assert {r["kind"] for r in rec} == {"json", "not_ending_with_assistant"} or len(rec) == 2
+
+    from finetune.data.schema import DataError
+    from finetune.train import train as train2
+
+    with pytest.raises(DataError, match=r"train.jsonl:3"):
+        train2(tiny_recipe(tmp_path / "raise", small_demo, f"data.train={bad}", "data.on_error=raise",
+                           "data.allow_outside_paths=true"))
+
+
+@pytest.mark.parametrize("quantize", ["none", "4bit"])
+def test_merged_export_reproduces_the_adapter_model(tmp_path, small_demo, quantize):
+    from peft import PeftModel
+    from transformers import Qwen2_5OmniThinkerForConditionalGeneration
+
+    from finetune.export import export_run, pick_probes
+    from finetune.families import get_family
+    from finetune.train import read_split, train
+
+    recipe = tiny_recipe(tmp_path, small_demo, f"model.quantize={quantize}", "train.max_steps=3",
+                         "train.lr=5e-3")
+    run = train(recipe)
+    out = export_run(run)["merged"]
+    manifest = json.loads((out / "export_manifest.json").read_text())
+    assert manifest["verify"]["passed"] and manifest["verify"]["max_abs_diff"] <= 1e-4
+    for name in ("config.json", "tokenizer.json", "tokenizer_config.json", "preprocessor_config.json",
+                 "chat_template.json", "generation_config.json", "README.md"):
+        assert (out / name).exists(), name
+
+    # independent check: plain transformers loads the export; logits match base+adapter (fp32)
+    fam = get_family("qwen2_5_omni")
+    loaded = fam.load(recipe, quantize="none", dtype=torch.float32, attn="sdpa")
+    ref_model = PeftModel.from_pretrained(loaded.model, str(run / "adapter")).eval()
+    merged = Qwen2_5OmniThinkerForConditionalGeneration.from_pretrained(str(out), dtype=torch.float32).eval()
+    samples, _ = read_split(recipe.data.eval, recipe)
+    rope = fam.rope_index(loaded.model)
+    worst = 0.0
+    for s in pick_probes(samples):
+        b = fam.collate_padded([fam.encode(s, loaded.processor, rope=rope)], loaded.processor.pad_id)
+        b.pop("labels")
+        with torch.no_grad():
+            worst = max(worst, float((ref_model(**b).logits - merged(**b).logits).abs().max()))
+    assert worst <= 1e-4
+    # the adapter moved the model: the export is not simply the base
+    base = fam.load(recipe, quantize="none", dtype=torch.float32, attn="sdpa").model
+    assert any(not torch.equal(p, merged.state_dict()[n]) for n, p in base.state_dict().items()
+               if n in merged.state_dict())
+
+
+def test_export_refuses_existing_target_and_is_byte_identical(tmp_path, small_demo):
+    from finetune.export import ExportError, export_run
+    from finetune.train import train
+
+    run = train(tiny_recipe(tmp_path, small_demo, "train.max_steps=1"))
+    out = export_run(run)["merged"]
+    first = {p.name: p.read_bytes() for p in out.iterdir()}
+    with pytest.raises(ExportError, match="--force"):
+        export_run(run)
+    export_run(run, force=True)
+    second = {p.name: p.read_bytes() for p in out.iterdir()}
+    assert first == second
+    assert not [p for p in run.iterdir() if ".tmp-" in p.name or p.name.endswith(".old")]
+
+
+def test_cli_run_writes_the_whole_run_folder(tmp_path, small_demo):
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    args = [sys.executable, "-m", "finetune", "run", "medical-tiny",
+            f"data.train={small_demo['train']}", f"data.eval={small_demo['eval']}", "data.demo=",
+            f"output.dir={tmp_path / 'run'}", "model.max_pixels=12544", "train.max_steps=2",
+            "train.batch_size=4", "eval.max_samples=4", "eval.max_new_tokens=4"]
+    res = subprocess.run(args, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stderr[-3000:]
+    run = tmp_path / "run"
+    for name in ("recipe.yaml", "metrics.jsonl", "loss_curve.png", "eval.json", "eval.md",
+                 "adapter/adapter_config.json", "adapter/adapter_model.safetensors", "merged/export_manifest.json"):
+        assert (run / name).exists(), name
+    assert any((run / "tensorboard").rglob("events.out.tfevents*"))
+    resolved = (run / "recipe.yaml").read_text()
+    assert "train.max_steps: override" in resolved and "recipe:medical-tiny.yaml" in resolved
+    ev = json.loads((run / "eval.json").read_text())
+    assert {"base", "tuned"} <= set(ev) and ev["n_samples"] == 4
+    assert "trainable" in res.stdout and "merged" in res.stdout
+
+
+def test_cli_reports_recipe_errors_without_traceback():
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    res = subprocess.run([sys.executable, "-m", "finetune", "train", "medical-tiny", "train.lr=-1",
+                          "roles.vision_projecter.mode=full"], cwd=ROOT, env=env, capture_output=True, text=True)
+    assert res.returncode == 2
+    assert "Traceback" not in res.stderr
+    assert "train.lr" in res.stderr and "did you mean 'vision_projector'" in res.stderr
