@@ -359,7 +359,10 @@ class Qwen25OmniFamily(Family):
             model = self._load_thinker_from_full(folder, tcfg, kwargs)
         else:
             model = Qwen2_5OmniThinkerForConditionalGeneration.from_pretrained(str(folder), config=tcfg, **kwargs)
+        # Training never uses a KV cache, and transformers builds packed (block-diagonal) masks
+        # only when there is none: switch it off in the text config the decoder reads too.
         model.config.use_cache = False
+        model.config.get_text_config().use_cache = False
         proc = self.processor(folder, recipe)
         return LoadedModel(model=model, processor=proc, base_path=folder, is_full_checkpoint=full,
                            info={"quantize": quantize, "dtype": str(dtype).replace("torch.", "")})
@@ -513,6 +516,7 @@ class Qwen25OmniFamily(Family):
                     max_shard_size: str) -> list[str]:
         model = model.to(dtype)
         model.config.use_cache = True
+        model.config.get_text_config().use_cache = True
         model.save_pretrained(str(out_dir), max_shard_size=max_shard_size, safe_serialization=True)
         copy_processor_files(loaded.base_path, out_dir)
         return sorted(p.name for p in out_dir.iterdir())

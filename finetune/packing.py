@@ -1,0 +1,165 @@
+"""Packing: omni-modal samples in dense rows whose samples cannot see each other.
+
+Token counts are known before any encoder runs (`Family.count_tokens`: text tokens plus the
+media tokens implied by image sizes, audio lengths and frame counts), so the bins are planned
+over the whole dataset with best-fit decreasing, never cropping a sample. The Trainer then
+sees one item per bin: its seeded sampler shuffles bins each epoch, gives each rank its own
+bins under several processes and skips the bins already seen on resume.
+
+A packed row carries no attention mask. Positions restart at 0 for each sample; M-RoPE
+families get a [4, 1, L] tensor whose first row is the per-sample text position and whose
+other rows are the sample's own t/h/w positions. transformers builds a block-diagonal causal
+mask from the restarting text row (sdpa, eager, flex) or passes the boundaries to
+flash-attention varlen, so every sample attends only to itself.
+"""
+
+from __future__ import annotations
+
+import bisect
+import hashlib
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from finetune.families.base import IGNORE_INDEX, EncodedSample, Family
+
+
+def plan_bins(lengths: list[int], max_tokens: int) -> list[list[int]]:
+    """Best-fit decreasing: indices grouped into bins of total length <= max_tokens.
+
+    Each sample goes, longest first, into the open bin with the least room that still fits
+    it (a new bin when none does). Deterministic: ties keep the original order.
+    """
+    order = sorted(range(len(lengths)), key=lambda i: (-lengths[i], i))
+    bins: list[list[int]] = []
+    room_keys: list[tuple[int, int]] = []  # sorted (room, bin index)
+    for i in order:
+        n = lengths[i]
+        if n > max_tokens:
+            raise ValueError(f"sample {i} has {n} tokens > max_tokens {max_tokens}")
+        pos = bisect.bisect_left(room_keys, (n, -1))
+        if pos < len(room_keys):
+            room, b = room_keys.pop(pos)
+            bins[b].append(i)
+            bisect.insort(room_keys, (room - n, b))
+        else:
+            bins.append([i])
+            bisect.insort(room_keys, (max_tokens - n, len(bins) - 1))
+    return bins
+
+
+def efficiency(lengths: list[int], rows: list[list[int]], row_len: int | None = None) -> float:
+    """Real tokens / token slots, rows padded to `row_len` (or to their own longest member)."""
+    real = sum(lengths[i] for r in rows for i in r)
+    slots = 0
+    for r in rows:
+        slots += row_len if row_len is not None else sum(lengths[i] for i in r)
+    return real / max(slots, 1)
+
+
+def lengths_cache_key(path: Path, settings: dict) -> str:
+    """Cache key of a dataset file's token counts: its bytes and the processor's settings."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    h.update(json.dumps(settings, sort_keys=True).encode())
+    return h.hexdigest()[:24]
+
+
+def cached_lengths(path: Path, samples: list, counter, settings: dict) -> list[int]:
+    """Token counts of a file's samples, cached by file content (+ settings) under the cache dir."""
+    from finetune.families.qwen2_5_omni import tiny_cache_dir
+
+    key = lengths_cache_key(path, settings)
+    cache = tiny_cache_dir().parent / "lengths" / f"{key}.json"
+    ids = [f"{s.line}" for s in samples]
+    if cache.exists():
+        data = json.loads(cache.read_text())
+        if all(i in data for i in ids):
+            return [data[i] for i in ids]
+    counts = {f"{s.line}": counter(s) for s in samples}
+    cache.parent.mkdir(parents=True, exist_ok=True)
+    tmp = cache.with_suffix(f".tmp{os.getpid()}")
+    tmp.write_text(json.dumps(counts))
+    os.replace(tmp, cache)
+    return [counts[i] for i in ids]
+
+
+def pack_encoded(family: Family, rows: list[list[EncodedSample]], pad_id: int, *,
+                 with_varlen_args: bool = False) -> dict[str, Any]:
+    """Collate rows of encoded samples into a packed batch [R, L] without an attention mask.
+
+    Rows shorter than the longest are filled with a padding segment whose positions restart
+    at 0 and whose labels are ignored, so it is isolated like any other sample.
+    """
+    L = max(sum(e.num_tokens for e in r) for r in rows)
+    R = len(rows)
+    input_ids = torch.full((R, L), pad_id, dtype=torch.long)
+    labels = torch.full((R, L), IGNORE_INDEX, dtype=torch.long)
+    n_rows = 4 if family.mrope else 1
+    pos = torch.zeros((n_rows, R, L), dtype=torch.long)
+    seqlens: list[int] = []
+    for ri, row in enumerate(rows):
+        o = 0
+        for e in row:
+            n = e.num_tokens
+            input_ids[ri, o:o + n] = e.input_ids
+            lab = e.labels.clone()
+            lab[0] = IGNORE_INDEX
+            labels[ri, o:o + n] = lab
+            if family.mrope:
+                pos[0, ri, o:o + n] = torch.arange(n)
+                pos[1:, ri, o:o + n] = e.position_ids
+            else:
+                pos[0, ri, o:o + n] = e.position_ids
+            seqlens.append(n)
+            o += n
+        if o < L:
+            pos[:, ri, o:L] = torch.arange(L - o)
+            seqlens.append(L - o)
+    out: dict[str, Any] = {"input_ids": input_ids, "labels": labels,
+                           "position_ids": pos if family.mrope else pos[0],
+                           # no cache: transformers derives the packed mask only without one
+                           "use_cache": False}
+    from finetune.families.qwen2_5_omni import collate_media
+
+    out.update(collate_media([e for r in rows for e in r]))
+    if with_varlen_args:
+        cu = torch.zeros(len(seqlens) + 1, dtype=torch.int32)
+        cu[1:] = torch.cumsum(torch.tensor(seqlens, dtype=torch.int32), 0)
+        out["cu_seq_lens_q"] = out["cu_seq_lens_k"] = cu
+        out["max_length_q"] = out["max_length_k"] = max(seqlens)
+    return out
+
+
+@dataclass
+class PackedCollator:
+    """Trainer collator: each feature is one bin (sample indices); one packed row per bin."""
+
+    family: Family
+    processor: Any
+    samples: list
+    rope: Any
+    with_varlen_args: bool = False
+    stats: dict = field(default_factory=lambda: {"rows": 0, "tokens": 0, "slots": 0})
+
+    def __call__(self, features: list[dict]) -> dict[str, Any]:
+        rows = [[self.family.encode(self.samples[i], self.processor, rope=self.rope) for i in f["bin"]]
+                for f in features]
+        batch = pack_encoded(self.family, rows, self.processor.pad_id, with_varlen_args=self.with_varlen_args)
+        self.stats["rows"] += len(rows)
+        self.stats["tokens"] += sum(e.num_tokens for r in rows for e in r)
+        self.stats["slots"] += batch["input_ids"].numel()
+        return batch
+
+
+def bin_dataset(bins: list[list[int]]):
+    """A `datasets.Dataset` with one item per bin (what TRL's trainer iterates over)."""
+    import datasets
+
+    return datasets.Dataset.from_dict({"bin": bins})

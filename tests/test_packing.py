@@ -1,0 +1,104 @@
+"""Packing: bin planning, and packed == one-by-one (logits, loss, gradients) for every mix."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+
+from test_qwen_family import MIXES, media_dir, sample  # noqa: F401  (fixture reuse)
+
+from finetune.packing import efficiency, plan_bins
+from finetune.verify import compare_packed
+
+
+def test_bfd_places_every_sample_once_within_budget():
+    rng = random.Random(0)
+    lengths = [rng.randint(5, 900) for _ in range(500)]
+    bins = plan_bins(lengths, 1024)
+    flat = sorted(i for b in bins for i in b)
+    assert flat == list(range(500))
+    assert all(sum(lengths[i] for i in b) <= 1024 for b in bins)
+    lower = -(-sum(lengths) // 1024)
+    assert len(bins) <= lower * 1.05 + 1
+    assert efficiency(lengths, bins, 1024) > 0.94
+    assert plan_bins(lengths, 1024) == bins  # deterministic
+
+
+def test_sample_over_budget_is_refused():
+    with pytest.raises(ValueError, match="sample 1 has 300 tokens"):
+        plan_bins([10, 300], 256)
+
+
+@pytest.fixture(scope="module")
+def trainable_tiny():
+    """The tiny thinker with LoRA on the LLM and vision encoder, full projectors and lm_head."""
+    from finetune import adapters
+    from finetune.families import get_family
+    from finetune.recipe import load_recipe
+
+    fam = get_family("qwen2_5_omni")
+    recipe = load_recipe("medical-tiny", ["model.max_pixels=12544", "roles.vision_encoder.mode=lora",
+                                          "roles.audio_encoder.mode=lora", "roles.audio_projector.mode=full",
+                                          "roles.vision_projector.mode=full", "roles.lm_head.mode=full"])
+    loaded = fam.load(recipe, dtype=torch.float32, attn="sdpa")
+    model, _ = adapters.apply_roles(loaded.model, fam, recipe)
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if ".lora_B." in n:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.05)
+    return fam, loaded, model
+
+
+CASES = {
+    "text": ["text", "text"],
+    "image": ["image", "image"],
+    "audio": ["audio", "text"],
+    "video": ["video", "text"],
+    "image+audio": ["all", "image"],
+    "several_images": ["two_images", "image"],
+    "everything": ["text", "image", "audio", "video", "two_images", "all"],
+}
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_packed_equals_one_by_one(trainable_tiny, media_dir, case):  # noqa: F811
+    fam, loaded, model = trainable_tiny
+    samples = [sample(media_dir, MIXES[m], answer=f"Yes. Case {i} {m}.") for i, m in enumerate(CASES[case])]
+    res = compare_packed(model, fam, loaded.processor, samples, fam.rope_index(loaded.model), max_tokens=4096)
+    assert res.n_rows == 1  # everything in one row: samples really share it
+    assert res.max_logit_diff <= 1e-5, res.format()
+    assert res.loss_diff <= 1e-5, res.format()
+    assert res.max_grad_diff <= 1e-5, res.format()
+    assert res.passed
+
+
+def test_rows_padded_to_the_same_length_stay_isolated(trainable_tiny, media_dir):  # noqa: F811
+    fam, loaded, model = trainable_tiny
+    samples = [sample(media_dir, MIXES[m], answer="No.") for m in ("image", "text", "audio", "text")]
+    # a budget that forces two rows of different lengths -> the shorter row gets a padding segment
+    lens = [fam.encode(s, loaded.processor).num_tokens for s in samples]
+    res = compare_packed(model, fam, loaded.processor, samples, fam.rope_index(loaded.model),
+                         max_tokens=max(lens[0] + lens[1], lens[2] + lens[3]) + 1)
+    assert res.n_rows >= 2
+    assert res.passed, res.format()
+
+
+@pytest.mark.parametrize("breakage", ["no_text_row", "all_ones_mask"])
+def test_the_exactness_check_catches_broken_isolation(trainable_tiny, media_dir, breakage):  # noqa: F811
+    fam, loaded, model = trainable_tiny
+    samples = [sample(media_dir, MIXES[m], answer="Yes. Broken.") for m in ("image", "text", "audio")]
+
+    def mutate(batch):
+        if breakage == "no_text_row":
+            batch["position_ids"] = batch["position_ids"][1:]
+        else:
+            batch["attention_mask"] = torch.ones_like(batch["input_ids"])
+        return batch
+
+    res = compare_packed(model, fam, loaded.processor, samples, fam.rope_index(loaded.model), max_tokens=4096,
+                         mutate=mutate)
+    assert not res.passed
+    assert res.max_logit_diff > 1e-3
