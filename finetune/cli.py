@@ -101,6 +101,15 @@ def cmd_demo(args) -> int:
     return 0
 
 
+def cmd_verify(args) -> int:
+    """Packed vs one-by-one forward/backward on the recipe's model and data."""
+    from finetune.verify import verify_packing
+
+    res = verify_packing(_recipe(args), n_samples=args.samples)
+    print(res.format())
+    return 0 if res.passed else 1
+
+
 def cmd_recipes(args) -> int:
     from finetune.recipe import list_recipes, load_recipe
 
@@ -148,6 +157,13 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--seed", type=int, default=0)
     demo.add_argument("--force", action="store_true")
     demo.set_defaults(fn=cmd_demo)
+
+    ver = sub.add_parser("verify", help="checks a user can run: `verify packing RECIPE`")
+    ver.add_argument("what", choices=["packing"])
+    ver.add_argument("recipe")
+    ver.add_argument("overrides", nargs="*")
+    ver.add_argument("--samples", type=int, default=8, help="how many samples of the recipe's data")
+    ver.set_defaults(fn=cmd_verify)
 
     rc = sub.add_parser("recipes", help="list the recipes")
     rc.set_defaults(fn=cmd_recipes)

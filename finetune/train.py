@@ -107,30 +107,45 @@ class PaddedCollator:
         return self.family.collate_padded(self.encode(features), self.processor.pad_id)
 
 
-def filter_too_long(samples: list[Sample], family: Family, processor, recipe: Recipe,
-                    skipped: list[DataError]) -> list[Sample]:
-    """Drop (skip) or refuse (raise) samples over data.max_tokens, counted before encoding."""
-    keep = []
-    for s in samples:
+def token_lengths(samples: list[Sample], family: Family, processor, recipe: Recipe,
+                  skipped: list[DataError]) -> tuple[list[Sample], list[int]]:
+    """Token counts from metadata (cached per dataset file); drop or refuse samples over budget."""
+    from finetune.packing import cached_lengths
+
+    def counter(s: Sample) -> int:
         try:
-            n = family.count_tokens(s, processor)
+            return family.count_tokens(s, processor)
         except Exception as e:  # unreadable media found while counting
+            return -1
+
+    settings = {"family": family.name, "min_pixels": processor.min_pixels, "max_pixels": processor.max_pixels,
+                "video_fps": processor.video_fps, "video_max_frames": processor.video_max_frames,
+                "system_prompt": processor.system_prompt, "vocab": len(processor.tokenizer)}
+    by_file: dict[str, list[int]] = {}
+    for i, s in enumerate(samples):
+        by_file.setdefault(s.source, []).append(i)
+    counts = [0] * len(samples)
+    for src, idx in by_file.items():
+        for i, n in zip(idx, cached_lengths(Path(src), [samples[i] for i in idx], counter, settings)):
+            counts[i] = n
+    keep, lens = [], []
+    for s, n in zip(samples, counts):
+        err = None
+        if n < 0:
             err = DataError(kind="encode", file=s.source, line=s.line, field="messages",
-                            problem=f"cannot read the sample's media: {e}", fix="fix or remove the file")
-            if recipe.data.on_error == "raise":
-                raise err from e
-            skipped.append(err)
-            continue
-        if n > recipe.data.max_tokens:
+                            problem="cannot read the sample's media", fix="run `python -m finetune data check` on it")
+        elif n > recipe.data.max_tokens:
             err = DataError(kind="too_long", file=s.source, line=s.line, field="messages",
                             problem=f"{n} tokens exceed data.max_tokens={recipe.data.max_tokens}",
                             fix="raise data.max_tokens, lower model.max_pixels, or shorten the sample")
+        if err is not None:
             if recipe.data.on_error == "raise":
                 raise err
             skipped.append(err)
             continue
         keep.append(s)
-    return keep
+        lens.append(n)
+    return keep, lens
 
 
 # ---- model ----------------------------------------------------------------------------------
@@ -288,19 +303,34 @@ def train(recipe: Recipe) -> Path:
     precision = choose_precision(recipe.train.precision)
     loaded = load_for_training(recipe, family, precision)
     processor = loaded.processor
-    samples = filter_too_long(samples, family, processor, recipe, skipped)
+    samples, lengths = token_lengths(samples, family, processor, recipe, skipped)
     if not samples:
         raise ValueError(f"{recipe.data.train}: no usable training samples")
 
+    from finetune import attention
+
+    attn = attention.choose(recipe.model.attn, recipe.data.packing)
+    attention.apply_to_llm(loaded.model, attn)
     model, plan = adapters.apply_roles(loaded.model, family, recipe,
                                        gradient_checkpointing=recipe.train.gradient_checkpointing)
     print(f"model {loaded.base_path} ({family.name}), precision {precision}, "
-          f"quantize {recipe.model.quantize}")
+          f"quantize {recipe.model.quantize}, attention {attn}")
     print(adapters.format_role_table(adapters.role_table(model, family, plan)), flush=True)
 
     rope = family.rope_index(loaded.model)
-    train_ds = index_dataset(len(samples))
-    collator = PaddedCollator(family, processor, samples, rope)
+    if recipe.data.packing:
+        from finetune.packing import PackedCollator, bin_dataset, efficiency, plan_bins
+
+        bins = plan_bins(lengths, recipe.data.max_tokens)
+        print(f"packing: {len(samples)} samples in {len(bins)} rows of <= {recipe.data.max_tokens} tokens "
+              f"({100 * efficiency(lengths, bins, recipe.data.max_tokens):.1f}% of the budget used; rows carry "
+              "no padding between samples)", flush=True)
+        train_ds = bin_dataset(bins)
+        collator = PackedCollator(family, processor, samples, rope,
+                                  with_varlen_args=recipe.model.attn in ("flash_attention_2", "varlen"))
+    else:
+        train_ds = index_dataset(len(samples))
+        collator = PaddedCollator(family, processor, samples, rope)
     trainer = make_trainer(recipe, family, model, processor, train_ds, collator, precision, run_dir,
                            [make_metrics_callback(run_dir), make_crash_callback()])
 

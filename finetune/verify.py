@@ -66,7 +66,7 @@ def compare_packed(model, family, processor, samples, rope, *, max_tokens: int, 
         logits = model(**batch).logits[0]
         loss = _sum_loss(logits, labels) / n_label
         loss.backward()
-        total += float(loss)
+        total += float(loss.detach())
         single_logits.append(logits.detach())
     g_single = {n: (p.grad.detach().clone() if p.grad is not None else torch.zeros_like(p)) for n, p in params}
 

@@ -102,3 +102,18 @@ def test_the_exactness_check_catches_broken_isolation(trainable_tiny, media_dir,
                          mutate=mutate)
     assert not res.passed
     assert res.max_logit_diff > 1e-3
+
+
+def test_varlen_backend_matches_one_by_one(trainable_tiny, media_dir):  # noqa: F811
+    from finetune import attention
+
+    fam, loaded, model = trainable_tiny
+    samples = [sample(media_dir, MIXES[m], answer="Yes. Varlen.") for m in ("image", "text", "audio", "all")]
+    attention.apply_to_llm(loaded.model, "varlen")
+    before = attention.segment_calls
+    try:
+        res = compare_packed(model, fam, loaded.processor, samples, fam.rope_index(loaded.model), max_tokens=4096)
+    finally:
+        attention.apply_to_llm(loaded.model, "sdpa")
+    assert attention.segment_calls > before  # the packed forward really went through varlen
+    assert res.passed, res.format()

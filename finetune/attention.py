@@ -1,0 +1,97 @@
+"""Attention backends: choose one, and register `varlen` through transformers' interface.
+
+`varlen` attends within each packed sample only, with boundaries taken from the restarting
+text positions of a packed row (no mask is built): on CUDA it calls PyTorch's own
+`torch.nn.attention.varlen.varlen_attn` (flash-attention kernels shipped with PyTorch, no
+flash-attn build needed); elsewhere it runs causal SDPA on each sample's slice, so the cost is
+sum(n_i^2) instead of the L^2 a dense block-diagonal mask costs. It is used for the LLM of
+packed training rows; batches with an attention mask (padded training, generation) fall back
+to SDPA.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+
+import torch
+import torch.nn.functional as F
+
+VARLEN = "varlen"
+_registered = False
+segment_calls = 0  # packed rows handled segment-wise (tests read it to prove the path ran)
+
+
+def _segments(position_ids: torch.Tensor) -> list[tuple[int, int]]:
+    """(start, end) of each sample in a packed row, from where its positions restart at 0."""
+    starts = torch.nonzero(position_ids == 0).flatten().tolist()
+    if not starts or starts[0] != 0:
+        starts = [0] + starts
+    ends = starts[1:] + [int(position_ids.shape[-1])]
+    return list(zip(starts, ends))
+
+
+def varlen_attention_forward(module, query, key, value, attention_mask, dropout: float = 0.0,
+                             scaling: float | None = None, position_ids=None, **kwargs):
+    """transformers attention function: [B, H, L, D] in, ([B, L, H, D], None) out."""
+    if attention_mask is not None or position_ids is None or not getattr(module, "is_causal", True):
+        from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout,
+                                      scaling=scaling, **kwargs)
+    global segment_calls
+    segment_calls += 1
+    B, H, L, D = query.shape
+    pos = position_ids if position_ids.dim() == 2 else position_ids.view(-1, L)
+    gqa = key.shape[1] != H
+    if query.is_cuda and hasattr(torch.nn.attention, "varlen"):
+        from torch.nn.attention.varlen import varlen_attn
+
+        seg = [(b * L + s, b * L + e) for b in range(B) for s, e in _segments(pos[b if pos.shape[0] > 1 else 0])]
+        cu = torch.tensor([0] + [e for _, e in seg], dtype=torch.int32, device=query.device)
+        max_len = max(e - s for s, e in seg)
+        q = query.transpose(1, 2).reshape(B * L, H, D)
+        k = key.transpose(1, 2).reshape(B * L, key.shape[1], D)
+        v = value.transpose(1, 2).reshape(B * L, value.shape[1], D)
+        out = varlen_attn(q, k, v, cu, cu, max_len, max_len, scale=scaling, window_size=(-1, 0),
+                          enable_gqa=gqa)
+        return out.view(B, L, H, D), None
+    out = torch.empty(B, L, H, D, dtype=query.dtype, device=query.device)
+    for b in range(B):
+        for s, e in _segments(pos[b if pos.shape[0] > 1 else 0]):
+            o = F.scaled_dot_product_attention(query[b:b + 1, :, s:e], key[b:b + 1, :, s:e], value[b:b + 1, :, s:e],
+                                               is_causal=True, scale=scaling, dropout_p=dropout, enable_gqa=gqa)
+            out[b, s:e] = o[0].transpose(0, 1)
+    return out, None
+
+
+def register() -> None:
+    """Make `varlen` a transformers attention implementation (its mask function builds no mask)."""
+    global _registered
+    if _registered:
+        return
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface, flash_attention_mask
+
+    AttentionInterface.register(VARLEN, varlen_attention_forward)
+    AttentionMaskInterface.register(VARLEN, flash_attention_mask)
+    _registered = True
+
+
+def choose(setting: str, packing: bool) -> str:
+    """auto -> flash_attention_2 if installed (CUDA), else varlen for packed rows, else sdpa."""
+    if setting != "auto":
+        if setting == "flash_attention_2" and importlib.util.find_spec("flash_attn") is None:
+            raise ImportError("model.attn: flash_attention_2 needs flash-attn: pip install -e '.[flash]' "
+                              "(CUDA only), or use model.attn: varlen")
+        return setting
+    if torch.cuda.is_available() and importlib.util.find_spec("flash_attn") is not None:
+        return "flash_attention_2"
+    return VARLEN if packing else "sdpa"
+
+
+def apply_to_llm(model, attn: str) -> None:
+    """Switch only the LLM to `attn`; the encoders keep SDPA (they isolate images/audio themselves)."""
+    if attn == VARLEN:
+        register()
+    text_cfg = model.config.get_text_config()
+    text_cfg._attn_implementation = attn
