@@ -10,7 +10,7 @@ ARGS ?=
 TORCH ?= torch==2.13.0
 EXTRAS ?= dev
 
-.PHONY: install finetune train eval export check test demo recipes clean
+.PHONY: install finetune train eval export check test demo recipes clean bench-packing
 
 install:
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -46,3 +46,6 @@ test:
 
 clean:
 	rm -rf runs data/demo
+
+bench-packing:
+	$(PY) bench/packing.py

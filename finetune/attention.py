@@ -36,6 +36,11 @@ def varlen_attention_forward(module, query, key, value, attention_mask, dropout:
     if attention_mask is not None or position_ids is None or not getattr(module, "is_causal", True):
         from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
+        if attention_mask is not None and attention_mask.dim() == 2:
+            # our mask function hands over the 2-D padding mask; SDPA wants causal & padding in 4-D
+            L_q, L_k = query.shape[2], key.shape[2]
+            causal = torch.ones(L_q, L_k, dtype=torch.bool, device=query.device).tril(L_k - L_q)
+            attention_mask = causal[None, None] & attention_mask.bool()[:, None, None, :]
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout,
                                       scaling=scaling, **kwargs)
     global segment_calls
