@@ -22,16 +22,7 @@ if TYPE_CHECKING:  # families never import the trainer; data types only
 
 IGNORE_INDEX = -100
 
-ROLE_NAMES = (
-    "llm",
-    "embeddings",
-    "lm_head",
-    "vision_encoder",
-    "vision_projector",
-    "audio_encoder",
-    "audio_projector",
-    "audio_head",
-)
+from finetune.recipe import ROLE_NAMES  # noqa: E402  (one list of roles, defined with the recipe)
 
 
 @dataclass
