@@ -143,7 +143,7 @@ class DataConfig:
     max_tokens: int = _opt(4096, "token budget of one sample / one packed row")
     on_error: str = _opt("raise", "what to do with a broken sample", ("raise", "skip"))
     allow_outside_paths: bool = _opt(False, "allow media paths outside the dataset's folder")
-    packing: bool = _opt(False, "pack several samples into one row of max_tokens (isolated attention; train.batch_size then counts rows)")
+    packing: bool = _opt(True, "pack several samples into one row of max_tokens (isolated attention; train.batch_size then counts rows)")
     num_workers: int = _opt(0, "data-loader worker processes")
 
 

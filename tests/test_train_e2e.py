@@ -52,14 +52,15 @@ def test_resume_after_interruption_gives_the_same_losses(tmp_path, small_demo, m
     assert max(float((wa[k] - wb[k]).abs().max()) for k in wa) < 1e-6
 
 
-def test_loss_is_the_mean_over_all_label_tokens_of_the_step(tmp_path, small_demo):
+@pytest.mark.parametrize("packing", ["true", "false"])
+def test_loss_is_the_mean_over_all_label_tokens_of_the_step(tmp_path, small_demo, packing):
     """With accumulation, the step loss equals sum(token losses) / label tokens of the whole step."""
     from finetune.train import train
 
     r1 = train(tiny_recipe(tmp_path / "x", small_demo, "train.batch_size=4", "train.grad_accum=1",
-                           "train.max_steps=1", "train.lr=1e-9"))
+                           "train.max_steps=1", "train.lr=1e-9", f"data.packing={packing}"))
     r2 = train(tiny_recipe(tmp_path / "y", small_demo, "train.batch_size=2", "train.grad_accum=2",
-                           "train.max_steps=1", "train.lr=1e-9"))
+                           "train.max_steps=1", "train.lr=1e-9", f"data.packing={packing}"))
     assert losses(r1)[1] == pytest.approx(losses(r2)[1], rel=1e-5)
 
 
