@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from finetune.families.base import ROLE_NAMES, Family, strip_peft_prefix
+from finetune.families.base import ROLE_NAMES, Family
 
 
 @dataclass
@@ -215,8 +215,3 @@ def role_param_groups(model: nn.Module, family: Family, recipe, weight_decay: fl
         key = (lr, decay)
         groups.setdefault(key, {"params": [], "lr": lr, "weight_decay": decay})["params"].append(p)
     return list(groups.values())
-
-
-def strip(name: str) -> str:
-    """Module path without PEFT's prefixes (re-exported for callers)."""
-    return strip_peft_prefix(name)

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from finetune.families.base import IGNORE_INDEX  # noqa: F401  (re-exported for callers)
+from finetune.recipe import ROLE_NAMES
 
 
 class ExportError(RuntimeError):
@@ -92,7 +92,7 @@ def write_model_card(out: Path, recipe, run_dir: Path, base_path: Path, manifest
         f"- base model: `{base_path.name}` ({recipe.model.path})",
         f"- recipe: `{recipe.name}` (resolved recipe in `recipe.yaml`)",
         f"- training data: `{recipe.data.train}`; eval data: `{recipe.data.eval or '-'}`",
-        f"- roles: " + ", ".join(f"{r}={getattr(recipe.roles, r).mode}" for r in manifest["roles"]),
+        "- roles: " + ", ".join(f"{r}={getattr(recipe.roles, r).mode}" for r in manifest["roles"]),
         f"- dtype: {manifest['dtype']}",
         f"- verification: max |logit difference| vs the adapter model {manifest['verify']['max_abs_diff']:.2e} "
         f"(tolerance {manifest['verify']['tolerance']:.1e}): {'PASS' if manifest['verify']['passed'] else 'FAIL'}",
@@ -147,7 +147,7 @@ def export_run(run_dir: Path, *, force: bool = False, fmt: str | None = None) ->
 
     tmp = Path(tempfile.mkdtemp(prefix="merged.tmp-", dir=run_dir))
     try:
-        files = family.save_merged(merged, loaded, tmp, dtype=dtype, max_shard_size=recipe.export.max_shard_size)
+        family.save_merged(merged, loaded, tmp, dtype=dtype, max_shard_size=recipe.export.max_shard_size)
         save_resolved(recipe, tmp / "recipe.yaml")
         del merged
         reloaded = family.load_merged_for_check(tmp, torch.float32)
@@ -159,9 +159,7 @@ def export_run(run_dir: Path, *, force: bool = False, fmt: str | None = None) ->
             "base": str(recipe.model.path),
             "recipe": recipe.name,
             "dtype": str(dtype).replace("torch.", ""),
-            "roles": [r for r in ("llm", "embeddings", "lm_head", "vision_encoder", "vision_projector",
-                                  "audio_encoder", "audio_projector", "audio_head")
-                      if getattr(recipe.roles, r).mode != "frozen"],
+            "roles": [r for r in ROLE_NAMES if getattr(recipe.roles, r).mode != "frozen"],
             "verify": {"max_abs_diff": diff, "tolerance": tol, "passed": diff <= tol,
                        "probes": [{"id": s.id, "where": s.where, "modalities": sorted(s.modalities())}
                                   for s in probes],

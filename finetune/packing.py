@@ -25,7 +25,7 @@ from typing import Any
 
 import torch
 
-from finetune.families.base import IGNORE_INDEX, EncodedSample, Family
+from finetune.families.base import IGNORE_INDEX, EncodedSample, Family, cache_root
 
 
 def plan_bins(lengths: list[int], max_tokens: int) -> list[list[int]]:
@@ -73,10 +73,8 @@ def lengths_cache_key(path: Path, settings: dict) -> str:
 
 def cached_lengths(path: Path, samples: list, counter, settings: dict) -> list[int]:
     """Token counts of a file's samples, cached by file content (+ settings) under the cache dir."""
-    from finetune.families.qwen2_5_omni import tiny_cache_dir
-
     key = lengths_cache_key(path, settings)
-    cache = tiny_cache_dir().parent / "lengths" / f"{key}.json"
+    cache = cache_root() / "lengths" / f"{key}.json"
     ids = [f"{s.line}" for s in samples]
     if cache.exists():
         data = json.loads(cache.read_text())
@@ -126,9 +124,7 @@ def pack_encoded(family: Family, rows: list[list[EncodedSample]], pad_id: int, *
                            "position_ids": pos if family.mrope else pos[0],
                            # no cache: transformers derives the packed mask only without one
                            "use_cache": False}
-    from finetune.families.qwen2_5_omni import collate_media
-
-    out.update(collate_media([e for r in rows for e in r]))
+    out.update(family.collate_media([e for r in rows for e in r]))
     if with_varlen_args:
         cu = torch.zeros(len(seqlens) + 1, dtype=torch.int32)
         cu[1:] = torch.cumsum(torch.tensor(seqlens, dtype=torch.int32), 0)

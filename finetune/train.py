@@ -10,8 +10,6 @@
 from __future__ import annotations
 
 import json
-import logging
-import math
 import os
 import time
 from dataclasses import dataclass
@@ -25,9 +23,6 @@ from finetune.data.schema import DataError, Sample, load_samples
 from finetune.families import family_for
 from finetune.families.base import EncodedSample, Family, LoadedModel
 from finetune.recipe import Recipe, save_resolved
-
-log = logging.getLogger("finetune")
-
 
 # ---- environment ----------------------------------------------------------------------------
 def quiet_libraries() -> None:
@@ -115,12 +110,10 @@ def token_lengths(samples: list[Sample], family: Family, processor, recipe: Reci
     def counter(s: Sample) -> int:
         try:
             return family.count_tokens(s, processor)
-        except Exception as e:  # unreadable media found while counting
+        except Exception:  # unreadable media found while counting
             return -1
 
-    settings = {"family": family.name, "min_pixels": processor.min_pixels, "max_pixels": processor.max_pixels,
-                "video_fps": processor.video_fps, "video_max_frames": processor.video_max_frames,
-                "system_prompt": processor.system_prompt, "vocab": len(processor.tokenizer)}
+    settings = {"family": family.name, **processor.settings()}
     by_file: dict[str, list[int]] = {}
     for i, s in enumerate(samples):
         by_file.setdefault(s.source, []).append(i)
@@ -346,23 +339,21 @@ def train(recipe: Recipe) -> Path:
         (run_dir / "metrics.jsonl").unlink()
     trainer.train(resume_from_checkpoint=resume)
 
-    save_adapter(model, loaded, run_dir / "adapter")
+    save_adapter(model, family, loaded, run_dir / "adapter")
     write_skipped(run_dir, skipped)
     plot_loss(run_dir)
     return run_dir
 
 
-def save_adapter(model, loaded: LoadedModel, out: Path) -> None:
+def save_adapter(model, family: Family, loaded: LoadedModel, out: Path) -> None:
     """PEFT adapter folder plus the processor files, written atomically."""
     import shutil
     import tempfile
 
-    from finetune.families.qwen2_5_omni import copy_processor_files
-
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=out.name + ".tmp-", dir=out.parent))
     model.save_pretrained(str(tmp))
-    copy_processor_files(loaded.base_path, tmp)
+    family.copy_processor_files(loaded.base_path, tmp)
     (tmp / "base_model.json").write_text(json.dumps({"base_path": str(loaded.base_path)}, indent=2))
     if out.exists():
         shutil.rmtree(out)

@@ -112,6 +112,15 @@ def pick_mixture(samples: list, n: int = 8) -> list:
     return chosen[:n]
 
 
+def perturb_lora_b(model, scale: float, seed: int = 0) -> None:
+    """LoRA B starts at zero, which would hide differences in A's gradient: give it random values."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if ".lora_B." in n:
+                p.copy_(torch.randn(p.shape, generator=g) * scale)
+
+
 def verify_packing(recipe, n_samples: int = 8) -> PackingCheck:
     """Load the recipe's model in float32 with its roles, and compare on its own data."""
     from finetune import adapters
@@ -123,12 +132,7 @@ def verify_packing(recipe, n_samples: int = 8) -> PackingCheck:
     family = family_for(recipe.model.path, recipe.model.family)
     loaded = family.load(recipe, dtype=torch.float32, attn="sdpa", quantize="none")
     model, _ = adapters.apply_roles(loaded.model, family, recipe)
-    # LoRA B starts at zero, which would hide differences in A's gradient: perturb it.
-    g = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for n, p in model.named_parameters():
-            if ".lora_B." in n:
-                p.copy_(torch.randn(p.shape, generator=g) * 0.02)
+    perturb_lora_b(model, 0.02)
     samples, _ = read_split(recipe.data.train, recipe)
     picked = pick_mixture(samples, n_samples)
     return compare_packed(model, family, loaded.processor, picked, family.rope_index(loaded.model),

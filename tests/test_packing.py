@@ -10,7 +10,7 @@ import torch
 from test_qwen_family import MIXES, media_dir, sample  # noqa: F401  (fixture reuse)
 
 from finetune.packing import efficiency, plan_bins
-from finetune.verify import compare_packed
+from finetune.verify import compare_packed, perturb_lora_b
 
 
 def test_bfd_places_every_sample_once_within_budget():
@@ -44,11 +44,7 @@ def trainable_tiny():
                                           "roles.vision_projector.mode=full", "roles.lm_head.mode=full"])
     loaded = fam.load(recipe, dtype=torch.float32, attn="sdpa")
     model, _ = adapters.apply_roles(loaded.model, fam, recipe)
-    g = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for n, p in model.named_parameters():
-            if ".lora_B." in n:
-                p.copy_(torch.randn(p.shape, generator=g) * 0.05)
+    perturb_lora_b(model, 0.05)
     return fam, loaded, model
 
 

@@ -10,6 +10,8 @@ back into a complete checkpoint. The rest of the toolkit is written once against
 from __future__ import annotations
 
 import abc
+import os
+import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -70,6 +72,9 @@ class Family(abc.ABC):
     role_prefixes: dict[str, tuple[str, ...]] = {}
     #: M-RoPE families add a text row on top of their t/h/w positions when packing.
     mrope: bool = False
+    #: Files beside the weights that a loader needs (tokenizer, processor, templates, ...);
+    #: copied from the base folder into adapters and exports.
+    processor_files: tuple[str, ...] = ()
 
     # ---- loading -----------------------------------------------------------------------
     @abc.abstractmethod
@@ -113,7 +118,18 @@ class Family(abc.ABC):
     def collate_padded(self, batch: list[EncodedSample], pad_id: int, side: str = "right") -> dict[str, Any]:
         """A padded batch (right for training, left for generation) with an attention mask."""
 
+    @abc.abstractmethod
+    def collate_media(self, batch: list[EncodedSample]) -> dict[str, Any]:
+        """The batch's media tensors in sample order (shared by padded and packed batches)."""
+
     # ---- export ------------------------------------------------------------------------
+    def copy_processor_files(self, src: Path, dst: Path) -> None:
+        """Copy `processor_files` that exist in `src` and not yet in `dst`."""
+        for name in self.processor_files:
+            p = Path(src) / name
+            if p.exists() and not (Path(dst) / name).exists():
+                shutil.copy2(p, Path(dst) / name)
+
     @abc.abstractmethod
     def save_merged(self, model: torch.nn.Module, loaded: LoadedModel, out_dir: Path, *,
                     dtype: torch.dtype, max_shard_size: str) -> list[str]:
@@ -122,6 +138,11 @@ class Family(abc.ABC):
     @abc.abstractmethod
     def load_merged_for_check(self, folder: Path, dtype: torch.dtype) -> torch.nn.Module:
         """Load an exported checkpoint's trainable model (for verification)."""
+
+
+def cache_root() -> Path:
+    """The toolkit's cache folder (OMNI_FINETUNE_CACHE, else ~/.cache/omni-finetune)."""
+    return Path(os.environ.get("OMNI_FINETUNE_CACHE", Path.home() / ".cache" / "omni-finetune"))
 
 
 def strip_peft_prefix(name: str) -> str:

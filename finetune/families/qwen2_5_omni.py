@@ -28,7 +28,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from finetune.families.base import IGNORE_INDEX, EncodedSample, Family, LoadedModel
+from finetune.families.base import IGNORE_INDEX, EncodedSample, Family, LoadedModel, cache_root
 
 IM_START, IM_END = "<|im_start|>", "<|im_end|>"
 VISION_BOS, VISION_EOS = "<|vision_bos|>", "<|vision_eos|>"
@@ -169,6 +169,12 @@ class OmniProcessor:
     def eos_id(self) -> int:
         return self.token_ids[IM_END]
 
+    def settings(self) -> dict:
+        """What token counts depend on besides the data (keys the length cache)."""
+        return {"min_pixels": self.min_pixels, "max_pixels": self.max_pixels, "video_fps": self.video_fps,
+                "video_max_frames": self.video_max_frames, "system_prompt": self.system_prompt,
+                "vocab": len(self.tokenizer)}
+
     # ---- images ----------------------------------------------------------------------
     def image_grid(self, width: int, height: int) -> tuple[int, int, int]:
         """(t, h, w) patch grid of an image of this size, without decoding it."""
@@ -294,6 +300,7 @@ class Qwen25OmniFamily(Family):
         "audio_encoder": ("model.audio_tower",),
         "audio_projector": ("model.audio_tower.proj",),
     }
+    processor_files = PROCESSOR_FILES + SPEECH_FILES
     # Modules quantised by QLoRA: the LLM's linear layers only; everything else is skipped.
     quant_skip = ["lm_head", "model.visual", "model.audio_tower"]
 
@@ -385,12 +392,6 @@ class Qwen25OmniFamily(Family):
                rope: _RopeIndex | None = None) -> EncodedSample:
         from finetune.data import media as M
 
-        messages = list(sample.messages)
-        if for_generation:
-            while messages and messages[-1].role == "assistant":
-                messages.pop()
-        if processor.system_prompt and (not messages or messages[0].role != "system"):
-            messages = [_SystemMessage(processor.system_prompt)] + messages
         tid = processor.token_ids
         ids: list[int] = []
         labels: list[int] = []
@@ -400,38 +401,31 @@ class Qwen25OmniFamily(Family):
             ids.extend(tokens)
             labels.extend(tokens if learn else [IGNORE_INDEX] * len(tokens))
 
-        for msg in messages:
+        for msg in _turns(sample, processor.system_prompt, for_generation):
             learn = msg.role == "assistant" and not for_generation
             emit([tid[IM_START]] + processor.text_ids(msg.role + "\n"), False)
-            text_buf = ""
-            for part in msg.parts:
-                if part.type == "text":
-                    text_buf += part.text or ""
-                    continue
-                if text_buf:
-                    emit(processor.text_ids(text_buf), learn)
-                    text_buf = ""
-                if part.type == "image":
-                    pv, g = processor.process_image(M.load_image(part.path))
+            for chunk in _chunks(msg):
+                if isinstance(chunk, str):
+                    emit(processor.text_ids(chunk), learn)
+                elif chunk.type == "image":
+                    pv, g = processor.process_image(M.load_image(chunk.path))
                     pix.append(pv)
                     grids.append(g)
                     n = int(g.prod()) // processor.merge_size ** 2
                     emit([tid[VISION_BOS]] + [tid[IMAGE_TOKEN]] * n + [tid[VISION_EOS]], False)
-                elif part.type == "audio":
-                    f = processor.process_audio(M.load_audio(part.path, processor.sampling_rate))
+                elif chunk.type == "audio":
+                    f = processor.process_audio(M.load_audio(chunk.path, processor.sampling_rate))
                     feats.append(f)
                     n = _feat_to_tokens(f.shape[1])
                     emit([tid[AUDIO_BOS]] + [tid[AUDIO_TOKEN]] * n + [tid[AUDIO_EOS]], False)
-                elif part.type == "video":
-                    frames = M.load_video(part, processor.video_max_frames, processor.video_fps)
+                elif chunk.type == "video":
+                    frames = M.load_video(chunk, processor.video_max_frames, processor.video_fps)
                     pv, g, sec = processor.process_video(frames)
                     vpix.append(pv)
                     vgrids.append(g)
                     vsec.append(sec)
                     n = int(g.prod()) // processor.merge_size ** 2
                     emit([tid[VISION_BOS]] + [tid[VIDEO_TOKEN]] * n + [tid[VISION_EOS]], False)
-            if text_buf:
-                emit(processor.text_ids(text_buf), learn)
             emit([tid[IM_END]], learn)
             emit(processor.text_ids("\n"), False)
         if for_generation:
@@ -459,34 +453,27 @@ class Qwen25OmniFamily(Family):
         from finetune.data import media as M
 
         n = 0
-        messages = list(sample.messages)
-        if processor.system_prompt and (not messages or messages[0].role != "system"):
-            n += 3 + len(processor.text_ids("system\n")) + len(processor.text_ids(processor.system_prompt))
-        for msg in messages:
+        for msg in _turns(sample, processor.system_prompt, for_generation=False):
             n += 1 + len(processor.text_ids(msg.role + "\n")) + 1 + len(processor.text_ids("\n"))
-            text_buf = ""
-            for part in msg.parts:
-                if part.type == "text":
-                    text_buf += part.text or ""
-                    continue
-                if text_buf:
-                    n += len(processor.text_ids(text_buf))
-                    text_buf = ""
-                if part.type == "image":
-                    w, h = M.image_size(part.path)
+            for chunk in _chunks(msg):
+                if isinstance(chunk, str):
+                    n += len(processor.text_ids(chunk))
+                elif chunk.type == "image":
+                    w, h = M.image_size(chunk.path)
                     t, gh, gw = processor.image_grid(w, h)
                     n += 2 + t * gh * gw // processor.merge_size ** 2
-                elif part.type == "audio":
-                    dur = M.audio_duration(part.path)
+                elif chunk.type == "audio":
+                    dur = M.audio_duration(chunk.path)
                     frames = processor.audio_frames(int(round(dur * processor.sampling_rate)))
                     n += 2 + _feat_to_tokens(frames)
-                elif part.type == "video":
-                    frames = M.load_video(part, processor.video_max_frames, processor.video_fps)
+                elif chunk.type == "video":
+                    frames = M.load_video(chunk, processor.video_max_frames, processor.video_fps)
                     t, gh, gw = processor.video_grid(len(frames), frames[0].width, frames[0].height)
                     n += 2 + t * gh * gw // processor.merge_size ** 2
-            if text_buf:
-                n += len(processor.text_ids(text_buf))
         return n
+
+    def collate_media(self, batch: list[EncodedSample]) -> dict[str, Any]:
+        return collate_media(batch)
 
     def collate_padded(self, batch: list[EncodedSample], pad_id: int, side: str = "right") -> dict[str, Any]:
         L = max(e.num_tokens for e in batch)
@@ -518,7 +505,7 @@ class Qwen25OmniFamily(Family):
         model.config.use_cache = True
         model.config.get_text_config().use_cache = True
         model.save_pretrained(str(out_dir), max_shard_size=max_shard_size, safe_serialization=True)
-        copy_processor_files(loaded.base_path, out_dir)
+        self.copy_processor_files(loaded.base_path, out_dir)
         return sorted(p.name for p in out_dir.iterdir())
 
     def load_merged_for_check(self, folder: Path, dtype: torch.dtype):
@@ -527,19 +514,34 @@ class Qwen25OmniFamily(Family):
         return Qwen2_5OmniThinkerForConditionalGeneration.from_pretrained(str(folder), dtype=dtype)
 
 
-@dataclass
-class _SystemMessage:
-    text_: str
+def _turns(sample, system_prompt: str | None, for_generation: bool) -> list:
+    """The messages a sample renders: the recipe's system prompt first when the sample has
+    none; for generation, without the trailing assistant turn(s)."""
+    from finetune.data.schema import Message, Part
 
-    @property
-    def role(self) -> str:
-        return "system"
+    messages = list(sample.messages)
+    if for_generation:
+        while messages and messages[-1].role == "assistant":
+            messages.pop()
+    if system_prompt and (not messages or messages[0].role != "system"):
+        messages = [Message(role="system", parts=[Part(type="text", text=system_prompt)])] + messages
+    return messages
 
-    @property
-    def parts(self):
-        from finetune.data.schema import Part
 
-        return [Part(type="text", text=self.text_)]
+def _chunks(msg):
+    """A message's parts with consecutive text parts joined (as the chat template renders them):
+    strings for text runs, the Part itself for media."""
+    text_buf = ""
+    for part in msg.parts:
+        if part.type == "text":
+            text_buf += part.text or ""
+            continue
+        if text_buf:
+            yield text_buf
+            text_buf = ""
+        yield part
+    if text_buf:
+        yield text_buf
 
 
 def collate_media(batch: list[EncodedSample]) -> dict[str, Any]:
@@ -575,21 +577,13 @@ def quantization_config(quantize: str, dtype: torch.dtype, skip: list[str]):
     return BitsAndBytesConfig(load_in_8bit=True, llm_int8_skip_modules=list(skip))
 
 
-def copy_processor_files(src: Path, dst: Path) -> None:
-    """Copy tokenizer, processor, chat-template and generation files from the base folder."""
-    for name in PROCESSOR_FILES + SPEECH_FILES:
-        p = Path(src) / name
-        if p.exists() and not (Path(dst) / name).exists():
-            shutil.copy2(p, Path(dst) / name)
-
-
 # ---- the tiny model ------------------------------------------------------------------------
 TINY_VERSION = 2  # 2: initializer_range 0.1 (was the library default 0.02)
 
 
 def tiny_cache_dir() -> Path:
-    """Where tiny models are materialised (OMNI_FINETUNE_CACHE, else ~/.cache/omni-finetune)."""
-    return Path(os.environ.get("OMNI_FINETUNE_CACHE", Path.home() / ".cache" / "omni-finetune")) / "tiny"
+    """Where tiny models are materialised (under the toolkit's cache folder)."""
+    return cache_root() / "tiny"
 
 
 def _atomic_build(root: Path, build) -> Path:
