@@ -1,6 +1,8 @@
 """Packing benchmark: padding efficiency and training throughput, packed rows vs padded batches.
 
     python bench/packing.py [--max-tokens 2048] [--repeats 5] [--steps 3]      (or: make bench-packing)
+    python bench/packing.py --roles medical            # encoders frozen, as in recipes/medical.yaml
+    python bench/packing.py --size 7b --roles medical  # on a GPU: bf16, the 7B thinker's shape
 
 Two mixtures: the demo data (synthetic scans, some audio, a few text-only samples) and a
 long-tail one (many short text samples, some long image+audio ones). For each:
@@ -8,10 +10,16 @@ long-tail one (many short text samples, some long image+audio ones). For each:
     to the longest of the batch) and for packed rows (BFD, rows of max_tokens);
   * rows (or batches) per epoch;
   * training throughput in real tokens per second on the tiny model (forward, backward and
-    optimizer step; LoRA LLM + full vision tower as in medical-tiny), packed vs padded
-    measured interleaved in one run, median of the repeats. The padded batch holds as many
+    optimizer step; roles of the recipe named by --roles: medical-tiny trains the vision tower
+    in full, medical freezes the encoders), packed vs padded measured interleaved in one run,
+    median of the repeats. The padded batch holds as many
     samples as a packed row on average, so both process the same data per step.
 Absolute times are only meaningful on the same machine; the ratio is the figure.
+
+Packed efficiency is given two ways: "packed" counts the token slots the model computes (a
+packed row is as long as its samples; micro-batches of rows would pad to the longest row), and
+"fill" counts rows as max_tokens slots each, i.e. how full BFD packs the budget; its ceiling is
+real / (ceil(real / max_tokens) * max_tokens), printed as "best fill".
 """
 
 from __future__ import annotations
@@ -37,6 +45,7 @@ from finetune.families import get_family  # noqa: E402
 from finetune.packing import pack_encoded, plan_bins  # noqa: E402
 from finetune.recipe import load_recipe  # noqa: E402
 from finetune.train import quiet_libraries  # noqa: E402
+from finetune.verify import to_model  # noqa: E402
 
 
 def long_tail_dataset(folder: Path, n_short: int = 300, n_long: int = 30, seed: int = 0) -> Path:
@@ -67,6 +76,42 @@ def long_tail_dataset(folder: Path, n_short: int = 300, n_long: int = 30, seed: 
     return path
 
 
+# (text hidden, ffn, layers, heads, kv heads, mrope), (vision hidden, ffn, depth, heads, full-attention
+# blocks), (audio d_model, ffn, layers, heads): "7b" is the Qwen2.5-Omni-7B thinker's shape.
+SIZES = {
+    "small": ((1024, 2816, 12, 16, 4, [8, 12, 12]), (512, 1408, 8, 8, [3, 7]), (512, 2048, 8, 8)),
+    "7b": ((3584, 18944, 28, 28, 4, [16, 24, 24]), (1280, 3420, 32, 16, [7, 15, 23, 31]), (1280, 5120, 32, 20)),
+}
+
+
+def sized_model(tiny_cfg, size: str, dtype, device):
+    """A random thinker of the given shape (the tiny one's vocabulary and special tokens)."""
+    import copy
+
+    from transformers import Qwen2_5OmniThinkerForConditionalGeneration
+
+    (th, tf, tl, tn, tk, mr), (vh, vf, vd, vn, vfull), (ah, af, al, an) = SIZES[size]
+    cfg = copy.deepcopy(tiny_cfg)
+    t = cfg.text_config
+    t.hidden_size, t.intermediate_size, t.num_hidden_layers, t.num_attention_heads, t.num_key_value_heads = \
+        th, tf, tl, tn, tk
+    t.rope_parameters["mrope_section"] = mr  # halves of the head dimension
+    t.layer_types = ["full_attention"] * tl
+    v = cfg.vision_config
+    v.hidden_size, v.intermediate_size, v.depth, v.num_heads, v.out_hidden_size = vh, vf, vd, vn, th
+    v.fullatt_block_indexes = vfull
+    a = cfg.audio_config
+    a.d_model, a.encoder_ffn_dim, a.encoder_layers, a.encoder_attention_heads, a.output_dim = ah, af, al, an, th
+    torch.manual_seed(0)
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)  # built in the training dtype, directly on the device
+    try:
+        with torch.device(device):
+            return Qwen2_5OmniThinkerForConditionalGeneration._from_config(cfg, dtype=dtype).to(dtype)
+    finally:
+        torch.set_default_dtype(default)
+
+
 def padded_batches(n: int, batch: int, seed: int) -> list[list[int]]:
     order = list(range(n))
     random.Random(seed).shuffle(order)
@@ -84,15 +129,31 @@ def main(argv=None) -> int:
     ap.add_argument("--max-tokens", type=int, default=2048)
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--steps", type=int, default=3, help="training steps per timed block")
+    ap.add_argument("--roles", default="medical-tiny", choices=["medical-tiny", "medical"],
+                    help="which recipe's roles to train (medical: LoRA LLM, full projector, frozen encoders)")
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--dtype", default=None, help="default float32 on the CPU, bfloat16 on CUDA")
+    ap.add_argument("--size", default="tiny", choices=["tiny", "small", "7b"],
+                    help="small (0.2B) or 7b (the 7B thinker's shape): random weights, for GPUs")
     args = ap.parse_args(argv)
     quiet_libraries()
     torch.manual_seed(0)
+    dtype = getattr(torch, args.dtype or ("float32" if args.device == "cpu" else "bfloat16"))
+    attention.configure_cuda_kernels()
 
     recipe = load_recipe("medical-tiny")
+    if args.roles == "medical":
+        roles = load_recipe("medical").roles
+        recipe.roles = roles
     fam = get_family("qwen2_5_omni")
-    loaded = fam.load(recipe, dtype=torch.float32, attn="sdpa")
-    attention.apply_to_llm(loaded.model, attention.choose("auto", packing=True))
-    model, _ = adapters.apply_roles(loaded.model, fam, recipe)
+    loaded = fam.load(recipe, dtype=dtype, attn="sdpa")
+    if args.size != "tiny":
+        loaded.model = sized_model(loaded.model.config, args.size, dtype, args.device)
+    attn = attention.choose("auto", packing=True)
+    attention.apply_to_llm(loaded.model, attn)
+    varlen_args = attn in ("varlen", "flash_attention_2")  # as the training collator does
+    model, _ = adapters.apply_roles(loaded.model, fam, recipe, gradient_checkpointing=args.size == "7b")
+    model.to(args.device)
     model.train()
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5)
     proc, rope = loaded.processor, fam.rope_index(loaded.model)
@@ -110,7 +171,9 @@ def main(argv=None) -> int:
         bins = plan_bins(lengths, args.max_tokens)
         per_row = max(1, round(len(samples) / len(bins)))
         batches = padded_batches(len(samples), per_row, seed=0)
-        eff_packed = sum(lengths) / (len(bins) * args.max_tokens)
+        eff_fill = sum(lengths) / (len(bins) * args.max_tokens)
+        best_fill = sum(lengths) / (-(-sum(lengths) // args.max_tokens) * args.max_tokens)
+        eff_packed = 1.0  # batch of one row: no slot is computed that is not a real token
         eff_padded = efficiency_padded(lengths, batches)
         enc = [fam.encode(s, proc, rope=rope) for s in samples]
 
@@ -124,36 +187,45 @@ def main(argv=None) -> int:
             """Time `steps` training steps; returns real tokens / second."""
             if kind == "packed":
                 groups = [bins[(k * args.steps + j) % len(bins)] for j in range(args.steps)]
-                made = [pack_encoded(fam, [[enc[i] for i in g]], proc.pad_id) for g in groups]
+                made = [to_model(pack_encoded(fam, [[enc[i] for i in g]], proc.pad_id, with_varlen_args=varlen_args),
+                                 model) for g in groups]
             else:
                 groups = [batches[(k * args.steps + j) % len(batches)] for j in range(args.steps)]
-                made = [fam.collate_padded([enc[i] for i in g], proc.pad_id) for g in groups]
+                made = [to_model(fam.collate_padded([enc[i] for i in g], proc.pad_id), model) for g in groups]
             tokens = sum(lengths[i] for g in groups for i in g)
             t0 = time.perf_counter()
             for b in made:
                 step(b)
+            if args.device.startswith("cuda"):
+                torch.cuda.synchronize()
             return tokens / (time.perf_counter() - t0)
 
-        block("packed", 0), block("padded", 0)  # warm-up
+        # warm-up: one pass over every row and batch, so each shape has been seen once, as in any
+        # epoch after the first (kernels and allocator caches are per shape on CUDA)
+        for k in range(-(-max(len(bins), len(batches)) // args.steps)):
+            block("packed", k), block("padded", k)
         tps = {"packed": [], "padded": []}
         for k in range(args.repeats):
             for kind in (("packed", "padded") if k % 2 == 0 else ("padded", "packed")):
                 tps[kind].append(block(kind, k + 1))
         med = {k: statistics.median(v) for k, v in tps.items()}
-        rows_out.append((name, len(samples), eff_padded, eff_packed, len(batches), len(bins),
+        rows_out.append((name, len(samples), eff_padded, eff_packed, eff_fill, best_fill, len(batches), len(bins),
                          med["padded"], med["packed"]))
 
-    print(f"\npacking benchmark: tiny Qwen2.5-Omni thinker, max_tokens {args.max_tokens}, "
-          f"{args.repeats} interleaved repeats of {args.steps} steps, medians; device "
-          f"{'cuda' if torch.cuda.is_available() else 'cpu'}, llm attention "
+    dev = torch.cuda.get_device_name() if args.device.startswith("cuda") else "cpu"
+    n_params = sum(p.numel() for p in model.parameters()) / 1e6
+    print(f"\npacking benchmark: {args.size} Qwen2.5-Omni thinker ({n_params:.1f}M parameters"
+          f"{', gradient checkpointing' if args.size == '7b' else ''}), roles of "
+          f"{args.roles}, {str(dtype).replace('torch.', '')} on {dev}, max_tokens {args.max_tokens}, "
+          f"{args.repeats} interleaved repeats of {args.steps} steps, medians; llm attention "
           f"{loaded.model.config.get_text_config()._attn_implementation}")
-    hdr = (f"{'mixture':<10}{'samples':>8}{'eff padded':>12}{'eff packed':>12}{'batches':>9}{'rows':>6}"
-           f"{'tok/s padded':>14}{'tok/s packed':>14}{'speed-up':>10}")
+    hdr = (f"{'mixture':<10}{'samples':>8}{'eff padded':>12}{'eff packed':>12}{'fill':>8}{'best fill':>11}"
+           f"{'batches':>9}{'rows':>6}{'tok/s padded':>14}{'tok/s packed':>14}{'speed-up':>10}")
     print(hdr)
     print("-" * len(hdr))
-    for name, n, ep, ek, nb, nr, tp, tk in rows_out:
-        print(f"{name:<10}{n:>8}{100 * ep:>11.1f}%{100 * ek:>11.1f}%{nb:>9}{nr:>6}{tp:>14.0f}{tk:>14.0f}"
-              f"{tk / tp:>9.2f}x")
+    for name, n, ep, ek, ef, bf, nb, nr, tp, tk in rows_out:
+        print(f"{name:<10}{n:>8}{100 * ep:>11.1f}%{100 * ek:>11.1f}%{100 * ef:>7.1f}%{100 * bf:>10.1f}%"
+              f"{nb:>9}{nr:>6}{tp:>14.0f}{tk:>14.0f}{tk / tp:>9.2f}x")
     return 0
 
 

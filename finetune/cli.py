@@ -105,7 +105,8 @@ def cmd_verify(args) -> int:
     """Packed vs one-by-one forward/backward on the recipe's model and data."""
     from finetune.verify import verify_packing
 
-    res = verify_packing(_recipe(args), n_samples=args.samples)
+    res = verify_packing(_recipe(args), n_samples=args.samples, device=args.device, dtype=args.dtype,
+                         attn=args.attn)
     print(res.format())
     return 0 if res.passed else 1
 
@@ -163,6 +164,10 @@ def build_parser() -> argparse.ArgumentParser:
     ver.add_argument("recipe")
     ver.add_argument("overrides", nargs="*")
     ver.add_argument("--samples", type=int, default=8, help="how many samples of the recipe's data")
+    ver.add_argument("--device", help="cpu or cuda (default: cuda when present)")
+    ver.add_argument("--dtype", choices=["float32", "bfloat16", "float16", "fp32", "bf16", "fp16"],
+                     help="default: float32 on the CPU, the recipe's training precision on CUDA")
+    ver.add_argument("--attn", help="the LLM's attention for the packed pass (default: what training picks)")
     ver.set_defaults(fn=cmd_verify)
 
     rc = sub.add_parser("recipes", help="list the recipes")

@@ -18,7 +18,7 @@ from typing import Any
 
 import torch
 
-from finetune import adapters
+from finetune import adapters, attention
 from finetune.data.schema import DataError, Sample, load_samples
 from finetune.families import family_for
 from finetune.families.base import EncodedSample, Family, LoadedModel
@@ -144,6 +144,7 @@ def token_lengths(samples: list[Sample], family: Family, processor, recipe: Reci
 # ---- model ----------------------------------------------------------------------------------
 def load_for_training(recipe: Recipe, family: Family, precision: str) -> LoadedModel:
     """Load the model in the training dtype (fp32 on the CPU) with the recipe's quantisation."""
+    attention.configure_cuda_kernels()
     dtype = torch_dtype(precision)
     attn = None if recipe.model.attn == "auto" else recipe.model.attn
     return family.load(recipe, dtype=dtype, attn=attn or "sdpa")
@@ -299,8 +300,6 @@ def train(recipe: Recipe) -> Path:
     samples, lengths = token_lengths(samples, family, processor, recipe, skipped)
     if not samples:
         raise ValueError(f"{recipe.data.train}: no usable training samples")
-
-    from finetune import attention
 
     attn = attention.choose(recipe.model.attn, recipe.data.packing)
     attention.apply_to_llm(loaded.model, attn)

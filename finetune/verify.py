@@ -25,23 +25,52 @@ class PackingCheck:
     n_samples: int
     n_rows: int
     tol: float
+    logit_scale: float = 1.0  # max |logit| of the one-by-one pass
+    grad_scale: float = 1.0  # max |gradient| of the one-by-one pass
+    relative: bool = False  # low precision: differences are judged relative to these scales
+    setting: str = "float32"
 
     @property
     def loss_diff(self) -> float:
         return abs(self.loss_packed - self.loss_single)
 
+    def _judged(self) -> tuple[float, float, float]:
+        if not self.relative:
+            return self.max_logit_diff, self.loss_diff, self.max_grad_diff
+        return (self.max_logit_diff / max(self.logit_scale, 1e-12), self.loss_diff / max(abs(self.loss_single), 1e-12),
+                self.max_grad_diff / max(self.grad_scale, 1e-12))
+
     @property
     def passed(self) -> bool:
-        return max(self.max_logit_diff, self.loss_diff, self.max_grad_diff) <= self.tol
+        return max(self._judged()) <= self.tol
 
     def format(self) -> str:
+        rl, rs, rg = (f"  (relative {x:.2e})" if self.relative else "" for x in self._judged())
+        kind = "relative tolerance" if self.relative else "tolerance"
         return "\n".join([
-            f"samples {self.n_samples} in {self.n_rows} packed row(s)",
-            f"max |logit diff|      {self.max_logit_diff:.3e}",
-            f"loss packed / single  {self.loss_packed:.6f} / {self.loss_single:.6f} (diff {self.loss_diff:.3e})",
-            f"max |gradient diff|   {self.max_grad_diff:.3e}  (every trainable parameter)",
-            f"tolerance {self.tol:.0e}: {'PASS' if self.passed else 'FAIL'}",
+            f"{self.setting}: samples {self.n_samples} in {self.n_rows} packed row(s)",
+            f"max |logit diff|      {self.max_logit_diff:.3e}{rl}",
+            f"loss packed / single  {self.loss_packed:.6f} / {self.loss_single:.6f} (diff {self.loss_diff:.3e}){rs}",
+            f"max |gradient diff|   {self.max_grad_diff:.3e}{rg}  (every trainable parameter)",
+            f"{kind} {self.tol:.0e}: {'PASS' if self.passed else 'FAIL'}",
         ])
+
+
+# Media tensors that follow the model's dtype (everything else keeps its own: ids, grids, and
+# video seconds per grid, whose rounding would move M-RoPE positions).
+_FLOAT_MEDIA = ("pixel_values", "pixel_values_videos", "input_features")
+
+
+def to_model(batch: dict, model) -> dict:
+    """Move a collated batch to the model's device; floating media in the model's dtype."""
+    p = next(model.parameters())
+    dtype = p.dtype if p.is_floating_point() else torch.float32
+    out = {}
+    for k, v in batch.items():
+        if isinstance(v, torch.Tensor):
+            v = v.to(p.device, dtype=dtype if k in _FLOAT_MEDIA else None)
+        out[k] = v
+    return out
 
 
 def _sum_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -50,8 +79,18 @@ def _sum_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
 
 
 def compare_packed(model, family, processor, samples, rope, *, max_tokens: int, tol: float = 1e-5,
-                   mutate=None) -> PackingCheck:
-    """Packed vs one-by-one logits, loss and gradients. `mutate(batch)` lets tests break packing."""
+                   mutate=None, relative: bool = False, packed_attn: str | None = None,
+                   varlen_args: bool = False, setting: str = "float32") -> PackingCheck:
+    """Packed vs one-by-one logits, loss and gradients. `mutate(batch)` lets tests break packing.
+
+    In float32 differences are absolute. In bf16/fp16 (`relative=True`) each is divided by the
+    scale of what it compares (largest logit, loss, largest gradient), since rounding error
+    grows with the values. `packed_attn` switches the LLM's attention for the packed pass only
+    (the one-by-one reference keeps the model's own); `varlen_args` adds cu_seq_lens/max_length
+    to the packed batch, as the training collator does for varlen and flash-attention.
+    """
+    from finetune import attention
+
     model.eval()  # no dropout: both passes must be the same function
     params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     encoded = [family.encode(s, processor, rope=rope) for s in samples]
@@ -61,9 +100,9 @@ def compare_packed(model, family, processor, samples, rope, *, max_tokens: int, 
     model.zero_grad(set_to_none=True)
     single_logits, total = [], 0.0
     for e in encoded:
-        batch = family.collate_padded([e], processor.pad_id)
+        batch = to_model(family.collate_padded([e], processor.pad_id), model)
         labels = batch.pop("labels")[0]
-        logits = model(**batch).logits[0]
+        logits = model(**batch).logits[0].float()
         loss = _sum_loss(logits, labels) / n_label
         loss.backward()
         total += float(loss.detach())
@@ -74,11 +113,18 @@ def compare_packed(model, family, processor, samples, rope, *, max_tokens: int, 
     model.zero_grad(set_to_none=True)
     bins = plan_bins([e.num_tokens for e in encoded], max_tokens)
     rows = [[encoded[i] for i in b] for b in bins]
-    batch = pack_encoded(family, rows, processor.pad_id)
+    batch = to_model(pack_encoded(family, rows, processor.pad_id, with_varlen_args=varlen_args), model)
     labels = batch.pop("labels")
     if mutate is not None:
         batch = mutate(batch)
-    logits = model(**batch).logits
+    text_cfg = model.config.get_text_config()
+    before = text_cfg._attn_implementation
+    if packed_attn:
+        attention.apply_to_llm(model, packed_attn)
+    try:
+        logits = model(**batch).logits.float()
+    finally:
+        text_cfg._attn_implementation = before
     loss = sum(_sum_loss(logits[r], labels[r]) for r in range(len(rows))) / n_label
     loss.backward()
     g_packed = {n: (p.grad.detach().clone() if p.grad is not None else torch.zeros_like(p)) for n, p in params}
@@ -91,9 +137,12 @@ def compare_packed(model, family, processor, samples, rope, *, max_tokens: int, 
             n = encoded[i].num_tokens
             worst = max(worst, float((logits[r, o:o + n].detach() - single_logits[i]).abs().max()))
             o += n
-    gdiff = max((float((g_packed[n] - g_single[n]).abs().max()) for n, _ in params), default=0.0)
-    return PackingCheck(max_logit_diff=worst, loss_packed=float(loss), loss_single=total, max_grad_diff=gdiff,
-                        n_samples=len(samples), n_rows=len(bins), tol=tol)
+    gdiff = max((float((g_packed[n].float() - g_single[n].float()).abs().max()) for n, _ in params), default=0.0)
+    gscale = max((float(g_single[n].float().abs().max()) for n, _ in params), default=1.0)
+    lscale = max(float(x.abs().max()) for x in single_logits)
+    return PackingCheck(max_logit_diff=worst, loss_packed=float(loss.detach()), loss_single=total, max_grad_diff=gdiff,
+                        n_samples=len(samples), n_rows=len(bins), tol=tol, logit_scale=lscale, grad_scale=gscale,
+                        relative=relative, setting=setting)
 
 
 def pick_mixture(samples: list, n: int = 8) -> list:
@@ -121,19 +170,38 @@ def perturb_lora_b(model, scale: float, seed: int = 0) -> None:
                 p.copy_(torch.randn(p.shape, generator=g) * scale)
 
 
-def verify_packing(recipe, n_samples: int = 8) -> PackingCheck:
-    """Load the recipe's model in float32 with its roles, and compare on its own data."""
-    from finetune import adapters
-    from finetune.families import family_for
-    from finetune.train import prepare_data, quiet_libraries, read_split
+# Relative tolerance in 16-bit: a few bf16 rounding steps (its epsilon is 2^-7, about 7.8e-3).
+TOL_16BIT = 3e-2
 
+
+def verify_packing(recipe, n_samples: int = 8, *, device: str | None = None, dtype: str | None = None,
+                   attn: str | None = None) -> PackingCheck:
+    """Load the recipe's model with its roles (in `dtype`, on `device`, the LLM on `attn` for
+    the packed pass) and compare packed vs one-by-one on the recipe's own data. Defaults are
+    what training would use: CUDA when present, the recipe's precision and attention backend.
+
+    The one-by-one pass always runs the LLM on SDPA with a padding mask, the reference any
+    packed backend must match. float32 is held to 1e-5 absolute; bf16/fp16 to TOL_16BIT relative.
+    """
+    from finetune import adapters, attention
+    from finetune.families import family_for
+    from finetune.train import choose_precision, prepare_data, quiet_libraries, read_split, torch_dtype
+
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = dtype or ("float32" if device == "cpu" else choose_precision(recipe.train.precision))
+    attn = attn or attention.choose(recipe.model.attn, packing=True)
     quiet_libraries()
+    attention.configure_cuda_kernels()
     prepare_data(recipe)
     family = family_for(recipe.model.path, recipe.model.family)
-    loaded = family.load(recipe, dtype=torch.float32, attn="sdpa", quantize="none")
+    dt = torch_dtype(dtype)
+    loaded = family.load(recipe, dtype=dt, attn="sdpa", quantize="none")
     model, _ = adapters.apply_roles(loaded.model, family, recipe)
+    model.to(device)
     perturb_lora_b(model, 0.02)
     samples, _ = read_split(recipe.data.train, recipe)
     picked = pick_mixture(samples, n_samples)
+    low = dt != torch.float32
     return compare_packed(model, family, loaded.processor, picked, family.rope_index(loaded.model),
-                          max_tokens=recipe.data.max_tokens)
+                          max_tokens=recipe.data.max_tokens, tol=TOL_16BIT if low else 1e-5, relative=low,
+                          packed_attn=attn, varlen_args=attn in ("varlen", "flash_attention_2"), setting=f"{dtype} on {device}, packed LLM attention {attn}")

@@ -71,13 +71,15 @@ def test_packed_equals_one_by_one(trainable_tiny, media_dir, case):  # noqa: F81
     assert res.passed
 
 
-def test_rows_padded_to_the_same_length_stay_isolated(trainable_tiny, media_dir):  # noqa: F811
+@pytest.mark.parametrize("backend", ["sdpa", "varlen"])
+def test_rows_padded_to_the_same_length_stay_isolated(trainable_tiny, media_dir, backend):  # noqa: F811
     fam, loaded, model = trainable_tiny
     samples = [sample(media_dir, MIXES[m], answer="No.") for m in ("image", "text", "audio", "text")]
     # a budget that forces two rows of different lengths -> the shorter row gets a padding segment
     lens = [fam.encode(s, loaded.processor).num_tokens for s in samples]
     res = compare_packed(model, fam, loaded.processor, samples, fam.rope_index(loaded.model),
-                         max_tokens=max(lens[0] + lens[1], lens[2] + lens[3]) + 1)
+                         max_tokens=max(lens[0] + lens[1], lens[2] + lens[3]) + 1, packed_attn=backend,
+                         varlen_args=backend == "varlen")
     assert res.n_rows >= 2
     assert res.passed, res.format()
 
@@ -100,7 +102,8 @@ def test_the_exactness_check_catches_broken_isolation(trainable_tiny, media_dir,
     assert res.max_logit_diff > 1e-3
 
 
-def test_varlen_backend_matches_one_by_one(trainable_tiny, media_dir):  # noqa: F811
+@pytest.mark.parametrize("varlen_args", [False, True], ids=["bounds_from_positions", "cu_seq_lens"])
+def test_varlen_backend_matches_one_by_one(trainable_tiny, media_dir, varlen_args):  # noqa: F811
     from finetune import attention
 
     fam, loaded, model = trainable_tiny
@@ -108,7 +111,8 @@ def test_varlen_backend_matches_one_by_one(trainable_tiny, media_dir):  # noqa: 
     attention.apply_to_llm(loaded.model, "varlen")
     before = attention.segment_calls
     try:
-        res = compare_packed(model, fam, loaded.processor, samples, fam.rope_index(loaded.model), max_tokens=4096)
+        res = compare_packed(model, fam, loaded.processor, samples, fam.rope_index(loaded.model), max_tokens=4096,
+                             varlen_args=varlen_args)
     finally:
         attention.apply_to_llm(loaded.model, "sdpa")
     assert attention.segment_calls > before  # the packed forward really went through varlen

@@ -1,0 +1,68 @@
+"""GPU checks (marked `gpu`, skipped without CUDA): packed rows on CUDA attention kernels.
+
+PyTorch's varlen kernel (flash-attention inside PyTorch) and SDPA's block-diagonal path run in
+bf16 only, so packed vs one-by-one is judged relative to the values compared (verify.TOL_16BIT).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+
+import pytest
+import torch
+
+from test_qwen_family import MIXES, media_dir, sample  # noqa: F401  (fixture reuse)
+
+from finetune.verify import TOL_16BIT, compare_packed, perturb_lora_b
+
+pytestmark = pytest.mark.gpu
+
+
+@pytest.fixture(scope="module")
+def tiny_cuda_bf16():
+    from finetune import adapters
+    from finetune.families import get_family
+    from finetune.recipe import load_recipe
+
+    fam = get_family("qwen2_5_omni")
+    recipe = load_recipe("medical-tiny", ["model.max_pixels=12544", "roles.vision_encoder.mode=lora",
+                                          "roles.audio_projector.mode=full"])
+    loaded = fam.load(recipe, dtype=torch.bfloat16, attn="sdpa")
+    model, _ = adapters.apply_roles(loaded.model, fam, recipe)
+    model.to("cuda")
+    perturb_lora_b(model, 0.05)
+    return fam, loaded, model
+
+
+BACKENDS = ["varlen", "sdpa"] + (["flash_attention_2"] if importlib.util.find_spec("flash_attn") else [])
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_packed_equals_one_by_one_on_cuda_bf16(tiny_cuda_bf16, media_dir, backend):  # noqa: F811
+    from finetune import attention
+
+    fam, loaded, model = tiny_cuda_bf16
+    samples = [sample(media_dir, MIXES[m], answer=f"Yes. Case {i} {m}.")
+               for i, m in enumerate(["text", "image", "audio", "video", "two_images", "all", "text"])]
+    before = attention.segment_calls
+    res = compare_packed(model, fam, loaded.processor, samples, fam.rope_index(loaded.model), max_tokens=4096,
+                         tol=TOL_16BIT, relative=True, packed_attn=backend, setting=f"bf16 cuda {backend}",
+                         varlen_args=backend != "sdpa")
+    print(res.format())
+    assert res.n_rows == 1
+    if backend == "varlen":
+        assert attention.segment_calls > before  # the varlen kernel really ran
+    assert res.passed, res.format()
+
+
+def test_broken_isolation_is_caught_on_cuda(tiny_cuda_bf16, media_dir):  # noqa: F811
+    fam, loaded, model = tiny_cuda_bf16
+    samples = [sample(media_dir, MIXES[m], answer="Yes. Broken.") for m in ("image", "text", "audio")]
+
+    def mutate(batch):
+        batch["attention_mask"] = torch.ones_like(batch["input_ids"])
+        return batch
+
+    res = compare_packed(model, fam, loaded.processor, samples, fam.rope_index(loaded.model), max_tokens=4096,
+                         tol=TOL_16BIT, relative=True, mutate=mutate, packed_attn="sdpa")
+    assert not res.passed, res.format()
