@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import json
 import time
 from pathlib import Path
 
@@ -46,7 +47,12 @@ def cmd_export(args) -> int:
 
     out = export_run(_run_dir_of(args.target, args.overrides), force=args.force, fmt=args.format)
     for kind, path in out.items():
-        print(f"{kind} export: {path}")
+        line = f"{kind} export: {path}"
+        if kind == "merged":
+            m = json.loads((path / "export_manifest.json").read_text())
+            line += (f"  ({m['layout']}, {m['dtype']}; verified: max |logit diff| {m['verify']['max_abs_diff']:.2e} "
+                     f"<= {m['verify']['tolerance']:.1e})")
+        print(line)
     return 0
 
 

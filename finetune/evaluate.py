@@ -153,6 +153,10 @@ def evaluate(recipe, run_dir: Path | None = None) -> dict:
         for i, s in enumerate(samples[: recipe.eval.examples])
     ]
     (run_dir / "eval.json").write_text(json.dumps(results, indent=2))
+    with open(run_dir / "predictions.jsonl", "w") as f:  # every answer, for inspection and comparisons
+        for i, s in enumerate(samples):
+            f.write(json.dumps({"id": s.id, "task": s.task, "reference": reference_of(s),
+                                **{k: v[i] for k, v in predictions.items()}}) + "\n")
     (run_dir / "eval.md").write_text(format_markdown(results))
     return results
 

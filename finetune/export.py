@@ -81,38 +81,76 @@ def tolerance(dtype: torch.dtype, atol: float, ref: list[torch.Tensor]) -> float
     return max(atol, 0.05 * scale)
 
 
+def _eval_lines(run_dir: Path) -> list[str]:
+    if not (run_dir / "eval.json").exists():
+        return ["", "No evaluation was run before this export."]
+    ev = json.loads((run_dir / "eval.json").read_text())
+    lines = ["", "## Evaluation (held-out)", "", "| metric | base | tuned |", "|---|---|---|"]
+    for k in ("accuracy", "lesion_accuracy", "token_loss"):
+        if k in ev.get("tuned", {}):
+            b = ev.get("base", {}).get(k)
+            lines.append(f"| {k} | {'-' if b is None else f'{b:.3f}'} | {ev['tuned'][k]:.3f} |")
+    return lines
+
+
+def _usage(recipe, full: bool) -> list[str]:
+    cls = "Qwen2_5OmniForConditionalGeneration" if full else "Qwen2_5OmniThinkerForConditionalGeneration"
+    system = recipe.data.system_prompt
+    lines = ["", "## Use it (transformers alone)", "", "```python",
+             f"from transformers import {cls}, Qwen2_5OmniProcessor",
+             f"model = {cls}.from_pretrained(\"path/to/merged\", dtype=\"auto\")",
+             "processor = Qwen2_5OmniProcessor.from_pretrained(\"path/to/merged\")",
+             "```", "",
+             "Prompts follow the base model's chat template (shipped here unchanged); images are resized "
+             "with the training settings written into `preprocessor_config.json`."]
+    if system:
+        lines += ["", f"Training used this system prompt on samples without one: `{system}`."]
+    lines += ["Without torchvision, build the processor from its parts (`Qwen2VLImageProcessorPil`, "
+              "`WhisperFeatureExtractor`, the tokenizer, `video_processor=None`); "
+              "`examples/generate_with_transformers.py` in omni-finetune shows how."]
+    return lines
+
+
 def write_model_card(out: Path, recipe, run_dir: Path, base_path: Path, manifest: dict) -> None:
-    """README.md: base, recipe, data, eval figures, verification."""
-    ev = {}
-    if (run_dir / "eval.json").exists():
-        ev = json.loads((run_dir / "eval.json").read_text())
+    """README.md: base, recipe, data, eval figures, verification, how to load it."""
+    full = manifest["layout"].startswith("qwen2_5_omni (")
+    kept = manifest["unchanged_from_base"]
     lines = [
         f"# {recipe.name}: fine-tuned {manifest['family']}", "",
-        "Exported by omni-finetune (LoRA merged into the base weights).", "",
-        f"- base model: `{base_path.name}` ({recipe.model.path})",
-        f"- recipe: `{recipe.name}` (resolved recipe in `recipe.yaml`)",
+        "Exported by omni-finetune: LoRA adapters merged into the base weights, `full` roles written back.", "",
+        f"- base model: `{base_path.name}` ({recipe.model.path}); layout: {manifest['layout']}",
+        f"- recipe: `{recipe.name}` (the resolved recipe is `recipe.yaml`)",
         f"- training data: `{recipe.data.train}`; eval data: `{recipe.data.eval or '-'}`",
-        "- roles: " + ", ".join(f"{r}={getattr(recipe.roles, r).mode}" for r in manifest["roles"]),
+        "- trained roles: " + ", ".join(f"{r}={getattr(recipe.roles, r).mode}" for r in manifest["roles"]),
         f"- dtype: {manifest['dtype']}",
         f"- verification: max |logit difference| vs the adapter model {manifest['verify']['max_abs_diff']:.2e} "
         f"(tolerance {manifest['verify']['tolerance']:.1e}): {'PASS' if manifest['verify']['passed'] else 'FAIL'}",
     ]
-    if ev:
-        lines += ["", "## Evaluation (held-out)", "", "| metric | base | tuned |", "|---|---|---|"]
-        for k in ("accuracy", "lesion_accuracy", "token_loss"):
-            if k in ev.get("tuned", {}):
-                b = ev.get("base", {}).get(k)
-                lines.append(f"| {k} | {'-' if b is None else f'{b:.3f}'} | {ev['tuned'][k]:.3f} |")
+    if kept["tensors"]:
+        lines.append(f"- copied unchanged from the base: {', '.join(kept['parts'])} ({kept['tensors']} tensors, "
+                     f"bit-identical: {'yes' if kept['bit_identical'] else 'NO'})")
+    lines += _eval_lines(run_dir) + _usage(recipe, full)
     (out / "README.md").write_text("\n".join(lines) + "\n")
+
+
+def adapter_card(recipe, family, base: Path) -> str:
+    return "\n".join([
+        f"# {recipe.name}: LoRA adapter for {family.name}", "",
+        f"A PEFT adapter trained by omni-finetune on `{base.name}` ({recipe.model.path}), recipe `{recipe.name}`.",
+        "The processor files beside it carry the training image settings.", "",
+        "```python",
+        "from peft import PeftModel",
+        "from transformers import Qwen2_5OmniThinkerForConditionalGeneration",
+        "base = Qwen2_5OmniThinkerForConditionalGeneration.from_pretrained(\"BASE\", dtype=\"auto\")",
+        "# for a full Qwen2.5-Omni folder: ...from_pretrained(\"BASE\", key_mapping={r\"^thinker\\.\": \"\"})",
+        "model = PeftModel.from_pretrained(base, \"path/to/adapter_export\")",
+        "```", ""])
 
 
 def export_run(run_dir: Path, *, force: bool = False, fmt: str | None = None) -> dict[str, Path]:
     """Export a trained run folder; returns the written folders ({'merged': ..., 'adapter': ...})."""
-    from peft import PeftModel
-
-    from finetune.families import family_for
-    from finetune.recipe import load_resolved, save_resolved
-    from finetune.train import quiet_libraries, read_split
+    from finetune.recipe import load_resolved
+    from finetune.train import quiet_libraries
 
     quiet_libraries()
     run_dir = Path(run_dir)
@@ -124,22 +162,82 @@ def export_run(run_dir: Path, *, force: bool = False, fmt: str | None = None) ->
     recipe = load_resolved(run_dir / "recipe.yaml")
     fmt = fmt or recipe.export.format
     written: dict[str, Path] = {}
+    for name in ("merged", "adapter_export"):
+        recover(run_dir / name)
 
     if fmt in ("adapter", "both"):
-        target = run_dir / "adapter_export"
-        written["adapter"] = _atomic_copy_tree(adapter, target, force=force)
-    if fmt not in ("merged", "both"):
-        return written
+        written["adapter"] = export_adapter(run_dir, recipe, force=force)
+    if fmt in ("merged", "both"):
+        written["merged"] = export_merged(run_dir, recipe, force=force)
+    return written
+
+
+def recover(target: Path) -> None:
+    """Undo what an export killed midway left: stale temporary folders, a half-done swap."""
+    for stale in target.parent.glob(target.name + ".tmp-*"):
+        shutil.rmtree(stale, ignore_errors=True)
+    old = target.with_name(target.name + ".old")
+    if old.exists():
+        if target.exists():
+            shutil.rmtree(old, ignore_errors=True)  # the swap completed; only the cleanup was cut
+        else:
+            os.rename(old, target)  # killed between the two renames: the previous export comes back
+
+
+def _kill_point(where: str) -> None:
+    """Test hook: FINETUNE_EXPORT_KILL=<where> kills this process there (SIGKILL, no cleanup)."""
+    if os.environ.get("FINETUNE_EXPORT_KILL") == where:
+        import signal
+
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+def export_adapter(run_dir: Path, recipe, *, force: bool) -> Path:
+    """The PEFT adapter with the processor files beside it and a README on how to load it."""
+    from finetune.families import family_for
+
+    family = family_for(recipe.model.path, recipe.model.family)
+    base = family.resolve_path(recipe.model.path, recipe.model.tiny_seed)
+    target = run_dir / "adapter_export"
+    if target.exists() and not force:
+        raise ExportError(f"{target} exists; pass --force to replace it")
+    tmp = Path(tempfile.mkdtemp(prefix=target.name + ".tmp-", dir=run_dir))
+    try:
+        for p in sorted((run_dir / "adapter").iterdir()):
+            if p.is_file():
+                shutil.copyfile(p, tmp / p.name)
+        family.copy_processor_files(base, tmp)
+        proc = family.processor(base, recipe)
+        family.write_processor_settings(tmp, proc)
+        (tmp / "README.md").write_text(adapter_card(recipe, family, base))
+        _kill_point("adapter_written")
+        _replace(tmp, target)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return target
+
+
+def export_merged(run_dir: Path, recipe, *, force: bool) -> Path:
+    """Merge, write in the base's layout, reload from disk, compare, then rename into place."""
+    from peft import PeftModel
+
+    from finetune.checkpoint import raw_equal, tensors_of
+    from finetune.families import family_for
+    from finetune.recipe import save_resolved
+    from finetune.train import read_split
 
     family = family_for(recipe.model.path, recipe.model.family)
     target = run_dir / "merged"
     if target.exists() and not force:
         raise ExportError(f"{target} exists; pass --force to replace it (the old one is kept until the new "
                           "one is verified)")
-    loaded = family.load(recipe, quantize="none", dtype=torch.float32, attn="sdpa")
-    dtype = export_dtype(recipe.export.dtype, loaded.base_path)
+    base_path = family.resolve_path(recipe.model.path, recipe.model.tiny_seed)
+    dtype = export_dtype(recipe.export.dtype, base_path)
+    # QLoRA runs too: the base is reloaded unquantised, in the export dtype, and merged there
+    loaded = family.load(recipe, quantize="none", dtype=dtype, attn="sdpa")
     rope = family.rope_index(loaded.model)
-    model = PeftModel.from_pretrained(loaded.model, str(adapter))
+    model = PeftModel.from_pretrained(loaded.model, str(run_dir / "adapter"))
     samples, _ = read_split(recipe.data.eval or recipe.data.train, recipe)
     probes = pick_probes(samples)
     ref = probe_logits(model, family, loaded.processor, probes, rope)
@@ -147,36 +245,51 @@ def export_run(run_dir: Path, *, force: bool = False, fmt: str | None = None) ->
 
     tmp = Path(tempfile.mkdtemp(prefix="merged.tmp-", dir=run_dir))
     try:
-        family.save_merged(merged, loaded, tmp, dtype=dtype, max_shard_size=recipe.export.max_shard_size)
+        info = family.save_merged(merged, loaded, tmp, dtype=dtype, max_shard_size=recipe.export.max_shard_size)
         save_resolved(recipe, tmp / "recipe.yaml")
-        del merged
-        reloaded = family.load_merged_for_check(tmp, torch.float32)
+        del merged, model
+        _kill_point("merged_written")
+        reloaded = family.load_merged_for_check(tmp, dtype)
         got = probe_logits(reloaded, family, loaded.processor, probes, rope)
+        del reloaded
         diff = max_diff(ref, got)
         tol = tolerance(dtype, recipe.export.verify_atol, ref)
+        kept = info.get("kept_tensors", [])
+        if kept:
+            base_t, out_t = tensors_of(base_path), tensors_of(tmp)
+            same = all(raw_equal(base_t[k], out_t[k]) for k in kept)
+        else:
+            same = True
+        parts = sorted({k.split(".", 1)[0] for k in kept})
         manifest = {
             "family": family.name,
+            "layout": info.get("layout", family.name),
             "base": str(recipe.model.path),
             "recipe": recipe.name,
             "dtype": str(dtype).replace("torch.", ""),
             "roles": [r for r in ROLE_NAMES if getattr(recipe.roles, r).mode != "frozen"],
-            "verify": {"max_abs_diff": diff, "tolerance": tol, "passed": diff <= tol,
+            "unchanged_from_base": {"parts": parts, "tensors": len(kept), "bit_identical": same},
+            "verify": {"max_abs_diff": diff, "tolerance": tol, "passed": diff <= tol and same,
                        "probes": [{"id": s.id, "where": s.where, "modalities": sorted(s.modalities())}
                                   for s in probes],
-                       "compared": "logits of the reloaded export vs the base+adapter model, float32"},
+                       "compared": f"logits of the export reloaded from disk vs the base+adapter model, "
+                                   f"{str(dtype).replace('torch.', '')}"},
         }
-        write_model_card(tmp, recipe, run_dir, loaded.base_path, manifest)
+        write_model_card(tmp, recipe, run_dir, base_path, manifest)
         manifest["files"] = {p.name: sha256(p) for p in sorted(tmp.iterdir()) if p.is_file()}
         (tmp / "export_manifest.json").write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
+        if not same:
+            raise ExportError(f"export verification FAILED: parts copied from the base ({', '.join(parts)}) are not "
+                              f"bit-identical; nothing was written to {target}")
         if not manifest["verify"]["passed"]:
             raise ExportError(f"export verification FAILED: max |logit diff| {diff:.3e} > tolerance {tol:.1e}; "
                               f"nothing was written to {target}")
+        _kill_point("verified")
         _replace(tmp, target)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    written["merged"] = target
-    return written
+    return target
 
 
 def _replace(tmp: Path, target: Path) -> None:
@@ -185,17 +298,8 @@ def _replace(tmp: Path, target: Path) -> None:
         old = target.with_name(target.name + ".old")
         shutil.rmtree(old, ignore_errors=True)
         os.rename(target, old)
+        _kill_point("swapping")
         os.rename(tmp, target)
         shutil.rmtree(old, ignore_errors=True)
     else:
         os.rename(tmp, target)
-
-
-def _atomic_copy_tree(src: Path, target: Path, *, force: bool) -> Path:
-    if target.exists() and not force:
-        raise ExportError(f"{target} exists; pass --force to replace it")
-    tmp = Path(tempfile.mkdtemp(prefix=target.name + ".tmp-", dir=target.parent))
-    shutil.rmtree(tmp)
-    shutil.copytree(src, tmp)
-    _replace(tmp, target)
-    return target

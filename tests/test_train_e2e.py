@@ -8,7 +8,6 @@ import subprocess
 import sys
 
 import pytest
-import torch
 
 from conftest import ROOT, tiny_recipe
 
@@ -98,60 +97,6 @@ def test_skip_bad_samples_and_report_them(tmp_path, small_demo):
     with pytest.raises(DataError, match=r"train.jsonl:3"):
         train2(tiny_recipe(tmp_path / "raise", small_demo, f"data.train={bad}", "data.on_error=raise",
                            "data.allow_outside_paths=true"))
-
-
-@pytest.mark.parametrize("quantize", ["none", "4bit"])
-def test_merged_export_reproduces_the_adapter_model(tmp_path, small_demo, quantize):
-    from peft import PeftModel
-    from transformers import Qwen2_5OmniThinkerForConditionalGeneration
-
-    from finetune.export import export_run, pick_probes
-    from finetune.families import get_family
-    from finetune.train import read_split, train
-
-    recipe = tiny_recipe(tmp_path, small_demo, f"model.quantize={quantize}", "train.max_steps=3",
-                         "train.lr=5e-3")
-    run = train(recipe)
-    out = export_run(run)["merged"]
-    manifest = json.loads((out / "export_manifest.json").read_text())
-    assert manifest["verify"]["passed"] and manifest["verify"]["max_abs_diff"] <= 1e-4
-    for name in ("config.json", "tokenizer.json", "tokenizer_config.json", "preprocessor_config.json",
-                 "chat_template.json", "generation_config.json", "README.md"):
-        assert (out / name).exists(), name
-
-    # independent check: plain transformers loads the export; logits match base+adapter (fp32)
-    fam = get_family("qwen2_5_omni")
-    loaded = fam.load(recipe, quantize="none", dtype=torch.float32, attn="sdpa")
-    ref_model = PeftModel.from_pretrained(loaded.model, str(run / "adapter")).eval()
-    merged = Qwen2_5OmniThinkerForConditionalGeneration.from_pretrained(str(out), dtype=torch.float32).eval()
-    samples, _ = read_split(recipe.data.eval, recipe)
-    rope = fam.rope_index(loaded.model)
-    worst = 0.0
-    for s in pick_probes(samples):
-        b = fam.collate_padded([fam.encode(s, loaded.processor, rope=rope)], loaded.processor.pad_id)
-        b.pop("labels")
-        with torch.no_grad():
-            worst = max(worst, float((ref_model(**b).logits - merged(**b).logits).abs().max()))
-    assert worst <= 1e-4
-    # the adapter moved the model: the export is not simply the base
-    base = fam.load(recipe, quantize="none", dtype=torch.float32, attn="sdpa").model
-    assert any(not torch.equal(p, merged.state_dict()[n]) for n, p in base.state_dict().items()
-               if n in merged.state_dict())
-
-
-def test_export_refuses_existing_target_and_is_byte_identical(tmp_path, small_demo):
-    from finetune.export import ExportError, export_run
-    from finetune.train import train
-
-    run = train(tiny_recipe(tmp_path, small_demo, "train.max_steps=1"))
-    out = export_run(run)["merged"]
-    first = {p.name: p.read_bytes() for p in out.iterdir()}
-    with pytest.raises(ExportError, match="--force"):
-        export_run(run)
-    export_run(run, force=True)
-    second = {p.name: p.read_bytes() for p in out.iterdir()}
-    assert first == second
-    assert not [p for p in run.iterdir() if ".tmp-" in p.name or p.name.endswith(".old")]
 
 
 def test_cli_run_writes_the_whole_run_folder(tmp_path, small_demo):

@@ -31,7 +31,7 @@ def family_for(path: str, family: str = "auto") -> Family:
     if family != "auto":
         return get_family(family)
     if path.startswith("tiny:"):
-        return get_family(path.split(":", 1)[1])
+        return get_family(path.split(":", 1)[1].split("-", 1)[0])  # tiny:<family>[-variant]
     cfg_path = Path(path).expanduser() / "config.json"
     if not cfg_path.exists():
         raise FileNotFoundError(f"model.path {path!r}: no config.json there; point it at a local model folder "

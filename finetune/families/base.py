@@ -130,10 +130,14 @@ class Family(abc.ABC):
             if p.exists() and not (Path(dst) / name).exists():
                 shutil.copy2(p, Path(dst) / name)
 
+    def write_processor_settings(self, folder: Path, processor: Any) -> None:
+        """Make an exported folder's processor config preprocess as training did (default: as is)."""
+
     @abc.abstractmethod
     def save_merged(self, model: torch.nn.Module, loaded: LoadedModel, out_dir: Path, *,
-                    dtype: torch.dtype, max_shard_size: str) -> list[str]:
-        """Write a complete, loadable checkpoint of the merged model into `out_dir`."""
+                    dtype: torch.dtype, max_shard_size: str) -> dict:
+        """Write a complete, loadable checkpoint of the merged model into `out_dir`, in the base's
+        layout. Returns {"files", "kept_tensors" (base tensors copied unchanged), "layout"}."""
 
     @abc.abstractmethod
     def load_merged_for_check(self, folder: Path, dtype: torch.dtype) -> torch.nn.Module:

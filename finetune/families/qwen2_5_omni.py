@@ -328,6 +328,12 @@ class Qwen25OmniFamily(Family):
     def resolve_path(self, path: str, tiny_seed: int = 0) -> Path:
         """`tiny:qwen2_5_omni` -> the cached tiny folder; else the local folder."""
         if path.startswith("tiny:"):
+            variant = path.split(":", 1)[1]
+            if variant == f"{self.name}-full":
+                return self.materialize_tiny_full(tiny_seed)
+            if variant != self.name:
+                raise ValueError(f"model.path {path!r}: unknown tiny model; use tiny:{self.name} (thinker) or "
+                                 f"tiny:{self.name}-full (thinker + talker + token2wav)")
             return self.materialize_tiny(tiny_seed)
         folder = Path(path).expanduser()
         if not folder.is_dir():
@@ -498,20 +504,75 @@ class Qwen25OmniFamily(Family):
             return root
         return _atomic_build(root, lambda d: build_tiny_thinker(d, seed))
 
+    def materialize_tiny_full(self, seed: int = 0) -> Path:
+        """A tiny full Qwen2.5-Omni (thinker + talker + token2wav + speaker dictionary)."""
+        root = tiny_cache_dir() / f"qwen2_5_omni-full-s{seed}-v{TINY_VERSION}"
+        if (root / "config.json").exists():
+            return root
+        thinker = self.materialize_tiny(seed)
+        return _atomic_build(root, lambda d: build_tiny_full(d, thinker, seed))
+
     # ---- export ------------------------------------------------------------------------
     def save_merged(self, model, loaded: LoadedModel, out_dir: Path, *, dtype: torch.dtype,
-                    max_shard_size: str) -> list[str]:
+                    max_shard_size: str) -> dict:
+        """The merged thinker as a complete checkpoint in the base's layout.
+
+        For a full Qwen2.5-Omni base the thinker goes back under `thinker.` and the talker and
+        token2wav tensors, config and speaker dictionary are copied unchanged, so the output
+        loads with Qwen2_5OmniForConditionalGeneration and still speaks; for a thinker-only
+        base the output is a thinker checkpoint.
+        """
+        from finetune.checkpoint import assemble, copy_extras
+
+        out_dir = Path(out_dir)
         model = model.to(dtype)
         model.config.use_cache = True
         model.config.get_text_config().use_cache = True
-        model.save_pretrained(str(out_dir), max_shard_size=max_shard_size, safe_serialization=True)
-        self.copy_processor_files(loaded.base_path, out_dir)
-        return sorted(p.name for p in out_dir.iterdir())
+        stage = Path(tempfile.mkdtemp(prefix=".stage-", dir=out_dir))
+        try:
+            model.save_pretrained(str(stage), safe_serialization=True, max_shard_size="1000GB")
+            full = loaded.is_full_checkpoint
+            info = assemble(stage, loaded.base_path, out_dir, prefix="thinker." if full else "",
+                            max_shard_size=max_shard_size)
+            # full: the base's config (thinker, talker and token2wav); thinker-only: the one
+            # transformers wrote for the merged thinker (its dtype, cache on)
+            shutil.copyfile((loaded.base_path if full else stage) / "config.json", out_dir / "config.json")
+            if not (loaded.base_path / "generation_config.json").exists() and (stage / "generation_config.json").exists():
+                shutil.copyfile(stage / "generation_config.json", out_dir / "generation_config.json")
+        finally:
+            shutil.rmtree(stage, ignore_errors=True)
+        info["copied"] = copy_extras(loaded.base_path, out_dir, skip=("config.json",))
+        write_processor_settings(out_dir, loaded.processor)
+        info["layout"] = "qwen2_5_omni (thinker + talker + token2wav)" if loaded.is_full_checkpoint else \
+            "qwen2_5_omni_thinker"
+        return info
+
+    def write_processor_settings(self, folder: Path, processor: "OmniProcessor") -> None:
+        write_processor_settings(folder, processor)
 
     def load_merged_for_check(self, folder: Path, dtype: torch.dtype):
+        """The thinker of an exported folder, read the way users read it (full or thinker-only)."""
         from transformers import Qwen2_5OmniThinkerForConditionalGeneration
 
+        folder = Path(folder)
+        if self.read_config(folder)["model_type"] == "qwen2_5_omni":
+            return self._load_thinker_from_full(folder, self.thinker_config(folder), {"dtype": dtype})
         return Qwen2_5OmniThinkerForConditionalGeneration.from_pretrained(str(folder), dtype=dtype)
+
+
+def write_processor_settings(folder: Path, processor: "OmniProcessor") -> None:
+    """The exported preprocessor_config.json resizes images as training did (recipe's pixels)."""
+    p = Path(folder) / "preprocessor_config.json"
+    if not p.exists():
+        return
+    cfg = json.loads(p.read_text())
+    want = {"min_pixels": processor.min_pixels, "max_pixels": processor.max_pixels}
+    if all(cfg.get(k) == v for k, v in want.items()) and "size" not in cfg:
+        return
+    cfg.update(want)
+    if isinstance(cfg.get("size"), dict):
+        cfg["size"] = {**cfg["size"], "shortest_edge": processor.min_pixels, "longest_edge": processor.max_pixels}
+    p.write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
 
 
 def _turns(sample, system_prompt: str | None, for_generation: bool) -> list:
@@ -669,6 +730,45 @@ def build_tiny_thinker(folder: Path, seed: int = 0) -> None:
     gen = GenerationConfig(eos_token_id=[tok.convert_tokens_to_ids(IM_END), tok.convert_tokens_to_ids("<|endoftext|>")],
                            pad_token_id=tok.convert_tokens_to_ids("<|endoftext|>"), do_sample=False)
     gen.save_pretrained(str(folder))
+
+
+def build_tiny_full(folder: Path, thinker_dir: Path, seed: int = 0) -> None:
+    """A random tiny Qwen2.5-Omni with talker and token2wav; its thinker is the tiny thinker."""
+    from transformers import (Qwen2_5OmniConfig, Qwen2_5OmniForConditionalGeneration,
+                              Qwen2_5OmniThinkerForConditionalGeneration)
+
+    thinker = Qwen2_5OmniThinkerForConditionalGeneration.from_pretrained(str(thinker_dir), dtype=torch.float32)
+    th = thinker.config
+    rope = {"rope_type": "default", "rope_theta": 10000.0}
+    talker = dict(
+        vocab_size=512, embedding_size=th.text_config.hidden_size, hidden_size=64, intermediate_size=128,
+        num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=4096,
+        rope_parameters={**rope, "mrope_section": [2, 3, 3]}, initializer_range=0.1,
+        tts_codec_start_token_id=500, tts_codec_end_token_id=501, tts_codec_pad_token_id=502,
+        tts_codec_mask_token_id=503, tts_text_start_token_id=1, tts_text_end_token_id=2, tts_text_pad_token_id=3,
+        audio_token_index=th.audio_token_index, image_token_index=th.image_token_index,
+        video_token_index=th.video_token_index, vision_start_token_id=th.vision_start_token_id,
+        vision_end_token_id=th.vision_end_token_id, audio_start_token_id=th.audio_start_token_id,
+        audio_end_token_id=th.audio_end_token_id)
+    token2wav = dict(
+        dit_config=dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, head_dim=16, emb_dim=32,
+                        num_embeds=512, mel_dim=80, enc_emb_dim=32, enc_dim=32, enc_channels=[32, 32, 32, 32, 96],
+                        enc_attention_channels=16, enc_se_channels=16, look_ahead_layers=[1],
+                        look_backward_layers=[0, 1], block_size=24, ff_mult=2, rope_parameters=rope),
+        bigvgan_config=dict(mel_dim=80, upsample_initial_channel=64, resblock_kernel_sizes=[3],
+                            resblock_dilation_sizes=[[1, 3, 5]], upsample_rates=[5, 3, 2, 2, 2, 2],
+                            upsample_kernel_sizes=[11, 7, 4, 4, 4, 4]))
+    cfg = Qwen2_5OmniConfig(thinker_config=th.to_dict(), talker_config=talker, token2wav_config=token2wav)
+    torch.manual_seed(seed)
+    model = Qwen2_5OmniForConditionalGeneration(cfg).eval()
+    model.thinker.load_state_dict(thinker.state_dict())
+    model.save_pretrained(str(folder), safe_serialization=True)
+    g = torch.Generator().manual_seed(seed)
+    torch.save({"Chelsie": {"cond": torch.randn(1, 32, generator=g), "ref_mel": torch.randn(1, 30, 80, generator=g),
+                            "bos_token": 1}}, Path(folder) / "spk_dict.pt")
+    for name in PROCESSOR_FILES:
+        if (Path(thinker_dir) / name).exists() and not (Path(folder) / name).exists():
+            shutil.copyfile(Path(thinker_dir) / name, Path(folder) / name)
 
 
 def write_processor_config(folder: Path, *, min_pixels: int, max_pixels: int) -> None:
