@@ -162,13 +162,15 @@ def export_run(run_dir: Path, *, force: bool = False, fmt: str | None = None) ->
     recipe = load_resolved(run_dir / "recipe.yaml")
     fmt = fmt or recipe.export.format
     written: dict[str, Path] = {}
-    for name in ("merged", "adapter_export"):
+    for name in ("merged", "adapter_export", "merged-4bit", "merged-8bit"):
         recover(run_dir / name)
 
     if fmt in ("adapter", "both"):
         written["adapter"] = export_adapter(run_dir, recipe, force=force)
     if fmt in ("merged", "both"):
         written["merged"] = export_merged(run_dir, recipe, force=force)
+        if recipe.export.quantize != "none":
+            written[f"merged-{recipe.export.quantize}"] = export_quantized(run_dir, recipe, force=force)
     return written
 
 
@@ -285,6 +287,43 @@ def export_merged(run_dir: Path, recipe, *, force: bool) -> Path:
             raise ExportError(f"export verification FAILED: max |logit diff| {diff:.3e} > tolerance {tol:.1e}; "
                               f"nothing was written to {target}")
         _kill_point("verified")
+        _replace(tmp, target)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return target
+
+
+def export_quantized(run_dir: Path, recipe, *, force: bool) -> Path:
+    """merged-<4bit|8bit>/: the verified merged export quantised, reloaded and compared."""
+    from finetune.families import family_for
+    from finetune.train import read_split
+
+    family = family_for(recipe.model.path, recipe.model.family)
+    q = recipe.export.quantize
+    merged = run_dir / "merged"
+    target = run_dir / f"merged-{q}"
+    if target.exists() and not force:
+        raise ExportError(f"{target} exists; pass --force to replace it")
+    dtype = export_dtype(recipe.export.dtype, merged)
+    compute = torch.bfloat16 if dtype == torch.float32 and torch.cuda.is_available() else dtype
+    tmp = Path(tempfile.mkdtemp(prefix=target.name + ".tmp-", dir=run_dir))
+    try:
+        fmt = family.save_quantized(merged, tmp, quantize=q, dtype=compute)
+        processor = family.processor(family.resolve_path(recipe.model.path, recipe.model.tiny_seed), recipe)
+        reference = family.load_merged_for_check(merged, torch.float32)
+        rope = family.rope_index(reference)
+        samples, _ = read_split(recipe.data.eval or recipe.data.train, recipe)
+        probes = pick_probes(samples)
+        ref = probe_logits(reference, family, processor, probes, rope)
+        del reference
+        got = probe_logits(family.load_quantized_for_check(tmp), family, processor, probes, rope)
+        scale = max(float(x.abs().max()) for x in ref)
+        manifest = {"format": fmt, "from": "merged/", "loads": True,
+                    "max_abs_logit_diff_vs_merged": max_diff(ref, got), "logit_scale": scale,
+                    "note": "quantisation error, reported and not judged: the unquantised merged/ is the reference"}
+        manifest["files"] = {p.name: sha256(p) for p in sorted(tmp.iterdir()) if p.is_file()}
+        (tmp / "export_manifest.json").write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
         _replace(tmp, target)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -188,6 +188,11 @@ class ExportConfig:
     format: str = _opt("merged", "merged: adapters merged into the weights; adapter: adapters only", ("merged", "adapter", "both"))
     dtype: str = _opt("auto", "dtype of the exported weights", _DTYPES)
     max_shard_size: str = _opt("2GB", "largest safetensors shard, e.g. '2GB' or '500MB'")
+    quantize: str = _opt(
+        "none",
+        "also write merged-<4bit|8bit>/: the merged model quantised with bitsandbytes (NF4 / int8), checked to load",
+        ("none", "4bit", "8bit"),
+    )
     verify_atol: float = _opt(
         1e-4,
         "max abs logit difference accepted between merged and adapter model (the bf16 rule lives in the exporter)",

@@ -223,3 +223,24 @@ def test_export_answers_the_same_in_a_fresh_process_with_transformers_alone(cli_
     acc = sum(f["match"] for f in fresh) / len(fresh)
     assert acc == ev["tuned"]["accuracy"]
     assert f"exact-match accuracy {acc:.3f}" in res.stdout
+
+
+def test_quantized_export_is_written_beside_and_loads(cli_run):
+    from transformers import Qwen2_5OmniThinkerForConditionalGeneration
+
+    from finetune.export import export_quantized
+    from finetune.recipe import load_resolved
+
+    recipe = load_resolved(cli_run / "recipe.yaml")
+    recipe.export.quantize = "4bit"
+    out = export_quantized(cli_run, recipe, force=True)
+    assert out.name == "merged-4bit"
+    cfg = json.loads((out / "config.json").read_text())
+    assert cfg["quantization_config"]["load_in_4bit"] and cfg["quantization_config"]["bnb_4bit_quant_type"] == "nf4"
+    manifest = json.loads((out / "export_manifest.json").read_text())
+    assert manifest["loads"] and "NF4" in manifest["format"]
+    assert 0 < manifest["max_abs_logit_diff_vs_merged"] < manifest["logit_scale"]
+    model = Qwen2_5OmniThinkerForConditionalGeneration.from_pretrained(str(out))
+    assert any("4bit" in type(m.weight).__name__.lower() or "params4bit" in type(m.weight).__name__.lower()
+               for m in model.modules() if hasattr(m, "weight") and m.weight is not None)
+    assert (out / "tokenizer.json").exists() and (out / "preprocessor_config.json").exists()

@@ -559,6 +559,26 @@ class Qwen25OmniFamily(Family):
             return self._load_thinker_from_full(folder, self.thinker_config(folder), {"dtype": dtype})
         return Qwen2_5OmniThinkerForConditionalGeneration.from_pretrained(str(folder), dtype=dtype)
 
+    def save_quantized(self, merged_dir: Path, out_dir: Path, *, quantize: str, dtype: torch.dtype) -> str:
+        """The merged thinker quantised with bitsandbytes (the LLM's linear layers, as QLoRA does)."""
+        from transformers import Qwen2_5OmniThinkerForConditionalGeneration
+
+        if self.read_config(merged_dir)["model_type"] == "qwen2_5_omni":
+            raise ValueError("export.quantize writes thinker checkpoints; it is not supported for a full "
+                             "Qwen2.5-Omni base yet (export unquantised and quantise at load time instead)")
+        cfg = quantization_config(quantize, dtype, self.quant_skip)
+        model = Qwen2_5OmniThinkerForConditionalGeneration.from_pretrained(str(merged_dir), dtype=dtype,
+                                                                           quantization_config=cfg)
+        model.save_pretrained(str(out_dir), safe_serialization=True)
+        self.copy_processor_files(merged_dir, out_dir)
+        return ("bitsandbytes NF4 with double quantisation" if quantize == "4bit" else "bitsandbytes int8") + \
+            f" on the LLM's linear layers, compute dtype {str(dtype).replace('torch.', '')}"
+
+    def load_quantized_for_check(self, folder: Path):
+        from transformers import Qwen2_5OmniThinkerForConditionalGeneration
+
+        return Qwen2_5OmniThinkerForConditionalGeneration.from_pretrained(str(folder))
+
 
 def write_processor_settings(folder: Path, processor: "OmniProcessor") -> None:
     """The exported preprocessor_config.json resizes images as training did (recipe's pixels)."""
