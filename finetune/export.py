@@ -44,7 +44,7 @@ def export_dtype(setting: str, base_path: Path) -> torch.dtype:
     return {"float32": torch.float32, "float16": torch.float16}.get(str(name), torch.bfloat16)
 
 
-def pick_probes(samples: list, max_probes: int = 4) -> list:
+def pick_probes(samples: list, max_probes: int = 8) -> list:
     """One sample per modality mix present in the data (text, image, audio, video, mixes)."""
     seen: dict[str, object] = {}
     for s in samples:
