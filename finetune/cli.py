@@ -194,8 +194,9 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except Exception as e:  # our own export/validation errors carry their fix in the message
         from finetune.export import ExportError
+        from finetune.runlock import RunLocked
 
-        if isinstance(e, (ExportError, ValueError)) and "Traceback" not in str(e):
+        if isinstance(e, (ExportError, ValueError, RunLocked)) and "Traceback" not in str(e):
             print(f"error: {e}", file=sys.stderr)
             return 2
         raise

@@ -159,6 +159,9 @@ def export_run(run_dir: Path, *, force: bool = False, fmt: str | None = None) ->
     adapter = run_dir / "adapter"
     if not (adapter / "adapter_config.json").exists():
         raise ExportError(f"{adapter}: no adapter; training has not finished")
+    from finetune.runlock import lock_run
+
+    lock_run(run_dir)
     recipe = load_resolved(run_dir / "recipe.yaml")
     fmt = fmt or recipe.export.format
     written: dict[str, Path] = {}

@@ -23,6 +23,7 @@ from finetune.data.schema import DataError, Sample, load_samples
 from finetune.families import family_for
 from finetune.families.base import EncodedSample, Family, LoadedModel
 from finetune.recipe import Recipe, save_resolved
+from finetune.runlock import lock_run
 
 # ---- environment ----------------------------------------------------------------------------
 def quiet_libraries() -> None:
@@ -287,6 +288,7 @@ def train(recipe: Recipe) -> Path:
     quiet_libraries()
     run_dir = recipe.run_dir
     run_dir.mkdir(parents=True, exist_ok=True)
+    lock_run(run_dir)  # before anything is written: two runs never share a folder
     save_resolved(recipe, run_dir / "recipe.yaml")
     torch.manual_seed(recipe.train.seed)
 

@@ -126,3 +126,26 @@ def test_cli_reports_recipe_errors_without_traceback():
     assert res.returncode == 2
     assert "Traceback" not in res.stderr
     assert "train.lr" in res.stderr and "did you mean 'vision_projector'" in res.stderr
+
+
+def test_a_run_folder_has_one_writer_at_a_time(tmp_path):
+    """A second process is refused with the holder named; the lock dies with its process."""
+    from finetune.runlock import RunLocked, lock_run, unlock_run
+
+    run = tmp_path / "run"
+    holder = subprocess.Popen([sys.executable, "-c", "import sys, time; sys.path.insert(0, sys.argv[1]);"
+                               "from finetune.runlock import lock_run; lock_run(sys.argv[2]); print('locked', flush=True);"
+                               "time.sleep(60)", str(ROOT), str(run)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        with pytest.raises(RunLocked, match=f"pid {holder.pid}"):
+            lock_run(run)
+        env = dict(os.environ, PYTHONPATH=str(ROOT))
+        res = subprocess.run([sys.executable, "-m", "finetune", "train", "medical-tiny", f"output.dir={run}"],
+                             cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+        assert res.returncode == 2 and "is in use by pid" in res.stderr and "Traceback" not in res.stderr
+    finally:
+        holder.kill()  # like kill -9: no cleanup runs, yet the kernel drops the lock
+        holder.wait()
+    lock_run(run)
+    unlock_run(run)

@@ -1,0 +1,49 @@
+"""One writer per run folder: an advisory lock held for the life of the process.
+
+`lock_run(run_dir)` takes `run_dir/.lock` with flock (released by the kernel when the process
+ends, however it ends: a kill -9 leaves no stale lock) and records the holder's pid and
+command. A second process gets a clear error naming the holder. Re-entrant within a process
+(`run` = train, eval, export in one process).
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+_held: dict[Path, object] = {}
+
+
+class RunLocked(RuntimeError):
+    """Another process is writing this run folder."""
+
+
+def lock_run(run_dir: Path) -> None:
+    import fcntl
+
+    run_dir = Path(run_dir).resolve()
+    if run_dir in _held:
+        return
+    run_dir.mkdir(parents=True, exist_ok=True)
+    path = run_dir / ".lock"
+    f = open(path, "a+")
+    try:
+        fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        f.seek(0)
+        holder = f.read().strip() or "another process"
+        f.close()
+        raise RunLocked(f"{run_dir} is in use by {holder}; wait for it to finish, stop it, or set another "
+                        "output.dir") from None
+    f.seek(0)
+    f.truncate()
+    f.write(f"pid {os.getpid()} ({' '.join(sys.argv)[:200]})\n")
+    f.flush()
+    _held[run_dir] = f  # kept open: the lock lives as long as the process
+
+
+def unlock_run(run_dir: Path) -> None:
+    f = _held.pop(Path(run_dir).resolve(), None)
+    if f is not None:
+        f.close()
