@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -219,7 +220,8 @@ def make_metrics_callback(run_dir: Path):
 
 
 def make_crash_callback():
-    """Test hook: FINETUNE_CRASH_AFTER_STEP=N raises after optimizer step N (an interrupted run)."""
+    """Test hooks: FINETUNE_CRASH_AFTER_STEP=N raises after optimizer step N (an interrupted run);
+    FINETUNE_KILL_AFTER_STEP=N sends the process SIGKILL there (kill -9)."""
     from transformers import TrainerCallback
 
     class CrashAfter(TrainerCallback):
@@ -227,6 +229,11 @@ def make_crash_callback():
             n = int(os.environ.get("FINETUNE_CRASH_AFTER_STEP", "0") or 0)
             if n and state.global_step >= n:
                 raise KeyboardInterrupt(f"FINETUNE_CRASH_AFTER_STEP={n}: simulated interruption")
+            k = int(os.environ.get("FINETUNE_KILL_AFTER_STEP", "0") or 0)
+            if k and state.global_step >= k:  # kill -9: no handler, no cleanup runs
+                import signal
+
+                os.kill(os.getpid(), signal.SIGKILL)
 
     return CrashAfter()
 
@@ -240,12 +247,25 @@ def truncate_metrics(run_dir: Path, step: int) -> None:
     path.write_text("".join(ln + "\n" for ln in keep))
 
 
+def _complete(checkpoint: Path) -> bool:
+    """The Trainer writes trainer_state.json last: a checkpoint is complete when it parses.
+
+    A run killed (or out of disk) while saving leaves a folder without it, or with it cut
+    short; that folder is skipped and the previous checkpoint is used.
+    """
+    try:
+        json.loads((checkpoint / "trainer_state.json").read_text())
+        return True
+    except (OSError, ValueError):
+        return False
+
+
 def last_checkpoint(run_dir: Path) -> str | None:
     """The newest complete checkpoint-N folder, or None."""
     ck = run_dir / "checkpoints"
     if not ck.is_dir():
         return None
-    done = [p for p in ck.glob("checkpoint-*") if (p / "trainer_state.json").exists()]
+    done = [p for p in ck.glob("checkpoint-*") if _complete(p)]
     if not done:
         return None
     return str(max(done, key=lambda p: int(p.name.split("-")[-1])))
@@ -333,6 +353,10 @@ def train(recipe: Recipe) -> Path:
         resume = last_checkpoint(run_dir)
     elif recipe.train.resume != "never":
         resume = recipe.train.resume
+    for stale in (run_dir / "checkpoints").glob("checkpoint-*"):
+        if not _complete(stale):  # cut short by a kill or a full disk while saving
+            print(f"removing incomplete checkpoint {stale}", flush=True)
+            shutil.rmtree(stale, ignore_errors=True)
     if resume:
         print(f"resuming from {resume}", flush=True)
         truncate_metrics(run_dir, int(Path(resume).name.split("-")[-1]))

@@ -52,8 +52,13 @@ def tiny_recipe(tmp_path: Path, demo: dict, *overrides: str):
     """medical-tiny on the small dataset, writing into tmp_path/run."""
     from finetune.recipe import load_recipe
 
+    return load_recipe("medical-tiny", tiny_overrides(tmp_path, demo, *overrides))
+
+
+def tiny_overrides(tmp_path: Path, demo: dict, *overrides: str) -> list[str]:
+    """The overrides behind tiny_recipe (also for `python -m finetune ... medical-tiny <overrides>`)."""
     base = [f"data.train={demo['train']}", f"data.eval={demo['eval']}", "data.demo=",
             f"output.dir={tmp_path / 'run'}", "model.max_pixels=12544", "train.batch_size=1",
             "data.max_tokens=256", "data.packing=true", "train.max_steps=6", "train.save_steps=3", "train.logging_steps=1", "eval.max_samples=6",
             "eval.max_new_tokens=6"]
-    return load_recipe("medical-tiny", base + list(overrides))
+    return base + list(overrides)
