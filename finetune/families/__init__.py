@@ -9,13 +9,14 @@ from finetune.families.base import Family
 
 
 def _registry() -> dict[str, type[Family]]:
+    from finetune.families.baichuan_omni import BaichuanOmniFamily
     from finetune.families.qwen2_5_omni import Qwen25OmniFamily
 
-    return {"qwen2_5_omni": Qwen25OmniFamily}
+    return {"qwen2_5_omni": Qwen25OmniFamily, "baichuan_omni": BaichuanOmniFamily}
 
 
 # config.json model_type -> family name
-MODEL_TYPES = {"qwen2_5_omni": "qwen2_5_omni", "qwen2_5_omni_thinker": "qwen2_5_omni"}
+MODEL_TYPES = {"qwen2_5_omni": "qwen2_5_omni", "qwen2_5_omni_thinker": "qwen2_5_omni", "omni": "baichuan_omni"}
 
 
 def get_family(name: str) -> Family:

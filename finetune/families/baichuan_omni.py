@@ -1,0 +1,385 @@
+"""The Baichuan-Omni-1.5 family: prompt format, processor, loading, tiny model, export.
+
+Prompt format of the released model (no chat template applies; roles are single tokens):
+
+    <B_SYS>system text<C_Q>user content<C_A>answer<|endoftext|><C_Q>...<C_A>
+
+Media inside a turn: an image is `<img_start_baichuan>` + `<img_pad_baichuan>` x (grid h*w/4) +
+`<img_end_baichuan>`; a video is the same per sampled frame with `<video_palce_baichuan>` pads
+(each frame is its own image, no video start/end tokens); audio is `<audio_start_baichuan>` +
+`<audio_pad_baichuan>` x (12.5 per second, per 30 s chunk) + `<audio_end_baichuan>`. Every
+assistant turn is learned together with the `<|endoftext|>` that ends it. Positions are 1-D.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from finetune.families.base import IGNORE_INDEX, EncodedSample, Family, LoadedModel, cache_root
+from finetune.families.qwen2_5_omni import (OmniProcessor, _atomic_build, _chunks, _turns, quantization_config,
+                                            smart_resize)
+
+EOT = "<|endoftext|>"
+B_SYS, C_Q, C_A = "<B_SYS>", "<C_Q>", "<C_A>"
+IMG_START, IMG_END, IMG_PAD = "<img_start_baichuan>", "<img_end_baichuan>", "<img_pad_baichuan>"
+VIDEO_PAD, VIDEO_START, VIDEO_END = "<video_palce_baichuan>", "<video_start_baichuan>", "<video_end_baichuan>"
+AUDIO_START, AUDIO_END, AUDIO_PAD = "<audio_start_baichuan>", "<audio_end_baichuan>", "<audio_pad_baichuan>"
+ROLE_TOKENS = {"system": B_SYS, "user": C_Q, "assistant": C_A}
+SPECIAL_TOKENS = [EOT, B_SYS, C_Q, C_A, AUDIO_START, AUDIO_END, AUDIO_PAD, IMG_START, IMG_END, IMG_PAD,
+                  VIDEO_PAD, VIDEO_START, VIDEO_END]
+TINY_VERSION = 3  # 2: torch_dtype float32 in config.json; 3: library init (vision rope buffers)
+
+
+@dataclass
+class BaichuanProcessor(OmniProcessor):
+    """Baichuan-Omni-1.5 inputs: the Qwen2-VL image patching (CLIP mean/std, 28-px factor,
+    2x2 merge; each video frame as its own image with the video pixel limit) and the audio
+    tokenizer's log-mel features per 30 s chunk."""
+
+    video_max_pixels: int = 768 * 28 * 28
+
+    @classmethod
+    def from_folder(cls, folder: Path, *, min_pixels: int | None = None, max_pixels: int | None = None,
+                    video_fps: float = 1.0, video_max_frames: int = 32, system_prompt: str | None = None):
+        from transformers import Qwen2Tokenizer
+
+        cfg = json.loads((Path(folder) / "config.json").read_text())
+        vis, vid = cfg.get("visual_config", {}), cfg.get("video_config", {})
+        # the released tokenizer is Qwen2's byte-level BPE plus Baichuan's added tokens; loaded by
+        # class, since AutoTokenizer would follow config.json's auto_map into remote code
+        tok = Qwen2Tokenizer.from_pretrained(str(folder))
+        proc = cls(
+            tokenizer=tok, patch_size=int(vis.get("patch_size", 14)), merge_size=int(vis.get("merge_size", 2)),
+            temporal_patch_size=int(vis.get("temporal_patch_size", 2)),
+            min_pixels=int(min_pixels or vis.get("min_pixels", 3136)),
+            max_pixels=int(max_pixels or vis.get("max_pixels", 4096 * 28 * 28)),
+            image_mean=tuple(vis.get("image_mean", cls.image_mean)), image_std=tuple(vis.get("image_std", cls.image_std)),
+            video_fps=video_fps, video_max_frames=min(video_max_frames, int(vid.get("max_frame_num", 32))),
+            system_prompt=system_prompt,
+            video_max_pixels=int(min(max_pixels or 10 ** 12, vid.get("max_pixels", 768 * 28 * 28))),
+        )
+        for s in SPECIAL_TOKENS:
+            tid = tok.convert_tokens_to_ids(s)
+            if tid is None or tid == tok.unk_token_id:
+                raise ValueError(f"{folder}: tokenizer has no special token {s}; is this a Baichuan-Omni-1.5 folder?")
+            proc.token_ids[s] = int(tid)
+        return proc
+
+    @property
+    def pad_id(self) -> int:
+        return self.token_ids[EOT]
+
+    @property
+    def eos_id(self) -> int:
+        return self.token_ids[EOT]
+
+    def settings(self) -> dict:
+        return {**super().settings(), "video_max_pixels": self.video_max_pixels, "format": "baichuan_omni"}
+
+    def frame_view(self) -> "BaichuanProcessor":
+        """The same processor with the video frame pixel limit (frames are separate images)."""
+        return dataclasses.replace(self, max_pixels=min(self.max_pixels, self.video_max_pixels),
+                                   min_pixels=self.min_pixels, token_ids=self.token_ids, _text_cache=self._text_cache)
+
+    def process_audio_segments(self, wave: np.ndarray) -> list[torch.Tensor]:
+        from finetune.families.baichuan_audio import audio_features
+
+        return audio_features(wave.astype(np.float32))
+
+
+class BaichuanOmniFamily(Family):
+    """Baichuan-Omni-1.5: LLM, vision, audio code embeddings trained; speech output kept for export."""
+
+    name = "baichuan_omni"
+    mrope = False
+    role_prefixes = {
+        "llm": ("model.layers", "model.norm"),
+        "embeddings": ("model.embed_tokens",),
+        "lm_head": ("lm_head",),
+        "vision_encoder": ("model.visual_model",),
+        "vision_projector": ("model.visual_bridge_model",),
+        "audio_encoder": ("audio_tokenizer",),
+        "audio_projector": ("model.audio_embed_layers",),
+        "audio_head": ("audio_head",),
+    }
+    processor_files = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "merges.txt",
+                       "special_tokens_map.json", "added_tokens.json", "generation_config.json",
+                       "preprocessor_config.json")
+    quant_skip = ["lm_head", "model.visual_model", "model.visual_bridge_model", "model.audio_embed_layers",
+                  "audio_tokenizer"]
+
+    # ---- folders -----------------------------------------------------------------------
+    @staticmethod
+    def read_config(folder: Path) -> dict:
+        p = Path(folder) / "config.json"
+        if not p.exists():
+            raise FileNotFoundError(f"{folder}: no config.json; model.path must be a local model folder")
+        cfg = json.loads(p.read_text())
+        if cfg.get("model_type") != "omni":
+            raise ValueError(f"{p}: model_type {cfg.get('model_type')!r} is not Baichuan-Omni-1.5 (expected omni)")
+        return cfg
+
+    def resolve_path(self, path: str, tiny_seed: int = 0) -> Path:
+        if path.startswith("tiny:"):
+            if path.split(":", 1)[1] != self.name:
+                raise ValueError(f"model.path {path!r}: unknown tiny model; use tiny:{self.name}")
+            return self.materialize_tiny(tiny_seed)
+        folder = Path(path).expanduser()
+        if not folder.is_dir():
+            raise FileNotFoundError(f"model.path {path!r} is not a folder: point it at your local "
+                                    "Baichuan-Omni-1.5 folder (config.json with model_type omni)")
+        return folder
+
+    def processor(self, folder: Path, recipe=None) -> BaichuanProcessor:
+        kw = {}
+        if recipe is not None:
+            kw = dict(min_pixels=recipe.model.min_pixels, max_pixels=recipe.model.max_pixels,
+                      video_fps=recipe.model.video_fps, video_max_frames=recipe.model.video_max_frames,
+                      system_prompt=recipe.data.system_prompt)
+        return BaichuanProcessor.from_folder(folder, **kw)
+
+    # ---- loading -----------------------------------------------------------------------
+    def load(self, recipe, *, quantize: str | None = None, dtype: torch.dtype | None = None,
+             attn: str | None = None) -> LoadedModel:
+        from finetune.families.baichuan_model import BaichuanOmniConfig, BaichuanOmniForCausalLM
+
+        folder = self.resolve_path(recipe.model.path, recipe.model.tiny_seed)
+        self.read_config(folder)
+        dtype = dtype or torch.float32
+        quantize = recipe.model.quantize if quantize is None else quantize
+        config = BaichuanOmniConfig.from_pretrained(str(folder))
+        kwargs: dict = {"dtype": dtype, "config": config}
+        if attn:
+            kwargs["attn_implementation"] = attn
+        if quantize in ("4bit", "8bit"):
+            kwargs["quantization_config"] = quantization_config(quantize, dtype, self.quant_skip)
+        model, info = BaichuanOmniForCausalLM.from_pretrained(str(folder), output_loading_info=True, **kwargs)
+        missing = [k for k in info.get("missing_keys", []) if not k.endswith("positional_embedding")]
+        if missing:
+            raise ValueError(f"{folder}: the checkpoint lacks {len(missing)} tensor(s) of the trained parts, e.g. "
+                             f"{sorted(missing)[:3]}; is it a complete Baichuan-Omni-1.5 checkpoint?")
+        model.config.use_cache = False
+        return LoadedModel(model=model, processor=self.processor(folder, recipe), base_path=folder,
+                           info={"quantize": quantize, "dtype": str(dtype).replace("torch.", "")})
+
+    def rope_index(self, model_or_config):
+        return None  # 1-D positions: each sample counts from 0
+
+    # ---- encoding ----------------------------------------------------------------------
+    def _walk(self, sample, processor: BaichuanProcessor, *, for_generation: bool, media: dict | None):
+        """Token ids and labels of a sample; with `media` None, counts from metadata only."""
+        from finetune.data import media as M
+        from finetune.families.baichuan_audio import audio_token_count
+
+        tid = processor.token_ids
+        ids: list[int] = []
+        labels: list[int] = []
+
+        def emit(tokens: list[int], learn: bool):
+            ids.extend(tokens)
+            labels.extend(tokens if learn else [IGNORE_INDEX] * len(tokens))
+
+        frames_proc = processor.frame_view()
+        for msg in _turns(sample, processor.system_prompt, for_generation):
+            learn = msg.role == "assistant" and not for_generation
+            emit([tid[ROLE_TOKENS[msg.role]]], False)
+            for chunk in _chunks(msg):
+                if isinstance(chunk, str):
+                    emit(processor.text_ids(chunk), learn)
+                elif chunk.type == "image":
+                    if media is None:
+                        w, h = M.image_size(chunk.path)
+                        t, gh, gw = processor.image_grid(w, h)
+                    else:
+                        pv, g = processor.process_image(M.load_image(chunk.path))
+                        media.setdefault("pix", []).append(pv)
+                        media.setdefault("grids", []).append(g)
+                        t, gh, gw = (int(x) for x in g)
+                    emit([tid[IMG_START]] + [tid[IMG_PAD]] * (t * gh * gw // processor.merge_size ** 2)
+                         + [tid[IMG_END]], False)
+                elif chunk.type == "audio":
+                    if media is None:
+                        n = audio_token_count(int(round(M.audio_duration(chunk.path) * processor.sampling_rate)))
+                    else:
+                        segs = processor.process_audio_segments(M.load_audio(chunk.path, processor.sampling_rate))
+                        media.setdefault("audio", []).extend(segs)
+                        n = sum(_segment_tokens(s.shape[1]) for s in segs)
+                    emit([tid[AUDIO_START]] + [tid[AUDIO_PAD]] * n + [tid[AUDIO_END]], False)
+                elif chunk.type == "video":
+                    frames = M.load_video(chunk, processor.video_max_frames, processor.video_fps)
+                    for f in frames:
+                        if media is None:
+                            t, gh, gw = frames_proc.image_grid(f.width, f.height)
+                        else:
+                            pv, g = frames_proc.process_image(f)
+                            media.setdefault("vpix", []).append(pv)
+                            media.setdefault("vgrids", []).append(g)
+                            t, gh, gw = (int(x) for x in g)
+                        emit([tid[IMG_START]] + [tid[VIDEO_PAD]] * (t * gh * gw // processor.merge_size ** 2)
+                             + [tid[IMG_END]], False)
+            if learn:
+                emit([tid[EOT]], True)
+        if for_generation:
+            emit([tid[C_A]], False)
+        return ids, labels
+
+    def encode(self, sample, processor: BaichuanProcessor, *, for_generation: bool = False,
+               rope=None) -> EncodedSample:
+        raw: dict = {}
+        ids, labels = self._walk(sample, processor, for_generation=for_generation, media=raw)
+        media: dict[str, Any] = {}
+        if raw.get("pix"):
+            media["pixel_values"] = torch.cat(raw["pix"])
+            media["image_grid_thw"] = torch.stack(raw["grids"])
+        if raw.get("vpix"):
+            media["pixel_values_videos"] = torch.cat(raw["vpix"])
+            media["video_grid_thw"] = torch.stack(raw["vgrids"])
+        if raw.get("audio"):
+            media["audio_features"] = raw["audio"]
+        input_ids = torch.tensor(ids, dtype=torch.long)
+        lab = torch.tensor(labels, dtype=torch.long)
+        if lab.numel():
+            lab[0] = IGNORE_INDEX
+        return EncodedSample(input_ids=input_ids, labels=lab, position_ids=torch.arange(len(ids)), media=media,
+                             sample_id=sample.id or "", where=getattr(sample, "where", ""))
+
+    def count_tokens(self, sample, processor: BaichuanProcessor) -> int:
+        ids, _ = self._walk(sample, processor, for_generation=False, media=None)
+        return len(ids)
+
+    def collate_media(self, batch: list[EncodedSample]) -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        for key, grid in (("pixel_values", "image_grid_thw"), ("pixel_values_videos", "video_grid_thw")):
+            parts = [e.media for e in batch if key in e.media]
+            if parts:
+                out[key] = torch.cat([m[key] for m in parts])
+                out[grid] = torch.cat([m[grid] for m in parts])
+        feats = [f for e in batch for f in e.media.get("audio_features", [])]
+        if feats:
+            out["audio_features"] = feats
+        return out
+
+    def collate_padded(self, batch: list[EncodedSample], pad_id: int, side: str = "right") -> dict[str, Any]:
+        L = max(e.num_tokens for e in batch)
+        input_ids = torch.full((len(batch), L), pad_id, dtype=torch.long)
+        labels = torch.full((len(batch), L), IGNORE_INDEX, dtype=torch.long)
+        mask = torch.zeros((len(batch), L), dtype=torch.long)
+        for i, e in enumerate(batch):
+            n = e.num_tokens
+            sl = slice(0, n) if side == "right" else slice(L - n, L)
+            input_ids[i, sl] = e.input_ids
+            labels[i, sl] = e.labels
+            mask[i, sl] = 1
+        out = {"input_ids": input_ids, "labels": labels, "attention_mask": mask}
+        if side == "right":  # left padding (generation): transformers derives positions from the mask
+            out["position_ids"] = torch.arange(L).expand(len(batch), L).clone()
+        out.update(self.collate_media(batch))
+        return out
+
+    # ---- tiny --------------------------------------------------------------------------
+    def materialize_tiny(self, seed: int = 0) -> Path:
+        root = cache_root() / "tiny" / f"baichuan_omni-s{seed}-v{TINY_VERSION}"
+        if (root / "config.json").exists():
+            return root
+        return _atomic_build(root, lambda d: build_tiny(d, seed))
+
+    # ---- export ------------------------------------------------------------------------
+    def save_merged(self, model, loaded: LoadedModel, out_dir: Path, *, dtype: torch.dtype,
+                    max_shard_size: str) -> dict:
+        """The merged model in the released layout; the speech-output tensors copied unchanged."""
+        from finetune.checkpoint import assemble, copy_extras
+
+        out_dir = Path(out_dir)
+        model = model.to(dtype)
+        stage = Path(tempfile.mkdtemp(prefix=".stage-", dir=out_dir))
+        try:
+            model.save_pretrained(str(stage), safe_serialization=True, max_shard_size="1000GB")
+            info = assemble(stage, loaded.base_path, out_dir, prefix="", max_shard_size=max_shard_size)
+        finally:
+            shutil.rmtree(stage, ignore_errors=True)
+        info["copied"] = copy_extras(loaded.base_path, out_dir)  # config.json included, unchanged
+        info["layout"] = "baichuan_omni (with its speech-output parts)" if info["kept_tensors"] else "baichuan_omni"
+        return info
+
+    def load_merged_for_check(self, folder: Path, dtype: torch.dtype):
+        from finetune.families.baichuan_model import BaichuanOmniForCausalLM
+
+        return BaichuanOmniForCausalLM.from_pretrained(str(folder), dtype=dtype)
+
+
+def _segment_tokens(valid_frames: int) -> int:
+    return ((valid_frames - 1) // 2 + 1) // 4
+
+
+# ---- the tiny model ---------------------------------------------------------------------------
+def tiny_config(tok) -> dict:
+    """config.json of a tiny Baichuan-Omni-1.5: the released structure with small widths."""
+    ids = {t: tok.convert_tokens_to_ids(t) for t in SPECIAL_TOKENS}
+    vocab = int(math.ceil(len(tok) / 64) * 64)
+    return {
+        "architectures": ["OmniForCausalLM"], "model_type": "omni", "vocab_size": vocab, "hidden_size": 64,
+        "intermediate_size": 192, "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
+        "head_dim": 16, "hidden_act": "silu", "max_position_embeddings": 4096, "rms_norm_eps": 1e-6,
+        "rope_theta": 10000.0, "attention_qkv_bias": True, "tie_word_embeddings": False, "initializer_range": 0.1,
+        "bos_token_id": ids[EOT], "eos_token_id": ids[EOT], "pad_token_id": ids[EOT], "use_cache": True,
+        "torch_dtype": "float32",
+        "visual_config": {"enable": True, "depth": 2, "embed_dim": 64, "num_heads": 4, "mlp_ratio": 2,
+                          "hidden_act": "quick_gelu", "patch_size": 14, "merge_size": 2, "spatial_merge_size": 2,
+                          "temporal_patch_size": 2, "in_channels": 3, "min_pixels": 3136, "max_pixels": 12544,
+                          "image_start_token_id": ids[IMG_START], "image_end_token_id": ids[IMG_END],
+                          "image_pad_token_id": ids[IMG_PAD],
+                          "image_mean": [0.48145466, 0.4578275, 0.40821073],
+                          "image_std": [0.26862954, 0.26130258, 0.27577711]},
+        "video_config": {"max_frame_num": 8, "max_pixels": 12544, "video_place_token_id": ids[VIDEO_PAD],
+                         "video_start_token_id": ids[VIDEO_START], "video_end_token_id": ids[VIDEO_END]},
+        "audio_config": {"enable": True, "num_mel_bins": 128, "d_model": 32, "encoder_layers": 2,
+                         "encoder_attention_heads": 4, "encoder_ffn_dim": 64, "avg_pooler": 4,
+                         "max_source_positions": 1500, "audio_start_token_id": ids[AUDIO_START],
+                         "audio_end_token_id": ids[AUDIO_END], "audio_pad_token_id": ids[AUDIO_PAD],
+                         "vq_config": {"enable": True, "codebook_sizes": [64, 32, 32, 16, 16, 16, 16, 16]}},
+    }
+
+
+# tensors standing in for the speech-output parts of a released checkpoint (export copies them)
+_TINY_SPEECH = {"audio_head.headnorm.weight": (64,), "audio_head.heads.0.weight": (65, 64),
+                "audio_tokenizer.audio_decoder.dconv1.conv.weight": (32, 32, 3),
+                "audio_tokenizer.audio_flow_matching_decoder.prenet.out_proj.weight": (80, 32)}
+
+
+def build_tiny(folder: Path, seed: int = 0) -> None:
+    from safetensors.torch import load_file, save_file
+    from transformers import GenerationConfig, Qwen2Tokenizer
+
+    from finetune.families.baichuan_model import BaichuanOmniConfig, BaichuanOmniForCausalLM
+    from finetune.families.tiny import build_bpe_tokenizer
+
+    tok = Qwen2Tokenizer(tokenizer_object=build_bpe_tokenizer(SPECIAL_TOKENS), eos_token=EOT, pad_token=EOT,
+                         unk_token=None)
+    cfg_dict = tiny_config(tok)
+    torch.manual_seed(seed)
+    model = BaichuanOmniForCausalLM(BaichuanOmniConfig(**cfg_dict)).eval()
+    model.save_pretrained(str(folder), safe_serialization=True)
+    # the released layout: config.json as shipped, speech-output tensors in the same file
+    weights = Path(folder) / "model.safetensors"
+    state = load_file(str(weights))
+    g = torch.Generator().manual_seed(seed + 1)
+    for k, shape in _TINY_SPEECH.items():
+        state[k] = torch.randn(shape, generator=g)
+    save_file(state, str(weights), metadata={"format": "pt"})
+    (Path(folder) / "config.json").write_text(json.dumps(cfg_dict, indent=2, sort_keys=True) + "\n")
+    tok.save_pretrained(str(folder))
+    GenerationConfig(eos_token_id=tok.convert_tokens_to_ids(EOT), pad_token_id=tok.convert_tokens_to_ids(EOT),
+                     do_sample=False).save_pretrained(str(folder))
+
+
+__all__ = ["BaichuanOmniFamily", "BaichuanProcessor", "smart_resize"]
