@@ -151,3 +151,19 @@ def test_export_round_trip_keeps_the_speech_parts(tmp_path, small_demo):
     assert any(not raw_equal(base_t[k], out_t[k]) for k in base_t if k.startswith("model.layers."))
     assert json.loads((out / "config.json").read_text()) == json.loads((base_dir / "config.json").read_text())
     BaichuanOmniForCausalLM.from_pretrained(str(out))  # loads as the family's model
+
+
+def test_the_backbone_alone_sees_the_media(tiny_bc, media_dir):  # noqa: F811
+    """TRL's fused LM head calls `model.base_model(**batch)` and projects the hidden states
+    itself: the backbone must embed images, video and audio, not only the text."""
+    fam, loaded = tiny_bc
+    model = loaded.model
+    e = fam.encode(sample(media_dir, MIXES["all"]), loaded.processor)
+    batch = fam.collate_padded([e], loaded.processor.pad_id)
+    batch.pop("labels")
+    with torch.no_grad():
+        full = model(**batch).logits
+        via_backbone = model.get_output_embeddings()(model.base_model(**batch).last_hidden_state)
+        text_only = model.base_model(input_ids=batch["input_ids"]).last_hidden_state
+    assert torch.allclose(full, via_backbone, atol=1e-6)
+    assert not torch.allclose(model.get_output_embeddings()(text_only), full, atol=1e-3)

@@ -269,14 +269,63 @@ class BaichuanOmniModel(BaichuanOmniPreTrainedModel):
     def set_input_embeddings(self, value):
         self.embed_tokens = value
 
+    def audio_tokenizer(self):
+        """The (frozen) audio tokenizer; it lives at the top of the released checkpoint
+        (`audio_tokenizer.*`), so it is held by the causal-LM wrapper and only referenced here."""
+        tok = self.__dict__.get("_audio_tokenizer")
+        if tok is None:
+            raise ValueError("audio input needs the audio tokenizer: use BaichuanOmniForCausalLM")
+        return tok
+
+    # ---- multimodal inputs -> embeddings -------------------------------------------------
+    def _token_id(self, name: str) -> int:
+        ids = {IMAGE_PAD: ("visual_config", "image_pad_token_id"),
+               VIDEO_PAD: ("video_config", "video_place_token_id"),
+               AUDIO_PAD: ("audio_config", "audio_pad_token_id")}
+        section, key = ids[name]
+        return int(getattr(self.config, section)[key])
+
+    def _scatter(self, embeds, input_ids, token_id, features):
+        mask = input_ids == token_id
+        n = int(mask.sum())
+        if n != features.shape[0]:
+            raise ValueError(f"{n} placeholder tokens (id {token_id}) for {features.shape[0]} feature rows")
+        return embeds.masked_scatter(mask.unsqueeze(-1), features.to(embeds.dtype))
+
+    def embed(self, input_ids, pixel_values=None, image_grid_thw=None, pixel_values_videos=None,
+              video_grid_thw=None, audio_features=None, audio_codes=None):
+        embeds = self.embed_tokens(input_ids)
+        if audio_codes is None and audio_features:
+            audio_codes = self.audio_tokenizer().encode(audio_features)  # frozen: codes only
+        if audio_codes is not None and audio_codes.numel():
+            a = sum(layer(audio_codes[:, i]) for i, layer in enumerate(self.audio_embed_layers))
+            embeds = self._scatter(embeds, input_ids, self._token_id(AUDIO_PAD), a)
+        pix = [p for p in (pixel_values, pixel_values_videos) if p is not None and p.numel()]
+        if pix:
+            grids = torch.cat([g for g, p in ((image_grid_thw, pixel_values), (video_grid_thw, pixel_values_videos))
+                               if p is not None and p.numel()])
+            patches = self.visual_model(torch.cat(pix), grid_thw=grids).last_hidden_state
+            feats = self.visual_bridge_model(patches)
+            n_img = 0
+            if pixel_values is not None and pixel_values.numel():
+                merge = self.visual_model.spatial_merge_size ** 2
+                n_img = int(image_grid_thw.prod(-1).sum()) // merge
+                embeds = self._scatter(embeds, input_ids, self._token_id(IMAGE_PAD), feats[:n_img])
+            if pixel_values_videos is not None and pixel_values_videos.numel():
+                embeds = self._scatter(embeds, input_ids, self._token_id(VIDEO_PAD), feats[n_img:])
+        return embeds
+
     def forward(self, input_ids=None, attention_mask=None, position_ids=None, past_key_values=None,
-                inputs_embeds=None, use_cache=None, cache_position=None, **kwargs):
+                inputs_embeds=None, use_cache=None, cache_position=None, pixel_values=None, image_grid_thw=None,
+                pixel_values_videos=None, video_grid_thw=None, audio_features=None, audio_codes=None, **kwargs):
+        """The LLM on text with the media scattered in (also what TRL's fused LM head calls)."""
         from transformers.cache_utils import DynamicCache
         from transformers.masking_utils import create_causal_mask
         from transformers.modeling_outputs import BaseModelOutputWithPast
 
         if inputs_embeds is None:
-            inputs_embeds = self.embed_tokens(input_ids)
+            inputs_embeds = self.embed(input_ids, pixel_values, image_grid_thw, pixel_values_videos, video_grid_thw,
+                                       audio_features, audio_codes)
         use_cache = self.config.use_cache if use_cache is None else use_cache
         if use_cache and past_key_values is None:
             past_key_values = DynamicCache(config=self.config)
@@ -308,6 +357,7 @@ class BaichuanOmniForCausalLM(BaichuanOmniPreTrainedModel, GenerationMixin):
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         if hasattr(self.model, "audio_embed_layers"):
             self.audio_tokenizer = AudioTokenizer.from_config(config.audio_config)
+            self.model.__dict__["_audio_tokenizer"] = self.audio_tokenizer  # a reference, not a submodule
         self.post_init()
 
     def get_input_embeddings(self):
@@ -316,53 +366,15 @@ class BaichuanOmniForCausalLM(BaichuanOmniPreTrainedModel, GenerationMixin):
     def get_output_embeddings(self):
         return self.lm_head
 
-    # ---- multimodal inputs -> embeddings -------------------------------------------------
-    def _token_id(self, name: str) -> int:
-        ids = {IMAGE_PAD: ("visual_config", "image_pad_token_id"),
-               VIDEO_PAD: ("video_config", "video_place_token_id"),
-               AUDIO_PAD: ("audio_config", "audio_pad_token_id")}
-        section, key = ids[name]
-        return int(getattr(self.config, section)[key])
-
-    def _scatter(self, embeds, input_ids, token_id, features):
-        mask = input_ids == token_id
-        n = int(mask.sum())
-        if n != features.shape[0]:
-            raise ValueError(f"{n} placeholder tokens (id {token_id}) for {features.shape[0]} feature rows")
-        return embeds.masked_scatter(mask.unsqueeze(-1), features.to(embeds.dtype))
-
-    def embed(self, input_ids, pixel_values=None, image_grid_thw=None, pixel_values_videos=None,
-              video_grid_thw=None, audio_features=None, audio_codes=None):
-        embeds = self.model.embed_tokens(input_ids)
-        if audio_codes is None and audio_features:
-            audio_codes = self.audio_tokenizer.encode(audio_features)  # frozen: codes only
-        if audio_codes is not None and audio_codes.numel():
-            a = sum(layer(audio_codes[:, i]) for i, layer in enumerate(self.model.audio_embed_layers))
-            embeds = self._scatter(embeds, input_ids, self._token_id(AUDIO_PAD), a)
-        pix = [p for p in (pixel_values, pixel_values_videos) if p is not None and p.numel()]
-        if pix:
-            grids = torch.cat([g for g, p in ((image_grid_thw, pixel_values), (video_grid_thw, pixel_values_videos))
-                               if p is not None and p.numel()])
-            patches = self.model.visual_model(torch.cat(pix), grid_thw=grids).last_hidden_state
-            feats = self.model.visual_bridge_model(patches)
-            n_img = 0
-            if pixel_values is not None and pixel_values.numel():
-                merge = self.model.visual_model.spatial_merge_size ** 2
-                n_img = int(image_grid_thw.prod(-1).sum()) // merge
-                embeds = self._scatter(embeds, input_ids, self._token_id(IMAGE_PAD), feats[:n_img])
-            if pixel_values_videos is not None and pixel_values_videos.numel():
-                embeds = self._scatter(embeds, input_ids, self._token_id(VIDEO_PAD), feats[n_img:])
-        return embeds
-
     def forward(self, input_ids=None, attention_mask=None, position_ids=None, past_key_values=None,
                 inputs_embeds=None, labels=None, use_cache=None, cache_position=None, logits_to_keep=0,
                 pixel_values=None, image_grid_thw=None, pixel_values_videos=None, video_grid_thw=None,
                 audio_features=None, audio_codes=None, **kwargs: Any):
-        if inputs_embeds is None:
-            inputs_embeds = self.embed(input_ids, pixel_values, image_grid_thw, pixel_values_videos, video_grid_thw,
-                                       audio_features, audio_codes)
-        out = self.model(attention_mask=attention_mask, position_ids=position_ids, past_key_values=past_key_values,
-                         inputs_embeds=inputs_embeds, use_cache=use_cache, cache_position=cache_position, **kwargs)
+        out = self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                         past_key_values=past_key_values, inputs_embeds=inputs_embeds, use_cache=use_cache,
+                         cache_position=cache_position, pixel_values=pixel_values, image_grid_thw=image_grid_thw,
+                         pixel_values_videos=pixel_values_videos, video_grid_thw=video_grid_thw,
+                         audio_features=audio_features, audio_codes=audio_codes, **kwargs)
         h = out.last_hidden_state
         sl = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) and logits_to_keep else slice(None)
         logits = self.lm_head(h[:, sl])
