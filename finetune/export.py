@@ -265,7 +265,7 @@ def export_merged(run_dir: Path, recipe, *, force: bool) -> Path:
             same = all(raw_equal(base_t[k], out_t[k]) for k in kept)
         else:
             same = True
-        parts = sorted({k.split(".", 1)[0] for k in kept})
+        parts = _part_names(kept, tensors_of(tmp).keys())
         manifest = {
             "family": family.name,
             "layout": info.get("layout", family.name),
@@ -332,6 +332,15 @@ def export_quantized(run_dir: Path, recipe, *, force: bool) -> Path:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return target
+
+
+def _part_names(kept, all_names) -> list[str]:
+    """Readable names of the copied parts: the top module, or two levels where the top module
+    also holds trained tensors (Baichuan's audio_tokenizer.audio_decoder beside its encoder)."""
+    kept = set(kept)
+    trained_tops = {n.split(".", 1)[0] for n in all_names if n not in kept}
+    return sorted({".".join(k.split(".")[:2]) if k.split(".", 1)[0] in trained_tops else k.split(".", 1)[0]
+                   for k in kept})
 
 
 def _replace(tmp: Path, target: Path) -> None:
