@@ -8,7 +8,7 @@ ARGS ?=
 # torch is installed first and pinned so that pip keeps it (the CPU wheel on CPU-only machines);
 # override with e.g. `make install TORCH="torch==2.9.1"`.
 TORCH ?= torch==2.13.0
-EXTRAS ?= dev
+EXTRAS ?= dev,medical
 
 .PHONY: install finetune train eval export check test demo recipes clean bench-packing
 

@@ -23,6 +23,8 @@ _MEDIA_FIX = {
     "unreadable_audio": "re-encode the audio as WAV or FLAC, or remove the sample",
     "empty_audio": "replace the recording with a non-empty one, or remove the sample",
     "unreadable_video": "re-export the video as a folder of PNG/JPEG frames, or remove the sample",
+    "bad_media_option": "use one of the allowed values named in the message",
+    "missing_extra": 'install the [medical] extra: pip install -e ".[medical]"',
 }
 
 # Decoding a video file only proves the container is readable; a few frames suffice.
@@ -97,9 +99,9 @@ class _MediaChecker:
     """Decodes media once per file, however many samples reference it."""
 
     def __init__(self) -> None:
-        self._cache: dict[tuple[str, Path], tuple[str, str] | None] = {}
+        self._cache: dict[tuple[str, object], tuple[str, str] | None] = {}
 
-    def _try(self, kind: str, path: Path, fn: Callable[[], object]) -> tuple[str, str] | None:
+    def _try(self, kind: str, path: object, fn: Callable[[], object]) -> tuple[str, str] | None:
         key = (kind, path)
         if key not in self._cache:
             try:
@@ -112,7 +114,10 @@ class _MediaChecker:
     def problems(self, part: Part, fld: str) -> Iterable[tuple[str, str, str]]:
         """Yield ``(kind, field, problem)`` for every unreadable file of a part."""
         if part.type == "image":
-            res = self._try("unreadable_image", part.path, lambda: media.load_image(part.path))
+            # Options (DICOM/NIfTI window, frame, slice) are part of the key:
+            # the same file may be read with different options by other samples.
+            key = (part.path, repr(sorted(part.extra.items(), key=lambda kv: kv[0])))
+            res = self._try("unreadable_image", key, lambda: media.load_images(part))
             if res:
                 yield res[0], f"{fld}.path", res[1]
         elif part.type == "audio":

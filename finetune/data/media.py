@@ -1,5 +1,8 @@
 """Media readers for images, audio and video (Pillow, soundfile, scipy, optional PyAV).
 
+DICOM and NIfTI images are read by :mod:`finetune.data.medical` (the
+``[medical]`` extra); :func:`load_images` applies an image part's options.
+
 Every failure is raised as :class:`MediaError` with a message that names the
 file; :mod:`finetune.data.check` turns it into a located DataError.
 """
@@ -17,7 +20,7 @@ from finetune.data.schema import Part
 
 FRAME_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
 VIDEO_SUFFIXES = (".mp4", ".avi", ".mkv", ".webm", ".mov")
-MEDICAL_SUFFIXES = (".dcm", ".dicom", ".nii", ".nii.gz")
+MEDICAL_SUFFIXES = (".dcm", ".dicom", ".ima", ".nii", ".nii.gz")  # see finetune.data.medical
 
 _AUDIO_FORMATS_HINT = (
     "soundfile reads WAV, FLAC, OGG/Vorbis and MP3 (MP3 needs libsndfile>=1.1); "
@@ -34,22 +37,55 @@ class MediaError(Exception):
 
 
 def _is_medical(path: Path) -> bool:
-    name = Path(path).name.lower()
-    return name.endswith(MEDICAL_SUFFIXES)
+    # DICOM/NIfTI by extension, or an extension-less DICOM file (DICM marker).
+    from finetune.data.medical import is_medical
+
+    return is_medical(path)
 
 
-def _medical_unsupported(path: Path) -> MediaError:
-    # Branch point for the [medical] extra: DICOM/NIfTI readers plug in here.
-    return MediaError(
-        f"'{path}': DICOM/NIfTI support arrives with the [medical] extra", kind="unsupported"
-    )
+def load_images(part: Part) -> list[Image.Image]:
+    """All RGB images of an image part, with the part's options applied.
+
+    An ordinary image gives one image. A DICOM file or NIfTI volume is read
+    by :mod:`finetune.data.medical` with ``part.extra`` as options (window,
+    frame, slice, ...); a NIfTI part with ``"slices": n`` gives n images.
+    """
+    path = _image_part_path(part)
+    if _is_medical(path):
+        from finetune.data.medical import read_medical_images
+
+        return read_medical_images(path, part.extra)
+    return [load_image(path)]
+
+
+def image_sizes(part: Part) -> list[tuple[int, int]]:
+    """``(width, height)`` of every image :func:`load_images` gives, from headers only."""
+    path = _image_part_path(part)
+    if _is_medical(path):
+        from finetune.data.medical import medical_image_sizes
+
+        return medical_image_sizes(path, part.extra)
+    return [image_size(path)]
+
+
+def _image_part_path(part: Part) -> Path:
+    if part.path is None:
+        raise MediaError("the image part has no 'path'")
+    return Path(part.path)
 
 
 def load_image(path: Path) -> Image.Image:
-    """Decode an image fully and return it as RGB."""
+    """Decode an image fully and return it as RGB.
+
+    DICOM/NIfTI files give their default image (middle frame or middle axial
+    slice, window from the file or min-max); use :func:`load_images` to apply
+    a part's options.
+    """
     path = Path(path)
     if _is_medical(path):
-        raise _medical_unsupported(path)
+        from finetune.data.medical import read_medical_images
+
+        return read_medical_images(path, {})[0]
     try:
         with Image.open(path) as im:
             # load() forces the full decode so truncated files fail here,
@@ -80,7 +116,9 @@ def image_size(path: Path) -> tuple[int, int]:
     """``(width, height)`` read from the image header, without decoding pixels."""
     path = Path(path)
     if _is_medical(path):
-        raise _medical_unsupported(path)
+        from finetune.data.medical import medical_image_sizes
+
+        return medical_image_sizes(path, {})[0]
     try:
         with Image.open(path) as im:
             return im.size

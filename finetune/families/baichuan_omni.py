@@ -197,16 +197,19 @@ class BaichuanOmniFamily(Family):
                 if isinstance(chunk, str):
                     emit(processor.text_ids(chunk), learn)
                 elif chunk.type == "image":
-                    if media is None:
-                        w, h = M.image_size(chunk.path)
-                        t, gh, gw = processor.image_grid(w, h)
-                    else:
-                        pv, g = processor.process_image(M.load_image(chunk.path))
-                        media.setdefault("pix", []).append(pv)
-                        media.setdefault("grids", []).append(g)
-                        t, gh, gw = (int(x) for x in g)
-                    emit([tid[IMG_START]] + [tid[IMG_PAD]] * (t * gh * gw // processor.merge_size ** 2)
-                         + [tid[IMG_END]], False)
+                    # a NIfTI part may give several slices: each is its own image
+                    grids = ([processor.image_grid(w, h) for w, h in M.image_sizes(chunk)] if media is None
+                             else [processor.process_image(img) for img in M.load_images(chunk)])
+                    for item in grids:
+                        if media is None:
+                            t, gh, gw = item
+                        else:
+                            pv, g = item
+                            media.setdefault("pix", []).append(pv)
+                            media.setdefault("grids", []).append(g)
+                            t, gh, gw = (int(x) for x in g)
+                        emit([tid[IMG_START]] + [tid[IMG_PAD]] * (t * gh * gw // processor.merge_size ** 2)
+                             + [tid[IMG_END]], False)
                 elif chunk.type == "audio":
                     if media is None:
                         n = audio_token_count(int(round(M.audio_duration(chunk.path) * processor.sampling_rate)))

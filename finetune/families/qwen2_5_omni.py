@@ -414,11 +414,12 @@ class Qwen25OmniFamily(Family):
                 if isinstance(chunk, str):
                     emit(processor.text_ids(chunk), learn)
                 elif chunk.type == "image":
-                    pv, g = processor.process_image(M.load_image(chunk.path))
-                    pix.append(pv)
-                    grids.append(g)
-                    n = int(g.prod()) // processor.merge_size ** 2
-                    emit([tid[VISION_BOS]] + [tid[IMAGE_TOKEN]] * n + [tid[VISION_EOS]], False)
+                    for img in M.load_images(chunk):  # a NIfTI part may give several slices
+                        pv, g = processor.process_image(img)
+                        pix.append(pv)
+                        grids.append(g)
+                        n = int(g.prod()) // processor.merge_size ** 2
+                        emit([tid[VISION_BOS]] + [tid[IMAGE_TOKEN]] * n + [tid[VISION_EOS]], False)
                 elif chunk.type == "audio":
                     f = processor.process_audio(M.load_audio(chunk.path, processor.sampling_rate))
                     feats.append(f)
@@ -465,9 +466,9 @@ class Qwen25OmniFamily(Family):
                 if isinstance(chunk, str):
                     n += len(processor.text_ids(chunk))
                 elif chunk.type == "image":
-                    w, h = M.image_size(chunk.path)
-                    t, gh, gw = processor.image_grid(w, h)
-                    n += 2 + t * gh * gw // processor.merge_size ** 2
+                    for w, h in M.image_sizes(chunk):
+                        t, gh, gw = processor.image_grid(w, h)
+                        n += 2 + t * gh * gw // processor.merge_size ** 2
                 elif chunk.type == "audio":
                     dur = M.audio_duration(chunk.path)
                     frames = processor.audio_frames(int(round(dur * processor.sampling_rate)))

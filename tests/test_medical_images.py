@@ -1,0 +1,322 @@
+"""DICOM and NIfTI image parts (finetune.data.medical, the [medical] extra)."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+pydicom = pytest.importorskip("pydicom")
+nib = pytest.importorskip("nibabel")
+
+from pydicom.dataset import Dataset, FileMetaDataset  # noqa: E402
+from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid  # noqa: E402
+
+from finetune.data import media  # noqa: E402
+from finetune.data.check import check_dataset  # noqa: E402
+from finetune.data.media import MediaError  # noqa: E402
+from finetune.data.medical import (  # noqa: E402
+    WINDOW_PRESETS,
+    is_medical,
+    medical_image_sizes,
+    read_medical_images,
+)
+from finetune.data.schema import Part  # noqa: E402
+
+
+def write_dicom(path, arr, *, photometric="MONOCHROME2", bits_stored=12, **tags):
+    """A minimal uncompressed DICOM file; ``arr`` is (rows, cols), (frames, rows, cols) or RGB."""
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = CTImageStorage
+    meta.MediaStorageSOPInstanceUID = generate_uid()
+    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds = Dataset()
+    ds.file_meta = meta
+    ds.SOPClassUID = CTImageStorage
+    ds.SOPInstanceUID = meta.MediaStorageSOPInstanceUID
+    ds.Modality = "CT"
+    rgb = photometric == "RGB"
+    if rgb:
+        ds.Rows, ds.Columns = arr.shape[:2]
+        ds.SamplesPerPixel = 3
+        ds.PlanarConfiguration = 0
+    else:
+        ds.Rows, ds.Columns = arr.shape[-2:]
+        ds.SamplesPerPixel = 1
+        if arr.ndim == 3:
+            ds.NumberOfFrames = arr.shape[0]
+    ds.PhotometricInterpretation = photometric
+    ds.BitsAllocated = arr.dtype.itemsize * 8
+    ds.BitsStored = bits_stored
+    ds.HighBit = bits_stored - 1
+    ds.PixelRepresentation = 1 if arr.dtype.kind == "i" else 0
+    for k, v in tags.items():
+        setattr(ds, k, v)
+    ds.PixelData = np.ascontiguousarray(arr).tobytes()
+    ds.save_as(str(path), enforce_file_format=True)
+    return path
+
+
+def gray(im) -> np.ndarray:
+    a = np.asarray(im)
+    assert im.mode == "RGB" and a.dtype == np.uint8
+    assert (a[..., 0] == a[..., 1]).all() and (a[..., 1] == a[..., 2]).all()
+    return a[..., 0].astype(int)
+
+
+def lin(hu, centre, width):
+    """The expected 8-bit value of ``hu`` under a window, computed by hand."""
+    lo, hi = centre - width / 2, centre + width / 2
+    return int(np.rint(np.clip((hu - lo) / (hi - lo) * 255, 0, 255)))
+
+
+# Stored values (uint16, 12 bits) and their HU with intercept -1024:
+# 424 -> -600 (lung centre), 0 -> -1024, 2000 -> 976, 4095 -> 3071.
+CT_STORED = np.array([[424, 0, 2000], [4095, 1064, 1074]], dtype=np.uint16)
+CT_HU = CT_STORED.astype(float) - 1024
+
+
+@pytest.fixture
+def ct(tmp_path):
+    return write_dicom(tmp_path / "ct.dcm", CT_STORED, RescaleSlope=1, RescaleIntercept=-1024,
+                       WindowCenter=[40, 400], WindowWidth=[400, 1500])
+
+
+def test_lung_preset_windowing(ct):
+    out = gray(read_medical_images(ct, {"window": "lung"})[0])
+    assert out[0, 0] in (127, 128)  # HU -600 is the lung window's centre
+    assert out[0, 1] == 55  # (-1024 + 1350) / 1500 * 255 = 55.4
+    assert out[0, 2] == 255 and out[1, 0] == 255  # above the window
+    expected = [[lin(h, -600, 1500) for h in row] for row in CT_HU]
+    assert out.tolist() == expected
+
+
+def test_window_from_file_first_value_and_options_priority(ct):
+    # No option: WindowCenter/WindowWidth's first values (40, 400).
+    out = gray(read_medical_images(ct, {})[0])
+    assert out[0, 0] == 0 and out[0, 2] == 255  # -600 below, 976 above
+    assert out[1, 1] == lin(40, 40, 400) and out[1, 2] == lin(50, 40, 400)
+    # [centre, width] and window_center/window_width override the file.
+    a = gray(read_medical_images(ct, {"window": [0, 2000]})[0])
+    b = gray(read_medical_images(ct, {"window_center": 0, "window_width": 2000})[0])
+    assert a.tolist() == b.tolist() == [[lin(h, 0, 2000) for h in row] for row in CT_HU]
+    # The preset wins over window_center/window_width.
+    c = gray(read_medical_images(ct, {"window": "Bone", "window_center": 0, "window_width": 1})[0])
+    assert c.tolist() == [[lin(h, 400, 1800) for h in row] for row in CT_HU]
+
+
+def test_min_max_without_window_tags_and_signed_int16(tmp_path):
+    arr = np.array([[-1000, 0], [500, 1000]], dtype=np.int16)
+    p = write_dicom(tmp_path / "s.dcm", arr, RescaleSlope=2, RescaleIntercept=-10)
+    out = gray(read_medical_images(p, {})[0])
+    # HU = 2 * v - 10: -2010 .. 1990, min-max -> 0 .. 255
+    assert out[0, 0] == 0 and out[1, 1] == 255
+    assert out[0, 1] == lin(-10, -10, 4000) and out[1, 0] == lin(990, -10, 4000)
+    # Rescale applies before the window: HU -10 is the centre of [-10, 100].
+    assert gray(read_medical_images(p, {"window": [-10, 100]})[0])[0, 1] in (127, 128)
+
+
+def test_monochrome1_inverted(tmp_path):
+    p = write_dicom(tmp_path / "m1.dcm", CT_STORED, photometric="MONOCHROME1",
+                    RescaleSlope=1, RescaleIntercept=-1024)
+    m1 = gray(read_medical_images(p, {"window": "lung"})[0])
+    expected = [[255 - lin(h, -600, 1500) for h in row] for row in CT_HU]
+    assert m1.tolist() == expected
+    assert m1[0, 2] == 0  # above the window is black in MONOCHROME1
+
+
+def test_multi_frame_selection(tmp_path):
+    frames = np.stack([np.full((4, 5), 100 * (k + 1), dtype=np.uint16) for k in range(5)])
+    frames[:, 0, 0] = 0  # a fixed dark pixel so min-max has a range
+    p = write_dicom(tmp_path / "mf.dcm", frames)
+    middle = gray(read_medical_images(p, {"window": [0, 1020]})[0])
+    assert middle[1, 1] == lin(300, 0, 1020)  # default: frame 5 // 2 = 2
+    first = gray(read_medical_images(p, {"frame": 0, "window": [0, 1020]})[0])
+    assert first[1, 1] == lin(100, 0, 1020)
+    assert read_medical_images(p, {"frame": 4})[0].size == (5, 4)
+    with pytest.raises(MediaError, match=r'"frame".*0 \.\. 4'):
+        read_medical_images(p, {"frame": 5})
+    with pytest.raises(MediaError, match="NIfTI volumes only"):
+        read_medical_images(p, {"slice": 1})
+
+
+def test_rgb_dicom_passthrough(tmp_path):
+    arr = np.zeros((3, 4, 3), dtype=np.uint8)
+    arr[..., 0] = 200
+    arr[1, 2] = (10, 20, 30)
+    p = write_dicom(tmp_path / "rgb.dcm", arr, photometric="RGB", bits_stored=8)
+    out = np.asarray(read_medical_images(p, {"window": "lung"})[0])
+    assert out.shape == (3, 4, 3) and (out == arr).all()
+
+
+def test_sizes_match_decoded_images(ct, tmp_path):
+    p = write_dicom(tmp_path / "wide.dcm", np.zeros((3, 7), dtype=np.uint16))
+    for path in (ct, p):
+        assert medical_image_sizes(path, {}) == [im.size for im in read_medical_images(path, {})]
+    assert medical_image_sizes(p, {}) == [(7, 3)]
+
+
+@pytest.fixture
+def volume(tmp_path):
+    # data[i, j, k] = k * 100 - 1000 + i: slice k along axis 2 has a known level.
+    shape = (6, 8, 10)
+    data = np.zeros(shape, dtype=np.int16)
+    data += (np.arange(10) * 100 - 1000).astype(np.int16)[None, None, :]
+    data += np.arange(6, dtype=np.int16)[:, None, None]
+    path = tmp_path / "vol.nii.gz"
+    nib.save(nib.Nifti1Image(data, np.eye(4)), str(path))
+    return path, data
+
+
+def test_nifti_default_middle_axial_slice_and_orientation(volume):
+    path, data = volume
+    [im] = read_medical_images(path, {})
+    # Axial slice data[:, :, 5]: rows = axis 0 (6), columns = axis 1 (8).
+    assert im.size == (8, 6)
+    out = gray(im)
+    assert out[0, 0] == 0 and out[5, 0] == 255  # min-max over the slice, rows follow axis 0
+    assert medical_image_sizes(path, {}) == [(8, 6)]
+
+
+def test_nifti_slice_axis_position_and_window(volume):
+    path, data = volume
+    im = gray(read_medical_images(path, {"slice": 3, "window": [-700, 200]})[0])
+    assert im[0, 0] == lin(-700, -700, 200) and im[5, 0] == lin(-695, -700, 200)
+    im = gray(read_medical_images(path, {"position": 1.0, "window": "bone"})[0])
+    assert im[0, 0] == lin(-100, 400, 1800)  # last slice, k = 9
+    [sag] = read_medical_images(path, {"axis": 0, "slice": 2, "window": [0, 4000]})
+    assert sag.size == (10, 8)  # rows = axis 1 (8), columns = axis 2 (10)
+    assert gray(sag)[0, 9] == lin(9 * 100 - 1000 + 2, 0, 4000)  # data[2, 0, 9]
+    assert medical_image_sizes(path, {"axis": 1}) == [(10, 6)]
+    with pytest.raises(MediaError, match=r'"slice".*0 \.\. 9'):
+        read_medical_images(path, {"slice": 10})
+    with pytest.raises(MediaError, match=r'"axis".*0, 1 or 2'):
+        read_medical_images(path, {"axis": 3})
+
+
+def test_nifti_slices_gives_several_images(volume):
+    path, _ = volume
+    ims = read_medical_images(path, {"slices": 3, "window": [-1000, 2000]})
+    assert len(ims) == 3
+    # Centres of 3 bins over 10 slices: k = 1, 5, 8.
+    assert [gray(im)[0, 0] for im in ims] == [lin(h, -1000, 2000) for h in (-900, -500, -200)]
+    assert medical_image_sizes(path, {"slices": 3}) == [im.size for im in ims]
+    part = Part(type="image", path=path, extra={"slices": 3})
+    assert len(media.load_images(part)) == 3 and media.image_sizes(part) == [(8, 6)] * 3
+
+
+def test_nifti_scaling_applied(tmp_path):
+    data = np.array([[[0], [10]], [[20], [30]]], dtype=np.int16)
+    img = nib.Nifti1Image(data, np.eye(4))
+    img.header.set_slope_inter(2.0, -50.0)
+    path = tmp_path / "s.nii"
+    nib.save(img, str(path))
+    # Stored 0..30 -> -50..10; window [-20, 60] puts -50 at 0 and 10 at 255.
+    out = gray(read_medical_images(path, {"window": [-20, 60]})[0])
+    assert out.tolist() == [[0, lin(-30, -20, 60)], [lin(-10, -20, 60), 255]]
+
+
+def test_bad_options_are_clear(ct, volume):
+    with pytest.raises(MediaError, match=r"option \"window\": 'lungs'.*did you mean 'lung'.*'mediastinum'"):
+        read_medical_images(ct, {"window": "lungs"})
+    with pytest.raises(MediaError, match="ct.dcm") as e:
+        medical_image_sizes(ct, {"window": "nope"})
+    assert e.value.kind == "bad_media_option"
+    with pytest.raises(MediaError, match="window_width"):
+        read_medical_images(ct, {"window_center": 40})
+    with pytest.raises(MediaError, match="window"):
+        read_medical_images(ct, {"window": [40, 0]})
+    with pytest.raises(MediaError, match="conflict"):
+        read_medical_images(volume[0], {"slice": 1, "slices": 2})
+    with pytest.raises(MediaError, match='"position"'):
+        read_medical_images(volume[0], {"position": 1.5})
+    assert set(WINDOW_PRESETS) >= {"lung", "mediastinum", "bone", "brain", "abdomen", "liver"}
+    assert WINDOW_PRESETS["lung"] == (-600, 1500) and WINDOW_PRESETS["liver"] == (60, 160)
+
+
+def test_truncated_and_corrupt_files(ct, volume, tmp_path):
+    raw = ct.read_bytes()
+    trunc = tmp_path / "trunc.dcm"
+    trunc.write_bytes(raw[:-5])
+    assert medical_image_sizes(trunc, {}) == [(3, 2)]  # the header is intact
+    with pytest.raises(MediaError, match=r"trunc\.dcm.*fix:") as e:
+        media.load_image(trunc)
+    assert "\n" not in str(e.value)
+    short = tmp_path / "short.dcm"
+    short.write_bytes(raw[:150])
+    with pytest.raises(MediaError, match=r"short\.dcm"):
+        media.image_size(short)
+    vol = tmp_path / "cut.nii.gz"
+    vol.write_bytes(volume[0].read_bytes()[:120])
+    with pytest.raises(MediaError, match=r"cut\.nii\.gz.*fix:"):
+        media.load_image(vol)
+    with pytest.raises(MediaError, match="does not exist"):
+        read_medical_images(tmp_path / "missing.dcm", {})
+
+
+def test_media_entry_points(ct, tmp_path):
+    assert is_medical(ct) and is_medical(tmp_path / "a.NII.GZ") and not is_medical(tmp_path / "a.png")
+    plain = tmp_path / "IM0001"  # extension-less DICOM, recognised by its DICM marker
+    plain.write_bytes(ct.read_bytes())
+    assert is_medical(plain)
+    assert media.image_size(plain) == (3, 2) and media.load_image(plain).size == (3, 2)
+    part = Part(type="image", path=ct, extra={"window": "lung"})
+    assert gray(media.load_images(part)[0])[0, 0] in (127, 128)
+    assert media.image_sizes(part) == [(3, 2)]
+
+
+def test_data_check_validates_medical_parts(ct, volume, tmp_path):
+    lines = [
+        {"messages": [{"role": "user", "content": [{"type": "image", "path": str(ct), "window": "lung"},
+                                                   {"type": "text", "text": "q"}]},
+                      {"role": "assistant", "content": "a"}]},
+        {"messages": [{"role": "user", "content": [{"type": "image", "path": str(ct), "window": "lungz"},
+                                                   {"type": "text", "text": "q"}]},
+                      {"role": "assistant", "content": "a"}]},
+        {"messages": [{"role": "user", "content": [{"type": "image", "path": str(volume[0]), "slices": 3},
+                                                   {"type": "text", "text": "q"}]},
+                      {"role": "assistant", "content": "a"}]},
+    ]
+    f = tmp_path / "d.jsonl"
+    f.write_text("\n".join(json.dumps(x) for x in lines) + "\n")
+    report = check_dataset([f], allow_outside_paths=True)
+    assert report.n_samples == 3 and report.n_ok == 2
+    [err] = report.errors
+    assert err.kind == "bad_media_option" and err.line == 2 and "lungz" in str(err)
+
+
+@pytest.mark.parametrize("family_name", ["qwen2_5_omni", "baichuan_omni"])
+def test_medical_parts_flow_through_both_families(tmp_path, family_name):
+    """A windowed CT slice and three NIfTI slices in one sample: four images reach the model,
+    and the metadata token count equals the encoded length."""
+    import torch
+
+    from finetune.data.schema import parse_sample
+    from finetune.families import family_for
+    from finetune.recipe import load_recipe
+
+    ct = np.full((64, 64), 424, dtype=np.int16)  # HU -600 after the intercept
+    write_dicom(tmp_path / "ct.dcm", ct, bits_stored=16, RescaleSlope=1, RescaleIntercept=-1024)
+    vol = np.arange(48 * 40 * 5, dtype=np.int16).reshape(48, 40, 5)
+    nib.save(nib.Nifti1Image(vol, np.eye(4)), str(tmp_path / "vol.nii.gz"))
+    s = parse_sample({"messages": [
+        {"role": "user", "content": [{"type": "image", "path": "ct.dcm", "window": "lung"},
+                                     {"type": "image", "path": "vol.nii.gz", "slices": 3},
+                                     {"type": "text", "text": "Compare."}]},
+        {"role": "assistant", "content": "No lesion."}]}, source="t.jsonl", line=1, base_dir=tmp_path)
+    path = {"qwen2_5_omni": "tiny:qwen2_5_omni", "baichuan_omni": "tiny:baichuan_omni"}[family_name]
+    recipe = load_recipe("medical-tiny", [f"model.path={path}"])
+    fam = family_for(path)
+    loaded = fam.load(recipe, dtype=torch.float32, attn="sdpa")
+    e = fam.encode(s, loaded.processor)
+    assert len(e.media["image_grid_thw"]) == 4
+    assert fam.count_tokens(s, loaded.processor) == e.num_tokens
+    # the CT's lung-windowed grey level (127-128 at the window centre) reaches the patches
+    mean, std = loaded.processor.image_mean[0], loaded.processor.image_std[0]
+    first = e.media["pixel_values"][: int(e.media["image_grid_thw"][0].prod())]
+    level = float(first.view(-1, 3, 2, 14, 14)[:, 0].mean()) * std + mean
+    assert abs(level * 255 - 127.5) < 1.5
+    batch = fam.collate_padded([e], loaded.processor.pad_id)
+    with torch.no_grad():
+        assert torch.isfinite(loaded.model(**batch).loss)
