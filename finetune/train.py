@@ -67,14 +67,15 @@ def prepare_data(recipe: Recipe) -> None:
         generate_medical(out, seed=0)
 
 
-def read_split(path: str, recipe: Recipe) -> tuple[list[Sample], list[DataError]]:
+def read_split(path: str, recipe: Recipe, on_error: str | None = None) -> tuple[list[Sample], list[DataError]]:
     """All samples of a JSONL split; `raise` stops at the first bad line, `skip` collects them."""
     if not path:
         return [], []
     p = Path(path)
     if not p.exists():
         raise FileNotFoundError(f"data file {p} does not exist (data.train / data.eval in the recipe)")
-    return load_samples(p, on_error=recipe.data.on_error, allow_outside_paths=recipe.data.allow_outside_paths)
+    return load_samples(p, on_error=on_error or recipe.data.on_error,
+                        allow_outside_paths=recipe.data.allow_outside_paths)
 
 
 def index_dataset(n: int):
@@ -105,9 +106,25 @@ class PaddedCollator:
 
 
 def token_lengths(samples: list[Sample], family: Family, processor, recipe: Recipe,
-                  skipped: list[DataError]) -> tuple[list[Sample], list[int]]:
-    """Token counts from metadata (cached per dataset file); drop or refuse samples over budget."""
+                  skipped: list[DataError], on_error: str | None = None) -> tuple[list[Sample], list[int]]:
+    """Token counts from metadata (cached per dataset file); drop or refuse samples over budget
+    or with media that do not decode. Every media file is decoded once here, before the first
+    step: a truncated image must stop (or be skipped by) the run now, not crash it midway."""
+    from finetune.data.check import _MediaChecker, media_errors
     from finetune.packing import cached_lengths
+
+    on_error = on_error or recipe.data.on_error
+    checker = _MediaChecker()
+    good = []
+    for s in samples:
+        bad = media_errors(s, checker)
+        if bad:
+            if on_error == "raise":
+                raise bad[0]
+            skipped.append(bad[0])
+        else:
+            good.append(s)
+    samples = good
 
     def counter(s: Sample) -> int:
         try:
@@ -134,7 +151,7 @@ def token_lengths(samples: list[Sample], family: Family, processor, recipe: Reci
                             problem=f"{n} tokens exceed data.max_tokens={recipe.data.max_tokens}",
                             fix="raise data.max_tokens, lower model.max_pixels, or shorten the sample")
         if err is not None:
-            if recipe.data.on_error == "raise":
+            if on_error == "raise":
                 raise err
             skipped.append(err)
             continue
@@ -314,12 +331,16 @@ def train(recipe: Recipe) -> Path:
 
     prepare_data(recipe)
     family = family_for(recipe.model.path, recipe.model.family)
-    samples, skipped = read_split(recipe.data.train, recipe)
+    # every problem of the data is found before the first step: with `raise` the run then stops
+    # naming the first bad sample of the file, with `skip` it drops and reports them all
+    samples, skipped = read_split(recipe.data.train, recipe, on_error="skip")
 
     precision = choose_precision(recipe.train.precision)
     loaded = load_for_training(recipe, family, precision)
     processor = loaded.processor
-    samples, lengths = token_lengths(samples, family, processor, recipe, skipped)
+    samples, lengths = token_lengths(samples, family, processor, recipe, skipped, on_error="skip")
+    if skipped and recipe.data.on_error == "raise":
+        raise min(skipped, key=lambda e: (str(e.file), e.line or 0))
     if not samples:
         raise ValueError(f"{recipe.data.train}: no usable training samples")
 

@@ -150,6 +150,19 @@ class _MediaChecker:
                 yield "unreadable_video", frame_field, res[1]
 
 
+def media_errors(sample: Sample, checker: "_MediaChecker | None" = None) -> list[DataError]:
+    """Every unreadable media file of a sample (decoded fully, once per file per checker)."""
+    checker = checker or _MediaChecker()
+    out: list[DataError] = []
+    for i, msg in enumerate(sample.messages):
+        for j, part in enumerate(msg.parts):
+            if part.is_media:
+                for kind, fld, problem in checker.problems(part, f"messages[{i}].content[{j}]"):
+                    out.append(DataError(kind, problem, _MEDIA_FIX[kind], file=sample.source, line=sample.line,
+                                         field=fld))
+    return out
+
+
 def check_dataset(
     paths: list[Path],
     *,

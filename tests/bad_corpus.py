@@ -1,0 +1,125 @@
+"""A corpus of broken samples, one per failure kind, written next to a few good ones.
+
+`write_corpus(folder)` writes `train.jsonl` (good and broken lines interleaved) and the media
+they use, and returns {line: kind} for the broken lines. Each broken line has exactly one
+problem, so every checker must name exactly that kind at exactly that line.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import soundfile as sf
+from PIL import Image
+
+
+def _good(i: int) -> dict:
+    return {"id": f"good-{i}", "answer": "yes", "messages": [
+        {"role": "system", "content": "You are a radiology assistant."},
+        {"role": "user", "content": [{"type": "image", "path": "ok.png"}, {"type": "text", "text": "Is there a lesion?"}]},
+        {"role": "assistant", "content": "Yes. A small lesion."}]}
+
+
+def _with_part(part: dict) -> dict:
+    return {"messages": [{"role": "user", "content": [part, {"type": "text", "text": "Look."}]},
+                         {"role": "assistant", "content": "No."}]}
+
+
+U = {"role": "user", "content": "Question?"}
+A = {"role": "assistant", "content": "Answer."}
+
+
+def write_corpus(folder: Path) -> dict[int, str]:
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(0)
+    Image.fromarray((rng.random((80, 80, 3)) * 255).astype("uint8")).save(folder / "ok.png")
+    png = (folder / "ok.png").read_bytes()
+    (folder / "truncated.png").write_bytes(png[: len(png) // 3])
+    (folder / "not_audio.wav").write_bytes(b"RIFF\x00\x00\x00\x00WAVEjunk" + bytes(200))
+    sf.write(folder / "empty.wav", np.zeros(0, dtype=np.float32), 16000)
+    sf.write(folder / "stereo44k.wav", (rng.standard_normal((44100, 2)) * 0.1).astype(np.float32), 44100)
+    (folder / "clip").mkdir(exist_ok=True)
+    for k in range(3):
+        (folder / "clip" / f"{k:03d}.png").write_bytes(png if k != 1 else png[:40])
+    (folder / "notes.txt").write_text("not an image")
+    (folder / "ct.dcm").write_bytes(_dicom_bytes(folder))
+
+    broken: list[tuple[object, str]] = [
+        ('{"messages": [{"role": "user"', "json"),
+        (b'{"messages": "caf\xe9"}', "encoding"),
+        ([1, 2, 3], "not_object"),
+        ({"conversations": [U, A]}, "missing_messages"),
+        ({"messages": "hello"}, "bad_messages"),
+        ({"messages": []}, "empty"),
+        ({"messages": ["hello", A]}, "bad_message"),
+        ({"messages": [{"content": "hi"}, A]}, "missing_role"),
+        ({"messages": [{"role": "doctor", "content": "hi"}, A]}, "unknown_role"),
+        ({"messages": [U, {"role": "system", "content": "late"}, A]}, "system_not_first"),
+        ({"messages": [U, U, A]}, "same_role_twice"),
+        ({"messages": [U]}, "no_assistant"),
+        ({"messages": [U, A, U]}, "not_ending_with_assistant"),
+        ({"messages": [{"role": "user"}, A]}, "missing_content"),
+        ({"messages": [{"role": "user", "content": 42}, A]}, "bad_content"),
+        ({"messages": [{"role": "user", "content": [{"type": "text", "text": "hi"}, "bare string"]}, A]}, "bad_part"),
+        (_with_part({"type": "picture", "path": "ok.png"}), "unknown_part_type"),
+        (_with_part({"type": "image"}), "missing_path"),
+        ({"messages": [U, {"role": "assistant", "content": [{"type": "image", "path": "ok.png"}]}]},
+         "media_not_allowed"),
+        (_with_part({"type": "image", "path": "nowhere.png"}), "missing_file"),
+        (_with_part({"type": "image", "path": "../escape.png"}), "outside_path"),
+        ({**_good(0), "id": [1]}, "bad_id"),
+        ({**_good(0), "answer": 3}, "bad_answer"),
+        ({**_good(0), "task": 5}, "bad_task"),
+        (_with_part({"type": "image", "path": "truncated.png"}), "unreadable_image"),
+        (_with_part({"type": "image", "path": "notes.txt"}), "unreadable_image"),
+        (_with_part({"type": "audio", "path": "not_audio.wav"}), "unreadable_audio"),
+        (_with_part({"type": "audio", "path": "empty.wav"}), "empty_audio"),
+        (_with_part({"type": "video", "path": "clip"}), "unreadable_video"),
+        (_with_part({"type": "image", "path": "ct.dcm", "window": "lungs"}), "bad_media_option"),
+        ({"messages": [U, {"role": "assistant", "content": "very long answer " * 200}]}, "too_long"),
+    ]
+    lines: list[bytes] = []
+    expected: dict[int, str] = {}
+    good = 0
+    for raw, kind in broken:
+        for _ in range(2 if good < 8 else 0):  # good samples interleaved, so training has data
+            lines.append(json.dumps(_good(good)).encode())
+            good += 1
+        if isinstance(raw, bytes):
+            lines.append(raw)
+        elif isinstance(raw, str):
+            lines.append(raw.encode())
+        else:
+            lines.append(json.dumps(raw).encode())
+        expected[len(lines)] = kind
+    # resampled, not refused: a stereo 44.1 kHz recording is a good sample
+    lines.append(json.dumps(_with_part({"type": "audio", "path": "stereo44k.wav"})).encode())
+    (folder / "train.jsonl").write_bytes(b"\n".join(lines) + b"\n")
+    return expected
+
+
+def _dicom_bytes(folder: Path) -> bytes:
+    """A tiny valid CT DICOM (the failure is in the sample's window option, not the file)."""
+    import io
+
+    from pydicom.dataset import Dataset, FileMetaDataset
+    from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
+
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = CTImageStorage
+    meta.MediaStorageSOPInstanceUID = generate_uid()
+    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds = Dataset()
+    ds.file_meta = meta
+    ds.SOPClassUID, ds.SOPInstanceUID, ds.Modality = CTImageStorage, meta.MediaStorageSOPInstanceUID, "CT"
+    ds.Rows = ds.Columns = 32
+    ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 12, 11, 0
+    ds.RescaleSlope, ds.RescaleIntercept = 1, -1024
+    ds.PixelData = np.full((32, 32), 1000, dtype=np.uint16).tobytes()
+    buf = io.BytesIO()
+    ds.save_as(buf, enforce_file_format=True)
+    return buf.getvalue()
