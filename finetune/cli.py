@@ -78,6 +78,12 @@ def cmd_run(args) -> int:
     return 0
 
 
+def cmd_data_convert(args) -> int:
+    from finetune.data.convert import main as convert_main
+
+    return convert_main(args.rest)
+
+
 def cmd_data_check(args) -> int:
     from finetune.data.check import check_dataset
 
@@ -155,6 +161,10 @@ def build_parser() -> argparse.ArgumentParser:
     chk.add_argument("--no-media", action="store_true", help="do not decode media files")
     chk.add_argument("--allow-outside-paths", action="store_true")
     chk.set_defaults(fn=cmd_data_check, overrides=[])
+    conv = dsub.add_parser("convert", help="other formats (LLaMA-Factory, ms-swift, OpenAI) or a table + template "
+                                           "-> our JSONL", add_help=False)
+    conv.add_argument("rest", nargs=argparse.REMAINDER)
+    conv.set_defaults(fn=cmd_data_convert, overrides=[])
 
     demo = sub.add_parser("demo", help="generate a synthetic dataset")
     demo.add_argument("kind", choices=["medical"])
@@ -186,6 +196,11 @@ def main(argv: list[str] | None = None) -> int:
     from finetune.data.schema import DataError
     from finetune.recipe import RecipeError
 
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:2] == ["data", "convert"]:  # its own parser (options come before the files)
+        from finetune.data.convert import main as convert_main
+
+        return convert_main(argv[2:])
     args = build_parser().parse_args(argv)
     try:
         return args.fn(args)

@@ -150,6 +150,34 @@ class _MediaChecker:
                 yield "unreadable_video", frame_field, res[1]
 
 
+def _records(path: Path, errors: list[DataError], allow_outside_paths: bool):
+    """(line, object) pairs of a dataset file: our JSONL as is; LLaMA-Factory, ms-swift and
+    OpenAI files converted in memory first (their records are numbered from 1; conversion
+    errors are reported as they are). Converted media paths are absolute, hence allowed."""
+    from collections import Counter as _Counter
+
+    from finetune.data.convert import _classify, _read_records, convert_file
+
+    # another tool's format only when most records say so: a broken line of our own format
+    # (say, one with ShareGPT 'conversations') must be reported, not reinterpreted
+    votes: _Counter = _Counter()
+    try:
+        for k, (_, obj) in enumerate(_read_records(path)):
+            if k >= 200:
+                break
+            if not isinstance(obj, DataError):
+                votes[_classify(obj) or "unknown"] += 1
+    except (DataError, ValueError, OSError):
+        pass
+    others = {f: n for f, n in votes.items() if f not in ("ours", "unknown")}
+    fmt = max(others, key=others.get) if others and sum(others.values()) > votes["ours"] else "ours"
+    if fmt == "ours":
+        return iter_jsonl(path), allow_outside_paths
+    res = convert_file(path, fmt, on_error="skip")
+    errors.extend(res.errors)
+    return list(enumerate(res.samples, start=1)), True
+
+
 def media_errors(sample: Sample, checker: "_MediaChecker | None" = None) -> list[DataError]:
     """Every unreadable media file of a sample (decoded fully, once per file per checker)."""
     checker = checker or _MediaChecker()
@@ -191,7 +219,8 @@ def check_dataset(
                                     "check the file path", file=source))
             continue
         n_in_file = 0
-        for lineno, obj in iter_jsonl(path):
+        records, outside = _records(path, errors, allow_outside_paths)
+        for lineno, obj in records:
             n_samples += 1
             n_in_file += 1
             if isinstance(obj, DataError):
@@ -199,7 +228,7 @@ def check_dataset(
                 continue
             try:
                 sample = parse_sample(obj, source=source, line=lineno, base_dir=path.parent,
-                                      allow_outside_paths=allow_outside_paths)
+                                      allow_outside_paths=outside)
             except DataError as e:
                 errors.append(e)
                 continue
