@@ -40,6 +40,10 @@ def write_corpus(folder: Path) -> dict[int, str]:
     (folder / "truncated.png").write_bytes(png[: len(png) // 3])
     (folder / "not_audio.wav").write_bytes(b"RIFF\x00\x00\x00\x00WAVEjunk" + bytes(200))
     sf.write(folder / "empty.wav", np.zeros(0, dtype=np.float32), 16000)
+    full = folder / "full.wav"
+    sf.write(full, (rng.standard_normal(16000) * 0.1).astype(np.float32), 16000)
+    (folder / "cut.wav").write_bytes(full.read_bytes()[:12000])  # a copy cut short
+    (folder / "voice.m4a").write_bytes(b"\x00\x00\x00\x20ftypM4A \x00\x00\x00\x00M4A mp42isom" + bytes(100))
     sf.write(folder / "stereo44k.wav", (rng.standard_normal((44100, 2)) * 0.1).astype(np.float32), 44100)
     (folder / "clip").mkdir(exist_ok=True)
     for k in range(3):
@@ -77,6 +81,8 @@ def write_corpus(folder: Path) -> dict[int, str]:
         (_with_part({"type": "image", "path": "notes.txt"}), "unreadable_image"),
         (_with_part({"type": "audio", "path": "not_audio.wav"}), "unreadable_audio"),
         (_with_part({"type": "audio", "path": "empty.wav"}), "empty_audio"),
+        (_with_part({"type": "audio", "path": "cut.wav"}), "unreadable_audio"),
+        (_with_part({"type": "audio", "path": "voice.m4a"}), "unreadable_audio"),  # unsupported codec
         (_with_part({"type": "video", "path": "clip"}), "unreadable_video"),
         (_with_part({"type": "image", "path": "ct.dcm", "window": "lungs"}), "bad_media_option"),
         ({"messages": [U, {"role": "assistant", "content": "very long answer " * 200}]}, "too_long"),

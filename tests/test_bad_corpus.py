@@ -66,3 +66,20 @@ def test_training_with_raise_stops_before_the_first_step_naming_the_first(corpus
     assert info.value.kind == expected[first]
     run = recipe.run_dir
     assert not (run / "checkpoints").exists() and not (run / "metrics.jsonl").exists()
+
+
+def test_other_formats_are_checked_too(tmp_path):
+    """A LLaMA-Factory file is read directly; a placeholder/media count mismatch is named."""
+    from finetune.data.check import check_dataset
+
+    write_corpus(tmp_path)  # for its media
+    good = {"messages": [{"role": "user", "content": "<image>Is there a lesion?"},
+                         {"role": "assistant", "content": "Yes."}], "images": ["ok.png"]}
+    bad = {"messages": [{"role": "user", "content": "<image><image>Compare."},
+                        {"role": "assistant", "content": "Same."}], "images": ["ok.png"]}
+    path = tmp_path / "lf.json"
+    path.write_text(json.dumps([good, good, bad]))
+    report = check_dataset([path])
+    assert report.n_samples == 2 and report.n_ok == 2
+    assert [e.kind for e in report.errors] == ["placeholder_mismatch"]
+    assert "lf.json: record[2].images" in str(report.errors[0])  # records counted from 0

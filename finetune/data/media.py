@@ -148,6 +148,10 @@ def load_audio(path: Path, sampling_rate: int | None = 16000) -> np.ndarray:
         ) from e
     if data.shape[0] == 0:
         raise MediaError(f"audio '{path}' has no samples", kind="empty_audio")
+    short = _wav_truncated(path)
+    if short:
+        raise MediaError(f"audio '{path}' is truncated: {short}; re-export or re-copy the recording",
+                         kind="unreadable_audio")
     wav = data.mean(axis=1) if data.shape[1] > 1 else data[:, 0]
     if sampling_rate is not None and sr != sampling_rate:
         from scipy.signal import resample_poly
@@ -156,6 +160,29 @@ def load_audio(path: Path, sampling_rate: int | None = 16000) -> np.ndarray:
         wav = resample_poly(wav, sampling_rate // g, int(sr) // g)
     # The polyphase filter can overshoot full scale slightly on loud input.
     return np.ascontiguousarray(np.clip(wav, -1.0, 1.0), dtype=np.float32)
+
+
+def _wav_truncated(path: Path) -> str | None:
+    """For RIFF/WAVE files: the data chunk's declared size against the bytes present (libsndfile
+    silently reads what is there, so a cut-off copy would train on part of a recording)."""
+    import struct
+
+    with open(path, "rb") as f:
+        head = f.read(1 << 16)
+    if len(head) < 12 or head[:4] != b"RIFF" or head[8:12] != b"WAVE":
+        return None
+    pos = 12
+    size = path.stat().st_size
+    while pos + 8 <= len(head):
+        cid, n = head[pos:pos + 4], struct.unpack("<I", head[pos + 4:pos + 8])[0]
+        if cid == b"data":
+            have = size - (pos + 8)
+            # 0 and 0xFFFFFFFF mark streamed files whose size was never filled in
+            if n not in (0, 0xFFFFFFFF) and n > have:
+                return f"its header declares {n} bytes of samples, the file holds {have}"
+            return None
+        pos += 8 + n + (n & 1)
+    return None
 
 
 def _sf_reason(e: Exception) -> str:
