@@ -123,6 +123,15 @@ def cmd_verify(args) -> int:
     return 0 if res.passed else 1
 
 
+def cmd_plan(args) -> int:
+    """Memory plan of a recipe, from its config only (no weights are loaded)."""
+    from finetune.plan import format_plan, plan
+
+    gpu = str(args.gpu).upper().removesuffix("GB").removesuffix("G").strip()
+    print(format_plan(plan(_recipe(args), gpu_gb=float(gpu), gpus=args.gpus)))
+    return 0
+
+
 def cmd_recipes(args) -> int:
     from finetune.recipe import list_recipes, load_recipe
 
@@ -185,6 +194,11 @@ def build_parser() -> argparse.ArgumentParser:
                      help="default: float32 on the CPU, the recipe's training precision on CUDA")
     ver.add_argument("--attn", help="the LLM's attention for the packed pass (default: what training picks)")
     ver.set_defaults(fn=cmd_verify)
+
+    pl = recipe_cmd("plan", cmd_plan, "estimate GPU memory of a recipe without loading weights "
+                                      "(model.path may be config:qwen2_5_omni_7b or config:baichuan_omni_1_5)")
+    pl.add_argument("--gpu", default="24GB", help="memory of one GPU, e.g. 24GB or 80")
+    pl.add_argument("--gpus", type=int, default=1, help="number of GPUs (gradients/optimizer sharded, ZeRO-2)")
 
     rc = sub.add_parser("recipes", help="list the recipes")
     rc.set_defaults(fn=cmd_recipes)

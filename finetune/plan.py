@@ -1,0 +1,454 @@
+"""`python -m finetune plan RECIPE`: how much GPU memory a recipe needs, without loading weights.
+
+The model is built on the `meta` device from its config.json (no memory, no weights), every
+parameter is mapped to its role with the family's `role_of`, and the recipe's roles decide
+what is LoRA / full / frozen exactly as training does (`adapters.plan_roles`). The rest is
+arithmetic; every formula and assumption is written next to the code that uses it:
+
+weights      bytes per parameter: compute dtype (bf16 = 2, fp32 = 4) for everything, except the
+             LLM's linear layers outside the family's `quant_skip` list when quantised:
+             4-bit NF4 with double quantisation = 0.5 byte + 1/64 byte (8-bit absmax per 64-value
+             block) + 4/(64*256) byte (fp32 second-level constant per 256 blocks) ~ 0.516 byte;
+             8-bit LLM.int8 = 1 byte + one fp32 scale per output row.
+trainable    LoRA: r*(in+out) per targeted linear (r*(num+dim) per targeted embedding);
+             full roles: all their parameters (PEFT's modules_to_save keeps a trainable copy
+             beside the frozen base weight, which stays counted under weights).
+             Assumption (deliberately simple, an upper bound): every trainable parameter has an
+             fp32 copy (4 bytes) and an fp32 gradient (4 bytes), plus optimizer state: AdamW
+             8 bytes (two fp32 moments), adamw_8bit / paged_adamw_8bit 2 bytes.
+             With --gpus N > 1 the gradients and optimizer states (fp32 copies included) are
+             divided by N (ZeRO-2 style sharding); weights and activations are per GPU.
+activations  LLM decoder layers, after Korthikanti et al. 2022 ("Reducing activation
+             recomputation in large transformer models"): per token per layer, in 16-bit,
+             34*h bytes for a 4h GELU MLP (+ 5*a*s for the attention matrix, which flash/SDPA
+             kernels do not store: only counted with model.attn=eager). Split as 4*h (two norms)
+             + 11*h (attention) + MLP, with the MLP term re-derived for the real MLP width I:
+             GELU MLP 2*h + 4*I (+ dropout mask, none here), SwiGLU MLP 2*h + 8*I (gate, up,
+             act(gate), product). Tokens = data.max_tokens * train.batch_size.
+             With gradient checkpointing only each layer's input (2*h bytes per token per layer)
+             is kept, plus one layer's full activations while it is recomputed.
+logits       tokens * vocab * 4 bytes: the fp32 copy of the logits for the loss (a chunked
+             loss would cut this; the bf16 logits and their gradient come on top transiently).
+encoders     the largest media per row: one image at model.max_pixels -> max_pixels/196 patches
+             (14x14 pixels; temporal patch 2 doubles pixels, not patches, for one image) through
+             the vision tower (width h_v, depth L_v, MLP I_v) with the same per-layer formula;
+             one 30 s audio clip -> 1500 encoder frames through the audio tower. A frozen encoder
+             keeps nothing for backward: only one layer's activations exist at a time. A trained
+             one (lora/full) stores all layers (or layer inputs with checkpointing).
+overhead     a fixed 1 GB for the CUDA context, cuBLAS workspaces and allocator slack.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+GB = 1024 ** 3
+CONFIG_DIR = Path(__file__).resolve().parent / "configs"
+SHIPPED_CONFIGS = {"qwen2_5_omni_7b": "qwen2_5_omni_7b.json", "baichuan_omni_1_5": "baichuan_omni_1_5.json"}
+NF4_BYTES = 0.5 + 1 / 64 + 4 / (64 * 256)  # packed NF4 + 8-bit absmax per 64 + fp32 per 256 blocks
+OVERHEAD_BYTES = 1 * GB
+IMAGE_PATCH_PIXELS = 14 * 14
+AUDIO_FRAMES = 1500  # 30 s at 100 mel frames/s, halved by the stride-2 conv
+OPTIM_BYTES = {"adamw_torch": 8, "adamw_8bit": 2, "paged_adamw_8bit": 2}
+
+
+# ---- model geometry ------------------------------------------------------------------------
+@dataclass
+class Tower:
+    """What the activation formula needs of a transformer stack."""
+
+    hidden: int
+    layers: int
+    intermediate: int
+    heads: int
+    gated: bool  # SwiGLU MLP (gate/up/down) vs GELU MLP (fc1/fc2)
+
+    def layer_bytes_per_token(self, seq: int = 0, eager: bool = False) -> float:
+        h, i = self.hidden, self.intermediate
+        mlp = 2 * h + (8 * i if self.gated else 4 * i)
+        return 4 * h + 11 * h + mlp + (5 * self.heads * seq if eager else 0)
+
+
+@dataclass
+class ModelCount:
+    """Per-role parameter counts of a model built on the meta device."""
+
+    family: str
+    config_path: str
+    roles: dict[str, int]  # role -> parameters
+    quantisable: dict[str, tuple[int, int]]  # role -> (weight params, output rows) of quantisable linears
+    lora_shapes: dict[str, list[tuple[str, int, int]]]  # role -> [(module, in, out)] for all-linear candidates
+    llm: Tower
+    vision: Tower | None
+    audio: Tower | None
+    vocab: int
+
+
+def resolve_config(path: str, family: str = "auto") -> tuple[str, Path]:
+    """(family name, config.json path) of `model.path`: a folder, `tiny:<family>` or `config:<name>`."""
+    from finetune.families import MODEL_TYPES, family_for, get_family
+
+    if path.startswith("config:"):
+        name = path.split(":", 1)[1]
+        if name not in SHIPPED_CONFIGS:
+            raise FileNotFoundError(f"model.path {path!r}: no shipped config {name!r}; known: "
+                                    + ", ".join(f"config:{n}" for n in SHIPPED_CONFIGS))
+        cfg_path = CONFIG_DIR / SHIPPED_CONFIGS[name]
+        mt = json.loads(cfg_path.read_text()).get("model_type")
+        fam = family if family != "auto" else MODEL_TYPES[mt]
+        return get_family(fam).name, cfg_path
+    try:
+        fam = family_for(path, family)
+    except FileNotFoundError as e:
+        raise FileNotFoundError(f"{e}; to plan without the weights use model.path="
+                                + " or ".join(f"config:{n}" for n in SHIPPED_CONFIGS)) from None
+    folder = fam.resolve_path(path) if path.startswith("tiny:") else Path(path).expanduser()
+    return fam.name, Path(folder) / "config.json"
+
+
+def _build_meta(family: str, cfg_path: Path):
+    """The trainable model on the meta device (no memory is allocated), and its config."""
+    import torch
+
+    if family == "qwen2_5_omni":
+        from transformers import (
+            Qwen2_5OmniConfig,
+            Qwen2_5OmniThinkerConfig,
+            Qwen2_5OmniThinkerForConditionalGeneration,
+        )
+
+        mt = json.loads(cfg_path.read_text()).get("model_type")
+        if mt == "qwen2_5_omni":
+            cfg = Qwen2_5OmniConfig.from_pretrained(str(cfg_path)).thinker_config
+        else:
+            cfg = Qwen2_5OmniThinkerConfig.from_pretrained(str(cfg_path))
+        with torch.device("meta"):
+            model = Qwen2_5OmniThinkerForConditionalGeneration._from_config(cfg, dtype=torch.bfloat16)
+        return model, cfg
+    if family == "baichuan_omni":
+        from finetune.families.baichuan_model import (
+            BaichuanOmniConfig,
+            BaichuanOmniForCausalLM,
+        )
+
+        cfg = BaichuanOmniConfig.from_pretrained(str(cfg_path))
+        with torch.device("meta"):
+            model = BaichuanOmniForCausalLM._from_config(cfg, dtype=torch.bfloat16)
+        return model, cfg
+    raise ValueError(f"plan: unsupported family {family!r}")
+
+
+def _towers(family: str, cfg) -> tuple[Tower, Tower | None, Tower | None, int]:
+    if family == "qwen2_5_omni":
+        t, v, a = cfg.text_config, cfg.vision_config, cfg.audio_config
+        llm = Tower(t.hidden_size, t.num_hidden_layers, t.intermediate_size, t.num_attention_heads, True)
+        vis = Tower(v.hidden_size, v.depth, v.intermediate_size, v.num_heads, True)
+        aud = Tower(a.d_model, a.encoder_layers, a.encoder_ffn_dim, a.encoder_attention_heads, False)
+        return llm, vis, aud, t.vocab_size
+    llm = Tower(cfg.hidden_size, cfg.num_hidden_layers, cfg.intermediate_size, cfg.num_attention_heads, True)
+    v, a = cfg.visual_config, cfg.audio_config
+    vis = aud = None
+    if v.get("enable", True):
+        e = v.get("embed_dim", 1280)
+        vis = Tower(e, v.get("depth", 32), int(e * v.get("mlp_ratio", 4)), v.get("num_heads", 16), False)
+    if a.get("enable", True):
+        aud = Tower(a.get("d_model", 1280), a.get("encoder_layers", 32), a.get("encoder_ffn_dim", 5120),
+                    a.get("encoder_attention_heads", 20), False)
+    return llm, vis, aud, cfg.vocab_size
+
+
+@functools.lru_cache(maxsize=16)
+def _count_cached(family: str, cfg_path: str, mtime: float) -> tuple:
+    from torch import nn
+
+    from finetune.families import get_family
+
+    fam = get_family(family)
+    model, cfg = _build_meta(family, Path(cfg_path))
+    roles: dict[str, int] = {}
+    for name, p in model.named_parameters():
+        r = fam.role_of(name)
+        if r is not None:
+            roles[r] = roles.get(r, 0) + p.numel()
+    skip = list(getattr(fam, "quant_skip", []))
+    quantisable: dict[str, tuple[int, int]] = {}
+    shapes: dict[str, list[tuple[str, int, int]]] = {}
+    for name, mod in model.named_modules():
+        r = fam.role_of(name)
+        if r is None:
+            continue
+        if isinstance(mod, nn.Linear):
+            shapes.setdefault(r, []).append((name, mod.in_features, mod.out_features))
+            # bitsandbytes replaces every nn.Linear whose path holds none of the skip keys
+            if not any(name == k or name.startswith(k + ".") or ("." + k) in name for k in skip):
+                w, rows = quantisable.get(r, (0, 0))
+                quantisable[r] = (w + mod.weight.numel(), rows + mod.out_features)
+        elif isinstance(mod, nn.Embedding):
+            shapes.setdefault(r, []).append((name, mod.num_embeddings, mod.embedding_dim))
+    llm, vis, aud, vocab = _towers(family, cfg)
+    return model, ModelCount(family, cfg_path, roles, quantisable, shapes, llm, vis, aud, vocab)
+
+
+def count_model(family: str, cfg_path: Path):
+    """(meta model, ModelCount) for a config.json; cached per file."""
+    cfg_path = Path(cfg_path).resolve()
+    return _count_cached(family, str(cfg_path), cfg_path.stat().st_mtime)
+
+
+# ---- the plan ------------------------------------------------------------------------------
+@dataclass
+class RoleLine:
+    role: str
+    mode: str
+    params: int
+    weight_bytes: float
+    trainable: int
+    state_bytes: float  # fp32 copy + fp32 grad + optimizer states (per GPU)
+
+
+@dataclass
+class Settings:
+    """The recipe settings the arithmetic depends on (suggestions vary them)."""
+
+    quantize: str
+    weight_bytes: int  # 2 (bf16/fp16) or 4 (fp32)
+    max_tokens: int
+    batch_size: int
+    gradient_checkpointing: bool
+    optim: str
+    max_pixels: int
+    eager: bool
+    gpus: int
+
+
+@dataclass
+class Plan:
+    recipe: str
+    family: str
+    model_path: str
+    config_path: str
+    settings: Settings
+    gpu_gb: float
+    roles: list[RoleLine]
+    weights: float
+    trainable_params: int
+    trainable_state: float
+    activations_ckpt: float
+    activations_full: float
+    logits: float
+    encoders: float
+    overhead: float
+    peak: float
+    fits: bool
+    suggestions: list[str] = field(default_factory=list)
+
+    @property
+    def activations(self) -> float:
+        """The activations of the recipe's own checkpointing setting."""
+        return self.activations_ckpt if self.settings.gradient_checkpointing else self.activations_full
+
+
+def _role_lines(count: ModelCount, modes: dict, lora_targets: dict, full_modules: dict, recipe,
+                s: Settings) -> list[RoleLine]:
+    from finetune.families.base import ROLE_NAMES
+
+    per_param_state = 4 + 4 + OPTIM_BYTES.get(s.optim, 8)
+    shard = max(1, s.gpus)
+    lines = []
+    for role in ROLE_NAMES:
+        n = count.roles.get(role, 0)
+        if n == 0:
+            continue
+        mode = modes.get(role, "frozen")
+        wbytes = float(n * s.weight_bytes)
+        if s.quantize in ("4bit", "8bit") and role in count.quantisable:
+            qw, rows = count.quantisable[role]
+            per = NF4_BYTES if s.quantize == "4bit" else 1.0
+            extra = 0 if s.quantize == "4bit" else 4 * rows
+            wbytes += qw * (per - s.weight_bytes) + extra
+        trainable = 0
+        if mode == "lora":
+            r = getattr(recipe.roles, role).r
+            shapes = {m: (i, o) for m, i, o in count.lora_shapes.get(role, [])}
+            trainable = sum(r * (shapes[m][0] + shapes[m][1]) for m in lora_targets.get(role, []))
+        elif mode == "full":
+            trainable = n
+        lines.append(RoleLine(role, mode, n, wbytes, trainable, trainable * per_param_state / shard))
+    return lines
+
+
+def _activations(count: ModelCount, s: Settings, modes: dict) -> dict[str, float]:
+    tokens = s.max_tokens * s.batch_size
+    llm = count.llm
+    per_layer = llm.layer_bytes_per_token(s.max_tokens, s.eager) * tokens
+    full = llm.layers * per_layer
+    ckpt = llm.layers * 2 * llm.hidden * tokens + per_layer
+    logits = float(tokens) * count.vocab * 4
+
+    def tower(t: Tower | None, items: int, roles: tuple[str, ...]) -> tuple[float, float]:
+        """(stored for backward, transient) bytes of one encoder pass over `items` positions."""
+        if t is None or items <= 0:
+            return 0.0, 0.0
+        one = t.layer_bytes_per_token(items, s.eager) * items
+        trained = any(modes.get(r, "frozen") != "frozen" for r in roles)
+        if not trained:
+            return 0.0, one
+        if s.gradient_checkpointing:
+            return t.layers * 2 * t.hidden * items, one
+        return t.layers * one, 0.0
+
+    patches = (s.max_pixels // IMAGE_PATCH_PIXELS) * s.batch_size
+    v_store, v_tmp = tower(count.vision, patches, ("vision_encoder",))
+    a_store, a_tmp = tower(count.audio, AUDIO_FRAMES * s.batch_size, ("audio_encoder",))
+    encoders = v_store + a_store + max(v_tmp, a_tmp)
+    return {"full": full, "ckpt": ckpt, "logits": logits, "encoders": encoders}
+
+
+def _estimate(count: ModelCount, modes: dict, lora_targets: dict, full_modules: dict, recipe, s: Settings,
+              gpu_gb: float) -> dict:
+    lines = _role_lines(count, modes, lora_targets, full_modules, recipe, s)
+    act = _activations(count, s, modes)
+    weights = sum(ln.weight_bytes for ln in lines)
+    state = sum(ln.state_bytes for ln in lines)
+    used_act = act["ckpt"] if s.gradient_checkpointing else act["full"]
+    peak = weights + state + used_act + act["logits"] + act["encoders"] + OVERHEAD_BYTES
+    return {"lines": lines, "weights": weights, "state": state, "act": act, "peak": peak,
+            "fits": peak <= gpu_gb * GB}
+
+
+def _settings(recipe, gpus: int) -> Settings:
+    dtype = recipe.model.dtype
+    if dtype == "auto":  # training loads in its precision; planning assumes a bf16-capable GPU
+        dtype = {"fp32": "float32", "fp16": "float16"}.get(recipe.train.precision, "bfloat16")
+    return Settings(
+        quantize=recipe.model.quantize, weight_bytes=4 if dtype == "float32" else 2,
+        max_tokens=recipe.data.max_tokens, batch_size=recipe.train.batch_size,
+        gradient_checkpointing=bool(recipe.train.gradient_checkpointing), optim=recipe.train.optim,
+        max_pixels=recipe.model.max_pixels, eager=recipe.model.attn == "eager", gpus=max(1, int(gpus)))
+
+
+def plan(recipe, gpu_gb: float = 24, gpus: int = 1) -> Plan:
+    """The memory plan of a recipe (a `Recipe`) on `gpus` GPUs of `gpu_gb` GiB each."""
+    from finetune.adapters import plan_roles
+    from finetune.families import get_family
+
+    family, cfg_path = resolve_config(recipe.model.path, recipe.model.family)
+    model, count = count_model(family, cfg_path)
+    rp = plan_roles(model, get_family(family), recipe)
+    s = _settings(recipe, gpus)
+    args = (count, rp.modes, rp.lora_targets, rp.full_modules, recipe)
+    e = _estimate(*args, s, gpu_gb)
+    out = Plan(
+        recipe=recipe.name, family=family, model_path=recipe.model.path, config_path=str(cfg_path), settings=s,
+        gpu_gb=gpu_gb, roles=e["lines"], weights=e["weights"],
+        trainable_params=sum(ln.trainable for ln in e["lines"]), trainable_state=e["state"],
+        activations_ckpt=e["act"]["ckpt"], activations_full=e["act"]["full"], logits=e["act"]["logits"],
+        encoders=e["act"]["encoders"], overhead=OVERHEAD_BYTES, peak=e["peak"], fits=e["fits"])
+    if not out.fits:
+        out.suggestions = _suggest(args, s, gpu_gb)
+    return out
+
+
+def _suggest(args, s: Settings, gpu_gb: float) -> list[str]:
+    """Concrete changes, each with the peak it would give (alone, then combined)."""
+    tries: list[tuple[str, Settings]] = []
+    if not s.gradient_checkpointing:
+        tries.append(("train.gradient_checkpointing=true", replace(s, gradient_checkpointing=True)))
+    if s.quantize == "none":
+        tries.append(("model.quantize=4bit", replace(s, quantize="4bit")))
+    if OPTIM_BYTES.get(s.optim, 8) > 2:
+        tries.append(("train.optim=paged_adamw_8bit", replace(s, optim="paged_adamw_8bit")))
+    if s.batch_size > 1:
+        tries.append(("train.batch_size=1 (raise train.grad_accum to keep the effective batch)",
+                      replace(s, batch_size=1)))
+    out, combined, combo = [], s, []
+    for text, st in tries:
+        peak = _estimate(*args, st, gpu_gb)["peak"]
+        out.append(f"{text}: peak {peak / GB:.1f} GB" + (" (fits)" if peak <= gpu_gb * GB else ""))
+    # fewer tokens per row: the largest power-of-two budget that fits with the recipe's other settings
+    mt = s.max_tokens // 2
+    while mt >= 256:
+        if _estimate(*args, replace(s, max_tokens=mt), gpu_gb)["fits"]:
+            out.append(f"data.max_tokens={mt}: peak {_estimate(*args, replace(s, max_tokens=mt), gpu_gb)['peak'] / GB:.1f}"
+                       " GB (fits; longer samples are then rejected or must be split)")
+            break
+        mt //= 2
+    for text, st in tries:  # everything above together
+        combo.append(text.split(" ")[0])
+        combined = replace(combined, **{k: getattr(st, k) for k in ("gradient_checkpointing", "quantize", "optim",
+                                                                      "batch_size") if getattr(st, k) != getattr(s, k)})
+    if len(combo) > 1:
+        peak = _estimate(*args, combined, gpu_gb)["peak"]
+        out.append(f"all of {' '.join(combo)}: peak {peak / GB:.1f} GB" + (" (fits)" if peak <= gpu_gb * GB else ""))
+    for n in (2, 4, 8):
+        if n > s.gpus:
+            peak = _estimate(*args, replace(combined, gpus=n), gpu_gb)["peak"]
+            if peak <= gpu_gb * GB:
+                out.append(f"--gpus {n} with DeepSpeed ZeRO-2 (gradients and optimizer states sharded)"
+                           + (f" plus {' '.join(combo)}" if combo else "") + f": peak {peak / GB:.1f} GB per GPU")
+                break
+    if not out:
+        out.append("a GPU with more memory (--gpu), or fewer trained roles")
+    return out
+
+
+# ---- printing ------------------------------------------------------------------------------
+def _n(n: float) -> str:
+    for unit, div in (("B", 1e9), ("M", 1e6), ("K", 1e3)):
+        if n >= div:
+            return f"{n / div:.2f}{unit}"
+    return str(int(n))
+
+
+def _gb(b: float) -> str:
+    if 0 < b < 0.1 * GB:
+        return f"{b / 1024 ** 2:.1f} MB"
+    return f"{b / GB:.2f} GB"
+
+
+def format_plan(p: Plan) -> str:
+    s = p.settings
+    wdt = {2: "bf16", 4: "fp32"}[s.weight_bytes]
+    q = {"none": wdt, "4bit": f"LLM linears 4-bit NF4, rest {wdt}", "8bit": f"LLM linears 8-bit, rest {wdt}"}[s.quantize]
+    lines = [
+        f"memory plan: {p.recipe}  ({p.family}, {p.model_path}; config {p.config_path})",
+        (f"  weights {q}; tokens/step {s.max_tokens} x {s.batch_size}; gradient checkpointing "
+         f"{'on' if s.gradient_checkpointing else 'off'}; optim {s.optim}; {s.gpus} x {p.gpu_gb:g} GB GPU"),
+        "",
+        f"{'role':<18}{'mode':<8}{'params':>10}{'weights':>12}{'trainable':>12}{'grad+optim':>13}",
+    ]
+    for r in p.roles:
+        lines.append(f"{r.role:<18}{r.mode:<8}{_n(r.params):>10}{_gb(r.weight_bytes):>12}{_n(r.trainable):>12}"
+                     f"{_gb(r.state_bytes):>13}")
+    total = sum(r.params for r in p.roles)
+    lines.append(f"{'all':<18}{'':<8}{_n(total):>10}{_gb(p.weights):>12}{_n(p.trainable_params):>12}"
+                 f"{_gb(p.trainable_state):>13}")
+    shard = f", sharded over {s.gpus} GPUs (ZeRO-2)" if s.gpus > 1 else ""
+    ck, nock = ("*", "") if s.gradient_checkpointing else ("", "*")
+    rows = [
+        ("weights", p.weights, ""),
+        ("trainable state", p.trainable_state,
+         f"fp32 copy + fp32 grad + {OPTIM_BYTES.get(s.optim, 8)} B optimizer per trainable param{shard}"),
+        ("activations, checkpointing" + ck, p.activations_ckpt, "layer inputs + one layer"),
+        ("activations, no checkpoint" + nock, p.activations_full, "all layers"),
+        ("logits (fp32, for the loss)", p.logits, "tokens x vocab x 4; a chunked loss cuts it"),
+        ("encoders (largest media)", p.encoders, f"one image at max_pixels={s.max_pixels}, one 30 s audio clip"),
+        ("CUDA / runtime overhead", p.overhead, ""),
+        ("expected peak", p.peak, "* = the recipe's setting"),
+    ]
+    lines.append("")
+    lines += [f"  {label:<30}{_gb(b):>10}" + (f"   ({note})" if note else "") for label, b, note in rows]
+    lines += [
+        "",
+        f"fits on {s.gpus} x {p.gpu_gb:g} GB: " + ("yes" if p.fits else "NO")
+        + f" ({100 * p.peak / (p.gpu_gb * GB):.0f}% of one GPU)",
+    ]
+    if p.suggestions:
+        lines.append("to make it fit, try:")
+        lines += [f"  - {x}" for x in p.suggestions]
+    lines.append("(estimates: see finetune/plan.py for the formulas; real peaks vary by a few GB with "
+                 "kernels and fragmentation)")
+    return "\n".join(lines)

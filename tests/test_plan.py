@@ -1,0 +1,126 @@
+"""The memory planner: meta-device counts, weight bytes, LoRA counts, activations, the CLI."""
+
+from __future__ import annotations
+
+import pytest
+
+from finetune.plan import GB, format_plan, plan
+from finetune.recipe import load_recipe
+
+QWEN = "model.path=config:qwen2_5_omni_7b"
+BAICHUAN = "model.path=config:baichuan_omni_1_5"
+
+
+def _roles(p) -> dict[str, int]:
+    return {r.role: r.params for r in p.roles}
+
+
+def test_tiny_counts_match_the_loaded_model():
+    import torch
+
+    from finetune.families import get_family
+
+    recipe = load_recipe("medical-tiny")
+    fam = get_family("qwen2_5_omni")
+    model = fam.load(recipe, dtype=torch.float32, attn="sdpa").model
+    real: dict[str, int] = {}
+    for name, p in model.named_parameters():
+        role = fam.role_of(name)
+        if role is not None:
+            real[role] = real.get(role, 0) + p.numel()
+    p = plan(recipe)
+    assert _roles(p) == real
+    # full roles train all their parameters
+    for r in p.roles:
+        if r.mode == "full":
+            assert r.trainable == r.params
+
+
+def test_real_configs_total_in_known_range():
+    q = plan(load_recipe("medical", [QWEN]))
+    total = sum(_roles(q).values())
+    assert 8.8e9 < total < 9.05e9  # Qwen2.5-Omni-7B thinker ~8.93B with vision and audio encoders
+    assert set(_roles(q)) >= {"llm", "embeddings", "lm_head", "vision_encoder", "vision_projector",
+                              "audio_encoder", "audio_projector"}
+    b = plan(load_recipe("medical-baichuan", [BAICHUAN]))
+    br = _roles(b)
+    # /tmp/baichuan_spec.md §5: model.layers + model.norm, vision tower, bridge, audio embeddings
+    assert br["llm"] == 6_525_618_176 + 3_584
+    assert br["vision_encoder"] == 631_183_360
+    assert br["vision_projector"] == 44_575_744
+    assert br["audio_projector"] == 69_758_976
+    assert br["embeddings"] == br["lm_head"] == 544_997_376
+    assert 9.1e9 < sum(br.values()) < 9.4e9  # ~11.02B minus the speech-output parts
+
+
+def test_4bit_is_smaller_and_lora_counts_follow_the_formula():
+    bf16 = plan(load_recipe("medical", [QWEN, "roles.llm.r=8"]))
+    q4 = plan(load_recipe("medical", [QWEN, "roles.llm.r=8", "model.quantize=4bit"]))
+    assert q4.weights < 0.55 * bf16.weights
+    llm4 = next(r for r in q4.roles if r.role == "llm")
+    llm16 = next(r for r in bf16.roles if r.role == "llm")
+    assert llm4.weight_bytes < 0.3 * llm16.weight_bytes
+    # encoders, embeddings and lm_head stay in bf16
+    for a, b in zip(bf16.roles, q4.roles):
+        if a.role != "llm":
+            assert a.weight_bytes == b.weight_bytes
+    # LoRA on all linear layers of the 28 decoder layers: q, k, v, o, gate, up, down
+    h, kv, i, layers, r = 3584, 4 * 128, 18944, 28, 8
+    per_layer = (h + h) + 2 * (h + kv) + (h + h) + 2 * (h + i) + (i + h)
+    assert llm16.trainable == llm4.trainable == layers * r * per_layer
+    vp = next(x for x in bf16.roles if x.role == "vision_projector")
+    assert bf16.trainable_params == layers * r * per_layer + vp.params
+    # AdamW: 4 (fp32 copy) + 4 (grad) + 8 bytes; 8-bit: 4 + 4 + 2
+    assert bf16.trainable_state == pytest.approx(16 * bf16.trainable_params)
+    q8 = plan(load_recipe("medical", [QWEN, "roles.llm.r=8", "train.optim=paged_adamw_8bit"]))
+    assert q8.trainable_state == pytest.approx(10 * q8.trainable_params)
+    two = plan(load_recipe("medical", [QWEN, "roles.llm.r=8"]), gpus=2)
+    assert two.trainable_state == pytest.approx(bf16.trainable_state / 2)
+
+
+def test_checkpointing_lowers_activations():
+    on = plan(load_recipe("medical", [QWEN, "train.gradient_checkpointing=true"]))
+    off = plan(load_recipe("medical", [QWEN, "train.gradient_checkpointing=false"]))
+    assert on.activations < off.activations / 5
+    assert on.peak < off.peak
+    assert off.activations_ckpt == on.activations_ckpt and off.activations_full == on.activations_full
+    # activations scale with the token budget; logits are tokens x vocab x 4
+    half = plan(load_recipe("medical", [QWEN, "data.max_tokens=2048", "train.gradient_checkpointing=false"]))
+    assert half.activations == pytest.approx(off.activations / 2)
+    assert off.logits == 4096 * 152064 * 4
+
+
+def test_suggestions_when_it_does_not_fit():
+    p = plan(load_recipe("medical", [QWEN, "train.gradient_checkpointing=false"]), gpu_gb=24)
+    assert not p.fits and p.peak > 24 * GB
+    text = "\n".join(p.suggestions)
+    assert "model.quantize=4bit" in text and "train.gradient_checkpointing=true" in text
+    assert "train.optim=paged_adamw_8bit" in text and "data.max_tokens=" in text
+    out = format_plan(p)
+    assert "fits on 1 x 24 GB: NO" in out and "to make it fit" in out
+
+
+def test_cli_prints_a_table(capsys):
+    from finetune.cli import main
+
+    rc = main(["plan", "medical-qlora", QWEN, "--gpu", "24GB", "--gpus", "1"])
+    out = capsys.readouterr().out
+    assert rc == 0
+    assert "role" in out and "grad+optim" in out and "expected peak" in out
+    assert "vision_projector  full" in out and "fits on 1 x 24 GB: yes" in out
+
+
+def test_unknown_shipped_config():
+    with pytest.raises(FileNotFoundError, match="config:qwen2_5_omni_7b"):
+        plan(load_recipe("medical", ["model.path=config:nope"]))
+
+
+def test_a_local_folder_is_read_from_its_config_json(tmp_path):
+    import shutil
+
+    from finetune.plan import CONFIG_DIR
+
+    shutil.copy(CONFIG_DIR / "baichuan_omni_1_5.json", tmp_path / "config.json")
+    a = plan(load_recipe("medical-baichuan-qlora", [f"model.path={tmp_path}"]))
+    b = plan(load_recipe("medical-baichuan-qlora", [BAICHUAN]))
+    assert a.family == "baichuan_omni" and a.peak == b.peak and _roles(a) == _roles(b)
