@@ -49,7 +49,9 @@ def write_corpus(folder: Path) -> dict[int, str]:
     for k in range(3):
         (folder / "clip" / f"{k:03d}.png").write_bytes(png if k != 1 else png[:40])
     (folder / "notes.txt").write_text("not an image")
-    (folder / "ct.dcm").write_bytes(_dicom_bytes(folder))
+    from test_medical_images import write_dicom  # a valid CT: the failure is the sample's window option
+
+    write_dicom(folder / "ct.dcm", np.full((32, 32), 1000, dtype=np.uint16), RescaleSlope=1, RescaleIntercept=-1024)
 
     broken: list[tuple[object, str]] = [
         ('{"messages": [{"role": "user"', "json"),
@@ -105,27 +107,3 @@ def write_corpus(folder: Path) -> dict[int, str]:
     lines.append(json.dumps(_with_part({"type": "audio", "path": "stereo44k.wav"})).encode())
     (folder / "train.jsonl").write_bytes(b"\n".join(lines) + b"\n")
     return expected
-
-
-def _dicom_bytes(folder: Path) -> bytes:
-    """A tiny valid CT DICOM (the failure is in the sample's window option, not the file)."""
-    import io
-
-    from pydicom.dataset import Dataset, FileMetaDataset
-    from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
-
-    meta = FileMetaDataset()
-    meta.MediaStorageSOPClassUID = CTImageStorage
-    meta.MediaStorageSOPInstanceUID = generate_uid()
-    meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    ds = Dataset()
-    ds.file_meta = meta
-    ds.SOPClassUID, ds.SOPInstanceUID, ds.Modality = CTImageStorage, meta.MediaStorageSOPInstanceUID, "CT"
-    ds.Rows = ds.Columns = 32
-    ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
-    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 12, 11, 0
-    ds.RescaleSlope, ds.RescaleIntercept = 1, -1024
-    ds.PixelData = np.full((32, 32), 1000, dtype=np.uint16).tobytes()
-    buf = io.BytesIO()
-    ds.save_as(buf, enforce_file_format=True)
-    return buf.getvalue()

@@ -117,6 +117,8 @@ class BaichuanOmniFamily(Family):
                        "preprocessor_config.json")
     quant_skip = ["lm_head", "model.visual_model", "model.visual_bridge_model", "model.audio_embed_layers",
                   "audio_tokenizer"]
+    processor_class = BaichuanProcessor
+    folder_hint = "Point it at your local Baichuan-Omni-1.5 folder (config.json with model_type omni)."
 
     # ---- folders -----------------------------------------------------------------------
     @staticmethod
@@ -128,25 +130,6 @@ class BaichuanOmniFamily(Family):
         if cfg.get("model_type") != "omni":
             raise ValueError(f"{p}: model_type {cfg.get('model_type')!r} is not Baichuan-Omni-1.5 (expected omni)")
         return cfg
-
-    def resolve_path(self, path: str, tiny_seed: int = 0) -> Path:
-        if path.startswith("tiny:"):
-            if path.split(":", 1)[1] != self.name:
-                raise ValueError(f"model.path {path!r}: unknown tiny model; use tiny:{self.name}")
-            return self.materialize_tiny(tiny_seed)
-        folder = Path(path).expanduser()
-        if not folder.is_dir():
-            raise FileNotFoundError(f"model.path {path!r} is not a folder: point it at your local "
-                                    "Baichuan-Omni-1.5 folder (config.json with model_type omni)")
-        return folder
-
-    def processor(self, folder: Path, recipe=None) -> BaichuanProcessor:
-        kw = {}
-        if recipe is not None:
-            kw = dict(min_pixels=recipe.model.min_pixels, max_pixels=recipe.model.max_pixels,
-                      video_fps=recipe.model.video_fps, video_max_frames=recipe.model.video_max_frames,
-                      system_prompt=recipe.data.system_prompt)
-        return BaichuanProcessor.from_folder(folder, **kw)
 
     # ---- loading -----------------------------------------------------------------------
     def load(self, recipe, *, quantize: str | None = None, dtype: torch.dtype | None = None,

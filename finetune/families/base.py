@@ -122,6 +122,37 @@ class Family(abc.ABC):
     def collate_media(self, batch: list[EncodedSample]) -> dict[str, Any]:
         """The batch's media tensors in sample order (shared by padded and packed batches)."""
 
+    # ---- folders -----------------------------------------------------------------------
+    processor_class: Any = None  # has from_folder(folder, min_pixels=, max_pixels=, video_fps=, ...)
+    folder_hint: str = ""  # what model.path should point at, for error messages
+
+    def tiny_models(self) -> dict[str, Any]:
+        """`tiny:<name>` variants this family builds: name -> materialize(seed) -> folder."""
+        return {self.name: self.materialize_tiny}
+
+    def resolve_path(self, path: str, tiny_seed: int = 0) -> Path:
+        """`tiny:<name>` -> the cached tiny folder (built on first use); else the local folder."""
+        if path.startswith("tiny:"):
+            builders = self.tiny_models()
+            name = path.split(":", 1)[1]
+            if name not in builders:
+                raise ValueError(f"model.path {path!r}: unknown tiny model; use one of "
+                                 + ", ".join(f"tiny:{n}" for n in builders))
+            return builders[name](tiny_seed)
+        folder = Path(path).expanduser()
+        if not folder.is_dir():
+            raise FileNotFoundError(f"model.path {path!r} is not a folder. {self.folder_hint}")
+        return folder
+
+    def processor(self, folder: Path, recipe: "Recipe | None" = None) -> Any:
+        """The processor of a model folder, with the recipe's pixel, video and prompt settings."""
+        kw = {}
+        if recipe is not None:
+            kw = dict(min_pixels=recipe.model.min_pixels, max_pixels=recipe.model.max_pixels,
+                      video_fps=recipe.model.video_fps, video_max_frames=recipe.model.video_max_frames,
+                      system_prompt=recipe.data.system_prompt)
+        return self.processor_class.from_folder(folder, **kw)
+
     # ---- export ------------------------------------------------------------------------
     def copy_processor_files(self, src: Path, dst: Path) -> None:
         """Copy `processor_files` that exist in `src` and not yet in `dst`."""

@@ -301,6 +301,9 @@ class Qwen25OmniFamily(Family):
         "audio_projector": ("model.audio_tower.proj",),
     }
     processor_files = PROCESSOR_FILES + SPEECH_FILES
+    processor_class = OmniProcessor
+    folder_hint = ("Real weights are read from a local folder (download it once, e.g. with "
+                   "`huggingface-cli download Qwen/Qwen2.5-Omni-7B --local-dir DIR`)")
     # Modules quantised by QLoRA: the LLM's linear layers only; everything else is skipped.
     quant_skip = ["lm_head", "model.visual", "model.audio_tower"]
 
@@ -325,33 +328,10 @@ class Qwen25OmniFamily(Family):
             return Qwen2_5OmniConfig.from_pretrained(str(folder)).thinker_config
         return Qwen2_5OmniThinkerConfig.from_pretrained(str(folder))
 
-    def resolve_path(self, path: str, tiny_seed: int = 0) -> Path:
-        """`tiny:qwen2_5_omni` -> the cached tiny folder; else the local folder."""
-        if path.startswith("tiny:"):
-            variant = path.split(":", 1)[1]
-            if variant == f"{self.name}-full":
-                return self.materialize_tiny_full(tiny_seed)
-            if variant != self.name:
-                raise ValueError(f"model.path {path!r}: unknown tiny model; use tiny:{self.name} (thinker) or "
-                                 f"tiny:{self.name}-full (thinker + talker + token2wav)")
-            return self.materialize_tiny(tiny_seed)
-        folder = Path(path).expanduser()
-        if not folder.is_dir():
-            raise FileNotFoundError(
-                f"model.path {path!r} is not a folder. Real weights are read from a local folder "
-                "(download it once, e.g. with `huggingface-cli download Qwen/Qwen2.5-Omni-7B --local-dir DIR`)")
-        return folder
+    def tiny_models(self) -> dict:
+        return {self.name: self.materialize_tiny, f"{self.name}-full": self.materialize_tiny_full}
 
     # ---- loading -----------------------------------------------------------------------
-    def processor(self, folder: Path, recipe=None) -> OmniProcessor:
-        """The processor for a folder, with the recipe's pixel/video settings."""
-        kw = {}
-        if recipe is not None:
-            kw = dict(min_pixels=recipe.model.min_pixels, max_pixels=recipe.model.max_pixels,
-                      video_fps=recipe.model.video_fps, video_max_frames=recipe.model.video_max_frames,
-                      system_prompt=recipe.data.system_prompt)
-        return OmniProcessor.from_folder(folder, **kw)
-
     def load(self, recipe, *, quantize: str | None = None, dtype: torch.dtype | None = None,
              attn: str | None = None) -> LoadedModel:
         """Load the thinker in `dtype`, optionally 4/8-bit on the LLM's linear layers."""
