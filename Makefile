@@ -1,4 +1,4 @@
-# omni-finetune: make install | make finetune RECIPE=x | make eval RECIPE=x | make export RECIPE=x | make test
+# omni-finetune: make install | make finetune RECIPE=x [GPUS=n] | make eval RECIPE=x | make export RECIPE=x | make test
 SHELL := /bin/bash
 PYTHON ?= python3
 VENV ?= .venv
@@ -9,6 +9,20 @@ ARGS ?=
 # override with e.g. `make install TORCH="torch==2.9.1"`.
 TORCH ?= torch==2.13.0
 EXTRAS ?= dev,medical
+# several GPUs / nodes: `make finetune RECIPE=x GPUS=4` runs torchrun with 4 processes on this
+# machine; multi-node: the same command on every node with NNODES, NODE_RANK, MASTER_ADDR and
+# MASTER_PORT set (torchrun's standard variables). GPUS=1 and NNODES=1: one plain process.
+GPUS ?= 1
+NNODES ?= 1
+NODE_RANK ?= 0
+MASTER_ADDR ?= 127.0.0.1
+MASTER_PORT ?= 29500
+ifeq ($(GPUS)$(NNODES),11)
+LAUNCH := $(PY)
+else
+LAUNCH := $(VENV)/bin/torchrun --nproc_per_node $(GPUS) --nnodes $(NNODES) --node_rank $(NODE_RANK) \
+	--master_addr $(MASTER_ADDR) --master_port $(MASTER_PORT)
+endif
 
 .PHONY: install finetune train eval export check test demo recipes clean bench-packing
 
@@ -21,10 +35,10 @@ install:
 
 # train, evaluate (base vs tuned) and export; prints where every result is
 finetune:
-	$(PY) -m finetune run $(RECIPE) $(ARGS)
+	$(LAUNCH) -m finetune run $(RECIPE) $(ARGS)
 
 train:
-	$(PY) -m finetune train $(RECIPE) $(ARGS)
+	$(LAUNCH) -m finetune train $(RECIPE) $(ARGS)
 
 eval:
 	$(PY) -m finetune eval $(RECIPE) $(ARGS)

@@ -110,9 +110,16 @@ def score(samples, predictions) -> dict:
 
 
 def evaluate(recipe, run_dir: Path | None = None) -> dict:
-    """Score the base and the tuned model on the eval split; write eval.json and eval.md."""
+    """Score the base and the tuned model on the eval split; write eval.json and eval.md.
+
+    Under torchrun (`run` launched on several processes) only rank 0 evaluates; the others
+    return an empty result at once (they write nothing and hold no lock)."""
     from peft import PeftModel
 
+    from finetune.runlock import is_main_process
+
+    if not is_main_process():
+        return {}
     from finetune.families import family_for
     from finetune.train import choose_precision, quiet_libraries, read_split, torch_dtype
 

@@ -11,6 +11,7 @@ never damages the previous one. No timestamps are written: exporting twice is by
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -148,10 +149,16 @@ def adapter_card(recipe, family, base: Path) -> str:
 
 
 def export_run(run_dir: Path, *, force: bool = False, fmt: str | None = None) -> dict[str, Path]:
-    """Export a trained run folder; returns the written folders ({'merged': ..., 'adapter': ...})."""
+    """Export a trained run folder; returns the written folders ({'merged': ..., 'adapter': ...}).
+
+    Under torchrun (`run` launched on several processes) only rank 0 exports; the others
+    return at once with nothing written."""
     from finetune.recipe import load_resolved
+    from finetune.runlock import is_main_process
     from finetune.train import quiet_libraries
 
+    if not is_main_process():
+        return {}
     quiet_libraries()
     run_dir = Path(run_dir)
     if not (run_dir / "recipe.yaml").exists():
@@ -206,8 +213,7 @@ def export_adapter(run_dir: Path, recipe, *, force: bool) -> Path:
     target = run_dir / "adapter_export"
     if target.exists() and not force:
         raise ExportError(f"{target} exists; pass --force to replace it")
-    tmp = Path(tempfile.mkdtemp(prefix=target.name + ".tmp-", dir=run_dir))
-    try:
+    with _staged(target) as tmp:
         for p in sorted((run_dir / "adapter").iterdir()):
             if p.is_file():
                 shutil.copyfile(p, tmp / p.name)
@@ -216,10 +222,6 @@ def export_adapter(run_dir: Path, recipe, *, force: bool) -> Path:
         family.write_processor_settings(tmp, proc)
         (tmp / "README.md").write_text(adapter_card(recipe, family, base))
         _kill_point("adapter_written")
-        _replace(tmp, target)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return target
 
 
@@ -248,8 +250,7 @@ def export_merged(run_dir: Path, recipe, *, force: bool) -> Path:
     ref = probe_logits(model, family, loaded.processor, probes, rope)
     merged = model.merge_and_unload()
 
-    tmp = Path(tempfile.mkdtemp(prefix="merged.tmp-", dir=run_dir))
-    try:
+    with _staged(target) as tmp:
         info = family.save_merged(merged, loaded, tmp, dtype=dtype, max_shard_size=recipe.export.max_shard_size)
         save_resolved(recipe, tmp / "recipe.yaml")
         del merged, model
@@ -290,10 +291,6 @@ def export_merged(run_dir: Path, recipe, *, force: bool) -> Path:
             raise ExportError(f"export verification FAILED: max |logit diff| {diff:.3e} > tolerance {tol:.1e}; "
                               f"nothing was written to {target}")
         _kill_point("verified")
-        _replace(tmp, target)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return target
 
 
@@ -310,8 +307,7 @@ def export_quantized(run_dir: Path, recipe, *, force: bool) -> Path:
         raise ExportError(f"{target} exists; pass --force to replace it")
     dtype = export_dtype(recipe.export.dtype, merged)
     compute = torch.bfloat16 if dtype == torch.float32 and torch.cuda.is_available() else dtype
-    tmp = Path(tempfile.mkdtemp(prefix=target.name + ".tmp-", dir=run_dir))
-    try:
+    with _staged(target) as tmp:
         fmt = family.save_quantized(merged, tmp, quantize=q, dtype=compute)
         processor = family.processor(family.resolve_path(recipe.model.path, recipe.model.tiny_seed), recipe)
         reference = family.load_merged_for_check(merged, torch.float32)
@@ -327,10 +323,6 @@ def export_quantized(run_dir: Path, recipe, *, force: bool) -> Path:
                     "note": "quantisation error, reported and not judged: the unquantised merged/ is the reference"}
         manifest["files"] = {p.name: sha256(p) for p in sorted(tmp.iterdir()) if p.is_file()}
         (tmp / "export_manifest.json").write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
-        _replace(tmp, target)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return target
 
 
@@ -341,6 +333,19 @@ def _part_names(kept, all_names) -> list[str]:
     trained_tops = {n.split(".", 1)[0] for n in all_names if n not in kept}
     return sorted({".".join(k.split(".")[:2]) if k.split(".", 1)[0] in trained_tops else k.split(".", 1)[0]
                    for k in kept})
+
+
+@contextlib.contextmanager
+def _staged(target: Path):
+    """A temporary folder beside `target`, renamed into place when the block completes and
+    removed when it raises: an export is either all there or not there at all."""
+    tmp = Path(tempfile.mkdtemp(prefix=target.name + ".tmp-", dir=target.parent))
+    try:
+        yield tmp
+        _replace(tmp, target)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
 
 
 def _replace(tmp: Path, target: Path) -> None:

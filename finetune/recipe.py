@@ -60,6 +60,8 @@ DEFAULT_SOURCE = "default"
 OVERRIDE_SOURCE = "override"
 
 _DTYPES = ("auto", "float32", "bfloat16", "float16")
+DISTRIBUTED = ("auto", "ddp", "fsdp", "deepspeed")
+DEEPSPEED_PRESETS = ("zero2", "zero3", "zero2-offload", "zero3-offload")
 
 
 def _opt(default: Any, help: str, choices: Sequence[Any] | None = None) -> Any:
@@ -168,6 +170,17 @@ class TrainConfig:
     save_steps: int = _opt(50, "save a checkpoint every N optimizer steps")
     save_total_limit: int = _opt(2, "number of checkpoints kept")
     resume: str = _opt("auto", "'auto' (latest checkpoint in the run folder), 'never', or a checkpoint path")
+    distributed: str = _opt(
+        "auto",
+        "multi-process strategy under torchrun: auto (DDP when launched with several processes, else one "
+        "process), ddp, fsdp (fully sharded) or deepspeed (see train.deepspeed)",
+        DISTRIBUTED,
+    )
+    deepspeed: str = _opt(
+        "zero2",
+        "DeepSpeed config when train.distributed is deepspeed: zero2, zero3, zero2-offload, zero3-offload "
+        "(recipes/deepspeed/<name>.json) or a path to a .json config",
+    )
 
 
 @dataclass
@@ -612,6 +625,16 @@ def _check(recipe: Recipe, problems: _Problems) -> None:
         add("train.save_total_limit", f"must be >= 1, got {t.save_total_limit}")
     if not t.resume.strip():
         add("train.resume", "must be 'auto', 'never' or a checkpoint path, got ''")
+    ds = t.deepspeed.strip()
+    if ds not in DEEPSPEED_PRESETS and not ds.endswith(".json"):
+        add("train.deepspeed", f"must be one of {', '.join(DEEPSPEED_PRESETS)} or a path to a .json config, "
+                               f"got {t.deepspeed!r}")
+    sharded = t.distributed == "fsdp" or (t.distributed == "deepspeed" and "zero3" in ds)
+    if sharded and m.quantize != "none":
+        path = problems.latest("model.quantize", "train.distributed")
+        add(path, f"model.quantize={m.quantize} (QLoRA) cannot be combined with sharded weights "
+                  f"(train.distributed={t.distributed}{', ' + ds if t.distributed == 'deepspeed' else ''}); "
+                  "use train.distributed: ddp, or deepspeed with train.deepspeed: zero2")
 
     e = recipe.eval
     if e.max_new_tokens < 1:

@@ -4,6 +4,10 @@
 ends, however it ends: a kill -9 leaves no stale lock) and records the holder's pid and
 command. A second process gets a clear error naming the holder. Re-entrant within a process
 (`run` = train, eval, export in one process).
+
+Under torchrun only the global rank 0 writes the run folder, so only it takes the lock: the
+other ranks return at once (they never block on it, nor hold it). `rank()`, `world_size()` and
+`is_main_process()` read torchrun's environment, so they answer before torch.distributed is up.
 """
 
 from __future__ import annotations
@@ -19,8 +23,26 @@ class RunLocked(RuntimeError):
     """Another process is writing this run folder."""
 
 
+def rank() -> int:
+    """Global rank of this process under torchrun (0 when not launched distributed)."""
+    return int(os.environ.get("RANK", "0") or 0)
+
+
+def world_size() -> int:
+    """Number of processes of the job (1 when not launched distributed)."""
+    return int(os.environ.get("WORLD_SIZE", "1") or 1)
+
+
+def is_main_process() -> bool:
+    """True on the one process that writes the run folder (global rank 0)."""
+    return rank() == 0
+
+
 def lock_run(run_dir: Path) -> None:
     import fcntl
+
+    if not is_main_process():  # only rank 0 writes the run folder
+        return
 
     run_dir = Path(run_dir).resolve()
     if run_dir in _held:

@@ -5,13 +5,19 @@
     3. model: family, load (4/8-bit on the LLM if asked), roles -> LoRA/full, print the table
     4. train with TRL's SFTTrainer (a transformers Trainer) and the toolkit's collator
     5. save the adapter (PEFT format) with the processor files, metrics, loss curve
+
+Under torchrun (`make finetune GPUS=4`) every rank runs this; only rank 0 takes the run lock
+and writes the run folder. Each rank trains on its own packed bins (the Trainer's distributed
+sampler), and the step loss is the mean over all label tokens of the global step.
 """
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import shutil
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,7 +30,7 @@ from finetune.data.schema import DataError, Sample, load_samples
 from finetune.families import family_for
 from finetune.families.base import EncodedSample, Family, LoadedModel
 from finetune.recipe import Recipe, save_resolved
-from finetune.runlock import lock_run
+from finetune.runlock import is_main_process, lock_run, world_size
 
 # ---- environment ----------------------------------------------------------------------------
 def quiet_libraries() -> None:
@@ -169,11 +175,98 @@ def load_for_training(recipe: Recipe, family: Family, precision: str) -> LoadedM
     return family.load(recipe, dtype=dtype, attn=attn or "sdpa")
 
 
+# ---- several processes ----------------------------------------------------------------------
+DEEPSPEED_INSTALL = 'pip install -e ".[deepspeed]"'
+
+
+def distributed_mode(recipe: Recipe) -> str:
+    """single | ddp | fsdp | deepspeed: train.distributed with `auto` resolved by the launch."""
+    mode = recipe.train.distributed
+    if mode == "auto":
+        return "ddp" if world_size() > 1 else "single"
+    return mode
+
+
+def deepspeed_config(setting: str) -> Path:
+    """A preset name (recipes/deepspeed/<name>.json) or a path to a DeepSpeed JSON config."""
+    from finetune.recipe import DEEPSPEED_PRESETS, _default_recipes_dir
+
+    if setting in DEEPSPEED_PRESETS:
+        for folder in (_default_recipes_dir() / "deepspeed", Path(__file__).resolve().parent.parent / "recipes" / "deepspeed"):
+            if (folder / f"{setting}.json").is_file():
+                return (folder / f"{setting}.json").resolve()
+        raise FileNotFoundError(f"DeepSpeed preset {setting}.json not found in recipes/deepspeed/")
+    path = Path(setting)
+    if not path.is_file():
+        raise FileNotFoundError(f"train.deepspeed: {path} does not exist")
+    return path.resolve()
+
+
+def check_distributed(recipe: Recipe) -> None:
+    """Fail before anything is loaded when the chosen strategy cannot run here."""
+    if recipe.train.distributed == "deepspeed":
+        if importlib.util.find_spec("deepspeed") is None:
+            raise ValueError(f"train.distributed=deepspeed needs DeepSpeed, which is not installed: {DEEPSPEED_INSTALL}")
+        deepspeed_config(recipe.train.deepspeed)
+
+
+def distributed_args(recipe: Recipe) -> dict:
+    """SFTConfig settings of the strategy (DDP needs none beyond torchrun's environment)."""
+    mode = distributed_mode(recipe)
+    if mode == "deepspeed":
+        return {"deepspeed": str(deepspeed_config(recipe.train.deepspeed))}
+    if mode == "fsdp":
+        # FSDP2 shards per parameter, so frozen base weights and trainable LoRA/full roles can share
+        # a wrapped block; blocks are the model's own layer classes (_no_split_modules).
+        return {"fsdp": "full_shard auto_wrap",
+                "fsdp_config": {"version": 2, "auto_wrap_policy": "TRANSFORMER_BASED_WRAP",
+                                "state_dict_type": "FULL_STATE_DICT", "reshard_after_forward": True}}
+    if mode == "ddp" and world_size() > 1:
+        # a packed row without images leaves the (trained) vision roles without gradients on that rank
+        return {"ddp_find_unused_parameters": True}
+    return {}
+
+
+def quiet_other_ranks() -> None:
+    """Under torchrun, only rank 0 prints: the console shows one run, not one per process."""
+    if world_size() > 1 and not is_main_process() and not os.environ.get("FINETUNE_ALL_RANKS_PRINT"):
+        sys.stdout = open(os.devnull, "w")
+
+
+@dataclass
+class RecordingCollator:
+    """Debug hook (FINETUNE_RECORD_BATCHES=<folder>): append each batch's dataset items (packed
+    bins or sample indices) to <folder>/batches-rank<R>.jsonl, then collate as usual."""
+
+    inner: Any
+    path: Path
+
+    def __call__(self, features: list[dict]) -> dict[str, Any]:
+        with open(self.path, "a") as f:
+            f.write(json.dumps([f_.get("bin", f_.get("index")) for f_ in features]) + "\n")
+        return self.inner(features)
+
+    def __getattr__(self, name):
+        if name == "inner":  # not set yet (unpickling in a data-loader worker)
+            raise AttributeError(name)
+        return getattr(self.inner, name)
+
+
+def record_batches(collator):
+    folder = os.environ.get("FINETUNE_RECORD_BATCHES")
+    if not folder:
+        return collator
+    Path(folder).mkdir(parents=True, exist_ok=True)
+    from finetune.runlock import rank
+
+    return RecordingCollator(collator, Path(folder) / f"batches-rank{rank()}.jsonl")
+
+
 # ---- trainer --------------------------------------------------------------------------------
 def make_trainer(recipe: Recipe, family: Family, model, processor, train_ds, collator, precision: str,
-                 run_dir: Path, callbacks: list):
+                 run_dir: Path, callbacks: list, args=None):
     """TRL's SFTTrainer with per-role learning rates and our collator."""
-    from trl import SFTConfig, SFTTrainer
+    from trl import SFTTrainer
 
     class RoleLRTrainer(SFTTrainer):
         def create_optimizer(self, model=None):
@@ -184,9 +277,18 @@ def make_trainer(recipe: Recipe, family: Family, model, processor, train_ds, col
                 self.optimizer = cls(groups, **kwargs)
             return self.optimizer
 
+    args = args or training_args(recipe, precision, run_dir)
+    return RoleLRTrainer(model=model, args=args, train_dataset=train_ds, data_collator=collator,
+                         processing_class=processor.tokenizer, callbacks=callbacks)
+
+
+def training_args(recipe: Recipe, precision: str, run_dir: Path):
+    """The SFTConfig; building it sets up torch.distributed under torchrun."""
+    from trl import SFTConfig
+
     t = recipe.train
     os.environ["TENSORBOARD_LOGGING_DIR"] = str(run_dir / "tensorboard")
-    args = SFTConfig(
+    return SFTConfig(
         output_dir=str(run_dir / "checkpoints"),
         per_device_train_batch_size=t.batch_size,
         gradient_accumulation_steps=t.grad_accum,
@@ -216,9 +318,11 @@ def make_trainer(recipe: Recipe, family: Family, model, processor, train_ds, col
         use_cpu=not torch.cuda.is_available(),
         max_length=None,
         save_only_model=False,
+        # the step loss is the sum over label tokens of every rank's rows / all label tokens of the
+        # global step: 2 ranks x 1 row equal 1 process x 2 rows
+        average_tokens_across_devices=True,
+        **distributed_args(recipe),
     )
-    return RoleLRTrainer(model=model, args=args, train_dataset=train_ds, data_collator=collator,
-                         processing_class=processor.tokenizer, callbacks=callbacks)
 
 
 def make_metrics_callback(run_dir: Path):
@@ -323,22 +427,39 @@ def plot_loss(run_dir: Path) -> Path | None:
 def train(recipe: Recipe) -> Path:
     """Train the recipe; returns the run folder (adapter in run_dir/adapter)."""
     quiet_libraries()
+    quiet_other_ranks()
+    check_distributed(recipe)
     run_dir = recipe.run_dir
-    run_dir.mkdir(parents=True, exist_ok=True)
-    lock_run(run_dir)  # before anything is written: two runs never share a folder
-    save_resolved(recipe, run_dir / "recipe.yaml")
+    main = is_main_process()
+    if main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+    lock_run(run_dir)  # before anything is written: two runs never share a folder (rank 0 only)
+    if main:
+        save_resolved(recipe, run_dir / "recipe.yaml")
     torch.manual_seed(recipe.train.seed)
 
-    prepare_data(recipe)
-    family = family_for(recipe.model.path, recipe.model.family)
-    # every problem of the data is found before the first step: with `raise` the run then stops
-    # naming the first bad sample of the file, with `skip` it drops and reports them all
-    samples, skipped = read_split(recipe.data.train, recipe, on_error="skip")
-
     precision = choose_precision(recipe.train.precision)
-    loaded = load_for_training(recipe, family, precision)
-    processor = loaded.processor
-    samples, lengths = token_lengths(samples, family, processor, recipe, skipped, on_error="skip")
+    args = training_args(recipe, precision, run_dir)  # under torchrun: joins the process group
+    mode = distributed_mode(recipe)
+    if world_size() > 1 or mode != "single":
+        t = recipe.train
+        print(f"distributed: {mode} over {world_size()} processes; global batch = {t.batch_size} row(s) per "
+              f"device x {world_size()} x {t.grad_accum} accumulation = {t.batch_size * world_size() * t.grad_accum}",
+              flush=True)
+        if mode == "fsdp" and not torch.cuda.is_available():
+            print("note: FSDP needs CUDA devices; on the CPU accelerate runs plain DDP instead", flush=True)
+    # the main process of each node first writes the shared caches (demo data, tiny model,
+    # token counts); the other ranks then read them
+    with args.main_process_first(local=True, desc="data and model"):
+        prepare_data(recipe)
+        family = family_for(recipe.model.path, recipe.model.family)
+        # every problem of the data is found before the first step: with `raise` the run then stops
+        # naming the first bad sample of the file, with `skip` it drops and reports them all
+        samples, skipped = read_split(recipe.data.train, recipe, on_error="skip")
+
+        loaded = load_for_training(recipe, family, precision)
+        processor = loaded.processor
+        samples, lengths = token_lengths(samples, family, processor, recipe, skipped, on_error="skip")
     if skipped and recipe.data.on_error == "raise":
         raise min(skipped, key=lambda e: (str(e.file), e.line or 0))
     if not samples:
@@ -366,28 +487,34 @@ def train(recipe: Recipe) -> Path:
     else:
         train_ds = index_dataset(len(samples))
         collator = PaddedCollator(family, processor, samples, rope)
-    trainer = make_trainer(recipe, family, model, processor, train_ds, collator, precision, run_dir,
-                           [make_metrics_callback(run_dir), make_crash_callback()])
+    trainer = make_trainer(recipe, family, model, processor, train_ds, record_batches(collator), precision, run_dir,
+                           [make_metrics_callback(run_dir), make_crash_callback()], args=args)
 
     resume = None
     if recipe.train.resume == "auto":
         resume = last_checkpoint(run_dir)
     elif recipe.train.resume != "never":
         resume = recipe.train.resume
-    for stale in (run_dir / "checkpoints").glob("checkpoint-*"):
-        if not _complete(stale):  # cut short by a kill or a full disk while saving
-            print(f"removing incomplete checkpoint {stale}", flush=True)
-            shutil.rmtree(stale, ignore_errors=True)
+    if main:
+        for stale in (run_dir / "checkpoints").glob("checkpoint-*"):
+            if not _complete(stale):  # cut short by a kill or a full disk while saving
+                print(f"removing incomplete checkpoint {stale}", flush=True)
+                shutil.rmtree(stale, ignore_errors=True)
+        if resume:
+            truncate_metrics(run_dir, int(Path(resume).name.split("-")[-1]))
+        elif (run_dir / "metrics.jsonl").exists():
+            (run_dir / "metrics.jsonl").unlink()
     if resume:
         print(f"resuming from {resume}", flush=True)
-        truncate_metrics(run_dir, int(Path(resume).name.split("-")[-1]))
-    elif (run_dir / "metrics.jsonl").exists():
-        (run_dir / "metrics.jsonl").unlink()
     trainer.train(resume_from_checkpoint=resume)
 
-    save_adapter(model, family, loaded, run_dir / "adapter")
-    write_skipped(run_dir, skipped)
-    plot_loss(run_dir)
+    if mode in ("fsdp", "deepspeed"):
+        save_sharded_adapter(trainer, family, loaded, run_dir / "adapter")
+    elif main:
+        save_adapter(model, family, loaded, run_dir / "adapter")
+    if main:
+        write_skipped(run_dir, skipped)
+        plot_loss(run_dir)
     return run_dir
 
 
@@ -399,6 +526,26 @@ def save_adapter(model, family: Family, loaded: LoadedModel, out: Path) -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=out.name + ".tmp-", dir=out.parent))
     model.save_pretrained(str(tmp))
+    family.copy_processor_files(loaded.base_path, tmp)
+    (tmp / "base_model.json").write_text(json.dumps({"base_path": str(loaded.base_path)}, indent=2))
+    if out.exists():
+        shutil.rmtree(out)
+    os.rename(tmp, out)
+
+
+def save_sharded_adapter(trainer, family: Family, loaded: LoadedModel, out: Path) -> None:
+    """FSDP / DeepSpeed: every rank takes part in gathering the weights (Trainer.save_model), then
+    rank 0 adds the processor files and renames the folder into place."""
+    tmp = out.parent / (out.name + ".tmp-gather")
+    if is_main_process() and tmp.exists():
+        shutil.rmtree(tmp)
+    trainer.accelerator.wait_for_everyone()
+    trainer.save_model(str(tmp))
+    trainer.accelerator.wait_for_everyone()
+    if not is_main_process():
+        return
+    for extra in ("training_args.bin",):
+        (tmp / extra).unlink(missing_ok=True)
     family.copy_processor_files(loaded.base_path, tmp)
     (tmp / "base_model.json").write_text(json.dumps({"base_path": str(loaded.base_path)}, indent=2))
     if out.exists():
