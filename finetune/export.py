@@ -94,27 +94,17 @@ def _eval_lines(run_dir: Path) -> list[str]:
     return lines
 
 
-def _usage(recipe, full: bool) -> list[str]:
-    cls = "Qwen2_5OmniForConditionalGeneration" if full else "Qwen2_5OmniThinkerForConditionalGeneration"
-    system = recipe.data.system_prompt
-    lines = ["", "## Use it (transformers alone)", "", "```python",
-             f"from transformers import {cls}, Qwen2_5OmniProcessor",
-             f"model = {cls}.from_pretrained(\"path/to/merged\", dtype=\"auto\")",
-             "processor = Qwen2_5OmniProcessor.from_pretrained(\"path/to/merged\")",
-             "```", "",
-             "Prompts follow the base model's chat template (shipped here unchanged); images are resized "
-             "with the training settings written into `preprocessor_config.json`."]
-    if system:
-        lines += ["", f"Training used this system prompt on samples without one: `{system}`."]
-    lines += ["Without torchvision, build the processor from its parts (`Qwen2VLImageProcessorPil`, "
-              "`WhisperFeatureExtractor`, the tokenizer, `video_processor=None`); "
-              "`examples/generate_with_transformers.py` in omni-finetune shows how."]
+def _usage(recipe, family, full: bool) -> list[str]:
+    lines = ["", "## Use it", ""] + family.usage(full) + [
+        "", "Images are resized with the training settings written into `preprocessor_config.json`."]
+    if recipe.data.system_prompt:
+        lines += ["", f"Training used this system prompt on samples without one: `{recipe.data.system_prompt}`."]
     return lines
 
 
-def write_model_card(out: Path, recipe, run_dir: Path, base_path: Path, manifest: dict) -> None:
+def write_model_card(out: Path, recipe, family, run_dir: Path, base_path: Path, manifest: dict,
+                     full_layout: bool) -> None:
     """README.md: base, recipe, data, eval figures, verification, how to load it."""
-    full = manifest["layout"].startswith("qwen2_5_omni (")
     kept = manifest["unchanged_from_base"]
     lines = [
         f"# {recipe.name}: fine-tuned {manifest['family']}", "",
@@ -130,7 +120,7 @@ def write_model_card(out: Path, recipe, run_dir: Path, base_path: Path, manifest
     if kept["tensors"]:
         lines.append(f"- copied unchanged from the base: {', '.join(kept['parts'])} ({kept['tensors']} tensors, "
                      f"bit-identical: {'yes' if kept['bit_identical'] else 'NO'})")
-    lines += _eval_lines(run_dir) + _usage(recipe, full)
+    lines += _eval_lines(run_dir) + _usage(recipe, family, full_layout)
     (out / "README.md").write_text("\n".join(lines) + "\n")
 
 
@@ -138,14 +128,7 @@ def adapter_card(recipe, family, base: Path) -> str:
     return "\n".join([
         f"# {recipe.name}: LoRA adapter for {family.name}", "",
         f"A PEFT adapter trained by omni-finetune on `{base.name}` ({recipe.model.path}), recipe `{recipe.name}`.",
-        "The processor files beside it carry the training image settings.", "",
-        "```python",
-        "from peft import PeftModel",
-        "from transformers import Qwen2_5OmniThinkerForConditionalGeneration",
-        "base = Qwen2_5OmniThinkerForConditionalGeneration.from_pretrained(\"BASE\", dtype=\"auto\")",
-        "# for a full Qwen2.5-Omni folder: ...from_pretrained(\"BASE\", key_mapping={r\"^thinker\\.\": \"\"})",
-        "model = PeftModel.from_pretrained(base, \"path/to/adapter_export\")",
-        "```", ""])
+        "The processor files beside it carry the training image settings.", ""] + family.usage(False) + [""])
 
 
 def export_run(run_dir: Path, *, force: bool = False, fmt: str | None = None) -> dict[str, Path]:
@@ -281,7 +264,7 @@ def export_merged(run_dir: Path, recipe, *, force: bool) -> Path:
                        "compared": f"logits of the export reloaded from disk vs the base+adapter model, "
                                    f"{str(dtype).replace('torch.', '')}"},
         }
-        write_model_card(tmp, recipe, run_dir, base_path, manifest)
+        write_model_card(tmp, recipe, family, run_dir, base_path, manifest, loaded.is_full_checkpoint)
         manifest["files"] = {p.name: sha256(p) for p in sorted(tmp.iterdir()) if p.is_file()}
         (tmp / "export_manifest.json").write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
         if not same:

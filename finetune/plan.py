@@ -109,57 +109,6 @@ def resolve_config(path: str, family: str = "auto") -> tuple[str, Path]:
     return fam.name, Path(folder) / "config.json"
 
 
-def _build_meta(family: str, cfg_path: Path):
-    """The trainable model on the meta device (no memory is allocated), and its config."""
-    import torch
-
-    if family == "qwen2_5_omni":
-        from transformers import (
-            Qwen2_5OmniConfig,
-            Qwen2_5OmniThinkerConfig,
-            Qwen2_5OmniThinkerForConditionalGeneration,
-        )
-
-        mt = json.loads(cfg_path.read_text()).get("model_type")
-        if mt == "qwen2_5_omni":
-            cfg = Qwen2_5OmniConfig.from_pretrained(str(cfg_path)).thinker_config
-        else:
-            cfg = Qwen2_5OmniThinkerConfig.from_pretrained(str(cfg_path))
-        with torch.device("meta"):
-            model = Qwen2_5OmniThinkerForConditionalGeneration._from_config(cfg, dtype=torch.bfloat16)
-        return model, cfg
-    if family == "baichuan_omni":
-        from finetune.families.baichuan_model import (
-            BaichuanOmniConfig,
-            BaichuanOmniForCausalLM,
-        )
-
-        cfg = BaichuanOmniConfig.from_pretrained(str(cfg_path))
-        with torch.device("meta"):
-            model = BaichuanOmniForCausalLM._from_config(cfg, dtype=torch.bfloat16)
-        return model, cfg
-    raise ValueError(f"plan: unsupported family {family!r}")
-
-
-def _towers(family: str, cfg) -> tuple[Tower, Tower | None, Tower | None, int]:
-    if family == "qwen2_5_omni":
-        t, v, a = cfg.text_config, cfg.vision_config, cfg.audio_config
-        llm = Tower(t.hidden_size, t.num_hidden_layers, t.intermediate_size, t.num_attention_heads, True)
-        vis = Tower(v.hidden_size, v.depth, v.intermediate_size, v.num_heads, True)
-        aud = Tower(a.d_model, a.encoder_layers, a.encoder_ffn_dim, a.encoder_attention_heads, False)
-        return llm, vis, aud, t.vocab_size
-    llm = Tower(cfg.hidden_size, cfg.num_hidden_layers, cfg.intermediate_size, cfg.num_attention_heads, True)
-    v, a = cfg.visual_config, cfg.audio_config
-    vis = aud = None
-    if v.get("enable", True):
-        e = v.get("embed_dim", 1280)
-        vis = Tower(e, v.get("depth", 32), int(e * v.get("mlp_ratio", 4)), v.get("num_heads", 16), False)
-    if a.get("enable", True):
-        aud = Tower(a.get("d_model", 1280), a.get("encoder_layers", 32), a.get("encoder_ffn_dim", 5120),
-                    a.get("encoder_attention_heads", 20), False)
-    return llm, vis, aud, cfg.vocab_size
-
-
 @functools.lru_cache(maxsize=16)
 def _count_cached(family: str, cfg_path: str, mtime: float) -> tuple:
     from torch import nn
@@ -167,7 +116,7 @@ def _count_cached(family: str, cfg_path: str, mtime: float) -> tuple:
     from finetune.families import get_family
 
     fam = get_family(family)
-    model, cfg = _build_meta(family, Path(cfg_path))
+    model, cfg = fam.meta_model(Path(cfg_path))
     roles: dict[str, int] = {}
     for name, p in model.named_parameters():
         r = fam.role_of(name)
@@ -188,7 +137,9 @@ def _count_cached(family: str, cfg_path: str, mtime: float) -> tuple:
                 quantisable[r] = (w + mod.weight.numel(), rows + mod.out_features)
         elif isinstance(mod, nn.Embedding):
             shapes.setdefault(r, []).append((name, mod.num_embeddings, mod.embedding_dim))
-    llm, vis, aud, vocab = _towers(family, cfg)
+    shapes_of = fam.tower_shapes(cfg)  # (hidden, layers, ffn, heads, gated MLP) per stack, or None
+    llm, vis, aud = (Tower(*shapes_of[k]) if shapes_of[k] else None for k in ("llm", "vision", "audio"))
+    vocab = shapes_of["vocab"]
     return model, ModelCount(family, cfg_path, roles, quantisable, shapes, llm, vis, aud, vocab)
 
 

@@ -154,23 +154,9 @@ def _records(path: Path, errors: list[DataError], allow_outside_paths: bool):
     """(line, object) pairs of a dataset file: our JSONL as is; LLaMA-Factory, ms-swift and
     OpenAI files converted in memory first (their records are numbered from 1; conversion
     errors are reported as they are). Converted media paths are absolute, hence allowed."""
-    from collections import Counter as _Counter
+    from finetune.data.convert import convert_file, dominant_format
 
-    from finetune.data.convert import _classify, _read_records, convert_file
-
-    # another tool's format only when most records say so: a broken line of our own format
-    # (say, one with ShareGPT 'conversations') must be reported, not reinterpreted
-    votes: _Counter = _Counter()
-    try:
-        for k, (_, obj) in enumerate(_read_records(path)):
-            if k >= 200:
-                break
-            if not isinstance(obj, DataError):
-                votes[_classify(obj) or "unknown"] += 1
-    except (DataError, ValueError, OSError):
-        pass
-    others = {f: n for f, n in votes.items() if f not in ("ours", "unknown")}
-    fmt = max(others, key=others.get) if others and sum(others.values()) > votes["ours"] else "ours"
+    fmt = dominant_format(path)
     if fmt == "ours":
         return iter_jsonl(path), allow_outside_paths
     res = convert_file(path, fmt, on_error="skip")

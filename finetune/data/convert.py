@@ -623,6 +623,27 @@ def detect_format(path: str | os.PathLike, *, max_records: int = 50) -> str:
                     file=str(path))
 
 
+def dominant_format(path: str | os.PathLike, *, max_records: int = 200) -> str:
+    """The format most of the first records are in ("ours" on a tie or when nothing matches).
+
+    Unlike `detect_format`, one odd record does not decide: a broken line of our own format
+    (say, with ShareGPT 'conversations') is then reported as broken, not reinterpreted.
+    """
+    votes: Counter = Counter()
+    try:
+        for k, (_, obj) in enumerate(_read_records(Path(path))):
+            if k >= max_records:
+                break
+            if not isinstance(obj, DataError):
+                votes[_classify(obj) or "unknown"] += 1
+    except (DataError, ValueError, OSError):
+        return "ours"
+    others = {f: n for f, n in votes.items() if f not in ("ours", "unknown")}
+    if others and sum(others.values()) > votes["ours"]:
+        return max(others, key=others.get)
+    return "ours"
+
+
 # --------------------------------------------------------------------------- file conversion
 
 

@@ -263,13 +263,18 @@ def _gray_to_rgb(arr8: np.ndarray) -> Image.Image:
 
 # --- DICOM ---------------------------------------------------------------------
 
-def _pydicom(path: Path):
+def _optional_module(module: str, what: str, path: Path):
+    """The optional reader `module` (the [medical] extra), or an error saying how to install it."""
+    import importlib
+
     try:
-        import pydicom
+        return importlib.import_module(module)
     except ImportError:
-        raise MediaError(f"reading DICOM '{path}' needs pydicom: {_INSTALL_HINT}",
-                         kind=_KIND_EXTRA) from None
-    return pydicom
+        raise MediaError(f"reading {what} '{path}' needs {module}: {_INSTALL_HINT}", kind=_KIND_EXTRA) from None
+
+
+def _pydicom(path: Path):
+    return _optional_module("pydicom", "DICOM", path)
 
 
 def _dcmread(path: Path, header_only: bool):
@@ -439,12 +444,7 @@ def _rgb_to_image(arr: np.ndarray, bits: int) -> Image.Image:
 # --- NIfTI -----------------------------------------------------------------------
 
 def _nibabel(path: Path):
-    try:
-        import nibabel
-    except ImportError:
-        raise MediaError(f"reading NIfTI '{path}' needs nibabel: {_INSTALL_HINT}",
-                         kind=_KIND_EXTRA) from None
-    return nibabel
+    return _optional_module("nibabel", "NIfTI", path)
 
 
 def _nifti_load(path: Path):

@@ -30,7 +30,11 @@ from typing import Any
 import torch
 from torch import nn
 from transformers import GenerationMixin, PreTrainedConfig, PreTrainedModel
-from transformers.modeling_outputs import CausalLMOutputWithPast
+from transformers.cache_utils import DynamicCache
+from transformers.masking_utils import create_causal_mask
+from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+from transformers.models.qwen2.modeling_qwen2 import eager_attention_forward
 
 IMAGE_PAD = "<img_pad_baichuan>"
 VIDEO_PAD = "<video_palce_baichuan>"  # sic: the released tokenizer spells it so
@@ -127,9 +131,6 @@ class Attention(nn.Module):
         self.o_proj = nn.Linear(self.n_heads * self.head_dim, config.hidden_size, bias=False)
 
     def forward(self, hidden_states, position_embeddings, attention_mask=None, past_key_values=None, **kwargs):
-        from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
-        from transformers.models.qwen2.modeling_qwen2 import eager_attention_forward
-
         B, L, _ = hidden_states.shape
         q, k, v = self.W_pack(hidden_states).split(
             [self.n_heads * self.head_dim, self.n_kv * self.head_dim, self.n_kv * self.head_dim], dim=-1)
@@ -319,10 +320,6 @@ class BaichuanOmniModel(BaichuanOmniPreTrainedModel):
                 inputs_embeds=None, use_cache=None, cache_position=None, pixel_values=None, image_grid_thw=None,
                 pixel_values_videos=None, video_grid_thw=None, audio_features=None, audio_codes=None, **kwargs):
         """The LLM on text with the media scattered in (also what TRL's fused LM head calls)."""
-        from transformers.cache_utils import DynamicCache
-        from transformers.masking_utils import create_causal_mask
-        from transformers.modeling_outputs import BaseModelOutputWithPast
-
         if inputs_embeds is None:
             inputs_embeds = self.embed(input_ids, pixel_values, image_grid_thw, pixel_values_videos, video_grid_thw,
                                        audio_features, audio_codes)

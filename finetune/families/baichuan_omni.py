@@ -172,7 +172,7 @@ class BaichuanOmniFamily(Family):
             ids.extend(tokens)
             labels.extend(tokens if learn else [IGNORE_INDEX] * len(tokens))
 
-        frames_proc = processor.frame_view()
+        frames_proc = None  # the processor with the video pixel limit, made on the first video
         for msg in _turns(sample, processor.system_prompt, for_generation):
             learn = msg.role == "assistant" and not for_generation
             emit([tid[ROLE_TOKENS[msg.role]]], False)
@@ -203,6 +203,7 @@ class BaichuanOmniFamily(Family):
                     emit([tid[AUDIO_START]] + [tid[AUDIO_PAD]] * n + [tid[AUDIO_END]], False)
                 elif chunk.type == "video":
                     frames = M.load_video(chunk, processor.video_max_frames, processor.video_fps)
+                    frames_proc = frames_proc or processor.frame_view()
                     for f in frames:
                         if media is None:
                             t, gh, gw = frames_proc.image_grid(f.width, f.height)
@@ -256,21 +257,39 @@ class BaichuanOmniFamily(Family):
         return out
 
     def collate_padded(self, batch: list[EncodedSample], pad_id: int, side: str = "right") -> dict[str, Any]:
-        L = max(e.num_tokens for e in batch)
-        input_ids = torch.full((len(batch), L), pad_id, dtype=torch.long)
-        labels = torch.full((len(batch), L), IGNORE_INDEX, dtype=torch.long)
-        mask = torch.zeros((len(batch), L), dtype=torch.long)
-        for i, e in enumerate(batch):
-            n = e.num_tokens
-            sl = slice(0, n) if side == "right" else slice(L - n, L)
-            input_ids[i, sl] = e.input_ids
-            labels[i, sl] = e.labels
-            mask[i, sl] = 1
-        out = {"input_ids": input_ids, "labels": labels, "attention_mask": mask}
+        out = super().collate_padded(batch, pad_id, side)
         if side == "right":  # left padding (generation): transformers derives positions from the mask
-            out["position_ids"] = torch.arange(L).expand(len(batch), L).clone()
-        out.update(self.collate_media(batch))
+            B, L = out["input_ids"].shape
+            out["position_ids"] = torch.arange(L).expand(B, L).clone()
         return out
+
+    def meta_model(self, config_path: Path):
+        from finetune.families.baichuan_model import BaichuanOmniConfig, BaichuanOmniForCausalLM
+
+        cfg = BaichuanOmniConfig.from_pretrained(str(config_path))
+        with torch.device("meta"):
+            return BaichuanOmniForCausalLM._from_config(cfg, dtype=torch.bfloat16), cfg
+
+    def tower_shapes(self, config) -> dict:
+        v, a = config.visual_config, config.audio_config
+        vis = aud = None
+        if v.get("enable", True):
+            e = v.get("embed_dim", 1280)
+            vis = (e, v.get("depth", 32), int(e * v.get("mlp_ratio", 4)), v.get("num_heads", 16), False)
+        if a.get("enable", True):
+            aud = (a.get("d_model", 1280), a.get("encoder_layers", 32), a.get("encoder_ffn_dim", 5120),
+                   a.get("encoder_attention_heads", 20), False)
+        llm = (config.hidden_size, config.num_hidden_layers, config.intermediate_size, config.num_attention_heads, True)
+        return {"llm": llm, "vision": vis, "audio": aud, "vocab": config.vocab_size}
+
+    def usage(self, full_layout: bool) -> list[str]:
+        return ["```python",
+                "from finetune.families.baichuan_model import BaichuanOmniForCausalLM  # pip install omni-finetune",
+                "model = BaichuanOmniForCausalLM.from_pretrained(\"path/to/merged\", dtype=\"auto\")",
+                "```", "",
+                "The folder keeps the released layout and config.json (speech-output parts included), so the "
+                "reference code of Baichuan-Omni-1.5 loads it too. Prompts use the released format "
+                "`<B_SYS>system<C_Q>user<C_A>`."]
 
     # ---- tiny --------------------------------------------------------------------------
     def materialize_tiny(self, seed: int = 0) -> Path:

@@ -114,9 +114,33 @@ class Family(abc.ABC):
     def count_tokens(self, sample: "Sample", processor: Any) -> int:
         """The sample's token count from text and media metadata, without running encoders."""
 
-    @abc.abstractmethod
     def collate_padded(self, batch: list[EncodedSample], pad_id: int, side: str = "right") -> dict[str, Any]:
         """A padded batch (right for training, left for generation) with an attention mask."""
+        L = max(e.num_tokens for e in batch)
+        input_ids = torch.full((len(batch), L), pad_id, dtype=torch.long)
+        labels = torch.full((len(batch), L), IGNORE_INDEX, dtype=torch.long)
+        mask = torch.zeros((len(batch), L), dtype=torch.long)
+        for i, e in enumerate(batch):
+            n = e.num_tokens
+            sl = slice(0, n) if side == "right" else slice(L - n, L)
+            input_ids[i, sl] = e.input_ids
+            labels[i, sl] = e.labels
+            mask[i, sl] = 1
+        out = {"input_ids": input_ids, "labels": labels, "attention_mask": mask}
+        out.update(self.collate_media(batch))
+        return out
+
+    def meta_model(self, config_path: Path) -> tuple[torch.nn.Module, Any]:
+        """(the trainable model on the meta device, its config) from a config.json: for planning."""
+        raise NotImplementedError(f"{self.name}: no meta model for the planner")
+
+    def tower_shapes(self, config: Any) -> dict[str, Any]:
+        """{"llm", "vision", "audio": (hidden, layers, ffn, heads, gated MLP) or None, "vocab": int}."""
+        raise NotImplementedError(f"{self.name}: no tower shapes for the planner")
+
+    def usage(self, full_layout: bool) -> list[str]:
+        """Markdown lines for the exported model card: how to load the export (and its adapter)."""
+        return []
 
     @abc.abstractmethod
     def collate_media(self, batch: list[EncodedSample]) -> dict[str, Any]:

@@ -462,21 +462,37 @@ class Qwen25OmniFamily(Family):
     def collate_media(self, batch: list[EncodedSample]) -> dict[str, Any]:
         return collate_media(batch)
 
-    def collate_padded(self, batch: list[EncodedSample], pad_id: int, side: str = "right") -> dict[str, Any]:
-        L = max(e.num_tokens for e in batch)
-        B = len(batch)
-        input_ids = torch.full((B, L), pad_id, dtype=torch.long)
-        labels = torch.full((B, L), IGNORE_INDEX, dtype=torch.long)
-        mask = torch.zeros((B, L), dtype=torch.long)
-        for i, e in enumerate(batch):
-            n = e.num_tokens
-            sl = slice(0, n) if side == "right" else slice(L - n, L)
-            input_ids[i, sl] = e.input_ids
-            labels[i, sl] = e.labels
-            mask[i, sl] = 1
-        out = {"input_ids": input_ids, "labels": labels, "attention_mask": mask}
-        out.update(collate_media(batch))
-        return out
+    def meta_model(self, config_path: Path):
+        from transformers import (Qwen2_5OmniConfig, Qwen2_5OmniThinkerConfig,
+                                  Qwen2_5OmniThinkerForConditionalGeneration)
+
+        if json.loads(Path(config_path).read_text()).get("model_type") == "qwen2_5_omni":
+            cfg = Qwen2_5OmniConfig.from_pretrained(str(config_path)).thinker_config
+        else:
+            cfg = Qwen2_5OmniThinkerConfig.from_pretrained(str(config_path))
+        with torch.device("meta"):
+            return Qwen2_5OmniThinkerForConditionalGeneration._from_config(cfg, dtype=torch.bfloat16), cfg
+
+    def tower_shapes(self, config) -> dict:
+        t, v, a = config.text_config, config.vision_config, config.audio_config
+        return {"llm": (t.hidden_size, t.num_hidden_layers, t.intermediate_size, t.num_attention_heads, True),
+                "vision": (v.hidden_size, v.depth, v.intermediate_size, v.num_heads, True),
+                "audio": (a.d_model, a.encoder_layers, a.encoder_ffn_dim, a.encoder_attention_heads, False),
+                "vocab": t.vocab_size}
+
+    def usage(self, full_layout: bool) -> list[str]:
+        cls = "Qwen2_5OmniForConditionalGeneration" if full_layout else "Qwen2_5OmniThinkerForConditionalGeneration"
+        return ["```python",
+                f"from transformers import {cls}, Qwen2_5OmniProcessor",
+                f"model = {cls}.from_pretrained(\"path/to/merged\", dtype=\"auto\")",
+                "processor = Qwen2_5OmniProcessor.from_pretrained(\"path/to/merged\")",
+                "# the adapter instead: PeftModel.from_pretrained(Qwen2_5OmniThinkerForConditionalGeneration"
+                ".from_pretrained(BASE), \"path/to/adapter_export\")",
+                "# (a full Qwen2.5-Omni BASE folder: add key_mapping={r\"^thinker\\.\": \"\"})",
+                "```", "",
+                "Without torchvision, build the processor from its parts (`Qwen2VLImageProcessorPil`, "
+                "`WhisperFeatureExtractor`, the tokenizer); `examples/generate_with_transformers.py` in "
+                "omni-finetune shows how."]
 
     # ---- tiny --------------------------------------------------------------------------
     def materialize_tiny(self, seed: int = 0) -> Path:
