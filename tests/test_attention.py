@@ -1,0 +1,72 @@
+"""The varlen backend's non-CUDA path against causal attention on each sample alone."""
+
+from __future__ import annotations
+
+import types
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from finetune import attention
+
+
+def reference(q, k, v, bounds, gqa):
+    """Causal SDPA on each segment's slice of the flat [1, H, N, D] tensors, one call per sample."""
+    out = torch.empty_like(q)
+    for s, e in zip(bounds[:-1], bounds[1:]):
+        out[:, :, s:e] = F.scaled_dot_product_attention(q[:, :, s:e], k[:, :, s:e], v[:, :, s:e], is_causal=True,
+                                                        enable_gqa=gqa)
+    return out
+
+
+@pytest.mark.parametrize("kv_heads", [4, 2], ids=["mha", "gqa"])
+@pytest.mark.parametrize("lengths", [
+    [37, 5, 19, 18, 1, 64, 33, 9, 9, 2],  # buckets of several segments, singletons, length-1 samples
+    [50],                                  # one sample filling the row
+    [7, 7, 7, 7],                          # all equal: a single stack
+], ids=["mixed", "one", "equal"])
+def test_segment_stacks_equal_one_call_per_sample(lengths, kv_heads):
+    torch.manual_seed(0)
+    H, D, N = 4, 16, sum(lengths)
+    bounds = [0]
+    for n in lengths:
+        bounds.append(bounds[-1] + n)
+    q = torch.randn(1, H, N, D, dtype=torch.float64, requires_grad=True)
+    k = torch.randn(1, kv_heads, N, D, dtype=torch.float64, requires_grad=True)
+    v = torch.randn(1, kv_heads, N, D, dtype=torch.float64, requires_grad=True)
+    cu = torch.tensor(bounds, dtype=torch.int32)
+    module = types.SimpleNamespace(is_causal=True)
+    before = attention.segment_calls
+    out, _ = attention.varlen_attention_forward(module, q, k, v, None, position_ids=torch.zeros(1, N),
+                                                cu_seq_lens_q=cu, max_length_q=max(lengths))
+    assert attention.segment_calls == before + 1
+    ref = reference(q, k, v, bounds, kv_heads != H).transpose(1, 2)
+    torch.testing.assert_close(out, ref, rtol=0, atol=1e-12)
+    g = torch.randn_like(ref)
+    grads = torch.autograd.grad(out, (q, k, v), g)
+    ref_grads = torch.autograd.grad(ref, (q, k, v), g)
+    for a, b in zip(grads, ref_grads):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-12)
+
+
+def test_buckets_group_similar_lengths_and_cover_every_token():
+    lengths = [37, 5, 19, 18, 1, 64, 33, 9, 9, 2]
+    bounds = [0]
+    for n in lengths:
+        bounds.append(bounds[-1] + n)
+    N = bounds[-1]
+    buckets = attention._buckets(tuple(bounds), N, "cpu")
+    covered = []
+    for idx, keep, (s, e) in buckets:
+        if idx is None:
+            covered += range(s, e)
+            continue
+        real = idx[idx < N]
+        assert torch.equal(real, keep)
+        rows = (idx < N).sum(1)  # each stacked segment's length; the longest sets the width
+        assert int(rows.max()) == idx.shape[1]
+        assert int(rows.min()) * 1.5 >= idx.shape[1]  # within the spread of 1.5
+        covered += keep.tolist()
+    assert sorted(covered) == list(range(N))
+    assert len(buckets) < len(lengths)  # fewer calls than samples
