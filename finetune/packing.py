@@ -133,6 +133,9 @@ def pack_encoded(family: Family, rows: list[list[EncodedSample]], pad_id: int, *
     return out
 
 
+REAL_TOKENS = "num_real_tokens"
+
+
 @dataclass
 class PackedCollator:
     """Trainer collator: each feature is one bin (sample indices); one packed row per bin."""
@@ -148,9 +151,11 @@ class PackedCollator:
         rows = [[self.family.encode(self.samples[i], self.processor, rope=self.rope) for i in f["bin"]]
                 for f in features]
         batch = pack_encoded(self.family, rows, self.processor.pad_id, with_varlen_args=self.with_varlen_args)
+        tokens = sum(e.num_tokens for r in rows for e in r)
         self.stats["rows"] += len(rows)
-        self.stats["tokens"] += sum(e.num_tokens for r in rows for e in r)
+        self.stats["tokens"] += tokens
         self.stats["slots"] += batch["input_ids"].numel()
+        batch[REAL_TOKENS] = torch.tensor(tokens)  # for the trainer's token count; never reaches the model
         return batch
 
 

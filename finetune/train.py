@@ -277,6 +277,21 @@ def make_trainer(recipe: Recipe, family: Family, model, processor, train_ds, col
                 self.optimizer = cls(groups, **kwargs)
             return self.optimizer
 
+        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+            from finetune.packing import REAL_TOKENS
+
+            real = inputs.pop(REAL_TOKENS, None)
+            before = self._total_train_tokens
+            out = super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+            if real is not None and self.model.training:
+                # TRL counts position_ids.size(1) tokens for a mask-free batch (one [1, L] row);
+                # packed rows are [R, L] or [4, R, L] (M-RoPE) with padding segments: count the
+                # samples' tokens the collator packed instead
+                self._total_train_tokens = before + self.accelerator.gather_for_metrics(
+                    real.reshape(1).to(self.accelerator.device)).sum().item()
+                self._metrics["train"]["num_tokens"] = [self._total_train_tokens]
+            return out
+
     args = args or training_args(recipe, precision, run_dir)
     return RoleLRTrainer(model=model, args=args, train_dataset=train_ds, data_collator=collator,
                          processing_class=processor.tokenizer, callbacks=callbacks)

@@ -53,6 +53,28 @@ def test_real_configs_total_in_known_range():
     assert 9.1e9 < sum(br.values()) < 9.4e9  # ~11.02B minus the speech-output parts
 
 
+def test_shipped_qwen_config_is_the_7b_architecture():
+    """The shipped thinker config against transformers' config defaults, which are Qwen2.5-Omni-7B's."""
+    import json
+    from importlib import resources
+
+    from transformers import Qwen2_5OmniThinkerConfig
+
+    shipped = json.loads((resources.files("finetune") / "configs" / "qwen2_5_omni_7b.json").read_text())
+    default = Qwen2_5OmniThinkerConfig()
+    # the library's docstring default for the vision width is the LLM's (its out_hidden_size); the
+    # released tower is 1280 wide (32 blocks -> the known 675M-parameter ViT with its merger)
+    allowed = {("vision_config", "hidden_size"): (1280, 3584),
+               ("text_config", "sliding_window"): (32768, None),  # unused: use_sliding_window is false
+               ("text_config", "tie_word_embeddings"): (False, True)}  # the thinker has its own lm_head
+    for part in ("audio_config", "vision_config", "text_config"):
+        ref = getattr(default, part).to_dict()
+        for key, value in shipped[part].items():
+            if key in ref and ref[key] != value:
+                assert allowed.get((part, key)) == (value, ref[key]), (part, key, value, ref[key])
+    assert shipped["text_config"]["use_sliding_window"] is False
+
+
 def test_4bit_is_smaller_and_lora_counts_follow_the_formula():
     bf16 = plan(load_recipe("medical", [QWEN, "roles.llm.r=8"]))
     q4 = plan(load_recipe("medical", [QWEN, "roles.llm.r=8", "model.quantize=4bit"]))

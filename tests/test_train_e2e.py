@@ -62,6 +62,29 @@ def test_loss_is_the_mean_over_all_label_tokens_of_the_step(tmp_path, small_demo
     assert losses(r1)[1] == pytest.approx(losses(r2)[1], rel=1e-5)
 
 
+def test_logged_token_count_is_the_packed_samples_tokens(tmp_path, small_demo, monkeypatch):
+    """num_tokens in the log counts the samples' tokens (TRL alone counts 1 per [4, 1, L] row)."""
+    from finetune.data.schema import load_samples
+    from finetune.families import family_for
+    from finetune.train import train
+
+    monkeypatch.setenv("FINETUNE_RECORD_BATCHES", str(tmp_path / "rec"))
+    recipe = tiny_recipe(tmp_path, small_demo, "train.batch_size=2", "train.max_steps=3")
+    run = train(recipe)
+    logged = [json.loads(ln) for ln in (run / "metrics.jsonl").read_text().splitlines()]
+    counts = {r["step"]: r["num_tokens"] for r in logged if "num_tokens" in r}
+    fam = family_for(recipe.model.path, recipe.model.family)
+    processor = fam.load(recipe).processor
+    samples, _ = load_samples(recipe.data.train)
+    batches = [json.loads(ln) for ln in (tmp_path / "rec" / "batches-rank0.jsonl").read_text().splitlines()]
+    expected, total = {}, 0
+    for step, rows in enumerate(batches[:3], start=1):
+        assert len(rows) == 2
+        total += sum(fam.count_tokens(samples[i], processor) for b in rows for i in b)
+        expected[step] = total
+    assert counts == expected
+
+
 def test_skip_bad_samples_and_report_them(tmp_path, small_demo):
     from finetune.train import train
 
