@@ -248,6 +248,31 @@ def test_llamafactory_placeholder_mismatch(media: Path):
     assert len(res.samples) == 1 and res.error_counts() == {"placeholder_mismatch": 1}
 
 
+@pytest.mark.parametrize("container", ["jsonl", "json"])
+def test_check_names_the_source_record_of_a_converted_sample(media: Path, container: str):
+    """A media error in a converted file points at its own record, not at its rank among the
+    records that converted (record 2 fails conversion, record 3 has an unreadable image)."""
+    (media / "img" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n not an image")
+    records = [
+        {"messages": [{"role": "user", "content": "<image>ok"}, {"role": "assistant", "content": "a"}],
+         "images": ["img/a.png"]},
+        {"messages": [{"role": "user", "content": "<image><image>Compare."}, {"role": "assistant", "content": "b"}],
+         "images": ["img/a.png"]},
+        {"messages": [{"role": "user", "content": "<image>Broken?"}, {"role": "assistant", "content": "c"}],
+         "images": ["img/broken.png"]}]
+    src = (_write_jsonl if container == "jsonl" else _write_json)(media / f"lf.{container}", records)
+    report = check_dataset([src])
+    assert report.n_samples == 3 and report.n_ok == 1
+    kinds = {e.kind: e for e in report.errors}
+    assert set(kinds) == {"placeholder_mismatch", "unreadable_image"}
+    bad = kinds["unreadable_image"]
+    if container == "jsonl":
+        assert bad.line == 3 and kinds["placeholder_mismatch"].line == 2
+    else:
+        assert bad.line == 0 and bad.field.startswith("record[2].")
+        assert kinds["placeholder_mismatch"].field.startswith("record[1].")
+
+
 def test_unknown_and_tool_roles(media: Path):
     src = _write_jsonl(media / "roles.jsonl", [
         {"conversations": [{"from": "human", "value": "Q"}, {"from": "doctor", "value": "A"}]},

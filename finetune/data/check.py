@@ -151,17 +151,20 @@ class _MediaChecker:
 
 
 def _records(path: Path, errors: list[DataError], allow_outside_paths: bool):
-    """(line, object) pairs of a dataset file: our JSONL as is; LLaMA-Factory, ms-swift and
-    OpenAI files converted in memory first (their records are numbered from 1; conversion
-    errors are reported as they are). Converted media paths are absolute, hence allowed."""
+    """(line, object, relocate) triples of a dataset file, and whether outside paths are allowed.
+
+    Our JSONL is read as is. LLaMA-Factory, ms-swift and OpenAI files are converted in memory
+    first; conversion errors are reported as they are, and `relocate` moves a later error of a
+    converted sample to its source record (its line, or record[i] in a JSON list). Converted
+    media paths are absolute, hence allowed."""
     from finetune.data.convert import convert_file, dominant_format
 
     fmt = dominant_format(path)
     if fmt == "ours":
-        return iter_jsonl(path), allow_outside_paths
+        return ((line, obj, None) for line, obj in iter_jsonl(path)), allow_outside_paths
     res = convert_file(path, fmt, on_error="skip")
     errors.extend(res.errors)
-    return list(enumerate(res.samples, start=1)), True
+    return [(loc.line, obj, loc.relocate) for loc, obj in zip(res.locations, res.samples)], True
 
 
 def media_errors(sample: Sample, checker: "_MediaChecker | None" = None) -> list[DataError]:
@@ -205,8 +208,11 @@ def check_dataset(
                                     "check the file path", file=source))
             continue
         n_in_file = 0
+        n_errors = len(errors)
         records, outside = _records(path, errors, allow_outside_paths)
-        for lineno, obj in records:
+        n_samples += len(errors) - n_errors  # records that failed conversion
+        n_in_file += len(errors) - n_errors
+        for lineno, obj, relocate in records:
             n_samples += 1
             n_in_file += 1
             if isinstance(obj, DataError):
@@ -216,7 +222,7 @@ def check_dataset(
                 sample = parse_sample(obj, source=source, line=lineno, base_dir=path.parent,
                                       allow_outside_paths=outside)
             except DataError as e:
-                errors.append(e)
+                errors.append(relocate(e) if relocate else e)
                 continue
             modality_counts[_modality_key(sample)] += 1
 
@@ -231,7 +237,7 @@ def check_dataset(
                                                            file=source, line=lineno, field=fld))
             if token_counter is not None and not sample_errors:
                 sample_errors += _count_tokens(sample, token_counter, max_tokens, token_counts)
-            errors += sample_errors
+            errors += [relocate(e) for e in sample_errors] if relocate else sample_errors
             if not sample_errors:
                 n_ok += 1
         if n_in_file == 0:

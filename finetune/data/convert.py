@@ -91,6 +91,7 @@ class ConvertResult:
     samples: list[dict] = field(default_factory=list)
     errors: list[DataError] = field(default_factory=list)
     n_records: int = 0
+    locations: list["_Loc"] = field(default_factory=list)  # where each sample's record is in the source
 
     def error_counts(self) -> dict[str, int]:
         """Number of skipped records per error kind, most frequent first."""
@@ -694,6 +695,7 @@ def convert_file(
             if isinstance(obj, DataError):
                 raise obj
             result.samples.append(convert(obj, loc, base=base, check_files=check_files, role_map=role_map))
+            result.locations.append(loc)
         except DataError as e:
             if on_error == "raise":
                 raise
