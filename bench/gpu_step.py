@@ -132,6 +132,7 @@ def run_one(family_name: str, mode: str, args) -> dict:
         attn = attention.choose(recipe.model.attn, packing=True)
         attention.apply_to_llm(loaded.model, attn)
         model, _ = adapters.apply_roles(loaded.model, family, recipe, gradient_checkpointing=True)
+        adapters.fp32_trainable(model)  # as training does
         if recipe.model.quantize == "none":
             model.to(args.device)
         model.train()

@@ -150,6 +150,23 @@ def apply_roles(model: nn.Module, family: Family, recipe, *, gradient_checkpoint
     return peft_model, plan
 
 
+def fp32_trainable(model: nn.Module) -> int:
+    """Keep every trainable parameter in float32 under 16-bit mixed precision; returns how many.
+
+    The frozen base stays 16-bit and autocast runs the matmuls in 16-bit; the trained weights
+    (LoRA, which PEFT already keeps in fp32, and the `full` roles' copies) are the master weights
+    the optimizer updates. In fp16 an AdamW update on fp16 weights breaks at once (the tiny
+    model's loss went NaN at step 2); in bf16 updates below 2^-8 of a weight are rounded away.
+    The planner counts these fp32 copies (see finetune/plan.py).
+    """
+    n = 0
+    for p in model.parameters():
+        if p.requires_grad and p.dtype in (torch.float16, torch.bfloat16):
+            p.data = p.data.float()
+            n += p.numel()
+    return n
+
+
 def param_count(p: torch.Tensor) -> int:
     """Element count of a parameter, counting 4-bit packed weights by their real shape."""
     qs = getattr(p, "quant_state", None)

@@ -484,6 +484,7 @@ def train(recipe: Recipe) -> Path:
     attention.apply_to_llm(loaded.model, attn)
     model, plan = adapters.apply_roles(loaded.model, family, recipe,
                                        gradient_checkpointing=recipe.train.gradient_checkpointing)
+    adapters.fp32_trainable(model)
     print(f"model {loaded.base_path} ({family.name}), precision {precision}, "
           f"quantize {recipe.model.quantize}, attention {attn}")
     print(adapters.format_role_table(adapters.role_table(model, family, plan)), flush=True)
