@@ -1,6 +1,6 @@
 """Packing benchmark: padding efficiency and training throughput, packed rows vs padded batches.
 
-    python bench/packing.py [--max-tokens 2048] [--repeats 5] [--steps 3]      (or: make bench-packing)
+    python bench/packing.py [--max-tokens 2048] [--repeats 5]      (or: make bench-packing)
     python bench/packing.py --roles medical-tiny       # also train the vision encoder, as the CPU demo does
     python bench/packing.py --size 7b                  # on a GPU: bf16, the 7B thinker's shape
 
@@ -11,7 +11,8 @@ long-tail one (many short text samples, some long image+audio ones). For each:
   * rows (or batches) per epoch;
   * training throughput in real tokens per second on the tiny model (forward, backward and
     optimizer step; roles of the recipe named by --roles: medical, the default, freezes the
-    encoders, medical-tiny trains the vision tower in full), packed vs padded measured interleaved in one run,
+    encoders, medical-tiny trains the vision tower in full), packed vs padded measured as whole
+    epochs (the same samples either way), interleaved in one run,
     median of the repeats. The padded batch holds as many
     samples as a packed row on average, so both process the same data per step.
 Absolute times are only meaningful on the same machine; the ratio is the figure.
@@ -133,8 +134,7 @@ def efficiency_padded(lengths, batches) -> float:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--max-tokens", type=int, default=2048)
-    ap.add_argument("--repeats", type=int, default=5)
-    ap.add_argument("--steps", type=int, default=3, help="training steps per timed block")
+    ap.add_argument("--repeats", type=int, default=5, help="timed epochs of each kind, interleaved")
     ap.add_argument("--roles", default="medical", choices=["medical", "medical-tiny"],
                     help="which recipe's roles to train: medical (the default; LoRA LLM, full projectors, frozen "
                          "encoders, as users train a real model) or medical-tiny (also the whole vision encoder, "
@@ -208,19 +208,19 @@ def main(argv=None) -> int:
             opt.step()
             opt.zero_grad(set_to_none=True)
 
-        def block(kind, k):
-            """Time `steps` training steps; returns real tokens / second (and the encoders' share)."""
-            if kind == "packed":
-                groups = [bins[(k * args.steps + j) % len(bins)] for j in range(args.steps)]
-                made = [to_model(pack_encoded(fam, [[enc[i] for i in g]], proc.pad_id, with_varlen_args=varlen_args),
-                                 model) for g in groups]
-            else:
-                groups = [batches[(k * args.steps + j) % len(batches)] for j in range(args.steps)]
-                made = [to_model(fam.collate_padded([enc[i] for i in g], proc.pad_id), model) for g in groups]
-            tokens = sum(lengths[i] for g in groups for i in g)
+        # every timed unit is a whole epoch, so packed and padded process exactly the same samples
+        # (BFD puts the biggest samples, e.g. the videos, in the first rows: a few rows or batches
+        # would compare different media loads)
+        made = {"packed": [to_model(pack_encoded(fam, [[enc[i] for i in g]], proc.pad_id,
+                                                 with_varlen_args=varlen_args), model) for g in bins],
+                "padded": [to_model(fam.collate_padded([enc[i] for i in g], proc.pad_id), model) for g in batches]}
+        tokens = sum(lengths)
+
+        def epoch(kind):
+            """One epoch of training steps; returns real tokens / second (and notes the encoders' share)."""
             enc_time[0] = 0.0
             t0 = time.perf_counter()
-            for b in made:
+            for b in made[kind]:
                 step(b)
             if args.device.startswith("cuda"):
                 torch.cuda.synchronize()
@@ -229,37 +229,40 @@ def main(argv=None) -> int:
                 shares.append(enc_time[0] / took)
             return tokens / took
 
-        # warm-up: one pass over every row and batch, so each shape has been seen once, as in any
-        # epoch after the first (kernels and allocator caches are per shape on CUDA)
-        for k in range(-(-max(len(bins), len(batches)) // args.steps)):
-            block("packed", k), block("padded", k)
+        # warm-up: one epoch each, so every shape has been seen once, as in any epoch after the
+        # first (kernels and allocator caches are per shape on CUDA)
+        epoch("packed"), epoch("padded")
         tps = {"packed": [], "padded": []}
         shares.clear()
         for k in range(args.repeats):
             for kind in (("packed", "padded") if k % 2 == 0 else ("padded", "packed")):
-                tps[kind].append(block(kind, k + 1))
+                tps[kind].append(epoch(kind))
         med = {k: statistics.median(v) for k, v in tps.items()}
+        # the speed-up of each interleaved pair of epochs (run back to back, so sharing the
+        # machine's state); the median of those is the figure, min and max show the spread
+        ratios = [p / q for p, q in zip(tps["packed"], tps["padded"])]
         share = statistics.median(shares)
         # Amdahl: the encoders cost the same packed or padded; only the LLM part scales with slots
         ceiling = share + (1 - share) / eff_padded
         rows_out.append((name, len(samples), eff_padded, eff_packed, eff_fill, best_fill, len(batches), len(bins),
-                         med["padded"], med["packed"], share, ceiling))
+                         med["padded"], med["packed"], ratios, share, ceiling))
 
     dev = torch.cuda.get_device_name() if args.device.startswith("cuda") else "cpu"
     n_params = sum(p.numel() for p in model.parameters()) / 1e6
     print(f"\npacking benchmark: {args.size} Qwen2.5-Omni thinker ({n_params:.1f}M parameters"
           f"{', gradient checkpointing' if args.size == '7b' else ''}), roles of "
           f"{args.roles}, {str(dtype).replace('torch.', '')} on {dev}, max_tokens {args.max_tokens}, "
-          f"{args.repeats} interleaved repeats of {args.steps} steps, medians; llm attention "
+          f"{args.repeats} interleaved epochs of each, medians; llm attention "
           f"{loaded.model.config.get_text_config()._attn_implementation}")
     hdr = (f"{'mixture':<10}{'samples':>8}{'eff padded':>12}{'eff packed':>12}{'fill':>8}{'best fill':>11}"
-           f"{'batches':>9}{'rows':>6}{'tok/s padded':>14}{'tok/s packed':>14}{'speed-up':>10}{'encoders':>10}"
+           f"{'batches':>9}{'rows':>6}{'tok/s padded':>14}{'tok/s packed':>14}{'speed-up (min-max)':>20}{'encoders':>10}"
            f"{'Amdahl':>9}")
     print(hdr)
     print("-" * len(hdr))
-    for name, n, ep, ek, ef, bf, nb, nr, tp, tk, sh, ce in rows_out:
+    for name, n, ep, ek, ef, bf, nb, nr, tp, tk, ra, sh, ce in rows_out:
+        spread = f"{statistics.median(ra):.2f}x ({min(ra):.2f}-{max(ra):.2f})"
         print(f"{name:<10}{n:>8}{100 * ep:>11.1f}%{100 * ek:>11.1f}%{100 * ef:>7.1f}%{100 * bf:>10.1f}%"
-              f"{nb:>9}{nr:>6}{tp:>14.0f}{tk:>14.0f}{tk / tp:>9.2f}x{100 * sh:>9.0f}%{ce:>8.2f}x")
+              f"{nb:>9}{nr:>6}{tp:>14.0f}{tk:>14.0f}{spread:>20}{100 * sh:>9.0f}%{ce:>8.2f}x")
     print("encoders: forward time of the vision and audio encoders in a packed step (their backward, when "
           "trained, is not counted);\nAmdahl: the speed-up expected if only the LLM part shrank with the padding "
           "removed, encoders + (1 - encoders) / eff padded")
