@@ -1,6 +1,6 @@
 """Packing benchmark: padding efficiency and training throughput, packed rows vs padded batches.
 
-    python bench/packing.py [--max-tokens 2048] [--repeats 5]      (or: make bench-packing)
+    python bench/packing.py [--max-tokens 2048] [--repeats 7]      (or: make bench-packing)
     python bench/packing.py --roles medical-tiny       # also train the vision encoder, as the CPU demo does
     python bench/packing.py --size 7b                  # on a GPU: bf16, the 7B thinker's shape
 
@@ -134,7 +134,7 @@ def efficiency_padded(lengths, batches) -> float:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--max-tokens", type=int, default=2048)
-    ap.add_argument("--repeats", type=int, default=5, help="timed epochs of each kind, interleaved")
+    ap.add_argument("--repeats", type=int, default=7, help="timed epochs of each kind, interleaved")
     ap.add_argument("--roles", default="medical", choices=["medical", "medical-tiny"],
                     help="which recipe's roles to train: medical (the default; LoRA LLM, full projectors, frozen "
                          "encoders, as users train a real model) or medical-tiny (also the whole vision encoder, "
