@@ -268,6 +268,8 @@ def make_trainer(recipe: Recipe, family: Family, model, processor, train_ds, col
     """TRL's SFTTrainer with per-role learning rates and our collator."""
     from trl import SFTTrainer
 
+    from finetune.packing import REAL_TOKENS
+
     class RoleLRTrainer(SFTTrainer):
         def create_optimizer(self, model=None):
             if self.optimizer is None:
@@ -278,8 +280,6 @@ def make_trainer(recipe: Recipe, family: Family, model, processor, train_ds, col
             return self.optimizer
 
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-            from finetune.packing import REAL_TOKENS
-
             real = inputs.pop(REAL_TOKENS, None)
             before = self._total_train_tokens
             out = super().compute_loss(model, inputs, return_outputs, num_items_in_batch)

@@ -42,7 +42,7 @@ import sys
 import tempfile
 import urllib.parse
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -92,6 +92,19 @@ class ConvertResult:
     errors: list[DataError] = field(default_factory=list)
     n_records: int = 0
     locations: list["_Loc"] = field(default_factory=list)  # where each sample's record is in the source
+
+    def add(self, loc: "_Loc", record: Any, make: Callable[[], dict], on_error: str) -> None:
+        """One source record: keep the sample `make` builds and where it came from, or its error."""
+        self.n_records += 1
+        try:
+            if isinstance(record, DataError):
+                raise record
+            self.samples.append(make())
+            self.locations.append(loc)
+        except DataError as e:
+            if on_error == "raise":
+                raise
+            self.errors.append(e)
 
     def error_counts(self) -> dict[str, int]:
         """Number of skipped records per error kind, most frequent first."""
@@ -690,16 +703,8 @@ def convert_file(
     convert = _CONVERTERS[fmt]
     result = ConvertResult(source=str(src), format=fmt)
     for loc, obj in _read_records(src):
-        result.n_records += 1
-        try:
-            if isinstance(obj, DataError):
-                raise obj
-            result.samples.append(convert(obj, loc, base=base, check_files=check_files, role_map=role_map))
-            result.locations.append(loc)
-        except DataError as e:
-            if on_error == "raise":
-                raise
-            result.errors.append(e)
+        result.add(loc, obj, lambda: convert(obj, loc, base=base, check_files=check_files, role_map=role_map),
+                   on_error)
     if result.n_records == 0:
         raise DataError("empty", "the file has no records", "add records to the file", file=str(src))
     return result
@@ -1113,15 +1118,7 @@ def convert_table(
     base = Path(media_root) if media_root is not None else table.parent
     result = ConvertResult(source=str(table), format="template")
     for n, (loc, row) in enumerate(rows, start=1):
-        result.n_records += 1
-        try:
-            if isinstance(row, DataError):
-                raise row
-            result.samples.append(_apply_template(tpl, row, loc, f"{table.stem}-{n}", base, check_files))
-        except DataError as e:
-            if on_error == "raise":
-                raise
-            result.errors.append(e)
+        result.add(loc, row, lambda: _apply_template(tpl, row, loc, f"{table.stem}-{n}", base, check_files), on_error)
     if result.n_records == 0:
         raise DataError("empty", "the table has no rows", "add rows under the header", file=str(table))
     return result

@@ -68,11 +68,7 @@ class BaichuanProcessor(OmniProcessor):
             system_prompt=system_prompt,
             video_max_pixels=int(min(max_pixels or 10 ** 12, vid.get("max_pixels", 768 * 28 * 28))),
         )
-        for s in SPECIAL_TOKENS:
-            tid = tok.convert_tokens_to_ids(s)
-            if tid is None or tid == tok.unk_token_id:
-                raise ValueError(f"{folder}: tokenizer has no special token {s}; is this a Baichuan-Omni-1.5 folder?")
-            proc.token_ids[s] = int(tid)
+        proc.register_special_tokens(SPECIAL_TOKENS, folder, "Baichuan-Omni-1.5")
         return proc
 
     @property

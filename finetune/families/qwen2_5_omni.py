@@ -141,14 +141,17 @@ class OmniProcessor:
             video_max_frames=video_max_frames,
             system_prompt=system_prompt,
         )
-        specials = [IM_START, IM_END, VISION_BOS, VISION_EOS, AUDIO_BOS, AUDIO_EOS,
-                    IMAGE_TOKEN, VIDEO_TOKEN, AUDIO_TOKEN]
-        for s in specials:
-            tid = tok.convert_tokens_to_ids(s)
-            if tid is None or tid == tok.unk_token_id:
-                raise ValueError(f"{folder}: tokenizer has no special token {s}; is this a Qwen2.5-Omni folder?")
-            proc.token_ids[s] = int(tid)
+        proc.register_special_tokens([IM_START, IM_END, VISION_BOS, VISION_EOS, AUDIO_BOS, AUDIO_EOS,
+                                      IMAGE_TOKEN, VIDEO_TOKEN, AUDIO_TOKEN], folder, "Qwen2.5-Omni")
         return proc
+
+    def register_special_tokens(self, names, folder, model: str) -> None:
+        """Look up the prompt format's special tokens; a tokenizer without one is the wrong folder."""
+        for s in names:
+            tid = self.tokenizer.convert_tokens_to_ids(s)
+            if tid is None or tid == self.tokenizer.unk_token_id:
+                raise ValueError(f"{folder}: tokenizer has no special token {s}; is this a {model} folder?")
+            self.token_ids[s] = int(tid)
 
     # ---- text ------------------------------------------------------------------------
     def text_ids(self, text: str) -> list[int]:
