@@ -3,6 +3,7 @@
     python bench/packing.py [--max-tokens 2048] [--repeats 7]      (or: make bench-packing)
     python bench/packing.py --roles medical-tiny       # also train the vision encoder, as the CPU demo does
     python bench/packing.py --size 7b                  # on a GPU: bf16, the 7B thinker's shape
+    python bench/packing.py --size 7b --profile prof/  # and where a packed / padded epoch's time goes
 
 Two mixtures: the demo data (synthetic scans, some audio, a few text-only samples) and a
 long-tail one (many short text samples, some long image+audio ones). For each:
@@ -131,6 +132,23 @@ def efficiency_padded(lengths, batches) -> float:
     return real / slots
 
 
+def profile_epochs(folder: Path, mixture: str, epoch, device: str) -> None:
+    """One profiled epoch per kind: where the time of a packed vs a padded epoch goes."""
+    from torch.profiler import ProfilerActivity, profile
+
+    folder.mkdir(parents=True, exist_ok=True)
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.startswith("cuda") else [])
+    for kind in ("packed", "padded"):
+        with profile(activities=activities, record_shapes=True) as prof:
+            epoch(kind)
+        ka = prof.key_averages()
+        by = "self_cuda_time_total" if device.startswith("cuda") else "self_cpu_time_total"
+        text = (f"{mixture} {kind}: one epoch\n\nby {by}\n{ka.table(sort_by=by, row_limit=40)}\n\n"
+                f"by call count\n{ka.table(sort_by='count', row_limit=25)}\n")
+        (folder / f"{mixture}-{kind}.txt").write_text(text)
+    print(f"profiles of the {mixture} epochs in {folder}/")
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--max-tokens", type=int, default=2048)
@@ -143,6 +161,9 @@ def main(argv=None) -> int:
     ap.add_argument("--dtype", default=None, help="default float32 on the CPU, bfloat16 on CUDA")
     ap.add_argument("--size", default="tiny", choices=["tiny", "small", "7b"],
                     help="small (0.2B) or 7b (the 7B thinker's shape): random weights, for GPUs")
+    ap.add_argument("--profile", type=Path, default=None,
+                    help="after the warm-up, profile one epoch of each kind (torch.profiler) and write "
+                         "<dir>/<mixture>-<kind>.txt (ops by device or host time, and by call count)")
     args = ap.parse_args(argv)
     quiet_libraries()
     torch.manual_seed(0)
@@ -232,6 +253,8 @@ def main(argv=None) -> int:
         # warm-up: one epoch each, so every shape has been seen once, as in any epoch after the
         # first (kernels and allocator caches are per shape on CUDA)
         epoch("packed"), epoch("padded")
+        if args.profile:
+            profile_epochs(args.profile, name, epoch, args.device)
         tps = {"packed": [], "padded": []}
         shares.clear()
         for k in range(args.repeats):
