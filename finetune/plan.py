@@ -29,12 +29,15 @@ activations  LLM decoder layers, after Korthikanti et al. 2022 ("Reducing activa
              is kept, plus one layer's full activations while it is recomputed.
 logits       tokens * vocab * 4 bytes: the fp32 copy of the logits for the loss (a chunked
              loss would cut this; the bf16 logits and their gradient come on top transiently).
-encoders     the largest media per row: one image at model.max_pixels -> max_pixels/196 patches
-             (14x14 pixels; temporal patch 2 doubles pixels, not patches, for one image) through
-             the vision tower (width h_v, depth L_v, MLP I_v) with the same per-layer formula;
-             one 30 s audio clip -> 1500 encoder frames through the audio tower. A frozen encoder
-             keeps nothing for backward: only one layer's activations exist at a time. A trained
-             one (lora/full) stores all layers (or layer inputs with checkpointing).
+encoders     the most media a packed row can hold: an encoder sees all of a row's images (or
+             audio) in one call, and a row has at most max_tokens media tokens. One image token
+             is 2x2 merged patches (both families), so a row feeds the vision tower at most
+             4 * max_tokens patches; one audio token is 2 encoder frames for Qwen2.5-Omni (25
+             tokens/s from 50 frames/s) and 4 for Baichuan-Omni-1.5 (12.5/s). Each tower (width
+             h_v, depth L_v, MLP I_v) takes the LLM's per-layer formula. A frozen encoder keeps
+             nothing for backward: only one layer's activations exist at a time. A trained one
+             (lora/full) stores all layers (or layer inputs with checkpointing). A row is all
+             image or all audio tokens at worst, so the bound is the larger of the two.
 overhead     a fixed 1 GB for the CUDA context, cuBLAS workspaces and allocator slack.
 """
 
@@ -50,8 +53,6 @@ CONFIG_DIR = Path(__file__).resolve().parent / "configs"
 SHIPPED_CONFIGS = {"qwen2_5_omni_7b": "qwen2_5_omni_7b.json", "baichuan_omni_1_5": "baichuan_omni_1_5.json"}
 NF4_BYTES = 0.5 + 1 / 64 + 4 / (64 * 256)  # packed NF4 + 8-bit absmax per 64 + fp32 per 256 blocks
 OVERHEAD_BYTES = 1 * GB
-IMAGE_PATCH_PIXELS = 14 * 14
-AUDIO_FRAMES = 1500  # 30 s at 100 mel frames/s, halved by the stride-2 conv
 OPTIM_BYTES = {"adamw_torch": 8, "adamw_8bit": 2, "paged_adamw_8bit": 2}
 
 
@@ -85,6 +86,8 @@ class ModelCount:
     vision: Tower | None
     audio: Tower | None
     vocab: int
+    patches_per_token: int  # vision-tower positions per image token
+    frames_per_audio_token: int  # audio-tower positions per audio token
 
 
 def resolve_config(path: str, family: str = "auto") -> tuple[str, Path]:
@@ -139,8 +142,8 @@ def _count_cached(family: str, cfg_path: str, mtime: float) -> tuple:
             shapes.setdefault(r, []).append((name, mod.num_embeddings, mod.embedding_dim))
     shapes_of = fam.tower_shapes(cfg)  # (hidden, layers, ffn, heads, gated MLP) per stack, or None
     llm, vis, aud = (Tower(*shapes_of[k]) if shapes_of[k] else None for k in ("llm", "vision", "audio"))
-    vocab = shapes_of["vocab"]
-    return model, ModelCount(family, cfg_path, roles, quantisable, shapes, llm, vis, aud, vocab)
+    return model, ModelCount(family, cfg_path, roles, quantisable, shapes, llm, vis, aud, shapes_of["vocab"],
+                             shapes_of["patches_per_token"], shapes_of["frames_per_audio_token"])
 
 
 def count_model(family: str, cfg_path: Path):
@@ -170,7 +173,6 @@ class Settings:
     batch_size: int
     gradient_checkpointing: bool
     optim: str
-    max_pixels: int
     eager: bool
     gpus: int
 
@@ -251,10 +253,10 @@ def _activations(count: ModelCount, s: Settings, modes: dict) -> dict[str, float
             return t.layers * 2 * t.hidden * items, one
         return t.layers * one, 0.0
 
-    patches = (s.max_pixels // IMAGE_PATCH_PIXELS) * s.batch_size
-    v_store, v_tmp = tower(count.vision, patches, ("vision_encoder",))
-    a_store, a_tmp = tower(count.audio, AUDIO_FRAMES * s.batch_size, ("audio_encoder",))
-    encoders = v_store + a_store + max(v_tmp, a_tmp)
+    media_tokens = s.max_tokens * s.batch_size  # a row of nothing but image (or audio) tokens
+    v_store, v_tmp = tower(count.vision, count.patches_per_token * media_tokens, ("vision_encoder",))
+    a_store, a_tmp = tower(count.audio, count.frames_per_audio_token * media_tokens, ("audio_encoder",))
+    encoders = max(v_store, a_store) + max(v_tmp, a_tmp)
     return {"full": full, "ckpt": ckpt, "logits": logits, "encoders": encoders}
 
 
@@ -278,7 +280,7 @@ def _settings(recipe, gpus: int) -> Settings:
         quantize=recipe.model.quantize, weight_bytes=4 if dtype == "float32" else 2,
         max_tokens=recipe.data.max_tokens, batch_size=recipe.train.batch_size,
         gradient_checkpointing=bool(recipe.train.gradient_checkpointing), optim=recipe.train.optim,
-        max_pixels=recipe.model.max_pixels, eager=recipe.model.attn == "eager", gpus=max(1, int(gpus)))
+        eager=recipe.model.attn == "eager", gpus=max(1, int(gpus)))
 
 
 def plan(recipe, gpu_gb: float = 24, gpus: int = 1) -> Plan:
@@ -386,7 +388,8 @@ def format_plan(p: Plan) -> str:
         ("activations, checkpointing" + ck, p.activations_ckpt, "layer inputs + one layer"),
         ("activations, no checkpoint" + nock, p.activations_full, "all layers"),
         ("logits (fp32, for the loss)", p.logits, "tokens x vocab x 4; a chunked loss cuts it"),
-        ("encoders (largest media)", p.encoders, f"one image at max_pixels={s.max_pixels}, one 30 s audio clip"),
+        ("encoders (a row of media)", p.encoders, f"{s.max_tokens * s.batch_size} image or audio tokens in one "
+                                                   "encoder call"),
         ("CUDA / runtime overhead", p.overhead, ""),
         ("expected peak", p.peak, "* = the recipe's setting"),
     ]

@@ -100,6 +100,25 @@ def test_4bit_is_smaller_and_lora_counts_follow_the_formula():
     assert two.trainable_state == pytest.approx(bf16.trainable_state / 2)
 
 
+def test_encoder_bound_is_a_row_of_media_tokens():
+    """Encoders see a whole row's media in one call: the bound grows with data.max_tokens, and
+    the tower positions per media token are the families' own token arithmetic."""
+    from finetune.families.baichuan_audio import audio_token_count
+    from finetune.families.qwen2_5_omni import _feat_to_tokens
+    from finetune.plan import count_model, resolve_config
+
+    for path, recipe in ((QWEN, "medical"), (BAICHUAN, "medical-baichuan")):
+        small = plan(load_recipe(recipe, [path, "data.max_tokens=2048"])).encoders
+        large = plan(load_recipe(recipe, [path, "data.max_tokens=4096"])).encoders
+        assert large == pytest.approx(2 * small)
+    # 30 s of audio: 1500 tower frames (3000 mel frames, stride-2 conv) per family's token count
+    q = count_model(*resolve_config(QWEN.split("=", 1)[1]))[1]
+    b = count_model(*resolve_config(BAICHUAN.split("=", 1)[1]))[1]
+    assert q.frames_per_audio_token * _feat_to_tokens(3000) == 1500
+    assert b.frames_per_audio_token * audio_token_count(30 * 16000) == 1500
+    assert q.patches_per_token == b.patches_per_token == 4
+
+
 def test_checkpointing_lowers_activations():
     on = plan(load_recipe("medical", [QWEN, "train.gradient_checkpointing=true"]))
     off = plan(load_recipe("medical", [QWEN, "train.gradient_checkpointing=false"]))

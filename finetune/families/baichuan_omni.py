@@ -276,7 +276,9 @@ class BaichuanOmniFamily(Family):
             aud = (a.get("d_model", 1280), a.get("encoder_layers", 32), a.get("encoder_ffn_dim", 5120),
                    a.get("encoder_attention_heads", 20), False)
         llm = (config.hidden_size, config.num_hidden_layers, config.intermediate_size, config.num_attention_heads, True)
-        return {"llm": llm, "vision": vis, "audio": aud, "vocab": config.vocab_size}
+        return {"llm": llm, "vision": vis, "audio": aud, "vocab": config.vocab_size,
+                "patches_per_token": int(v.get("spatial_merge_size", 2)) ** 2,  # the bridge merges 2x2 patches
+                "frames_per_audio_token": int(a.get("avg_pooler", 4))}  # 50 frames/s pooled to 12.5 tokens/s
 
     def usage(self, full_layout: bool) -> list[str]:
         return ["```python",

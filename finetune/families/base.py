@@ -135,7 +135,9 @@ class Family(abc.ABC):
         raise NotImplementedError(f"{self.name}: no meta model for the planner")
 
     def tower_shapes(self, config: Any) -> dict[str, Any]:
-        """{"llm", "vision", "audio": (hidden, layers, ffn, heads, gated MLP) or None, "vocab": int}."""
+        """{"llm", "vision", "audio": (hidden, layers, ffn, heads, gated MLP) or None, "vocab": int,
+        "patches_per_token": vision-tower positions per image token, "frames_per_audio_token":
+        audio-tower positions per audio token}."""
         raise NotImplementedError(f"{self.name}: no tower shapes for the planner")
 
     def usage(self, full_layout: bool) -> list[str]:

@@ -481,7 +481,9 @@ class Qwen25OmniFamily(Family):
         return {"llm": (t.hidden_size, t.num_hidden_layers, t.intermediate_size, t.num_attention_heads, True),
                 "vision": (v.hidden_size, v.depth, v.intermediate_size, v.num_heads, True),
                 "audio": (a.d_model, a.encoder_layers, a.encoder_ffn_dim, a.encoder_attention_heads, False),
-                "vocab": t.vocab_size}
+                "vocab": t.vocab_size,
+                "patches_per_token": v.spatial_merge_size ** 2,
+                "frames_per_audio_token": 2}  # the tower's 50 frames/s average-pooled by 2 (_feat_to_tokens)
 
     def usage(self, full_layout: bool) -> list[str]:
         cls = "Qwen2_5OmniForConditionalGeneration" if full_layout else "Qwen2_5OmniThinkerForConditionalGeneration"
