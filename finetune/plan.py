@@ -92,7 +92,7 @@ class ModelCount:
 
 def resolve_config(path: str, family: str = "auto") -> tuple[str, Path]:
     """(family name, config.json path) of `model.path`: a folder, `tiny:<family>` or `config:<name>`."""
-    from finetune.families import MODEL_TYPES, family_for, get_family
+    from finetune.families import family_for, get_family, model_types
 
     if path.startswith("config:"):
         name = path.split(":", 1)[1]
@@ -101,7 +101,7 @@ def resolve_config(path: str, family: str = "auto") -> tuple[str, Path]:
                                     + ", ".join(f"config:{n}" for n in SHIPPED_CONFIGS))
         cfg_path = CONFIG_DIR / SHIPPED_CONFIGS[name]
         mt = json.loads(cfg_path.read_text()).get("model_type")
-        fam = family if family != "auto" else MODEL_TYPES[mt]
+        fam = family if family != "auto" else model_types()[mt]
         return get_family(fam).name, cfg_path
     try:
         fam = family_for(path, family)

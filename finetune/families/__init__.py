@@ -15,8 +15,9 @@ def _registry() -> dict[str, type[Family]]:
     return {"qwen2_5_omni": Qwen25OmniFamily, "baichuan_omni": BaichuanOmniFamily}
 
 
-# config.json model_type -> family name
-MODEL_TYPES = {"qwen2_5_omni": "qwen2_5_omni", "qwen2_5_omni_thinker": "qwen2_5_omni", "omni": "baichuan_omni"}
+def model_types() -> dict[str, str]:
+    """config.json `model_type` -> family name, from each family's own list."""
+    return {mt: name for name, cls in _registry().items() for mt in cls.model_types}
 
 
 def get_family(name: str) -> Family:
@@ -38,6 +39,7 @@ def family_for(path: str, family: str = "auto") -> Family:
         raise FileNotFoundError(f"model.path {path!r}: no config.json there; point it at a local model folder "
                                 "or use tiny:<family>")
     mt = json.loads(cfg_path.read_text()).get("model_type")
-    if mt not in MODEL_TYPES:
-        raise ValueError(f"{cfg_path}: model_type {mt!r} is not supported; supported: {', '.join(sorted(MODEL_TYPES))}")
-    return get_family(MODEL_TYPES[mt])
+    known = model_types()
+    if mt not in known:
+        raise ValueError(f"{cfg_path}: model_type {mt!r} is not supported; supported: {', '.join(sorted(known))}")
+    return get_family(known[mt])

@@ -97,6 +97,8 @@ class BaichuanOmniFamily(Family):
     """Baichuan-Omni-1.5: LLM, vision, audio code embeddings trained; speech output kept for export."""
 
     name = "baichuan_omni"
+    model_types = ("omni",)
+    title = "Baichuan-Omni-1.5"
     mrope = False
     role_prefixes = {
         "llm": ("model.layers", "model.norm"),
@@ -115,17 +117,6 @@ class BaichuanOmniFamily(Family):
                   "audio_tokenizer"]
     processor_class = BaichuanProcessor
     folder_hint = "Point it at your local Baichuan-Omni-1.5 folder (config.json with model_type omni)."
-
-    # ---- folders -----------------------------------------------------------------------
-    @staticmethod
-    def read_config(folder: Path) -> dict:
-        p = Path(folder) / "config.json"
-        if not p.exists():
-            raise FileNotFoundError(f"{folder}: no config.json; model.path must be a local model folder")
-        cfg = json.loads(p.read_text())
-        if cfg.get("model_type") != "omni":
-            raise ValueError(f"{p}: model_type {cfg.get('model_type')!r} is not Baichuan-Omni-1.5 (expected omni)")
-        return cfg
 
     # ---- loading -----------------------------------------------------------------------
     def load(self, recipe, *, quantize: str | None = None, dtype: torch.dtype | None = None,

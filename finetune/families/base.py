@@ -75,6 +75,9 @@ class Family(abc.ABC):
     #: Files beside the weights that a loader needs (tokenizer, processor, templates, ...);
     #: copied from the base folder into adapters and exports.
     processor_files: tuple[str, ...] = ()
+    #: config.json `model_type` values of the family's folders, and its name in messages.
+    model_types: tuple[str, ...] = ()
+    title: str = ""
 
     # ---- loading -----------------------------------------------------------------------
     @abc.abstractmethod
@@ -130,15 +133,15 @@ class Family(abc.ABC):
         out.update(self.collate_media(batch))
         return out
 
+    @abc.abstractmethod
     def meta_model(self, config_path: Path) -> tuple[torch.nn.Module, Any]:
         """(the trainable model on the meta device, its config) from a config.json: for planning."""
-        raise NotImplementedError(f"{self.name}: no meta model for the planner")
 
+    @abc.abstractmethod
     def tower_shapes(self, config: Any) -> dict[str, Any]:
         """{"llm", "vision", "audio": (hidden, layers, ffn, heads, gated MLP) or None, "vocab": int,
         "patches_per_token": vision-tower positions per image token, "frames_per_audio_token":
         audio-tower positions per audio token}."""
-        raise NotImplementedError(f"{self.name}: no tower shapes for the planner")
 
     def usage(self, full_layout: bool) -> list[str]:
         """Markdown lines for the exported model card: how to load the export (and its adapter)."""
@@ -149,6 +152,20 @@ class Family(abc.ABC):
         """The batch's media tensors in sample order (shared by padded and packed batches)."""
 
     # ---- folders -----------------------------------------------------------------------
+    @classmethod
+    def read_config(cls, folder: Path) -> dict:
+        """config.json of a folder, with a clear error when it is not one of this family's."""
+        import json
+
+        p = Path(folder) / "config.json"
+        if not p.exists():
+            raise FileNotFoundError(f"{folder}: no config.json; model.path must be a local model folder")
+        cfg = json.loads(p.read_text())
+        if cfg.get("model_type") not in cls.model_types:
+            raise ValueError(f"{p}: model_type {cfg.get('model_type')!r} is not {cls.title} "
+                             f"(expected {' or '.join(cls.model_types)})")
+        return cfg
+
     processor_class: Any = None  # has from_folder(folder, min_pixels=, max_pixels=, video_fps=, ...)
     folder_hint: str = ""  # what model.path should point at, for error messages
 

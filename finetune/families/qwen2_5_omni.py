@@ -293,6 +293,8 @@ class Qwen25OmniFamily(Family):
     """Qwen2.5-Omni (7B and 3B): the thinker is trained, talker/token2wav kept for export."""
 
     name = "qwen2_5_omni"
+    model_types = ("qwen2_5_omni", "qwen2_5_omni_thinker")
+    title = "Qwen2.5-Omni"
     mrope = True
     role_prefixes = {
         "llm": ("model.language_model",),
@@ -311,18 +313,6 @@ class Qwen25OmniFamily(Family):
     quant_skip = ["lm_head", "model.visual", "model.audio_tower"]
 
     # ---- folders -----------------------------------------------------------------------
-    @staticmethod
-    def read_config(folder: Path) -> dict:
-        """config.json of a folder, with a clear error when it is not a Qwen2.5-Omni one."""
-        p = Path(folder) / "config.json"
-        if not p.exists():
-            raise FileNotFoundError(f"{folder}: no config.json; model.path must be a local model folder")
-        cfg = json.loads(p.read_text())
-        if cfg.get("model_type") not in ("qwen2_5_omni", "qwen2_5_omni_thinker"):
-            raise ValueError(f"{p}: model_type {cfg.get('model_type')!r} is not Qwen2.5-Omni "
-                             "(expected qwen2_5_omni or qwen2_5_omni_thinker)")
-        return cfg
-
     def thinker_config(self, folder: Path):
         from transformers import Qwen2_5OmniConfig, Qwen2_5OmniThinkerConfig
 
