@@ -13,6 +13,7 @@ sampler), and the step loss is the mean over all label tokens of the global step
 
 from __future__ import annotations
 
+import hashlib
 import importlib.util
 import json
 import os
@@ -28,7 +29,7 @@ import torch
 from finetune import adapters, attention
 from finetune.data.schema import DataError, Sample, load_samples
 from finetune.families import family_for
-from finetune.families.base import EncodedSample, Family, LoadedModel
+from finetune.families.base import EncodedSample, Family, LoadedModel, cache_root
 from finetune.recipe import Recipe, save_resolved
 from finetune.runlock import is_main_process, lock_run, world_size
 
@@ -120,16 +121,22 @@ def token_lengths(samples: list[Sample], family: Family, processor, recipe: Reci
     from finetune.packing import cached_lengths
 
     on_error = on_error or recipe.data.on_error
-    checker = _MediaChecker()
+    # files that decoded in an earlier run and have not changed since are not decoded again
+    sources = sorted({str(Path(s.source).resolve()) for s in samples})
+    record = cache_root() / "media-ok" / f"{hashlib.sha1(json.dumps(sources).encode()).hexdigest()[:16]}.json"
+    checker = _MediaChecker(record)
     good = []
-    for s in samples:
-        bad = media_errors(s, checker)
-        if bad:
-            if on_error == "raise":
-                raise bad[0]
-            skipped.append(bad[0])
-        else:
-            good.append(s)
+    try:
+        for s in samples:
+            bad = media_errors(s, checker)
+            if bad:
+                if on_error == "raise":
+                    raise bad[0]
+                skipped.append(bad[0])
+            else:
+                good.append(s)
+    finally:
+        checker.save()
     samples = good
 
     def counter(s: Sample) -> int:

@@ -289,3 +289,38 @@ def test_video_file_without_pyav(tmp_path, monkeypatch):
     (tmp_path / "v.mp4").write_bytes(b"\x00")
     with pytest.raises(MediaError, match="pip install av"):
         load_video(Part("video", path=tmp_path / "v.mp4"), max_frames=4)
+
+
+def test_decode_record_skips_unchanged_files_only(tmp_path, monkeypatch):
+    """A file that decoded is not decoded again while unchanged; a changed or broken one is."""
+    import os
+
+    from finetune.data import media as media_mod
+    from finetune.data.check import _MediaChecker
+
+    ok = _png(tmp_path / "ok.png")
+    bad = tmp_path / "bad.png"
+    bad.write_bytes(b"\x89PNG\r\n\x1a\n truncated")
+    parts = {p: Part(type="image", path=p) for p in (ok, bad)}
+    calls = []
+    real = media_mod.load_images
+    monkeypatch.setattr(media_mod, "load_images", lambda part, **kw: (calls.append(part.path), real(part, **kw))[1])
+    record = tmp_path / "cache" / "record.json"
+
+    def run():
+        calls.clear()
+        checker = _MediaChecker(record)
+        found = {p: list(checker.problems(part, "f")) for p, part in parts.items()}
+        checker.save()
+        return found
+
+    first = run()
+    assert sorted(calls) == sorted([ok, bad]) and not first[ok] and first[bad]
+    second = run()
+    assert calls == [bad] and not second[ok] and second[bad]  # the failure is never remembered
+    st = ok.stat()
+    os.utime(ok, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))  # the file changed
+    run()
+    assert sorted(calls) == sorted([ok, bad])
+    ok.write_bytes(b"not an image any more")  # broken after it was recorded: size and time differ
+    assert run()[ok]

@@ -6,6 +6,8 @@ Usage: ``python -m finetune.data.check FILE [FILE...]``
 from __future__ import annotations
 
 import argparse
+import json
+import os
 import sys
 from collections import Counter
 from dataclasses import dataclass
@@ -96,20 +98,54 @@ def _modality_key(sample: Sample) -> str:
 
 
 class _MediaChecker:
-    """Decodes media once per file, however many samples reference it."""
+    """Decodes media once per file, however many samples reference it.
 
-    def __init__(self) -> None:
+    With `record` (a JSON file), files that decoded are remembered by path, options, size and
+    modification time, and are not decoded again while they stay unchanged: a resumed or
+    repeated run starts without re-reading a large dataset. Failures are never remembered.
+    """
+
+    def __init__(self, record: Path | None = None) -> None:
         self._cache: dict[tuple[str, object], tuple[str, str] | None] = {}
+        self._record_path = record
+        self._ok: dict[str, list[int]] = {}
+        if record is not None and record.exists():
+            try:
+                self._ok = json.loads(record.read_text())
+            except (OSError, ValueError):
+                self._ok = {}  # a damaged record only costs a re-decode
 
     def _try(self, kind: str, path: object, fn: Callable[[], object]) -> tuple[str, str] | None:
         key = (kind, path)
         if key not in self._cache:
+            file = Path(path[0] if isinstance(path, tuple) else path)
+            rkey = repr(key)
+            try:
+                st = file.stat()
+                stamp = [st.st_size, st.st_mtime_ns]
+            except OSError:
+                stamp = None
+            if stamp is not None and self._ok.get(rkey) == stamp:
+                self._cache[key] = None
+                return None
             try:
                 fn()
                 self._cache[key] = None
+                if stamp is not None:
+                    self._ok[rkey] = stamp
             except MediaError as e:
                 self._cache[key] = (e.kind if e.kind in _MEDIA_FIX else kind, str(e))
+                self._ok.pop(rkey, None)
         return self._cache[key]
+
+    def save(self) -> None:
+        """Write the record of files that decoded (atomically; a concurrent run may overwrite it)."""
+        if self._record_path is None:
+            return
+        self._record_path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self._record_path.with_suffix(f".tmp{os.getpid()}")
+        tmp.write_text(json.dumps(self._ok))
+        os.replace(tmp, self._record_path)
 
     def problems(self, part: Part, fld: str) -> Iterable[tuple[str, str, str]]:
         """Yield ``(kind, field, problem)`` for every unreadable file of a part."""
