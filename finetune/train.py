@@ -538,7 +538,20 @@ def train(recipe: Recipe) -> Path:
     if main:
         write_skipped(run_dir, skipped)
         plot_loss(run_dir)
+    end_distributed()
     return run_dir
+
+
+def end_distributed() -> None:
+    """After training, every rank leaves the process group together. Rank 0 then evaluates and
+    exports alone; the others exit. Left to interpreter shutdown, gloo's process group was torn
+    down while its threads still ran, and a rank could abort ("terminate called without an
+    active exception", seen once in CI) after a run that had finished."""
+    import torch.distributed as dist
+
+    if world_size() > 1 and dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
 
 
 def save_adapter(model, family: Family, loaded: LoadedModel, out: Path) -> None:
