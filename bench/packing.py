@@ -26,8 +26,8 @@ real / (ceil(real / max_tokens) * max_tokens), printed as "best fill".
 Packing removes padding from the LLM's tokens only; the media encoders see each image and clip
 alone either way, so their time is the same packed or padded. The bench times the encoders'
 forward inside the packed steps and prints their share and the speed-up it leaves possible
-("Amdahl", with the padded efficiency; measured can exceed it where padded rows cost more per slot), so a small gain on an encoder-heavy model
-is told apart from a slow packed path.
+("Amdahl", with the padded efficiency; measured can exceed it where padded rows cost more per
+slot), so a small gain on an encoder-heavy model is told apart from a slow packed path.
 """
 
 from __future__ import annotations
@@ -266,9 +266,9 @@ def main(argv=None) -> int:
         ratios = [p / q for p, q in zip(tps["packed"], tps["padded"])]
         share = statistics.median(shares)
         # Amdahl: the encoders cost the same packed or padded; only the LLM part scales with slots
-        ceiling = share + (1 - share) / eff_padded
+        amdahl = share + (1 - share) / eff_padded
         rows_out.append((name, len(samples), eff_padded, eff_packed, eff_fill, best_fill, len(batches), len(bins),
-                         med["padded"], med["packed"], ratios, share, ceiling))
+                         med["padded"], med["packed"], ratios, share, amdahl))
 
     dev = torch.cuda.get_device_name() if args.device.startswith("cuda") else "cpu"
     n_params = sum(p.numel() for p in model.parameters()) / 1e6

@@ -18,7 +18,6 @@ from __future__ import annotations
 import bisect
 import hashlib
 import json
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -81,10 +80,9 @@ def cached_lengths(path: Path, samples: list, counter, settings: dict) -> list[i
         if all(i in data for i in ids):
             return [data[i] for i in ids]
     counts = {f"{s.line}": counter(s) for s in samples}
-    cache.parent.mkdir(parents=True, exist_ok=True)
-    tmp = cache.with_suffix(f".tmp{os.getpid()}")
-    tmp.write_text(json.dumps(counts))
-    os.replace(tmp, cache)
+    from finetune.data.convert import atomic_write
+
+    atomic_write(cache, lambda fh: fh.write(json.dumps(counts)))
     return [counts[i] for i in ids]
 
 

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 from collections import Counter
 from dataclasses import dataclass
@@ -118,13 +117,13 @@ class _MediaChecker:
     def _try(self, kind: str, path: object, fn: Callable[[], object]) -> tuple[str, str] | None:
         key = (kind, path)
         if key not in self._cache:
-            file = Path(path[0] if isinstance(path, tuple) else path)
-            rkey = repr(key)
-            try:
-                st = file.stat()
-                stamp = [st.st_size, st.st_mtime_ns]
-            except OSError:
-                stamp = None
+            rkey, stamp = repr(key), None
+            if self._record_path is not None:
+                try:
+                    st = Path(path[0] if isinstance(path, tuple) else path).stat()
+                    stamp = [st.st_size, st.st_mtime_ns]
+                except OSError:
+                    pass
             if stamp is not None and self._ok.get(rkey) == stamp:
                 self._cache[key] = None
                 return None
@@ -140,12 +139,10 @@ class _MediaChecker:
 
     def save(self) -> None:
         """Write the record of files that decoded (atomically; a concurrent run may overwrite it)."""
-        if self._record_path is None:
-            return
-        self._record_path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = self._record_path.with_suffix(f".tmp{os.getpid()}")
-        tmp.write_text(json.dumps(self._ok))
-        os.replace(tmp, self._record_path)
+        if self._record_path is not None:
+            from finetune.data.convert import atomic_write
+
+            atomic_write(self._record_path, lambda fh: fh.write(json.dumps(self._ok)))
 
     def problems(self, part: Part, fld: str) -> Iterable[tuple[str, str, str]]:
         """Yield ``(kind, field, problem)`` for every unreadable file of a part."""

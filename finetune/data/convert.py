@@ -1153,7 +1153,8 @@ def _map_media(sample: dict, fn) -> dict:
     return sample
 
 
-def _atomic_write(out: Path, write) -> None:
+def atomic_write(out: Path, write) -> None:
+    """Write `out` through write(fh) into a temporary file beside it, then rename it into place."""
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp")
@@ -1188,7 +1189,7 @@ def write_jsonl(samples: list[dict], out: str | os.PathLike) -> int:
         return r
 
     lines = [json.dumps(_map_media(s, rel), ensure_ascii=False) for s in samples]
-    _atomic_write(out, lambda fh: fh.write("".join(line + "\n" for line in lines)))
+    atomic_write(out, lambda fh: fh.write("".join(line + "\n" for line in lines)))
     return outside
 
 
@@ -1236,7 +1237,7 @@ def write_llamafactory(samples: list[dict], out_json: str | os.PathLike) -> int:
         for col in _MEDIA_COLUMN.values():
             if col not in used:
                 del r[col]
-    _atomic_write(out_json, lambda fh: fh.write(json.dumps(records, ensure_ascii=False, indent=1) + "\n"))
+    atomic_write(out_json, lambda fh: fh.write(json.dumps(records, ensure_ascii=False, indent=1) + "\n"))
     return len(records)
 
 
