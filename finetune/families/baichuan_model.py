@@ -25,6 +25,7 @@ the ordinary token "!", whose embedding would then never learn).
 
 from __future__ import annotations
 
+import inspect
 from typing import Any
 
 import torch
@@ -35,6 +36,9 @@ from transformers.masking_utils import create_causal_mask
 from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from transformers.models.qwen2.modeling_qwen2 import eager_attention_forward
+
+# transformers 5.24 renamed the mask builder's `past_key_values` argument to `cache`
+_MASK_CACHE_ARG = "cache" if "cache" in inspect.signature(create_causal_mask).parameters else "past_key_values"
 
 IMAGE_PAD = "<img_pad_baichuan>"
 VIDEO_PAD = "<video_palce_baichuan>"  # sic: the released tokenizer spells it so
@@ -294,8 +298,26 @@ class BaichuanOmniModel(BaichuanOmniPreTrainedModel):
         return embeds.masked_scatter(mask.unsqueeze(-1), features.to(embeds.dtype))
 
     def embed(self, input_ids, pixel_values=None, image_grid_thw=None, pixel_values_videos=None,
-              video_grid_thw=None, audio_features=None, audio_codes=None):
+              video_grid_thw=None, audio_features=None, audio_codes=None, decoding: bool = False):
+        """Token embeddings with the media features scattered onto their placeholder tokens.
+
+        `decoding` (a cache that already holds tokens): media belong to the prompt that carries
+        their placeholders. A decoding step's new tokens have none, so whatever media inputs a
+        generation loop hands over again are ignored; new input that does carry placeholders
+        (a continued conversation) gets its media as usual. Training never decodes, so its
+        placeholder checks stay strict (and cost no extra device sync).
+        """
         embeds = self.embed_tokens(input_ids)
+        if decoding:
+            def carries(name):
+                return bool((input_ids == self._token_id(name)).any())
+
+            if not carries(AUDIO_PAD):
+                audio_features = audio_codes = None
+            if not carries(IMAGE_PAD):
+                pixel_values = image_grid_thw = None
+            if not carries(VIDEO_PAD):
+                pixel_values_videos = video_grid_thw = None
         if audio_codes is None and audio_features:
             audio_codes = self.audio_tokenizer().encode(audio_features)  # frozen: codes only
         if audio_codes is not None and audio_codes.numel():
@@ -318,21 +340,25 @@ class BaichuanOmniModel(BaichuanOmniPreTrainedModel):
 
     def forward(self, input_ids=None, attention_mask=None, position_ids=None, past_key_values=None,
                 inputs_embeds=None, use_cache=None, cache_position=None, pixel_values=None, image_grid_thw=None,
-                pixel_values_videos=None, video_grid_thw=None, audio_features=None, audio_codes=None, **kwargs):
-        """The LLM on text with the media scattered in (also what TRL's fused LM head calls)."""
+                pixel_values_videos=None, video_grid_thw=None, audio_features=None, audio_codes=None, cache=None,
+                **kwargs):
+        """The LLM on text with the media scattered in (also what TRL's fused LM head calls).
+
+        The KV cache arrives as `past_key_values` (transformers <= 5.23) or `cache` (5.24+)."""
+        past_key_values = past_key_values if past_key_values is not None else cache
+        past = past_key_values.get_seq_length() if past_key_values is not None else 0
         if inputs_embeds is None:
             inputs_embeds = self.embed(input_ids, pixel_values, image_grid_thw, pixel_values_videos, video_grid_thw,
-                                       audio_features, audio_codes)
+                                       audio_features, audio_codes, decoding=past > 0)
         use_cache = self.config.use_cache if use_cache is None else use_cache
         if use_cache and past_key_values is None:
             past_key_values = DynamicCache(config=self.config)
-        if cache_position is None:
-            past = past_key_values.get_seq_length() if past_key_values is not None else 0
-            cache_position = torch.arange(past, past + inputs_embeds.shape[1], device=inputs_embeds.device)
         if position_ids is None:
+            if cache_position is None:
+                cache_position = torch.arange(past, past + inputs_embeds.shape[1], device=inputs_embeds.device)
             position_ids = cache_position.unsqueeze(0)
         mask = create_causal_mask(config=self.config, inputs_embeds=inputs_embeds, attention_mask=attention_mask,
-                                  past_key_values=past_key_values, position_ids=position_ids)
+                                  position_ids=position_ids, **{_MASK_CACHE_ARG: past_key_values})
         h = inputs_embeds
         pos_emb = self.rotary_emb(h, position_ids)
         for layer in self.layers:
@@ -366,9 +392,10 @@ class BaichuanOmniForCausalLM(BaichuanOmniPreTrainedModel, GenerationMixin):
     def forward(self, input_ids=None, attention_mask=None, position_ids=None, past_key_values=None,
                 inputs_embeds=None, labels=None, use_cache=None, cache_position=None, logits_to_keep=0,
                 pixel_values=None, image_grid_thw=None, pixel_values_videos=None, video_grid_thw=None,
-                audio_features=None, audio_codes=None, **kwargs: Any):
+                audio_features=None, audio_codes=None, cache=None, **kwargs: Any):
         out = self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                         past_key_values=past_key_values, inputs_embeds=inputs_embeds, use_cache=use_cache,
+                         past_key_values=past_key_values if past_key_values is not None else cache,
+                         inputs_embeds=inputs_embeds, use_cache=use_cache,
                          cache_position=cache_position, pixel_values=pixel_values, image_grid_thw=image_grid_thw,
                          pixel_values_videos=pixel_values_videos, video_grid_thw=video_grid_thw,
                          audio_features=audio_features, audio_codes=audio_codes, **kwargs)
@@ -379,15 +406,3 @@ class BaichuanOmniForCausalLM(BaichuanOmniPreTrainedModel, GenerationMixin):
         if labels is not None:
             loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size, **kwargs)
         return CausalLMOutputWithPast(loss=loss, logits=logits, past_key_values=out.past_key_values)
-
-    def prepare_inputs_for_generation(self, input_ids, past_key_values=None, attention_mask=None,
-                                      cache_position=None, **kwargs):
-        inputs = super().prepare_inputs_for_generation(input_ids, past_key_values=past_key_values,
-                                                       attention_mask=attention_mask,
-                                                       cache_position=cache_position, **kwargs)
-        started = past_key_values is not None and past_key_values.get_seq_length() > 0
-        if started or (cache_position is not None and int(cache_position[0]) != 0):  # media: prompt step only
-            for k in ("pixel_values", "image_grid_thw", "pixel_values_videos", "video_grid_thw", "audio_features",
-                      "audio_codes"):
-                inputs[k] = None
-        return inputs
