@@ -1,4 +1,5 @@
 # omni-finetune: make install | make finetune RECIPE=x [GPUS=n] | make eval RECIPE=x | make export RECIPE=x | make test
+# dependencies: make install (the locked versions) | make install-latest && make test && make lock (refresh)
 SHELL := /bin/bash
 PYTHON ?= python3
 VENV ?= .venv
@@ -24,14 +25,27 @@ LAUNCH := $(VENV)/bin/torchrun --nproc_per_node $(GPUS) --nnodes $(NNODES) --nod
 	--master_addr $(MASTER_ADDR) --master_port $(MASTER_PORT)
 endif
 
-.PHONY: install finetune train eval export check test demo recipes clean bench-packing
+LOCK := requirements/lock.txt
 
-install:
+.PHONY: install install-latest lock venv finetune train eval export check test demo recipes clean bench-packing
+
+# the exact versions the test suite last passed with (requirements/lock.txt, as pip constraints)
+install: venv
+	$(PY) -m pip install -q -c $(LOCK) -e ".[$(EXTRAS)]"
+	$(PY) tools/lock.py check
+
+# the newest versions pyproject.toml allows; run `make test` on them, then `make lock` records them
+install-latest: venv
+	$(PY) -m pip install -q --upgrade --upgrade-strategy eager -e ".[$(EXTRAS)]"
+	@$(PY) -c "import transformers, peft, trl; print(f'installed the newest allowed: transformers {transformers.__version__}, peft {peft.__version__}, trl {trl.__version__}; now make test, then make lock')"
+
+lock:
+	$(PY) tools/lock.py write
+
+venv:
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q "$(TORCH)"
-	$(PY) -m pip install -q -e ".[$(EXTRAS)]"
-	@$(PY) -c "import torch, transformers, peft, trl; print(f'installed: torch {torch.__version__}, transformers {transformers.__version__}, peft {peft.__version__}, trl {trl.__version__}')"
 
 # train, evaluate (base vs tuned) and export; prints where every result is
 finetune:
