@@ -57,11 +57,13 @@ train:
 eval:
 	$(PY) -m finetune eval $(RECIPE) $(ARGS)
 
+# an existing export is replaced only with FORCE=1 (the old one stays until the new one is verified)
 export:
-	$(PY) -m finetune export $(RECIPE) $(ARGS) --force
+	$(PY) -m finetune export $(RECIPE) $(ARGS) $(if $(FORCE),--force)
 
+# the recipe's own data (or FILES=...), read as the recipe's model will read it
 check:
-	$(PY) -m finetune data check --recipe $(RECIPE) $(FILES)
+	$(PY) -m finetune data check --recipe $(RECIPE) $(FILES) $(ARGS)
 
 demo:
 	$(PY) -m finetune demo medical

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from finetune.errors import ConfigError
 from finetune.families.base import ROLE_NAMES, Family
 
 
@@ -50,14 +51,14 @@ def plan_roles(model: nn.Module, family: Family, recipe) -> RolePlan:
         spec = getattr(recipe.roles, role)
         if role not in present:
             if spec.mode != "frozen":
-                raise ValueError(f"roles.{role}.mode is {spec.mode!r} but this {family.name} model has no "
+                raise ConfigError(f"roles.{role}.mode is {spec.mode!r} but this {family.name} model has no "
                                  f"{role}; set roles.{role}.mode: frozen")
             continue
         plan.modes[role] = spec.mode
         if spec.mode == "lora":
             plan.lora_targets[role] = _lora_targets(model, family, role, spec.targets)
             if not plan.lora_targets[role]:
-                raise ValueError(f"roles.{role}.targets {spec.targets!r} matches no linear or embedding layer "
+                raise ConfigError(f"roles.{role}.targets {spec.targets!r} matches no linear or embedding layer "
                                  f"in {role}; use 'all-linear' or module names such as q_proj, v_proj")
         elif spec.mode == "full":
             plan.full_modules[role] = _cover(model, family, role)
@@ -96,7 +97,7 @@ def _cover(model: nn.Module, family: Family, role: str) -> list[str]:
             return
         direct = [n for n, _ in mod.named_parameters(recurse=False)]
         if any(family.role_of(f"{prefix}.{n}" if prefix else n) == role for n in direct):
-            raise ValueError(f"cannot train {role} fully: {prefix} holds parameters of several roles")
+            raise ConfigError(f"cannot train {role} fully: {prefix} holds parameters of several roles")
         for n, child in mod.named_children():
             visit(child, f"{prefix}.{n}" if prefix else n)
 
@@ -116,9 +117,9 @@ def apply_roles(model: nn.Module, family: Family, recipe, *, gradient_checkpoint
     for p in model.parameters():
         p.requires_grad_(False)
     if not plan.all_lora and not plan.all_full:
-        raise ValueError("every role is frozen: set at least one role to lora or full")
+        raise ConfigError("every role is frozen: set at least one role to lora or full")
     if not plan.all_lora:
-        raise ValueError("at least one role must be lora (full-only training is not supported yet); "
+        raise ConfigError("at least one role must be lora (full-only training is not supported yet); "
                          "e.g. roles.llm.mode: lora")
     first = next(r for r in ROLE_NAMES if r in plan.lora_targets)
     base = getattr(recipe.roles, first)

@@ -18,9 +18,14 @@ import importlib.util
 import torch
 import torch.nn.functional as F
 
+from finetune.errors import MissingExtraError
+
 VARLEN = "varlen"
+#: backends that take the packed rows' sample boundaries (cu_seq_lens_*, max_length_*) from the collator
+VARLEN_ARGS = ("flash_attention_2", VARLEN)
 _registered = False
 segment_calls = 0  # packed rows handled segment-wise (tests read it to prove the path ran)
+boundary_recomputes = 0  # layers that had to rebuild the boundaries from positions (a sync each on CUDA)
 
 
 def _segments(position_ids: torch.Tensor) -> list[tuple[int, int]]:
@@ -45,7 +50,7 @@ def varlen_attention_forward(module, query, key, value, attention_mask, dropout:
             attention_mask = causal[None, None] & attention_mask.bool()[:, None, None, :]
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout,
                                       scaling=scaling, **kwargs)
-    global segment_calls
+    global segment_calls, boundary_recomputes
     segment_calls += 1
     B, H, L, D = query.shape
     gqa = key.shape[1] != H
@@ -53,6 +58,7 @@ def varlen_attention_forward(module, query, key, value, attention_mask, dropout:
     if cu is None or max_len is None:
         # boundaries from the restarting text positions (costs a device sync per layer on CUDA;
         # the packed collator hands cu_seq_lens_q / max_length_q over once per batch instead)
+        boundary_recomputes += 1
         pos = position_ids if position_ids.dim() == 2 else position_ids.view(-1, L)
         seg = [(b * L + s, b * L + e) for b in range(B) for s, e in _segments(pos[b if pos.shape[0] > 1 else 0])]
         cu = torch.tensor([0] + [e for _, e in seg], dtype=torch.int32, device=query.device)
@@ -147,7 +153,7 @@ def choose(setting: str, packing: bool) -> str:
     """auto -> flash_attention_2 if installed (CUDA), else varlen for packed rows, else sdpa."""
     if setting != "auto":
         if setting == "flash_attention_2" and importlib.util.find_spec("flash_attn") is None:
-            raise ImportError("model.attn: flash_attention_2 needs flash-attn: pip install -e '.[flash]' "
+            raise MissingExtraError("model.attn: flash_attention_2 needs flash-attn: pip install -e '.[flash]' "
                               "(CUDA only), or use model.attn: varlen")
         return setting
     if torch.cuda.is_available() and importlib.util.find_spec("flash_attn") is not None:

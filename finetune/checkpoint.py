@@ -20,6 +20,8 @@ from pathlib import Path
 
 import torch
 
+from finetune.errors import ConfigError, MissingFileError
+
 INDEX_NAME = "model.safetensors.index.json"
 WEIGHT_PATTERNS = ("*.safetensors", "*.safetensors.index.json", "pytorch_model*.bin", "*.bin.index.json")
 
@@ -30,7 +32,7 @@ def parse_size(text: str | int) -> int:
         return text
     m = re.fullmatch(r"\s*([\d.]+)\s*([KMGT]?)(i?)B?\s*", str(text), flags=re.IGNORECASE)
     if not m:
-        raise ValueError(f"export.max_shard_size {text!r}: expected a size such as 2GB, 500MB or 5GiB")
+        raise ConfigError(f"export.max_shard_size {text!r}: expected a size such as 2GB, 500MB or 5GiB")
     base = 1024 if m.group(3) else 1000
     power = " KMGT".index((m.group(2) or " ").upper())
     return int(float(m.group(1)) * base ** power)
@@ -45,7 +47,7 @@ def weight_files(folder: Path) -> list[Path]:
         return [folder / n for n in names]
     files = sorted(folder.glob("*.safetensors"))
     if not files:
-        raise FileNotFoundError(f"{folder}: no *.safetensors weights (only safetensors checkpoints are supported)")
+        raise MissingFileError(f"{folder}: no *.safetensors weights (only safetensors checkpoints are supported)")
     return files
 
 
@@ -162,7 +164,7 @@ def assemble(stage: Path, base: Path, out_dir: Path, *, prefix: str, max_shard_s
     trained = {(k if as_is else prefix + k): v for k, v in staged.items()}
     unknown = sorted(k for k in trained if k not in base_t)
     if unknown:
-        raise ValueError(f"{len(unknown)} trained tensor(s) are not in the base checkpoint {base}, e.g. "
+        raise ConfigError(f"{len(unknown)} trained tensor(s) are not in the base checkpoint {base}, e.g. "
                          f"{unknown[:3]}: the trained model's parameter names differ from the checkpoint's")
     kept = {k: v for k, v in base_t.items() if k not in trained}
     files = write_sharded({**trained, **kept}, out_dir, max_shard_size)

@@ -1,9 +1,25 @@
-"""`python -m finetune <command>`: train, eval, export, run (all three), data check, demo."""
+"""`python -m finetune <command>`: fine-tune omni-modal models from a recipe.
+
+commands:
+  run RECIPE           train, evaluate (base vs tuned) and export, in one go (`make finetune`)
+  train RECIPE         train the recipe's adapters (resumes a killed run)
+  eval RECIPE          held-out metrics, base vs tuned
+  export RUN|RECIPE    merged, verified checkpoint (and/or the adapter); --force replaces one
+  data check [FILES]   report every problem of datasets (the recipe's own with --recipe R)
+  data convert         LLaMA-Factory / ms-swift / OpenAI files or a table + template -> our JSONL
+  demo medical         write the synthetic medical dataset
+  verify packing R     packed vs one-by-one logits, loss and gradients on the recipe's data
+  plan RECIPE          GPU memory of a recipe from its config alone (--gpu 24GB --gpus N)
+  recipes              list the recipes
+
+Every command that takes a recipe also takes `key.path=value` overrides after it.
+"""
 
 from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
 import time
 from pathlib import Path
@@ -84,22 +100,40 @@ def cmd_data_convert(args) -> int:
     return convert_main(args.rest)
 
 
-def cmd_data_check(args) -> int:
-    from finetune.data.check import check_dataset
+_OVERRIDE = re.compile(r"^[A-Za-z_]\w*(\.[A-Za-z_]\w*)+=")
 
-    counter, max_tokens = None, None
+
+def cmd_data_check(args) -> int:
+    """Check dataset files; with --recipe, as that recipe's model will read them (token counts,
+    data.max_tokens, and each sample encoded as training encodes it). Without files: the
+    recipe's own data.train and data.eval."""
+    from finetune.data.check import check_dataset
+    from finetune.errors import ConfigError
+
+    files = [f for f in args.files if not _OVERRIDE.match(f)]
+    overrides = [f for f in args.files if _OVERRIDE.match(f)]
+    if overrides and not args.recipe:
+        raise ConfigError(f"data check: overrides such as {overrides[0]} need --recipe")
+    recipe = family = proc = None
     if args.recipe:
         from finetune.families import family_for
         from finetune.recipe import load_recipe
+        from finetune.train import prepare_data
 
-        recipe = load_recipe(args.recipe, overrides=args.overrides)
+        recipe = load_recipe(args.recipe, overrides=overrides)
+        if not files:
+            prepare_data(recipe)  # the demo recipes' synthetic data, as training would write it
+            files = [f for f in (recipe.data.train, recipe.data.eval) if f]
         family = family_for(recipe.model.path, recipe.model.family)
         folder = family.resolve_path(recipe.model.path, recipe.model.tiny_seed)
         proc = family.processor(folder, recipe)
-        counter = lambda s: family.count_tokens(s, proc)  # noqa: E731
-        max_tokens = recipe.data.max_tokens
-    report = check_dataset([Path(f) for f in args.files], token_counter=counter, max_tokens=max_tokens,
-                           allow_outside_paths=args.allow_outside_paths, open_media=not args.no_media)
+    if not files:
+        raise ConfigError("data check: name the dataset files, or a recipe (--recipe R) whose data to check")
+    report = check_dataset([Path(f) for f in files], family=family, processor=proc,
+                           config=family.read_config(folder) if family else None,
+                           max_tokens=recipe.data.max_tokens if recipe else None,
+                           allow_outside_paths=args.allow_outside_paths or bool(recipe and recipe.data.allow_outside_paths),
+                           open_media=not args.no_media)
     print(report.format())
     return 1 if report.errors else 0
 
@@ -142,7 +176,8 @@ def cmd_recipes(args) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m finetune", description=__doc__)
+    p = argparse.ArgumentParser(prog="python -m finetune", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="command", required=True)
 
     def recipe_cmd(name, fn, help_):
@@ -164,9 +199,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     data = sub.add_parser("data", help="dataset tools")
     dsub = data.add_subparsers(dest="data_command", required=True)
-    chk = dsub.add_parser("check", help="report every problem of JSONL datasets")
-    chk.add_argument("files", nargs="+")
-    chk.add_argument("--recipe", help="count tokens with this recipe's model and check data.max_tokens")
+    chk = dsub.add_parser("check", help="report every problem of datasets (FILES, or the recipe's data)")
+    chk.add_argument("files", nargs="*", metavar="FILE|key=value",
+                     help="dataset files (default: the recipe's data.train and data.eval) and recipe overrides")
+    chk.add_argument("--recipe", help="read the data as this recipe's model does: token counts, data.max_tokens, "
+                                      "each sample encoded as in training")
     chk.add_argument("--no-media", action="store_true", help="do not decode media files")
     chk.add_argument("--allow-outside-paths", action="store_true")
     chk.set_defaults(fn=cmd_data_check, overrides=[])
@@ -206,9 +243,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Entry point; errors of our own are printed as one clear message, not a traceback."""
-    from finetune.data.schema import DataError
-    from finetune.recipe import RecipeError
+    """Entry point. A user error (a recipe value, a dataset line, a missing file or extra) is printed
+    as one line that says what to do, exit status 2; anything else is a bug and keeps its traceback."""
+    from finetune.errors import UserError
 
     argv = sys.argv[1:] if argv is None else list(argv)
     if argv[:2] == ["data", "convert"]:  # its own parser (options come before the files)
@@ -218,14 +255,6 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.fn(args)
-    except (RecipeError, DataError, FileNotFoundError) as e:
+    except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    except Exception as e:  # our own export/validation errors carry their fix in the message
-        from finetune.export import ExportError
-        from finetune.runlock import RunLocked
-
-        if isinstance(e, (ExportError, ValueError, RunLocked)) and "Traceback" not in str(e):
-            print(f"error: {e}", file=sys.stderr)
-            return 2
-        raise

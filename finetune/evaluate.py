@@ -17,7 +17,9 @@ from pathlib import Path
 
 import torch
 
+from finetune.errors import ConfigError, MissingFileError
 from finetune.families.base import IGNORE_INDEX
+from finetune.probes import generate
 
 _ARTICLES = re.compile(r"^(the|a|an)\s+")
 
@@ -49,28 +51,6 @@ def is_match(prediction: str, reference: str) -> bool:
     """Exact match after normalisation, on the prediction's first sentence or all of it."""
     ref = normalise(reference)
     return ref != "" and (normalise(first_sentence(prediction)) == ref or normalise(prediction) == ref)
-
-
-@torch.no_grad()
-def generate(model, family, processor, samples, rope, *, max_new_tokens: int, batch_size: int) -> list[str]:
-    """Greedy answers for each sample's prompt (its conversation without the last answer)."""
-    model.eval()
-    dev = next(model.parameters()).device
-    outs: list[str] = []
-    eos = [processor.eos_id]
-    for i in range(0, len(samples), batch_size):
-        chunk = samples[i: i + batch_size]
-        enc = [family.encode(s, processor, for_generation=True, rope=rope) for s in chunk]
-        batch = family.collate_padded(enc, processor.pad_id, side="left")
-        batch.pop("labels", None)
-        batch = {k: (v.to(dev) if torch.is_tensor(v) else v) for k, v in batch.items()}
-        if "pixel_values" in batch:
-            batch["pixel_values"] = batch["pixel_values"].to(model.dtype if hasattr(model, "dtype") else torch.float32)
-        gen = model.generate(**batch, max_new_tokens=max_new_tokens, do_sample=False, eos_token_id=eos,
-                             pad_token_id=processor.pad_id, use_cache=True)
-        new = gen[:, batch["input_ids"].shape[1]:]
-        outs.extend(processor.tokenizer.batch_decode(new, skip_special_tokens=True))
-    return [o.strip() for o in outs]
 
 
 @torch.no_grad()
@@ -121,27 +101,36 @@ def evaluate(recipe, run_dir: Path | None = None) -> dict:
     if not is_main_process():
         return {}
     from finetune.families import family_for
-    from finetune.train import choose_precision, quiet_libraries, read_split, torch_dtype
+    from finetune.train import choose_precision, prepare_split, quiet_libraries, read_split, torch_dtype
 
     quiet_libraries()
     run_dir = Path(run_dir or recipe.run_dir)
     adapter = run_dir / "adapter"
     if not (adapter / "adapter_config.json").exists():
-        raise FileNotFoundError(f"{adapter}: no adapter; train first (make finetune RECIPE={recipe.name})")
-    samples, _ = read_split(recipe.data.eval, recipe)
-    if not samples:
-        raise ValueError("data.eval is empty: evaluation needs a held-out split")
-    if recipe.eval.max_samples:
-        samples = samples[: recipe.eval.max_samples]
+        raise MissingFileError(f"{adapter}: no adapter; train first (make finetune RECIPE={recipe.name})")
+    samples, skipped = read_split(recipe.data.eval, recipe, on_error="skip")
+    if not samples and not skipped:
+        raise ConfigError("data.eval is empty: evaluation needs a held-out split")
     family = family_for(recipe.model.path, recipe.model.family)
     precision = choose_precision(recipe.train.precision)
     loaded = family.load(recipe, dtype=torch_dtype(precision), attn="sdpa")
+    # the checks training ran on this split (instant when it did): under `skip` the same samples
+    # are left out, under `raise` the first bad one stops here
+    samples, _ = prepare_split(samples, family, loaded, recipe, skipped)
+    if skipped and recipe.data.on_error == "raise":
+        raise min(skipped, key=lambda e: (str(e.file), e.line or 0))
+    if not samples:
+        raise ConfigError(f"{recipe.data.eval}: no usable evaluation samples")
+    if recipe.eval.max_samples:
+        samples = samples[: recipe.eval.max_samples]
     if torch.cuda.is_available() and recipe.model.quantize == "none":
         loaded.model.to("cuda")
     model = PeftModel.from_pretrained(loaded.model, str(adapter))
     rope = family.rope_index(loaded.model)
     proc = loaded.processor
     results: dict = {"recipe": recipe.name, "eval_file": recipe.data.eval, "n_samples": len(samples)}
+    if skipped:
+        results["skipped"] = len(skipped)
     predictions: dict[str, list[str]] = {}
     variants = [("tuned", contextlib.nullcontext)]
     if recipe.eval.compare_base:

@@ -21,10 +21,12 @@ from pathlib import Path
 
 import torch
 
+from finetune.errors import UserError
+from finetune.probes import pick_probes, probe_logits
 from finetune.recipe import ROLE_NAMES
 
 
-class ExportError(RuntimeError):
+class ExportError(UserError, RuntimeError):
     """The export did not verify or could not be written."""
 
 
@@ -43,31 +45,6 @@ def export_dtype(setting: str, base_path: Path) -> torch.dtype:
     cfg = json.loads((base_path / "config.json").read_text())
     name = cfg.get("dtype") or cfg.get("torch_dtype") or (cfg.get("thinker_config") or {}).get("torch_dtype")
     return {"float32": torch.float32, "float16": torch.float16}.get(str(name), torch.bfloat16)
-
-
-def pick_probes(samples: list, max_probes: int = 8) -> list:
-    """One sample per modality mix present in the data (text, image, audio, video, mixes)."""
-    seen: dict[str, object] = {}
-    for s in samples:
-        key = "+".join(sorted(s.modalities()))
-        if key not in seen:
-            seen[key] = s
-        if len(seen) >= max_probes:
-            break
-    return list(seen.values())
-
-
-@torch.no_grad()
-def probe_logits(model, family, processor, probes, rope) -> list[torch.Tensor]:
-    """Logits of each probe sample alone, in float32."""
-    model.eval()
-    out = []
-    for s in probes:
-        enc = family.encode(s, processor, rope=rope)
-        batch = family.collate_padded([enc], processor.pad_id)
-        batch.pop("labels")
-        out.append(model(**batch).logits[0].float())
-    return out
 
 
 def max_diff(a: list[torch.Tensor], b: list[torch.Tensor]) -> float:

@@ -16,15 +16,12 @@ flash-attention varlen, so every sample attends only to itself.
 from __future__ import annotations
 
 import bisect
-import hashlib
-import json
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import torch
 
-from finetune.families.base import IGNORE_INDEX, EncodedSample, Family, cache_root
+from finetune.families.base import IGNORE_INDEX, EncodedSample, Family
 
 
 def plan_bins(lengths: list[int], max_tokens: int) -> list[list[int]]:
@@ -58,32 +55,6 @@ def efficiency(lengths: list[int], rows: list[list[int]], row_len: int | None = 
     for r in rows:
         slots += row_len if row_len is not None else sum(lengths[i] for i in r)
     return real / max(slots, 1)
-
-
-def lengths_cache_key(path: Path, settings: dict) -> str:
-    """Cache key of a dataset file's token counts: its bytes and the processor's settings."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    h.update(json.dumps(settings, sort_keys=True).encode())
-    return h.hexdigest()[:24]
-
-
-def cached_lengths(path: Path, samples: list, counter, settings: dict) -> list[int]:
-    """Token counts of a file's samples, cached by file content (+ settings) under the cache dir."""
-    key = lengths_cache_key(path, settings)
-    cache = cache_root() / "lengths" / f"{key}.json"
-    ids = [f"{s.line}" for s in samples]
-    if cache.exists():
-        data = json.loads(cache.read_text())
-        if all(i in data for i in ids):
-            return [data[i] for i in ids]
-    counts = {f"{s.line}": counter(s) for s in samples}
-    from finetune.data.convert import atomic_write
-
-    atomic_write(cache, lambda fh: fh.write(json.dumps(counts)))
-    return [counts[i] for i in ids]
 
 
 def pack_encoded(family: Family, rows: list[list[EncodedSample]], pad_id: int, *,

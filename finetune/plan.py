@@ -48,6 +48,8 @@ import json
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
+from finetune.errors import MissingFileError
+
 GB = 1024 ** 3
 CONFIG_DIR = Path(__file__).resolve().parent / "configs"
 SHIPPED_CONFIGS = {"qwen2_5_omni_7b": "qwen2_5_omni_7b.json", "baichuan_omni_1_5": "baichuan_omni_1_5.json"}
@@ -97,7 +99,7 @@ def resolve_config(path: str, family: str = "auto") -> tuple[str, Path]:
     if path.startswith("config:"):
         name = path.split(":", 1)[1]
         if name not in SHIPPED_CONFIGS:
-            raise FileNotFoundError(f"model.path {path!r}: no shipped config {name!r}; known: "
+            raise MissingFileError(f"model.path {path!r}: no shipped config {name!r}; known: "
                                     + ", ".join(f"config:{n}" for n in SHIPPED_CONFIGS))
         cfg_path = CONFIG_DIR / SHIPPED_CONFIGS[name]
         mt = json.loads(cfg_path.read_text()).get("model_type")
@@ -106,7 +108,7 @@ def resolve_config(path: str, family: str = "auto") -> tuple[str, Path]:
     try:
         fam = family_for(path, family)
     except FileNotFoundError as e:
-        raise FileNotFoundError(f"{e}; to plan without the weights use model.path="
+        raise MissingFileError(f"{e}; to plan without the weights use model.path="
                                 + " or ".join(f"config:{n}" for n in SHIPPED_CONFIGS)) from None
     folder = fam.resolve_path(path) if path.startswith("tiny:") else Path(path).expanduser()
     return fam.name, Path(folder) / "config.json"
@@ -125,7 +127,7 @@ def _count_cached(family: str, cfg_path: str, mtime: float) -> tuple:
         r = fam.role_of(name)
         if r is not None:
             roles[r] = roles.get(r, 0) + p.numel()
-    skip = list(getattr(fam, "quant_skip", []))
+    skip = list(fam.quant_skip)
     quantisable: dict[str, tuple[int, int]] = {}
     shapes: dict[str, list[tuple[str, int, int]]] = {}
     for name, mod in model.named_modules():

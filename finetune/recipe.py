@@ -22,6 +22,8 @@ from typing import Any
 
 import yaml
 
+from finetune.errors import UserError
+
 __all__ = [
     "ROLE_NAMES",
     "CHOICES",
@@ -247,7 +249,7 @@ def role_names() -> tuple[str, ...]:
     return ROLE_NAMES
 
 
-class RecipeError(ValueError):
+class RecipeError(UserError, ValueError):
     """A recipe could not be loaded; the message lists every problem, one per line.
 
     ``problems`` holds the same lines (without the header) for programmatic use.

@@ -16,10 +16,12 @@ import os
 import sys
 from pathlib import Path
 
+from finetune.errors import UserError
+
 _held: dict[Path, object] = {}
 
 
-class RunLocked(RuntimeError):
+class RunLocked(UserError, RuntimeError):
     """Another process is writing this run folder."""
 
 

@@ -13,9 +13,9 @@ sampler), and the step loss is the mean over all label tokens of the global step
 
 from __future__ import annotations
 
-import hashlib
 import importlib.util
 import json
+import math
 import os
 import shutil
 import sys
@@ -28,10 +28,12 @@ import torch
 
 from finetune import adapters, attention
 from finetune.data.schema import DataError, Sample, load_samples
+from finetune.errors import ConfigError, MissingFileError
 from finetune.families import family_for
 from finetune.families.base import EncodedSample, Family, LoadedModel, cache_root
 from finetune.recipe import Recipe, save_resolved
 from finetune.runlock import is_main_process, lock_run, world_size
+
 
 # ---- environment ----------------------------------------------------------------------------
 def quiet_libraries() -> None:
@@ -80,7 +82,7 @@ def read_split(path: str, recipe: Recipe, on_error: str | None = None) -> tuple[
         return [], []
     p = Path(path)
     if not p.exists():
-        raise FileNotFoundError(f"data file {p} does not exist (data.train / data.eval in the recipe)")
+        raise MissingFileError(f"data file {p} does not exist (data.train / data.eval in the recipe)")
     return load_samples(p, on_error=on_error or recipe.data.on_error,
                         allow_outside_paths=recipe.data.allow_outside_paths)
 
@@ -112,65 +114,23 @@ class PaddedCollator:
         return self.family.collate_padded(self.encode(features), self.processor.pad_id)
 
 
-def token_lengths(samples: list[Sample], family: Family, processor, recipe: Recipe,
-                  skipped: list[DataError], on_error: str | None = None) -> tuple[list[Sample], list[int]]:
-    """Token counts from metadata (cached per dataset file); drop or refuse samples over budget
-    or with media that do not decode. Every media file is decoded once here, before the first
-    step: a truncated image must stop (or be skipped by) the run now, not crash it midway."""
-    from finetune.data.check import _MediaChecker, media_errors
-    from finetune.packing import cached_lengths
+def prepare_split(samples: list[Sample], family: Family, loaded: LoadedModel, recipe: Recipe,
+                  skipped: list[DataError]) -> tuple[list[Sample], list[int]]:
+    """Decode, count, encode and check every sample before the first step (data/prepare.py);
+    the failures go to `skipped`. Returns the usable samples and their planned token counts."""
+    from finetune.data.prepare import prepare, record_path
 
-    on_error = on_error or recipe.data.on_error
-    # files that decoded in an earlier run and have not changed since are not decoded again
-    sources = sorted({str(Path(s.source).resolve()) for s in samples})
-    record = cache_root() / "media-ok" / f"{hashlib.sha1(json.dumps(sources).encode()).hexdigest()[:16]}.json"
-    checker = _MediaChecker(record)
-    good = []
-    try:
-        for s in samples:
-            bad = media_errors(s, checker)
-            if bad:
-                if on_error == "raise":
-                    raise bad[0]
-                skipped.append(bad[0])
-            else:
-                good.append(s)
-    finally:
-        checker.save()
-    samples = good
-
-    def counter(s: Sample) -> int:
-        try:
-            return family.count_tokens(s, processor)
-        except Exception:  # unreadable media found while counting
-            return -1
-
-    settings = {"family": family.name, **processor.settings()}
-    by_file: dict[str, list[int]] = {}
-    for i, s in enumerate(samples):
-        by_file.setdefault(s.source, []).append(i)
-    counts = [0] * len(samples)
-    for src, idx in by_file.items():
-        for i, n in zip(idx, cached_lengths(Path(src), [samples[i] for i in idx], counter, settings)):
-            counts[i] = n
-    keep, lens = [], []
-    for s, n in zip(samples, counts):
-        err = None
-        if n < 0:
-            err = DataError(kind="encode", file=s.source, line=s.line, field="messages",
-                            problem="cannot read the sample's media", fix="run `python -m finetune data check` on it")
-        elif n > recipe.data.max_tokens:
-            err = DataError(kind="too_long", file=s.source, line=s.line, field="messages",
-                            problem=f"{n} tokens exceed data.max_tokens={recipe.data.max_tokens}",
-                            fix="raise data.max_tokens, lower model.max_pixels, or shorten the sample")
-        if err is not None:
-            if on_error == "raise":
-                raise err
-            skipped.append(err)
-            continue
-        keep.append(s)
-        lens.append(n)
-    return keep, lens
+    if not samples:
+        return [], []
+    t0, stats = time.time(), {}
+    good, lengths, bad = prepare(samples, family, loaded.processor, family.read_config(loaded.base_path),
+                                 family.rope_index(loaded.model), max_tokens=recipe.data.max_tokens,
+                                 record=record_path(samples, cache_root()), stats=stats)
+    skipped.extend(bad)
+    print(f"data: {samples[0].source}: {len(good)} of {len(samples)} samples ready ({stats['checked']} decoded, encoded "
+          f"and checked, {stats['remembered']} unchanged since a run checked them) in {time.time() - t0:.1f} s",
+          flush=True)
+    return good, lengths
 
 
 # ---- model ----------------------------------------------------------------------------------
@@ -202,10 +162,10 @@ def deepspeed_config(setting: str) -> Path:
         for folder in (_default_recipes_dir() / "deepspeed", Path(__file__).resolve().parent.parent / "recipes" / "deepspeed"):
             if (folder / f"{setting}.json").is_file():
                 return (folder / f"{setting}.json").resolve()
-        raise FileNotFoundError(f"DeepSpeed preset {setting}.json not found in recipes/deepspeed/")
+        raise MissingFileError(f"DeepSpeed preset {setting}.json not found in recipes/deepspeed/")
     path = Path(setting)
     if not path.is_file():
-        raise FileNotFoundError(f"train.deepspeed: {path} does not exist")
+        raise MissingFileError(f"train.deepspeed: {path} does not exist")
     return path.resolve()
 
 
@@ -213,7 +173,7 @@ def check_distributed(recipe: Recipe) -> None:
     """Fail before anything is loaded when the chosen strategy cannot run here."""
     if recipe.train.distributed == "deepspeed":
         if importlib.util.find_spec("deepspeed") is None:
-            raise ValueError(f"train.distributed=deepspeed needs DeepSpeed, which is not installed: {DEEPSPEED_INSTALL}")
+            raise ConfigError(f"train.distributed=deepspeed needs DeepSpeed, which is not installed: {DEEPSPEED_INSTALL}")
         deepspeed_config(recipe.train.deepspeed)
 
 
@@ -286,6 +246,12 @@ def make_trainer(recipe: Recipe, family: Family, model, processor, train_ds, col
                 self.optimizer = cls(groups, **kwargs)
             return self.optimizer
 
+        def create_scheduler(self, num_training_steps: int, optimizer=None):
+            # transformers reads warmup_steps >= 1 as steps and below 1 as a ratio, so a ratio of 1
+            # would mean one step: the ratio is turned into steps here, where the total is known
+            self.args.warmup_steps = math.ceil(recipe.train.warmup_ratio * num_training_steps)
+            return super().create_scheduler(num_training_steps, optimizer)
+
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
             real = inputs.pop(REAL_TOKENS, None)
             before = self._total_train_tokens
@@ -317,7 +283,7 @@ def training_args(recipe: Recipe, precision: str, run_dir: Path):
         learning_rate=t.lr,
         weight_decay=t.weight_decay,
         lr_scheduler_type=t.scheduler,
-        warmup_steps=t.warmup_ratio,
+        warmup_steps=0,  # from train.warmup_ratio once the number of steps is known (create_scheduler)
         num_train_epochs=t.epochs,
         max_steps=t.max_steps,
         max_grad_norm=t.max_grad_norm,
@@ -345,6 +311,48 @@ def training_args(recipe: Recipe, precision: str, run_dir: Path):
         average_tokens_across_devices=True,
         **distributed_args(recipe),
     )
+
+
+def make_collator(recipe: Recipe, family: Family, processor, samples: list[Sample], lengths: list[int], rope,
+                  attn: str):
+    """(the Trainer's dataset, the collator): packed bins or sample indices. The LLM's attention
+    gets the packed rows' sample boundaries from the collator whenever the chosen backend (`auto`
+    resolved) takes them, so no layer recomputes them (a device sync per layer on CUDA)."""
+    if recipe.data.packing:
+        from finetune.packing import PackedCollator, bin_dataset, efficiency, plan_bins
+
+        bins = plan_bins(lengths, recipe.data.max_tokens)
+        print(f"packing: {len(samples)} samples in {len(bins)} rows of <= {recipe.data.max_tokens} tokens "
+              f"({100 * efficiency(lengths, bins, recipe.data.max_tokens):.1f}% of the budget used; rows carry "
+              "no padding between samples)", flush=True)
+        return bin_dataset(bins), PackedCollator(family, processor, samples, rope,
+                                                 with_varlen_args=attn in attention.VARLEN_ARGS)
+    return index_dataset(len(samples)), PaddedCollator(family, processor, samples, rope)
+
+
+def make_preflight_callback(family: Family, processor, samples: list[Sample], rope, mode: str):
+    """Before the first step: run evaluation's generation and the export's probe forward on one
+    sample per modality mix (probes.preflight), so a broken eval/export path stops the run now."""
+    from transformers import TrainerCallback
+
+    from finetune.probes import pick_probes, preflight
+
+    class Preflight(TrainerCallback):
+        def on_train_begin(self, args, state, control, model=None, **kw):
+            if mode in ("fsdp", "deepspeed") or not is_main_process():
+                return  # sharded weights: generation needs every rank; rank 0 stands for all
+            t0 = time.time()
+            try:
+                probes = preflight(model, family, processor, samples, rope)
+            except Exception as e:
+                mixes = ", ".join(f"{s.where} ({'+'.join(sorted(s.modalities()))})" for s in pick_probes(samples))
+                raise RuntimeError(f"before training: evaluation's generation or the export's probe forward fails "
+                                   f"on the probe samples ({mixes}): {type(e).__name__}: {e}. Nothing was trained; "
+                                   "eval and export would fail the same way after training.") from e
+            print(f"checked generation and export probes on {len(probes)} modality mix(es) in "
+                  f"{time.time() - t0:.1f} s", flush=True)
+
+    return Preflight()
 
 
 def make_metrics_callback(run_dir: Path):
@@ -478,14 +486,17 @@ def train(recipe: Recipe) -> Path:
         # every problem of the data is found before the first step: with `raise` the run then stops
         # naming the first bad sample of the file, with `skip` it drops and reports them all
         samples, skipped = read_split(recipe.data.train, recipe, on_error="skip")
+        # the eval split too: evaluation after training must not meet a sample it cannot read
+        eval_samples, eval_skipped = read_split(recipe.data.eval, recipe, on_error="skip")
 
         loaded = load_for_training(recipe, family, precision)
         processor = loaded.processor
-        samples, lengths = token_lengths(samples, family, processor, recipe, skipped, on_error="skip")
-    if skipped and recipe.data.on_error == "raise":
-        raise min(skipped, key=lambda e: (str(e.file), e.line or 0))
+        samples, lengths = prepare_split(samples, family, loaded, recipe, skipped)
+        eval_samples, _ = prepare_split(eval_samples, family, loaded, recipe, eval_skipped)
+    if recipe.data.on_error == "raise" and (skipped or eval_skipped):
+        raise min(skipped or eval_skipped, key=lambda e: (str(e.file), e.line or 0))
     if not samples:
-        raise ValueError(f"{recipe.data.train}: no usable training samples")
+        raise ConfigError(f"{recipe.data.train}: no usable training samples")
 
     attn = attention.choose(recipe.model.attn, recipe.data.packing)
     attention.apply_to_llm(loaded.model, attn)
@@ -497,21 +508,11 @@ def train(recipe: Recipe) -> Path:
     print(adapters.format_role_table(adapters.role_table(model, family, plan)), flush=True)
 
     rope = family.rope_index(loaded.model)
-    if recipe.data.packing:
-        from finetune.packing import PackedCollator, bin_dataset, efficiency, plan_bins
-
-        bins = plan_bins(lengths, recipe.data.max_tokens)
-        print(f"packing: {len(samples)} samples in {len(bins)} rows of <= {recipe.data.max_tokens} tokens "
-              f"({100 * efficiency(lengths, bins, recipe.data.max_tokens):.1f}% of the budget used; rows carry "
-              "no padding between samples)", flush=True)
-        train_ds = bin_dataset(bins)
-        collator = PackedCollator(family, processor, samples, rope,
-                                  with_varlen_args=recipe.model.attn in ("flash_attention_2", "varlen"))
-    else:
-        train_ds = index_dataset(len(samples))
-        collator = PaddedCollator(family, processor, samples, rope)
+    train_ds, collator = make_collator(recipe, family, processor, samples, lengths, rope, attn)
+    callbacks = [make_metrics_callback(run_dir), make_crash_callback(),
+                 make_preflight_callback(family, processor, eval_samples or samples, rope, mode)]
     trainer = make_trainer(recipe, family, model, processor, train_ds, record_batches(collator), precision, run_dir,
-                           [make_metrics_callback(run_dir), make_crash_callback()], args=args)
+                           callbacks, args=args)
 
     resume = None
     if recipe.train.resume == "auto":

@@ -141,9 +141,18 @@ def test_export_round_trip_keeps_the_speech_parts(tmp_path, small_demo, quantize
 
     recipe = tiny_recipe(tmp_path, small_demo, "model.path=tiny:baichuan_omni", "train.max_steps=3", "train.lr=5e-3",
                          "train.gradient_checkpointing=true",  # checkpointing through LLM and vision blocks
-                         f"model.quantize={quantize}")  # QLoRA: the export reloads the base unquantised
+                         f"model.quantize={quantize}",  # QLoRA: the export reloads the base unquantised
+                         f"export.quantize={quantize}")  # and merged-4bit/ is written beside merged/
     run = train(recipe)
-    out = export_run(run)["merged"]
+    written = export_run(run)
+    out = written["merged"]
+    if quantize == "4bit":
+        q = written["merged-4bit"]
+        qm = json.loads((q / "export_manifest.json").read_text())
+        assert qm["loads"] and "NF4" in qm["format"] and 0 < qm["max_abs_logit_diff_vs_merged"] < qm["logit_scale"]
+        qmodel = BaichuanOmniForCausalLM.from_pretrained(str(q))
+        assert type(qmodel.model.layers[0].self_attn.W_pack).__name__ == "Linear4bit"
+        assert type(qmodel.model.visual_bridge_model.mlp[0]).__name__ == "Linear"  # only the LLM is quantised
     manifest = json.loads((out / "export_manifest.json").read_text())
     assert manifest["verify"]["passed"] and manifest["verify"]["max_abs_diff"] <= 1e-4
     kept = manifest["unchanged_from_base"]

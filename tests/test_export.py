@@ -43,7 +43,7 @@ def export_cli(run, *extra, kill=None):
 
 
 def probe_diff(model_a, model_b, fam, loaded, samples):
-    from finetune.export import pick_probes
+    from finetune.probes import pick_probes
 
     rope = fam.rope_index(loaded.model)
     worst = 0.0

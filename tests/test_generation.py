@@ -14,7 +14,7 @@ import torch
 
 from test_qwen_family import MIXES, media_dir, sample  # noqa: F401  (fixture reuse)
 
-from finetune.evaluate import generate
+from finetune.probes import generate
 
 BATCH = ("audio", "image", "text", "video", "all")
 

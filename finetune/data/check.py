@@ -220,13 +220,21 @@ def check_dataset(
     max_tokens: int | None = None,
     allow_outside_paths: bool = False,
     open_media: bool = True,
+    family=None,
+    processor=None,
+    config: dict | None = None,
 ) -> CheckReport:
     """Validate every line of every file and collect all problems into a report.
 
     With ``open_media`` every referenced media file is decoded; with
     ``token_counter`` each error-free sample is measured and samples longer
-    than ``max_tokens`` are reported as ``too_long``.
+    than ``max_tokens`` are reported as ``too_long``. With a ``family`` and its
+    ``processor`` (and the model's ``config``, read from the processor's folder
+    when omitted) each sample is also encoded as training encodes it and checked
+    as the model's forward will check it (see finetune.data.prepare).
     """
+    if family is not None and token_counter is None:
+        token_counter = lambda s: family.count_tokens(s, processor)  # noqa: E731
     files = [str(p) for p in paths]
     errors: list[DataError] = []
     modality_counts: Counter[str] = Counter()
@@ -270,6 +278,10 @@ def check_dataset(
                                                            file=source, line=lineno, field=fld))
             if token_counter is not None and not sample_errors:
                 sample_errors += _count_tokens(sample, token_counter, max_tokens, token_counts)
+            if family is not None and open_media and not sample_errors:
+                from finetune.data.prepare import problems_of
+
+                sample_errors += problems_of(sample, family, processor, config or {}, None, None, checker)[1]
             errors += [relocate(e) for e in sample_errors] if relocate else sample_errors
             if not sample_errors:
                 n_ok += 1

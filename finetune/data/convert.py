@@ -56,6 +56,7 @@ from finetune.data.schema import (
     load_samples,
     parse_sample,
 )
+from finetune.errors import ConfigError
 
 FORMATS = ("ours", "llamafactory", "swift", "openai")
 TABLE_SUFFIXES = (".csv", ".tsv", ".jsonl", ".json")
@@ -694,11 +695,11 @@ def convert_file(
     if fmt == "auto":
         fmt = detect_format(src)
     if fmt not in _CONVERTERS:
-        raise ValueError(f"unknown format {fmt!r}; use one of {', '.join(FORMATS)} or 'auto'")
+        raise ConfigError(f"unknown format {fmt!r}; use one of {', '.join(FORMATS)} or 'auto'")
     if role_map:
         bad = {k: v for k, v in role_map.items() if v not in ("user", "assistant", "system")}
         if bad:
-            raise ValueError(f"role_map targets must be user, assistant or system, not {bad}")
+            raise ConfigError(f"role_map targets must be user, assistant or system, not {bad}")
     base = Path(media_root) if media_root is not None else src.parent
     convert = _CONVERTERS[fmt]
     result = ConvertResult(source=str(src), format=fmt)

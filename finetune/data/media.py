@@ -17,6 +17,7 @@ import numpy as np
 from PIL import Image
 
 from finetune.data.schema import Part
+from finetune.errors import UserError
 
 FRAME_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
 VIDEO_SUFFIXES = (".mp4", ".avi", ".mkv", ".webm", ".mov")
@@ -28,7 +29,7 @@ _AUDIO_FORMATS_HINT = (
 )
 
 
-class MediaError(Exception):
+class MediaError(UserError):
     """A media file could not be read; ``kind`` optionally refines the category."""
 
     def __init__(self, message: str, kind: str | None = None) -> None:

@@ -23,6 +23,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
 
+from finetune.errors import UserError
+
 ROLES = ("system", "user", "assistant")
 MEDIA_TYPES = ("image", "audio", "video")
 PART_TYPES = ("text",) + MEDIA_TYPES
@@ -46,7 +48,7 @@ _ROLE_ALIASES = {
 _PATH_FIX = "check the path; paths are relative to the dataset file's folder"
 
 
-class DataError(ValueError):
+class DataError(UserError, ValueError):
     """A problem in a dataset file, located by file, line and JSON field path."""
 
     def __init__(

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from finetune.errors import ConfigError, MissingFileError
 from finetune.families.base import Family
 
 
@@ -24,7 +25,7 @@ def get_family(name: str) -> Family:
     """A family by name, with the list of known names on a miss."""
     reg = _registry()
     if name not in reg:
-        raise ValueError(f"unknown model family {name!r}; known: {', '.join(sorted(reg))}")
+        raise ConfigError(f"unknown model family {name!r}; known: {', '.join(sorted(reg))}")
     return reg[name]()
 
 
@@ -36,10 +37,10 @@ def family_for(path: str, family: str = "auto") -> Family:
         return get_family(path.split(":", 1)[1].split("-", 1)[0])  # tiny:<family>[-variant]
     cfg_path = Path(path).expanduser() / "config.json"
     if not cfg_path.exists():
-        raise FileNotFoundError(f"model.path {path!r}: no config.json there; point it at a local model folder "
+        raise MissingFileError(f"model.path {path!r}: no config.json there; point it at a local model folder "
                                 "or use tiny:<family>")
     mt = json.loads(cfg_path.read_text()).get("model_type")
     known = model_types()
     if mt not in known:
-        raise ValueError(f"{cfg_path}: model_type {mt!r} is not supported; supported: {', '.join(sorted(known))}")
+        raise ConfigError(f"{cfg_path}: model_type {mt!r} is not supported; supported: {', '.join(sorted(known))}")
     return get_family(known[mt])

@@ -25,9 +25,16 @@ from typing import Any
 import numpy as np
 import torch
 
+from finetune.errors import ConfigError
 from finetune.families.base import IGNORE_INDEX, EncodedSample, Family, LoadedModel, cache_root
-from finetune.families.qwen2_5_omni import (OmniProcessor, _atomic_build, _chunks, _turns, quantization_config,
-                                            smart_resize)
+from finetune.families.qwen2_5_omni import (
+    OmniProcessor,
+    _atomic_build,
+    _chunks,
+    _turns,
+    quantization_config,
+    smart_resize,
+)
 
 EOT = "<|endoftext|>"
 B_SYS, C_Q, C_A = "<B_SYS>", "<C_Q>", "<C_A>"
@@ -136,7 +143,7 @@ class BaichuanOmniFamily(Family):
         model, info = BaichuanOmniForCausalLM.from_pretrained(str(folder), output_loading_info=True, **kwargs)
         missing = [k for k in info.get("missing_keys", []) if not k.endswith("positional_embedding")]
         if missing:
-            raise ValueError(f"{folder}: the checkpoint lacks {len(missing)} tensor(s) of the trained parts, e.g. "
+            raise ConfigError(f"{folder}: the checkpoint lacks {len(missing)} tensor(s) of the trained parts, e.g. "
                              f"{sorted(missing)[:3]}; is it a complete Baichuan-Omni-1.5 checkpoint?")
         model.config.use_cache = False
         return LoadedModel(model=model, processor=self.processor(folder, recipe), base_path=folder,
@@ -243,6 +250,22 @@ class BaichuanOmniFamily(Family):
             out["audio_features"] = feats
         return out
 
+    def media_placeholders(self, enc: EncodedSample, config: dict) -> list[tuple[str, int, int]]:
+        vis, vid, aud = (config.get(k, {}) for k in ("visual_config", "video_config", "audio_config"))
+        merge = int(vis.get("spatial_merge_size", vis.get("merge_size", 2))) ** 2
+        out = []
+        if "image_grid_thw" in enc.media:
+            out.append(("image", int(vis["image_pad_token_id"]), int(enc.media["image_grid_thw"].prod(-1).sum()) // merge))
+        if "video_grid_thw" in enc.media:
+            out.append(("video", int(vid["video_place_token_id"]),
+                        int(enc.media["video_grid_thw"].prod(-1).sum()) // merge))
+        if "audio_features" in enc.media:
+            # the audio tokenizer's arithmetic: encoder frames (valid - 1)//2 + 1, pooled by avg_pooler
+            pool = int(aud.get("avg_pooler", 4))
+            rows = sum(((f.shape[1] - 1) // 2 + 1) // pool for f in enc.media["audio_features"])
+            out.append(("audio", int(aud["audio_pad_token_id"]), rows))
+        return out
+
     def collate_padded(self, batch: list[EncodedSample], pad_id: int, side: str = "right") -> dict[str, Any]:
         out = super().collate_padded(batch, pad_id, side)
         if side == "right":  # left padding (generation): transformers derives positions from the mask
@@ -309,6 +332,24 @@ class BaichuanOmniFamily(Family):
         from finetune.families.baichuan_model import BaichuanOmniForCausalLM
 
         return BaichuanOmniForCausalLM.from_pretrained(str(folder), dtype=dtype)
+
+    def save_quantized(self, merged_dir: Path, out_dir: Path, *, quantize: str, dtype: torch.dtype) -> str:
+        """The merged text model quantised with bitsandbytes (the LLM's linear layers, as QLoRA
+        does); the speech-output parts are not part of it (merged/ keeps them)."""
+        from finetune.families.baichuan_model import BaichuanOmniForCausalLM
+
+        cfg = quantization_config(quantize, dtype, self.quant_skip)
+        model = BaichuanOmniForCausalLM.from_pretrained(str(merged_dir), dtype=dtype, quantization_config=cfg)
+        model.save_pretrained(str(out_dir), safe_serialization=True)
+        self.copy_processor_files(merged_dir, out_dir)
+        return ("bitsandbytes NF4 with double quantisation" if quantize == "4bit" else "bitsandbytes int8") + \
+            f" on the LLM's linear layers, compute dtype {str(dtype).replace('torch.', '')}; text output only " \
+            "(the speech-output parts stay in merged/)"
+
+    def load_quantized_for_check(self, folder: Path):
+        from finetune.families.baichuan_model import BaichuanOmniForCausalLM
+
+        return BaichuanOmniForCausalLM.from_pretrained(str(folder))
 
 
 def _segment_tokens(valid_frames: int) -> int:

@@ -18,6 +18,8 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from finetune.errors import ConfigError, MissingFileError
+
 if TYPE_CHECKING:  # families never import the trainer; data types only
     from finetune.data.schema import Sample
     from finetune.recipe import Recipe
@@ -80,9 +82,18 @@ class Family(abc.ABC):
     title: str = ""
 
     # ---- loading -----------------------------------------------------------------------
+    #: module-path prefixes QLoRA leaves unquantised (everything but the LLM's linear layers)
+    quant_skip: list[str] = []
+
     @abc.abstractmethod
-    def load(self, recipe: "Recipe", *, quantize: str | None = None, dtype: torch.dtype | None = None) -> LoadedModel:
-        """Load the trainable model and its processor from `recipe.model.path`."""
+    def load(self, recipe: "Recipe", *, quantize: str | None = None, dtype: torch.dtype | None = None,
+             attn: str | None = None) -> LoadedModel:
+        """Load the trainable model and its processor from `recipe.model.path` (`attn`: the
+        attention implementation; `quantize`: none | 4bit | 8bit, default the recipe's)."""
+
+    @abc.abstractmethod
+    def rope_index(self, model_or_config) -> Any:
+        """What `encode(rope=...)` takes to compute a sample's own positions (None for 1-D RoPE)."""
 
     @abc.abstractmethod
     def materialize_tiny(self, seed: int = 0) -> Path:
@@ -106,7 +117,7 @@ class Family(abc.ABC):
 
     # ---- data --------------------------------------------------------------------------
     @abc.abstractmethod
-    def encode(self, sample: "Sample", processor: Any, *, for_generation: bool = False) -> EncodedSample:
+    def encode(self, sample: "Sample", processor: Any, *, for_generation: bool = False, rope: Any = None) -> EncodedSample:
         """Tokenise a sample with the chat template; labels on assistant turns only.
 
         With `for_generation` the last assistant turn is dropped and the generation prompt is
@@ -116,6 +127,28 @@ class Family(abc.ABC):
     @abc.abstractmethod
     def count_tokens(self, sample: "Sample", processor: Any) -> int:
         """The sample's token count from text and media metadata, without running encoders."""
+
+    @abc.abstractmethod
+    def media_placeholders(self, enc: EncodedSample, config: dict) -> list[tuple[str, int, int]]:
+        """(kind, placeholder token id, feature rows) for each media kind the model's forward will
+        scatter: the token id as the model's config names it, and how many rows its encoders
+        produce for this sample's media tensors (computed from their shapes, no encoder runs).
+        `config` is the model folder's config.json."""
+
+    def check_encoded(self, enc: EncodedSample, config: dict, planned: int | None = None) -> list[str]:
+        """What the model's forward would refuse about this sample, found before training: each
+        media kind's placeholder tokens against the feature rows its encoder will give, and the
+        encoded length against the length planned from metadata (the packing plan used it)."""
+        problems = []
+        for kind, token_id, rows in self.media_placeholders(enc, config):
+            have = int((enc.input_ids == token_id).sum())
+            if have != rows:
+                problems.append(f"{have} {kind} placeholder token(s) (id {token_id}) but its {kind} gives {rows} "
+                                f"feature row(s): the prompt and the {kind} preprocessing disagree")
+        if planned is not None and planned != enc.num_tokens:
+            problems.append(f"encodes to {enc.num_tokens} tokens, but {planned} were planned from its media "
+                            "metadata (headers, durations, frame counts)")
+        return problems
 
     def collate_padded(self, batch: list[EncodedSample], pad_id: int, side: str = "right") -> dict[str, Any]:
         """A padded batch (right for training, left for generation) with an attention mask."""
@@ -159,10 +192,10 @@ class Family(abc.ABC):
 
         p = Path(folder) / "config.json"
         if not p.exists():
-            raise FileNotFoundError(f"{folder}: no config.json; model.path must be a local model folder")
+            raise MissingFileError(f"{folder}: no config.json; model.path must be a local model folder")
         cfg = json.loads(p.read_text())
         if cfg.get("model_type") not in cls.model_types:
-            raise ValueError(f"{p}: model_type {cfg.get('model_type')!r} is not {cls.title} "
+            raise ConfigError(f"{p}: model_type {cfg.get('model_type')!r} is not {cls.title} "
                              f"(expected {' or '.join(cls.model_types)})")
         return cfg
 
@@ -179,12 +212,12 @@ class Family(abc.ABC):
             builders = self.tiny_models()
             name = path.split(":", 1)[1]
             if name not in builders:
-                raise ValueError(f"model.path {path!r}: unknown tiny model; use one of "
+                raise ConfigError(f"model.path {path!r}: unknown tiny model; use one of "
                                  + ", ".join(f"tiny:{n}" for n in builders))
             return builders[name](tiny_seed)
         folder = Path(path).expanduser()
         if not folder.is_dir():
-            raise FileNotFoundError(f"model.path {path!r} is not a folder. {self.folder_hint}")
+            raise MissingFileError(f"model.path {path!r} is not a folder. {self.folder_hint}")
         return folder
 
     def processor(self, folder: Path, recipe: "Recipe | None" = None) -> Any:
@@ -216,6 +249,15 @@ class Family(abc.ABC):
     @abc.abstractmethod
     def load_merged_for_check(self, folder: Path, dtype: torch.dtype) -> torch.nn.Module:
         """Load an exported checkpoint's trainable model (for verification)."""
+
+    @abc.abstractmethod
+    def save_quantized(self, merged_dir: Path, out_dir: Path, *, quantize: str, dtype: torch.dtype) -> str:
+        """`export.quantize`: the merged model in out_dir with bitsandbytes 4/8-bit on the LLM's
+        linear layers; returns a description of the format for the manifest."""
+
+    @abc.abstractmethod
+    def load_quantized_for_check(self, folder: Path) -> torch.nn.Module:
+        """Load what `save_quantized` wrote (for the comparison with merged/)."""
 
 
 def cache_root() -> Path:

@@ -28,6 +28,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from finetune.errors import ConfigError
 from finetune.families.base import IGNORE_INDEX, EncodedSample, Family, LoadedModel, cache_root
 
 IM_START, IM_END = "<|im_start|>", "<|im_end|>"
@@ -65,6 +66,14 @@ def _feat_to_tokens(n_frames: int) -> int:
     """Audio tokens the thinker's audio tower yields for `n_frames` mel frames."""
     n = (n_frames - 1) // 2 + 1
     return (n - 2) // 2 + 1
+
+
+def audio_output_lengths(frames: torch.Tensor) -> torch.Tensor:
+    """Rows the thinker's audio tower gives per clip of `frames` mel frames: transformers' own
+    arithmetic (Qwen2_5OmniAudioEncoder), so a prompt that disagrees with it is found early."""
+    from transformers.models.qwen2_5_omni.modeling_qwen2_5_omni import Qwen2_5OmniAudioEncoder
+
+    return Qwen2_5OmniAudioEncoder._get_feat_extract_output_lengths(None, frames)[1]
 
 
 def smart_resize(height: int, width: int, factor: int, min_pixels: int, max_pixels: int) -> tuple[int, int]:
@@ -150,7 +159,7 @@ class OmniProcessor:
         for s in names:
             tid = self.tokenizer.convert_tokens_to_ids(s)
             if tid is None or tid == self.tokenizer.unk_token_id:
-                raise ValueError(f"{folder}: tokenizer has no special token {s}; is this a {model} folder?")
+                raise ConfigError(f"{folder}: tokenizer has no special token {s}; is this a {model} folder?")
             self.token_ids[s] = int(tid)
 
     # ---- text ------------------------------------------------------------------------
@@ -455,9 +464,20 @@ class Qwen25OmniFamily(Family):
     def collate_media(self, batch: list[EncodedSample]) -> dict[str, Any]:
         return collate_media(batch)
 
+    def media_placeholders(self, enc: EncodedSample, config: dict) -> list[tuple[str, int, int]]:
+        cfg = config.get("thinker_config", config)
+        merge = int(cfg.get("vision_config", {}).get("spatial_merge_size", 2)) ** 2
+        out = []
+        for kind, grid, key in (("image", "image_grid_thw", "image_token_index"),
+                                ("video", "video_grid_thw", "video_token_index")):
+            if grid in enc.media:
+                out.append((kind, int(cfg[key]), int(enc.media[grid].prod(-1).sum()) // merge))
+        if "audio_feature_lengths" in enc.media:
+            out.append(("audio", int(cfg["audio_token_index"]), int(audio_output_lengths(enc.media["audio_feature_lengths"]).sum())))
+        return out
+
     def meta_model(self, config_path: Path):
-        from transformers import (Qwen2_5OmniConfig, Qwen2_5OmniThinkerConfig,
-                                  Qwen2_5OmniThinkerForConditionalGeneration)
+        from transformers import Qwen2_5OmniConfig, Qwen2_5OmniThinkerConfig, Qwen2_5OmniThinkerForConditionalGeneration
 
         if json.loads(Path(config_path).read_text()).get("model_type") == "qwen2_5_omni":
             cfg = Qwen2_5OmniConfig.from_pretrained(str(config_path)).thinker_config
@@ -556,7 +576,7 @@ class Qwen25OmniFamily(Family):
         from transformers import Qwen2_5OmniThinkerForConditionalGeneration
 
         if self.read_config(merged_dir)["model_type"] == "qwen2_5_omni":
-            raise ValueError("export.quantize writes thinker checkpoints; it is not supported for a full "
+            raise ConfigError("export.quantize writes thinker checkpoints; it is not supported for a full "
                              "Qwen2.5-Omni base yet (export unquantised and quantise at load time instead)")
         cfg = quantization_config(quantize, dtype, self.quant_skip)
         model = Qwen2_5OmniThinkerForConditionalGeneration.from_pretrained(str(merged_dir), dtype=dtype,
@@ -746,8 +766,11 @@ def build_tiny_thinker(folder: Path, seed: int = 0) -> None:
 
 def build_tiny_full(folder: Path, thinker_dir: Path, seed: int = 0) -> None:
     """A random tiny Qwen2.5-Omni with talker and token2wav; its thinker is the tiny thinker."""
-    from transformers import (Qwen2_5OmniConfig, Qwen2_5OmniForConditionalGeneration,
-                              Qwen2_5OmniThinkerForConditionalGeneration)
+    from transformers import (
+        Qwen2_5OmniConfig,
+        Qwen2_5OmniForConditionalGeneration,
+        Qwen2_5OmniThinkerForConditionalGeneration,
+    )
 
     thinker = Qwen2_5OmniThinkerForConditionalGeneration.from_pretrained(str(thinker_dir), dtype=torch.float32)
     th = thinker.config
