@@ -26,6 +26,7 @@ _MEDIA_FIX = {
     "unreadable_video": "re-export the video as a folder of PNG/JPEG frames, or remove the sample",
     "bad_media_option": "use one of the allowed values named in the message",
     "missing_extra": 'install the [medical] extra: pip install -e ".[medical]"',
+    "non_finite": "replace the NaN/infinite values with numbers and save the file again, or remove the sample",
 }
 
 # Decoding a video file only proves the container is readable; a few frames suffice.

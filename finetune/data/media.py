@@ -92,7 +92,7 @@ def load_image(path: Path) -> Image.Image:
             # load() forces the full decode so truncated files fail here,
             # not later inside a DataLoader worker.
             im.load()
-            return _to_rgb(im)
+            return _to_rgb(upright(im), path)
     except MediaError:
         raise
     except FileNotFoundError:
@@ -101,11 +101,36 @@ def load_image(path: Path) -> Image.Image:
         raise MediaError(f"cannot decode image '{path}': {e}") from e
 
 
-def _to_rgb(im: Image.Image) -> Image.Image:
+# EXIF orientations 5-8 turn the stored image by 90 degrees: its displayed width is the stored height
+_TRANSPOSED = (5, 6, 7, 8)
+
+
+def _orientation(im: Image.Image) -> int:
+    try:
+        return int(im.getexif().get(0x0112, 1) or 1)  # 0x0112: the EXIF Orientation tag
+    except Exception:  # an unreadable EXIF block: shown as stored, as viewers do
+        return 1
+
+
+def upright(im: Image.Image) -> Image.Image:
+    """The image as a viewer shows it: a phone photo's EXIF orientation applied (as transformers'
+    own image loading does), so a picture taken sideways is not learned sideways."""
+    from PIL import ImageOps
+
+    if _orientation(im) == 1:
+        return im
+    return ImageOps.exif_transpose(im)
+
+
+def _to_rgb(im: Image.Image, path: Path | str = "") -> Image.Image:
     if im.mode in ("I", "I;16", "I;16B", "I;16L", "I;16N", "F"):
         # Pillow clips high-bit-depth values to 255 when converting to RGB,
         # which turns 12/16-bit scans white; stretch the used range instead.
         arr = np.asarray(im, dtype=np.float32)
+        if not np.isfinite(arr).all():
+            raise MediaError(f"image '{path}' holds {int((~np.isfinite(arr)).sum())} NaN or infinite pixel value(s); "
+                             "replace them with numbers (e.g. numpy.nan_to_num) and save it again",
+                             kind="non_finite")
         lo, hi = float(arr.min()), float(arr.max())
         scale = 255.0 / (hi - lo) if hi > lo else 0.0
         arr8 = ((arr - lo) * scale).clip(0, 255).astype(np.uint8)
@@ -122,7 +147,8 @@ def image_size(path: Path) -> tuple[int, int]:
         return medical_image_sizes(path, {})[0]
     try:
         with Image.open(path) as im:
-            return im.size
+            w, h = im.size
+            return (h, w) if _orientation(im) in _TRANSPOSED else (w, h)
     except FileNotFoundError:
         raise MediaError(f"image '{path}' does not exist") from None
     except Exception as e:
@@ -149,6 +175,12 @@ def load_audio(path: Path, sampling_rate: int | None = 16000) -> np.ndarray:
         ) from e
     if data.shape[0] == 0:
         raise MediaError(f"audio '{path}' has no samples", kind="empty_audio")
+    bad = ~np.isfinite(data)
+    if bad.any():  # float WAV/FLAC can hold NaN or inf: one such sample poisons the loss
+        first = int(np.argmax(bad.any(axis=1)))
+        raise MediaError(f"audio '{path}' holds {int(bad.sum())} NaN or infinite sample(s), the first at "
+                         f"{first / sr:.3f} s; re-export the recording (or replace them, e.g. numpy.nan_to_num)",
+                         kind="non_finite")
     short = _wav_truncated(path)
     if short:
         raise MediaError(f"audio '{path}' is truncated: {short}; re-export or re-copy the recording",

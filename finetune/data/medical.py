@@ -376,9 +376,9 @@ def _dicom_image(path: Path, opts: _Options) -> Image.Image:
     except Exception as e:
         hint = _DICOM_FIX
         if "plugin" in str(e).lower() or "decod" in str(e).lower():
-            hint = ("install a decoder for its transfer syntax (pip install pylibjpeg "
-                    "pylibjpeg-libjpeg pylibjpeg-openjpeg) or decompress it "
-                    "(gdcmconv --raw in.dcm out.dcm)")
+            hint = ("install the [medical] extra's decoders for its transfer syntax (pip install -e \".[medical]\": "
+                    "GDCM for JPEG baseline/extended/lossless, JPEG-LS and JPEG 2000, CharLS for JPEG-LS) or "
+                    "decompress it (gdcmconv --raw in.dcm out.dcm)")
         raise MediaError(f"cannot decode DICOM pixel data of '{path}' ({_VIA}): {_reason(e)}; "
                          f"fix: {hint}", kind="unreadable_image") from e
 
@@ -400,6 +400,7 @@ def _dicom_image(path: Path, opts: _Options) -> Image.Image:
         values = values * slope
     if intercept is not None:
         values = values + intercept
+    _require_finite(values, path)
 
     window = opts.window
     if window is None:
@@ -411,6 +412,16 @@ def _dicom_image(path: Path, opts: _Options) -> Image.Image:
     if photometric == "MONOCHROME1":
         arr8 = 255 - arr8
     return _gray_to_rgb(arr8)
+
+
+def _require_finite(values: np.ndarray, path: Path, where: str = "") -> None:
+    """NaN or infinite pixel values (float DICOM, NIfTI maps) have no grey level to show: refused."""
+    bad = ~np.isfinite(values)
+    if bad.any():
+        at = f" in {where}" if where else ""
+        raise MediaError(f"'{path}' holds {int(bad.sum())} NaN or infinite pixel value(s){at}; replace them with "
+                         "numbers (e.g. numpy.nan_to_num, or the background value) and save it again",
+                         kind="non_finite")
 
 
 def _decode_frame(ds, frame: int, n: int) -> np.ndarray:
@@ -525,6 +536,7 @@ def _nifti_images(path: Path, opts: _Options) -> list[Image.Image]:
                 data = np.asarray(proxy[tuple(sl)], dtype=np.float64)
             if data.ndim != 2:
                 raise ValueError(f"unexpected slice shape {data.shape}")
+            _require_finite(data, path, f"slice {k}")
             out.append(_gray_to_rgb(_apply_window(data, window)))
     except MediaError:
         raise
