@@ -136,10 +136,15 @@ def prepare_split(samples: list[Sample], family: Family, loaded: LoadedModel, re
 # ---- model ----------------------------------------------------------------------------------
 def load_for_training(recipe: Recipe, family: Family, precision: str) -> LoadedModel:
     """Load the model in the training dtype (fp32 on the CPU) with the recipe's quantisation."""
+    from finetune.console import tell_4bit_on_cpu
+
     attention.configure_cuda_kernels()
     dtype = torch_dtype(precision)
     attn = None if recipe.model.attn == "auto" else recipe.model.attn
-    return family.load(recipe, dtype=dtype, attn=attn or "sdpa")
+    loaded = family.load(recipe, dtype=dtype, attn=attn or "sdpa")
+    if recipe.model.quantize == "4bit" and not torch.cuda.is_available():
+        tell_4bit_on_cpu()
+    return loaded
 
 
 # ---- several processes ----------------------------------------------------------------------
@@ -265,9 +270,17 @@ def make_trainer(recipe: Recipe, family: Family, model, processor, train_ds, col
                 self._metrics["train"]["num_tokens"] = [self._total_train_tokens]
             return out
 
+    from transformers.trainer_callback import PrinterCallback, ProgressCallback
+
+    from finetune.console import console_callback
+
     args = args or training_args(recipe, precision, run_dir)
-    return RoleLRTrainer(model=model, args=args, train_dataset=train_ds, data_collator=collator,
-                         processing_class=processor.tokenizer, callbacks=callbacks)
+    trainer = RoleLRTrainer(model=model, args=args, train_dataset=train_ds, data_collator=collator,
+                            processing_class=processor.tokenizer, callbacks=callbacks)
+    for cb in (PrinterCallback, ProgressCallback):  # one metrics dict per step: metrics.jsonl has them
+        trainer.remove_callback(cb)
+    trainer.add_callback(console_callback(recipe.train.print_every))
+    return trainer
 
 
 def training_args(recipe: Recipe, precision: str, run_dir: Path):
@@ -302,7 +315,7 @@ def training_args(recipe: Recipe, precision: str, run_dir: Path):
         dataset_kwargs={"skip_prepare_dataset": True},
         dataloader_num_workers=recipe.data.num_workers,
         dataloader_pin_memory=torch.cuda.is_available(),
-        disable_tqdm=False,
+        disable_tqdm=True,  # our console (finetune/console.py) replaces the Trainer's printer
         use_cpu=not torch.cuda.is_available(),
         max_length=None,
         save_only_model=False,

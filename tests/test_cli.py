@@ -55,3 +55,36 @@ def test_makefile_export_replaces_only_with_force_and_check_needs_no_files():
     assert "--force" not in dry("export", "RECIPE=x")
     assert "--force" in dry("export", "RECIPE=x", "FORCE=1")
     assert dry("check", "RECIPE=x").split() == [".venv/bin/python", "-m", "finetune", "data", "check", "--recipe", "x"]
+
+
+def test_the_console_prints_tens_of_lines_not_one_dict_per_step(tmp_path, small_demo):
+    import sys
+
+    from conftest import tiny_overrides
+
+    res = subprocess.run([sys.executable, "-m", "finetune", "train", "medical-tiny",
+                          *tiny_overrides(tmp_path, small_demo, "train.max_steps=60")],
+                         cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stderr[-2000:]
+    lines = (res.stdout + res.stderr).splitlines()
+    steps = [ln for ln in lines if ln.startswith("step ")]
+    assert 15 <= len(steps) <= 25 and steps[-1].startswith("step 60/60  loss ") and "tokens/s" in steps[-1]
+    assert not any("'loss'" in ln or "{'train_runtime'" in ln for ln in lines)  # no per-step metrics dicts
+    assert len(lines) < 60, len(lines)
+    records = [ln for ln in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines() if '"loss"' in ln]
+    assert len(records) == 60  # the full record is kept
+
+
+def test_the_bitsandbytes_cpu_kernel_notice_is_held_until_4bit_runs_on_the_cpu(capsys, caplog):
+    import logging
+
+    import finetune  # noqa: F401  (installs the hold)
+    from finetune import console
+
+    logging.getLogger("bitsandbytes.backends.cpu.ops").warning(
+        "Failed to load CPU gemm_4bit_forward from kernels-community: no network")
+    assert "gemm_4bit_forward" not in capsys.readouterr().err and "gemm_4bit_forward" not in caplog.text
+    console.tell_4bit_on_cpu()
+    console.tell_4bit_on_cpu()
+    out = capsys.readouterr().out
+    assert out.count("bitsandbytes 4-bit on the CPU") == 1
