@@ -8,6 +8,8 @@ how media reach the decoding steps, say) stops the run in seconds, not after hou
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 
 
@@ -24,21 +26,24 @@ def pick_probes(samples: list, max_probes: int = 8) -> list:
 
 
 @torch.no_grad()
-def probe_logits(model, family, processor, probes, rope) -> list[torch.Tensor]:
-    """Logits of each probe sample alone, in float32."""
+def probe_logits(model, family, processor, probes, rope, amp=contextlib.nullcontext) -> list[torch.Tensor]:
+    """Logits of each probe sample alone, in float32 (the forward inside `amp()`, e.g. autocast)."""
     model.eval()
     out = []
     for s in probes:
         enc = family.encode(s, processor, rope=rope)
         batch = family.collate_padded([enc], processor.pad_id)
         batch.pop("labels")
-        out.append(model(**batch).logits[0].float())
+        with amp():
+            out.append(model(**batch).logits[0].float())
     return out
 
 
 @torch.no_grad()
-def generate(model, family, processor, samples, rope, *, max_new_tokens: int, batch_size: int) -> list[str]:
-    """Greedy answers for each sample's prompt (its conversation without the last answer)."""
+def generate(model, family, processor, samples, rope, *, max_new_tokens: int, batch_size: int,
+             amp=contextlib.nullcontext) -> list[str]:
+    """Greedy answers for each sample's prompt (its conversation without the last answer); the
+    model runs inside `amp()` (autocast for a 16-bit base beside fp32 trained weights)."""
     model.eval()
     dev = next(model.parameters()).device
     outs: list[str] = []
@@ -51,14 +56,16 @@ def generate(model, family, processor, samples, rope, *, max_new_tokens: int, ba
         batch = {k: (v.to(dev) if torch.is_tensor(v) else v) for k, v in batch.items()}
         if "pixel_values" in batch:
             batch["pixel_values"] = batch["pixel_values"].to(model.dtype if hasattr(model, "dtype") else torch.float32)
-        gen = model.generate(**batch, max_new_tokens=max_new_tokens, do_sample=False, eos_token_id=eos,
-                             pad_token_id=processor.pad_id, use_cache=True)
+        with amp():
+            gen = model.generate(**batch, max_new_tokens=max_new_tokens, do_sample=False, eos_token_id=eos,
+                                 pad_token_id=processor.pad_id, use_cache=True)
         new = gen[:, batch["input_ids"].shape[1]:]
         outs.extend(processor.tokenizer.batch_decode(new, skip_special_tokens=True))
     return [o.strip() for o in outs]
 
 
-def preflight(model, family, processor, samples, rope, *, max_new_tokens: int = 2) -> list:
+def preflight(model, family, processor, samples, rope, *, max_new_tokens: int = 2,
+              amp=contextlib.nullcontext) -> list:
     """Generate a few tokens for one left-padded batch holding one sample of each modality mix
     and run the export's probe forward on each: what evaluation and export will do after
     training. Returns the probes; the model's train/eval mode is restored. Greedy and under
@@ -68,8 +75,9 @@ def preflight(model, family, processor, samples, rope, *, max_new_tokens: int = 
         return probes
     was_training = model.training
     try:
-        generate(model, family, processor, probes, rope, max_new_tokens=max_new_tokens, batch_size=len(probes))
-        probe_logits(model, family, processor, probes, rope)
+        generate(model, family, processor, probes, rope, max_new_tokens=max_new_tokens, batch_size=len(probes),
+                 amp=amp)
+        probe_logits(model, family, processor, probes, rope, amp=amp)
     finally:
         model.train(was_training)
     return probes

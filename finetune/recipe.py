@@ -143,7 +143,11 @@ class DataConfig:
     train: str = _opt("", "training JSONL file (relative paths resolve against the current working dir)")
     eval: str = _opt("", "held-out JSONL file; '' = none")
     demo: str = _opt("", "'medical': generate the synthetic demo dataset into train's folder if missing", ("", "medical"))
-    system_prompt: str | None = _opt(None, "system prompt used when a sample has no system turn")
+    system_prompt: str | None = _opt(
+        None,
+        "system prompt for samples without a system turn; null = what the model's own chat template adds "
+        "at inference (Qwen2.5-Omni: 'You are a helpful assistant.'; Baichuan-Omni-1.5: none), '' = none",
+    )
     max_tokens: int = _opt(4096, "token budget of one sample / one packed row")
     on_error: str = _opt("raise", "what to do with a broken sample", ("raise", "skip"))
     allow_outside_paths: bool = _opt(False, "allow media paths outside the dataset's folder")

@@ -13,6 +13,8 @@ sampler), and the step loss is the mean over all label tokens of the global step
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import importlib.util
 import json
 import math
@@ -279,6 +281,10 @@ def make_trainer(recipe: Recipe, family: Family, model, processor, train_ds, col
                             processing_class=processor.tokenizer, callbacks=callbacks)
     for cb in (PrinterCallback, ProgressCallback):  # one metrics dict per step: metrics.jsonl has them
         trainer.remove_callback(cb)
+    # TRL casts a quantised model's trainable weights to bf16 (the QLoRA paper's recipe); ours stay
+    # fp32 master weights (DESIGN: Precision), as in every other run: a bf16 lm_head copy also broke
+    # the plain forward in fp32 runs (found by the check before step 1)
+    adapters.fp32_trainable(trainer.model)
     trainer.add_callback(console_callback(recipe.train.print_every))
     return trainer
 
@@ -343,7 +349,7 @@ def make_collator(recipe: Recipe, family: Family, processor, samples: list[Sampl
     return index_dataset(len(samples)), PaddedCollator(family, processor, samples, rope)
 
 
-def make_preflight_callback(family: Family, processor, samples: list[Sample], rope, mode: str):
+def make_preflight_callback(family: Family, processor, samples: list[Sample], rope, mode: str, precision: str):
     """Before the first step: run evaluation's generation and the export's probe forward on one
     sample per modality mix (probes.preflight), so a broken eval/export path stops the run now."""
     from transformers import TrainerCallback
@@ -355,8 +361,12 @@ def make_preflight_callback(family: Family, processor, samples: list[Sample], ro
             if mode in ("fsdp", "deepspeed") or not is_main_process():
                 return  # sharded weights: generation needs every rank; rank 0 stands for all
             t0 = time.time()
+            device = next(model.parameters()).device
+            # under 16-bit training the trained weights are fp32 beside a 16-bit base: autocast, as in a step
+            amp = (functools.partial(torch.autocast, device.type, dtype=torch_dtype(precision))
+                   if precision in ("bf16", "fp16") else contextlib.nullcontext)
             try:
-                probes = preflight(model, family, processor, samples, rope)
+                probes = preflight(model, family, processor, samples, rope, amp=amp)
             except Exception as e:
                 mixes = ", ".join(f"{s.where} ({'+'.join(sorted(s.modalities()))})" for s in pick_probes(samples))
                 raise RuntimeError(f"before training: evaluation's generation or the export's probe forward fails "
@@ -523,7 +533,7 @@ def train(recipe: Recipe) -> Path:
     rope = family.rope_index(loaded.model)
     train_ds, collator = make_collator(recipe, family, processor, samples, lengths, rope, attn)
     callbacks = [make_metrics_callback(run_dir), make_crash_callback(),
-                 make_preflight_callback(family, processor, eval_samples or samples, rope, mode)]
+                 make_preflight_callback(family, processor, eval_samples or samples, rope, mode, precision)]
     trainer = make_trainer(recipe, family, model, processor, train_ds, record_batches(collator), precision, run_dir,
                            callbacks, args=args)
 

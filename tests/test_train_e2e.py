@@ -85,18 +85,20 @@ def test_logged_token_count_is_the_packed_samples_tokens(tmp_path, small_demo, m
     assert counts == expected
 
 
-@pytest.mark.parametrize("precision", ["fp16", "bf16"])
+@pytest.mark.parametrize("precision", ["fp16", "bf16", "fp32-qlora"])
 def test_16bit_training_keeps_fp32_master_weights(tmp_path, small_demo, precision):
     """fp16 (the fallback for GPUs without bf16) and bf16: a 16-bit base, fp32 trained weights, finite
-    falling losses (with fp16 weights AdamW turned the tiny model's loss NaN at step 2)."""
+    falling losses (with fp16 weights AdamW turned the tiny model's loss NaN at step 2). QLoRA too:
+    TRL casts a quantised model's trainable weights to bf16; they stay fp32 here."""
     import math
 
     from safetensors.torch import load_file
 
     from finetune.train import train
 
-    run = train(tiny_recipe(tmp_path, small_demo, f"train.precision={precision}", "train.max_steps=6",
-                            "train.save_steps=100"))
+    extra = ["train.precision=fp32", "model.quantize=4bit"] if precision == "fp32-qlora" else \
+        [f"train.precision={precision}"]
+    run = train(tiny_recipe(tmp_path, small_demo, *extra, "train.max_steps=6", "train.save_steps=100"))
     got = losses(run)
     assert sorted(got) == [1, 2, 3, 4, 5, 6]
     assert all(math.isfinite(v) for v in got.values()), got

@@ -44,7 +44,11 @@ AUDIO_START, AUDIO_END, AUDIO_PAD = "<audio_start_baichuan>", "<audio_end_baichu
 ROLE_TOKENS = {"system": B_SYS, "user": C_Q, "assistant": C_A}
 SPECIAL_TOKENS = [EOT, B_SYS, C_Q, C_A, AUDIO_START, AUDIO_END, AUDIO_PAD, IMG_START, IMG_END, IMG_PAD,
                   VIDEO_PAD, VIDEO_START, VIDEO_END]
-TINY_VERSION = 3  # 2: torch_dtype float32 in config.json; 3: library init (vision rope buffers)
+TINY_VERSION = 4  # 2: torch_dtype float32 in config.json; 3: library init (vision rope buffers); 4: chat template
+# Baichuan's prompt format as a chat template (ours): the tiny model carries it and exports add it, so
+# `apply_chat_template` gives the prompt the model was trained on (tests/test_chat_format.py)
+CHAT_TEMPLATE = (Path(__file__).resolve().parent.parent / "configs" / "baichuan_omni.chat_template.jinja").read_text()
+CHAT_TEMPLATE_FILE = "chat_template.jinja"
 
 
 @dataclass
@@ -54,6 +58,9 @@ class BaichuanProcessor(OmniProcessor):
     tokenizer's log-mel features per 30 s chunk."""
 
     video_max_pixels: int = 768 * 28 * 28
+    # a system turn in Baichuan's own format; the released tokenizer's ChatML template does not match
+    # it, so it gives no default (the released inference code adds no system turn either)
+    SYSTEM_TURN = (B_SYS, C_Q)
 
     @classmethod
     def from_folder(cls, folder: Path, *, min_pixels: int | None = None, max_pixels: int | None = None,
@@ -72,7 +79,7 @@ class BaichuanProcessor(OmniProcessor):
             max_pixels=int(max_pixels or vis.get("max_pixels", 4096 * 28 * 28)),
             image_mean=tuple(vis.get("image_mean", cls.image_mean)), image_std=tuple(vis.get("image_std", cls.image_std)),
             video_fps=video_fps, video_max_frames=min(video_max_frames, int(vid.get("max_frame_num", 32))),
-            system_prompt=system_prompt,
+            system_prompt=cls.effective_system_prompt(tok, system_prompt),
             video_max_pixels=int(min(max_pixels or 10 ** 12, vid.get("max_pixels", 768 * 28 * 28))),
         )
         proc.register_special_tokens(SPECIAL_TOKENS, folder, "Baichuan-Omni-1.5")
@@ -119,7 +126,7 @@ class BaichuanOmniFamily(Family):
     }
     processor_files = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "merges.txt",
                        "special_tokens_map.json", "added_tokens.json", "generation_config.json",
-                       "preprocessor_config.json")
+                       "preprocessor_config.json", CHAT_TEMPLATE_FILE)
     quant_skip = ["lm_head", "model.visual_model", "model.visual_bridge_model", "model.audio_embed_layers",
                   "audio_tokenizer"]
     processor_class = BaichuanProcessor
@@ -208,8 +215,8 @@ class BaichuanOmniFamily(Family):
                             t, gh, gw = (int(x) for x in g)
                         emit([tid[IMG_START]] + [tid[VIDEO_PAD]] * (t * gh * gw // processor.merge_size ** 2)
                              + [tid[IMG_END]], False)
-            if learn:
-                emit([tid[EOT]], True)
+            if msg.role == "assistant":  # every answer ends with <|endoftext|>, in a prompt's history too
+                emit([tid[EOT]], learn)
         if for_generation:
             emit([tid[C_A]], False)
         return ids, labels
@@ -325,8 +332,16 @@ class BaichuanOmniFamily(Family):
         finally:
             shutil.rmtree(stage, ignore_errors=True)
         info["copied"] = copy_extras(loaded.base_path, out_dir)  # config.json included, unchanged
+        self.write_processor_settings(out_dir, loaded.processor)
         info["layout"] = "baichuan_omni (with its speech-output parts)" if info["kept_tensors"] else "baichuan_omni"
         return info
+
+    def write_processor_settings(self, folder: Path, processor) -> None:
+        """Exports carry Baichuan's prompt format as chat_template.jinja (read before the released
+        tokenizer_config.json's ChatML template), unless the base folder already has one."""
+        target = Path(folder) / CHAT_TEMPLATE_FILE
+        if not target.exists():
+            target.write_text(CHAT_TEMPLATE)
 
     def load_merged_for_check(self, folder: Path, dtype: torch.dtype):
         from finetune.families.baichuan_model import BaichuanOmniForCausalLM
@@ -399,7 +414,7 @@ def build_tiny(folder: Path, seed: int = 0) -> None:
     from finetune.families.tiny import build_bpe_tokenizer
 
     tok = Qwen2Tokenizer(tokenizer_object=build_bpe_tokenizer(SPECIAL_TOKENS), eos_token=EOT, pad_token=EOT,
-                         unk_token=None)
+                         unk_token=None, chat_template=CHAT_TEMPLATE)
     cfg_dict = tiny_config(tok)
     torch.manual_seed(seed)
     model = BaichuanOmniForCausalLM(BaichuanOmniConfig(**cfg_dict)).eval()

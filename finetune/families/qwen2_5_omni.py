@@ -45,21 +45,9 @@ PROCESSOR_FILES = (
 # Extra files of a full checkpoint that the speech output needs (copied unchanged).
 SPEECH_FILES = ("spk_dict.pt",)
 
-# Our own rendering of the Qwen2.5-Omni chat format (same text the model was trained on).
-CHAT_TEMPLATE = (
-    "{%- for message in messages -%}"
-    "{{- '<|im_start|>' + message['role'] + '\\n' -}}"
-    "{%- if message['content'] is string -%}{{- message['content'] -}}"
-    "{%- else -%}{%- for part in message['content'] -%}"
-    "{%- if part['type'] == 'text' -%}{{- part['text'] -}}"
-    "{%- elif part['type'] == 'image' -%}{{- '<|vision_bos|><|IMAGE|><|vision_eos|>' -}}"
-    "{%- elif part['type'] == 'video' -%}{{- '<|vision_bos|><|VIDEO|><|vision_eos|>' -}}"
-    "{%- elif part['type'] == 'audio' -%}{{- '<|audio_bos|><|AUDIO|><|audio_eos|>' -}}"
-    "{%- endif -%}{%- endfor -%}{%- endif -%}"
-    "{{- '<|im_end|>\\n' -}}"
-    "{%- endfor -%}"
-    "{%- if add_generation_prompt -%}{{- '<|im_start|>assistant\\n' -}}{%- endif -%}"
-)
+# The prompt format's chat template (our rendering of the released one's behaviour), shipped with the
+# package: the tiny model carries it, and tests/test_chat_format.py holds the encoder to it.
+CHAT_TEMPLATE = (Path(__file__).resolve().parent.parent / "configs" / "qwen2_5_omni.chat_template.jinja").read_text()
 
 
 def _feat_to_tokens(n_frames: int) -> int:
@@ -111,7 +99,7 @@ class OmniProcessor:
     n_fft: int = 400
     video_fps: float = 2.0
     video_max_frames: int = 16
-    system_prompt: str | None = None
+    system_prompt: str | None = None  # the one rendered for samples without a system turn (None: none)
     token_ids: dict = field(default_factory=dict)
     _fe: Any = None
     _text_cache: dict = field(default_factory=dict)
@@ -148,11 +136,38 @@ class OmniProcessor:
             n_fft=int(cfg.get("n_fft", 400)),
             video_fps=video_fps,
             video_max_frames=video_max_frames,
-            system_prompt=system_prompt,
+            system_prompt=cls.effective_system_prompt(tok, system_prompt),
         )
         proc.register_special_tokens([IM_START, IM_END, VISION_BOS, VISION_EOS, AUDIO_BOS, AUDIO_EOS,
                                       IMAGE_TOKEN, VIDEO_TOKEN, AUDIO_TOKEN], folder, "Qwen2.5-Omni")
         return proc
+
+    #: how the family's chat template opens and closes a system turn
+    SYSTEM_TURN = ("<|im_start|>system\n", "<|im_end|>")
+
+    @classmethod
+    def effective_system_prompt(cls, tokenizer, given: str | None) -> str | None:
+        """The system prompt training renders for samples without one: the recipe's (`""`: none),
+        else what the model folder's own chat template adds at inference, so that the prompt at
+        training equals the prompt the model sees when used (Qwen2.5-Omni's template adds
+        "You are a helpful assistant."; Baichuan-Omni-1.5's released code adds none)."""
+        if given is not None:
+            return given or None
+        return cls.template_system_prompt(tokenizer)
+
+    @classmethod
+    def template_system_prompt(cls, tokenizer) -> str | None:
+        """The system text the tokenizer's chat template adds to a conversation that has none."""
+        if not getattr(tokenizer, "chat_template", None):
+            return None
+        try:
+            text = tokenizer.apply_chat_template([{"role": "user", "content": "?"}], tokenize=False)
+        except Exception:  # a template this format cannot render: no default to copy
+            return None
+        start, end = cls.SYSTEM_TURN
+        if not text.startswith(start) or end not in text[len(start):]:
+            return None
+        return text[len(start):text.index(end, len(start))] or None
 
     def register_special_tokens(self, names, folder, model: str) -> None:
         """Look up the prompt format's special tokens; a tokenizer without one is the wrong folder."""
@@ -671,7 +686,7 @@ def quantization_config(quantize: str, dtype: torch.dtype, skip: list[str]):
 
 
 # ---- the tiny model ------------------------------------------------------------------------
-TINY_VERSION = 2  # 2: initializer_range 0.1 (was the library default 0.02)
+TINY_VERSION = 3  # 2: initializer_range 0.1 (was the library default 0.02); 3: the released chat template
 
 
 def tiny_cache_dir() -> Path:
