@@ -17,9 +17,13 @@ def _no_training_happened(run):
 
 
 @pytest.fixture()
-def miscounted_line_3(monkeypatch):
-    """The planner (metadata count) disagrees with the encoding for the sample on line 3."""
+def miscounted_line_3(monkeypatch, tmp_path):
+    """The planner (metadata count) disagrees with the encoding for the sample on line 3 (and the
+    record of samples already checked starts empty: other tests checked the same files)."""
+    from finetune import train
     from finetune.families.qwen2_5_omni import Qwen25OmniFamily
+
+    monkeypatch.setattr(train, "cache_root", lambda: tmp_path / "cache")
 
     real = Qwen25OmniFamily.count_tokens
 
@@ -87,3 +91,35 @@ def test_a_broken_generation_path_stops_the_run_before_step_1(tmp_path, small_de
     with pytest.raises(RuntimeError, match="before training: evaluation's generation .* Nothing was trained"):
         train(recipe)
     _no_training_happened(tmp_path / "run")
+
+
+def test_checked_samples_are_remembered_until_a_file_or_setting_changes(tmp_path, small_demo, tiny_qwen):
+    import shutil
+
+    from finetune.data.prepare import prepare
+    from finetune.data.schema import load_samples
+
+    fam, loaded = tiny_qwen
+    data = tmp_path / "d"
+    shutil.copytree(small_demo["train"].parent, data)
+    samples, _ = load_samples(data / "train.jsonl")
+    config = fam.read_config(loaded.base_path)
+    record = tmp_path / "record.json"
+
+    def run(proc=loaded.processor):
+        stats = {}
+        good, lengths, errors = prepare(samples, fam, proc, config, None, max_tokens=512, record=record, stats=stats)
+        assert not errors and len(good) == len(samples)
+        return stats
+
+    assert run() == {"checked": len(samples), "remembered": 0}
+    assert run() == {"checked": 0, "remembered": len(samples)}
+    img = next(p.path for s in samples for p in s.media() if p.type == "image")
+    users = sum(any(p.path == img for p in s.media()) for s in samples)
+    Image = pytest.importorskip("PIL.Image")
+    Image.open(img).convert("RGB").resize((90, 70)).save(img)  # same path, new size: recount and recheck
+    assert run() == {"checked": users, "remembered": len(samples) - users}
+    import dataclasses
+
+    other = dataclasses.replace(loaded.processor, max_pixels=loaded.processor.max_pixels // 2)
+    assert run(other)["checked"] == len(samples)

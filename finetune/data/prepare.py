@@ -79,7 +79,13 @@ def prepare(samples: list[Sample], family, processor, config: dict, rope, *, max
     """(usable samples, their planned token counts, the errors of the others), in input order.
     `stats` (if given) receives how many samples were checked now and how many were remembered."""
     stats = {} if stats is None else stats
-    settings = {"family": family.name, **processor.settings(),
+    import transformers
+
+    import finetune
+
+    # what the encoding depends on besides the sample: a new release of ours or of transformers
+    # (which computes positions and processes media) checks every sample again
+    settings = {"family": family.name, **processor.settings(), "versions": [finetune.__version__, transformers.__version__],
                 "config": hashlib.sha1(json.dumps(config, sort_keys=True).encode()).hexdigest()}
     known: dict[str, int] = {}
     if record is not None and record.exists():
