@@ -138,9 +138,9 @@ def apply_roles(model: nn.Module, family: Family, recipe, *, gradient_checkpoint
     )
     if gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        if hasattr(model, "enable_input_require_grads"):
-            model.enable_input_require_grads()
     peft_model = get_peft_model(model, config)
+    if gradient_checkpointing:
+        drop_input_require_grads_hooks(peft_model)
     # Per-role dropout: PEFT's config holds one value; dropout does not change merged weights.
     for name, mod in peft_model.named_modules():
         drop = getattr(mod, "lora_dropout", None)
@@ -149,6 +149,23 @@ def apply_roles(model: nn.Module, family: Family, recipe, *, gradient_checkpoint
             p = getattr(recipe.roles, role).dropout if role else base.dropout
             drop["default"] = nn.Dropout(p) if p > 0 else nn.Identity()
     return peft_model, plan
+
+
+def drop_input_require_grads_hooks(model: nn.Module) -> int:
+    """Remove the hooks that make input embeddings' outputs require grad; returns how many.
+
+    transformers' checkpointing switch and PEFT both add them (what reentrant checkpointing needs)
+    to every sub-model's input embedding: the vision tower's patch embedding and the audio
+    tower's first convolution too, so a frozen tower built an autograd graph and ran a second
+    time in backward, for nothing. Non-reentrant checkpointing (ours) needs none of them. The
+    second registration replaces the first's handles, so they are found by their function."""
+    n = 0
+    for mod in model.modules():
+        for key, hook in list(mod._forward_hooks.items()):
+            if getattr(hook, "__name__", "") == "make_inputs_require_grads":
+                del mod._forward_hooks[key]
+                n += 1
+    return n
 
 
 def fp32_trainable(model: nn.Module) -> int:

@@ -12,15 +12,21 @@ to SDPA.
 
 from __future__ import annotations
 
-import functools
 import importlib.util
 
 import torch
 import torch.nn.functional as F
 
 from finetune.errors import MissingExtraError
+from finetune.kernels import varlen
 
 VARLEN = "varlen"
+# The encoders' backend. transformers hands the per-image / per-window / per-chunk boundaries
+# (cu_seqlens) of a vision or audio tower to the attention function in one call only when the
+# implementation's name says flash (`is_flash_attention_requested`); otherwise it loops over the
+# segments in Python with a host read per layer. This one is PyTorch's varlen kernel on CUDA and
+# grouped SDPA elsewhere, so the name carries "flash" for that dispatch, nothing else.
+ENCODER_VARLEN = "flash_varlen_encoders"
 #: backends that take the packed rows' sample boundaries (cu_seq_lens_*, max_length_*) from the collator
 VARLEN_ARGS = ("flash_attention_2", VARLEN)
 _registered = False
@@ -39,7 +45,7 @@ def _segments(position_ids: torch.Tensor) -> list[tuple[int, int]]:
 
 def varlen_attention_forward(module, query, key, value, attention_mask, dropout: float = 0.0,
                              scaling: float | None = None, position_ids=None, **kwargs):
-    """transformers attention function: [B, H, L, D] in, ([B, L, H, D], None) out."""
+    """transformers attention function for the LLM: [B, H, L, D] in, ([B, L, H, D], None) out."""
     if attention_mask is not None or position_ids is None or not getattr(module, "is_causal", True):
         from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
@@ -53,7 +59,6 @@ def varlen_attention_forward(module, query, key, value, attention_mask, dropout:
     global segment_calls, boundary_recomputes
     segment_calls += 1
     B, H, L, D = query.shape
-    gqa = key.shape[1] != H
     cu, max_len = kwargs.get("cu_seq_lens_q"), kwargs.get("max_length_q")
     if cu is None or max_len is None:
         # boundaries from the restarting text positions (costs a device sync per layer on CUDA;
@@ -63,66 +68,25 @@ def varlen_attention_forward(module, query, key, value, attention_mask, dropout:
         seg = [(b * L + s, b * L + e) for b in range(B) for s, e in _segments(pos[b if pos.shape[0] > 1 else 0])]
         cu = torch.tensor([0] + [e for _, e in seg], dtype=torch.int32, device=query.device)
         max_len = max(e - s for s, e in seg)
-    if query.is_cuda and hasattr(torch.nn.attention, "varlen"):
-        from torch.nn.attention.varlen import varlen_attn
-
-        cu = cu.to(query.device, torch.int32)
-        q = query.transpose(1, 2).reshape(B * L, H, D)
-        k = key.transpose(1, 2).reshape(B * L, key.shape[1], D)
-        v = value.transpose(1, 2).reshape(B * L, value.shape[1], D)
-        out = varlen_attn(q, k, v, cu, cu, int(max_len), int(max_len), scale=scaling, window_size=(-1, 0),
-                          enable_gqa=gqa)
-        return out.view(B, L, H, D), None
     flat = [t.transpose(1, 2).reshape(B * L, t.shape[1], D) for t in (query, key, value)]
-    out = torch.empty(B * L, H, D, dtype=query.dtype, device=query.device)
-    buckets = _buckets(tuple(cu.tolist()), B * L, str(query.device))
-    if any(idx is not None for idx, _, _ in buckets):
-        padded = [torch.cat([t, t.new_zeros(1, *t.shape[1:])]) for t in flat]  # row B*L: the zero pad
-    for idx, keep, (s, e) in buckets:
-        if idx is None:  # a single segment: a plain causal call on its slice
-            q, k, v = (t[s:e].transpose(0, 1)[None] for t in flat)
-        else:  # segments of similar length, right-padded to the longest: [S, H, M, D]
-            q, k, v = (t[idx].transpose(1, 2) for t in padded)
-        o = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scaling, dropout_p=dropout,
-                                           enable_gqa=gqa)
-        if idx is None:
-            out[s:e] = o[0].transpose(0, 1)
-        else:
-            out[keep] = o.transpose(1, 2)[idx < B * L]
+    out = varlen(*flat, cu, int(max_len), causal=True, scale=scaling, dropout=dropout)
     return out.view(B, L, H, D), None
 
 
-@functools.lru_cache(maxsize=64)
-def _buckets(bounds: tuple[int, ...], n: int, device: str, spread: float = 1.5):
-    """Group a row's segments by length for the non-CUDA path: [(idx, keep, (s, e))].
-
-    Causal attention over a segment right-padded with zeros is exact for its real tokens (a
-    query never sees a later key, and every earlier key is real), so segments whose lengths are
-    within `spread` of each other share one SDPA call on a [S, H, M, D] stack: a few calls per
-    layer instead of one per sample (each costs tens of microseconds of dispatch on the CPU),
-    at most spread^2 x the attention arithmetic of the exact sum(n_i^2) for the shortest ones.
-    idx [S, M] gathers the stack from the flat tokens (n = a zero row); keep lists their
-    positions in the row. A bucket of one segment is returned as its slice (s, e).
-    """
-    segs = sorted(((e - s, s) for s, e in zip(bounds[:-1], bounds[1:]) if e > s), reverse=True)
-    groups: list[list[tuple[int, int]]] = []
-    for length, s in segs:
-        if groups and length * spread >= groups[-1][0][0]:
-            groups[-1].append((length, s))
-        else:
-            groups.append([(length, s)])
-    out = []
-    for g in groups:
-        if len(g) == 1:
-            out.append((None, None, (g[0][1], g[0][1] + g[0][0])))
-            continue
-        M = g[0][0]
-        starts = torch.tensor([s for _, s in g])
-        lens = torch.tensor([n for n, _ in g])
-        j = torch.arange(M)
-        idx = torch.where(j < lens[:, None], starts[:, None] + j, n)
-        out.append((idx.to(device), idx[idx < n].to(device), (0, 0)))
-    return out
+def encoder_attention_forward(module, query, key, value, attention_mask=None, dropout: float = 0.0,
+                              scaling: float | None = None, cu_seq_lens_q=None, max_length_q=None,
+                              is_causal: bool = False, **kwargs):
+    """The encoders' attention (ENCODER_VARLEN): every image, window or audio chunk of the call in
+    one varlen attention, from the cu_seqlens transformers hands a flash-style implementation.
+    [1, H, T, D] in, ([1, T, H, D], None) out, not causal."""
+    if cu_seq_lens_q is None or max_length_q is None:  # a plain call (no segments): one SDPA
+        out = F.scaled_dot_product_attention(query, key, value, attn_mask=attention_mask, scale=scaling,
+                                             dropout_p=dropout)
+        return out.transpose(1, 2), None
+    _, H, T, D = query.shape
+    flat = [t[0].transpose(0, 1) for t in (query, key, value)]  # [T, H, D]
+    out = varlen(*flat, cu_seq_lens_q, int(max_length_q), causal=is_causal, scale=scaling, dropout=dropout)
+    return out[None], None
 
 
 def configure_cuda_kernels() -> None:
@@ -146,6 +110,8 @@ def register() -> None:
 
     AttentionInterface.register(VARLEN, varlen_attention_forward)
     AttentionMaskInterface.register(VARLEN, flash_attention_mask)
+    AttentionInterface.register(ENCODER_VARLEN, encoder_attention_forward)
+    AttentionMaskInterface.register(ENCODER_VARLEN, flash_attention_mask)
     _registered = True
 
 
@@ -159,6 +125,14 @@ def choose(setting: str, packing: bool) -> str:
     if torch.cuda.is_available() and importlib.util.find_spec("flash_attn") is not None:
         return "flash_attention_2"
     return VARLEN if packing else "sdpa"
+
+
+def apply_to_encoders(model, family) -> None:
+    """The family's vision and audio towers take ENCODER_VARLEN: one attention call per layer for all
+    of a row's images, windows and audio chunks (exact: each attends within its own segment)."""
+    register()
+    for cfg in family.encoder_attention_configs(model):
+        cfg._attn_implementation = ENCODER_VARLEN
 
 
 def apply_to_llm(model, attn: str) -> None:

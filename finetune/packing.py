@@ -58,7 +58,7 @@ def efficiency(lengths: list[int], rows: list[list[int]], row_len: int | None = 
 
 
 def pack_encoded(family: Family, rows: list[list[EncodedSample]], pad_id: int, *,
-                 with_varlen_args: bool = False) -> dict[str, Any]:
+                 with_varlen_args: bool = False, towers=None) -> dict[str, Any]:
     """Collate rows of encoded samples into a packed batch [R, L] without an attention mask.
 
     Rows shorter than the longest are filled with a padding segment whose positions restart
@@ -94,6 +94,8 @@ def pack_encoded(family: Family, rows: list[list[EncodedSample]], pad_id: int, *
                            # no cache: transformers derives the packed mask only without one
                            "use_cache": False}
     out.update(family.collate_media([e for r in rows for e in r]))
+    if towers is not None:  # the media towers' boundaries and orders, on the host (Family.tower_inputs)
+        out.update(towers(out))
     if with_varlen_args:
         cu = torch.zeros(len(seqlens) + 1, dtype=torch.int32)
         cu[1:] = torch.cumsum(torch.tensor(seqlens, dtype=torch.int32), 0)
@@ -114,12 +116,14 @@ class PackedCollator:
     samples: list
     rope: Any
     with_varlen_args: bool = False
+    towers: Any = None
     stats: dict = field(default_factory=lambda: {"rows": 0, "tokens": 0, "slots": 0})
 
     def __call__(self, features: list[dict]) -> dict[str, Any]:
         rows = [[self.family.encode(self.samples[i], self.processor, rope=self.rope) for i in f["bin"]]
                 for f in features]
-        batch = pack_encoded(self.family, rows, self.processor.pad_id, with_varlen_args=self.with_varlen_args)
+        batch = pack_encoded(self.family, rows, self.processor.pad_id, with_varlen_args=self.with_varlen_args,
+                             towers=self.towers)
         tokens = sum(e.num_tokens for r in rows for e in r)
         self.stats["rows"] += len(rows)
         self.stats["tokens"] += tokens

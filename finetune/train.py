@@ -108,12 +108,16 @@ class PaddedCollator:
     processor: Any
     samples: list
     rope: Any
+    towers: Any = None  # Family.tower_inputs: the media towers' boundaries, computed here
 
     def encode(self, features: list[dict]) -> list[EncodedSample]:
         return [self.family.encode(self.samples[f["index"]], self.processor, rope=self.rope) for f in features]
 
     def __call__(self, features: list[dict]) -> dict[str, Any]:
-        return self.family.collate_padded(self.encode(features), self.processor.pad_id)
+        batch = self.family.collate_padded(self.encode(features), self.processor.pad_id)
+        if self.towers is not None:
+            batch.update(self.towers(batch))
+        return batch
 
 
 def prepare_split(samples: list[Sample], family: Family, loaded: LoadedModel, recipe: Recipe,
@@ -333,7 +337,7 @@ def training_args(recipe: Recipe, precision: str, run_dir: Path):
 
 
 def make_collator(recipe: Recipe, family: Family, processor, samples: list[Sample], lengths: list[int], rope,
-                  attn: str):
+                  attn: str, towers=None):
     """(the Trainer's dataset, the collator): packed bins or sample indices. The LLM's attention
     gets the packed rows' sample boundaries from the collator whenever the chosen backend (`auto`
     resolved) takes them, so no layer recomputes them (a device sync per layer on CUDA)."""
@@ -345,8 +349,8 @@ def make_collator(recipe: Recipe, family: Family, processor, samples: list[Sampl
               f"({100 * efficiency(lengths, bins, recipe.data.max_tokens):.1f}% of the budget used; rows carry "
               "no padding between samples)", flush=True)
         return bin_dataset(bins), PackedCollator(family, processor, samples, rope,
-                                                 with_varlen_args=attn in attention.VARLEN_ARGS)
-    return index_dataset(len(samples)), PaddedCollator(family, processor, samples, rope)
+                                                 with_varlen_args=attn in attention.VARLEN_ARGS, towers=towers)
+    return index_dataset(len(samples)), PaddedCollator(family, processor, samples, rope, towers)
 
 
 def make_preflight_callback(family: Family, processor, samples: list[Sample], rope, mode: str, precision: str):
@@ -523,6 +527,7 @@ def train(recipe: Recipe) -> Path:
 
     attn = attention.choose(recipe.model.attn, recipe.data.packing)
     attention.apply_to_llm(loaded.model, attn)
+    attention.apply_to_encoders(loaded.model, family)
     model, plan = adapters.apply_roles(loaded.model, family, recipe,
                                        gradient_checkpointing=recipe.train.gradient_checkpointing)
     adapters.fp32_trainable(model)
@@ -531,7 +536,8 @@ def train(recipe: Recipe) -> Path:
     print(adapters.format_role_table(adapters.role_table(model, family, plan)), flush=True)
 
     rope = family.rope_index(loaded.model)
-    train_ds, collator = make_collator(recipe, family, processor, samples, lengths, rope, attn)
+    train_ds, collator = make_collator(recipe, family, processor, samples, lengths, rope, attn,
+                                       family.tower_inputs(loaded.model))
     callbacks = [make_metrics_callback(run_dir), make_crash_callback(),
                  make_preflight_callback(family, processor, eval_samples or samples, rope, mode, precision)]
     trainer = make_trainer(recipe, family, model, processor, train_ds, record_batches(collator), precision, run_dir,

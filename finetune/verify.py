@@ -58,7 +58,7 @@ class PackingCheck:
 
 # Media tensors that follow the model's dtype (everything else keeps its own: ids, grids, and
 # video seconds per grid, whose rounding would move M-RoPE positions).
-_FLOAT_MEDIA = ("pixel_values", "pixel_values_videos", "input_features")
+_FLOAT_MEDIA = ("pixel_values", "pixel_values_videos", "input_features", "audio_padded_feature")
 
 
 def to_model(batch: dict, model) -> dict:
@@ -69,6 +69,8 @@ def to_model(batch: dict, model) -> dict:
     for k, v in batch.items():
         if isinstance(v, torch.Tensor):
             v = v.to(p.device, dtype=dtype if k in _FLOAT_MEDIA else None)
+        elif isinstance(v, dict):  # tower inputs (Family.tower_inputs): positions, boundaries
+            v = {kk: vv.to(p.device) if isinstance(vv, torch.Tensor) else vv for kk, vv in v.items()}
         out[k] = v
     return out
 
@@ -80,14 +82,16 @@ def _sum_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
 
 def compare_packed(model, family, processor, samples, rope, *, max_tokens: int, tol: float = 1e-5,
                    mutate=None, relative: bool = False, packed_attn: str | None = None,
-                   varlen_args: bool = False, setting: str = "float32") -> PackingCheck:
+                   varlen_args: bool = False, towers: bool = False, setting: str = "float32") -> PackingCheck:
     """Packed vs one-by-one logits, loss and gradients. `mutate(batch)` lets tests break packing.
 
     In float32 differences are absolute. In bf16/fp16 (`relative=True`) each is divided by the
     scale of what it compares (largest logit, loss, largest gradient), since rounding error
     grows with the values. `packed_attn` switches the LLM's attention for the packed pass only
     (the one-by-one reference keeps the model's own); `varlen_args` adds cu_seq_lens/max_length
-    to the packed batch, as the training collator does for varlen and flash-attention.
+    to the packed batch, as the training collator does for varlen and flash-attention; `towers`
+    runs the packed pass as training does: the towers' inputs from the collator and their
+    attention one varlen call per layer (ENCODER_VARLEN), the reference with the towers' own.
     """
     from finetune import attention
 
@@ -113,18 +117,25 @@ def compare_packed(model, family, processor, samples, rope, *, max_tokens: int, 
     model.zero_grad(set_to_none=True)
     bins = plan_bins([e.num_tokens for e in encoded], max_tokens)
     rows = [[encoded[i] for i in b] for b in bins]
-    batch = to_model(pack_encoded(family, rows, processor.pad_id, with_varlen_args=varlen_args), model)
+    batch = to_model(pack_encoded(family, rows, processor.pad_id, with_varlen_args=varlen_args,
+                                  towers=family.tower_inputs(model) if towers else None), model)
     labels = batch.pop("labels")
     if mutate is not None:
         batch = mutate(batch)
     text_cfg = model.config.get_text_config()
     before = text_cfg._attn_implementation
+    encoders = family.encoder_attention_configs(model) if towers else []
+    before_enc = [c._attn_implementation for c in encoders]
     if packed_attn:
         attention.apply_to_llm(model, packed_attn)
+    if towers:
+        attention.apply_to_encoders(model, family)
     try:
         logits = model(**batch).logits.float()
     finally:
         text_cfg._attn_implementation = before
+        for c, impl in zip(encoders, before_enc):
+            c._attn_implementation = impl
     loss = sum(_sum_loss(logits[r], labels[r]) for r in range(len(rows))) / n_label
     loss.backward()
     g_packed = {n: (p.grad.detach().clone() if p.grad is not None else torch.zeros_like(p)) for n, p in params}
@@ -204,4 +215,5 @@ def verify_packing(recipe, n_samples: int = 8, *, device: str | None = None, dty
     low = dt != torch.float32
     return compare_packed(model, family, loaded.processor, picked, family.rope_index(loaded.model),
                           max_tokens=recipe.data.max_tokens, tol=TOL_16BIT if low else 1e-5, relative=low,
-                          packed_attn=attn, varlen_args=attn in ("varlen", "flash_attention_2"), setting=f"{dtype} on {device}, packed LLM attention {attn}")
+                          packed_attn=attn, varlen_args=attn in attention.VARLEN_ARGS, towers=True,
+                          setting=f"{dtype} on {device}, packed LLM attention {attn}, encoders {attention.ENCODER_VARLEN}")

@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from finetune import attention
+from finetune import attention, kernels
 
 
 def reference(q, k, v, bounds, gqa):
@@ -56,7 +56,7 @@ def test_buckets_group_similar_lengths_and_cover_every_token():
     for n in lengths:
         bounds.append(bounds[-1] + n)
     N = bounds[-1]
-    buckets = attention._buckets(tuple(bounds), N, "cpu")
+    buckets = kernels._buckets(tuple(bounds), N, "cpu")
     covered = []
     for idx, keep, (s, e) in buckets:
         if idx is None:

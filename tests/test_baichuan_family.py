@@ -104,8 +104,10 @@ def test_roles_and_lora_qlora_targets():
     assert all(v == "Linear" for k, v in kinds.items() if not k.startswith("model.layers."))
 
 
-@pytest.mark.parametrize("backend", ["sdpa", "eager", "varlen"])
+@pytest.mark.parametrize("backend", ["sdpa", "eager", "varlen", "training"])
 def test_packed_equals_one_by_one(media_dir, backend):  # noqa: F811
+    """`training`: varlen LLM with the collator's boundaries, the vision tower's positions and
+    boundaries from the collator and its attention one varlen call per layer."""
     from finetune import adapters
     from finetune.families import family_for
     from finetune.verify import compare_packed, perturb_lora_b
@@ -117,8 +119,9 @@ def test_packed_equals_one_by_one(media_dir, backend):  # noqa: F811
     perturb_lora_b(model, 0.05)
     samples = [sample(media_dir, MIXES[m], answer=f"Yes. Case {i} {m}.")
                for i, m in enumerate(["text", "image", "audio", "video", "two_images", "all"])]
-    res = compare_packed(model, fam, loaded.processor, samples, None, max_tokens=4096, packed_attn=backend,
-                         varlen_args=backend == "varlen")
+    res = compare_packed(model, fam, loaded.processor, samples, None, max_tokens=4096,
+                         packed_attn="varlen" if backend == "training" else backend,
+                         varlen_args=backend in ("varlen", "training"), towers=backend == "training")
     assert res.n_rows == 1
     assert res.passed, res.format()
 

@@ -59,11 +59,20 @@ CASES = {
 }
 
 
+PIPELINES = {"sdpa": {}, "training": {"packed_attn": "varlen", "varlen_args": True, "towers": True}}
+
+
+@pytest.mark.parametrize("pipeline", sorted(PIPELINES))
 @pytest.mark.parametrize("case", sorted(CASES))
-def test_packed_equals_one_by_one(trainable_tiny, media_dir, case):  # noqa: F811
+def test_packed_equals_one_by_one(trainable_tiny, media_dir, case, pipeline):  # noqa: F811
+    """`training`: the packed pass as training runs it: the LLM on varlen with the collator's
+    boundaries, the towers' inputs from the collator and their attention one varlen call per
+    layer; against each sample alone on the model's own SDPA paths (the encoders here train
+    LoRA, so their gradients are compared too)."""
     fam, loaded, model = trainable_tiny
     samples = [sample(media_dir, MIXES[m], answer=f"Yes. Case {i} {m}.") for i, m in enumerate(CASES[case])]
-    res = compare_packed(model, fam, loaded.processor, samples, fam.rope_index(loaded.model), max_tokens=4096)
+    res = compare_packed(model, fam, loaded.processor, samples, fam.rope_index(loaded.model), max_tokens=4096,
+                         **PIPELINES[pipeline])
     assert res.n_rows == 1  # everything in one row: samples really share it
     assert res.max_logit_diff <= 1e-5, res.format()
     assert res.loss_diff <= 1e-5, res.format()
@@ -116,4 +125,17 @@ def test_varlen_backend_matches_one_by_one(trainable_tiny, media_dir, varlen_arg
     finally:
         attention.apply_to_llm(loaded.model, "sdpa")
     assert attention.segment_calls > before  # the packed forward really went through varlen
+    assert res.passed, res.format()
+
+
+def test_the_sync_free_cpu_kernel_is_exact_too(trainable_tiny, media_dir, monkeypatch):  # noqa: F811
+    """The dense kernel (segments from cu_seqlens on the device, one masked SDPA), which the
+    host-sync test runs in place of CUDA's varlen kernel, gives the same logits and gradients."""
+    from finetune import kernels
+
+    monkeypatch.setattr(kernels, "CPU_KERNEL", "dense")
+    fam, loaded, model = trainable_tiny
+    samples = [sample(media_dir, MIXES[m], answer=f"Yes. Case {i} {m}.") for i, m in enumerate(CASES["everything"])]
+    res = compare_packed(model, fam, loaded.processor, samples, fam.rope_index(loaded.model), max_tokens=4096,
+                         **PIPELINES["training"])
     assert res.passed, res.format()

@@ -38,6 +38,7 @@ reference computes for that segment alone (batch size 1), whatever else is in th
 from __future__ import annotations
 
 import functools
+import itertools
 import math
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -46,6 +47,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from finetune.kernels import varlen
 
 SAMPLE_RATE = 16000          # Hz; everything below assumes 16 kHz mono input
 SEGMENT_SAMPLES = 480000     # 30 s: the longest segment the encoder sees
@@ -232,13 +235,10 @@ class _SelfAttention(nn.Module):
         q = self.q_proj(h).view(n, self.num_heads, self.head_dim)
         k = self.k_proj(h).view(n, self.num_heads, self.head_dim)
         v = self.v_proj(h).view(n, self.num_heads, self.head_dim)
-        outs = []
-        for qs, ks, vs in zip(q.split(lengths), k.split(lengths), v.split(lengths)):
-            o = F.scaled_dot_product_attention(
-                qs.transpose(0, 1).unsqueeze(0), ks.transpose(0, 1).unsqueeze(0),
-                vs.transpose(0, 1).unsqueeze(0), is_causal=False)
-            outs.append(o.squeeze(0).transpose(0, 1).reshape(-1, d))
-        return self.out_proj(torch.cat(outs, dim=0))
+        # one varlen call for every clip (lengths are host ints: no device read)
+        cu = torch.tensor([0, *itertools.accumulate(lengths)], dtype=torch.int32).to(h.device, non_blocking=True)
+        o = varlen(q, k, v, cu, max(lengths), causal=False)
+        return self.out_proj(o.reshape(n, d))
 
 
 class _EncoderLayer(nn.Module):
@@ -309,22 +309,23 @@ class AudioEncoder(nn.Module):
             raise ValueError(f"{t2} encoder frames exceed max_source_positions={self.max_source_positions}")
         x = (x.float() + self.positional_embedding[:t2].float()).to(x.dtype)
 
-        lengths_t = encoder_length.to(device=x.device, dtype=torch.long)
-        if lengths_t.shape != (batch,):
-            raise ValueError(f"encoder_length must have shape ({batch},), got {tuple(lengths_t.shape)}")
-        if bool((lengths_t < 0).any()) or bool((lengths_t > t2).any()):
-            raise ValueError(f"encoder_length must lie in [0, {t2}], got {lengths_t.tolist()}")
-        valid = torch.arange(t2, device=x.device)[None, :] < lengths_t[:, None]   # (B, T2)
-        lengths = [int(n) for n in lengths_t.tolist() if n > 0]
+        # lengths are host values (the caller knows them from the features' shapes): the gather
+        # and scatter indices below are built on the host, so nothing waits for the device
+        all_lengths = [int(n) for n in (encoder_length.tolist() if torch.is_tensor(encoder_length) else encoder_length)]
+        if len(all_lengths) != batch:
+            raise ValueError(f"encoder_length must have {batch} values, got {len(all_lengths)}")
+        if any(n < 0 or n > t2 for n in all_lengths):
+            raise ValueError(f"encoder_length must lie in [0, {t2}], got {all_lengths}")
+        lengths = [n for n in all_lengths if n > 0]
 
         out = x.new_zeros(batch, t2, self.d_model)
         if not lengths:
             return out
-        h = x[valid]                                                   # (sum(len), d), sample-major
+        rows = torch.cat([b * t2 + torch.arange(n) for b, n in enumerate(all_lengths) if n > 0]).to(x.device)
+        h = x.reshape(batch * t2, -1).index_select(0, rows)            # (sum(len), d), sample-major
         for layer in self.layers:
             h = layer(h, lengths)
-        out[valid] = self.layer_norm(h)
-        return out
+        return out.reshape(batch * t2, -1).index_copy(0, rows, self.layer_norm(h).to(out.dtype)).view_as(out)
 
 
 # --------------------------------------------------------------------------------------------
@@ -409,10 +410,11 @@ class AudioVQBridge(nn.Module):
         """
         res = self.pool(x)
         batch, groups, _ = res.shape
-        lengths = bridge_length.to(dtype=torch.long).tolist()
+        lengths = [int(n) for n in (bridge_length.tolist() if torch.is_tensor(bridge_length) else bridge_length)]
         if len(lengths) != batch or any(n < 0 or n > groups for n in lengths):
             raise ValueError(f"bridge_length {lengths} does not fit {groups} groups x {batch} samples")
-        r = torch.cat([res[b, :n] for b, n in enumerate(lengths)], dim=0)   # (N, d*p)
+        rows = torch.cat([b * groups + torch.arange(n) for b, n in enumerate(lengths)]).to(res.device)
+        r = res.reshape(batch * groups, -1).index_select(0, rows)      # (N, d*p), sample-major
         codes = []
         for quantizer in self.vq_list:
             idx = quantizer.nearest(r)
@@ -495,15 +497,15 @@ class AudioTokenizer(nn.Module):
             with torch.no_grad():
                 for start in range(0, len(feats), step):
                     chunk = feats[start:start + step]
-                    valid = torch.tensor([f.shape[1] for f in chunk], dtype=torch.long, device=device)
-                    enc_len = (valid - 1) // 2 + 1
-                    bridge_len = enc_len // pooler
-                    if int(bridge_len.sum()) == 0:
+                    # every length from the features' shapes, on the host: no device reads
+                    valid = [int(f.shape[1]) for f in chunk]
+                    enc_len = [(n - 1) // 2 + 1 for n in valid]
+                    bridge_len = [n // pooler for n in enc_len]
+                    if sum(bridge_len) == 0:
                         continue
-                    mel = torch.zeros(len(chunk), chunk[0].shape[0], int(valid.max()), device=device)
-                    for i, f in enumerate(chunk):
-                        mel[i, :, :f.shape[1]] = f.to(device=device, dtype=mel.dtype)
-                    hidden = self.audio_model(mel, enc_len, mel_length=valid)
+                    mel = torch.nn.utils.rnn.pad_sequence([f.T for f in chunk], batch_first=True).transpose(1, 2)
+                    mel = mel.to(device=device, dtype=torch.float32, non_blocking=True)
+                    hidden = self.audio_model(mel, enc_len, mel_length=torch.tensor(valid).to(device, non_blocking=True))
                     out.append(self.audio_bridge_model.encode(hidden, bridge_len))
         finally:
             self.train(was_training)

@@ -194,7 +194,9 @@ def vision_config(cfg: BaichuanOmniConfig):
         hidden_act=v.get("hidden_act", "quick_gelu"), mlp_ratio=v.get("mlp_ratio", 4),
         num_heads=v.get("num_heads", 16), in_channels=v.get("in_channels", v.get("in_chans", 3)),
         patch_size=v.get("patch_size", 14), spatial_merge_size=v.get("spatial_merge_size", v.get("merge_size", 2)),
-        temporal_patch_size=v.get("temporal_patch_size", 2))
+        temporal_patch_size=v.get("temporal_patch_size", 2),
+        # the model's own init scale (a checkpoint overwrites it; the tiny random model uses 0.1 throughout)
+        initializer_range=getattr(cfg, "initializer_range", 0.02))
 
 
 def build_visual_model(cfg: BaichuanOmniConfig) -> nn.Module:
@@ -292,13 +294,14 @@ class BaichuanOmniModel(BaichuanOmniPreTrainedModel):
 
     def _scatter(self, embeds, input_ids, token_id, features):
         mask = input_ids == token_id
-        n = int(mask.sum())
-        if n != features.shape[0]:
-            raise ValueError(f"{n} placeholder tokens (id {token_id}) for {features.shape[0]} feature rows")
+        # checked on the device without waiting for it (data check and the pre-pass check it early)
+        torch._assert_async(mask.sum() == features.shape[0],
+                            f"the placeholder tokens (id {token_id}) are not {features.shape[0]}, the feature rows")
         return embeds.masked_scatter(mask.unsqueeze(-1), features.to(embeds.dtype))
 
     def embed(self, input_ids, pixel_values=None, image_grid_thw=None, pixel_values_videos=None,
-              video_grid_thw=None, audio_features=None, audio_codes=None, decoding: bool = False):
+              video_grid_thw=None, audio_features=None, audio_codes=None, decoding: bool = False,
+              vision_inputs: dict | None = None):
         """Token embeddings with the media features scattered onto their placeholder tokens.
 
         `decoding` (a cache that already holds tokens): media belong to the prompt that carries
@@ -327,12 +330,15 @@ class BaichuanOmniModel(BaichuanOmniPreTrainedModel):
         if pix:
             grids = torch.cat([g for g, p in ((image_grid_thw, pixel_values), (video_grid_thw, pixel_values_videos))
                                if p is not None and p.numel()])
-            patches = self.visual_model(torch.cat(pix), grid_thw=grids).last_hidden_state
+            # the tower's positions and boundaries, and the image rows' count, from the collator
+            # (host values, BaichuanOmniFamily.tower_inputs) when it gives them
+            vi = dict(vision_inputs or {})
+            n_img = vi.pop("image_rows", None)
+            patches = self.visual_model(torch.cat(pix), grid_thw=grids, **vi).last_hidden_state
             feats = self.visual_bridge_model(patches)
-            n_img = 0
             if pixel_values is not None and pixel_values.numel():
-                merge = self.visual_model.spatial_merge_size ** 2
-                n_img = int(image_grid_thw.prod(-1).sum()) // merge
+                if n_img is None:
+                    n_img = int(image_grid_thw.prod(-1).sum()) // self.visual_model.spatial_merge_size ** 2
                 embeds = self._scatter(embeds, input_ids, self._token_id(IMAGE_PAD), feats[:n_img])
             if pixel_values_videos is not None and pixel_values_videos.numel():
                 embeds = self._scatter(embeds, input_ids, self._token_id(VIDEO_PAD), feats[n_img:])
@@ -341,7 +347,7 @@ class BaichuanOmniModel(BaichuanOmniPreTrainedModel):
     def forward(self, input_ids=None, attention_mask=None, position_ids=None, past_key_values=None,
                 inputs_embeds=None, use_cache=None, cache_position=None, pixel_values=None, image_grid_thw=None,
                 pixel_values_videos=None, video_grid_thw=None, audio_features=None, audio_codes=None, cache=None,
-                **kwargs):
+                vision_inputs=None, **kwargs):
         """The LLM on text with the media scattered in (also what TRL's fused LM head calls).
 
         The KV cache arrives as `past_key_values` (transformers <= 5.23) or `cache` (5.24+)."""
@@ -349,7 +355,7 @@ class BaichuanOmniModel(BaichuanOmniPreTrainedModel):
         past = past_key_values.get_seq_length() if past_key_values is not None else 0
         if inputs_embeds is None:
             inputs_embeds = self.embed(input_ids, pixel_values, image_grid_thw, pixel_values_videos, video_grid_thw,
-                                       audio_features, audio_codes, decoding=past > 0)
+                                       audio_features, audio_codes, decoding=past > 0, vision_inputs=vision_inputs)
         use_cache = self.config.use_cache if use_cache is None else use_cache
         if use_cache and past_key_values is None:
             past_key_values = DynamicCache(config=self.config)
@@ -357,8 +363,14 @@ class BaichuanOmniModel(BaichuanOmniPreTrainedModel):
             if cache_position is None:
                 cache_position = torch.arange(past, past + inputs_embeds.shape[1], device=inputs_embeds.device)
             position_ids = cache_position.unsqueeze(0)
-        mask = create_causal_mask(config=self.config, inputs_embeds=inputs_embeds, attention_mask=attention_mask,
-                                  position_ids=position_ids, **{_MASK_CACHE_ARG: past_key_values})
+        if kwargs.get("cu_seq_lens_q") is not None and attention_mask is None:
+            # a packed row with its sample boundaries given, for a backend that takes them (varlen,
+            # flash-attention): no mask to build, and no reading of the positions to find the
+            # samples (create_causal_mask's packed-row detection waits for the device)
+            mask = None
+        else:
+            mask = create_causal_mask(config=self.config, inputs_embeds=inputs_embeds, attention_mask=attention_mask,
+                                      position_ids=position_ids, **{_MASK_CACHE_ARG: past_key_values})
         h = inputs_embeds
         pos_emb = self.rotary_emb(h, position_ids)
         for layer in self.layers:
@@ -392,13 +404,13 @@ class BaichuanOmniForCausalLM(BaichuanOmniPreTrainedModel, GenerationMixin):
     def forward(self, input_ids=None, attention_mask=None, position_ids=None, past_key_values=None,
                 inputs_embeds=None, labels=None, use_cache=None, cache_position=None, logits_to_keep=0,
                 pixel_values=None, image_grid_thw=None, pixel_values_videos=None, video_grid_thw=None,
-                audio_features=None, audio_codes=None, cache=None, **kwargs: Any):
+                audio_features=None, audio_codes=None, cache=None, vision_inputs=None, **kwargs: Any):
         out = self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
                          past_key_values=past_key_values if past_key_values is not None else cache,
                          inputs_embeds=inputs_embeds, use_cache=use_cache,
                          cache_position=cache_position, pixel_values=pixel_values, image_grid_thw=image_grid_thw,
                          pixel_values_videos=pixel_values_videos, video_grid_thw=video_grid_thw,
-                         audio_features=audio_features, audio_codes=audio_codes, **kwargs)
+                         audio_features=audio_features, audio_codes=audio_codes, vision_inputs=vision_inputs, **kwargs)
         h = out.last_hidden_state
         sl = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) and logits_to_keep else slice(None)
         logits = self.lm_head(h[:, sl])

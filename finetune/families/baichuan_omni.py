@@ -44,7 +44,8 @@ AUDIO_START, AUDIO_END, AUDIO_PAD = "<audio_start_baichuan>", "<audio_end_baichu
 ROLE_TOKENS = {"system": B_SYS, "user": C_Q, "assistant": C_A}
 SPECIAL_TOKENS = [EOT, B_SYS, C_Q, C_A, AUDIO_START, AUDIO_END, AUDIO_PAD, IMG_START, IMG_END, IMG_PAD,
                   VIDEO_PAD, VIDEO_START, VIDEO_END]
-TINY_VERSION = 4  # 2: torch_dtype float32 in config.json; 3: library init (vision rope buffers); 4: chat template
+TINY_VERSION = 4  # 2: torch_dtype float32 in config.json; 3: library init (vision rope buffers); 4: chat template,
+# and the vision tower initialised with the model's std 0.1 (it had the library's 0.02: a faint image signal)
 # Baichuan's prompt format as a chat template (ours): the tiny model carries it and exports add it, so
 # `apply_chat_template` gives the prompt the model was trained on (tests/test_chat_format.py)
 CHAT_TEMPLATE = (Path(__file__).resolve().parent.parent / "configs" / "baichuan_omni.chat_template.jinja").read_text()
@@ -158,6 +159,32 @@ class BaichuanOmniFamily(Family):
 
     def rope_index(self, model_or_config):
         return None  # 1-D positions: each sample counts from 0
+
+    def tower_inputs(self, model_or_config):
+        cfg = getattr(model_or_config, "config", model_or_config)
+        try:
+            from transformers.vision_utils import get_vision_cu_seqlens, get_vision_position_ids
+        except ImportError:  # a release without the helpers: the tower computes them itself
+            return None
+        merge = int(cfg.visual_config.get("spatial_merge_size", cfg.visual_config.get("merge_size", 2)))
+
+        def inputs(batch: dict) -> dict:
+            grids = [batch[k] for k in ("image_grid_thw", "video_grid_thw") if batch.get(k) is not None]
+            if not grids:
+                return {}
+            grid = torch.cat(grids)  # images first, then video frames: the order embed() uses
+            cu = get_vision_cu_seqlens(grid)
+            vi = {"position_ids": get_vision_position_ids(grid, merge), "cu_seqlens": cu,
+                  "max_seqlen": int((cu[1:] - cu[:-1]).max())}
+            if batch.get("image_grid_thw") is not None:
+                vi["image_rows"] = int(batch["image_grid_thw"].prod(-1).sum()) // merge ** 2
+            return {"vision_inputs": vi}
+
+        return inputs
+
+    def encoder_attention_configs(self, model) -> list:
+        visual = self.submodule(model, "model.visual_model")
+        return [visual.config] if visual is not None else []  # the audio tokenizer calls the kernel itself
 
     # ---- encoding ----------------------------------------------------------------------
     def _walk(self, sample, processor: BaichuanProcessor, *, for_generation: bool, media: dict | None):

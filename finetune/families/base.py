@@ -95,6 +95,27 @@ class Family(abc.ABC):
     def rope_index(self, model_or_config) -> Any:
         """What `encode(rope=...)` takes to compute a sample's own positions (None for 1-D RoPE)."""
 
+    def tower_inputs(self, model_or_config) -> Any:
+        """A callable the collators apply to a collated batch: extra model inputs the media towers
+        would otherwise derive on the device from the batch's grids and lengths (boundaries,
+        positions, orders), computed on the host instead; None when the family has none."""
+        return None
+
+    def encoder_attention_configs(self, model) -> list:
+        """Configs of the towers whose attention takes ENCODER_VARLEN (one varlen call per layer
+        over all of a batch's images, windows or chunks, from transformers' cu_seqlens)."""
+        return []
+
+    @staticmethod
+    def submodule(model: torch.nn.Module, path: str) -> torch.nn.Module | None:
+        """The module at `path` of the bare model, in a PEFT wrapper too; None when absent."""
+        for prefix in ("", "base_model.model."):
+            try:
+                return model.get_submodule(prefix + path)
+            except AttributeError:
+                continue
+        return None
+
     @abc.abstractmethod
     def materialize_tiny(self, seed: int = 0) -> Path:
         """Build the tiny random model of this family into a cached folder and return it."""

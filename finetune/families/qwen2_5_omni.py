@@ -309,6 +309,63 @@ class _RopeIndex:
         return pos[:, 0, :]
 
 
+class _TowerInputs:
+    """What the thinker's vision and audio towers derive from the grids and clip lengths before their
+    first layer (vision rotary positions, window order and boundaries, per-image boundaries; audio
+    chunks, their boundaries and the pooling index), computed by transformers' own helpers on the
+    host, in the collator (data workers), and handed over as `image_*` / `video_*` / `audio_*`
+    arguments, which the towers take instead of computing them. The towers then read no device
+    value before or inside their layers (on CUDA each such read waits for the GPU), and with
+    ENCODER_VARLEN each attention layer is one call for all of a batch's images or chunks."""
+
+    def __init__(self, config, helpers):
+        v, a = config.vision_config, config.audio_config
+        self.merge, self.window, self.patch, self.n_window = (v.spatial_merge_size, v.window_size, v.patch_size,
+                                                               a.n_window)
+        self.h = helpers
+
+    def __call__(self, batch: dict) -> dict:
+        h, out = self.h, {}
+        for kind, key in (("image", "image_grid_thw"), ("video", "video_grid_thw")):
+            grid = batch.get(key)
+            if grid is None:
+                continue
+            cu = h.get_vision_cu_seqlens(grid)
+            win, cu_win = h.get_vision_window_index(grid, self.merge, self.window, self.patch)
+            out.update({f"{kind}_position_ids": h.get_vision_position_ids(grid, self.merge),
+                        f"{kind}_cu_seqlens": cu, f"{kind}_max_seqlen": int((cu[1:] - cu[:-1]).max()),
+                        f"{kind}_window_index": win, f"{kind}_cu_window_seqlens": cu_win,
+                        f"{kind}_max_window_seqlen": int((cu_win[1:] - cu_win[:-1]).max())})
+        if batch.get("input_features") is not None:
+            mask = batch["feature_attention_mask"]
+            lens = mask.sum(-1)
+            flat = batch["input_features"].permute(0, 2, 1)[mask.bool()].permute(1, 0)  # as the thinker does
+            padded, chunks = h.chunk_and_pad_features(flat, lens, self.n_window)
+            cu = h.get_audio_cu_seqlens(chunks)
+            out.update({"audio_padded_feature": padded, "audio_chunk_lengths": chunks,
+                        "audio_valid_indices": h.get_valid_indices(chunks), "audio_pool_indices": h.get_pool_indices(lens),
+                        "audio_cu_seqlens": cu, "audio_max_seqlen": int((cu[1:] - cu[:-1]).max())})
+        return out
+
+
+def _tower_helpers():
+    """transformers' helpers for the towers' precomputed inputs, or None where this release has none
+    (the towers then compute them themselves: the same values, more slowly)."""
+    import types
+
+    try:
+        from transformers.models.qwen2_5_omni.modeling_qwen2_5_omni import (chunk_and_pad_features,
+                                                                             get_audio_cu_seqlens, get_pool_indices,
+                                                                             get_valid_indices)
+        from transformers.vision_utils import (get_vision_cu_seqlens, get_vision_position_ids,
+                                               get_vision_window_index)
+    except ImportError:
+        return None
+    return types.SimpleNamespace(**{f.__name__: f for f in (
+        chunk_and_pad_features, get_audio_cu_seqlens, get_pool_indices, get_valid_indices, get_vision_cu_seqlens,
+        get_vision_position_ids, get_vision_window_index)})
+
+
 def _dtype_of(name: str) -> torch.dtype:
     return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
 
@@ -389,6 +446,14 @@ class Qwen25OmniFamily(Family):
     def rope_index(self, model_or_config) -> _RopeIndex:
         cfg = getattr(model_or_config, "config", model_or_config)
         return _RopeIndex(cfg)
+
+    def tower_inputs(self, model_or_config):
+        helpers = _tower_helpers()
+        return None if helpers is None else _TowerInputs(getattr(model_or_config, "config", model_or_config), helpers)
+
+    def encoder_attention_configs(self, model) -> list:
+        towers = (self.submodule(model, p) for p in ("model.visual", "model.audio_tower"))
+        return [m.config for m in towers if m is not None]
 
     # ---- encoding ----------------------------------------------------------------------
     def encode(self, sample, processor: OmniProcessor, *, for_generation: bool = False,
