@@ -1,0 +1,152 @@
+"""Where a training step's time goes: data wait, encoders, LLM forward, backward, optimizer.
+
+    python bench/step_split.py                         # the CPU peer setup (bench/cpu_peer.py), both modes
+    python bench/step_split.py --recipe medical-tiny   # a recipe as it is (e.g. the CPU demo)
+    python bench/step_split.py --recipe medical-tiny model.path=/models/Qwen2.5-Omni-7B   # anything, on a GPU
+
+The run is built with train.py's own pieces (the recipe's model, roles, attention backends, the
+collator, TRL's trainer and its optimizer), then steps are taken by hand so each phase can be
+timed: the wait for the next batch from the trainer's data loader (the collator: decoding,
+encoding, packing), the forward of the media towers (hooks on them), the rest of the forward
+(the LLM and the loss), the backward, and the optimizer step with zeroing. On CUDA every phase
+ends with a synchronize, so the figures are GPU time. Median over the steps after a warm-up.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "bench"))
+
+from cpu_peer import MODES, overrides  # noqa: E402
+
+PHASES = ("data wait", "encoders", "LLM forward + loss", "backward", "optimizer", "other")
+
+
+def sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def split(recipe, steps: int, warmup: int) -> dict:
+    from finetune import adapters, attention
+    from finetune import train as T
+    from finetune.families import family_for
+
+    T.quiet_libraries()
+    family = family_for(recipe.model.path, recipe.model.family)
+    T.prepare_data(recipe)
+    precision = T.choose_precision(recipe.train.precision)
+    run_dir = Path(tempfile.mkdtemp())
+    args = T.training_args(recipe, precision, run_dir)
+    samples, skipped = T.read_split(recipe.data.train, recipe, on_error="skip")
+    loaded = T.load_for_training(recipe, family, precision)
+    samples, lengths = T.prepare_split(samples, family, loaded, recipe, skipped)
+    attn = attention.choose(recipe.model.attn, recipe.data.packing)
+    attention.apply_to_llm(loaded.model, attn)
+    attention.apply_to_encoders(loaded.model, family)
+    model, _ = adapters.apply_roles(loaded.model, family, recipe, gradient_checkpointing=recipe.train.gradient_checkpointing)
+    adapters.fp32_trainable(model)
+    rope = family.rope_index(loaded.model)
+    train_ds, collator = T.make_collator(recipe, family, loaded.processor, samples, lengths, rope, attn,
+                                         family.tower_inputs(loaded.model))
+    trainer = T.make_trainer(recipe, family, model, loaded.processor, train_ds, collator, precision, run_dir, [],
+                             args=args)
+    trainer.create_optimizer()
+    opt = trainer.optimizer
+    model = trainer.model
+    model.to(args.device)
+    model.train()
+    device = next(model.parameters()).device
+    towers = [m for m in (family.submodule(model, p) for p in ("model.visual", "model.audio_tower",
+                                                               "model.visual_model", "audio_tokenizer")) if m]
+    t_enc = [0.0]
+
+    def pre(*_):
+        sync(device)
+        t_enc.append(time.perf_counter())
+
+    def post(*_):
+        sync(device)
+        t_enc[0] += time.perf_counter() - t_enc.pop()
+
+    for m in towers:
+        m.register_forward_pre_hook(pre)
+        m.register_forward_hook(post)
+    loader = trainer.get_train_dataloader()
+    rows = []
+    it = iter(loader)
+    for i in range(warmup + steps):
+        t0 = time.perf_counter()
+        try:
+            batch = next(it)
+        except StopIteration:
+            it = iter(loader)
+            batch = next(it)
+        batch = trainer._prepare_inputs(batch)
+        sync(device)
+        t1 = time.perf_counter()
+        t_enc[0] = 0.0
+        n_items = (batch["labels"][..., 1:] != -100).sum()
+        loss = trainer.compute_loss(model, batch, num_items_in_batch=n_items)
+        sync(device)
+        t2 = time.perf_counter()
+        trainer.accelerator.backward(loss)
+        sync(device)
+        t3 = time.perf_counter()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        sync(device)
+        t4 = time.perf_counter()
+        if i >= warmup:
+            rows.append({"data wait": t1 - t0, "encoders": t_enc[0], "LLM forward + loss": t2 - t1 - t_enc[0],
+                         "backward": t3 - t2, "optimizer": t4 - t3, "total": t4 - t0})
+    return {k: statistics.median(r[k] for r in rows) for k in rows[0]}
+
+
+def main(argv=None) -> int:
+    from finetune.recipe import load_recipe
+
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--recipe", help="time this recipe as it is instead of the peer setup")
+    ap.add_argument("overrides", nargs="*", help="key=value overrides of --recipe")
+    ap.add_argument("--steps", type=int, default=20)
+    ap.add_argument("--warmup", type=int, default=3)
+    args = ap.parse_args(argv)
+    runs = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        if args.recipe:
+            runs[args.recipe] = load_recipe(args.recipe, [f"output.dir={tmp}/r", *args.overrides])
+        else:
+            from finetune.demo_data import generate_medical
+
+            data = Path(tmp) / "data"
+            generate_medical(data, n_train=200, n_eval=0, seed=0)
+            for mode, extra in MODES.items():
+                runs[mode] = load_recipe("medical-tiny", [*overrides(data, Path(tmp) / "r"), *extra])
+        res = {name: split(r, args.steps, args.warmup) for name, r in runs.items()}
+    print("| phase | " + " | ".join(f"{n}: ms/step | share" for n in res) + " |")
+    print("|---|" + "---|---|" * len(res))
+    for ph in PHASES[:-1]:
+        cells = []
+        for r in res.values():
+            cells += [f"{1000 * r[ph]:.1f}", f"{100 * r[ph] / r['total']:.0f}%"]
+        print(f"| {ph} | " + " | ".join(cells) + " |")
+    cells = []
+    for r in res.values():
+        cells += [f"{1000 * r['total']:.1f}", "100%"]
+    print("| step | " + " | ".join(cells) + " |")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
