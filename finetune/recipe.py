@@ -153,6 +153,8 @@ class DataConfig:
     allow_outside_paths: bool = _opt(False, "allow media paths outside the dataset's folder")
     packing: bool = _opt(True, "pack several samples into one row of max_tokens (isolated attention; train.batch_size then counts rows)")
     num_workers: int = _opt(0, "data-loader worker processes")
+    cache_gb: float = _opt(2.0, "GB of encoded samples (pixels, audio features, positions) kept in memory from one "
+                                "epoch to the next, split across workers; 0 = encode on every use")
 
 
 @dataclass
@@ -171,7 +173,10 @@ class TrainConfig:
     max_grad_norm: float = _opt(1.0, "gradient clipping norm; 0 = no clipping")
     precision: str = _opt("auto", "mixed-precision mode", ("auto", "fp32", "bf16", "fp16"))
     gradient_checkpointing: bool = _opt(True, "recompute activations in backward to save memory")
-    optim: str = _opt("adamw_torch", "optimizer", ("adamw_torch", "paged_adamw_8bit", "adamw_8bit"))
+    optim: str = _opt("adamw_torch", "optimizer (adamw_torch_fused: one fused kernel for all parameters)",
+                      ("adamw_torch", "adamw_torch_fused", "paged_adamw_8bit", "adamw_8bit"))
+    token_metrics: bool = _opt(False, "log TRL's entropy and next-token accuracy every step (softmax work over the "
+                                      "vocabulary and a device read each step); the loss is the same either way")
     logging_steps: int = _opt(1, "log every N optimizer steps (metrics.jsonl, TensorBoard)")
     print_every: int = _opt(0, "print a summary line every N optimizer steps; 0 = about 20 lines a run")
     save_steps: int = _opt(50, "save a checkpoint every N optimizer steps")
@@ -606,6 +611,8 @@ def _check(recipe: Recipe, problems: _Problems) -> None:
         add("data.max_tokens", f"must be >= 64, got {d.max_tokens}")
     if d.num_workers < 0:
         add("data.num_workers", f"must be >= 0, got {d.num_workers}")
+    if d.cache_gb < 0:
+        add("data.cache_gb", f"must be >= 0, got {d.cache_gb}")
     if d.demo and not d.train:
         add("data.demo", "needs data.train: the demo dataset is written to data.train's path")
 

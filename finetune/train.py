@@ -109,14 +109,24 @@ class PaddedCollator:
     samples: list
     rope: Any
     towers: Any = None  # Family.tower_inputs: the media towers' boundaries, computed here
+    cache_bytes: int = 0  # encoded samples kept between epochs (packing.EncodedCache)
+
+    def __post_init__(self):
+        from finetune.packing import EncodedCache
+
+        self.encoded = EncodedCache(self.family, self.processor, self.samples, self.rope, self.cache_bytes)
 
     def encode(self, features: list[dict]) -> list[EncodedSample]:
-        return [self.family.encode(self.samples[f["index"]], self.processor, rope=self.rope) for f in features]
+        return [self.encoded(f["index"]) for f in features]
 
     def __call__(self, features: list[dict]) -> dict[str, Any]:
-        batch = self.family.collate_padded(self.encode(features), self.processor.pad_id)
+        from finetune.packing import REAL_TOKENS
+
+        encoded = self.encode(features)
+        batch = self.family.collate_padded(encoded, self.processor.pad_id)
         if self.towers is not None:
             batch.update(self.towers(batch))
+        batch[REAL_TOKENS] = sum(e.num_tokens for e in encoded)  # a host int for the token count
         return batch
 
 
@@ -241,12 +251,21 @@ def record_batches(collator):
 
 
 # ---- trainer --------------------------------------------------------------------------------
+#: logits (tokens x vocabulary) up to this many elements are cheaper as one cross-entropy than in
+#: TRL's chunked head off CUDA, whose torch tiles recompute the logits in backward (on CUDA its
+#: Triton kernel is used at every size); bench/loss_memory.py measures both
+PLAIN_LOSS_MAX_LOGITS = 1 << 24
+
+
+
 def make_trainer(recipe: Recipe, family: Family, model, processor, train_ds, collator, precision: str,
                  run_dir: Path, callbacks: list, args=None):
     """TRL's SFTTrainer with per-role learning rates and our collator."""
     from trl import SFTTrainer
 
     from finetune.packing import REAL_TOKENS
+
+    vocab = model.config.get_text_config().vocab_size
 
     class RoleLRTrainer(SFTTrainer):
         def create_optimizer(self, model=None):
@@ -266,15 +285,42 @@ def make_trainer(recipe: Recipe, family: Family, model, processor, train_ds, col
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
             real = inputs.pop(REAL_TOKENS, None)
             before = self._total_train_tokens
-            out = super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+            if recipe.train.token_metrics:  # TRL's path: entropy and token accuracy every step
+                out = super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+            else:
+                out = self.token_mean_loss(model, inputs, return_outputs, num_items_in_batch)
             if real is not None and self.model.training:
                 # TRL counts position_ids.size(1) tokens for a mask-free batch (one [1, L] row);
                 # packed rows are [R, L] or [4, R, L] (M-RoPE) with padding segments: count the
-                # samples' tokens the collator packed instead
-                self._total_train_tokens = before + self.accelerator.gather_for_metrics(
-                    real.reshape(1).to(self.accelerator.device)).sum().item()
+                # samples' tokens the collator counted (a host int: no device read)
+                if self.accelerator.num_processes > 1:
+                    real = self.accelerator.gather_for_metrics(torch.tensor([real], device=self.accelerator.device))
+                    real = int(real.sum())
+                self._total_train_tokens = before + int(real)
                 self._metrics["train"]["num_tokens"] = [self._total_train_tokens]
             return out
+
+        def token_mean_loss(self, model, inputs, return_outputs, num_items_in_batch):
+            """The step's loss, as TRL defines it (the sum of the label tokens' negative
+            log-likelihoods over the step's label tokens, all ranks), from TRL's chunked LM head
+            (no tokens x vocabulary logits), without its per-step metrics."""
+            inputs["use_cache"] = False
+            labels = inputs["labels"]
+            if self.accelerator.device.type != "cuda" and labels.numel() * vocab <= PLAIN_LOSS_MAX_LOGITS:
+                # small logits off a GPU: one cross-entropy over them beats the chunked head's tiles
+                logits = model(**{k: v for k, v in inputs.items() if k != "labels"}).logits
+                outputs = None
+                total = torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(),
+                                                          ignore_index=-100, reduction="sum")
+                n = (labels[:, 1:] != -100).sum() if num_items_in_batch is None else num_items_in_batch
+            else:
+                outputs = model(**inputs, fused_lm_head=True)
+                total = -outputs.log_probs.sum()
+                n = outputs.label_mask.sum() if num_items_in_batch is None else num_items_in_batch
+            loss = total / torch.as_tensor(n, device=total.device).clamp(min=1)
+            if self.args.average_tokens_across_devices and num_items_in_batch is not None:
+                loss = loss * (self.accelerator.num_processes // self.get_tp_size())  # DDP averages gradients
+            return (loss, outputs) if return_outputs else loss
 
     from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
@@ -289,6 +335,13 @@ def make_trainer(recipe: Recipe, family: Family, model, processor, train_ds, col
     # fp32 master weights (DESIGN: Precision), as in every other run: a bf16 lm_head copy also broke
     # the plain forward in fp32 runs (found by the check before step 1)
     adapters.fp32_trainable(trainer.model)
+    if not recipe.train.token_metrics:
+        # TRL's chunked LM head also computes entropy and top-1 hits for its metrics (softmax work
+        # over the vocabulary in every chunk): the head again, computing the log-probabilities only
+        from trl.trainer.utils import add_fused_lm_head
+
+        base = trainer.model.get_base_model() if hasattr(trainer.model, "get_base_model") else trainer.model
+        add_fused_lm_head(base, outputs=("log_probs",))
     trainer.add_callback(console_callback(recipe.train.print_every))
     return trainer
 
@@ -324,6 +377,8 @@ def training_args(recipe: Recipe, precision: str, run_dir: Path):
         remove_unused_columns=False,
         dataset_kwargs={"skip_prepare_dataset": True},
         dataloader_num_workers=recipe.data.num_workers,
+        # workers keep their encoded samples (and their cache) from one epoch to the next
+        dataloader_persistent_workers=recipe.data.num_workers > 0,
         dataloader_pin_memory=torch.cuda.is_available(),
         disable_tqdm=True,  # our console (finetune/console.py) replaces the Trainer's printer
         use_cpu=not torch.cuda.is_available(),
@@ -341,6 +396,7 @@ def make_collator(recipe: Recipe, family: Family, processor, samples: list[Sampl
     """(the Trainer's dataset, the collator): packed bins or sample indices. The LLM's attention
     gets the packed rows' sample boundaries from the collator whenever the chosen backend (`auto`
     resolved) takes them, so no layer recomputes them (a device sync per layer on CUDA)."""
+    cache = int(recipe.data.cache_gb * 2 ** 30 / max(1, recipe.data.num_workers))
     if recipe.data.packing:
         from finetune.packing import PackedCollator, bin_dataset, efficiency, plan_bins
 
@@ -349,8 +405,9 @@ def make_collator(recipe: Recipe, family: Family, processor, samples: list[Sampl
               f"({100 * efficiency(lengths, bins, recipe.data.max_tokens):.1f}% of the budget used; rows carry "
               "no padding between samples)", flush=True)
         return bin_dataset(bins), PackedCollator(family, processor, samples, rope,
-                                                 with_varlen_args=attn in attention.VARLEN_ARGS, towers=towers)
-    return index_dataset(len(samples)), PaddedCollator(family, processor, samples, rope, towers)
+                                                 with_varlen_args=attn in attention.VARLEN_ARGS, towers=towers,
+                                                 cache_bytes=cache)
+    return index_dataset(len(samples)), PaddedCollator(family, processor, samples, rope, towers, cache)
 
 
 def make_preflight_callback(family: Family, processor, samples: list[Sample], rope, mode: str, precision: str):
