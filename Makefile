@@ -27,7 +27,7 @@ endif
 
 LOCK := requirements/lock.txt
 
-.PHONY: install install-latest lock venv finetune train eval export check test demo recipes clean bench-packing
+.PHONY: install install-latest lock venv finetune train eval export check test demo recipes clean bench-packing gpu-check
 
 # the exact versions the test suite last passed with (requirements/lock.txt, as pip constraints)
 install: venv
@@ -79,3 +79,12 @@ clean:
 
 bench-packing:
 	$(PY) bench/packing.py
+
+# every GPU check of the project, ~8 min on one H100/H200 (bench/gpu_check.py), results in
+# bench/results/<date>-<gpu>.md. On a bare GPU machine carry .whl (bash tools/gpu_wheels.sh).
+GPU_PY := $(if $(wildcard $(PY)),$(PY),python3)
+gpu-check:
+	@if [ -d .whl ]; then python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+		--target /tmp/site .whl/*.whl; fi
+	PYTHONPATH=/tmp/site$${PYTHONPATH:+:$$PYTHONPATH} $(GPU_PY) bench/gpu_check.py $(ARGS)
+	@if [ -n "$$OUT" ]; then cp bench/results/*.md "$$OUT"/ 2>/dev/null || true; fi

@@ -11,8 +11,8 @@ roles of the matching recipe (medical / medical-qlora / medical-baichuan / medic
 gradient checkpointing on), and runs packed training steps of image+audio+text samples built
 directly in token space (random text ids, the model's own media placeholder ids, random pixels
 and mel features) up to `--max-tokens`. It prints, per run: peak GPU memory, real tokens per
-second, model FLOPs utilisation (6 x trainable-path parameters x tokens, against --peak-tflops),
-and the planner's predicted peak beside the measured one.
+second, model FLOPs utilisation (step_flops below: 6N per LLM token with checkpointing, plus the
+towers' forward; against --peak-tflops) and the planner's predicted peak beside the measured one.
 """
 
 from __future__ import annotations
@@ -53,18 +53,24 @@ def random_checkpoint(family, tiny: bool, dtype, folder: Path) -> Path:
     torch.manual_seed(0)
     default = torch.get_default_dtype()
     torch.set_default_dtype(dtype)
+    # built on the GPU when there is one: random init of 8B parameters on the CPU takes minutes
+    where = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
     try:
-        if family.name == "qwen2_5_omni":
-            from transformers import Qwen2_5OmniThinkerConfig, Qwen2_5OmniThinkerForConditionalGeneration
+        with where:
+            if family.name == "qwen2_5_omni":
+                from transformers import Qwen2_5OmniThinkerConfig, Qwen2_5OmniThinkerForConditionalGeneration
 
-            model = Qwen2_5OmniThinkerForConditionalGeneration(Qwen2_5OmniThinkerConfig(**cfg))
-        else:
-            from finetune.families.baichuan_model import BaichuanOmniConfig, BaichuanOmniForCausalLM
+                model = Qwen2_5OmniThinkerForConditionalGeneration(Qwen2_5OmniThinkerConfig(**cfg))
+            else:
+                from finetune.families.baichuan_model import BaichuanOmniConfig, BaichuanOmniForCausalLM
 
-            model = BaichuanOmniForCausalLM(BaichuanOmniConfig(**cfg))
+                model = BaichuanOmniForCausalLM(BaichuanOmniConfig(**cfg))
     finally:
         torch.set_default_dtype(default)
     model.to(dtype).save_pretrained(str(folder), max_shard_size="5GB")
+    del model
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
     if family.name == "baichuan_omni":
         (folder / "config.json").write_text(json.dumps(cfg, indent=2))
     for p in tiny_dir.iterdir():  # tokenizer and processor files (the batches bypass them)
@@ -112,6 +118,30 @@ def synthetic_row(family, model, max_tokens: int, seed: int) -> list[EncodedSamp
     return out
 
 
+def step_flops(family, model, row: list[EncodedSample], *, checkpointing: bool) -> float:
+    """Model FLOPs of one training step on `row` (the MFU numerator, defined here):
+
+    * LLM (decoder and lm_head, N parameters): 2N per token forward, 2N backward for the inputs'
+      gradients (LoRA: the frozen weights get none; the adapters' own are negligible), and with
+      gradient checkpointing 2N more for the recomputed forward: 6N per token (4N without);
+    * media towers (frozen): their forward, 2 x their parameters per position they process
+      (vision patches, audio frames after the first convolution);
+    * attention's score and value products are not counted (the usual convention; at 4096 tokens
+      they add a few percent)."""
+    def params(role_names):
+        return sum(adapters.param_count(p) for n, p in model.named_parameters() if family.role_of(n) in role_names)
+
+    n_llm = params(("llm", "lm_head"))
+    tokens = sum(e.num_tokens for e in row)
+    flops = (6 if checkpointing else 4) * n_llm * tokens
+    patches = sum(int(e.media[k].prod(-1).sum()) for e in row for k in ("image_grid_thw", "video_grid_thw")
+                  if k in e.media)
+    frames = sum(f.shape[-1] // 2 for e in row for f in e.media.get("input_features", e.media.get("audio_features", [])))
+    flops += 2 * params(("vision_encoder", "vision_projector")) * patches
+    flops += 2 * params(("audio_encoder", "audio_projector")) * frames
+    return float(flops)
+
+
 def run_one(family_name: str, mode: str, args) -> dict:
     from finetune.plan import plan as make_plan
 
@@ -131,21 +161,32 @@ def run_one(family_name: str, mode: str, args) -> dict:
         attention.configure_cuda_kernels()
         attn = attention.choose(recipe.model.attn, packing=True)
         attention.apply_to_llm(loaded.model, attn)
+        attention.apply_to_encoders(loaded.model, family)  # as training does
         model, _ = adapters.apply_roles(loaded.model, family, recipe, gradient_checkpointing=True)
-        adapters.fp32_trainable(model)  # as training does
+        adapters.fp32_trainable(model)
         if recipe.model.quantize == "none":
             model.to(args.device)
         model.train()
-        opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5)
+        # the training loss: TRL's chunked LM head (its Triton kernel on CUDA), log-probabilities only
+        from trl.trainer.utils import add_fused_lm_head
+
+        add_fused_lm_head(model.get_base_model(), outputs=("log_probs",))
+        opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5,
+                                fused=args.device.startswith("cuda"))  # train.optim: adamw_torch_fused
+        towers = family.tower_inputs(loaded.model)
         rows = [synthetic_row(family, loaded.model, args.max_tokens, seed=100 * k) for k in range(args.steps + 1)]
         batches = [to_model(pack_encoded(family, [r], loaded.processor.pad_id,
-                                         with_varlen_args=attn in ("varlen", "flash_attention_2")), model)
+                                         with_varlen_args=attn in attention.VARLEN_ARGS, towers=towers), model)
                    for r in rows]
         tokens = [sum(e.num_tokens for e in r) for r in rows]
+        flops = [step_flops(family, loaded.model, r, checkpointing=True) for r in rows]
 
         def step(b):
+            b = dict(b)
+            labels = b.pop("labels")
             with torch.autocast(args.device.split(":")[0], dtype=dtype, enabled=dtype != torch.float32):
-                loss = model(**b).loss
+                out = model(**b, labels=labels, fused_lm_head=True)
+                loss = -out.log_probs.sum() / out.label_mask.sum().clamp(min=1)
             loss.backward()
             opt.step()
             opt.zero_grad(set_to_none=True)
@@ -160,8 +201,7 @@ def run_one(family_name: str, mode: str, args) -> dict:
         dt = time.perf_counter() - t0
         tps = sum(tokens[1:]) / dt
         peak = torch.cuda.max_memory_allocated() / 2 ** 30 if args.device.startswith("cuda") else float("nan")
-        n_llm = sum(p.numel() for n, p in loaded.model.named_parameters() if family.role_of(n) in ("llm", "lm_head"))
-        mfu = 6 * n_llm * tps / (args.peak_tflops * 1e12) if args.device.startswith("cuda") else float("nan")
+        mfu = sum(flops[1:]) / dt / (args.peak_tflops * 1e12) if args.device.startswith("cuda") else float("nan")
         return {"family": family_name, "mode": mode, "attn": attn, "tokens/step": sum(tokens[1:]) // args.steps,
                 "tok/s": tps, "peak GB": peak, "planned GB": predicted, "MFU": mfu}
     finally:

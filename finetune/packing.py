@@ -134,22 +134,38 @@ class EncodedCache:
             self.bytes += n
         return e
 
+    def forget(self, i: int) -> None:
+        e = self.kept.pop(i, None)
+        if e is not None:
+            self.bytes -= encoded_bytes(e)
+
+    def reserve(self, n: int) -> bool:
+        """Take n bytes of the budget for something kept elsewhere (a collated row); False if full."""
+        if self.bytes + n > self.budget:
+            return False
+        self.bytes += n
+        return True
+
     def __getstate__(self):  # a worker process starts with an empty cache of its own
         state = dict(self.__dict__)
         state.update(kept={}, bytes=0, hits=0, misses=0)
         return state
 
 
+def tensor_bytes(x) -> int:
+    """Bytes of the tensors in x (a tensor, or lists, tuples and dicts of them)."""
+    if isinstance(x, torch.Tensor):
+        return x.numel() * x.element_size()
+    if isinstance(x, (list, tuple)):
+        return sum(tensor_bytes(y) for y in x)
+    if isinstance(x, dict):
+        return sum(tensor_bytes(y) for y in x.values())
+    return 0
+
+
 def encoded_bytes(e: EncodedSample) -> int:
     """Bytes of an encoded sample's tensors (ids, labels, positions, media)."""
-    def size(x) -> int:
-        if isinstance(x, torch.Tensor):
-            return x.numel() * x.element_size()
-        if isinstance(x, (list, tuple)):
-            return sum(size(y) for y in x)
-        return 0
-
-    return size(e.input_ids) + size(e.labels) + size(e.position_ids) + sum(size(v) for v in e.media.values())
+    return tensor_bytes([e.input_ids, e.labels, e.position_ids, e.media])
 
 
 @dataclass
@@ -167,17 +183,36 @@ class PackedCollator:
 
     def __post_init__(self):
         self.encoded = EncodedCache(self.family, self.processor, self.samples, self.rope, self.cache_bytes)
+        self.rows: dict[tuple, dict] = {}  # one-row batches, collated once (a bin's samples never change)
+
+    def __getstate__(self):  # a worker process starts with empty caches of its own
+        state = dict(self.__dict__)
+        state["rows"] = {}
+        return state
 
     def __call__(self, features: list[dict]) -> dict[str, Any]:
+        key = tuple(features[0]["bin"]) if len(features) == 1 else None
+        if key is not None and key in self.rows:
+            batch = dict(self.rows[key])
+            self._count(batch)
+            return batch
         rows = [[self.encoded(i) for i in f["bin"]] for f in features]
         batch = pack_encoded(self.family, rows, self.processor.pad_id, with_varlen_args=self.with_varlen_args,
                              towers=self.towers)
-        tokens = sum(e.num_tokens for r in rows for e in r)
-        self.stats["rows"] += len(rows)
-        self.stats["tokens"] += tokens
-        self.stats["slots"] += batch["input_ids"].numel()
-        batch[REAL_TOKENS] = tokens  # a host int for the trainer's token count; never reaches the model
+        batch[REAL_TOKENS] = sum(e.num_tokens for r in rows for e in r)  # a host int for the trainer's count
+        self._count(batch)
+        if key is not None and all(i in self.encoded.kept for i in key):
+            # the row replaces its samples' encodings in the budget: each sample is in one bin only
+            for i in key:
+                self.encoded.forget(i)
+            if self.encoded.reserve(tensor_bytes(batch)):
+                self.rows[key] = dict(batch)
         return batch
+
+    def _count(self, batch: dict) -> None:
+        self.stats["rows"] += batch["input_ids"].shape[0]
+        self.stats["tokens"] += batch[REAL_TOKENS]
+        self.stats["slots"] += batch["input_ids"].numel()
 
 
 def bin_dataset(bins: list[list[int]]):

@@ -55,7 +55,7 @@ CONFIG_DIR = Path(__file__).resolve().parent / "configs"
 SHIPPED_CONFIGS = {"qwen2_5_omni_7b": "qwen2_5_omni_7b.json", "baichuan_omni_1_5": "baichuan_omni_1_5.json"}
 NF4_BYTES = 0.5 + 1 / 64 + 4 / (64 * 256)  # packed NF4 + 8-bit absmax per 64 + fp32 per 256 blocks
 OVERHEAD_BYTES = 1 * GB
-OPTIM_BYTES = {"adamw_torch": 8, "adamw_8bit": 2, "paged_adamw_8bit": 2}
+OPTIM_BYTES = {"auto": 8, "adamw_torch": 8, "adamw_torch_fused": 8, "adamw_8bit": 2, "paged_adamw_8bit": 2}
 
 
 # ---- model geometry ------------------------------------------------------------------------

@@ -152,7 +152,8 @@ class DataConfig:
     on_error: str = _opt("raise", "what to do with a broken sample", ("raise", "skip"))
     allow_outside_paths: bool = _opt(False, "allow media paths outside the dataset's folder")
     packing: bool = _opt(True, "pack several samples into one row of max_tokens (isolated attention; train.batch_size then counts rows)")
-    num_workers: int = _opt(0, "data-loader worker processes")
+    num_workers: int = _opt(-1, "data-loader worker processes; -1 = auto: 4 on CUDA (decoding and encoding overlap "
+                                "the GPU's step), 0 on the CPU (workers would take the step's own cores)")
     cache_gb: float = _opt(2.0, "GB of encoded samples (pixels, audio features, positions) kept in memory from one "
                                 "epoch to the next, split across workers; 0 = encode on every use")
 
@@ -173,8 +174,9 @@ class TrainConfig:
     max_grad_norm: float = _opt(1.0, "gradient clipping norm; 0 = no clipping")
     precision: str = _opt("auto", "mixed-precision mode", ("auto", "fp32", "bf16", "fp16"))
     gradient_checkpointing: bool = _opt(True, "recompute activations in backward to save memory")
-    optim: str = _opt("adamw_torch", "optimizer (adamw_torch_fused: one fused kernel for all parameters)",
-                      ("adamw_torch", "adamw_torch_fused", "paged_adamw_8bit", "adamw_8bit"))
+    optim: str = _opt("auto", "optimizer; auto = adamw_torch_fused on CUDA (one fused kernel for all parameters), "
+                              "adamw_torch elsewhere", ("auto", "adamw_torch", "adamw_torch_fused", "paged_adamw_8bit",
+                                                        "adamw_8bit"))
     token_metrics: bool = _opt(False, "log TRL's entropy and next-token accuracy every step (softmax work over the "
                                       "vocabulary and a device read each step); the loss is the same either way")
     logging_steps: int = _opt(1, "log every N optimizer steps (metrics.jsonl, TensorBoard)")
@@ -609,8 +611,8 @@ def _check(recipe: Recipe, problems: _Problems) -> None:
     d = recipe.data
     if d.max_tokens < 64:
         add("data.max_tokens", f"must be >= 64, got {d.max_tokens}")
-    if d.num_workers < 0:
-        add("data.num_workers", f"must be >= 0, got {d.num_workers}")
+    if d.num_workers < -1:
+        add("data.num_workers", f"must be >= 0, or -1 for auto, got {d.num_workers}")
     if d.cache_gb < 0:
         add("data.cache_gb", f"must be >= 0, got {d.cache_gb}")
     if d.demo and not d.train:

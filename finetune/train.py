@@ -61,6 +61,21 @@ def choose_precision(setting: str) -> str:
     return "fp32"
 
 
+def data_workers(recipe: Recipe) -> int:
+    """data.num_workers with -1 (auto) resolved: 4 on CUDA, 0 on the CPU."""
+    n = recipe.data.num_workers
+    if n >= 0:
+        return n
+    return min(4, max(1, (os.cpu_count() or 2) // 2)) if torch.cuda.is_available() else 0
+
+
+def optimizer_name(recipe: Recipe) -> str:
+    """train.optim with auto resolved: fused AdamW on CUDA (one kernel launch for all parameters)."""
+    if recipe.train.optim != "auto":
+        return recipe.train.optim
+    return "adamw_torch_fused" if torch.cuda.is_available() else "adamw_torch"
+
+
 def torch_dtype(precision: str) -> torch.dtype:
     return {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16,
             "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[precision]
@@ -371,14 +386,14 @@ def training_args(recipe: Recipe, precision: str, run_dir: Path):
         data_seed=t.seed,
         bf16=precision == "bf16",
         fp16=precision == "fp16",
-        optim=t.optim,
+        optim=optimizer_name(recipe),
         gradient_checkpointing=False,  # enabled by adapters.apply_roles, before PEFT wraps the model
         report_to=["tensorboard"],
         remove_unused_columns=False,
         dataset_kwargs={"skip_prepare_dataset": True},
-        dataloader_num_workers=recipe.data.num_workers,
+        dataloader_num_workers=data_workers(recipe),
         # workers keep their encoded samples (and their cache) from one epoch to the next
-        dataloader_persistent_workers=recipe.data.num_workers > 0,
+        dataloader_persistent_workers=data_workers(recipe) > 0,
         dataloader_pin_memory=torch.cuda.is_available(),
         disable_tqdm=True,  # our console (finetune/console.py) replaces the Trainer's printer
         use_cpu=not torch.cuda.is_available(),
@@ -396,7 +411,7 @@ def make_collator(recipe: Recipe, family: Family, processor, samples: list[Sampl
     """(the Trainer's dataset, the collator): packed bins or sample indices. The LLM's attention
     gets the packed rows' sample boundaries from the collator whenever the chosen backend (`auto`
     resolved) takes them, so no layer recomputes them (a device sync per layer on CUDA)."""
-    cache = int(recipe.data.cache_gb * 2 ** 30 / max(1, recipe.data.num_workers))
+    cache = int(recipe.data.cache_gb * 2 ** 30 / max(1, data_workers(recipe)))
     if recipe.data.packing:
         from finetune.packing import PackedCollator, bin_dataset, efficiency, plan_bins
 

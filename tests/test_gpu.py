@@ -37,8 +37,11 @@ def tiny_cuda_bf16():
 BACKENDS = ["varlen", "sdpa"] + (["flash_attention_2"] if importlib.util.find_spec("flash_attn") else [])
 
 
+@pytest.mark.parametrize("towers", [False, True], ids=["towers_own", "towers_as_training"])
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_packed_equals_one_by_one_on_cuda_bf16(tiny_cuda_bf16, media_dir, backend):  # noqa: F811
+def test_packed_equals_one_by_one_on_cuda_bf16(tiny_cuda_bf16, media_dir, backend, towers):  # noqa: F811
+    """`towers_as_training`: the towers' inputs from the collator and their attention one
+    varlen call per layer (PyTorch's CUDA kernel), as training runs them."""
     from finetune import attention
 
     fam, loaded, model = tiny_cuda_bf16
@@ -47,7 +50,7 @@ def test_packed_equals_one_by_one_on_cuda_bf16(tiny_cuda_bf16, media_dir, backen
     before = attention.segment_calls
     res = compare_packed(model, fam, loaded.processor, samples, fam.rope_index(loaded.model), max_tokens=4096,
                          tol=TOL_16BIT, relative=True, packed_attn=backend, setting=f"bf16 cuda {backend}",
-                         varlen_args=backend != "sdpa")
+                         varlen_args=backend != "sdpa", towers=towers)
     print(res.format())
     assert res.n_rows == 1
     if backend == "varlen":
@@ -66,3 +69,24 @@ def test_broken_isolation_is_caught_on_cuda(tiny_cuda_bf16, media_dir):  # noqa:
     res = compare_packed(model, fam, loaded.processor, samples, fam.rope_index(loaded.model), max_tokens=4096,
                          tol=TOL_16BIT, relative=True, mutate=mutate, packed_attn="sdpa")
     assert not res.passed, res.format()
+
+
+@pytest.mark.parametrize("recipe_name", ["medical-tiny", "medical-baichuan-tiny"])
+def test_no_host_sync_inside_the_llm_and_the_towers_on_cuda(media_dir, recipe_name):  # noqa: F811
+    """tests/test_host_syncs.py on the GPU itself, with CUDA's varlen kernel: no device read in the
+    decoder layers, the towers or the backward; the glue as named there."""
+    import test_host_syncs as H
+
+    fam, loaded, model, batch, _ = H._step(None, recipe_name, media_dir)
+    model.to("cuda")
+    from finetune.verify import to_model
+
+    batch = to_model(batch, model)
+    labels = batch.pop("labels")
+    with H.counting(H._regions(fam, model)) as c:
+        out = model(**batch, labels=labels)
+        c.region = "backward"
+        out.loss.backward()
+    inside = {k: n for k, n in c.seen.items() if k[0] in ("llm", "vision", "audio", "backward")}
+    assert inside == {}, inside
+    assert {k: n for k, n in c.seen.items() if k[0] == "glue"} == H.GLUE[fam.name]
