@@ -10,7 +10,8 @@ timed: the wait for the next batch from the trainer's data loader (the collator:
 encoding, packing), the forward of the media towers (hooks on them), the rest of the forward
 (the LLM and the loss), the backward, and the optimizer step with zeroing. On CUDA every phase
 ends with a synchronize, so the figures are GPU time. Medians over `--steps` steps from the second
-epoch on (the first epoch encodes every sample; its data wait is shown on its own line). A second
+epoch on (in the first epoch packed rows are collated once; its data wait is shown on its own line;
+as in training, the encodings the checks before step 1 made are kept for the collator). A second
 table puts the collator's rate (one worker: the main process) beside the trainer's step rate:
 with data.num_workers workers the collator's rate multiplies, and the step never waits where it
 stays above the trainer's.
@@ -54,7 +55,14 @@ def split(recipe, steps: int, warmup: int) -> dict:
     args = T.training_args(recipe, precision, run_dir)
     samples, skipped = T.read_split(recipe.data.train, recipe, on_error="skip")
     loaded = T.load_for_training(recipe, family, precision)
-    samples, lengths = T.prepare_split(samples, family, loaded, recipe, skipped)
+    from finetune.packing import EncodedCache
+
+    # as train.py does: the checks' encodings kept for the collator (no workers on the CPU)
+    encodings = EncodedCache(family, loaded.processor, [], family.rope_index(loaded.model),
+                             T.collator_cache_bytes(recipe)) if T.data_workers(recipe) == 0 else None
+    samples, lengths = T.prepare_split(samples, family, loaded, recipe, skipped, encodings)
+    if encodings is not None:
+        encodings.samples = samples
     attn = attention.choose(recipe.model.attn, recipe.data.packing)
     attention.apply_to_llm(loaded.model, attn)
     attention.apply_to_encoders(loaded.model, family)
@@ -62,7 +70,7 @@ def split(recipe, steps: int, warmup: int) -> dict:
     adapters.fp32_trainable(model)
     rope = family.rope_index(loaded.model)
     train_ds, collator = T.make_collator(recipe, family, loaded.processor, samples, lengths, rope, attn,
-                                         family.tower_inputs(loaded.model))
+                                         family.tower_inputs(loaded.model), encodings)
     trainer = T.make_trainer(recipe, family, model, loaded.processor, train_ds, collator, precision, run_dir, [],
                              args=args)
     trainer.create_optimizer()
@@ -153,7 +161,7 @@ def main(argv=None) -> int:
     for r in res.values():
         cells += [f"{1000 * r['total']:.1f}", "100%"]
     print("| step | " + " | ".join(cells) + " |")
-    print("| data wait in the first epoch (encoding every sample) | " +
+    print("| data wait in the first epoch (the checks' encodings kept; packed rows collated) | " +
           " | ".join(f"{1000 * r['data wait, first epoch']:.1f} | " for r in res.values()) + " |")
     print()
     print("| setup | collator, one worker: batches/s first epoch | batches/s later (kept encodings) | "

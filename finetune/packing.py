@@ -134,6 +134,18 @@ class EncodedCache:
             self.bytes += n
         return e
 
+    def has_room(self) -> bool:
+        return self.bytes < self.budget
+
+    def offer(self, i: int, e: EncodedSample) -> bool:
+        """Keep an encoding made elsewhere (the checks before step 1) if it fits the budget."""
+        n = encoded_bytes(e)
+        if i in self.kept or self.bytes + n > self.budget:
+            return False
+        self.kept[i] = e
+        self.bytes += n
+        return True
+
     def forget(self, i: int) -> None:
         e = self.kept.pop(i, None)
         if e is not None:
@@ -179,10 +191,12 @@ class PackedCollator:
     with_varlen_args: bool = False
     towers: Any = None
     cache_bytes: int = 0  # encoded samples kept between epochs (EncodedCache)
+    encoded: Any = None  # an EncodedCache already filled (by the checks before step 1), else a new one
     stats: dict = field(default_factory=lambda: {"rows": 0, "tokens": 0, "slots": 0})
 
     def __post_init__(self):
-        self.encoded = EncodedCache(self.family, self.processor, self.samples, self.rope, self.cache_bytes)
+        if self.encoded is None:
+            self.encoded = EncodedCache(self.family, self.processor, self.samples, self.rope, self.cache_bytes)
         self.rows: dict[tuple, dict] = {}  # one-row batches, collated once (a bin's samples never change)
 
     def __getstate__(self):  # a worker process starts with empty caches of its own

@@ -125,11 +125,13 @@ class PaddedCollator:
     rope: Any
     towers: Any = None  # Family.tower_inputs: the media towers' boundaries, computed here
     cache_bytes: int = 0  # encoded samples kept between epochs (packing.EncodedCache)
+    encoded: Any = None  # an EncodedCache already filled (by the checks before step 1), else a new one
 
     def __post_init__(self):
         from finetune.packing import EncodedCache
 
-        self.encoded = EncodedCache(self.family, self.processor, self.samples, self.rope, self.cache_bytes)
+        if self.encoded is None:
+            self.encoded = EncodedCache(self.family, self.processor, self.samples, self.rope, self.cache_bytes)
 
     def encode(self, features: list[dict]) -> list[EncodedSample]:
         return [self.encoded(f["index"]) for f in features]
@@ -146,9 +148,10 @@ class PaddedCollator:
 
 
 def prepare_split(samples: list[Sample], family: Family, loaded: LoadedModel, recipe: Recipe,
-                  skipped: list[DataError]) -> tuple[list[Sample], list[int]]:
+                  skipped: list[DataError], encodings=None) -> tuple[list[Sample], list[int]]:
     """Decode, count, encode and check every sample before the first step (data/prepare.py);
-    the failures go to `skipped`. Returns the usable samples and their planned token counts."""
+    the failures go to `skipped`. Returns the usable samples and their planned token counts;
+    `encodings` (a packing.EncodedCache) keeps the encodings made, for the collator."""
     from finetune.data.prepare import prepare, record_path
 
     if not samples:
@@ -156,7 +159,7 @@ def prepare_split(samples: list[Sample], family: Family, loaded: LoadedModel, re
     t0, stats = time.time(), {}
     good, lengths, bad = prepare(samples, family, loaded.processor, family.read_config(loaded.base_path),
                                  family.rope_index(loaded.model), max_tokens=recipe.data.max_tokens,
-                                 record=record_path(samples, cache_root()), stats=stats)
+                                 record=record_path(samples, cache_root()), stats=stats, encodings=encodings)
     skipped.extend(bad)
     print(f"data: {samples[0].source}: {len(good)} of {len(samples)} samples ready ({stats['checked']} decoded, encoded "
           f"and checked, {stats['remembered']} unchanged since a run checked them) in {time.time() - t0:.1f} s",
@@ -406,12 +409,17 @@ def training_args(recipe: Recipe, precision: str, run_dir: Path):
     )
 
 
+def collator_cache_bytes(recipe: Recipe) -> int:
+    """data.cache_gb in bytes, for each data-loader process."""
+    return int(recipe.data.cache_gb * 2 ** 30 / max(1, data_workers(recipe)))
+
+
 def make_collator(recipe: Recipe, family: Family, processor, samples: list[Sample], lengths: list[int], rope,
-                  attn: str, towers=None):
+                  attn: str, towers=None, encodings=None):
     """(the Trainer's dataset, the collator): packed bins or sample indices. The LLM's attention
     gets the packed rows' sample boundaries from the collator whenever the chosen backend (`auto`
     resolved) takes them, so no layer recomputes them (a device sync per layer on CUDA)."""
-    cache = int(recipe.data.cache_gb * 2 ** 30 / max(1, data_workers(recipe)))
+    cache = collator_cache_bytes(recipe)
     if recipe.data.packing:
         from finetune.packing import PackedCollator, bin_dataset, efficiency, plan_bins
 
@@ -421,8 +429,8 @@ def make_collator(recipe: Recipe, family: Family, processor, samples: list[Sampl
               "no padding between samples)", flush=True)
         return bin_dataset(bins), PackedCollator(family, processor, samples, rope,
                                                  with_varlen_args=attn in attention.VARLEN_ARGS, towers=towers,
-                                                 cache_bytes=cache)
-    return index_dataset(len(samples)), PaddedCollator(family, processor, samples, rope, towers, cache)
+                                                 cache_bytes=cache, encoded=encodings)
+    return index_dataset(len(samples)), PaddedCollator(family, processor, samples, rope, towers, cache, encodings)
 
 
 def make_preflight_callback(family: Family, processor, samples: list[Sample], rope, mode: str, precision: str):
@@ -590,7 +598,13 @@ def train(recipe: Recipe) -> Path:
 
         loaded = load_for_training(recipe, family, precision)
         processor = loaded.processor
-        samples, lengths = prepare_split(samples, family, loaded, recipe, skipped)
+        # the encodings made by the checks are kept for the collator (data.cache_gb): the first
+        # epoch does not make them again (without workers: they are in this process)
+        from finetune.packing import EncodedCache
+
+        encodings = EncodedCache(family, processor, [], family.rope_index(loaded.model), collator_cache_bytes(recipe)) \
+            if data_workers(recipe) == 0 else None
+        samples, lengths = prepare_split(samples, family, loaded, recipe, skipped, encodings)
         eval_samples, _ = prepare_split(eval_samples, family, loaded, recipe, eval_skipped)
     if recipe.data.on_error == "raise" and (skipped or eval_skipped):
         raise min(skipped or eval_skipped, key=lambda e: (str(e.file), e.line or 0))
@@ -608,8 +622,10 @@ def train(recipe: Recipe) -> Path:
     print(adapters.format_role_table(adapters.role_table(model, family, plan)), flush=True)
 
     rope = family.rope_index(loaded.model)
+    if encodings is not None:
+        encodings.samples = samples  # the usable ones, which the kept encodings are indexed by
     train_ds, collator = make_collator(recipe, family, processor, samples, lengths, rope, attn,
-                                       family.tower_inputs(loaded.model))
+                                       family.tower_inputs(loaded.model), encodings)
     callbacks = [make_metrics_callback(run_dir), make_crash_callback(),
                  make_preflight_callback(family, processor, eval_samples or samples, rope, mode, precision)]
     trainer = make_trainer(recipe, family, model, processor, train_ds, record_batches(collator), precision, run_dir,

@@ -250,3 +250,17 @@ def test_auto_attention_gets_the_collators_boundaries_and_a_full_warmup_ratio(tm
     lrs = [json.loads(x)["learning_rate"] for x in (run / "metrics.jsonl").read_text().splitlines()
            if "learning_rate" in json.loads(x)]
     assert len(lrs) == 4 and lrs == sorted(lrs) and lrs[0] < lrs[-1] < 2e-3, lrs  # rising over all 4 steps
+
+
+@pytest.mark.parametrize("packing", ["true", "false"])
+def test_kept_encodings_train_exactly_as_encoding_every_step(tmp_path, small_demo, packing):
+    """data.cache_gb: the encodings made before step 1 and kept between epochs (and packed rows
+    collated once) give the same losses as encoding every sample at every use."""
+    from finetune.train import train
+
+    got = {}
+    for cache in ("0", "2"):
+        run = train(tiny_recipe(tmp_path / cache, small_demo, f"data.cache_gb={cache}", f"data.packing={packing}",
+                                "train.max_steps=8", "train.epochs=3", "data.max_tokens=256", "train.batch_size=1"))
+        got[cache] = losses(run)
+    assert got["0"] == got["2"] and len(got["0"]) == 8

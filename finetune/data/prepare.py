@@ -53,9 +53,16 @@ def sample_key(s: Sample, settings: dict) -> str:
 def problems_of(s: Sample, family, processor, config: dict, rope, max_tokens: int | None,
                 checker: _MediaChecker | None = None) -> tuple[int | None, list[DataError]]:
     """(planned token count, errors) of one sample: media decode, metadata count, encode + check."""
+    n, errors, _ = _check(s, family, processor, config, rope, max_tokens, checker)
+    return n, errors
+
+
+def _check(s: Sample, family, processor, config: dict, rope, max_tokens: int | None,
+           checker: _MediaChecker | None = None):
+    """(planned token count, errors, the encoding when there was one) of one sample."""
     bad = media_errors(s, checker)
     if bad:
-        return None, bad
+        return None, bad, None
 
     def error(kind, problem, fix=_ENCODE_FIX):
         return DataError(kind, problem, fix, file=s.source, line=s.line, field="messages")
@@ -63,21 +70,27 @@ def problems_of(s: Sample, family, processor, config: dict, rope, max_tokens: in
     try:
         n = family.count_tokens(s, processor)
     except Exception as e:  # a header or option the processor cannot use: the sample's problem
-        return None, [error("encode", f"counting its tokens failed: {type(e).__name__}: {e}")]
+        return None, [error("encode", f"counting its tokens failed: {type(e).__name__}: {e}")], None
     if max_tokens is not None and n > max_tokens:
         return n, [error("too_long", f"{n} tokens exceed data.max_tokens={max_tokens}",
-                         "raise data.max_tokens, lower model.max_pixels, or shorten the sample")]
+                         "raise data.max_tokens, lower model.max_pixels, or shorten the sample")], None
     try:
         enc = family.encode(s, processor, rope=rope)
     except Exception as e:
-        return n, [error("encode", f"encoding it as training does failed: {type(e).__name__}: {e}")]
-    return n, [error("inconsistent", p) for p in family.check_encoded(enc, config, planned=n)]
+        return n, [error("encode", f"encoding it as training does failed: {type(e).__name__}: {e}")], None
+    return n, [error("inconsistent", p) for p in family.check_encoded(enc, config, planned=n)], enc
 
 
 def prepare(samples: list[Sample], family, processor, config: dict, rope, *, max_tokens: int | None,
-            record: Path | None = None, stats: dict | None = None) -> tuple[list[Sample], list[int], list[DataError]]:
+            record: Path | None = None, stats: dict | None = None,
+            encodings=None) -> tuple[list[Sample], list[int], list[DataError]]:
     """(usable samples, their planned token counts, the errors of the others), in input order.
-    `stats` (if given) receives how many samples were checked now and how many were remembered."""
+    `stats` (if given) receives how many samples were checked now and how many were remembered.
+
+    `encodings` (the collator's kept encodings: `has_room()`, `offer(i, encoded)`, i the sample's
+    index among the usable ones) receives the encodings made here, so the first epoch does not
+    make them again; while it has room, remembered samples are encoded for it too (the work the
+    first epoch would do anyway, done once, before it)."""
     stats = {} if stats is None else stats
     import transformers
 
@@ -100,14 +113,19 @@ def prepare(samples: list[Sample], family, processor, config: dict, rope, *, max
         for s in samples:
             key = sample_key(s, settings)
             n = known.get(key)
+            enc = None
             if n is None or (max_tokens is not None and n > max_tokens):
                 stats["checked"] += 1
-                n, errs = problems_of(s, family, processor, config, rope, max_tokens, checker)
+                n, errs, enc = _check(s, family, processor, config, rope, max_tokens, checker)
                 if errs:
                     errors.extend(errs)
                     continue
             else:
                 stats["remembered"] += 1
+                if encodings is not None and encodings.has_room():
+                    enc = family.encode(s, processor, rope=rope)
+            if encodings is not None and enc is not None:
+                encodings.offer(len(good), enc)
             seen[key] = n
             good.append(s)
             lengths.append(n)
