@@ -324,8 +324,11 @@ def make_trainer(recipe: Recipe, family: Family, model, processor, train_ds, col
             (no tokens x vocabulary logits), without its per-step metrics."""
             inputs["use_cache"] = False
             labels = inputs["labels"]
-            if self.accelerator.device.type != "cuda" and labels.numel() * vocab <= PLAIN_LOSS_MAX_LOGITS:
-                # small logits off a GPU: one cross-entropy over them beats the chunked head's tiles
+            plain = (self.accelerator.device.type != "cuda" and not (self.args.fp16 or self.args.bf16)
+                     and labels.numel() * vocab <= PLAIN_LOSS_MAX_LOGITS)
+            if plain:
+                # small fp32 logits off a GPU: one cross-entropy over them beats the chunked head's
+                # tiles (under 16-bit precision the chunked head also casts the fp32 lm_head copy)
                 logits = model(**{k: v for k, v in inputs.items() if k != "labels"}).logits
                 outputs = None
                 total = torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(),
