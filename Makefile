@@ -36,7 +36,9 @@ install: venv
 
 # the newest versions pyproject.toml allows; run `make test` on them, then `make lock` records them
 install-latest: venv
-	$(PY) -m pip install -q --upgrade --upgrade-strategy eager -e ".[$(EXTRAS)]"
+	@# the torch already here is kept (an eager upgrade would fetch the newest build, a CUDA one)
+	$(PY) -c "import torch; print('torch==' + torch.__version__)" > $(VENV)/torch-pin.txt
+	$(PY) -m pip install -q --upgrade --upgrade-strategy eager -c $(VENV)/torch-pin.txt -e ".[$(EXTRAS)]"
 	@$(PY) -c "import transformers, peft, trl; print(f'installed the newest allowed: transformers {transformers.__version__}, peft {peft.__version__}, trl {trl.__version__}; now make test, then make lock')"
 
 lock:
