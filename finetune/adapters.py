@@ -186,11 +186,12 @@ def fp32_trainable(model: nn.Module) -> int:
 
 
 def param_count(p: torch.Tensor) -> int:
-    """Element count of a parameter, counting 4-bit packed weights by their real shape."""
+    """Element count of a parameter, counting 4-bit packed weights by their real shape and
+    ZeRO-3-partitioned ones (an empty local tensor) by their full one."""
     qs = getattr(p, "quant_state", None)
     if qs is not None and getattr(qs, "shape", None) is not None:
         return int(torch.Size(qs.shape).numel())
-    return p.numel()
+    return int(getattr(p, "ds_numel", p.numel()))
 
 
 def role_table(model: nn.Module, family: Family, plan: RolePlan | None = None) -> list[dict]:

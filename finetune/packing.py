@@ -107,6 +107,43 @@ def pack_encoded(family: Family, rows: list[list[EncodedSample]], pad_id: int, *
 REAL_TOKENS = "num_real_tokens"
 
 
+def idle_media(family: Family, processor, samples: list, lengths: list[int], rope) -> list[EncodedSample]:
+    """For each media kind of the data, one encoded sample with that kind and its labels all
+    ignored, for batches that lack the kind (`with_idle_media`).
+
+    When parameters are sharded (ZeRO-3, FSDP) a tower's forward is a collective: every rank
+    gathers its weights. A rank whose batch has no image while another's has one would skip the
+    vision tower, and the ranks would wait on different collectives: the known ZeRO-3 hang of
+    omni models. With an idle sample every rank runs every tower once per step. It is packed as
+    a sample of its own (isolated attention) with no label, so it changes no logit of the other
+    samples, no loss and no gradient: its contributions are exact zeros. The shortest sample
+    with the fewest media kinds stands for each kind."""
+    kinds = family.media_keys
+    chosen: dict[str, int] = {}
+    for kind in kinds:
+        having = [i for i, s in enumerate(samples) if kind in s.modalities()]
+        if having:
+            chosen[kind] = min(having, key=lambda i: (len(samples[i].modalities() & set(kinds)), lengths[i], i))
+    out = []
+    for i in sorted(set(chosen.values())):
+        e = family.encode(samples[i], processor, rope=rope)
+        e.labels = torch.full_like(e.labels, IGNORE_INDEX)
+        e.where = f"{e.where} (idle media)"
+        out.append(e)
+    return out
+
+
+def with_idle_media(family: Family, encoded: list[EncodedSample], idle: list[EncodedSample]) -> list[EncodedSample]:
+    """The idle samples (idle_media) that bring the kinds none of `encoded` has."""
+    missing = {key for key in family.media_keys.values() if not any(key in e.media for e in encoded)}
+    out = []
+    for d in idle:
+        if missing & set(d.media):
+            out.append(d)
+            missing -= set(d.media)
+    return out
+
+
 class EncodedCache:
     """Each sample encoded once, then kept for the next epochs (up to `budget` bytes of tensors).
 
@@ -193,6 +230,7 @@ class PackedCollator:
     cache_bytes: int = 0  # encoded samples kept between epochs (EncodedCache)
     encoded: Any = None  # an EncodedCache already filled (by the checks before step 1), else a new one
     stats: dict = field(default_factory=lambda: {"rows": 0, "tokens": 0, "slots": 0})
+    idle: list = field(default_factory=list)  # idle_media: every tower runs on every rank (sharded weights)
 
     def __post_init__(self):
         if self.encoded is None:
@@ -211,9 +249,11 @@ class PackedCollator:
             self._count(batch)
             return batch
         rows = [[self.encoded(i) for i in f["bin"]] for f in features]
+        real = sum(e.num_tokens for r in rows for e in r)
+        rows[-1] = rows[-1] + with_idle_media(self.family, [e for r in rows for e in r], self.idle)
         batch = pack_encoded(self.family, rows, self.processor.pad_id, with_varlen_args=self.with_varlen_args,
                              towers=self.towers)
-        batch[REAL_TOKENS] = sum(e.num_tokens for r in rows for e in r)  # a host int for the trainer's count
+        batch[REAL_TOKENS] = real  # a host int for the trainer's count
         self._count(batch)
         if key is not None and all(i in self.encoded.kept for i in key):
             # the row replaces its samples' encodings in the budget: each sample is in one bin only

@@ -22,7 +22,7 @@ import os
 import shutil
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -126,6 +126,7 @@ class PaddedCollator:
     towers: Any = None  # Family.tower_inputs: the media towers' boundaries, computed here
     cache_bytes: int = 0  # encoded samples kept between epochs (packing.EncodedCache)
     encoded: Any = None  # an EncodedCache already filled (by the checks before step 1), else a new one
+    idle: list = field(default_factory=list)  # packing.idle_media: every tower runs on every rank
 
     def __post_init__(self):
         from finetune.packing import EncodedCache
@@ -139,11 +140,15 @@ class PaddedCollator:
     def __call__(self, features: list[dict]) -> dict[str, Any]:
         from finetune.packing import REAL_TOKENS
 
+        from finetune.packing import with_idle_media
+
         encoded = self.encode(features)
+        real = sum(e.num_tokens for e in encoded)
+        encoded = encoded + with_idle_media(self.family, encoded, self.idle)  # rows of their own, labels ignored
         batch = self.family.collate_padded(encoded, self.processor.pad_id)
         if self.towers is not None:
             batch.update(self.towers(batch))
-        batch[REAL_TOKENS] = sum(e.num_tokens for e in encoded)  # a host int for the token count
+        batch[REAL_TOKENS] = real  # a host int for the token count
         return batch
 
 
@@ -231,6 +236,31 @@ def distributed_args(recipe: Recipe) -> dict:
         # a packed row without images leaves the (trained) vision roles without gradients on that rank
         return {"ddp_find_unused_parameters": True}
     return {}
+
+
+def cpu_sharded_state(mode: str) -> dict:
+    """DeepSpeed and FSDP2 on the CPU (gloo). accelerate enables either engine only on an
+    accelerator device (`use_cpu` selects plain MULTI_CPU DDP), although both run on gloo: the
+    process state is set up here as accelerate's launcher would, and the Trainer is told to use it.
+    Returns the extra SFTConfig settings (none on CUDA or for one process)."""
+    if torch.cuda.is_available() or world_size() == 1 or mode not in ("deepspeed", "fsdp"):
+        return {}
+    from accelerate.state import PartialState
+    from accelerate.utils import DistributedType
+
+    state = PartialState(cpu=True)  # gloo process group, ranks from torchrun's environment
+    if mode == "deepspeed":
+        import deepspeed
+
+        deepspeed.init_distributed(dist_backend="gloo", auto_mpi_discovery=False)  # wraps the group above
+        os.environ["ACCELERATE_USE_DEEPSPEED"] = "true"
+        state.distributed_type = DistributedType.DEEPSPEED
+    else:
+        # AcceleratorState turns a multi-device state into FSDP (with the FSDP plugin) when
+        # ACCELERATE_USE_FSDP is set; the device stays the CPU set up above
+        os.environ["ACCELERATE_USE_FSDP"] = "true"
+        state.distributed_type = DistributedType.MULTI_GPU
+    return {"use_cpu": False, "accelerator_config": {"use_configured_state": True}}
 
 
 def quiet_other_ranks() -> None:
@@ -402,7 +432,7 @@ def training_args(recipe: Recipe, precision: str, run_dir: Path):
         dataloader_persistent_workers=data_workers(recipe) > 0,
         dataloader_pin_memory=torch.cuda.is_available(),
         disable_tqdm=True,  # our console (finetune/console.py) replaces the Trainer's printer
-        use_cpu=not torch.cuda.is_available(),
+        **({"use_cpu": not torch.cuda.is_available()} | cpu_sharded_state(distributed_mode(recipe))),
         max_length=None,
         save_only_model=False,
         # the step loss is the sum over label tokens of every rank's rows / all label tokens of the
@@ -418,7 +448,7 @@ def collator_cache_bytes(recipe: Recipe) -> int:
 
 
 def make_collator(recipe: Recipe, family: Family, processor, samples: list[Sample], lengths: list[int], rope,
-                  attn: str, towers=None, encodings=None):
+                  attn: str, towers=None, encodings=None, idle: list | None = None):
     """(the Trainer's dataset, the collator): packed bins or sample indices. The LLM's attention
     gets the packed rows' sample boundaries from the collator whenever the chosen backend (`auto`
     resolved) takes them, so no layer recomputes them (a device sync per layer on CUDA)."""
@@ -432,8 +462,9 @@ def make_collator(recipe: Recipe, family: Family, processor, samples: list[Sampl
               "no padding between samples)", flush=True)
         return bin_dataset(bins), PackedCollator(family, processor, samples, rope,
                                                  with_varlen_args=attn in attention.VARLEN_ARGS, towers=towers,
-                                                 cache_bytes=cache, encoded=encodings)
-    return index_dataset(len(samples)), PaddedCollator(family, processor, samples, rope, towers, cache, encodings)
+                                                 cache_bytes=cache, encoded=encodings, idle=idle or [])
+    return index_dataset(len(samples)), PaddedCollator(family, processor, samples, rope, towers, cache, encodings,
+                                                       idle or [])
 
 
 def make_preflight_callback(family: Family, processor, samples: list[Sample], rope, mode: str, precision: str):
@@ -586,8 +617,6 @@ def train(recipe: Recipe) -> Path:
         print(f"distributed: {mode} over {world_size()} processes; global batch = {t.batch_size} row(s) per "
               f"device x {world_size()} x {t.grad_accum} accumulation = {t.batch_size * world_size() * t.grad_accum}",
               flush=True)
-        if mode == "fsdp" and not torch.cuda.is_available():
-            print("note: FSDP needs CUDA devices; on the CPU accelerate runs plain DDP instead", flush=True)
     # the main process of each node first writes the shared caches (demo data, tiny model,
     # token counts); the other ranks then read them
     with args.main_process_first(local=True, desc="data and model"):
@@ -598,8 +627,11 @@ def train(recipe: Recipe) -> Path:
         samples, skipped = read_split(recipe.data.train, recipe, on_error="skip")
         # the eval split too: evaluation after training must not meet a sample it cannot read
         eval_samples, eval_skipped = read_split(recipe.data.eval, recipe, on_error="skip")
-
-        loaded = load_for_training(recipe, family, precision)
+        family.resolve_path(recipe.model.path, recipe.model.tiny_seed)  # a tiny model is built once
+    # every rank loads at once: under ZeRO-3 each weight is partitioned as it is created, a
+    # collective (rank 0 loading alone while the others wait at the barrier deadlocks)
+    loaded = load_for_training(recipe, family, precision)
+    with args.main_process_first(local=True, desc="sample checks"):
         processor = loaded.processor
         # the encodings made by the checks are kept for the collator (data.cache_gb): the first
         # epoch does not make them again (without workers: they are in this process)
@@ -627,8 +659,14 @@ def train(recipe: Recipe) -> Path:
     rope = family.rope_index(loaded.model)
     if encodings is not None:
         encodings.samples = samples  # the usable ones, which the kept encodings are indexed by
+    idle = None
+    if world_size() > 1 and mode in ("fsdp", "deepspeed"):
+        from finetune.packing import idle_media
+
+        # sharded weights: a tower's forward is a collective, so every rank runs every tower every step
+        idle = idle_media(family, processor, samples, lengths, rope)
     train_ds, collator = make_collator(recipe, family, processor, samples, lengths, rope, attn,
-                                       family.tower_inputs(loaded.model), encodings)
+                                       family.tower_inputs(loaded.model), encodings, idle)
     callbacks = [make_metrics_callback(run_dir), make_crash_callback(),
                  make_preflight_callback(family, processor, eval_samples or samples, rope, mode, precision)]
     trainer = make_trainer(recipe, family, model, processor, train_ds, record_batches(collator), precision, run_dir,
@@ -673,6 +711,14 @@ def end_distributed() -> None:
     if world_size() > 1 and dist.is_available() and dist.is_initialized():
         dist.barrier()
         dist.destroy_process_group()
+    # evaluation and export load the model again in this process: not as ZeRO-3 partitions
+    # (transformers keeps the training's DeepSpeed config in a global) and not under accelerate's
+    # engine switches set for training (cpu_sharded_state)
+    from transformers.integrations.deepspeed import unset_hf_deepspeed_config
+
+    unset_hf_deepspeed_config()
+    for k in ("ACCELERATE_USE_DEEPSPEED", "ACCELERATE_USE_FSDP"):
+        os.environ.pop(k, None)
 
 
 def save_adapter(model, family: Family, loaded: LoadedModel, out: Path) -> None:

@@ -115,6 +115,7 @@ class BaichuanOmniFamily(Family):
     model_types = ("omni",)
     title = "Baichuan-Omni-1.5"
     mrope = False
+    media_keys = {"image": "pixel_values", "video": "pixel_values_videos", "audio": "audio_features"}
     role_prefixes = {
         "llm": ("model.layers", "model.norm"),
         "embeddings": ("model.embed_tokens",),

@@ -80,6 +80,9 @@ class Family(abc.ABC):
     #: config.json `model_type` values of the family's folders, and its name in messages.
     model_types: tuple[str, ...] = ()
     title: str = ""
+    #: media kind -> the EncodedSample.media key that carries it: each kind is one tower call per
+    #: forward (packing.idle_media makes every rank run every tower when weights are sharded)
+    media_keys: dict[str, str] = {}
 
     # ---- loading -----------------------------------------------------------------------
     #: module-path prefixes QLoRA leaves unquantised (everything but the LLM's linear layers)

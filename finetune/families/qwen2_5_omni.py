@@ -377,6 +377,7 @@ class Qwen25OmniFamily(Family):
     model_types = ("qwen2_5_omni", "qwen2_5_omni_thinker")
     title = "Qwen2.5-Omni"
     mrope = True
+    media_keys = {"image": "pixel_values", "video": "pixel_values_videos", "audio": "input_features"}
     role_prefixes = {
         "llm": ("model.language_model",),
         "embeddings": ("model.language_model.embed_tokens",),
