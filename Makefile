@@ -9,7 +9,7 @@ ARGS ?=
 # torch is installed first and pinned so that pip keeps it (the CPU wheel on CPU-only machines);
 # override with e.g. `make install TORCH="torch==2.9.1"`.
 TORCH ?= torch==2.13.0
-EXTRAS ?= dev,medical
+EXTRAS ?= dev,medical,deepspeed
 # several GPUs / nodes: `make finetune RECIPE=x GPUS=4` runs torchrun with 4 processes on this
 # machine; multi-node: the same command on every node with NNODES, NODE_RANK, MASTER_ADDR and
 # MASTER_PORT set (torchrun's standard variables). GPUS=1 and NNODES=1: one plain process.
@@ -30,15 +30,18 @@ LOCK := requirements/lock.txt
 .PHONY: install install-latest lock venv finetune train eval export check test demo recipes clean bench-packing gpu-check
 
 # the exact versions the test suite last passed with (requirements/lock.txt, as pip constraints)
+# DeepSpeed compiles none of its CUDA ops at install (DS_BUILD_OPS=0: no CUDA toolkit needed, no
+# CUDA wheel taken); ZeRO with torch's optimizers needs none, and on the CPU it builds its small
+# shared-memory op at first use (with ninja and the C++ compiler)
 install: venv
-	$(PY) -m pip install -q -c $(LOCK) -e ".[$(EXTRAS)]"
+	DS_BUILD_OPS=0 $(PY) -m pip install -q -c $(LOCK) -e ".[$(EXTRAS)]"
 	$(PY) tools/lock.py check
 
 # the newest versions pyproject.toml allows; run `make test` on them, then `make lock` records them
 install-latest: venv
 	@# the torch already here is kept (an eager upgrade would fetch the newest build, a CUDA one)
 	$(PY) -c "import torch; print('torch==' + torch.__version__)" > $(VENV)/torch-pin.txt
-	$(PY) -m pip install -q --upgrade --upgrade-strategy eager -c $(VENV)/torch-pin.txt -e ".[$(EXTRAS)]"
+	DS_BUILD_OPS=0 $(PY) -m pip install -q --upgrade --upgrade-strategy eager -c $(VENV)/torch-pin.txt -e ".[$(EXTRAS)]"
 	@$(PY) -c "import transformers, peft, trl; print(f'installed the newest allowed: transformers {transformers.__version__}, peft {peft.__version__}, trl {trl.__version__}; now make test, then make lock')"
 
 lock:

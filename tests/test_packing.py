@@ -139,3 +139,55 @@ def test_the_sync_free_cpu_kernel_is_exact_too(trainable_tiny, media_dir, monkey
     res = compare_packed(model, fam, loaded.processor, samples, fam.rope_index(loaded.model), max_tokens=4096,
                          **PIPELINES["training"])
     assert res.passed, res.format()
+
+
+def test_idle_media_run_every_tower_and_change_nothing(trainable_tiny, media_dir):  # noqa: F811
+    """Under sharded weights a batch without audio (or video) gets an idle sample that brings it
+    (packing.idle_media): the tower runs, and the loss and every gradient stay what they were."""
+    from finetune.packing import PackedCollator, idle_media
+    from finetune.verify import _sum_loss, to_model
+
+    fam, loaded, model = trainable_tiny
+    model.eval()
+    rope = fam.rope_index(loaded.model)
+    pool = [sample(media_dir, MIXES[m], answer=f"Yes. Pool {m}.") for m in ("text", "image", "all", "audio", "video")]
+    lengths = [fam.encode(s, loaded.processor, rope=rope).num_tokens for s in pool]
+    idle = idle_media(fam, loaded.processor, pool, lengths, rope)
+    # the shortest sample with the fewest kinds stands for each kind: image-only, audio-only, video-only
+    assert sorted(tuple(sorted(k for k, key in fam.media_keys.items() if key in e.media)) for e in idle) == [
+        ("audio",), ("image",), ("video",)]
+    assert all((e.labels == -100).all() for e in idle)
+
+    train = [sample(media_dir, MIXES["text"], answer="No. Plain."), sample(media_dir, MIXES["image"], answer="Yes.")]
+    calls = []
+    hooks = [m.register_forward_hook(lambda *a, name=name: calls.append(name))
+             for name, m in (("audio", loaded.model.model.audio_tower), ("vision", loaded.model.model.visual))]
+
+    def step(with_idle):
+        col = PackedCollator(fam, loaded.processor, train, rope, idle=idle if with_idle else [])
+        batch = col([{"bin": [0, 1]}])
+        assert batch["num_real_tokens"] == sum(fam.encode(s, loaded.processor).num_tokens for s in train)
+        labels = batch.pop("labels")[0]
+        batch.pop("num_real_tokens")
+        model.zero_grad()
+        calls.clear()
+        loss = _sum_loss(model(**to_model(batch, model)).logits[0], labels)
+        loss.backward()
+        grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+        return float(loss), grads, list(calls), batch
+
+    try:
+        loss0, grads0, calls0, _ = step(False)
+        loss1, grads1, calls1, batch1 = step(True)
+    finally:
+        for h in hooks:
+            h.remove()
+    assert calls0 == ["vision"]
+    assert sorted(calls1) == ["audio", "vision", "vision"]  # images, then the idle video; the idle audio
+    assert "input_features" in batch1 and "pixel_values_videos" in batch1
+    assert abs(loss1 - loss0) <= 1e-5 * max(1.0, abs(loss0))
+    for n, g in grads0.items():
+        assert float((grads1[n] - g).abs().max()) <= 1e-5, n
+    for n, g in grads1.items():  # the towers the idle samples ran get exact zeros where nothing else reached
+        if n not in grads0:
+            assert float(g.abs().max()) == 0.0, n
