@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import copy
 import difflib
+import json
 import math
 import re
 import types
@@ -64,6 +65,25 @@ OVERRIDE_SOURCE = "override"
 _DTYPES = ("auto", "float32", "bfloat16", "float16")
 DISTRIBUTED = ("auto", "ddp", "fsdp", "deepspeed")
 DEEPSPEED_PRESETS = ("zero2", "zero3", "zero2-offload", "zero3-offload")
+
+
+def deepspeed_stage(setting: str) -> int:
+    """The ZeRO stage of train.deepspeed: a preset's name, or a JSON config's zero_optimization.stage
+    (0 when the file cannot be read here; the run's own check reports it)."""
+    setting = setting.strip()
+    if setting in DEEPSPEED_PRESETS:
+        return int(setting[4])
+    try:
+        return int(json.loads(Path(setting).read_text()).get("zero_optimization", {}).get("stage", 0))
+    except (OSError, ValueError, AttributeError):
+        return 0
+
+
+def shards_weights(recipe: "Recipe") -> bool:
+    """True when the strategy shards the parameters themselves (ZeRO-3, FSDP), not only the
+    optimizer state and gradients (ZeRO-1/2) or nothing (DDP)."""
+    t = recipe.train
+    return t.distributed == "fsdp" or (t.distributed == "deepspeed" and deepspeed_stage(t.deepspeed) == 3)
 
 
 def _opt(default: Any, help: str, choices: Sequence[Any] | None = None) -> Any:
@@ -645,12 +665,14 @@ def _check(recipe: Recipe, problems: _Problems) -> None:
     if ds not in DEEPSPEED_PRESETS and not ds.endswith(".json"):
         add("train.deepspeed", f"must be one of {', '.join(DEEPSPEED_PRESETS)} or a path to a .json config, "
                                f"got {t.deepspeed!r}")
-    sharded = t.distributed == "fsdp" or (t.distributed == "deepspeed" and "zero3" in ds)
-    if sharded and m.quantize != "none":
+    if m.quantize == "8bit" and shards_weights(recipe):
+        # bitsandbytes' int8 weights carry their scales in the parameter object, which the
+        # engines' flat shards do not keep; 4-bit weights are stored in the compute dtype for them
         path = problems.latest("model.quantize", "train.distributed")
-        add(path, f"model.quantize={m.quantize} (QLoRA) cannot be combined with sharded weights "
+        add(path, f"model.quantize=8bit cannot be combined with sharded weights "
                   f"(train.distributed={t.distributed}{', ' + ds if t.distributed == 'deepspeed' else ''}); "
-                  "use train.distributed: ddp, or deepspeed with train.deepspeed: zero2")
+                  "use model.quantize: 4bit (QLoRA shards under ZeRO-3 and FSDP), or train.distributed: ddp, "
+                  "or deepspeed with train.deepspeed: zero2")
 
     e = recipe.eval
     if e.max_new_tokens < 1:

@@ -496,6 +496,40 @@ def make_preflight_callback(family: Family, processor, samples: list[Sample], ro
     return Preflight()
 
 
+def local_weight_elements(model) -> tuple[int, int, int, int]:
+    """(local, total) stored elements of all weights and of the 4-bit ones (packed) on this rank:
+    ZeRO-3 keeps a partition (`ds_tensor`) of each, FSDP2 a shard (a DTensor's local part)."""
+    local = total = q_local = q_total = 0
+    four_bit = {id(m.weight) for m in model.modules() if type(m).__name__ == "Linear4bit"}
+    for p in model.parameters():
+        full = int(getattr(p, "ds_numel", p.numel()))
+        if hasattr(p, "ds_tensor"):
+            mine = p.ds_tensor.numel()
+        elif hasattr(p, "to_local"):
+            mine = p.to_local().numel()
+        else:
+            mine = p.numel()
+        local, total = local + mine, total + full
+        if id(p) in four_bit:
+            q_local, q_total = q_local + mine, q_total + full
+    return local, total, q_local, q_total
+
+
+def make_shard_report_callback():
+    """Sharded runs: say how much of the weights this rank holds (ZeRO-3, FSDP2), measured on the
+    prepared model, so a user sees the sharding they chose at work."""
+    from transformers import TrainerCallback
+
+    class ShardReport(TrainerCallback):
+        def on_train_begin(self, args, state, control, model=None, **kw):
+            local, total, q_local, q_total = local_weight_elements(model)
+            quant = f"; 4-bit weights {q_local / max(q_total, 1):.0%} of theirs" if q_total else ""
+            print(f"weights held by this rank: {local:,} of {total:,} stored elements ({local / max(total, 1):.0%}){quant}",
+                  flush=True)
+
+    return ShardReport()
+
+
 def make_metrics_callback(run_dir: Path):
     """A callback appending every log record to run_dir/metrics.jsonl."""
     from transformers import TrainerCallback
@@ -667,7 +701,7 @@ def train(recipe: Recipe) -> Path:
         idle = idle_media(family, processor, samples, lengths, rope)
     train_ds, collator = make_collator(recipe, family, processor, samples, lengths, rope, attn,
                                        family.tower_inputs(loaded.model), encodings, idle)
-    callbacks = [make_metrics_callback(run_dir), make_crash_callback(),
+    callbacks = [make_metrics_callback(run_dir), make_crash_callback(), *([make_shard_report_callback()] if idle is not None else []),
                  make_preflight_callback(family, processor, eval_samples or samples, rope, mode, precision)]
     trainer = make_trainer(recipe, family, model, processor, train_ds, record_batches(collator), precision, run_dir,
                            callbacks, args=args)

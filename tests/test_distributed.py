@@ -177,6 +177,8 @@ def test_two_processes_killed_and_resumed_equal_one_process(tmp_path, mixed, ref
     for name in ("recipe.yaml", "loss_curve.png", "eval.json"):
         assert (run / name).exists(), name
     assert res.stdout.count("distributed: ") == 1  # rank 1 prints nothing
+    if mode in ("zero3", "zero3-offload", "fsdp"):  # the weights really are sharded
+        assert "weights held by this rank:" in res.stdout and "elements (50%)" in res.stdout, res.stdout[-2000:]
     assert res.stdout.count("done in") == 1
 
     # the adapter loads with PEFT, and the export with transformers, as from one process
@@ -201,3 +203,26 @@ def test_two_processes_killed_and_resumed_equal_one_process(tmp_path, mixed, ref
         diff = float((model(input_ids=ids).logits - one(input_ids=ids).logits).abs().max())
     print(f"{mode}: max |logit difference| export vs one-process adapter: {diff:.2e}")
     assert diff < 1e-4
+
+
+@pytest.fixture(scope="module")
+def reference_4bit(tmp_path_factory, mixed) -> Path:
+    out = tmp_path_factory.mktemp("one-4bit")
+    _launch(out, mixed, 1, 2, "model.quantize=4bit", command="train")
+    return out
+
+
+@pytest.mark.parametrize("mode", [pytest.param(m, marks=needs_deepspeed(m)) for m in ("ddp", "zero2", "zero3", "fsdp")])
+def test_qlora_two_processes_equal_one_process(tmp_path, mixed, reference_4bit, mode):
+    """4-bit bases under several processes: DDP and ZeRO-2 replicate them; ZeRO-3 and FSDP shard
+    them (stored in the compute dtype for it, model.quantize docs)."""
+    out = tmp_path / mode
+    res = _launch(out, mixed, 2, 1, "model.quantize=4bit", *STRATEGIES[mode], command="train")
+    if mode in ("zero3", "fsdp"):  # each rank holds half of the weights, the 4-bit ones included
+        assert "(50%); 4-bit weights 50% of theirs" in res.stdout, res.stdout[-2000:]
+    ref, got = _losses(reference_4bit / "run"), _losses(out / "run")
+    assert sorted(got) == list(range(1, STEPS + 1))
+    diffs = {s: abs(got[s] - ref[s]) for s in ref}
+    print(f"QLoRA {mode}: per-step |loss(2 ranks) - loss(1 process)|:", diffs)
+    assert max(diffs.values()) < 1e-5, diffs
+    _assert_same_weights(reference_4bit / "run", out / "run")

@@ -434,3 +434,17 @@ def test_repository_recipes_load():
     for name in names:
         recipe = load_recipe(name, recipes_dir=REPO_RECIPES)
         assert recipe.name
+
+
+def test_quantized_bases_and_sharded_weights(tmp_path):
+    from finetune.recipe import shards_weights
+
+    r = load_recipe("medical-tiny", ["train.distributed=deepspeed", "train.deepspeed=zero3", "model.quantize=4bit"])
+    assert shards_weights(r)  # QLoRA under ZeRO-3: allowed, the 4-bit weights are sharded too
+    assert not shards_weights(load_recipe("medical-tiny", ["train.distributed=deepspeed", "train.deepspeed=zero2"]))
+    custom = tmp_path / "ds.json"
+    custom.write_text('{"zero_optimization": {"stage": 3}}')
+    assert shards_weights(load_recipe("medical-tiny", ["train.distributed=deepspeed", f"train.deepspeed={custom}"]))
+    with pytest.raises(RecipeError, match="model.quantize=8bit cannot be combined with sharded weights"):
+        load_recipe("medical-tiny", ["train.distributed=fsdp", "model.quantize=8bit"])
+    load_recipe("medical-tiny", ["train.distributed=ddp", "model.quantize=8bit"])

@@ -26,13 +26,14 @@ import numpy as np
 import torch
 
 from finetune.errors import ConfigError
-from finetune.families.base import IGNORE_INDEX, EncodedSample, Family, LoadedModel, cache_root
+from finetune.families.base import (IGNORE_INDEX, EncodedSample, Family, LoadedModel, cache_root,
+                                    quantization_config)
+from finetune.recipe import shards_weights
 from finetune.families.qwen2_5_omni import (
     OmniProcessor,
     _atomic_build,
     _chunks,
     _turns,
-    quantization_config,
     smart_resize,
 )
 
@@ -148,7 +149,8 @@ class BaichuanOmniFamily(Family):
         if attn:
             kwargs["attn_implementation"] = attn
         if quantize in ("4bit", "8bit"):
-            kwargs["quantization_config"] = quantization_config(quantize, dtype, self.quant_skip)
+            kwargs["quantization_config"] = quantization_config(quantize, dtype, self.quant_skip,
+                                                                 sharded=shards_weights(recipe))
         model, info = BaichuanOmniForCausalLM.from_pretrained(str(folder), output_loading_info=True, **kwargs)
         missing = [k for k in info.get("missing_keys", []) if not k.endswith("positional_embedding")]
         if missing:

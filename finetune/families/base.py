@@ -296,3 +296,20 @@ def strip_peft_prefix(name: str) -> str:
     for seg in (".base_layer", ".original_module", ".modules_to_save.default"):
         name = name.replace(seg, "")
     return name
+
+
+def quantization_config(quantize: str, dtype: torch.dtype, skip: list[str], *, sharded: bool = False):
+    """bitsandbytes config that quantises the LLM's linear layers only (NF4 + double quant).
+
+    `sharded` (ZeRO-3, FSDP): the packed 4-bit weights are stored in the compute dtype instead
+    of uint8, the same bytes, so that the engine can shard and gather them like the other
+    floating-point weights (bitsandbytes' `bnb_4bit_quant_storage`)."""
+    from transformers import BitsAndBytesConfig
+
+    if quantize == "4bit":
+        return BitsAndBytesConfig(
+            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+            bnb_4bit_compute_dtype=dtype, bnb_4bit_quant_storage=dtype if sharded else torch.uint8,
+            llm_int8_skip_modules=list(skip),
+        )
+    return BitsAndBytesConfig(load_in_8bit=True, llm_int8_skip_modules=list(skip))

@@ -29,7 +29,8 @@ import numpy as np
 import torch
 
 from finetune.errors import ConfigError
-from finetune.families.base import IGNORE_INDEX, EncodedSample, Family, LoadedModel, cache_root
+from finetune.families.base import IGNORE_INDEX, EncodedSample, Family, LoadedModel, cache_root, quantization_config
+from finetune.recipe import shards_weights
 
 IM_START, IM_END = "<|im_start|>", "<|im_end|>"
 VISION_BOS, VISION_EOS = "<|vision_bos|>", "<|vision_eos|>"
@@ -422,7 +423,8 @@ class Qwen25OmniFamily(Family):
         if attn:
             kwargs["attn_implementation"] = attn
         if quantize in ("4bit", "8bit"):
-            kwargs["quantization_config"] = quantization_config(quantize, dtype, self.quant_skip)
+            kwargs["quantization_config"] = quantization_config(quantize, dtype, self.quant_skip,
+                                                                 sharded=shards_weights(recipe))
         if full:
             model = self._load_thinker_from_full(folder, tcfg, kwargs)
         else:
@@ -736,19 +738,6 @@ def collate_media(batch: list[EncodedSample]) -> dict[str, Any]:
         out["input_features"] = x
         out["feature_attention_mask"] = m
     return out
-
-
-def quantization_config(quantize: str, dtype: torch.dtype, skip: list[str]):
-    """bitsandbytes config that quantises the LLM's linear layers only (NF4 + double quant)."""
-    from transformers import BitsAndBytesConfig
-
-    if quantize == "4bit":
-        return BitsAndBytesConfig(
-            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-            bnb_4bit_compute_dtype=dtype, bnb_4bit_quant_storage=torch.uint8,
-            llm_int8_skip_modules=list(skip),
-        )
-    return BitsAndBytesConfig(load_in_8bit=True, llm_int8_skip_modules=list(skip))
 
 
 # ---- the tiny model ------------------------------------------------------------------------
