@@ -93,8 +93,10 @@ def _launch(out: Path, data: dict, nproc: int, batch_size: int, *extra: str, com
         launcher += (["--standalone"] if nnodes == 1 else
                      ["--nnodes", str(nnodes), "--node_rank", str(node_rank), "--master_addr", "127.0.0.1",
                       "--master_port", str(port)])
-    res = subprocess.run([*launcher, "-m", "finetune", command, "medical-tiny", *overrides], cwd=ROOT, env=env,
-                         capture_output=True, text=True, timeout=TIMEOUT)
+    cmd = [*launcher, "-m", "finetune", command, "medical-tiny", *overrides]
+    if nnodes > 1:  # the other nodes' launches are running already; this one is waited for by the caller
+        return subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    res = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=TIMEOUT)
     if ok:
         assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-5000:]
     return res
@@ -226,3 +228,37 @@ def test_qlora_two_processes_equal_one_process(tmp_path, mixed, reference_4bit, 
     print(f"QLoRA {mode}: per-step |loss(2 ranks) - loss(1 process)|:", diffs)
     assert max(diffs.values()) < 1e-5, diffs
     _assert_same_weights(reference_4bit / "run", out / "run")
+
+
+def test_two_nodes_of_one_process_equal_two_processes_on_one_node(tmp_path, mixed):
+    """torchrun's static rendezvous on 127.0.0.1: node 0 and node 1, one process each, launched
+    apart as on two machines, train as 2 processes on one node do."""
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    one_node = tmp_path / "one-node"
+    _launch(one_node, mixed, 2, 1, "train.distributed=ddp", command="train")
+    out = tmp_path / "two-nodes"
+    nodes = [_launch(out, mixed, 1, 1, "train.distributed=ddp", command="train", nnodes=2, node_rank=r, port=port)
+             for r in (0, 1)]
+    try:
+        results = [n.communicate(timeout=TIMEOUT) for n in nodes]
+    finally:
+        for n in nodes:
+            n.kill()
+    for n, (stdout, stderr) in zip(nodes, results):
+        assert n.returncode == 0, stdout[-2000:] + stderr[-4000:]
+    assert "distributed: ddp over 2 processes" in results[0][0]
+    assert results[1][0].count("step ") == 0  # node 1's process is rank 1: it prints nothing
+    a, b = _losses(one_node / "run"), _losses(out / "run")
+    assert sorted(a) == sorted(b) == list(range(1, STEPS + 1))
+    diffs = {s: abs(a[s] - b[s]) for s in a}
+    print("per-step |loss(2 nodes x 1) - loss(1 node x 2)|:", diffs)
+    assert max(diffs.values()) < 1e-5, diffs
+    _assert_same_weights(one_node / "run", out / "run")
+    # each node's rank trained on the bins the same rank trains on one node
+    for r in (0, 1):
+        assert (_records(out / "batches" / f"batches-rank{r}.jsonl")
+                == _records(one_node / "batches" / f"batches-rank{r}.jsonl"))
