@@ -16,8 +16,13 @@ trainable    LoRA: r*(in+out) per targeted linear (r*(num+dim) per targeted embe
              Assumption (deliberately simple, an upper bound): every trainable parameter has an
              fp32 copy (4 bytes) and an fp32 gradient (4 bytes), plus optimizer state: AdamW
              8 bytes (two fp32 moments), adamw_8bit / paged_adamw_8bit 2 bytes.
-             With --gpus N > 1 the gradients and optimizer states (fp32 copies included) are
-             divided by N (ZeRO-2 style sharding); weights and activations are per GPU.
+             Per GPU under the strategy (train.distributed / train.deepspeed, or every one in
+             the strategy table): DDP and one GPU keep everything; ZeRO-2 divides the
+             gradients, fp32 copies and optimizer states by N; ZeRO-3 and FSDP divide the weights
+             too (4-bit ones included) and add the weights gathered at a time: two decoder layers
+             (the one running and the one prefetched) or the embedding/lm_head when larger.
+             `-offload` presets keep the fp32 copies and optimizer states in host memory
+             (zero3-offload the weights as well), leaving the gradient partitions on the GPU.
 activations  LLM decoder layers, after Korthikanti et al. 2022 ("Reducing activation
              recomputation in large transformer models"): per token per layer, in 16-bit,
              34*h bytes for a 4h GELU MLP (+ 5*a*s for the attention matrix, which flash/SDPA
@@ -177,6 +182,41 @@ class Settings:
     optim: str
     eager: bool
     gpus: int
+    strategy: str = "single"  # one of STRATEGIES
+
+
+# how each strategy places the per-rank state: (state sharded, weights sharded, state offloaded, weights offloaded)
+STRATEGIES = {
+    "single": (False, False, False, False),
+    "ddp": (False, False, False, False),
+    "zero2": (True, False, False, False),
+    "zero2-offload": (True, False, True, False),
+    "zero3": (True, True, False, False),
+    "zero3-offload": (True, True, True, True),
+    "fsdp": (True, True, False, False),
+}
+TRAIN_SETTING = {"ddp": "train.distributed=ddp", "fsdp": "train.distributed=fsdp",
+                 **{k: f"train.distributed=deepspeed train.deepspeed={k}" for k in STRATEGIES if k.startswith("zero")}}
+
+
+def strategy_of(recipe, gpus: int) -> str:
+    """The recipe's strategy as the planner names it (a DeepSpeed JSON by its stage and offloads)."""
+    from finetune.recipe import DEEPSPEED_PRESETS, deepspeed_stage
+
+    t = recipe.train
+    if t.distributed == "fsdp":
+        return "fsdp"
+    if t.distributed == "deepspeed":
+        if t.deepspeed in DEEPSPEED_PRESETS:
+            return t.deepspeed
+        stage = 3 if deepspeed_stage(t.deepspeed) == 3 else 2
+        try:
+            zero = json.loads(Path(t.deepspeed).read_text()).get("zero_optimization", {})
+        except (OSError, ValueError):
+            zero = {}
+        offload = (zero.get("offload_optimizer") or {}).get("device", "none") not in ("none", None)
+        return f"zero{stage}" + ("-offload" if offload else "")
+    return "ddp" if gpus > 1 else "single"
 
 
 @dataclass
@@ -198,6 +238,9 @@ class Plan:
     overhead: float
     peak: float
     fits: bool
+    host: float = 0.0  # bytes per rank in host memory (offload)
+    gathered: float = 0.0  # weights unsharded at a time (ZeRO-3, FSDP)
+    strategies: list = field(default_factory=list)  # (strategy, peak per GPU, host per rank, fits) on this GPU count
     suggestions: list[str] = field(default_factory=list)
 
     @property
@@ -210,8 +253,11 @@ def _role_lines(count: ModelCount, modes: dict, lora_targets: dict, full_modules
                 s: Settings) -> list[RoleLine]:
     from finetune.families.base import ROLE_NAMES
 
-    per_param_state = 4 + 4 + OPTIM_BYTES.get(s.optim, 8)
-    shard = max(1, s.gpus)
+    shard_state, shard_weights, off_state, _ = STRATEGIES[s.strategy]
+    # on the GPU: the gradient (4 B) and, unless offloaded, the fp32 copy and optimizer states
+    per_param_state = 4 + (0 if off_state else 4 + OPTIM_BYTES.get(s.optim, 8))
+    shard = max(1, s.gpus) if shard_state else 1
+    wshard = max(1, s.gpus) if shard_weights else 1
     lines = []
     for role in ROLE_NAMES:
         n = count.roles.get(role, 0)
@@ -231,7 +277,7 @@ def _role_lines(count: ModelCount, modes: dict, lora_targets: dict, full_modules
             trainable = sum(r * (shapes[m][0] + shapes[m][1]) for m in lora_targets.get(role, []))
         elif mode == "full":
             trainable = n
-        lines.append(RoleLine(role, mode, n, wbytes, trainable, trainable * per_param_state / shard))
+        lines.append(RoleLine(role, mode, n, wbytes / wshard, trainable, trainable * per_param_state / shard))
     return lines
 
 
@@ -268,10 +314,24 @@ def _estimate(count: ModelCount, modes: dict, lora_targets: dict, full_modules: 
     act = _activations(count, s, modes)
     weights = sum(ln.weight_bytes for ln in lines)
     state = sum(ln.state_bytes for ln in lines)
+    shard_state, shard_weights, off_state, off_weights = STRATEGIES[s.strategy]
+    n = max(1, s.gpus)
+    gathered = host = 0.0
+    if shard_weights:
+        # unsharded at a time: the decoder layer running and the one prefetched, or the
+        # embedding / lm_head (each gathered whole at its use) when larger
+        full = {ln.role: ln.weight_bytes * n for ln in lines}
+        layer = full.get("llm", 0.0) / max(1, count.llm.layers)
+        gathered = max(2 * layer, full.get("embeddings", 0.0), full.get("lm_head", 0.0))
+    if off_state:  # fp32 copies and optimizer states of this rank's partition, in host memory
+        host += sum(ln.trainable for ln in lines) * (4 + OPTIM_BYTES.get(s.optim, 8)) / (n if shard_state else 1)
+    if off_weights:
+        host += weights
+        weights = 0.0
     used_act = act["ckpt"] if s.gradient_checkpointing else act["full"]
-    peak = weights + state + used_act + act["logits"] + act["encoders"] + OVERHEAD_BYTES
-    return {"lines": lines, "weights": weights, "state": state, "act": act, "peak": peak,
-            "fits": peak <= gpu_gb * GB}
+    peak = weights + gathered + state + used_act + act["logits"] + act["encoders"] + OVERHEAD_BYTES
+    return {"lines": lines, "weights": weights, "state": state, "act": act, "peak": peak, "host": host,
+            "gathered": gathered, "fits": peak <= gpu_gb * GB}
 
 
 def _settings(recipe, gpus: int) -> Settings:
@@ -282,7 +342,7 @@ def _settings(recipe, gpus: int) -> Settings:
         quantize=recipe.model.quantize, weight_bytes=4 if dtype == "float32" else 2,
         max_tokens=recipe.data.max_tokens, batch_size=recipe.train.batch_size,
         gradient_checkpointing=bool(recipe.train.gradient_checkpointing), optim=recipe.train.optim,
-        eager=recipe.model.attn == "eager", gpus=max(1, int(gpus)))
+        eager=recipe.model.attn == "eager", gpus=max(1, int(gpus)), strategy=strategy_of(recipe, int(gpus)))
 
 
 def plan(recipe, gpu_gb: float = 24, gpus: int = 1) -> Plan:
@@ -301,7 +361,13 @@ def plan(recipe, gpu_gb: float = 24, gpus: int = 1) -> Plan:
         gpu_gb=gpu_gb, roles=e["lines"], weights=e["weights"],
         trainable_params=sum(ln.trainable for ln in e["lines"]), trainable_state=e["state"],
         activations_ckpt=e["act"]["ckpt"], activations_full=e["act"]["full"], logits=e["act"]["logits"],
-        encoders=e["act"]["encoders"], overhead=OVERHEAD_BYTES, peak=e["peak"], fits=e["fits"])
+        encoders=e["act"]["encoders"], overhead=OVERHEAD_BYTES, peak=e["peak"], fits=e["fits"], host=e["host"],
+        gathered=e["gathered"])
+    for name in STRATEGIES:
+        if (name == "single") != (s.gpus == 1) and not name.startswith("zero"):
+            continue  # one GPU: single or DeepSpeed (offload); several: no "single"
+        st = _estimate(*args, replace(s, strategy=name), gpu_gb)
+        out.strategies.append((name, st["peak"], st["host"], st["fits"]))
     if not out.fits:
         out.suggestions = _suggest(args, s, gpu_gb)
     return out
@@ -338,12 +404,18 @@ def _suggest(args, s: Settings, gpu_gb: float) -> list[str]:
     if len(combo) > 1:
         peak = _estimate(*args, combined, gpu_gb)["peak"]
         out.append(f"all of {' '.join(combo)}: peak {peak / GB:.1f} GB" + (" (fits)" if peak <= gpu_gb * GB else ""))
-    for n in (2, 4, 8):
-        if n > s.gpus:
-            peak = _estimate(*args, replace(combined, gpus=n), gpu_gb)["peak"]
+    # the same GPU count under another strategy, then more GPUs: the first (least sharding) that fits
+    found = False
+    for n in sorted({s.gpus, 2, 4, 8}):
+        if n < s.gpus or found:
+            continue
+        for name in ("ddp", "zero2", "fsdp", "zero3", "zero2-offload", "zero3-offload"):
+            if name == s.strategy and n == s.gpus or (n == 1 and not name.startswith("zero")):
+                continue
+            peak = _estimate(*args, replace(s, gpus=n, strategy=name), gpu_gb)["peak"]
             if peak <= gpu_gb * GB:
-                out.append(f"--gpus {n} with DeepSpeed ZeRO-2 (gradients and optimizer states sharded)"
-                           + (f" plus {' '.join(combo)}" if combo else "") + f": peak {peak / GB:.1f} GB per GPU")
+                out.append(f"--gpus {n} with {TRAIN_SETTING[name]}: peak {peak / GB:.1f} GB per GPU (fits)")
+                found = True
                 break
     if not out:
         out.append("a GPU with more memory (--gpu), or fewer trained roles")
@@ -371,7 +443,8 @@ def format_plan(p: Plan) -> str:
     lines = [
         f"memory plan: {p.recipe}  ({p.family}, {p.model_path}; config {p.config_path})",
         (f"  weights {q}; tokens/step {s.max_tokens} x {s.batch_size}; gradient checkpointing "
-         f"{'on' if s.gradient_checkpointing else 'off'}; optim {s.optim}; {s.gpus} x {p.gpu_gb:g} GB GPU"),
+         f"{'on' if s.gradient_checkpointing else 'off'}; optim {s.optim}; {s.gpus} x {p.gpu_gb:g} GB GPU; "
+         f"strategy {s.strategy}"),
         "",
         f"{'role':<18}{'mode':<8}{'params':>10}{'weights':>12}{'trainable':>12}{'grad+optim':>13}",
     ]
@@ -381,10 +454,16 @@ def format_plan(p: Plan) -> str:
     total = sum(r.params for r in p.roles)
     lines.append(f"{'all':<18}{'':<8}{_n(total):>10}{_gb(p.weights):>12}{_n(p.trainable_params):>12}"
                  f"{_gb(p.trainable_state):>13}")
-    shard = f", sharded over {s.gpus} GPUs (ZeRO-2)" if s.gpus > 1 else ""
+    sharded, wsharded, off_state, off_weights = STRATEGIES[s.strategy]
+    shard = f", sharded over {s.gpus} GPUs" if sharded and s.gpus > 1 else ""
+    if off_state:
+        shard += "; fp32 copy + optimizer in host memory"
     ck, nock = ("*", "") if s.gradient_checkpointing else ("", "*")
     rows = [
-        ("weights", p.weights, ""),
+        ("weights", p.weights, f"sharded over {s.gpus} GPUs" if wsharded and s.gpus > 1 else
+         "in host memory" if off_weights else ""),
+        *([("weights gathered at a time", p.gathered, "two decoder layers, or the embedding / lm_head")]
+          if wsharded else []),
         ("trainable state", p.trainable_state,
          f"fp32 copy + fp32 grad + {OPTIM_BYTES.get(s.optim, 8)} B optimizer per trainable param{shard}"),
         ("activations, checkpointing" + ck, p.activations_ckpt, "layer inputs + one layer"),
@@ -394,6 +473,7 @@ def format_plan(p: Plan) -> str:
                                                    "encoder call"),
         ("CUDA / runtime overhead", p.overhead, ""),
         ("expected peak", p.peak, "* = the recipe's setting"),
+        *([("host memory per rank", p.host, "offloaded state")] if p.host else []),
     ]
     lines.append("")
     lines += [f"  {label:<30}{_gb(b):>10}" + (f"   ({note})" if note else "") for label, b, note in rows]
@@ -402,6 +482,13 @@ def format_plan(p: Plan) -> str:
         f"fits on {s.gpus} x {p.gpu_gb:g} GB: " + ("yes" if p.fits else "NO")
         + f" ({100 * p.peak / (p.gpu_gb * GB):.0f}% of one GPU)",
     ]
+    if p.strategies:
+        lines += ["", f"per GPU under each strategy on {s.gpus} x {p.gpu_gb:g} GB (the recipe's: {s.strategy}):",
+                  f"  {'strategy':<16}{'peak/GPU':>10}{'host/rank':>11}  fits   set with"]
+        for name, peak, host, fits in p.strategies:
+            mark = "*" if name == s.strategy else " "
+            lines.append(f" {mark}{name:<16}{peak / GB:>8.1f} GB{host / GB:>8.1f} GB  {'yes' if fits else 'NO ':<5}  "
+                         f"{TRAIN_SETTING.get(name, '(one process)')}")
     if p.suggestions:
         lines.append("to make it fit, try:")
         lines += [f"  - {x}" for x in p.suggestions]

@@ -96,8 +96,60 @@ def test_4bit_is_smaller_and_lora_counts_follow_the_formula():
     assert bf16.trainable_state == pytest.approx(16 * bf16.trainable_params)
     q8 = plan(load_recipe("medical", [QWEN, "roles.llm.r=8", "train.optim=paged_adamw_8bit"]))
     assert q8.trainable_state == pytest.approx(10 * q8.trainable_params)
-    two = plan(load_recipe("medical", [QWEN, "roles.llm.r=8"]), gpus=2)
+    # DDP keeps a whole copy of everything on each GPU; ZeRO-2 shards the trainable state
+    ddp = plan(load_recipe("medical", [QWEN, "roles.llm.r=8"]), gpus=2)
+    assert ddp.settings.strategy == "ddp" and ddp.trainable_state == pytest.approx(bf16.trainable_state)
+    two = plan(load_recipe("medical", [QWEN, "roles.llm.r=8", "train.distributed=deepspeed"]), gpus=2)
+    assert two.settings.strategy == "zero2"
     assert two.trainable_state == pytest.approx(bf16.trainable_state / 2)
+    assert two.weights == pytest.approx(bf16.weights)
+
+
+@pytest.mark.parametrize("path", [QWEN, BAICHUAN])
+def test_each_strategy_places_weights_and_state_per_rank(path):
+    """Per GPU: ZeRO-2 divides the trainable state by N, ZeRO-3/FSDP the weights too (plus what
+    is gathered at a time), offload moves the fp32 copies and optimizer states to the host."""
+    from finetune.plan import STRATEGIES
+
+    recipe = "medical" if path == QWEN else "medical-baichuan"
+    one = plan(load_recipe(recipe, [path]), gpus=1)
+    p = {name: plan(load_recipe(recipe, [path, *_setting(name)]), gpus=4) for name in STRATEGIES if name != "single"}
+    assert {n for n, *_ in p["ddp"].strategies} == set(STRATEGIES) - {"single"}
+    assert p["ddp"].weights == pytest.approx(one.weights) and p["ddp"].trainable_state == pytest.approx(
+        one.trainable_state)
+    assert p["zero2"].weights == pytest.approx(one.weights)
+    assert p["zero2"].trainable_state == pytest.approx(one.trainable_state / 4)
+    for name in ("zero3", "fsdp"):
+        assert p[name].weights == pytest.approx(one.weights / 4)
+        assert 0 < p[name].gathered < one.weights / 4
+        assert p[name].peak < p["zero2"].peak < p["ddp"].peak
+    trainable = one.trainable_params
+    # offload: the GPU keeps the gradient partition (4 B), the host the fp32 copy + AdamW (12 B)
+    assert p["zero2-offload"].trainable_state == pytest.approx(4 * trainable / 4)
+    assert p["zero2-offload"].host == pytest.approx(12 * trainable / 4)
+    assert p["zero3-offload"].weights == 0
+    assert p["zero3-offload"].host == pytest.approx(12 * trainable / 4 + one.weights / 4)
+    # the table on the plan is the same arithmetic as planning each strategy alone
+    table = {n: peak for n, peak, _, _ in p["ddp"].strategies}
+    for name, q in p.items():
+        assert table[name] == pytest.approx(q.peak), name
+
+
+def _setting(name: str) -> list[str]:
+    if name in ("ddp", "fsdp"):
+        return [f"train.distributed={name}"]
+    return ["train.distributed=deepspeed", f"train.deepspeed={name}"]
+
+
+def test_the_plan_says_which_strategy_fits():
+    # the 7B thinker with every LLM weight trained does not fit 2 x 24 GB under DDP; sharding does
+    p = plan(load_recipe("medical", [QWEN, "roles.llm.mode=full"]), gpu_gb=24, gpus=2)
+    assert not p.fits
+    fits = {n for n, _, _, ok in p.strategies if ok}
+    assert "ddp" not in fits and "zero3-offload" in fits
+    assert any("train.deepspeed=zero3" in x for x in p.suggestions), p.suggestions
+    out = format_plan(p)
+    assert "per GPU under each strategy on 2 x 24 GB (the recipe's: ddp)" in out
 
 
 def test_encoder_bound_is_a_row_of_media_tokens():
