@@ -13,7 +13,8 @@ Parts, each with its own time limit so one slow part cannot take the others' tim
   4. bench/step_split.py on the CPU demo recipe: where a GPU step's time goes;
   5. bench/packing.py --size small: packed vs padded throughput on the demo and long-tail mixtures;
   6. bench/loss_memory.py on CUDA: full logits vs TRL's chunked head (Triton), memory and time;
-  7. one DeepSpeed ZeRO-2 step, when deepspeed is installed.
+  7. a few steps of each engine on CUDA in one process: DeepSpeed ZeRO-2, ZeRO-3 with a 4-bit base,
+     ZeRO-3-offload (when deepspeed is installed), FSDP2.
 
 MFU, as bench/gpu_step.py's step_flops defines it: the LLM's 6N FLOPs per token with gradient
 checkpointing (2N forward, 2N backward for the inputs' gradients under LoRA, 2N recompute; 4N
@@ -98,13 +99,25 @@ def main(argv=None) -> int:
     ]
     import importlib.util
 
-    if importlib.util.find_spec("deepspeed") is not None and cuda:
-        parts.append(("DeepSpeed ZeRO-2 step", [py, "-m", "finetune", "train", "medical-tiny", "train.max_steps=1",
-                                                "train.distributed=deepspeed", "train.deepspeed=zero2",
-                                                "output.dir=/tmp/gpu-check-ds"], 120))
-    else:
-        log += ["## DeepSpeed ZeRO-2 step", "", "not run: deepspeed is not installed here (`pip install -e "
-                "\".[deepspeed]\"`)" if cuda else "not run (CPU smoke)", ""]
+    # the engines on CUDA (one process: NCCL takes one rank per GPU, so 2-process runs of every
+    # strategy are tested on the CPU with gloo, tests/test_distributed.py): the Trainer's own
+    # DeepSpeed and FSDP2 paths, QLoRA sharded, ZeRO-3-offload (a 7B LoRA on one small GPU)
+    engines = [("DeepSpeed ZeRO-2", ["train.distributed=deepspeed", "train.deepspeed=zero2"]),
+               ("DeepSpeed ZeRO-3, QLoRA", ["train.distributed=deepspeed", "train.deepspeed=zero3",
+                                             "model.quantize=4bit"]),
+               ("DeepSpeed ZeRO-3-offload", ["train.distributed=deepspeed", "train.deepspeed=zero3-offload"]),
+               ("FSDP2", ["train.distributed=fsdp"])]
+    for name, settings in engines:
+        if not cuda:
+            log += [f"## {name} steps", "", "not run (CPU smoke)", ""]
+        elif importlib.util.find_spec("deepspeed") is None and "deepspeed" in settings[0]:
+            log += [f"## {name} steps", "", "not run: deepspeed is not installed here (`pip install -e "
+                    "\".[deepspeed]\"`)", ""]
+        else:
+            launch = [py, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "1"]
+            parts.append((f"{name} steps", [*launch, "-m", "finetune", "train", "medical-tiny", "train.max_steps=3",
+                                            "train.save_steps=2", *settings,
+                                            f"output.dir=/tmp/gpu-check-{name.split(',')[0].replace(' ', '-')}"], 120))
     ok = all([part(name, cmd, t, log) for name, cmd, t in parts])
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text("\n".join(log) + "\n")
