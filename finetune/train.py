@@ -683,6 +683,9 @@ def train(recipe: Recipe) -> Path:
     attn = attention.choose(recipe.model.attn, recipe.data.packing)
     attention.apply_to_llm(loaded.model, attn)
     attention.apply_to_encoders(loaded.model, family)
+    # LoRA's random init comes from the seed alone, not from how much randomness loading drew
+    # (ZeRO-3's partitioned construction of Baichuan's model drew differently: other lora_A)
+    torch.manual_seed(recipe.train.seed)
     model, plan = adapters.apply_roles(loaded.model, family, recipe,
                                        gradient_checkpointing=recipe.train.gradient_checkpointing)
     adapters.fp32_trainable(model)

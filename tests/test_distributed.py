@@ -80,8 +80,9 @@ def _modalities(train: Path) -> list[set[str]]:
 
 
 def _launch(out: Path, data: dict, nproc: int, batch_size: int, *extra: str, command: str = "run",
-            env: dict | None = None, ok: bool = True, nnodes: int = 1, node_rank: int = 0, port: int = 0):
-    """`python -m finetune <command> medical-tiny` under torchrun or alone; returns the result."""
+            env: dict | None = None, ok: bool = True, nnodes: int = 1, node_rank: int = 0, port: int = 0,
+            recipe: str = "medical-tiny"):
+    """`python -m finetune <command> <recipe>` under torchrun or alone; returns the result."""
     env = {**os.environ, "PYTHONPATH": str(ROOT), "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1",
            "FINETUNE_RECORD_BATCHES": str(out / "batches"), **(env or {})}
     for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
@@ -93,7 +94,7 @@ def _launch(out: Path, data: dict, nproc: int, batch_size: int, *extra: str, com
         launcher += (["--standalone"] if nnodes == 1 else
                      ["--nnodes", str(nnodes), "--node_rank", str(node_rank), "--master_addr", "127.0.0.1",
                       "--master_port", str(port)])
-    cmd = [*launcher, "-m", "finetune", command, "medical-tiny", *overrides]
+    cmd = [*launcher, "-m", "finetune", command, recipe, *overrides]
     if nnodes > 1:  # the other nodes' launches are running already; this one is waited for by the caller
         return subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     res = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=TIMEOUT)
@@ -118,7 +119,12 @@ def reference(tmp_path_factory, mixed) -> Path:
     return out
 
 
-def _assert_same_weights(run_a: Path, run_b: Path) -> None:
+def _assert_same_weights(run_a: Path, run_b: Path, *, adam_outliers: bool = False) -> None:
+    """Adapters equal within 1e-5. `adam_outliers`: a few entries may differ by up to 1e-4, where
+    a gradient entry is itself at roundoff level, its sign can differ between summation orders,
+    and Adam (which divides by the gradient's own magnitude) turns that into an update difference
+    of up to ~lr per step. Measured: padded FSDP rows, one vision weight at 1.2e-5; Baichuan under
+    ZeRO-3, one of the bridge's 83k weights at 1.8e-5 with every other entry below 7e-7."""
     from safetensors.torch import load_file
 
     wa = load_file(run_a / "adapter" / "adapter_model.safetensors")
@@ -128,8 +134,13 @@ def _assert_same_weights(run_a: Path, run_b: Path) -> None:
     for k in wa:
         assert wa[k].shape == wb[k].shape, k  # gathered, not one rank's shard
     wdiff = max(float((wa[k] - wb[k]).abs().max()) for k in wa)
-    print("max |adapter weight difference|:", wdiff)
-    assert wdiff < 1e-5
+    over = sum(int(((wa[k] - wb[k]).abs() >= 1e-5).sum()) for k in wa)
+    total = sum(wa[k].numel() for k in wa)
+    print(f"max |adapter weight difference|: {wdiff:.2e}; entries over 1e-5: {over} of {total}")
+    if adam_outliers:
+        assert wdiff < 1e-4 and over <= max(1, total // 10_000), (wdiff, over)
+    else:
+        assert wdiff < 1e-5
 
 
 @pytest.mark.parametrize("mode", [pytest.param(m, marks=needs_deepspeed(m)) for m in STRATEGIES])
@@ -262,3 +273,27 @@ def test_two_nodes_of_one_process_equal_two_processes_on_one_node(tmp_path, mixe
     for r in (0, 1):
         assert (_records(out / "batches" / f"batches-rank{r}.jsonl")
                 == _records(one_node / "batches" / f"batches-rank{r}.jsonl"))
+
+
+VARIANTS = {  # the other family's towers; padded rows (idle samples as rows of their own)
+    "baichuan-zero3": ("medical-baichuan-tiny", ["train.distributed=deepspeed", "train.deepspeed=zero3"]),
+    "baichuan-ddp": ("medical-baichuan-tiny", ["train.distributed=ddp"]),
+    "padded-fsdp": ("medical-tiny", ["train.distributed=fsdp", "data.packing=false"]),
+}
+
+
+@pytest.mark.parametrize("variant", [pytest.param(v, marks=needs_deepspeed("zero" if "zero" in v else v))
+                                     for v in VARIANTS])
+def test_sharded_variants_equal_one_process(tmp_path, mixed, variant):
+    recipe, settings = VARIANTS[variant]
+    packing = [x for x in settings if x.startswith("data.")]
+    _launch(tmp_path / "one", mixed, 1, 2, *packing, command="train", recipe=recipe)
+    res = _launch(tmp_path / "two", mixed, 2, 1, *settings, command="train", recipe=recipe)
+    if "ddp" not in variant:
+        assert "elements (50%)" in res.stdout, res.stdout[-2000:]
+    ref, got = _losses(tmp_path / "one" / "run"), _losses(tmp_path / "two" / "run")
+    assert sorted(got) == sorted(ref) == list(range(1, STEPS + 1))
+    diffs = {s: abs(got[s] - ref[s]) for s in ref}
+    print(f"{variant}: per-step |loss(2 ranks) - loss(1 process)|:", diffs)
+    assert max(diffs.values()) < 1e-5, diffs
+    _assert_same_weights(tmp_path / "one" / "run", tmp_path / "two" / "run", adam_outliers=True)
