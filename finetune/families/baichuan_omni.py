@@ -29,13 +29,7 @@ from finetune.errors import ConfigError
 from finetune.families.base import (IGNORE_INDEX, EncodedSample, Family, LoadedModel, cache_root,
                                     quantization_config)
 from finetune.recipe import shards_weights
-from finetune.families.qwen2_5_omni import (
-    OmniProcessor,
-    _atomic_build,
-    _chunks,
-    _turns,
-    smart_resize,
-)
+from finetune.families.shared import OmniProcessor, atomic_build, chat_turns, smart_resize, text_and_media_chunks
 
 EOT = "<|endoftext|>"
 B_SYS, C_Q, C_A = "<B_SYS>", "<C_Q>", "<C_A>"
@@ -204,10 +198,10 @@ class BaichuanOmniFamily(Family):
             labels.extend(tokens if learn else [IGNORE_INDEX] * len(tokens))
 
         frames_proc = None  # the processor with the video pixel limit, made on the first video
-        for msg in _turns(sample, processor.system_prompt, for_generation):
+        for msg in chat_turns(sample, processor.system_prompt, for_generation):
             learn = msg.role == "assistant" and not for_generation
             emit([tid[ROLE_TOKENS[msg.role]]], False)
-            for chunk in _chunks(msg):
+            for chunk in text_and_media_chunks(msg):
                 if isinstance(chunk, str):
                     emit(processor.text_ids(chunk), learn)
                 elif chunk.type == "image":
@@ -345,7 +339,7 @@ class BaichuanOmniFamily(Family):
         root = cache_root() / "tiny" / f"baichuan_omni-s{seed}-v{TINY_VERSION}"
         if (root / "config.json").exists():
             return root
-        return _atomic_build(root, lambda d: build_tiny(d, seed))
+        return atomic_build(root, lambda d: build_tiny(d, seed))
 
     # ---- export ------------------------------------------------------------------------
     def save_merged(self, model, loaded: LoadedModel, out_dir: Path, *, dtype: torch.dtype,

@@ -1,0 +1,314 @@
+"""What more than one family uses, below the family files (both import it; neither imports
+the other): the processor of the Qwen-style omni models (our tokenizer + PIL image processor +
+Whisper feature extractor + video patchifier, which Baichuan-Omni-1.5's processor extends),
+the chat-turn helpers of the encoders, and the tiny models' cache.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from finetune.errors import ConfigError
+from finetune.families.base import cache_root
+
+# the special tokens of the Qwen-style chat format and media placeholders
+IM_START, IM_END = "<|im_start|>", "<|im_end|>"
+VISION_BOS, VISION_EOS = "<|vision_bos|>", "<|vision_eos|>"
+AUDIO_BOS, AUDIO_EOS = "<|audio_bos|>", "<|audio_eos|>"
+IMAGE_TOKEN, VIDEO_TOKEN, AUDIO_TOKEN = "<|IMAGE|>", "<|VIDEO|>", "<|AUDIO|>"
+
+
+def _feat_to_tokens(n_frames: int) -> int:
+    """Audio tokens the thinker's audio tower yields for `n_frames` mel frames."""
+    n = (n_frames - 1) // 2 + 1
+    return (n - 2) // 2 + 1
+
+
+def audio_output_lengths(frames: torch.Tensor) -> torch.Tensor:
+    """Rows the thinker's audio tower gives per clip of `frames` mel frames: transformers' own
+    arithmetic (Qwen2_5OmniAudioEncoder), so a prompt that disagrees with it is found early."""
+    from transformers.models.qwen2_5_omni.modeling_qwen2_5_omni import Qwen2_5OmniAudioEncoder
+
+    return Qwen2_5OmniAudioEncoder._get_feat_extract_output_lengths(None, frames)[1]
+
+
+def smart_resize(height: int, width: int, factor: int, min_pixels: int, max_pixels: int) -> tuple[int, int]:
+    """Qwen2-VL's resize rule: sides divisible by `factor`, area within [min, max] pixels."""
+    if max(height, width) / min(height, width) > 200:
+        raise ValueError(f"aspect ratio {max(height, width) / min(height, width):.0f} exceeds 200")
+    h = max(factor, round(height / factor) * factor)
+    w = max(factor, round(width / factor) * factor)
+    if h * w > max_pixels:
+        beta = math.sqrt((height * width) / max_pixels)
+        h = max(factor, math.floor(height / beta / factor) * factor)
+        w = max(factor, math.floor(width / beta / factor) * factor)
+    elif h * w < min_pixels:
+        beta = math.sqrt(min_pixels / (height * width))
+        h = math.ceil(height * beta / factor) * factor
+        w = math.ceil(width * beta / factor) * factor
+    return h, w
+
+
+@dataclass
+class OmniProcessor:
+    """Tokenizer + image/audio/video preprocessing for one Qwen2.5-Omni checkpoint."""
+
+    tokenizer: Any
+    patch_size: int = 14
+    merge_size: int = 2
+    temporal_patch_size: int = 2
+    min_pixels: int = 56 * 56
+    max_pixels: int = 28 * 28 * 1280
+    image_mean: tuple = (0.48145466, 0.4578275, 0.40821073)
+    image_std: tuple = (0.26862954, 0.26130258, 0.27577711)
+    sampling_rate: int = 16000
+    feature_size: int = 128
+    hop_length: int = 160
+    n_fft: int = 400
+    video_fps: float = 2.0
+    video_max_frames: int = 16
+    system_prompt: str | None = None  # the one rendered for samples without a system turn (None: none)
+    token_ids: dict = field(default_factory=dict)
+    _fe: Any = None
+    _text_cache: dict = field(default_factory=dict)
+
+    @classmethod
+    def from_folder(cls, folder: Path, *, min_pixels: int | None = None, max_pixels: int | None = None,
+                    video_fps: float = 2.0, video_max_frames: int = 16, system_prompt: str | None = None):
+        """Read the tokenizer and preprocessing settings saved in a model folder."""
+        from transformers import AutoTokenizer
+
+        tok = AutoTokenizer.from_pretrained(str(folder))
+        cfg: dict = {}
+        for name in ("preprocessor_config.json", "processor_config.json"):
+            p = Path(folder) / name
+            if p.exists():
+                data = json.loads(p.read_text())
+                # transformers 5 nests sub-processor settings; older checkpoints keep them flat
+                for sub in ("image_processor", "feature_extractor"):
+                    if isinstance(data.get(sub), dict):
+                        cfg.update(data[sub])
+                cfg.update({k: v for k, v in data.items() if not isinstance(v, dict)})
+        proc = cls(
+            tokenizer=tok,
+            patch_size=int(cfg.get("patch_size", 14)),
+            merge_size=int(cfg.get("merge_size", 2)),
+            temporal_patch_size=int(cfg.get("temporal_patch_size", 2)),
+            min_pixels=int(min_pixels or cfg.get("min_pixels", 56 * 56)),
+            max_pixels=int(max_pixels or cfg.get("max_pixels", 28 * 28 * 1280)),
+            image_mean=tuple(cfg.get("image_mean", cls.image_mean)),
+            image_std=tuple(cfg.get("image_std", cls.image_std)),
+            sampling_rate=int(cfg.get("sampling_rate", 16000)),
+            feature_size=int(cfg.get("feature_size", 128)),
+            hop_length=int(cfg.get("hop_length", 160)),
+            n_fft=int(cfg.get("n_fft", 400)),
+            video_fps=video_fps,
+            video_max_frames=video_max_frames,
+            system_prompt=cls.effective_system_prompt(tok, system_prompt),
+        )
+        proc.register_special_tokens([IM_START, IM_END, VISION_BOS, VISION_EOS, AUDIO_BOS, AUDIO_EOS,
+                                      IMAGE_TOKEN, VIDEO_TOKEN, AUDIO_TOKEN], folder, "Qwen2.5-Omni")
+        return proc
+
+    #: how the family's chat template opens and closes a system turn
+    SYSTEM_TURN = ("<|im_start|>system\n", "<|im_end|>")
+
+    @classmethod
+    def effective_system_prompt(cls, tokenizer, given: str | None) -> str | None:
+        """The system prompt training renders for samples without one: the recipe's (`""`: none),
+        else what the model folder's own chat template adds at inference, so that the prompt at
+        training equals the prompt the model sees when used (Qwen2.5-Omni's template adds
+        "You are a helpful assistant."; Baichuan-Omni-1.5's released code adds none)."""
+        if given is not None:
+            return given or None
+        return cls.template_system_prompt(tokenizer)
+
+    @classmethod
+    def template_system_prompt(cls, tokenizer) -> str | None:
+        """The system text the tokenizer's chat template adds to a conversation that has none."""
+        if not getattr(tokenizer, "chat_template", None):
+            return None
+        try:
+            text = tokenizer.apply_chat_template([{"role": "user", "content": "?"}], tokenize=False)
+        except Exception:  # a template this format cannot render: no default to copy
+            return None
+        start, end = cls.SYSTEM_TURN
+        if not text.startswith(start) or end not in text[len(start):]:
+            return None
+        return text[len(start):text.index(end, len(start))] or None
+
+    def register_special_tokens(self, names, folder, model: str) -> None:
+        """Look up the prompt format's special tokens; a tokenizer without one is the wrong folder."""
+        for s in names:
+            tid = self.tokenizer.convert_tokens_to_ids(s)
+            if tid is None or tid == self.tokenizer.unk_token_id:
+                raise ConfigError(f"{folder}: tokenizer has no special token {s}; is this a {model} folder?")
+            self.token_ids[s] = int(tid)
+
+    # ---- text ------------------------------------------------------------------------
+    def text_ids(self, text: str) -> list[int]:
+        """Token ids of plain text (no special tokens added), cached: prompts repeat a lot."""
+        ids = self._text_cache.get(text)
+        if ids is None:
+            ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
+            if len(self._text_cache) < 100_000:
+                self._text_cache[text] = ids
+        return list(ids)
+
+    @property
+    def pad_id(self) -> int:
+        pid = self.tokenizer.pad_token_id
+        return int(pid if pid is not None else self.token_ids[IM_END])
+
+    @property
+    def eos_id(self) -> int:
+        return self.token_ids[IM_END]
+
+    def settings(self) -> dict:
+        """What token counts depend on besides the data (keys the length cache)."""
+        return {"min_pixels": self.min_pixels, "max_pixels": self.max_pixels, "video_fps": self.video_fps,
+                "video_max_frames": self.video_max_frames, "system_prompt": self.system_prompt,
+                "vocab": len(self.tokenizer)}
+
+    # ---- images ----------------------------------------------------------------------
+    def image_grid(self, width: int, height: int) -> tuple[int, int, int]:
+        """(t, h, w) patch grid of an image of this size, without decoding it."""
+        factor = self.patch_size * self.merge_size
+        h, w = smart_resize(height, width, factor, self.min_pixels, self.max_pixels)
+        return 1, h // self.patch_size, w // self.patch_size
+
+    def _normalise(self, img) -> tuple[np.ndarray, int, int]:
+        from PIL import Image
+
+        img = img.convert("RGB")
+        factor = self.patch_size * self.merge_size
+        h, w = smart_resize(img.height, img.width, factor, self.min_pixels, self.max_pixels)
+        if (img.width, img.height) != (w, h):
+            img = img.resize((w, h), Image.BICUBIC)
+        arr = np.asarray(img, dtype=np.float32) / 255.0
+        arr = (arr - np.asarray(self.image_mean, np.float32)) / np.asarray(self.image_std, np.float32)
+        return arr.transpose(2, 0, 1), h, w  # C, H, W
+
+    def _patchify(self, frames: np.ndarray) -> tuple[np.ndarray, tuple[int, int, int]]:
+        """frames [T, C, H, W] -> flat patches [t*h*w, C*tp*p*p] in the vision tower's order."""
+        tp, p, m = self.temporal_patch_size, self.patch_size, self.merge_size
+        if frames.shape[0] % tp:
+            pad = tp - frames.shape[0] % tp
+            frames = np.concatenate([frames, np.repeat(frames[-1:], pad, axis=0)], axis=0)
+        t, c, h, w = frames.shape
+        gt, gh, gw = t // tp, h // p, w // p
+        x = frames.reshape(gt, tp, c, gh // m, m, p, gw // m, m, p)
+        x = x.transpose(0, 3, 6, 4, 7, 2, 1, 5, 8)
+        return np.ascontiguousarray(x.reshape(gt * gh * gw, c * tp * p * p)), (gt, gh, gw)
+
+    def process_image(self, img) -> tuple[torch.Tensor, torch.Tensor]:
+        """An image -> (pixel_values [n_patches, dim], grid_thw [3])."""
+        arr, _, _ = self._normalise(img)
+        patches, grid = self._patchify(arr[None])
+        return torch.from_numpy(patches), torch.tensor(grid, dtype=torch.long)
+
+    def process_video(self, frames: list) -> tuple[torch.Tensor, torch.Tensor, float]:
+        """Frames -> (pixel_values_videos, grid_thw, seconds per temporal grid)."""
+        first, h, w = self._normalise(frames[0])
+        arrs = [first]
+        for f in frames[1:]:
+            a, fh, fw = self._normalise(f.resize((frames[0].width, frames[0].height)))
+            arrs.append(a)
+        patches, grid = self._patchify(np.stack(arrs))
+        return torch.from_numpy(patches), torch.tensor(grid, dtype=torch.long), self.temporal_patch_size / self.video_fps
+
+    def video_grid(self, n_frames: int, width: int, height: int) -> tuple[int, int, int]:
+        """(t, h, w) grid of a video from frame count and size, without decoding."""
+        _, gh, gw = self.image_grid(width, height)
+        return math.ceil(n_frames / self.temporal_patch_size), gh, gw
+
+    # ---- audio -----------------------------------------------------------------------
+    @property
+    def feature_extractor(self):
+        if self._fe is None:
+            from transformers import WhisperFeatureExtractor
+
+            self._fe = WhisperFeatureExtractor(
+                feature_size=self.feature_size, sampling_rate=self.sampling_rate,
+                hop_length=self.hop_length, n_fft=self.n_fft,
+            )
+        return self._fe
+
+    def audio_frames(self, n_samples: int) -> int:
+        """Mel frames the model sees for `n_samples` samples (the feature attention mask's sum)."""
+        return max(1, math.ceil(n_samples / self.hop_length))
+
+    def process_audio(self, wave: np.ndarray) -> torch.Tensor:
+        """A mono waveform -> log-mel features [n_mels, frames].
+
+        The reference processor zero-pads every clip to 300 s before the STFT and masks the
+        padding; zero-padding by a few hops gives the same values for the valid frames at a
+        fraction of the cost.
+        """
+        n_valid = self.audio_frames(len(wave))
+        target = (n_valid + 3) * self.hop_length
+        feats = self.feature_extractor(
+            wave.astype(np.float32), sampling_rate=self.sampling_rate, padding="max_length",
+            max_length=target, return_attention_mask=True, return_tensors="np",
+        )
+        return torch.from_numpy(feats["input_features"][0][:, :n_valid].astype(np.float32))
+
+
+def chat_turns(sample, system_prompt: str | None, for_generation: bool) -> list:
+    """The messages a sample renders: the recipe's system prompt first when the sample has
+    none; for generation, without the trailing assistant turn(s)."""
+    from finetune.data.schema import Message, Part
+
+    messages = list(sample.messages)
+    if for_generation:
+        while messages and messages[-1].role == "assistant":
+            messages.pop()
+    if system_prompt and (not messages or messages[0].role != "system"):
+        messages = [Message(role="system", parts=[Part(type="text", text=system_prompt)])] + messages
+    return messages
+
+
+def text_and_media_chunks(msg):
+    """A message's parts with consecutive text parts joined (as the chat template renders them):
+    strings for text runs, the Part itself for media."""
+    text_buf = ""
+    for part in msg.parts:
+        if part.type == "text":
+            text_buf += part.text or ""
+            continue
+        if text_buf:
+            yield text_buf
+            text_buf = ""
+        yield part
+    if text_buf:
+        yield text_buf
+
+
+def tiny_cache_dir() -> Path:
+    """Where tiny models are materialised (under the toolkit's cache folder)."""
+    return cache_root() / "tiny"
+
+
+def atomic_build(root: Path, build) -> Path:
+    root.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=root.name + ".tmp-", dir=root.parent))
+    try:
+        build(tmp)
+        try:
+            os.rename(tmp, root)
+        except OSError:  # another process won the race; theirs is identical
+            shutil.rmtree(tmp, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return root
