@@ -176,7 +176,8 @@ def run_one(family_name: str, mode: str, args) -> dict:
         towers = family.tower_inputs(loaded.model)
         rows = [synthetic_row(family, loaded.model, args.max_tokens, seed=100 * k) for k in range(args.steps + 1)]
         batches = [to_model(pack_encoded(family, [r], loaded.processor.pad_id,
-                                         with_varlen_args=attn in attention.VARLEN_ARGS, towers=towers), model)
+                                         with_varlen_args=attn in attention.VARLEN_ARGS, towers=towers), model,
+                             family)
                    for r in rows]
         tokens = [sum(e.num_tokens for e in r) for r in rows]
         flops = [step_flops(family, loaded.model, r, checkpointing=True) for r in rows]

@@ -233,8 +233,8 @@ def main(argv=None) -> int:
         # (BFD puts the biggest samples, e.g. the videos, in the first rows: a few rows or batches
         # would compare different media loads)
         made = {"packed": [to_model(pack_encoded(fam, [[enc[i] for i in g]], proc.pad_id,
-                                                 with_varlen_args=varlen_args), model) for g in bins],
-                "padded": [to_model(fam.collate_padded([enc[i] for i in g], proc.pad_id), model) for g in batches]}
+                                                 with_varlen_args=varlen_args), model, fam) for g in bins],
+                "padded": [to_model(fam.collate_padded([enc[i] for i in g], proc.pad_id), model, fam) for g in batches]}
         tokens = sum(lengths)
 
         def epoch(kind):

@@ -54,8 +54,9 @@ def generate(model, family, processor, samples, rope, *, max_new_tokens: int, ba
         batch = family.collate_padded(enc, processor.pad_id, side="left")
         batch.pop("labels", None)
         batch = {k: (v.to(dev) if torch.is_tensor(v) else v) for k, v in batch.items()}
-        if "pixel_values" in batch:
-            batch["pixel_values"] = batch["pixel_values"].to(model.dtype if hasattr(model, "dtype") else torch.float32)
+        for key in family.float_media:  # the media the model takes in its own dtype
+            if torch.is_tensor(batch.get(key)):
+                batch[key] = batch[key].to(model.dtype if hasattr(model, "dtype") else torch.float32)
         with amp():
             gen = model.generate(**batch, max_new_tokens=max_new_tokens, do_sample=False, eos_token_id=eos,
                                  pad_token_id=processor.pad_id, use_cache=True)

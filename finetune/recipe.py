@@ -111,7 +111,7 @@ class ModelConfig:
     """Which base model to load and how."""
 
     path: str = _opt("tiny:qwen2_5_omni", "local model folder, or 'tiny:<family>' for a random tiny model")
-    family: str = _opt("auto", "model family; 'auto' detects it from the config", ("auto", "qwen2_5_omni", "baichuan_omni"))
+    family: str = _opt("auto", "model family (a name in finetune/families' registry); 'auto' detects it from the config")
     dtype: str = _opt("auto", "dtype the weights are loaded in", _DTYPES)
     quantize: str = _opt("none", "load the LLM quantized with bitsandbytes (QLoRA)", ("none", "4bit", "8bit"))
     attn: str = _opt(
@@ -589,6 +589,13 @@ def _check(recipe: Recipe, problems: _Problems) -> None:
         add("model.video_max_frames", f"must be >= 1, got {m.video_max_frames}")
     if m.video_fps <= 0:
         add("model.video_fps", f"must be > 0, got {m.video_fps}")
+    from finetune.families import _registry  # the families are below the recipe at import time
+
+    known = sorted(_registry())
+    if m.family != "auto" and m.family not in known:
+        close = difflib.get_close_matches(m.family, known, n=1)
+        add("model.family", f"unknown family {m.family!r}" + (f"; did you mean {close[0]!r}?" if close else "")
+            + f" (known: auto, {', '.join(known)})")
 
     for role, cfg in recipe.roles.items():
         p = f"roles.{role}"

@@ -56,19 +56,15 @@ class PackingCheck:
         ])
 
 
-# Media tensors that follow the model's dtype (everything else keeps its own: ids, grids, and
-# video seconds per grid, whose rounding would move M-RoPE positions).
-_FLOAT_MEDIA = ("pixel_values", "pixel_values_videos", "input_features", "audio_padded_feature")
-
-
-def to_model(batch: dict, model) -> dict:
-    """Move a collated batch to the model's device; floating media in the model's dtype."""
+def to_model(batch: dict, model, family) -> dict:
+    """Move a collated batch to the model's device; the family's floating media
+    (`Family.float_media`) in the model's dtype, everything else (ids, grids) as it is."""
     p = next(model.parameters())
     dtype = p.dtype if p.is_floating_point() else torch.float32
     out = {}
     for k, v in batch.items():
         if isinstance(v, torch.Tensor):
-            v = v.to(p.device, dtype=dtype if k in _FLOAT_MEDIA else None)
+            v = v.to(p.device, dtype=dtype if k in family.float_media else None)
         elif isinstance(v, dict):  # tower inputs (Family.tower_inputs): positions, boundaries
             v = {kk: vv.to(p.device) if isinstance(vv, torch.Tensor) else vv for kk, vv in v.items()}
         out[k] = v
@@ -104,7 +100,7 @@ def compare_packed(model, family, processor, samples, rope, *, max_tokens: int, 
     model.zero_grad(set_to_none=True)
     single_logits, total = [], 0.0
     for e in encoded:
-        batch = to_model(family.collate_padded([e], processor.pad_id), model)
+        batch = to_model(family.collate_padded([e], processor.pad_id), model, family)
         labels = batch.pop("labels")[0]
         logits = model(**batch).logits[0].float()
         loss = _sum_loss(logits, labels) / n_label
@@ -118,7 +114,7 @@ def compare_packed(model, family, processor, samples, rope, *, max_tokens: int, 
     bins = plan_bins([e.num_tokens for e in encoded], max_tokens)
     rows = [[encoded[i] for i in b] for b in bins]
     batch = to_model(pack_encoded(family, rows, processor.pad_id, with_varlen_args=varlen_args,
-                                  towers=family.tower_inputs(model) if towers else None), model)
+                                  towers=family.tower_inputs(model) if towers else None), model, family)
     labels = batch.pop("labels")
     if mutate is not None:
         batch = mutate(batch)

@@ -81,7 +81,7 @@ def test_no_host_sync_inside_the_llm_and_the_towers_on_cuda(media_dir, recipe_na
     model.to("cuda")
     from finetune.verify import to_model
 
-    batch = to_model(batch, model)
+    batch = to_model(batch, model, fam)
     labels = batch.pop("labels")
     with H.counting(H._regions(fam, model)) as c:
         out = model(**batch, labels=labels)

@@ -114,7 +114,7 @@ def _step(fam, recipe_name, media_dir, overrides=()):  # noqa: F811
     rows = [[fam.encode(sample(media_dir, MIXES[m], answer="Yes. A lesion."), loaded.processor, rope=rope)
              for m in ("all", "two_images", "audio", "image", "text", "video", "all")]]
     batch = pack_encoded(fam, rows, loaded.processor.pad_id, with_varlen_args=True, towers=fam.tower_inputs(loaded.model))
-    batch = to_model(batch, model)
+    batch = to_model(batch, model, fam)
     model.train()
     return fam, loaded, model, batch, kernels
 

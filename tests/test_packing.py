@@ -171,7 +171,7 @@ def test_idle_media_run_every_tower_and_change_nothing(trainable_tiny, media_dir
         batch.pop("num_real_tokens")
         model.zero_grad()
         calls.clear()
-        loss = _sum_loss(model(**to_model(batch, model)).logits[0], labels)
+        loss = _sum_loss(model(**to_model(batch, model, fam)).logits[0], labels)
         loss.backward()
         grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
         return float(loss), grads, list(calls), batch

@@ -448,3 +448,9 @@ def test_quantized_bases_and_sharded_weights(tmp_path):
     with pytest.raises(RecipeError, match="model.quantize=8bit cannot be combined with sharded weights"):
         load_recipe("medical-tiny", ["train.distributed=fsdp", "model.quantize=8bit"])
     load_recipe("medical-tiny", ["train.distributed=ddp", "model.quantize=8bit"])
+
+
+def test_model_family_is_checked_against_the_registry():
+    with pytest.raises(RecipeError, match="unknown family 'qwen25_omni'; did you mean 'qwen2_5_omni'"):
+        load_recipe("medical-tiny", ["model.family=qwen25_omni"])
+    assert load_recipe("medical-tiny", ["model.family=baichuan_omni"]).model.family == "baichuan_omni"

@@ -31,7 +31,7 @@ def _batch(fam, loaded, model, mixes, media_dir):  # noqa: F811
     rope = fam.rope_index(loaded.model)
     rows = [[fam.encode(sample(media_dir, MIXES[m], answer="Yes."), loaded.processor, rope=rope) for m in mixes]]
     return to_model(pack_encoded(fam, rows, loaded.processor.pad_id, with_varlen_args=True,
-                                 towers=fam.tower_inputs(loaded.model)), model)
+                                 towers=fam.tower_inputs(loaded.model)), model, fam)
 
 
 @pytest.mark.parametrize("recipe_name", ["medical-tiny", "medical-baichuan-tiny"])

@@ -111,6 +111,7 @@ class BaichuanOmniFamily(Family):
     title = "Baichuan-Omni-1.5"
     mrope = False
     media_keys = {"image": "pixel_values", "video": "pixel_values_videos", "audio": "audio_features"}
+    float_media = ("pixel_values", "pixel_values_videos")
     role_prefixes = {
         "llm": ("model.layers", "model.norm"),
         "embeddings": ("model.embed_tokens",),

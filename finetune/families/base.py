@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import abc
 import os
+import typing
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -65,6 +66,31 @@ class LoadedModel:
     info: dict = field(default_factory=dict)
 
 
+@typing.runtime_checkable
+class Processor(typing.Protocol):
+    """What the package outside a family uses of that family's processor (`Family.processor`):
+    the family's own methods (encode, count_tokens, collate_*) use the rest."""
+
+    #: the model folder's tokenizer (generation decodes with it; its chat template is checked)
+    tokenizer: Any
+
+    @property
+    def pad_id(self) -> int:
+        """Token id of padding (rows, generation batches)."""
+
+    @property
+    def eos_id(self) -> int:
+        """Token id that ends an answer (generation stops on it)."""
+
+    def settings(self) -> dict:
+        """The settings that change encodings (pixels, fps, prompt): keys of the samples' check record."""
+
+    @classmethod
+    def from_folder(cls, folder: Path, **settings) -> "Processor":
+        """The processor of a model folder with the recipe's settings (min_pixels, max_pixels,
+        video_fps, video_max_frames, system_prompt)."""
+
+
 class Family(abc.ABC):
     """Base class of a model family. Subclasses set `name` and `role_prefixes`."""
 
@@ -83,6 +109,9 @@ class Family(abc.ABC):
     #: media kind -> the EncodedSample.media key that carries it: each kind is one tower call per
     #: forward (packing.idle_media makes every rank run every tower when weights are sharded)
     media_keys: dict[str, str] = {}
+    #: the floating-point media tensors of a batch that take the model's dtype (video seconds per
+    #: grid stay fp32: rounding them would move M-RoPE positions)
+    float_media: tuple[str, ...] = ()
 
     # ---- loading -----------------------------------------------------------------------
     #: module-path prefixes QLoRA leaves unquantised (everything but the LLM's linear layers)
@@ -223,7 +252,7 @@ class Family(abc.ABC):
                              f"(expected {' or '.join(cls.model_types)})")
         return cfg
 
-    processor_class: Any = None  # has from_folder(folder, min_pixels=, max_pixels=, video_fps=, ...)
+    processor_class: type | None = None  # a Processor class (from_folder(folder, min_pixels=, ...))
     folder_hint: str = ""  # what model.path should point at, for error messages
 
     def tiny_models(self) -> dict[str, Any]:
@@ -244,7 +273,7 @@ class Family(abc.ABC):
             raise MissingFileError(f"model.path {path!r} is not a folder. {self.folder_hint}")
         return folder
 
-    def processor(self, folder: Path, recipe: "Recipe | None" = None) -> Any:
+    def processor(self, folder: Path, recipe: "Recipe | None" = None) -> Processor:
         """The processor of a model folder, with the recipe's pixel, video and prompt settings."""
         kw = {}
         if recipe is not None:

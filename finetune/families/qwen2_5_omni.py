@@ -139,6 +139,7 @@ class Qwen25OmniFamily(Family):
     title = "Qwen2.5-Omni"
     mrope = True
     media_keys = {"image": "pixel_values", "video": "pixel_values_videos", "audio": "input_features"}
+    float_media = ("pixel_values", "pixel_values_videos", "input_features", "audio_padded_feature")
     role_prefixes = {
         "llm": ("model.language_model",),
         "embeddings": ("model.language_model.embed_tokens",),
