@@ -38,12 +38,11 @@ def sha256(path: Path) -> str:
     return h.hexdigest()
 
 
-def export_dtype(setting: str, base_path: Path) -> torch.dtype:
+def export_dtype(setting: str, base_path: Path, family) -> torch.dtype:
     """auto -> the dtype the base checkpoint was saved in (bfloat16 when it does not say)."""
     if setting != "auto":
         return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[setting]
-    cfg = json.loads((base_path / "config.json").read_text())
-    name = cfg.get("dtype") or cfg.get("torch_dtype") or (cfg.get("thinker_config") or {}).get("torch_dtype")
+    name = family.saved_dtype(base_path)
     return {"float32": torch.float32, "float16": torch.float16}.get(str(name), torch.bfloat16)
 
 
@@ -200,7 +199,7 @@ def export_merged(run_dir: Path, recipe, *, force: bool) -> Path:
         raise ExportError(f"{target} exists; pass --force to replace it (the old one is kept until the new "
                           "one is verified)")
     base_path = family.resolve_path(recipe.model.path, recipe.model.tiny_seed)
-    dtype = export_dtype(recipe.export.dtype, base_path)
+    dtype = export_dtype(recipe.export.dtype, base_path, family)
     # QLoRA runs too: the base is reloaded unquantised, in the export dtype, and merged there
     loaded = family.load(recipe, quantize="none", dtype=dtype, attn="sdpa")
     rope = family.rope_index(loaded.model)
@@ -265,7 +264,7 @@ def export_quantized(run_dir: Path, recipe, *, force: bool) -> Path:
     target = run_dir / f"merged-{q}"
     if target.exists() and not force:
         raise ExportError(f"{target} exists; pass --force to replace it")
-    dtype = export_dtype(recipe.export.dtype, merged)
+    dtype = export_dtype(recipe.export.dtype, merged, family)
     compute = torch.bfloat16 if dtype == torch.float32 and torch.cuda.is_available() else dtype
     with _staged(target) as tmp:
         fmt = family.save_quantized(merged, tmp, quantize=q, dtype=compute)

@@ -252,6 +252,11 @@ class Family(abc.ABC):
                              f"(expected {' or '.join(cls.model_types)})")
         return cfg
 
+    def saved_dtype(self, folder: Path) -> str | None:
+        """The dtype name a checkpoint folder's config says its weights were saved in, if any."""
+        cfg = self.read_config(folder)
+        return cfg.get("dtype") or cfg.get("torch_dtype")
+
     processor_class: type | None = None  # a Processor class (from_folder(folder, min_pixels=, ...))
     folder_hint: str = ""  # what model.path should point at, for error messages
 

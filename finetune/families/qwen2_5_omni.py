@@ -165,6 +165,10 @@ class Qwen25OmniFamily(Family):
             return Qwen2_5OmniConfig.from_pretrained(str(folder)).thinker_config
         return Qwen2_5OmniThinkerConfig.from_pretrained(str(folder))
 
+    def saved_dtype(self, folder: Path) -> str | None:
+        cfg = self.read_config(folder)  # a full checkpoint says it in its thinker's config
+        return cfg.get("dtype") or cfg.get("torch_dtype") or (cfg.get("thinker_config") or {}).get("torch_dtype")
+
     def tiny_models(self) -> dict:
         return {self.name: self.materialize_tiny, f"{self.name}-full": self.materialize_tiny_full}
 
