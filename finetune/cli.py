@@ -232,10 +232,11 @@ def build_parser() -> argparse.ArgumentParser:
     ver.add_argument("--attn", help="the LLM's attention for the packed pass (default: what training picks)")
     ver.set_defaults(fn=cmd_verify)
 
-    pl = recipe_cmd("plan", cmd_plan, "estimate GPU memory of a recipe without loading weights "
-                                      "(model.path may be config:qwen2_5_omni_7b or config:baichuan_omni_1_5)")
+    pl = recipe_cmd("plan", cmd_plan, "estimate GPU memory of a recipe without loading weights (model.path "
+                                      "may be config:<name> of a config in finetune/configs/, e.g. config:qwen2_5_omni_7b)")
     pl.add_argument("--gpu", default="24GB", help="memory of one GPU, e.g. 24GB or 80")
-    pl.add_argument("--gpus", type=int, default=1, help="number of GPUs (gradients/optimizer sharded, ZeRO-2)")
+    pl.add_argument("--gpus", type=int, default=1, help="number of GPUs (per-GPU memory under the recipe's strategy "
+                                                        "and a table of every strategy)")
 
     rc = sub.add_parser("recipes", help="list the recipes")
     rc.set_defaults(fn=cmd_recipes)

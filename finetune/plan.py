@@ -57,7 +57,11 @@ from finetune.errors import MissingFileError
 
 GB = 1024 ** 3
 CONFIG_DIR = Path(__file__).resolve().parent / "configs"
-SHIPPED_CONFIGS = {"qwen2_5_omni_7b": "qwen2_5_omni_7b.json", "baichuan_omni_1_5": "baichuan_omni_1_5.json"}
+def shipped_configs() -> dict[str, str]:
+    """`config:<name>` -> file in finetune/configs/: each family's `Family.shipped_configs`."""
+    from finetune.families import _registry
+
+    return {Path(f).stem: f for cls in _registry().values() for f in cls.shipped_configs}
 NF4_BYTES = 0.5 + 1 / 64 + 4 / (64 * 256)  # packed NF4 + 8-bit absmax per 64 + fp32 per 256 blocks
 OVERHEAD_BYTES = 1 * GB
 OPTIM_BYTES = {"auto": 8, "adamw_torch": 8, "adamw_torch_fused": 8, "adamw_8bit": 2, "paged_adamw_8bit": 2}
@@ -103,10 +107,11 @@ def resolve_config(path: str, family: str = "auto") -> tuple[str, Path]:
 
     if path.startswith("config:"):
         name = path.split(":", 1)[1]
-        if name not in SHIPPED_CONFIGS:
+        shipped = shipped_configs()
+        if name not in shipped:
             raise MissingFileError(f"model.path {path!r}: no shipped config {name!r}; known: "
-                                    + ", ".join(f"config:{n}" for n in SHIPPED_CONFIGS))
-        cfg_path = CONFIG_DIR / SHIPPED_CONFIGS[name]
+                                    + ", ".join(f"config:{n}" for n in shipped))
+        cfg_path = CONFIG_DIR / shipped[name]
         mt = json.loads(cfg_path.read_text()).get("model_type")
         fam = family if family != "auto" else model_types()[mt]
         return get_family(fam).name, cfg_path
@@ -114,7 +119,7 @@ def resolve_config(path: str, family: str = "auto") -> tuple[str, Path]:
         fam = family_for(path, family)
     except FileNotFoundError as e:
         raise MissingFileError(f"{e}; to plan without the weights use model.path="
-                                + " or ".join(f"config:{n}" for n in SHIPPED_CONFIGS)) from None
+                                + " or ".join(f"config:{n}" for n in shipped_configs())) from None
     folder = fam.resolve_path(path) if path.startswith("tiny:") else Path(path).expanduser()
     return fam.name, Path(folder) / "config.json"
 

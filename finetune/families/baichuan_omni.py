@@ -112,6 +112,7 @@ class BaichuanOmniFamily(Family):
     mrope = False
     media_keys = {"image": "pixel_values", "video": "pixel_values_videos", "audio": "audio_features"}
     float_media = ("pixel_values", "pixel_values_videos")
+    shipped_configs = ("baichuan_omni_1_5.json",)
     role_prefixes = {
         "llm": ("model.layers", "model.norm"),
         "embeddings": ("model.embed_tokens",),

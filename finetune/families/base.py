@@ -109,6 +109,8 @@ class Family(abc.ABC):
     #: media kind -> the EncodedSample.media key that carries it: each kind is one tower call per
     #: forward (packing.idle_media makes every rank run every tower when weights are sharded)
     media_keys: dict[str, str] = {}
+    #: configs of released models in finetune/configs/, for `plan` without the weights (config:<stem>)
+    shipped_configs: tuple[str, ...] = ()
     #: the floating-point media tensors of a batch that take the model's dtype (video seconds per
     #: grid stay fp32: rounding them would move M-RoPE positions)
     float_media: tuple[str, ...] = ()

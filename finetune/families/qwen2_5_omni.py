@@ -140,6 +140,7 @@ class Qwen25OmniFamily(Family):
     mrope = True
     media_keys = {"image": "pixel_values", "video": "pixel_values_videos", "audio": "input_features"}
     float_media = ("pixel_values", "pixel_values_videos", "input_features", "audio_padded_feature")
+    shipped_configs = ("qwen2_5_omni_7b.json",)
     role_prefixes = {
         "llm": ("model.language_model",),
         "embeddings": ("model.language_model.embed_tokens",),
