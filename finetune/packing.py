@@ -6,9 +6,9 @@ over the whole dataset with best-fit decreasing, never cropping a sample. The Tr
 sees one item per bin: its seeded sampler shuffles bins each epoch, gives each rank its own
 bins under several processes and skips the bins already seen on resume.
 
-A packed row carries no attention mask. Positions restart at 0 for each sample; M-RoPE
-families get a [4, 1, L] tensor whose first row is the per-sample text position and whose
-other rows are the sample's own t/h/w positions. transformers builds a block-diagonal causal
+A packed row carries no attention mask. Positions restart at 0 for each sample, in the layout
+of `Family.packed_positions`: for M-RoPE families a [4, 1, L] tensor whose first row is the
+per-sample text position and whose other rows are the sample's own t/h/w positions. transformers builds a block-diagonal causal
 mask from the restarting text row (sdpa, eager, flex) or passes the boundaries to
 flash-attention varlen, so every sample attends only to itself.
 """
@@ -68,7 +68,7 @@ def pack_encoded(family: Family, rows: list[list[EncodedSample]], pad_id: int, *
     R = len(rows)
     input_ids = torch.full((R, L), pad_id, dtype=torch.long)
     labels = torch.full((R, L), IGNORE_INDEX, dtype=torch.long)
-    n_rows = 4 if family.mrope else 1
+    n_rows = family.packed_positions(rows[0][0]).shape[0]
     pos = torch.zeros((n_rows, R, L), dtype=torch.long)
     seqlens: list[int] = []
     for ri, row in enumerate(rows):
@@ -79,18 +79,14 @@ def pack_encoded(family: Family, rows: list[list[EncodedSample]], pad_id: int, *
             lab = e.labels.clone()
             lab[0] = IGNORE_INDEX
             labels[ri, o:o + n] = lab
-            if family.mrope:
-                pos[0, ri, o:o + n] = torch.arange(n)
-                pos[1:, ri, o:o + n] = e.position_ids
-            else:
-                pos[0, ri, o:o + n] = e.position_ids
+            pos[:, ri, o:o + n] = family.packed_positions(e)
             seqlens.append(n)
             o += n
         if o < L:
             pos[:, ri, o:L] = torch.arange(L - o)
             seqlens.append(L - o)
     out: dict[str, Any] = {"input_ids": input_ids, "labels": labels,
-                           "position_ids": pos if family.mrope else pos[0],
+                           "position_ids": pos if n_rows > 1 else pos[0],
                            # no cache: transformers derives the packed mask only without one
                            "use_cache": False}
     out.update(family.collate_media([e for r in rows for e in r]))

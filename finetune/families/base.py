@@ -100,6 +100,15 @@ class Family(abc.ABC):
     role_prefixes: dict[str, tuple[str, ...]] = {}
     #: M-RoPE families add a text row on top of their t/h/w positions when packing.
     mrope: bool = False
+
+    def packed_positions(self, enc: "EncodedSample") -> torch.Tensor:
+        """[rows, n] position ids of one sample inside a packed row, restarting at 0 for it:
+        its own positions (1-D RoPE: one row), or for M-RoPE a per-sample text row first, then
+        its t/h/w rows (the layout transformers reads packed boundaries from). Every sample of
+        a family gives the same number of rows."""
+        if enc.position_ids.dim() == 1:
+            return enc.position_ids[None]
+        return torch.cat([torch.arange(enc.num_tokens)[None], enc.position_ids])
     #: Files beside the weights that a loader needs (tokenizer, processor, templates, ...);
     #: copied from the base folder into adapters and exports.
     processor_files: tuple[str, ...] = ()
