@@ -8,9 +8,9 @@ bins under several processes and skips the bins already seen on resume.
 
 A packed row carries no attention mask. Positions restart at 0 for each sample, in the layout
 of `Family.packed_positions`: for M-RoPE families a [4, 1, L] tensor whose first row is the
-per-sample text position and whose other rows are the sample's own t/h/w positions. transformers builds a block-diagonal causal
-mask from the restarting text row (sdpa, eager, flex) or passes the boundaries to
-flash-attention varlen, so every sample attends only to itself.
+per-sample text position and whose other rows are the sample's own t/h/w positions.
+transformers builds a block-diagonal causal mask from the restarting text row (sdpa, eager,
+flex) or passes the boundaries to flash-attention varlen, so every sample attends only to itself.
 """
 
 from __future__ import annotations

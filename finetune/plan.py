@@ -57,14 +57,16 @@ from finetune.errors import MissingFileError
 
 GB = 1024 ** 3
 CONFIG_DIR = Path(__file__).resolve().parent / "configs"
+NF4_BYTES = 0.5 + 1 / 64 + 4 / (64 * 256)  # packed NF4 + 8-bit absmax per 64 + fp32 per 256 blocks
+OVERHEAD_BYTES = 1 * GB
+OPTIM_BYTES = {"auto": 8, "adamw_torch": 8, "adamw_torch_fused": 8, "adamw_8bit": 2, "paged_adamw_8bit": 2}
+
+
 def shipped_configs() -> dict[str, str]:
     """`config:<name>` -> file in finetune/configs/: each family's `Family.shipped_configs`."""
     from finetune.families import _registry
 
     return {Path(f).stem: f for cls in _registry().values() for f in cls.shipped_configs}
-NF4_BYTES = 0.5 + 1 / 64 + 4 / (64 * 256)  # packed NF4 + 8-bit absmax per 64 + fp32 per 256 blocks
-OVERHEAD_BYTES = 1 * GB
-OPTIM_BYTES = {"auto": 8, "adamw_torch": 8, "adamw_torch_fused": 8, "adamw_8bit": 2, "paged_adamw_8bit": 2}
 
 
 # ---- model geometry ------------------------------------------------------------------------
@@ -206,7 +208,7 @@ TRAIN_SETTING = {"ddp": "train.distributed=ddp", "fsdp": "train.distributed=fsdp
 
 def strategy_of(recipe, gpus: int) -> str:
     """The recipe's strategy as the planner names it (a DeepSpeed JSON by its stage and offloads)."""
-    from finetune.recipe import DEEPSPEED_PRESETS, deepspeed_stage
+    from finetune.recipe import DEEPSPEED_PRESETS, deepspeed_stage, deepspeed_zero
 
     t = recipe.train
     if t.distributed == "fsdp":
@@ -215,11 +217,8 @@ def strategy_of(recipe, gpus: int) -> str:
         if t.deepspeed in DEEPSPEED_PRESETS:
             return t.deepspeed
         stage = 3 if deepspeed_stage(t.deepspeed) == 3 else 2
-        try:
-            zero = json.loads(Path(t.deepspeed).read_text()).get("zero_optimization", {})
-        except (OSError, ValueError):
-            zero = {}
-        offload = (zero.get("offload_optimizer") or {}).get("device", "none") not in ("none", None)
+        device = (deepspeed_zero(t.deepspeed).get("offload_optimizer") or {}).get("device", "none")
+        offload = device not in ("none", None)
         return f"zero{stage}" + ("-offload" if offload else "")
     return "ddp" if gpus > 1 else "single"
 
@@ -415,7 +414,7 @@ def _suggest(args, s: Settings, gpu_gb: float) -> list[str]:
         if n < s.gpus or found:
             continue
         for name in ("ddp", "zero2", "fsdp", "zero3", "zero2-offload", "zero3-offload"):
-            if name == s.strategy and n == s.gpus or (n == 1 and not name.startswith("zero")):
+            if (name == s.strategy and n == s.gpus) or (n == 1 and not name.startswith("zero")):
                 continue
             peak = _estimate(*args, replace(s, gpus=n, strategy=name), gpu_gb)["peak"]
             if peak <= gpu_gb * GB:

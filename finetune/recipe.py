@@ -67,16 +67,25 @@ DISTRIBUTED = ("auto", "ddp", "fsdp", "deepspeed")
 DEEPSPEED_PRESETS = ("zero2", "zero3", "zero2-offload", "zero3-offload")
 
 
+def deepspeed_zero(setting: str) -> dict:
+    """The zero_optimization section of a train.deepspeed JSON path ({} for a preset name, or
+    when the file cannot be read here; the run's own check reports that)."""
+    setting = setting.strip()
+    if setting in DEEPSPEED_PRESETS:
+        return {}
+    try:
+        zero = json.loads(Path(setting).read_text()).get("zero_optimization", {})
+    except (OSError, ValueError, AttributeError):
+        return {}
+    return zero if isinstance(zero, dict) else {}
+
+
 def deepspeed_stage(setting: str) -> int:
-    """The ZeRO stage of train.deepspeed: a preset's name, or a JSON config's zero_optimization.stage
-    (0 when the file cannot be read here; the run's own check reports it)."""
+    """The ZeRO stage of train.deepspeed: a preset's name, or a JSON config's zero_optimization.stage."""
     setting = setting.strip()
     if setting in DEEPSPEED_PRESETS:
         return int(setting[4])
-    try:
-        return int(json.loads(Path(setting).read_text()).get("zero_optimization", {}).get("stage", 0))
-    except (OSError, ValueError, AttributeError):
-        return 0
+    return int(deepspeed_zero(setting).get("stage", 0) or 0)
 
 
 def shards_weights(recipe: "Recipe") -> bool:
@@ -111,7 +120,8 @@ class ModelConfig:
     """Which base model to load and how."""
 
     path: str = _opt("tiny:qwen2_5_omni", "local model folder, or 'tiny:<family>' for a random tiny model")
-    family: str = _opt("auto", "model family (a name in finetune/families' registry); 'auto' detects it from the config")
+    family: str = _opt("auto", "model family (a name in finetune/families' registry); 'auto' detects it from "
+                               "the config")
     dtype: str = _opt("auto", "dtype the weights are loaded in", _DTYPES)
     quantize: str = _opt("none", "load the LLM quantized with bitsandbytes (QLoRA)", ("none", "4bit", "8bit"))
     attn: str = _opt(

@@ -138,9 +138,7 @@ class PaddedCollator:
         return [self.encoded(f["index"]) for f in features]
 
     def __call__(self, features: list[dict]) -> dict[str, Any]:
-        from finetune.packing import REAL_TOKENS
-
-        from finetune.packing import with_idle_media
+        from finetune.packing import REAL_TOKENS, with_idle_media
 
         encoded = self.encode(features)
         real = sum(e.num_tokens for e in encoded)
@@ -403,6 +401,8 @@ def training_args(recipe: Recipe, precision: str, run_dir: Path):
 
     t = recipe.train
     os.environ["TENSORBOARD_LOGGING_DIR"] = str(run_dir / "tensorboard")
+    # the device and, for DeepSpeed / FSDP on the CPU, the process state set up beforehand
+    device = {"use_cpu": not torch.cuda.is_available()} | cpu_sharded_state(distributed_mode(recipe))
     return SFTConfig(
         output_dir=str(run_dir / "checkpoints"),
         per_device_train_batch_size=t.batch_size,
@@ -432,7 +432,7 @@ def training_args(recipe: Recipe, precision: str, run_dir: Path):
         dataloader_persistent_workers=data_workers(recipe) > 0,
         dataloader_pin_memory=torch.cuda.is_available(),
         disable_tqdm=True,  # our console (finetune/console.py) replaces the Trainer's printer
-        **({"use_cpu": not torch.cuda.is_available()} | cpu_sharded_state(distributed_mode(recipe))),
+        **device,
         max_length=None,
         save_only_model=False,
         # the step loss is the sum over label tokens of every rank's rows / all label tokens of the
@@ -524,8 +524,8 @@ def make_shard_report_callback():
         def on_train_begin(self, args, state, control, model=None, **kw):
             local, total, q_local, q_total = local_weight_elements(model)
             quant = f"; 4-bit weights {q_local / max(q_total, 1):.0%} of theirs" if q_total else ""
-            print(f"weights held by this rank: {local:,} of {total:,} stored elements ({local / max(total, 1):.0%}){quant}",
-                  flush=True)
+            print(f"weights held by this rank: {local:,} of {total:,} stored elements "
+                  f"({local / max(total, 1):.0%}){quant}", flush=True)
 
     return ShardReport()
 
@@ -696,15 +696,17 @@ def train(recipe: Recipe) -> Path:
     rope = family.rope_index(loaded.model)
     if encodings is not None:
         encodings.samples = samples  # the usable ones, which the kept encodings are indexed by
+    engine = world_size() > 1 and mode in ("fsdp", "deepspeed")  # DeepSpeed or FSDP over several ranks
     idle = None
-    if world_size() > 1 and mode in ("fsdp", "deepspeed"):
+    if engine:
         from finetune.packing import idle_media
 
         # sharded weights: a tower's forward is a collective, so every rank runs every tower every step
         idle = idle_media(family, processor, samples, lengths, rope)
     train_ds, collator = make_collator(recipe, family, processor, samples, lengths, rope, attn,
                                        family.tower_inputs(loaded.model), encodings, idle)
-    callbacks = [make_metrics_callback(run_dir), make_crash_callback(), *([make_shard_report_callback()] if idle is not None else []),
+    callbacks = [make_metrics_callback(run_dir), make_crash_callback(),
+                 *([make_shard_report_callback()] if engine else []),
                  make_preflight_callback(family, processor, eval_samples or samples, rope, mode, precision)]
     trainer = make_trainer(recipe, family, model, processor, train_ds, record_batches(collator), precision, run_dir,
                            callbacks, args=args)

@@ -28,8 +28,8 @@ import torch
 from finetune.errors import ConfigError
 from finetune.families.base import (IGNORE_INDEX, EncodedSample, Family, LoadedModel, cache_root,
                                     quantization_config)
-from finetune.recipe import shards_weights
 from finetune.families.shared import OmniProcessor, atomic_build, chat_turns, smart_resize, text_and_media_chunks
+from finetune.recipe import shards_weights
 
 EOT = "<|endoftext|>"
 B_SYS, C_Q, C_A = "<B_SYS>", "<C_Q>", "<C_A>"
