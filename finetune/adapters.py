@@ -26,14 +26,26 @@ class RolePlan:
     lora_targets: dict[str, list[str]] = field(default_factory=dict)  # role -> module paths
     full_modules: dict[str, list[str]] = field(default_factory=dict)  # role -> module paths
     modes: dict[str, str] = field(default_factory=dict)
+    #: role -> parameter paths of fused MoE expert weights with LoRA (PEFT's target_parameters)
+    lora_params: dict[str, list[str]] = field(default_factory=dict)
+    routers: list[str] = field(default_factory=list)  # MoE router modules trained in full
 
     @property
     def all_lora(self) -> list[str]:
         return [m for mods in self.lora_targets.values() for m in mods]
 
     @property
+    def all_lora_params(self) -> list[str]:
+        return [p for ps in self.lora_params.values() for p in ps]
+
+    @property
+    def trains_routing(self) -> bool:
+        """Experts or routers train: the load-balancing loss then joins the loss."""
+        return bool(self.all_lora_params or self.routers)
+
+    @property
     def all_full(self) -> list[str]:
-        return [m for mods in self.full_modules.values() for m in mods]
+        return [m for mods in self.full_modules.values() for m in mods] + self.routers
 
 
 def _is_linear(mod: nn.Module) -> bool:
@@ -55,6 +67,8 @@ def plan_roles(model: nn.Module, family: Family, recipe) -> RolePlan:
                                  f"{role}; set roles.{role}.mode: frozen")
             continue
         plan.modes[role] = spec.mode
+        if spec.experts != "frozen" or spec.router != "frozen":
+            _plan_moe(model, family, role, spec, plan)
         if spec.mode == "lora":
             plan.lora_targets[role] = _lora_targets(model, family, role, spec.targets)
             if not plan.lora_targets[role]:
@@ -63,6 +77,21 @@ def plan_roles(model: nn.Module, family: Family, recipe) -> RolePlan:
         elif spec.mode == "full":
             plan.full_modules[role] = _cover(model, family, role)
     return plan
+
+
+def _plan_moe(model: nn.Module, family: Family, role: str, spec, plan: RolePlan) -> None:
+    """roles.<role>.experts: lora -> the fused expert weights in plan.lora_params; router: full ->
+    the router modules in plan.routers (trained in full, as modules_to_save)."""
+    if not family.expert_params:
+        raise ConfigError(f"roles.{role}.experts / roles.{role}.router: this {family.name} model's LLM is dense "
+                         f"(no experts or routers); set both to frozen")
+    if spec.experts == "lora":
+        plan.lora_params[role] = [f"{n}.{leaf}" for n, mod in model.named_modules() if family.role_of(n) == role
+                                  for leaf, _ in mod.named_parameters(recurse=False)
+                                  if f"{n}.{leaf}".endswith(tuple("." + e for e in family.expert_params))]
+    if spec.router == "full":
+        plan.routers = [n for n, _ in model.named_modules() if family.role_of(n) == role
+                        and n.endswith(tuple("." + r for r in family.router_modules))]
 
 
 def _lora_targets(model: nn.Module, family: Family, role: str, targets) -> list[str]:
@@ -126,7 +155,7 @@ def apply_roles(model: nn.Module, family: Family, recipe, *, gradient_checkpoint
     rank_pattern, alpha_pattern = {}, {}
     for role, mods in plan.lora_targets.items():
         spec = getattr(recipe.roles, role)
-        for m in mods:
+        for m in mods + [p.rsplit(".", 1)[0] for p in plan.lora_params.get(role, [])]:
             if spec.r != base.r:
                 rank_pattern[f"^{re.escape(m)}$"] = spec.r
             if spec.alpha != base.alpha:
@@ -135,6 +164,8 @@ def apply_roles(model: nn.Module, family: Family, recipe, *, gradient_checkpoint
         r=base.r, lora_alpha=base.alpha, lora_dropout=base.dropout,
         target_modules=plan.all_lora, rank_pattern=rank_pattern, alpha_pattern=alpha_pattern,
         modules_to_save=plan.all_full or None, bias="none",
+        # fused MoE experts ([experts, out, in] parameters): LoRA of rank r per expert
+        target_parameters=plan.all_lora_params or None,
     )
     if gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})

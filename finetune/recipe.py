@@ -146,6 +146,11 @@ class RoleConfig:
     dropout: float = _opt(0.05, "dropout applied to the LoRA input")
     targets: str | list[str] = _opt("all-linear", "'all-linear' or a list of module-name suffixes to adapt")
     lr: float | None = _opt(None, "learning rate for this role; null = train.lr")
+    experts: str = _opt("frozen", "mixture-of-experts LLMs (roles.llm with mode lora): the fused expert weights "
+                                  "frozen, or LoRA of rank r on every expert (PEFT's target_parameters)",
+                        ("frozen", "lora"))
+    router: str = _opt("frozen", "mixture-of-experts LLMs (roles.llm with mode lora): the routers frozen, or "
+                                 "trained in full", ("frozen", "full"))
 
 
 @dataclass
@@ -207,6 +212,10 @@ class TrainConfig:
     optim: str = _opt("auto", "optimizer; auto = adamw_torch_fused on CUDA (one fused kernel for all parameters), "
                               "adamw_torch elsewhere", ("auto", "adamw_torch", "adamw_torch_fused", "paged_adamw_8bit",
                                                         "adamw_8bit"))
+    router_aux_loss_coef: float | None = _opt(
+        None, "mixture-of-experts LLMs: weight of the load-balancing loss, added to the loss when the experts or "
+              "routers train (roles.llm.experts / router) and logged every step either way; null = the model "
+              "config's router_aux_loss_coef")
     token_metrics: bool = _opt(False, "log TRL's entropy and next-token accuracy every step (softmax work over the "
                                       "vocabulary and a device read each step); the loss is the same either way")
     logging_steps: int = _opt(1, "log every N optimizer steps (metrics.jsonl, TensorBoard)")
@@ -628,6 +637,11 @@ def _check(recipe: Recipe, problems: _Problems) -> None:
             add(f"{p}.targets", "must not be an empty list; use 'all-linear' or name at least one module")
         elif any(not t.strip() for t in cfg.targets):
             add(f"{p}.targets", "module-name suffixes must not be empty strings")
+        for key in ("experts", "router"):
+            if getattr(cfg, key) != "frozen" and (role != "llm" or cfg.mode != "lora"):
+                add(f"{p}.{key}", f"is {getattr(cfg, key)!r}, but only roles.llm with mode lora has experts and "
+                                  f"routers to train; set {p}.{key}: frozen" + (" or roles.llm.mode: lora"
+                                                                                if role == "llm" else ""))
 
     roles = recipe.roles
     if roles.audio_head.mode != "frozen":
@@ -658,6 +672,8 @@ def _check(recipe: Recipe, problems: _Problems) -> None:
     t = recipe.train
     if t.lr <= 0:
         add("train.lr", f"must be > 0, got {t.lr}")
+    if t.router_aux_loss_coef is not None and t.router_aux_loss_coef < 0:
+        add("train.router_aux_loss_coef", f"must be >= 0 (or null for the model's), got {t.router_aux_loss_coef}")
     if t.epochs <= 0 and t.max_steps <= 0:
         add("train.epochs", f"must be > 0 unless train.max_steps > 0, got {t.epochs}")
     if t.weight_decay < 0:

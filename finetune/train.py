@@ -311,7 +311,17 @@ def make_trainer(recipe: Recipe, family: Family, model, processor, train_ds, col
 
     from finetune.packing import REAL_TOKENS
 
-    vocab = model.config.get_text_config().vocab_size
+    text_config = model.config.get_text_config()
+    vocab = text_config.vocab_size
+    # mixture-of-experts LLMs: the load-balancing loss is logged every step, and joins the loss with
+    # its coefficient when the experts or routers train (a frozen router gets no gradient from it)
+    moe = bool(family.expert_params)
+    llm = recipe.roles.llm
+    aux_coef = 0.0
+    if moe and (llm.experts != "frozen" or llm.router != "frozen"):
+        aux_coef = recipe.train.router_aux_loss_coef
+        if aux_coef is None:
+            aux_coef = float(getattr(text_config, "router_aux_loss_coef", 0.0) or 0.0)
 
     class RoleLRTrainer(SFTTrainer):
         def create_optimizer(self, model=None):
@@ -346,18 +356,28 @@ def make_trainer(recipe: Recipe, family: Family, model, processor, train_ds, col
                 self._metrics["train"]["num_tokens"] = [self._total_train_tokens]
             return out
 
+        def log(self, logs, *args, **kwargs):
+            aux = self._metrics["train"].get("aux_loss")
+            if aux:  # kept as device tensors between logs: one read per logged step, not per micro-batch
+                self._metrics["train"]["aux_loss"] = [float(torch.stack(aux).mean())]
+            return super().log(logs, *args, **kwargs)
+
         def token_mean_loss(self, model, inputs, return_outputs, num_items_in_batch):
             """The step's loss, as TRL defines it (the sum of the label tokens' negative
             log-likelihoods over the step's label tokens, all ranks), from TRL's chunked LM head
-            (no tokens x vocabulary logits), without its per-step metrics."""
+            (no tokens x vocabulary logits), without its per-step metrics; for a MoE LLM plus the
+            load-balancing loss times train.router_aux_loss_coef when experts or routers train."""
             inputs["use_cache"] = False
+            if moe:
+                inputs["output_router_logits"] = True
             labels = inputs["labels"]
             plain = (self.accelerator.device.type != "cuda" and not (self.args.fp16 or self.args.bf16)
                      and labels.numel() * vocab <= PLAIN_LOSS_MAX_LOGITS)
             if plain:
                 # small fp32 logits off a GPU: one cross-entropy over them beats the chunked head's
                 # tiles (under 16-bit precision the chunked head also casts the fp32 lm_head copy)
-                logits = model(**{k: v for k, v in inputs.items() if k != "labels"}).logits
+                out_plain = model(**{k: v for k, v in inputs.items() if k != "labels"})
+                logits = out_plain.logits
                 outputs = None
                 total = torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(),
                                                           ignore_index=-100, reduction="sum")
@@ -369,6 +389,12 @@ def make_trainer(recipe: Recipe, family: Family, model, processor, train_ds, col
             loss = total / torch.as_tensor(n, device=total.device).clamp(min=1)
             if self.args.average_tokens_across_devices and num_items_in_batch is not None:
                 loss = loss * (self.accelerator.num_processes // self.get_tp_size())  # DDP averages gradients
+            if moe:
+                aux = (outputs if outputs is not None else out_plain).aux_loss
+                if self.model.training:
+                    self._metrics["train"].setdefault("aux_loss", []).append(aux.detach().float())
+                if aux_coef:  # one micro-batch's share of the step's mean load-balancing loss
+                    loss = loss + aux_coef * aux / self.args.gradient_accumulation_steps
             return (loss, outputs) if return_outputs else loss
 
     from transformers.trainer_callback import PrinterCallback, ProgressCallback
@@ -376,8 +402,15 @@ def make_trainer(recipe: Recipe, family: Family, model, processor, train_ds, col
     from finetune.console import console_callback
 
     args = args or training_args(recipe, precision, run_dir)
+    if moe:  # TRL's own loss path (train.token_metrics) adds the load-balancing loss with this coefficient
+        args.router_aux_loss_coef = aux_coef
     trainer = RoleLRTrainer(model=model, args=args, train_dataset=train_ds, data_collator=collator,
                             processing_class=processor.tokenizer, callbacks=callbacks)
+    if moe:
+        # TRL switches output_router_logits on in the config when the coefficient is not 0; transformers'
+        # load-balancing loss then fails in cached generation (eval, the checks before step 1). Both loss
+        # paths ask for the router logits per call instead.
+        text_config.output_router_logits = False
     for cb in (PrinterCallback, ProgressCallback):  # one metrics dict per step: metrics.jsonl has them
         trainer.remove_callback(cb)
     # TRL casts a quantised model's trainable weights to bf16 (the QLoRA paper's recipe); ours stay

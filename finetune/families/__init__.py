@@ -12,8 +12,10 @@ from finetune.families.base import Family
 def _registry() -> dict[str, type[Family]]:
     from finetune.families.baichuan_omni import BaichuanOmniFamily
     from finetune.families.qwen2_5_omni import Qwen25OmniFamily
+    from finetune.families.qwen3_omni_moe import Qwen3OmniMoeFamily
 
-    return {"qwen2_5_omni": Qwen25OmniFamily, "baichuan_omni": BaichuanOmniFamily}
+    return {"qwen2_5_omni": Qwen25OmniFamily, "baichuan_omni": BaichuanOmniFamily,
+            "qwen3_omni_moe": Qwen3OmniMoeFamily}
 
 
 def model_types() -> dict[str, str]:

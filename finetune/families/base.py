@@ -124,6 +124,12 @@ class Family(abc.ABC):
     #: grid stay fp32: rounding them would move M-RoPE positions)
     float_media: tuple[str, ...] = ()
 
+    #: mixture-of-experts LLMs: suffixes of the fused expert weights ([experts, out, in] parameters,
+    #: LoRA through PEFT's target_parameters with roles.llm.experts: lora) and of the router modules
+    #: (trained with roles.llm.router: full); empty for dense LLMs
+    expert_params: tuple[str, ...] = ()
+    router_modules: tuple[str, ...] = ()
+
     # ---- loading -----------------------------------------------------------------------
     #: module-path prefixes QLoRA leaves unquantised (everything but the LLM's linear layers)
     quant_skip: list[str] = []

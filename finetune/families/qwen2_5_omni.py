@@ -48,12 +48,9 @@ CHAT_TEMPLATE = (Path(__file__).resolve().parent.parent / "configs" / "qwen2_5_o
 
 
 class _RopeIndex:
-    """Runs transformers' own M-RoPE index code for one sample, from the config alone."""
+    """Runs transformers' own M-RoPE index code (`cls.get_rope_index`) for one sample, from the config alone."""
 
-    def __init__(self, config):
-        from transformers.models.qwen2_5_omni import modeling_qwen2_5_omni as m
-
-        cls = m.Qwen2_5OmniPreTrainedModelForConditionalGeneration
+    def __init__(self, config, cls):
         self.config = config
         self.spatial_merge_size = config.vision_config.spatial_merge_size
         self._fn = cls.get_rope_index
@@ -136,6 +133,12 @@ class Qwen25OmniFamily(Family):
 
     name = "qwen2_5_omni"
     model_types = ("qwen2_5_omni", "qwen2_5_omni_thinker")
+    #: transformers' classes: the thinker, the full model (thinker + speech output), their configs
+    hf_thinker, hf_full = "Qwen2_5OmniThinkerForConditionalGeneration", "Qwen2_5OmniForConditionalGeneration"
+    hf_thinker_config, hf_full_config = "Qwen2_5OmniThinkerConfig", "Qwen2_5OmniConfig"
+    hf_processor = "Qwen2_5OmniProcessor"
+    #: the thinker config's keys of each media kind's placeholder token id
+    placeholder_keys = {"image": "image_token_index", "video": "video_token_index", "audio": "audio_token_index"}
     title = "Qwen2.5-Omni"
     mrope = True
     media_keys = {"image": "pixel_values", "video": "pixel_values_videos", "audio": "input_features"}
@@ -157,14 +160,36 @@ class Qwen25OmniFamily(Family):
     # Modules quantised by QLoRA: the LLM's linear layers only; everything else is skipped.
     quant_skip = ["lm_head", "model.visual", "model.audio_tower"]
 
+    @staticmethod
+    def hf(name: str):
+        """A transformers class by name."""
+        import transformers
+
+        return getattr(transformers, name)
+
+    def is_full(self, folder: Path) -> bool:
+        """A full checkpoint (thinker + speech output), not a thinker-only one."""
+        return self.read_config(folder)["model_type"] == self.model_types[0]
+
+    def rope_class(self):
+        """transformers' class whose get_rope_index computes the thinker's M-RoPE positions."""
+        from transformers.models.qwen2_5_omni import modeling_qwen2_5_omni as m
+
+        return m.Qwen2_5OmniPreTrainedModelForConditionalGeneration
+
+    def audio_tokens(self, frames: int, processor) -> int:
+        """Placeholder tokens of an audio clip of `frames` mel frames (its tower's output rows)."""
+        return _feat_to_tokens(frames)
+
+    def audio_rows(self, lengths: torch.Tensor, config: dict) -> int:
+        """Rows the audio tower gives for clips of these mel-frame lengths (transformers' arithmetic)."""
+        return int(audio_output_lengths(lengths).sum())
+
     # ---- folders -----------------------------------------------------------------------
     def thinker_config(self, folder: Path):
-        from transformers import Qwen2_5OmniConfig, Qwen2_5OmniThinkerConfig
-
-        cfg = self.read_config(folder)
-        if cfg["model_type"] == "qwen2_5_omni":
-            return Qwen2_5OmniConfig.from_pretrained(str(folder)).thinker_config
-        return Qwen2_5OmniThinkerConfig.from_pretrained(str(folder))
+        if self.is_full(folder):
+            return self.hf(self.hf_full_config).from_pretrained(str(folder)).thinker_config
+        return self.hf(self.hf_thinker_config).from_pretrained(str(folder))
 
     def saved_dtype(self, folder: Path) -> str | None:
         cfg = self.read_config(folder)  # a full checkpoint says it in its thinker's config
@@ -177,11 +202,8 @@ class Qwen25OmniFamily(Family):
     def load(self, recipe, *, quantize: str | None = None, dtype: torch.dtype | None = None,
              attn: str | None = None) -> LoadedModel:
         """Load the thinker in `dtype`, optionally 4/8-bit on the LLM's linear layers."""
-        from transformers import Qwen2_5OmniThinkerForConditionalGeneration
-
         folder = self.resolve_path(recipe.model.path, recipe.model.tiny_seed)
-        cfg = self.read_config(folder)
-        full = cfg["model_type"] == "qwen2_5_omni"
+        full = self.is_full(folder)
         tcfg = self.thinker_config(folder)
         dtype = dtype or torch.float32
         quantize = recipe.model.quantize if quantize is None else quantize
@@ -194,7 +216,7 @@ class Qwen25OmniFamily(Family):
         if full:
             model = self._load_thinker_from_full(folder, tcfg, kwargs)
         else:
-            model = Qwen2_5OmniThinkerForConditionalGeneration.from_pretrained(str(folder), config=tcfg, **kwargs)
+            model = self.hf(self.hf_thinker).from_pretrained(str(folder), config=tcfg, **kwargs)
         # Training never uses a KV cache, and transformers builds packed (block-diagonal) masks
         # only when there is none: switch it off in the text config the decoder reads too.
         model.config.use_cache = False
@@ -205,16 +227,14 @@ class Qwen25OmniFamily(Family):
 
     def _load_thinker_from_full(self, folder: Path, tcfg, kwargs):
         """The thinker of a full checkpoint: its `thinker.` weights, nothing else loaded."""
-        from transformers import Qwen2_5OmniThinkerForConditionalGeneration
-
         # transformers maps `thinker.*` keys onto a thinker loaded from a full checkpoint via
-        # key_mapping; the talker/token2wav keys are ignored (see _keys_to_ignore_on_load_unexpected).
-        return Qwen2_5OmniThinkerForConditionalGeneration.from_pretrained(
+        # key_mapping; the speech-output keys are ignored (see _keys_to_ignore_on_load_unexpected).
+        return self.hf(self.hf_thinker).from_pretrained(
             str(folder), config=tcfg, key_mapping={r"^thinker\.": ""}, **kwargs)
 
     def rope_index(self, model_or_config) -> _RopeIndex:
         cfg = getattr(model_or_config, "config", model_or_config)
-        return _RopeIndex(cfg)
+        return _RopeIndex(cfg, self.rope_class())
 
     def tower_inputs(self, model_or_config):
         helpers = _tower_helpers()
@@ -229,7 +249,7 @@ class Qwen25OmniFamily(Family):
                rope: _RopeIndex | None = None) -> EncodedSample:
         from finetune.data import media as M
 
-        tid = processor.token_ids
+        tid = processor.ids()
         ids: list[int] = []
         labels: list[int] = []
         pix, grids, vpix, vgrids, vsec, feats = [], [], [], [], [], []
@@ -240,7 +260,7 @@ class Qwen25OmniFamily(Family):
 
         for msg in chat_turns(sample, processor.system_prompt, for_generation):
             learn = msg.role == "assistant" and not for_generation
-            emit([tid[IM_START]] + processor.text_ids(msg.role + "\n"), False)
+            emit([tid["im_start"]] + processor.text_ids(msg.role + "\n"), False)
             for chunk in text_and_media_chunks(msg):
                 if isinstance(chunk, str):
                     emit(processor.text_ids(chunk), learn)
@@ -250,12 +270,12 @@ class Qwen25OmniFamily(Family):
                         pix.append(pv)
                         grids.append(g)
                         n = int(g.prod()) // processor.merge_size ** 2
-                        emit([tid[VISION_BOS]] + [tid[IMAGE_TOKEN]] * n + [tid[VISION_EOS]], False)
+                        emit([tid["vision_bos"]] + [tid["image"]] * n + [tid["vision_eos"]], False)
                 elif chunk.type == "audio":
                     f = processor.process_audio(M.load_audio(chunk.path, processor.sampling_rate))
                     feats.append(f)
-                    n = _feat_to_tokens(f.shape[1])
-                    emit([tid[AUDIO_BOS]] + [tid[AUDIO_TOKEN]] * n + [tid[AUDIO_EOS]], False)
+                    n = self.audio_tokens(f.shape[1], processor)
+                    emit([tid["audio_bos"]] + [tid["audio"]] * n + [tid["audio_eos"]], False)
                 elif chunk.type == "video":
                     frames = M.load_video(chunk, processor.video_max_frames, processor.video_fps)
                     pv, g, sec = processor.process_video(frames)
@@ -263,11 +283,11 @@ class Qwen25OmniFamily(Family):
                     vgrids.append(g)
                     vsec.append(sec)
                     n = int(g.prod()) // processor.merge_size ** 2
-                    emit([tid[VISION_BOS]] + [tid[VIDEO_TOKEN]] * n + [tid[VISION_EOS]], False)
-            emit([tid[IM_END]], learn)
+                    emit([tid["vision_bos"]] + [tid["video"]] * n + [tid["vision_eos"]], False)
+            emit([tid["im_end"]], learn)
             emit(processor.text_ids("\n"), False)
         if for_generation:
-            emit([tid[IM_START]] + processor.text_ids("assistant\n"), False)
+            emit([tid["im_start"]] + processor.text_ids("assistant\n"), False)
         media: dict[str, Any] = {}
         if pix:
             media["pixel_values"] = torch.cat(pix)
@@ -303,7 +323,7 @@ class Qwen25OmniFamily(Family):
                 elif chunk.type == "audio":
                     dur = M.audio_duration(chunk.path)
                     frames = processor.audio_frames(int(round(dur * processor.sampling_rate)))
-                    n += 2 + _feat_to_tokens(frames)
+                    n += 2 + self.audio_tokens(frames, processor)
                 elif chunk.type == "video":
                     frames = M.load_video(chunk, processor.video_max_frames, processor.video_fps)
                     t, gh, gw = processor.video_grid(len(frames), frames[0].width, frames[0].height)
@@ -317,23 +337,21 @@ class Qwen25OmniFamily(Family):
         cfg = config.get("thinker_config", config)
         merge = int(cfg.get("vision_config", {}).get("spatial_merge_size", 2)) ** 2
         out = []
-        for kind, grid, key in (("image", "image_grid_thw", "image_token_index"),
-                                ("video", "video_grid_thw", "video_token_index")):
+        keys = self.placeholder_keys
+        for kind, grid in (("image", "image_grid_thw"), ("video", "video_grid_thw")):
             if grid in enc.media:
-                out.append((kind, int(cfg[key]), int(enc.media[grid].prod(-1).sum()) // merge))
+                out.append((kind, int(cfg[keys[kind]]), int(enc.media[grid].prod(-1).sum()) // merge))
         if "audio_feature_lengths" in enc.media:
-            out.append(("audio", int(cfg["audio_token_index"]), int(audio_output_lengths(enc.media["audio_feature_lengths"]).sum())))
+            out.append(("audio", int(cfg[keys["audio"]]), self.audio_rows(enc.media["audio_feature_lengths"], cfg)))
         return out
 
     def meta_model(self, config_path: Path):
-        from transformers import Qwen2_5OmniConfig, Qwen2_5OmniThinkerConfig, Qwen2_5OmniThinkerForConditionalGeneration
-
-        if json.loads(Path(config_path).read_text()).get("model_type") == "qwen2_5_omni":
-            cfg = Qwen2_5OmniConfig.from_pretrained(str(config_path)).thinker_config
+        if json.loads(Path(config_path).read_text()).get("model_type") == self.model_types[0]:
+            cfg = self.hf(self.hf_full_config).from_pretrained(str(config_path)).thinker_config
         else:
-            cfg = Qwen2_5OmniThinkerConfig.from_pretrained(str(config_path))
+            cfg = self.hf(self.hf_thinker_config).from_pretrained(str(config_path))
         with torch.device("meta"):
-            return Qwen2_5OmniThinkerForConditionalGeneration._from_config(cfg, dtype=torch.bfloat16), cfg
+            return self.hf(self.hf_thinker)._from_config(cfg, dtype=torch.bfloat16), cfg
 
     def tower_shapes(self, config) -> dict:
         t, v, a = config.text_config, config.vision_config, config.audio_config
@@ -345,14 +363,14 @@ class Qwen25OmniFamily(Family):
                 "frames_per_audio_token": 2}  # the tower's 50 frames/s average-pooled by 2 (_feat_to_tokens)
 
     def usage(self, full_layout: bool) -> list[str]:
-        cls = "Qwen2_5OmniForConditionalGeneration" if full_layout else "Qwen2_5OmniThinkerForConditionalGeneration"
+        cls = self.hf_full if full_layout else self.hf_thinker
         return ["```python",
-                f"from transformers import {cls}, Qwen2_5OmniProcessor",
+                f"from transformers import {cls}, {self.hf_processor}",
                 f"model = {cls}.from_pretrained(\"path/to/merged\", dtype=\"auto\")",
-                "processor = Qwen2_5OmniProcessor.from_pretrained(\"path/to/merged\")",
-                "# the adapter instead: PeftModel.from_pretrained(Qwen2_5OmniThinkerForConditionalGeneration"
+                f"processor = {self.hf_processor}.from_pretrained(\"path/to/merged\")",
+                f"# the adapter instead: PeftModel.from_pretrained({self.hf_thinker}"
                 ".from_pretrained(BASE), \"path/to/adapter_export\")",
-                "# (a full Qwen2.5-Omni BASE folder: add key_mapping={r\"^thinker\\.\": \"\"})",
+                f"# (a full {self.title} BASE folder: add key_mapping={{r\"^thinker\\.\": \"\"}})",
                 "```", "",
                 "Without torchvision, build the processor from its parts (`Qwen2VLImageProcessorPil`, "
                 "`WhisperFeatureExtractor`, the tokenizer); `examples/generate_with_transformers.py` in "
@@ -404,41 +422,37 @@ class Qwen25OmniFamily(Family):
             shutil.rmtree(stage, ignore_errors=True)
         info["copied"] = copy_extras(loaded.base_path, out_dir, skip=("config.json",))
         write_processor_settings(out_dir, loaded.processor)
-        info["layout"] = "qwen2_5_omni (thinker + talker + token2wav)" if loaded.is_full_checkpoint else \
-            "qwen2_5_omni_thinker"
+        info["layout"] = self.layout(loaded.is_full_checkpoint)
         return info
+
+    def layout(self, full: bool) -> str:
+        """The manifest's name of an export's layout."""
+        return f"{self.model_types[0]} (thinker + talker + token2wav)" if full else self.model_types[1]
 
     def write_processor_settings(self, folder: Path, processor: "OmniProcessor") -> None:
         write_processor_settings(folder, processor)
 
     def load_merged_for_check(self, folder: Path, dtype: torch.dtype):
         """The thinker of an exported folder, read the way users read it (full or thinker-only)."""
-        from transformers import Qwen2_5OmniThinkerForConditionalGeneration
-
         folder = Path(folder)
-        if self.read_config(folder)["model_type"] == "qwen2_5_omni":
+        if self.is_full(folder):
             return self._load_thinker_from_full(folder, self.thinker_config(folder), {"dtype": dtype})
-        return Qwen2_5OmniThinkerForConditionalGeneration.from_pretrained(str(folder), dtype=dtype)
+        return self.hf(self.hf_thinker).from_pretrained(str(folder), dtype=dtype)
 
     def save_quantized(self, merged_dir: Path, out_dir: Path, *, quantize: str, dtype: torch.dtype) -> str:
         """The merged thinker quantised with bitsandbytes (the LLM's linear layers, as QLoRA does)."""
-        from transformers import Qwen2_5OmniThinkerForConditionalGeneration
-
-        if self.read_config(merged_dir)["model_type"] == "qwen2_5_omni":
+        if self.is_full(merged_dir):
             raise ConfigError("export.quantize writes thinker checkpoints; it is not supported for a full "
-                             "Qwen2.5-Omni base yet (export unquantised and quantise at load time instead)")
+                             f"{self.title} base yet (export unquantised and quantise at load time instead)")
         cfg = quantization_config(quantize, dtype, self.quant_skip)
-        model = Qwen2_5OmniThinkerForConditionalGeneration.from_pretrained(str(merged_dir), dtype=dtype,
-                                                                           quantization_config=cfg)
+        model = self.hf(self.hf_thinker).from_pretrained(str(merged_dir), dtype=dtype, quantization_config=cfg)
         model.save_pretrained(str(out_dir), safe_serialization=True)
         self.copy_processor_files(merged_dir, out_dir)
         return ("bitsandbytes NF4 with double quantisation" if quantize == "4bit" else "bitsandbytes int8") + \
             f" on the LLM's linear layers, compute dtype {str(dtype).replace('torch.', '')}"
 
     def load_quantized_for_check(self, folder: Path):
-        from transformers import Qwen2_5OmniThinkerForConditionalGeneration
-
-        return Qwen2_5OmniThinkerForConditionalGeneration.from_pretrained(str(folder))
+        return self.hf(self.hf_thinker).from_pretrained(str(folder))
 
 
 def write_processor_settings(folder: Path, processor: "OmniProcessor") -> None:

@@ -61,7 +61,14 @@ def smart_resize(height: int, width: int, factor: int, min_pixels: int, max_pixe
 
 @dataclass
 class OmniProcessor:
-    """Tokenizer + image/audio/video preprocessing for one Qwen2.5-Omni checkpoint."""
+    """Tokenizer + image/audio/video preprocessing for one Qwen2.5-Omni checkpoint (subclasses:
+    the other Qwen-style omni models, with their own special tokens and defaults)."""
+
+    #: the prompt format's special tokens by what they mark (the families' encoders use the keys)
+    TOKENS = {"im_start": IM_START, "im_end": IM_END, "vision_bos": VISION_BOS, "vision_eos": VISION_EOS,
+              "audio_bos": AUDIO_BOS, "audio_eos": AUDIO_EOS, "image": IMAGE_TOKEN, "video": VIDEO_TOKEN,
+              "audio": AUDIO_TOKEN}
+    MODEL = "Qwen2.5-Omni"
 
     tokenizer: Any
     patch_size: int = 14
@@ -101,24 +108,33 @@ class OmniProcessor:
                 cfg.update({k: v for k, v in data.items() if not isinstance(v, dict)})
         proc = cls(
             tokenizer=tok,
-            patch_size=int(cfg.get("patch_size", 14)),
-            merge_size=int(cfg.get("merge_size", 2)),
-            temporal_patch_size=int(cfg.get("temporal_patch_size", 2)),
-            min_pixels=int(min_pixels or cfg.get("min_pixels", 56 * 56)),
-            max_pixels=int(max_pixels or cfg.get("max_pixels", 28 * 28 * 1280)),
+            patch_size=int(cfg.get("patch_size", cls.patch_size)),
+            merge_size=int(cfg.get("merge_size", cls.merge_size)),
+            temporal_patch_size=int(cfg.get("temporal_patch_size", cls.temporal_patch_size)),
+            min_pixels=int(min_pixels or cfg.get("min_pixels", cls.min_pixels)),
+            max_pixels=int(max_pixels or cfg.get("max_pixels", cls.max_pixels)),
             image_mean=tuple(cfg.get("image_mean", cls.image_mean)),
             image_std=tuple(cfg.get("image_std", cls.image_std)),
-            sampling_rate=int(cfg.get("sampling_rate", 16000)),
-            feature_size=int(cfg.get("feature_size", 128)),
-            hop_length=int(cfg.get("hop_length", 160)),
-            n_fft=int(cfg.get("n_fft", 400)),
+            sampling_rate=int(cfg.get("sampling_rate", cls.sampling_rate)),
+            feature_size=int(cfg.get("feature_size", cls.feature_size)),
+            hop_length=int(cfg.get("hop_length", cls.hop_length)),
+            n_fft=int(cfg.get("n_fft", cls.n_fft)),
             video_fps=video_fps,
             video_max_frames=video_max_frames,
             system_prompt=cls.effective_system_prompt(tok, system_prompt),
+            **cls.extra_settings(cfg),
         )
-        proc.register_special_tokens([IM_START, IM_END, VISION_BOS, VISION_EOS, AUDIO_BOS, AUDIO_EOS,
-                                      IMAGE_TOKEN, VIDEO_TOKEN, AUDIO_TOKEN], folder, "Qwen2.5-Omni")
+        proc.register_special_tokens(list(cls.TOKENS.values()), folder, cls.MODEL)
         return proc
+
+    def ids(self) -> dict[str, int]:
+        """TOKENS' ids by their keys."""
+        return {k: self.token_ids[v] for k, v in self.TOKENS.items()}
+
+    @classmethod
+    def extra_settings(cls, cfg: dict) -> dict:
+        """A subclass's own fields, read from the folder's processor configs."""
+        return {}
 
     #: how the family's chat template opens and closes a system turn
     SYSTEM_TURN = ("<|im_start|>system\n", "<|im_end|>")
@@ -168,11 +184,11 @@ class OmniProcessor:
     @property
     def pad_id(self) -> int:
         pid = self.tokenizer.pad_token_id
-        return int(pid if pid is not None else self.token_ids[IM_END])
+        return int(pid if pid is not None else self.token_ids[self.TOKENS["im_end"]])
 
     @property
     def eos_id(self) -> int:
-        return self.token_ids[IM_END]
+        return self.token_ids[self.TOKENS["im_end"]]
 
     def settings(self) -> dict:
         """What token counts depend on besides the data (keys the length cache)."""

@@ -1,0 +1,345 @@
+"""The Qwen3-Omni family (Qwen3-Omni-30B-A3B): a MoE thinker is trained; talker and code2wav kept.
+
+Qwen3-Omni keeps Qwen2.5-Omni's layout (a thinker with `model.visual`, `model.audio_tower`,
+`model.language_model` and `lm_head`; a full checkpoint adds the speech output under `talker.`
+and `code2wav.`), so this family extends that one and changes what differs:
+
+- the LLM is a mixture of experts: 128 experts, 8 active per token, stored fused as
+  `mlp.experts.gate_up_proj` [experts, 2*moe_ffn, hidden] and `mlp.experts.down_proj`
+  [experts, hidden, moe_ffn] parameters, with a router `mlp.gate` per layer. LoRA on the
+  experts is PEFT's `target_parameters` (`roles.llm.experts: lora`); the router is frozen
+  unless `roles.llm.router: full`; the load-balancing loss is reported every step and added
+  with `train.router_aux_loss_coef` when either trains (`Family.expert_params`, `router_modules`);
+- the vision tower has DeepStack mergers (`model.visual.merger_list`, features added to the
+  first LLM layers): they are part of `vision_projector` with the final merger;
+- the audio tower downsamples with three stride-2 convolutions over 100-frame chunks (13 tokens
+  per second) and projects with `proj1`/`proj2` (`audio_projector`);
+- the special tokens: `<|vision_start|><|image_pad|>...<|vision_end|>`, `<|audio_start|>
+  <|audio_pad|>...<|audio_end|>`; 16-pixel patches normalised with mean = std = 0.5.
+
+Packing exactness of the audio tower: transformers pads every chunk of a batch to its longest
+chunk, and (unlike Qwen2.5-Omni) does not mask the padding between the convolutions, so a clip
+shorter than one chunk (1 s) would encode differently beside a longer clip than alone. The tower
+inputs computed in the collator (`tower_inputs`) pad every chunk to the full chunk: what a clip
+of 1 s or more gets in any batch, and a short clip in any batch holding a longer one.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from finetune.families.qwen2_5_omni import PROCESSOR_FILES, Qwen25OmniFamily
+from finetune.families.shared import OmniProcessor, atomic_build, tiny_cache_dir
+
+IM_START, IM_END = "<|im_start|>", "<|im_end|>"
+VISION_START, VISION_END = "<|vision_start|>", "<|vision_end|>"
+AUDIO_START, AUDIO_END = "<|audio_start|>", "<|audio_end|>"
+IMAGE_PAD, VIDEO_PAD, AUDIO_PAD = "<|image_pad|>", "<|video_pad|>", "<|audio_pad|>"
+
+CHAT_TEMPLATE = (Path(__file__).resolve().parent.parent / "configs" / "qwen3_omni_moe.chat_template.jinja").read_text()
+
+
+def audio_tokens(frames, n_window: int = 50):
+    """Audio tokens (tower output rows) of clips of `frames` mel frames: transformers' arithmetic
+    (100-frame chunks give 13 each; the last, shorter one its three stride-2 convolutions' length)."""
+    from transformers.models.qwen3_omni_moe.modeling_qwen3_omni_moe import _get_feat_extract_output_lengths
+
+    return _get_feat_extract_output_lengths(frames, n_window)
+
+
+@dataclass
+class Qwen3OmniProcessor(OmniProcessor):
+    """Tokenizer + image/audio/video preprocessing of a Qwen3-Omni checkpoint."""
+
+    TOKENS = {"im_start": IM_START, "im_end": IM_END, "vision_bos": VISION_START, "vision_eos": VISION_END,
+              "audio_bos": AUDIO_START, "audio_eos": AUDIO_END, "image": IMAGE_PAD, "video": VIDEO_PAD,
+              "audio": AUDIO_PAD}
+    MODEL = "Qwen3-Omni"
+    SYSTEM_TURN = ("<|im_start|>system\n", "<|im_end|>")
+
+    patch_size: int = 16
+    image_mean: tuple = (0.5, 0.5, 0.5)
+    image_std: tuple = (0.5, 0.5, 0.5)
+    n_window: int = 50  # half an audio chunk, in mel frames (the audio tower's and the processor's)
+
+    @classmethod
+    def extra_settings(cls, cfg: dict) -> dict:
+        return {"n_window": int(cfg.get("n_window", cls.n_window))}
+
+    def settings(self) -> dict:
+        return {**super().settings(), "n_window": self.n_window}
+
+
+class _TowerInputs:
+    """The inputs Qwen3-Omni's towers derive from the grids and clip lengths (vision: boundaries,
+    rotary positions, position-embedding interpolation; audio: padded chunks, the valid rows
+    after the convolutions, attention windows), computed on the host in the collator by
+    transformers' helpers, with every audio chunk padded to the full chunk (module docstring)."""
+
+    def __init__(self, config):
+        v, a = config.vision_config, config.audio_config
+        self.merge, self.side = v.spatial_merge_size, int(v.num_position_embeddings ** 0.5)
+        self.n_window, self.n_window_infer = a.n_window, a.n_window_infer
+
+    def __call__(self, batch: dict) -> dict:
+        from transformers.vision_utils import (get_vision_cu_seqlens, get_vision_interpolation_indices_and_weights,
+                                               get_vision_position_ids)
+
+        out: dict[str, Any] = {}
+        for kind, key in (("image", "image_grid_thw"), ("video", "video_grid_thw")):
+            grid = batch.get(key)
+            if grid is None:
+                continue
+            cu = get_vision_cu_seqlens(grid)
+            idx, w = get_vision_interpolation_indices_and_weights(grid, num_grid_per_side=self.side, mode="bilinear",
+                                                                  align_corners=True, spatial_merge_size=self.merge)
+            out.update({f"{kind}_cu_seqlens": cu, f"{kind}_max_seqlen": int((cu[1:] - cu[:-1]).max()),
+                        f"{kind}_position_ids": get_vision_position_ids(grid, self.merge),
+                        f"{kind}_interp_indices": idx, f"{kind}_interp_weights": w})
+        if batch.get("input_features") is not None:
+            out.update(self.audio(batch["input_features"], batch["feature_attention_mask"]))
+        return out
+
+    def audio(self, features: torch.Tensor, mask: torch.Tensor) -> dict:
+        chunk = 2 * self.n_window
+        lens = mask.sum(-1)
+        flat = features.permute(0, 2, 1)[mask.bool()]  # [frames of all clips, mel], as the thinker gathers them
+        sizes: list[int] = []
+        for n in lens.tolist():
+            sizes += [chunk] * (n // chunk) + ([n % chunk] if n % chunk else [])
+        chunk_lengths = torch.tensor(sizes, dtype=torch.long)
+        padded = flat.new_zeros(len(sizes), flat.shape[1], chunk)
+        for i, part in enumerate(flat.split(sizes)):
+            padded[i, :, : part.shape[0]] = part.T
+        rows = int(audio_tokens(torch.tensor(chunk), self.n_window))  # rows of a full chunk after the convolutions
+        valid = (torch.arange(rows) < audio_tokens(chunk_lengths, self.n_window)[:, None]).flatten().nonzero().squeeze(-1)
+        window = rows * (self.n_window_infer // chunk)  # attention windows: whole chunks of each clip
+        bounds = [0]
+        for n in audio_tokens(lens, self.n_window).tolist():
+            bounds += [window] * (n // window) + ([n % window] if n % window else [])
+        cu = torch.tensor(bounds, dtype=torch.int32).cumsum(0, dtype=torch.int32)
+        return {"audio_padded_feature": padded, "audio_chunk_lengths": chunk_lengths, "audio_valid_indices": valid,
+                "audio_cu_seqlens": cu, "audio_max_seqlen": int((cu[1:] - cu[:-1]).max())}
+
+
+class Qwen3OmniMoeFamily(Qwen25OmniFamily):
+    """Qwen3-Omni (30B-A3B): the MoE thinker is trained, talker/code2wav kept for export."""
+
+    name = "qwen3_omni_moe"
+    model_types = ("qwen3_omni_moe", "qwen3_omni_moe_thinker")
+    title = "Qwen3-Omni"
+    hf_thinker, hf_full = "Qwen3OmniMoeThinkerForConditionalGeneration", "Qwen3OmniMoeForConditionalGeneration"
+    hf_thinker_config, hf_full_config = "Qwen3OmniMoeThinkerConfig", "Qwen3OmniMoeConfig"
+    hf_processor = "Qwen3OmniMoeProcessor"
+    placeholder_keys = {"image": "image_token_id", "video": "video_token_id", "audio": "audio_token_id"}
+    shipped_configs = ("qwen3_omni_moe_30b_a3b.json",)
+    role_prefixes = {
+        "llm": ("model.language_model",),
+        "embeddings": ("model.language_model.embed_tokens",),
+        "lm_head": ("lm_head",),
+        "vision_encoder": ("model.visual",),
+        "vision_projector": ("model.visual.merger", "model.visual.merger_list"),
+        "audio_encoder": ("model.audio_tower",),
+        "audio_projector": ("model.audio_tower.proj1", "model.audio_tower.proj2"),
+    }
+    expert_params = ("mlp.experts.gate_up_proj", "mlp.experts.down_proj")
+    router_modules = ("mlp.gate",)
+    processor_files = PROCESSOR_FILES
+    processor_class = Qwen3OmniProcessor
+    folder_hint = ("Real weights are read from a local folder (download it once, e.g. with "
+                   "`huggingface-cli download Qwen/Qwen3-Omni-30B-A3B-Instruct --local-dir DIR`)")
+    quant_skip = ["lm_head", "model.visual", "model.audio_tower"]
+
+    def rope_class(self):
+        from transformers.models.qwen3_omni_moe import modeling_qwen3_omni_moe as m
+
+        return m.Qwen3OmniMoePreTrainedModelForConditionalGeneration
+
+    def rope_index(self, model_or_config):
+        return _IntegralRope(super().rope_index(model_or_config))
+
+    def audio_tokens(self, frames: int, processor) -> int:
+        return int(audio_tokens(torch.tensor(frames), processor.n_window))
+
+    def audio_rows(self, lengths: torch.Tensor, config: dict) -> int:
+        return int(audio_tokens(lengths, int(config.get("audio_config", {}).get("n_window", 50))).sum())
+
+    def tower_inputs(self, model_or_config):
+        return _TowerInputs(getattr(model_or_config, "config", model_or_config))
+
+    def tiny_models(self) -> dict:
+        return {self.name: self.materialize_tiny, f"{self.name}-full": self.materialize_tiny_full}
+
+    def tower_shapes(self, config) -> dict:
+        t, v, a = config.text_config, config.vision_config, config.audio_config
+        # the MLP a token runs: its top-k experts (SwiGLU each), as one MLP k times as wide
+        return {"llm": (t.hidden_size, t.num_hidden_layers, t.moe_intermediate_size * t.num_experts_per_tok,
+                        t.num_attention_heads, True),
+                "vision": (v.hidden_size, v.depth, v.intermediate_size, v.num_heads, False),
+                "audio": (a.d_model, a.encoder_layers, a.encoder_ffn_dim, a.encoder_attention_heads, False),
+                "vocab": t.vocab_size,
+                "patches_per_token": v.spatial_merge_size ** 2,
+                "frames_per_audio_token": 8}  # 100 mel frames -> 13 tokens after three stride-2 convolutions
+
+    def layout(self, full: bool) -> str:
+        return "qwen3_omni_moe (thinker + talker + code2wav)" if full else "qwen3_omni_moe_thinker"
+
+    # ---- tiny --------------------------------------------------------------------------
+    def materialize_tiny(self, seed: int = 0) -> Path:
+        root = tiny_cache_dir() / f"qwen3_omni_moe-thinker-s{seed}-v{TINY_VERSION}"
+        if (root / "config.json").exists():
+            return root
+        return atomic_build(root, lambda d: build_tiny_thinker(d, seed))
+
+    def materialize_tiny_full(self, seed: int = 0) -> Path:
+        """A tiny full Qwen3-Omni (thinker + talker + code2wav)."""
+        root = tiny_cache_dir() / f"qwen3_omni_moe-full-s{seed}-v{TINY_VERSION}"
+        if (root / "config.json").exists():
+            return root
+        thinker = self.materialize_tiny(seed)
+        return atomic_build(root, lambda d: build_tiny_full(d, thinker, seed))
+
+
+class _IntegralRope:
+    """Qwen3-Omni's index code returns float positions: integral ones are kept as integers (the
+    packed rows' dtype), fractional ones (video at fps where seconds per grid x 13 is not whole)
+    as they are."""
+
+    def __init__(self, inner):
+        self.inner = inner
+
+    def __call__(self, input_ids: torch.Tensor, media: dict) -> torch.Tensor:
+        pos = self.inner(input_ids, media)
+        return pos.long() if torch.equal(pos, pos.round()) else pos
+
+
+# ---- the tiny model ------------------------------------------------------------------------
+TINY_VERSION = 1
+
+SPECIAL_TOKENS = ["<|endoftext|>", IM_START, IM_END, VISION_START, VISION_END, "<|vision_pad|>", IMAGE_PAD, VIDEO_PAD,
+                  AUDIO_START, AUDIO_END, "<tts_pad>", "<tts_text_bos>", "<tts_text_eod>", AUDIO_PAD]
+
+
+def build_tiny_tokenizer():
+    """The tiny Qwen3-Omni-style tokenizer (byte-level BPE trained in code, the released special tokens)."""
+    from transformers import Qwen2Tokenizer
+
+    from finetune.families.tiny import build_bpe_tokenizer
+
+    return Qwen2Tokenizer(
+        tokenizer_object=build_bpe_tokenizer(SPECIAL_TOKENS), eos_token=IM_END, pad_token="<|endoftext|>",
+        unk_token=None,
+        extra_special_tokens={"image_token": IMAGE_PAD, "audio_token": AUDIO_PAD, "video_token": VIDEO_PAD,
+                              "vision_bos_token": VISION_START, "vision_eos_token": VISION_END,
+                              "audio_bos_token": AUDIO_START, "audio_eos_token": AUDIO_END},
+        chat_template=CHAT_TEMPLATE,
+    )
+
+
+def tiny_thinker_config(vocab_size: int, ids: dict):
+    """A small Qwen3-Omni thinker: the real architecture (MoE LLM with 8 experts, 2 per token;
+    DeepStack vision; chunked audio) with small widths, initialised with std 0.1 as the tiny
+    Qwen2.5-Omni is (see its tiny_thinker_config)."""
+    from transformers import Qwen3OmniMoeThinkerConfig
+
+    hidden, init = 64, 0.1
+    rope = {"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 3, 3], "mrope_interleaved": True}
+    return Qwen3OmniMoeThinkerConfig(
+        audio_config=dict(d_model=64, encoder_layers=2, encoder_attention_heads=4, encoder_ffn_dim=128,
+                          num_mel_bins=128, output_dim=hidden, n_window=50, n_window_infer=800,
+                          downsample_hidden_size=16, max_source_positions=1500, initializer_range=init),
+        vision_config=dict(depth=3, hidden_size=64, intermediate_size=128, num_heads=4, out_hidden_size=hidden,
+                           patch_size=16, spatial_merge_size=2, temporal_patch_size=2, num_position_embeddings=64,
+                           deepstack_visual_indexes=[0, 1], initializer_range=init),
+        text_config=dict(hidden_size=hidden, intermediate_size=64, moe_intermediate_size=48, num_experts=8,
+                         num_experts_per_tok=2, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                         head_dim=16, vocab_size=vocab_size, max_position_embeddings=4096, rope_parameters=rope,
+                         rms_norm_eps=1e-6, initializer_range=init, router_aux_loss_coef=0.001),
+        initializer_range=init, audio_token_id=ids[AUDIO_PAD], image_token_id=ids[IMAGE_PAD],
+        video_token_id=ids[VIDEO_PAD], audio_start_token_id=ids[AUDIO_START], audio_end_token_id=ids[AUDIO_END],
+        vision_start_token_id=ids[VISION_START], vision_end_token_id=ids[VISION_END], position_id_per_seconds=13,
+        seconds_per_chunk=2, user_token_id=0, tie_word_embeddings=False,
+    )
+
+
+def build_tiny_thinker(folder: Path, seed: int = 0) -> None:
+    """Write a random tiny thinker checkpoint with tokenizer and processor files to `folder`."""
+    from transformers import GenerationConfig, Qwen3OmniMoeThinkerForConditionalGeneration
+
+    tok = build_tiny_tokenizer()
+    ids = {t: tok.convert_tokens_to_ids(t) for t in SPECIAL_TOKENS}
+    cfg = tiny_thinker_config(int(math.ceil(len(tok) / 64) * 64), ids)
+    torch.manual_seed(seed)
+    model = Qwen3OmniMoeThinkerForConditionalGeneration(cfg).eval()
+    model.save_pretrained(str(folder), safe_serialization=True)
+    tok.save_pretrained(str(folder))
+    write_processor_config(folder, min_pixels=64 * 64, max_pixels=32 * 32 * 1280)
+    (Path(folder) / "chat_template.json").write_text(json.dumps({"chat_template": CHAT_TEMPLATE}, indent=2))
+    GenerationConfig(eos_token_id=[ids[IM_END], ids["<|endoftext|>"]], pad_token_id=ids["<|endoftext|>"],
+                     do_sample=False).save_pretrained(str(folder))
+
+
+def build_tiny_full(folder: Path, thinker_dir: Path, seed: int = 0) -> None:
+    """A random tiny Qwen3-Omni with talker (MoE, code predictor) and code2wav; its thinker is the tiny thinker."""
+    import shutil
+
+    from transformers import (Qwen3OmniMoeConfig, Qwen3OmniMoeForConditionalGeneration,
+                              Qwen3OmniMoeThinkerForConditionalGeneration)
+
+    thinker = Qwen3OmniMoeThinkerForConditionalGeneration.from_pretrained(str(thinker_dir), dtype=torch.float32)
+    th = thinker.config
+    rope = {"rope_type": "default", "rope_theta": 10000.0}
+    talker = dict(
+        thinker_hidden_size=th.text_config.hidden_size, accept_hidden_layer=1, num_code_groups=4,
+        text_config=dict(vocab_size=256, hidden_size=32, intermediate_size=64, moe_intermediate_size=16,
+                         shared_expert_intermediate_size=32, num_experts=4, num_experts_per_tok=2, num_hidden_layers=1,
+                         num_attention_heads=2, num_key_value_heads=1, head_dim=16, initializer_range=0.1,
+                         rope_parameters={**rope, "mrope_section": [2, 3, 3], "mrope_interleaved": True}),
+        code_predictor_config=dict(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                   num_attention_heads=2, num_key_value_heads=1, head_dim=16, num_code_groups=4,
+                                   rope_parameters=rope, initializer_range=0.1),
+        codec_pad_id=248, codec_bos_id=249, codec_eos_token_id=250, codec_nothink_id=251, codec_think_bos_id=252,
+        codec_think_eos_id=253, speaker_id={"ethan": 240}, spatial_merge_size=2, position_id_per_seconds=13,
+        audio_token_id=th.audio_token_id, image_token_id=th.image_token_id, video_token_id=th.video_token_id,
+        vision_start_token_id=th.vision_start_token_id, audio_start_token_id=th.audio_start_token_id)
+    code2wav = dict(codebook_size=64, hidden_size=32, num_attention_heads=2, num_key_value_heads=2, intermediate_size=64,
+                    num_hidden_layers=1, num_quantizers=4, upsample_rates=[2, 2], upsampling_ratios=[2], decoder_dim=32,
+                    sliding_window=8, rope_parameters=rope)
+    tok = build_tiny_tokenizer()
+    tid = tok.convert_tokens_to_ids
+    cfg = Qwen3OmniMoeConfig(thinker_config=th.to_dict(), talker_config=talker, code2wav_config=code2wav,
+                             im_start_token_id=tid(IM_START), im_end_token_id=tid(IM_END),
+                             tts_pad_token_id=tid("<tts_pad>"), tts_bos_token_id=tid("<tts_text_bos>"),
+                             tts_eos_token_id=tid("<tts_text_eod>"), system_token_id=0, user_token_id=0,
+                             assistant_token_id=0)
+    torch.manual_seed(seed)
+    model = Qwen3OmniMoeForConditionalGeneration(cfg).eval()
+    model.thinker.load_state_dict(thinker.state_dict())
+    model.save_pretrained(str(folder), safe_serialization=True)
+    for name in PROCESSOR_FILES:
+        if (Path(thinker_dir) / name).exists() and not (Path(folder) / name).exists():
+            shutil.copyfile(Path(thinker_dir) / name, Path(folder) / name)
+
+
+def write_processor_config(folder: Path, *, min_pixels: int, max_pixels: int) -> None:
+    """preprocessor_config.json in the flat layout the released Qwen3-Omni checkpoint ships."""
+    cfg = {
+        "processor_class": "Qwen3OmniMoeProcessor",
+        "image_processor_type": "Qwen2VLImageProcessor",
+        "feature_extractor_type": "WhisperFeatureExtractor",
+        "patch_size": 16, "merge_size": 2, "temporal_patch_size": 2,
+        "min_pixels": min_pixels, "max_pixels": max_pixels,
+        "image_mean": [0.5, 0.5, 0.5], "image_std": [0.5, 0.5, 0.5],
+        "do_rescale": True, "rescale_factor": 1 / 255, "do_normalize": True, "do_resize": True,
+        "do_convert_rgb": True, "resample": 3,
+        "feature_size": 128, "sampling_rate": 16000, "hop_length": 160, "n_fft": 400,
+        "chunk_length": 300, "n_samples": 4800000, "nb_max_frames": 30000,
+        "padding_side": "right", "padding_value": 0.0, "return_attention_mask": True, "dither": 0.0,
+    }
+    (Path(folder) / "preprocessor_config.json").write_text(json.dumps(cfg, indent=2, sort_keys=True))
