@@ -18,10 +18,13 @@ and `code2wav.`), so this family extends that one and changes what differs:
   <|audio_pad|>...<|audio_end|>`; 16-pixel patches normalised with mean = std = 0.5.
 
 Packing exactness of the audio tower: transformers pads every chunk of a batch to its longest
-chunk, and (unlike Qwen2.5-Omni) does not mask the padding between the convolutions, so a clip
-shorter than one chunk (1 s) would encode differently beside a longer clip than alone. The tower
-inputs computed in the collator (`tower_inputs`) pad every chunk to the full chunk: what a clip
-of 1 s or more gets in any batch, and a short clip in any batch holding a longer one.
+chunk and (unlike Qwen2.5-Omni) does not mask the padding between its convolutions. A clip of
+1 s or more is padded to the full chunk (100 mel frames) alone too, so it encodes the same in any
+batch; a clip shorter than one chunk is not padded at all alone, but beside a longer clip its
+chunk is, and its last rows move (logits by ~5e-2 on the tiny model). `load` therefore masks
+those clips' padding between the convolutions (`mask_short_clip_padding`), which gives every
+clip in a batch what it gets alone; the collator pads every chunk to the full chunk and passes
+the short clips' lengths, so the towers read nothing from the device.
 """
 
 from __future__ import annotations
@@ -32,8 +35,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
+from finetune.families.base import Family
 from finetune.families.qwen2_5_omni import PROCESSOR_FILES, Qwen25OmniFamily
 from finetune.families.shared import OmniProcessor, atomic_build, tiny_cache_dir
 
@@ -74,6 +79,18 @@ class Qwen3OmniProcessor(OmniProcessor):
 
     def settings(self) -> dict:
         return {**super().settings(), "n_window": self.n_window}
+
+    def audio_frames(self, n_samples: int) -> int:
+        """Mel frames of a clip as Qwen3-Omni's processor computes them alone (its features are
+        padded to the longest clip, not to 300 s as Qwen2.5-Omni's): whole hops."""
+        return max(1, n_samples // self.hop_length)
+
+    def process_audio(self, wave: np.ndarray) -> torch.Tensor:
+        """A mono waveform -> log-mel features [n_mels, frames], as the processor gives a clip alone."""
+        feats = self.feature_extractor(wave.astype(np.float32), sampling_rate=self.sampling_rate, padding="longest",
+                                       truncation=False, return_attention_mask=True, return_tensors="np")
+        n = self.audio_frames(len(wave))
+        return torch.from_numpy(feats["input_features"][0][:, :n].astype(np.float32))
 
 
 class _TowerInputs:
@@ -125,7 +142,62 @@ class _TowerInputs:
             bounds += [window] * (n // window) + ([n % window] if n % window else [])
         cu = torch.tensor(bounds, dtype=torch.int32).cumsum(0, dtype=torch.int32)
         return {"audio_padded_feature": padded, "audio_chunk_lengths": chunk_lengths, "audio_valid_indices": valid,
-                "audio_cu_seqlens": cu, "audio_max_seqlen": int((cu[1:] - cu[:-1]).max())}
+                "audio_cu_seqlens": cu, "audio_max_seqlen": int((cu[1:] - cu[:-1]).max()),
+                SHORT_CHUNKS: short_chunk_lengths(lens.tolist(), chunk)}
+
+
+#: the tower input (a host tuple) with each chunk's mel frames if its clip is shorter than one chunk, else 0
+SHORT_CHUNKS = "audio_short_chunk_frames"
+
+
+def short_chunk_lengths(clip_frames: list[int], chunk: int) -> tuple[int, ...]:
+    """Per chunk of the batch: the clip's frames if the clip is shorter than one chunk, else 0."""
+    out: list[int] = []
+    for n in clip_frames:
+        out += [n] if n < chunk else [0] * math.ceil(n / chunk)
+    return tuple(out)
+
+
+def _conv_out(n: int) -> int:
+    return (n - 1) // 2 + 1  # a stride-2 convolution with kernel 3 and padding 1
+
+
+def mask_short_clip_padding(model) -> None:
+    """Zero the padding of chunks from clips shorter than one chunk before the audio tower's 2nd and
+    3rd convolutions, as their own zero padding is when the clip is alone (module docstring).
+    Hooks only: module names and weights are unchanged. Idempotent."""
+    tower = Family.submodule(model, "model.audio_tower")
+    if tower is None or getattr(tower, "_short_clip_masks", False):
+        return
+    state: dict = {}
+    chunk = 2 * tower.n_window
+
+    def before_tower(mod, args, kwargs):
+        short = kwargs.pop(SHORT_CHUNKS.removeprefix("audio_"), None)
+        if short is None:  # not from our collator: the clip lengths from the call (a device read)
+            lens = kwargs.get("feature_lens", args[1] if len(args) > 1 else None)
+            short = short_chunk_lengths([int(n) for n in lens.tolist()], chunk)
+        state.update(short=short, seen={2: 0, 3: 0})
+        return args, kwargs
+
+    def before_conv(stage):
+        def hook(mod, args):
+            x = args[0]
+            first = state["seen"][stage]
+            state["seen"][stage] += x.shape[0]
+            frames = state["short"][first:first + x.shape[0]]
+            if not any(frames):
+                return None
+            # valid columns of this conv's input: the earlier convolutions' output length of the clip
+            keep = [x.shape[-1] if not n else _conv_out(n) if stage == 2 else _conv_out(_conv_out(n)) for n in frames]
+            mask = torch.arange(x.shape[-1], device=x.device) < torch.tensor(keep, device=x.device)[:, None]
+            return (x * mask[:, None, None, :].to(x.dtype),)
+        return hook
+
+    tower.register_forward_pre_hook(before_tower, with_kwargs=True)
+    tower.conv2d2.register_forward_pre_hook(before_conv(2))
+    tower.conv2d3.register_forward_pre_hook(before_conv(3))
+    tower._short_clip_masks = True
 
 
 class Qwen3OmniMoeFamily(Qwen25OmniFamily):
@@ -155,6 +227,21 @@ class Qwen3OmniMoeFamily(Qwen25OmniFamily):
     folder_hint = ("Real weights are read from a local folder (download it once, e.g. with "
                    "`huggingface-cli download Qwen/Qwen3-Omni-30B-A3B-Instruct --local-dir DIR`)")
     quant_skip = ["lm_head", "model.visual", "model.audio_tower"]
+
+    def load(self, recipe, **kw):
+        loaded = super().load(recipe, **kw)
+        mask_short_clip_padding(loaded.model)
+        return loaded
+
+    def load_merged_for_check(self, folder: Path, dtype: torch.dtype):
+        model = super().load_merged_for_check(folder, dtype)
+        mask_short_clip_padding(model)
+        return model
+
+    def load_quantized_for_check(self, folder: Path):
+        model = super().load_quantized_for_check(folder)
+        mask_short_clip_padding(model)
+        return model
 
     def rope_class(self):
         from transformers.models.qwen3_omni_moe import modeling_qwen3_omni_moe as m
