@@ -101,6 +101,9 @@ class ModelCount:
     vocab: int
     patches_per_token: int  # vision-tower positions per image token
     frames_per_audio_token: int  # audio-tower positions per audio token
+    #: MoE LLMs: fused expert weight path -> [experts, out, in], router module path -> its parameters
+    experts: dict[str, tuple[int, int, int]] = field(default_factory=dict)
+    routers: dict[str, int] = field(default_factory=dict)
 
 
 def resolve_config(path: str, family: str = "auto") -> tuple[str, Path]:
@@ -156,8 +159,13 @@ def _count_cached(family: str, cfg_path: str, mtime: float) -> tuple:
             shapes.setdefault(r, []).append((name, mod.num_embeddings, mod.embedding_dim))
     shapes_of = fam.tower_shapes(cfg)  # (hidden, layers, ffn, heads, gated MLP) per stack, or None
     llm, vis, aud = (Tower(*shapes_of[k]) if shapes_of[k] else None for k in ("llm", "vision", "audio"))
+    # bitsandbytes quantises nn.Linear only: fused expert weights stay in the compute dtype under QLoRA
+    experts = {n: tuple(p.shape) for n, p in model.named_parameters()
+               if fam.expert_params and n.endswith(tuple("." + e for e in fam.expert_params))}
+    routers = {n: sum(p.numel() for p in mod.parameters()) for n, mod in model.named_modules()
+               if fam.router_modules and n.endswith(tuple("." + r for r in fam.router_modules))}
     return model, ModelCount(family, cfg_path, roles, quantisable, shapes, llm, vis, aud, shapes_of["vocab"],
-                             shapes_of["patches_per_token"], shapes_of["frames_per_audio_token"])
+                             shapes_of["patches_per_token"], shapes_of["frames_per_audio_token"], experts, routers)
 
 
 def count_model(family: str, cfg_path: Path):
@@ -243,6 +251,7 @@ class Plan:
     peak: float
     fits: bool
     host: float = 0.0  # bytes per rank in host memory (offload)
+    experts_16bit: int = 0  # quantised runs: fused expert parameters left in the compute dtype
     gathered: float = 0.0  # weights unsharded at a time (ZeRO-3, FSDP)
     strategies: list = field(default_factory=list)  # (strategy, peak per GPU, host per rank, fits) on this GPU count
     suggestions: list[str] = field(default_factory=list)
@@ -253,8 +262,7 @@ class Plan:
         return self.activations_ckpt if self.settings.gradient_checkpointing else self.activations_full
 
 
-def _role_lines(count: ModelCount, modes: dict, lora_targets: dict, full_modules: dict, recipe,
-                s: Settings) -> list[RoleLine]:
+def _role_lines(count: ModelCount, rp, recipe, s: Settings) -> list[RoleLine]:
     from finetune.families.base import ROLE_NAMES
 
     shard_state, shard_weights, off_state, _ = STRATEGIES[s.strategy]
@@ -267,7 +275,7 @@ def _role_lines(count: ModelCount, modes: dict, lora_targets: dict, full_modules
         n = count.roles.get(role, 0)
         if n == 0:
             continue
-        mode = modes.get(role, "frozen")
+        mode = rp.modes.get(role, "frozen")
         wbytes = float(n * s.weight_bytes)
         if s.quantize in ("4bit", "8bit") and role in count.quantisable:
             qw, rows = count.quantisable[role]
@@ -278,7 +286,12 @@ def _role_lines(count: ModelCount, modes: dict, lora_targets: dict, full_modules
         if mode == "lora":
             r = getattr(recipe.roles, role).r
             shapes = {m: (i, o) for m, i, o in count.lora_shapes.get(role, [])}
-            trainable = sum(r * (shapes[m][0] + shapes[m][1]) for m in lora_targets.get(role, []))
+            trainable = sum(r * (shapes[m][0] + shapes[m][1]) for m in rp.lora_targets.get(role, []))
+            # LoRA on fused experts ([E, out, in]): rank r per expert, A [r*E, in] and B [out, r*E]
+            trainable += sum(r * count.experts[p][0] * (count.experts[p][1] + count.experts[p][2])
+                             for p in rp.lora_params.get(role, []))
+            if role == "llm":
+                trainable += sum(count.routers[m] for m in rp.routers)
         elif mode == "full":
             trainable = n
         lines.append(RoleLine(role, mode, n, wbytes / wshard, trainable, trainable * per_param_state / shard))
@@ -312,10 +325,9 @@ def _activations(count: ModelCount, s: Settings, modes: dict) -> dict[str, float
     return {"full": full, "ckpt": ckpt, "logits": logits, "encoders": encoders}
 
 
-def _estimate(count: ModelCount, modes: dict, lora_targets: dict, full_modules: dict, recipe, s: Settings,
-              gpu_gb: float) -> dict:
-    lines = _role_lines(count, modes, lora_targets, full_modules, recipe, s)
-    act = _activations(count, s, modes)
+def _estimate(count: ModelCount, rp, recipe, s: Settings, gpu_gb: float) -> dict:
+    lines = _role_lines(count, rp, recipe, s)
+    act = _activations(count, s, rp.modes)
     weights = sum(ln.weight_bytes for ln in lines)
     state = sum(ln.state_bytes for ln in lines)
     shard_state, shard_weights, off_state, off_weights = STRATEGIES[s.strategy]
@@ -358,7 +370,7 @@ def plan(recipe, gpu_gb: float = 24, gpus: int = 1) -> Plan:
     model, count = count_model(family, cfg_path)
     rp = plan_roles(model, get_family(family), recipe)
     s = _settings(recipe, gpus)
-    args = (count, rp.modes, rp.lora_targets, rp.full_modules, recipe)
+    args = (count, rp, recipe)
     e = _estimate(*args, s, gpu_gb)
     out = Plan(
         recipe=recipe.name, family=family, model_path=recipe.model.path, config_path=str(cfg_path), settings=s,
@@ -366,7 +378,8 @@ def plan(recipe, gpu_gb: float = 24, gpus: int = 1) -> Plan:
         trainable_params=sum(ln.trainable for ln in e["lines"]), trainable_state=e["state"],
         activations_ckpt=e["act"]["ckpt"], activations_full=e["act"]["full"], logits=e["act"]["logits"],
         encoders=e["act"]["encoders"], overhead=OVERHEAD_BYTES, peak=e["peak"], fits=e["fits"], host=e["host"],
-        gathered=e["gathered"])
+        gathered=e["gathered"],
+        experts_16bit=sum(a * b * c for a, b, c in count.experts.values()) if s.quantize != "none" else 0)
     for name in STRATEGIES:
         if (name == "single") != (s.gpus == 1) and not name.startswith("zero"):
             continue  # one GPU: single or DeepSpeed (offload); several: no "single"
@@ -479,6 +492,9 @@ def format_plan(p: Plan) -> str:
         ("expected peak", p.peak, "* = the recipe's setting"),
         *([("host memory per rank", p.host, "offloaded state")] if p.host else []),
     ]
+    if p.experts_16bit:
+        lines.append(f"  ({_n(p.experts_16bit)} fused expert weights stay {wdt}: bitsandbytes quantises "
+                     "nn.Linear layers only)")
     lines.append("")
     lines += [f"  {label:<30}{_gb(b):>10}" + (f"   ({note})" if note else "") for label, b, note in rows]
     lines += [

@@ -174,3 +174,27 @@ def test_expert_lora_and_router_train_and_export(tmp_path):
     out = export_run(tmp_path / "coef1", fmt="merged")["merged"]
     manifest = json.loads((out / "export_manifest.json").read_text())
     assert manifest["verify"]["passed"]
+
+
+def test_plan_counts_expert_lora_and_routers_as_training_does():
+    """The planner's trainable parameters for LoRA on the fused experts and trained routers are the
+    ones training creates (tiny model); under 4-bit it says the fused experts stay 16-bit."""
+    from finetune import adapters
+    from finetune.plan import format_plan, plan
+
+    fam = get_family(FAMILY)
+    r = recipe("roles.llm.experts=lora", "roles.llm.router=full", "roles.llm.r=4")
+    ld = fam.load(r, dtype=torch.float32, attn="sdpa")
+    model, rp = adapters.apply_roles(ld.model, fam, r)
+    real = {row["role"]: row["trainable"] for row in adapters.role_table(model, fam, rp)}
+    p = plan(r)
+    assert {line.role: line.trainable for line in p.roles} == real
+    frozen = plan(recipe("roles.llm.r=4"))
+    assert {line.role: line.trainable for line in frozen.roles}["llm"] < real["llm"]
+    q = plan(recipe("model.quantize=4bit"))
+    loaded_4bit = fam.load(recipe(), dtype=torch.float32, attn="sdpa", quantize="4bit").model
+    experts = {n: p for n, p in loaded_4bit.named_parameters() if n.endswith(("experts.gate_up_proj",
+                                                                               "experts.down_proj"))}
+    assert experts and all(p.dtype == torch.float32 for p in experts.values())  # really left unquantised
+    assert q.experts_16bit == sum(p.numel() for p in experts.values())
+    assert "fused expert weights stay" in format_plan(q)
