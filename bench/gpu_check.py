@@ -8,13 +8,15 @@ Parts, each with its own time limit so one slow part cannot take the others' tim
   1. the GPU-marked tests (`pytest -m gpu`): packed = one-by-one on CUDA kernels (bf16), the
      host-sync count on CUDA;
   2. `python -m finetune verify packing medical-tiny` on CUDA;
-  3. bench/gpu_step.py: both families' 7B shapes (random weights), LoRA bf16 and QLoRA 4-bit, packed
+  3. bench/gpu_step.py: every family's real shapes (random weights; Qwen3-Omni-30B-A3B with the decoder
+     layers that fit 24 GB of bf16 weights), LoRA bf16 and QLoRA 4-bit, packed
      rows of 4096 tokens: tokens/s, MFU, measured peak memory beside the planner's;
   4. bench/step_split.py on the CPU demo recipe: where a GPU step's time goes;
   5. bench/packing.py --size small: packed vs padded throughput on the demo and long-tail mixtures;
   6. bench/loss_memory.py on CUDA: full logits vs TRL's chunked head (Triton), memory and time;
   7. a few steps of each engine on CUDA in one process: DeepSpeed ZeRO-2, ZeRO-3 with a 4-bit base,
-     ZeRO-3-offload (when deepspeed is installed), FSDP2.
+     ZeRO-3-offload (when deepspeed is installed), FSDP2, and the tiny Qwen3-Omni (LoRA on its
+     fused experts, trained routers) under ZeRO-3 with a 4-bit base.
 
 MFU, as bench/gpu_step.py's step_flops defines it: the LLM's 6N FLOPs per token with gradient
 checkpointing (2N forward, 2N backward for the inputs' gradients under LoRA, 2N recompute; 4N
@@ -54,7 +56,7 @@ def part(name: str, cmd: list[str], timeout: int, log: list[str]) -> bool:
     dt = time.time() - t0
     print(out[-6000:], flush=True)
     keep = [ln for ln in out.splitlines() if ln.startswith("|") or ln.startswith(("PASS", "FAIL", "max |", "loss "))
-            or "passed" in ln or "failed" in ln or ln.startswith(("gpu_step", "family", "qwen2_5", "baichuan", "demo ",
+            or "passed" in ln or "failed" in ln or ln.startswith(("gpu_step", "family", "qwen2_5", "qwen3", "baichuan", "demo ",
                                                                   "long-tail", "tolerance", "relative"))]
     log += [f"## {name} ({'ok' if ok else 'FAILED'}, {dt:.0f} s)", "", f"`{' '.join(cmd)}`", "", "```", *keep[-60:],
             "```", ""]
@@ -106,11 +108,16 @@ def main(argv=None) -> int:
                ("DeepSpeed ZeRO-3, QLoRA", ["train.distributed=deepspeed", "train.deepspeed=zero3",
                                              "model.quantize=4bit"]),
                ("DeepSpeed ZeRO-3-offload", ["train.distributed=deepspeed", "train.deepspeed=zero3-offload"]),
-               ("FSDP2", ["train.distributed=fsdp"])]
+               ("FSDP2", ["train.distributed=fsdp"]),
+               # the MoE thinker (fused experts with LoRA, trained routers) under ZeRO-3, QLoRA
+               ("Qwen3-Omni MoE ZeRO-3, QLoRA", ["model.path=tiny:qwen3_omni_moe", "model.max_pixels=16384",
+                                                 "roles.llm.experts=lora", "roles.llm.router=full",
+                                                 "train.distributed=deepspeed", "train.deepspeed=zero3",
+                                                 "model.quantize=4bit"])]
     for name, settings in engines:
         if not cuda:
             log += [f"## {name} steps", "", "not run (CPU smoke)", ""]
-        elif importlib.util.find_spec("deepspeed") is None and "deepspeed" in settings[0]:
+        elif importlib.util.find_spec("deepspeed") is None and "train.distributed=deepspeed" in settings:
             log += [f"## {name} steps", "", "not run: deepspeed is not installed here (`pip install -e "
                     "\".[deepspeed]\"`)", ""]
         else:

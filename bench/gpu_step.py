@@ -1,16 +1,16 @@
 """Training-step benchmark on real architectures with random weights: memory, speed, MFU, plan.
 
-    python bench/gpu_step.py                       # on a CUDA machine: both families, LoRA bf16 and QLoRA 4-bit
+    python bench/gpu_step.py                       # on a CUDA machine: every family, LoRA bf16 and QLoRA 4-bit
     python bench/gpu_step.py --family qwen2_5_omni --mode qlora --max-tokens 4096 --steps 4
     python bench/gpu_step.py --tiny --device cpu   # smoke run of the same code on the tiny configs
 
-For each family (Qwen2.5-Omni-7B thinker, Baichuan-Omni-1.5; configs shipped in finetune/configs)
-and each mode, it writes a random checkpoint of the real shape to a temporary folder, loads it
+For each family (Qwen2.5-Omni-7B thinker, Baichuan-Omni-1.5, Qwen3-Omni-30B-A3B thinker; each
+family's first shipped config in finetune/configs) and each mode, it writes a random checkpoint of
+the real shape to a temporary folder (Family.random_checkpoint), loads it
 through the family's own loader (so QLoRA quantises exactly as training does), applies the
-roles of the matching recipe (medical / medical-qlora / medical-baichuan / medical-baichuan-qlora,
-gradient checkpointing on), and runs packed training steps of image+audio+text samples built
-directly in token space (random text ids, the model's own media placeholder ids, random pixels
-and mel features) up to `--max-tokens`. It prints, per run: peak GPU memory, real tokens per
+roles of the matching recipe (RECIPES; gradient checkpointing on, one process), and runs packed
+training steps of image+audio+text samples encoded by the family's own encoder (a 448x448 noise
+image, 4 s of noise, 100 random words; synthetic_row) up to `--max-tokens`. It prints, per run: peak GPU memory, real tokens per
 second, model FLOPs utilisation (step_flops below: 6N per LLM token with checkpointing, plus the
 towers' forward; against --peak-tflops) and the planner's predicted peak beside the measured one.
 """
@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import random
 import shutil
 import sys
 import tempfile
@@ -33,87 +34,94 @@ from finetune import adapters, attention  # noqa: E402
 from finetune.families import get_family  # noqa: E402
 from finetune.families.base import IGNORE_INDEX, EncodedSample  # noqa: E402
 from finetune.packing import pack_encoded  # noqa: E402
+from finetune.plan import CONFIG_DIR  # noqa: E402
 from finetune.recipe import load_recipe  # noqa: E402
 from finetune.train import quiet_libraries  # noqa: E402
 from finetune.verify import to_model  # noqa: E402
 
+#: which recipes each family's rows run (data, not code: everything else comes from the Family contract)
 RECIPES = {("qwen2_5_omni", "lora"): "medical", ("qwen2_5_omni", "qlora"): "medical-qlora",
-           ("baichuan_omni", "lora"): "medical-baichuan", ("baichuan_omni", "qlora"): "medical-baichuan-qlora"}
-CONFIGS = {"qwen2_5_omni": "qwen2_5_omni_7b.json", "baichuan_omni": "baichuan_omni_1_5.json"}
+           ("baichuan_omni", "lora"): "medical-baichuan", ("baichuan_omni", "qlora"): "medical-baichuan-qlora",
+           ("qwen3_omni_moe", "lora"): "medical-qwen3-omni", ("qwen3_omni_moe", "qlora"): "medical-qwen3-omni-qlora"}
+FAMILIES = sorted({f for f, _ in RECIPES})
+WORDS = ("the a lesion lung left right upper lower small large round bright dark spot mass heart eye retina "
+         "normal abnormal nodule report findings impression compare prior current study patient").split()
 
 
-def random_checkpoint(family, tiny: bool, dtype, folder: Path) -> Path:
-    """A random model of the real (or tiny) shape saved like a released folder."""
+def llm_layers_within(family, max_gb: float) -> tuple[int | None, int]:
+    """(decoder layers to build, the real count): all of them unless the bf16 weights exceed
+    `max_gb` (Qwen3-Omni-30B-A3B's 59 GB: a random checkpoint that size is neither built nor
+    written in a benchmark's minutes), then as many as fit; per-token speed and MFU scale per layer."""
+    from finetune.plan import count_model
+
+    _, count = count_model(family.name, CONFIG_DIR / family.shipped_configs[0])
+    layers, total = count.llm.layers, sum(count.roles.values()) * 2 / 2 ** 30
+    if total <= max_gb:
+        return None, layers
+    per_layer = count.roles["llm"] * 2 / 2 ** 30 / layers
+    return max(1, int((max_gb - (total - per_layer * layers)) / per_layer)), layers
+
+
+def random_checkpoint(family, tiny: bool, dtype, folder: Path, llm_layers: int | None = None) -> Path:
+    """A random model of the real (or tiny) shape saved like a released folder, with the tiny
+    model's tokenizer and processor files (the samples are encoded with them)."""
     tiny_dir = family.resolve_path(f"tiny:{family.name}")
     if tiny:
         shutil.copytree(tiny_dir, folder, dirs_exist_ok=True)
         return folder
-    cfg_path = Path(__file__).resolve().parent.parent / "finetune" / "configs" / CONFIGS[family.name]
-    cfg = json.loads(cfg_path.read_text())
-    torch.manual_seed(0)
-    default = torch.get_default_dtype()
-    torch.set_default_dtype(dtype)
-    # built on the GPU when there is one: random init of 8B parameters on the CPU takes minutes
-    where = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
-    try:
-        with where:
-            if family.name == "qwen2_5_omni":
-                from transformers import Qwen2_5OmniThinkerConfig, Qwen2_5OmniThinkerForConditionalGeneration
-
-                model = Qwen2_5OmniThinkerForConditionalGeneration(Qwen2_5OmniThinkerConfig(**cfg))
-            else:
-                from finetune.families.baichuan_model import BaichuanOmniConfig, BaichuanOmniForCausalLM
-
-                model = BaichuanOmniForCausalLM(BaichuanOmniConfig(**cfg))
-    finally:
-        torch.set_default_dtype(default)
-    model.to(dtype).save_pretrained(str(folder), max_shard_size="5GB")
-    del model
+    family.random_checkpoint(CONFIG_DIR / family.shipped_configs[0], folder, dtype, llm_layers)
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
-    if family.name == "baichuan_omni":
-        (folder / "config.json").write_text(json.dumps(cfg, indent=2))
-    for p in tiny_dir.iterdir():  # tokenizer and processor files (the batches bypass them)
+    for p in tiny_dir.iterdir():
         if p.is_file() and not p.name.endswith(".safetensors") and p.name != "config.json":
             shutil.copyfile(p, folder / p.name)
     return folder
 
 
-def synthetic_row(family, model, max_tokens: int, seed: int) -> list[EncodedSample]:
-    """Samples of ~600 tokens (an image of 16x16 merged patches, 8 s of audio, text) filling a row."""
-    g = torch.Generator().manual_seed(seed)
-    cfg = model.config
+def token_ids(cfg) -> dict[tuple, int]:
+    """Every `*token_id` / `*token_index` of a config (nested), by its key path."""
+    out = {}
+
+    def walk(d, path):
+        for k, v in d.items():
+            if isinstance(v, dict):
+                walk(v, path + (k,))
+            elif isinstance(v, int) and not isinstance(v, bool) and "token" in k and k.endswith(("_id", "_index")):
+                out[path + (k,)] = v
+    walk(cfg, ())
+    return out
+
+
+def synthetic_row(family, processor, model, tiny_cfg: dict, media: Path, max_tokens: int, seed: int):
+    """Samples (a 448x448 image, 4 s of audio and 100 words, a short answer) filling a row, encoded
+    by the family's own encoder with the tiny tokenizer, their special-token ids then moved to the
+    model config's (the same keys in both configs) and their positions recomputed for the model."""
+    from finetune.data.schema import parse_sample
+
+    remap = {}
+    real = token_ids(json.loads((Path(model.name_or_path) / "config.json").read_text()))
+    for key, tid in token_ids(tiny_cfg).items():
+        if key in real:
+            remap[tid] = real[key]
+    rope = family.rope_index(model)
+    rng = random.Random(seed)
     out, used = [], 0
     while True:
-        n_text = 200
-        if family.name == "qwen2_5_omni":
-            img_id, aud_id, vocab = cfg.image_token_index, cfg.audio_token_index, cfg.get_text_config().vocab_size
-            n_img, n_aud, mel_frames = 256, 200, 800
-        else:
-            img_id = cfg.visual_config["image_pad_token_id"]
-            aud_id = cfg.audio_config["audio_pad_token_id"]
-            vocab, n_img, n_aud, mel_frames = cfg.vocab_size, 256, 100, 801
-        n = n_text + n_img + n_aud
-        if used + n > max_tokens:
+        text = " ".join(rng.choice(WORDS) for _ in range(100))
+        msgs = [{"role": "user", "content": [{"type": "image", "path": "x.png"}, {"type": "audio", "path": "x.wav"},
+                                             {"type": "text", "text": text}]},
+                {"role": "assistant", "content": "Yes. A small round lesion in the upper left of the lung field."}]
+        e = family.encode(parse_sample({"messages": msgs}, source="bench", line=seed, base_dir=media), processor)
+        if used + e.num_tokens > max_tokens:
+            if not out:
+                raise SystemExit(f"one sample has {e.num_tokens} tokens, more than --max-tokens {max_tokens}")
             break
-        hi = min(vocab, 151643, img_id, aud_id) - 32  # ordinary text ids, below every special token
-        ids = torch.cat([torch.randint(0, hi, (n_text // 2,), generator=g),
-                         torch.full((n_img,), img_id), torch.full((n_aud,), aud_id),
-                         torch.randint(0, hi, (n_text - n_text // 2,), generator=g)])
-        labels = ids.clone()
-        labels[: n_text // 2 + n_img + n_aud] = IGNORE_INDEX
-        grid = torch.tensor([1, 32, 32])
-        media = {"pixel_values": torch.randn(32 * 32, 3 * 2 * 14 * 14, generator=g), "image_grid_thw": grid[None]}
-        mel = torch.randn(128, mel_frames, generator=g) * 0.5
-        if family.name == "qwen2_5_omni":
-            media["input_features"] = [mel]
-            media["audio_feature_lengths"] = torch.tensor([mel_frames])
-            pos = family.rope_index(model)(ids, media)
-        else:
-            media["audio_features"] = [mel]
-            pos = torch.arange(n)
-        out.append(EncodedSample(input_ids=ids, labels=labels, position_ids=pos, media=media, sample_id=str(seed)))
-        used += n
+        e.input_ids = torch.tensor([remap.get(int(t), int(t)) for t in e.input_ids])
+        e.labels = torch.where(e.labels == IGNORE_INDEX, e.labels, e.input_ids)
+        if rope is not None:
+            e.position_ids = rope(e.input_ids, e.media)
+        out.append(e)
+        used += e.num_tokens
         seed += 1
     return out
 
@@ -121,37 +129,62 @@ def synthetic_row(family, model, max_tokens: int, seed: int) -> list[EncodedSamp
 def step_flops(family, model, row: list[EncodedSample], *, checkpointing: bool) -> float:
     """Model FLOPs of one training step on `row` (the MFU numerator, defined here):
 
-    * LLM (decoder and lm_head, N parameters): 2N per token forward, 2N backward for the inputs'
+    * LLM (decoder and lm_head, N parameters; a mixture of experts: the parameters a token runs,
+      attention and its top-k experts): 2N per token forward, 2N backward for the inputs'
       gradients (LoRA: the frozen weights get none; the adapters' own are negligible), and with
       gradient checkpointing 2N more for the recomputed forward: 6N per token (4N without);
     * media towers (frozen): their forward, 2 x their parameters per position they process
-      (vision patches, audio frames after the first convolution);
+      (vision patches, audio frames), from the feature rows each sample's media give and the
+      family's tower positions per row (Family.tower_shapes);
     * attention's score and value products are not counted (the usual convention; at 4096 tokens
       they add a few percent)."""
     def params(role_names):
         return sum(adapters.param_count(p) for n, p in model.named_parameters() if family.role_of(n) in role_names)
 
+    cfg = json.loads((Path(model.name_or_path) / "config.json").read_text())
+    shapes = family.tower_shapes(model.config)
     n_llm = params(("llm", "lm_head"))
+    experts = sum(p.numel() for n, p in model.named_parameters() if family.expert_params
+                  and n.endswith(tuple("." + e for e in family.expert_params)))
+    if experts:  # a token runs its top-k experts only
+        text = model.config.get_text_config()
+        n_llm -= experts * (1 - text.num_experts_per_tok / text.num_experts)
     tokens = sum(e.num_tokens for e in row)
     flops = (6 if checkpointing else 4) * n_llm * tokens
-    patches = sum(int(e.media[k].prod(-1).sum()) for e in row for k in ("image_grid_thw", "video_grid_thw")
-                  if k in e.media)
-    frames = sum(f.shape[-1] // 2 for e in row for f in e.media.get("input_features", e.media.get("audio_features", [])))
-    flops += 2 * params(("vision_encoder", "vision_projector")) * patches
-    flops += 2 * params(("audio_encoder", "audio_projector")) * frames
+    rows = {"image": 0, "video": 0, "audio": 0}
+    for e in row:
+        for kind, _, n in family.media_placeholders(e, cfg):
+            rows[kind] += n
+    flops += 2 * params(("vision_encoder", "vision_projector")) * shapes["patches_per_token"] * (rows["image"] + rows["video"])
+    flops += 2 * params(("audio_encoder", "audio_projector")) * shapes["frames_per_audio_token"] * rows["audio"]
     return float(flops)
+
+
+def write_media(folder: Path) -> Path:
+    """The benchmark's image and audio clip (noise), written once."""
+    import numpy as np
+    import soundfile as sf
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    folder.mkdir(parents=True, exist_ok=True)
+    Image.fromarray((rng.random((448, 448, 3)) * 255).astype("uint8")).save(folder / "x.png")
+    sf.write(folder / "x.wav", (rng.standard_normal(4 * 16000) * 0.1).astype(np.float32), 16000)
+    return folder
 
 
 def run_one(family_name: str, mode: str, args) -> dict:
     from finetune.plan import plan as make_plan
 
     family = get_family(family_name)
+    # one process on one GPU: the recipe's multi-GPU strategy (Qwen3-Omni's) is not what is measured
     recipe = load_recipe(RECIPES[(family_name, mode)], [f"data.max_tokens={args.max_tokens}",
-                                                         "train.gradient_checkpointing=true"])
+                                                         "train.gradient_checkpointing=true", "train.distributed=auto"])
     dtype = torch.bfloat16 if args.device.startswith("cuda") else torch.float32
     tmp = Path(tempfile.mkdtemp(prefix="gpu-step-"))
     try:
-        folder = random_checkpoint(family, args.tiny, dtype, tmp / "model")
+        layers, real_layers = (None, 0) if args.tiny else llm_layers_within(family, args.max_weights_gb)
+        folder = random_checkpoint(family, args.tiny, dtype, tmp / "model", layers)
         recipe.model.path = str(folder)
         predicted = make_plan(recipe, gpu_gb=args.gpu_gb).peak / 2 ** 30 if not args.tiny else float("nan")
         if args.device.startswith("cuda"):
@@ -174,7 +207,10 @@ def run_one(family_name: str, mode: str, args) -> dict:
         opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5,
                                 fused=args.device.startswith("cuda"))  # train.optim: adamw_torch_fused
         towers = family.tower_inputs(loaded.model)
-        rows = [synthetic_row(family, loaded.model, args.max_tokens, seed=100 * k) for k in range(args.steps + 1)]
+        tiny_cfg = json.loads((family.resolve_path(f"tiny:{family.name}") / "config.json").read_text())
+        media = write_media(tmp / "media")
+        rows = [synthetic_row(family, loaded.processor, loaded.model, tiny_cfg, media, args.max_tokens, seed=100 * k)
+                for k in range(args.steps + 1)]
         batches = [to_model(pack_encoded(family, [r], loaded.processor.pad_id,
                                          with_varlen_args=attn in attention.VARLEN_ARGS, towers=towers), model,
                              family)
@@ -204,6 +240,7 @@ def run_one(family_name: str, mode: str, args) -> dict:
         peak = torch.cuda.max_memory_allocated() / 2 ** 30 if args.device.startswith("cuda") else float("nan")
         mfu = sum(flops[1:]) / dt / (args.peak_tflops * 1e12) if args.device.startswith("cuda") else float("nan")
         return {"family": family_name, "mode": mode, "attn": attn, "tokens/step": sum(tokens[1:]) // args.steps,
+                "layers": f"{layers}/{real_layers}" if layers else "all",
                 "tok/s": tps, "peak GB": peak, "planned GB": predicted, "MFU": mfu}
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -211,27 +248,30 @@ def run_one(family_name: str, mode: str, args) -> dict:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--family", default="both", choices=["both", "qwen2_5_omni", "baichuan_omni"])
+    ap.add_argument("--family", default="all", choices=["all", *FAMILIES])
     ap.add_argument("--mode", default="both", choices=["both", "lora", "qlora"])
     ap.add_argument("--max-tokens", type=int, default=4096)
     ap.add_argument("--steps", type=int, default=3)
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--tiny", action="store_true", help="the tiny configs (a smoke run of this script)")
     ap.add_argument("--gpu-gb", type=float, default=24.0)
+    ap.add_argument("--max-weights-gb", type=float, default=24.0,
+                    help="build fewer decoder layers when a model's bf16 weights exceed this (planned GB: those layers)")
     ap.add_argument("--peak-tflops", type=float, default=989.0, help="dense bf16 peak of the GPU (H100 SXM: 989)")
     args = ap.parse_args(argv)
     quiet_libraries()
-    fams = ["qwen2_5_omni", "baichuan_omni"] if args.family == "both" else [args.family]
+    fams = FAMILIES if args.family == "all" else [args.family]
     modes = ["lora", "qlora"] if args.mode == "both" else [args.mode]
     rows = [run_one(f, m, args) for f in fams for m in modes]
     dev = torch.cuda.get_device_name() if args.device.startswith("cuda") else "cpu"
     print(f"\ngpu_step: {'tiny' if args.tiny else 'real'} shapes, random weights, {dev}, packed rows of "
           f"<= {args.max_tokens} tokens (image+audio+text samples), gradient checkpointing, {args.steps} timed steps")
-    hdr = f"{'family':<15}{'mode':<7}{'attn':<9}{'tokens/step':>12}{'tok/s':>10}{'peak GB':>9}{'planned GB':>12}{'MFU':>7}"
+    hdr = (f"{'family':<15}{'mode':<7}{'attn':<9}{'layers':>7}{'tokens/step':>12}{'tok/s':>10}{'peak GB':>9}"
+           f"{'planned GB':>12}{'MFU':>7}")
     print(hdr)
     print("-" * len(hdr))
     for r in rows:
-        print(f"{r['family']:<15}{r['mode']:<7}{r['attn']:<9}{r['tokens/step']:>12}{r['tok/s']:>10.0f}"
+        print(f"{r['family']:<15}{r['mode']:<7}{r['attn']:<9}{r['layers']:>7}{r['tokens/step']:>12}{r['tok/s']:>10.0f}"
               f"{r['peak GB']:>9.2f}{r['planned GB']:>12.2f}{100 * r['MFU']:>6.1f}%")
     return 0
 

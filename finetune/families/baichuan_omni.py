@@ -313,6 +313,14 @@ class BaichuanOmniFamily(Family):
         with torch.device("meta"):
             return BaichuanOmniForCausalLM._from_config(cfg, dtype=torch.bfloat16), cfg
 
+    def random_checkpoint(self, config_path: Path, folder: Path, dtype: torch.dtype,
+                          llm_layers: int | None = None) -> None:
+        super().random_checkpoint(config_path, folder, dtype, llm_layers)
+        cfg = json.loads(Path(config_path).read_text())  # the released layout's config, as loaded
+        if llm_layers:
+            cfg["num_hidden_layers"] = llm_layers
+        (Path(folder) / "config.json").write_text(json.dumps(cfg, indent=2))
+
     def tower_shapes(self, config) -> dict:
         v, a = config.visual_config, config.audio_config
         vis = aud = None

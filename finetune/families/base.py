@@ -240,6 +240,24 @@ class Family(abc.ABC):
     def meta_model(self, config_path: Path) -> tuple[torch.nn.Module, Any]:
         """(the trainable model on the meta device, its config) from a config.json: for planning."""
 
+    def random_checkpoint(self, config_path: Path, folder: Path, dtype: torch.dtype,
+                          llm_layers: int | None = None) -> None:
+        """A checkpoint of `meta_model`'s architecture with random weights, saved like a released
+        folder (benchmarks of the real shapes; built on the GPU when there is one); `llm_layers`
+        keeps only that many decoder layers (widths unchanged) of a model too large to write."""
+        model, cfg = self.meta_model(Path(config_path))
+        if llm_layers:
+            cfg.get_text_config().num_hidden_layers = llm_layers
+        default = torch.get_default_dtype()
+        torch.set_default_dtype(dtype)
+        try:
+            with torch.device("cuda" if torch.cuda.is_available() else "cpu"):
+                torch.manual_seed(0)
+                model = type(model)._from_config(cfg, dtype=dtype)
+        finally:
+            torch.set_default_dtype(default)
+        model.save_pretrained(str(folder), max_shard_size="5GB")
+
     @abc.abstractmethod
     def tower_shapes(self, config: Any) -> dict[str, Any]:
         """{"llm", "vision", "audio": (hidden, layers, ffn, heads, gated MLP) or None, "vocab": int,
