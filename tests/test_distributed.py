@@ -119,7 +119,7 @@ def reference(tmp_path_factory, mixed) -> Path:
     return out
 
 
-def _assert_same_weights(run_a: Path, run_b: Path, *, adam_outliers: bool = False) -> None:
+def _assert_same_weights(run_a: Path, run_b: Path, *, adam_outliers: bool = False, routers: bool = False) -> None:
     """Adapters equal within 1e-5. `adam_outliers`: a few entries may differ by up to 1e-4, where
     a gradient entry is itself at roundoff level, its sign can differ between summation orders,
     and Adam (which divides by the gradient's own magnitude) turns that into an update difference
@@ -137,7 +137,15 @@ def _assert_same_weights(run_a: Path, run_b: Path, *, adam_outliers: bool = Fals
     over = sum(int(((wa[k] - wb[k]).abs() >= 1e-5).sum()) for k in wa)
     total = sum(wa[k].numel() for k in wa)
     print(f"max |adapter weight difference|: {wdiff:.2e}; entries over 1e-5: {over} of {total}")
-    if adam_outliers:
+    if routers:
+        # top-k routing is discontinuous: two experts whose router probabilities nearly tie for a token
+        # can swap under another summation order, which moves that token's gradient to the router.
+        # Measured (tiny Qwen3-Omni, ZeRO-3): 19 of one router's 512 weights at up to 2.6e-5, one expert
+        # LoRA entry at 1.1e-5, every other entry below 1e-5; the losses agree within 5e-7
+        router = [k for k in wa if k.endswith("mlp.gate.weight")]
+        rest = max(float((wa[k] - wb[k]).abs().max()) for k in wa if k not in router)
+        assert wdiff < 1e-4 and rest < 2e-5 and over <= max(1, total // 5_000), (wdiff, rest, over)
+    elif adam_outliers:
         assert wdiff < 1e-4 and over <= max(1, total // 10_000), (wdiff, over)
     else:
         assert wdiff < 1e-5
@@ -279,6 +287,16 @@ VARIANTS = {  # the other family's towers; padded rows (idle samples as rows of 
     "baichuan-zero3": ("medical-baichuan-tiny", ["train.distributed=deepspeed", "train.deepspeed=zero3"]),
     "baichuan-ddp": ("medical-baichuan-tiny", ["train.distributed=ddp"]),
     "padded-fsdp": ("medical-tiny", ["train.distributed=fsdp", "data.packing=false"]),
+    # the MoE thinker with LoRA on its fused experts and trained routers. The load-balancing loss is off
+    # here: it is not a sum over rows (per-expert load fractions times mean router probabilities), so
+    # two ranks' means of one row each differ from one process's over both rows by design. The vision
+    # roles are frozen: this data has a step with no image on either rank, where DeepSpeed's optimizer
+    # still moves the vision weights by Adam's momentum (their gradient is zero, not absent) and one
+    # process skips them (the medical-tiny matrix above covers full vision roles under ZeRO-3)
+    "qwen3-moe-zero3": ("medical-qwen3-omni-tiny", ["train.distributed=deepspeed", "train.deepspeed=zero3",
+                                                    "roles.llm.experts=lora", "roles.llm.router=full",
+                                                    "train.router_aux_loss_coef=0", "roles.vision_encoder.mode=frozen",
+                                                    "roles.vision_projector.mode=frozen"]),
 }
 
 
@@ -286,8 +304,8 @@ VARIANTS = {  # the other family's towers; padded rows (idle samples as rows of 
                                      for v in VARIANTS])
 def test_sharded_variants_equal_one_process(tmp_path, mixed, variant):
     recipe, settings = VARIANTS[variant]
-    packing = [x for x in settings if x.startswith("data.")]
-    _launch(tmp_path / "one", mixed, 1, 2, *packing, command="train", recipe=recipe)
+    same = [x for x in settings if not x.startswith(("train.distributed", "train.deepspeed"))]
+    _launch(tmp_path / "one", mixed, 1, 2, *same, command="train", recipe=recipe)
     res = _launch(tmp_path / "two", mixed, 2, 1, *settings, command="train", recipe=recipe)
     if "ddp" not in variant:
         assert "elements (50%)" in res.stdout, res.stdout[-2000:]
@@ -296,4 +314,5 @@ def test_sharded_variants_equal_one_process(tmp_path, mixed, variant):
     diffs = {s: abs(got[s] - ref[s]) for s in ref}
     print(f"{variant}: per-step |loss(2 ranks) - loss(1 process)|:", diffs)
     assert max(diffs.values()) < 1e-5, diffs
-    _assert_same_weights(tmp_path / "one" / "run", tmp_path / "two" / "run", adam_outliers=True)
+    _assert_same_weights(tmp_path / "one" / "run", tmp_path / "two" / "run", adam_outliers=True,
+                         routers="roles.llm.router=full" in settings)
