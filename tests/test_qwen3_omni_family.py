@@ -198,3 +198,61 @@ def test_plan_counts_expert_lora_and_routers_as_training_does():
     assert experts and all(p.dtype == torch.float32 for p in experts.values())  # really left unquantised
     assert q.experts_16bit == sum(p.numel() for p in experts.values())
     assert "fused expert weights stay" in format_plan(q)
+
+
+FRESH = r'''
+import sys, torch
+from transformers import Qwen3OmniMoeForConditionalGeneration
+assert not any(m == "finetune" or m.startswith("finetune.") for m in sys.modules)
+model = Qwen3OmniMoeForConditionalGeneration.from_pretrained(sys.argv[1], dtype=torch.float32).eval()
+assert model.has_talker
+batch = torch.load(sys.argv[2])
+with torch.no_grad():
+    torch.save(model.thinker(**batch).logits, sys.argv[3])
+print(sorted(n for n, _ in model.named_children()))
+'''
+
+
+def test_full_export_loads_in_a_fresh_process_with_transformers_alone(tmp_path, small_demo):
+    """A merged export of the tiny full Qwen3-Omni (thinker trained, talker and code2wav copied)
+    loads with Qwen3OmniMoeForConditionalGeneration in a process that never imports the toolkit,
+    and its thinker answers an image+audio prompt as the adapter model does."""
+    import os
+    import subprocess
+    import sys
+
+    from peft import PeftModel
+
+    from conftest import tiny_recipe
+    from finetune.checkpoint import raw_equal, tensors_of
+    from finetune.export import export_run
+    from finetune.train import read_split, train
+
+    fam = get_family(FAMILY)
+    r = tiny_recipe(tmp_path, small_demo, "model.path=tiny:qwen3_omni_moe-full", "model.max_pixels=16384",
+                    "train.max_steps=3", "train.lr=5e-3", "roles.llm.experts=lora")
+    run = train(r)
+    out = export_run(run)["merged"]
+    manifest = json.loads((out / "export_manifest.json").read_text())
+    assert manifest["verify"]["passed"] and manifest["unchanged_from_base"]["parts"] == ["code2wav", "talker"]
+    base_t, out_t = tensors_of(fam.resolve_path("tiny:qwen3_omni_moe-full")), tensors_of(out)
+    assert base_t.keys() == out_t.keys()
+    speech = [k for k in base_t if k.startswith(("talker.", "code2wav."))]
+    assert speech and all(raw_equal(base_t[k], out_t[k]) for k in speech)
+
+    loaded = fam.load(r, quantize="none", dtype=torch.float32, attn="sdpa")
+    ref_model = PeftModel.from_pretrained(loaded.model, str(run / "adapter")).eval()
+    samples, _ = read_split(r.data.eval, r)
+    s = next(x for x in samples if {"image", "audio"} <= x.modalities())
+    enc = fam.encode(s, loaded.processor, rope=fam.rope_index(loaded.model))
+    assert int(enc.media["audio_feature_lengths"].min()) >= 100  # a clip of 1 s or more: no short-clip mask
+    batch = fam.collate_padded([enc], loaded.processor.pad_id)
+    batch.pop("labels")
+    torch.save(batch, tmp_path / "batch.pt")
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    res = subprocess.run([sys.executable, "-c", FRESH, str(out), str(tmp_path / "batch.pt"), str(tmp_path / "l.pt")],
+                         cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stderr[-3000:]
+    with torch.no_grad():
+        want = ref_model(**batch).logits
+    assert float((torch.load(tmp_path / "l.pt") - want).abs().max()) <= 1e-4
