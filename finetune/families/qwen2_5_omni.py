@@ -27,7 +27,7 @@ import torch
 
 from finetune.errors import ConfigError
 from finetune.families.base import IGNORE_INDEX, EncodedSample, Family, LoadedModel, quantization_config
-from finetune.families.shared import (AUDIO_BOS, AUDIO_EOS, AUDIO_TOKEN, IM_END, IM_START, IMAGE_TOKEN, VIDEO_TOKEN,
+from finetune.families.shared import (AUDIO_BOS, AUDIO_EOS, AUDIO_TOKEN, IM_END, IMAGE_TOKEN, VIDEO_TOKEN,
                                       VISION_BOS, VISION_EOS, OmniProcessor, _feat_to_tokens, atomic_build,
                                       audio_output_lengths, chat_turns, text_and_media_chunks, tiny_cache_dir)
 from finetune.recipe import shards_weights
@@ -377,19 +377,27 @@ class Qwen25OmniFamily(Family):
                 "omni-finetune shows how."]
 
     # ---- tiny --------------------------------------------------------------------------
+    tiny_version = 3  # 2: initializer_range 0.1 (was the library default 0.02); 3: the released chat template
+
+    def build_tiny_thinker(self, folder: Path, seed: int) -> None:
+        build_tiny_thinker(folder, seed)
+
+    def build_tiny_full(self, folder: Path, thinker: Path, seed: int) -> None:
+        build_tiny_full(folder, thinker, seed)
+
     def materialize_tiny(self, seed: int = 0) -> Path:
-        root = tiny_cache_dir() / f"qwen2_5_omni-thinker-s{seed}-v{TINY_VERSION}"
+        root = tiny_cache_dir() / f"{self.name}-thinker-s{seed}-v{self.tiny_version}"
         if (root / "config.json").exists():
             return root
-        return atomic_build(root, lambda d: build_tiny_thinker(d, seed))
+        return atomic_build(root, lambda d: self.build_tiny_thinker(d, seed))
 
     def materialize_tiny_full(self, seed: int = 0) -> Path:
-        """A tiny full Qwen2.5-Omni (thinker + talker + token2wav + speaker dictionary)."""
-        root = tiny_cache_dir() / f"qwen2_5_omni-full-s{seed}-v{TINY_VERSION}"
+        """A tiny full model: the tiny thinker with the speech output (talker and vocoder) beside it."""
+        root = tiny_cache_dir() / f"{self.name}-full-s{seed}-v{self.tiny_version}"
         if (root / "config.json").exists():
             return root
         thinker = self.materialize_tiny(seed)
-        return atomic_build(root, lambda d: build_tiny_full(d, thinker, seed))
+        return atomic_build(root, lambda d: self.build_tiny_full(d, thinker, seed))
 
     # ---- export ------------------------------------------------------------------------
     def save_merged(self, model, loaded: LoadedModel, out_dir: Path, *, dtype: torch.dtype,
@@ -491,7 +499,6 @@ def collate_media(batch: list[EncodedSample]) -> dict[str, Any]:
 
 
 # ---- the tiny model ------------------------------------------------------------------------
-TINY_VERSION = 3  # 2: initializer_range 0.1 (was the library default 0.02); 3: the released chat template
 
 
 def tiny_thinker_config(vocab_size: int, token_ids: dict):

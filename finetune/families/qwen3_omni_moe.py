@@ -40,7 +40,7 @@ import torch
 
 from finetune.families.base import Family
 from finetune.families.qwen2_5_omni import PROCESSOR_FILES, Qwen25OmniFamily
-from finetune.families.shared import OmniProcessor, atomic_build, tiny_cache_dir
+from finetune.families.shared import OmniProcessor
 
 IM_START, IM_END = "<|im_start|>", "<|im_end|>"
 VISION_START, VISION_END = "<|vision_start|>", "<|vision_end|>"
@@ -260,9 +260,6 @@ class Qwen3OmniMoeFamily(Qwen25OmniFamily):
     def tower_inputs(self, model_or_config):
         return _TowerInputs(getattr(model_or_config, "config", model_or_config))
 
-    def tiny_models(self) -> dict:
-        return {self.name: self.materialize_tiny, f"{self.name}-full": self.materialize_tiny_full}
-
     def tower_shapes(self, config) -> dict:
         t, v, a = config.text_config, config.vision_config, config.audio_config
         # the MLP a token runs: its top-k experts (SwiGLU each), as one MLP k times as wide
@@ -278,19 +275,13 @@ class Qwen3OmniMoeFamily(Qwen25OmniFamily):
         return "qwen3_omni_moe (thinker + talker + code2wav)" if full else "qwen3_omni_moe_thinker"
 
     # ---- tiny --------------------------------------------------------------------------
-    def materialize_tiny(self, seed: int = 0) -> Path:
-        root = tiny_cache_dir() / f"qwen3_omni_moe-thinker-s{seed}-v{TINY_VERSION}"
-        if (root / "config.json").exists():
-            return root
-        return atomic_build(root, lambda d: build_tiny_thinker(d, seed))
+    tiny_version = 1
 
-    def materialize_tiny_full(self, seed: int = 0) -> Path:
-        """A tiny full Qwen3-Omni (thinker + talker + code2wav)."""
-        root = tiny_cache_dir() / f"qwen3_omni_moe-full-s{seed}-v{TINY_VERSION}"
-        if (root / "config.json").exists():
-            return root
-        thinker = self.materialize_tiny(seed)
-        return atomic_build(root, lambda d: build_tiny_full(d, thinker, seed))
+    def build_tiny_thinker(self, folder: Path, seed: int) -> None:
+        build_tiny_thinker(folder, seed)
+
+    def build_tiny_full(self, folder: Path, thinker: Path, seed: int) -> None:
+        build_tiny_full(folder, thinker, seed)
 
 
 class _IntegralRope:
@@ -307,8 +298,6 @@ class _IntegralRope:
 
 
 # ---- the tiny model ------------------------------------------------------------------------
-TINY_VERSION = 1
-
 SPECIAL_TOKENS = ["<|endoftext|>", IM_START, IM_END, VISION_START, VISION_END, "<|vision_pad|>", IMAGE_PAD, VIDEO_PAD,
                   AUDIO_START, AUDIO_END, "<tts_pad>", "<tts_text_bos>", "<tts_text_eod>", AUDIO_PAD]
 
