@@ -249,6 +249,7 @@ class Gemma3nFamily(Family):
         # weights lie inside it); the export writes the base's value back (save_merged).
         if recipe.roles.llm.mode != "full":
             object.__setattr__(text, "altup_coef_clip", None)  # the field is typed float; None is "no clip"
+        images_one_by_one(model.model.vision_tower)
         proc = self.processor(folder, recipe)
         return LoadedModel(model=model, processor=proc, base_path=folder, is_full_checkpoint=True,
                            info={"quantize": quantize, "dtype": str(dtype).replace("torch.", "")})
@@ -454,6 +455,35 @@ class Gemma3nFamily(Family):
 
     def load_quantized_for_check(self, folder: Path):
         return _hf(self.hf_model).from_pretrained(str(folder))
+
+
+def images_one_by_one(tower: torch.nn.Module) -> None:
+    """Run the vision tower on one image per call (the trainable model only; checkpoints unchanged).
+
+    Convolution kernels pick their algorithm by batch size, so MobileNetV5 on a stack of images
+    gives each image's features a rounding different from the same image alone (about 1e-6
+    relative in fp32, on the CPU and with cuDNN alike), which the decoder carries into the logits:
+    a packed row's images would encode unlike each sample's alone. One call per image makes an
+    image's features independent of what it is packed with, at the cost of one tower call per
+    image (each image is already a large convolutional workload: 768x768 pixels)."""
+    if getattr(tower, "_one_image_per_call", False):
+        return
+    batched = tower.forward
+
+    def forward(pixel_values: torch.Tensor, *args, **kwargs):
+        if pixel_values.shape[0] <= 1:
+            return batched(pixel_values, *args, **kwargs)
+        outs = [batched(pixel_values[i:i + 1], *args, **kwargs) for i in range(pixel_values.shape[0])]
+        first = outs[0]
+        for key in ("last_hidden_state", "pooler_output"):
+            if getattr(first, key, None) is not None:
+                first[key] = torch.cat([getattr(o, key) for o in outs])
+        if getattr(first, "hidden_states", None) is not None:
+            first["hidden_states"] = tuple(torch.cat(h) for h in zip(*(o.hidden_states for o in outs)))
+        return first
+
+    tower.forward = forward
+    tower._one_image_per_call = True
 
 
 def collate_media(batch: list[EncodedSample]) -> dict[str, Any]:
