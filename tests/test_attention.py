@@ -135,3 +135,16 @@ def test_sliding_window_in_the_padded_fallback():
     last, _ = attention.varlen_attention_forward(module, q[:, :, -3:], k, v, pad, position_ids=None,
                                                  sliding_window=window)
     torch.testing.assert_close(last, out[:, -3:], rtol=0, atol=1e-12)
+
+
+def test_decoding_with_a_cache_and_no_mask_keeps_the_window():
+    """A decoding step (fewer queries than cached keys) without a mask (nothing padded) takes the
+    SDPA fallback with the causal window over the cache, not the packed path."""
+    torch.manual_seed(0)
+    B, H, L, D, window = 2, 2, 12, 8, 4
+    q, k, v = (torch.randn(B, H, L, D, dtype=torch.float64) for _ in range(3))
+    module = types.SimpleNamespace(is_causal=True, training=False)
+    step, _ = attention.varlen_attention_forward(module, q[:, :, -1:], k, v, None, position_ids=torch.full((B, 1), L - 1),
+                                                 sliding_window=window)
+    ref = F.scaled_dot_product_attention(q[:, :, -1:], k[:, :, -window:], v[:, :, -window:])
+    torch.testing.assert_close(step, ref.transpose(1, 2), rtol=0, atol=1e-12)
