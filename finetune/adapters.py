@@ -166,8 +166,15 @@ def apply_roles(model: nn.Module, family: Family, recipe, *, gradient_checkpoint
                 rank_pattern[f"^{re.escape(m)}$"] = spec.r
             if spec.alpha != base.alpha:
                 alpha_pattern[f"^{re.escape(m)}$"] = spec.alpha
+    for role, mods in plan.lora_targets.items():
+        tied = [m for m in mods if _shares_weights(model, [m])]
+        if tied:
+            # the adapter would change one use of the shared matrix, the merge both
+            raise ConfigError(f"roles.{role}.mode: lora on {', '.join(tied[:3])}, whose weight another module "
+                             "shares (an output layer tied to the input embedding), cannot be merged exactly; "
+                             f"set roles.{role}.mode: full (trains the one matrix for both uses) or frozen")
     tie = {}
-    if _shares_weights(model, plan.all_lora + plan.all_full):
+    if _shares_weights(model, plan.all_full):
         # a trained module whose weight another module shares (an output layer tied to the input
         # embedding): PEFT gives the tied twin the same trained copy, so both uses train together
         # and the merge keeps one matrix (without it the twin kept the frozen original)

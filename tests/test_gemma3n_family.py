@@ -161,3 +161,17 @@ def test_llm_lora_and_qlora_stay_in_the_decoder(gemma):
     assert fam.role_of("model.language_model.embed_tokens.weight") == "lm_head" == fam.role_of("lm_head.weight")
     assert fam.role_of("model.language_model.embed_tokens_per_layer.weight") == "embeddings"
     assert fam.role_of("model.audio_tower.conformer.0.attention.attn.q_proj.weight") == "audio_encoder"
+
+
+def test_lora_on_the_tied_lm_head_is_refused(gemma):
+    """LoRA on the tied output layer would change the logits' matrix but not the input embedding,
+    and the merge both: refused with what to do instead."""
+    from finetune import adapters
+    from finetune.errors import ConfigError
+    from finetune.recipe import load_recipe
+
+    fam, _ = gemma
+    recipe = load_recipe("medical-gemma3n-tiny", ["roles.lm_head.mode=lora"])
+    ld = fam.load(recipe, dtype=torch.float32, attn="sdpa")
+    with pytest.raises(ConfigError, match="roles.lm_head.mode: full"):
+        adapters.apply_roles(ld.model, fam, recipe)

@@ -32,9 +32,12 @@ to [0, 1]; audio is `Gemma3nAudioFeatureExtractor`'s log-mel features, at most 3
 
 Packing: the audio tower's outputs for a clip do not depend on clips padded beside it (it masks
 the padding; the embedder pads every clip to the fixed count with one embedding), MobileNetV5
-normalises each image on its own (RMS norms, no batch statistics), and the sliding-window layers
-measure their window from the per-sample positions, so packed rows are exact; with the varlen
-backend the window goes to the kernel (`finetune.kernels.varlen`, `window`).
+normalises each image on its own (RMS norms, no batch statistics) and the trainable model runs it
+one image per call (`images_one_by_one`: convolution kernels round differently by batch size), and
+the sliding-window layers measure their window from the per-sample positions, so packed rows are
+exact; with the varlen backend the window goes to the kernel (`finetune.kernels.varlen`, `window`).
+AltUp's training-time clip of its coefficient matrices is switched off unless the LLM trains in
+full (it writes the weights in place, which 4/8-bit weights cannot take; see `load`).
 """
 
 from __future__ import annotations
