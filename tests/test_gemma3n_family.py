@@ -175,3 +175,29 @@ def test_lora_on_the_tied_lm_head_is_refused(gemma):
     ld = fam.load(recipe, dtype=torch.float32, attn="sdpa")
     with pytest.raises(ConfigError, match="roles.lm_head.mode: full"):
         adapters.apply_roles(ld.model, fam, recipe)
+
+
+def test_every_trained_parameter_gets_a_gradient(gemma, media_dir):  # noqa: F811
+    """The towers' trained copies (PEFT modules_to_save) are the ones that run: with the vision
+    encoder, projectors and lm_head in full and LoRA on the LLM, every trainable parameter gets a
+    nonzero gradient from an image + audio + text sample."""
+    from finetune import adapters
+    from finetune.recipe import load_recipe
+    from finetune.verify import perturb_lora_b
+
+    fam, _ = gemma
+    recipe = load_recipe("medical-gemma3n-tiny", ["roles.audio_projector.mode=full"])
+    ld = fam.load(recipe, dtype=torch.float32, attn="sdpa")
+    model, _ = adapters.apply_roles(ld.model, fam, recipe)
+    perturb_lora_b(model, 0.05)
+    msgs = MESSAGES[:3] + [{"role": "user", "content": [{"type": "image", "path": "a.png"},
+                                                         {"type": "text", "text": "Again?"}]},
+                           {"role": "assistant", "content": "Yes."}]
+    enc = fam.encode(parse_sample({"messages": msgs}, source="t.jsonl", line=1, base_dir=media_dir), ld.processor)
+    assert enc.media["pixel_values"].shape[0] == 2  # the one-image-per-call path runs
+    model.train()
+    model(**fam.collate_padded([enc], ld.processor.pad_id)).loss.backward()
+    dead = [n for n, p in model.named_parameters() if p.requires_grad and (p.grad is None or not p.grad.abs().sum())]
+    assert not any(".vision_tower." in n for n in dead), dead[:5]
+    assert not any(".embed_vision." in n or ".embed_audio." in n for n in dead), dead[:5]
+    assert not dead, [d.replace("base_model.model.model.language_model.", "") for d in dead]

@@ -252,7 +252,7 @@ class Gemma3nFamily(Family):
         # weights lie inside it); the export writes the base's value back (save_merged).
         if recipe.roles.llm.mode != "full":
             object.__setattr__(text, "altup_coef_clip", None)  # the field is typed float; None is "no clip"
-        images_one_by_one(model.model.vision_tower)
+        images_one_by_one(model)
         proc = self.processor(folder, recipe)
         return LoadedModel(model=model, processor=proc, base_path=folder, is_full_checkpoint=True,
                            info={"quantize": quantize, "dtype": str(dtype).replace("torch.", "")})
@@ -460,23 +460,30 @@ class Gemma3nFamily(Family):
         return _hf(self.hf_model).from_pretrained(str(folder))
 
 
-def images_one_by_one(tower: torch.nn.Module) -> None:
-    """Run the vision tower on one image per call (the trainable model only; checkpoints unchanged).
+def images_one_by_one(model: torch.nn.Module) -> None:
+    """Encode one image per vision-tower call (the trainable model only; checkpoints unchanged).
 
     Convolution kernels pick their algorithm by batch size, so MobileNetV5 on a stack of images
     gives each image's features a rounding different from the same image alone (about 1e-6
     relative in fp32, on the CPU and with cuDNN alike), which the decoder carries into the logits:
     a packed row's images would encode unlike each sample's alone. One call per image makes an
     image's features independent of what it is packed with, at the cost of one tower call per
-    image (each image is already a large convolutional workload: 768x768 pixels)."""
-    if getattr(tower, "_one_image_per_call", False):
-        return
-    batched = tower.forward
+    image (each image is already a large convolutional workload: 768x768 pixels).
 
-    def forward(pixel_values: torch.Tensor, *args, **kwargs):
+    The loop wraps `Gemma3nModel.get_image_features` of this instance, which looks the tower up
+    at each call: PEFT replaces a trained tower by a wrapper of its copy, which must be the one
+    that runs (a wrapper bound to the tower itself would keep running the frozen original)."""
+    inner = model.model
+    if getattr(inner, "_one_image_per_call", False):
+        return
+    batched = inner.get_image_features
+
+    def get_image_features(pixel_values: torch.Tensor, *args, **kwargs):
         if pixel_values.shape[0] <= 1:
             return batched(pixel_values, *args, **kwargs)
         outs = [batched(pixel_values[i:i + 1], *args, **kwargs) for i in range(pixel_values.shape[0])]
+        if isinstance(outs[0], torch.Tensor):
+            return torch.cat(outs)
         first = outs[0]
         for key in ("last_hidden_state", "pooler_output"):
             if getattr(first, key, None) is not None:
@@ -485,8 +492,8 @@ def images_one_by_one(tower: torch.nn.Module) -> None:
             first["hidden_states"] = tuple(torch.cat(h) for h in zip(*(o.hidden_states for o in outs)))
         return first
 
-    tower.forward = forward
-    tower._one_image_per_call = True
+    inner.get_image_features = get_image_features
+    inner._one_image_per_call = True
 
 
 def collate_media(batch: list[EncodedSample]) -> dict[str, Any]:
@@ -511,10 +518,13 @@ def collate_media(batch: list[EncodedSample]) -> dict[str, Any]:
 
 
 # ---- the tiny model ------------------------------------------------------------------------
-TINY_VERSION = 1
+TINY_VERSION = 3  # 2: 128x128 images, 16 tokens, no layer scale; 3: AltUp's output scale not zero
 #: reserved ids per tower block of the vocabulary (the real model has 128 each)
 TINY_TOWER_VOCAB = 8
-TINY_IMAGE_SIZE, TINY_IMAGE_TOKENS = 64, 4  # MobileNetV5 stride 32 -> 2x2, the MSFA keeps 2x2
+# the MSFA fuses the stride-16 and stride-32 features (8x8 at 128 px) and pools them to 4x4 tokens:
+# the demo's small lesions need that grid (at 64 px and 2x2 tokens the tiny model learned which
+# scan it sees but never where a lesion is)
+TINY_IMAGE_SIZE, TINY_IMAGE_TOKENS, TINY_IMAGE_GRID = 128, 16, 4
 TINY_MAX_AUDIO_SAMPLES = 4 * 16000  # 4 s: the tiny audio tower then gives at most 25 rows
 TEXT_SPECIALS = ["<pad>", "<eos>", BOS, "<unk>", "<mask>", START_TURN, END_TURN, BOI, BOA]
 
@@ -562,7 +572,7 @@ def tiny_config(tok):
                  conf_attention_context_left=5, conf_attention_context_right=0, sscp_conv_channel_size=[8, 4],
                  conf_reduction_factor=4, initializer_range=init)
     vision = dict(architecture=TINY_ARCH, vocab_size=TINY_TOWER_VOCAB, vocab_offset=v_off, hidden_size=2048,
-                  model_args={"msfa_output_resolution": 2}, initializer_range=init)
+                  model_args={"msfa_output_resolution": TINY_IMAGE_GRID}, initializer_range=init)
     return _hf("Gemma3nConfig")(
         text_config=text, vision_config=vision, audio_config=audio, vision_soft_tokens_per_image=TINY_IMAGE_TOKENS,
         audio_soft_tokens_per_image=tiny_audio_rows(audio), boi_token_id=ids[BOI], eoi_token_id=v_off,
@@ -589,6 +599,12 @@ def build_tiny(folder: Path, seed: int = 0) -> None:
     cfg = tiny_config(tok)
     torch.manual_seed(seed)
     model = _hf("Gemma3nForConditionalGeneration")(cfg).eval()
+    with torch.no_grad():
+        # AltUp scales each layer's corrected output (the per-layer-input path's input) by a vector
+        # that starts at zero: a random model would never use that path, and LoRA on it would learn
+        # nothing; a released model has it trained
+        for layer in model.model.language_model.layers:
+            layer.altup.correct_output_scale.normal_(1.0, 0.1)
     _check_audio_rows(model, cfg)
     model.save_pretrained(str(folder), safe_serialization=True)
     tok.save_pretrained(str(folder))

@@ -185,8 +185,10 @@ def _register_tiny() -> None:
         cannot travel in the (JSON) config's model_args."""
         kwargs.setdefault("pad_type", "same")
         kwargs.setdefault("stem_size", 8)
+        # no layer scale: the released 1e-5 start keeps a random tower's blocks near identity,
+        # which a tiny model trained from scratch on the CPU cannot afford
         return _create_mnv5_encoder("mobilenetv5_300m_enc", pretrained, block_args=decode_arch_def(TINY_BLOCKS),
-                                    layer_scale_init_value=1e-5, **kwargs)
+                                    layer_scale_init_value=None, **kwargs)
 
     mobilenetv5_tiny_enc.__module__ = __name__
     register_model(mobilenetv5_tiny_enc)
