@@ -33,8 +33,12 @@ LOCK := requirements/lock.txt
 # DeepSpeed compiles none of its CUDA ops at install (DS_BUILD_OPS=0: no CUDA toolkit needed, no
 # CUDA wheel taken); ZeRO with torch's optimizers needs none, and on the CPU it builds its small
 # shared-memory op at first use (with ninja and the C++ compiler)
+# timm (Gemma 3n's vision tower, the `gemma3n` extra) goes in without its dependencies: it requires
+# torchvision, whose PyPI wheel is a CUDA build that breaks beside a CPU torch, and never calls it
+# for MobileNetV5 (see finetune/families/gemma3n_timm.py); its other requirements are ours already
 install: venv
 	DS_BUILD_OPS=0 $(PY) -m pip install -q -c $(LOCK) -e ".[$(EXTRAS)]"
+	$(PY) -m pip install -q --no-deps -c $(LOCK) timm
 	$(PY) tools/lock.py check
 
 # the newest versions pyproject.toml allows; run `make test` on them, then `make lock` records them
@@ -42,6 +46,7 @@ install-latest: venv
 	@# the torch already here is kept (an eager upgrade would fetch the newest build, a CUDA one)
 	$(PY) -c "import torch; print('torch==' + torch.__version__)" > $(VENV)/torch-pin.txt
 	DS_BUILD_OPS=0 $(PY) -m pip install -q --upgrade --upgrade-strategy eager -c $(VENV)/torch-pin.txt -e ".[$(EXTRAS)]"
+	$(PY) -m pip install -q --upgrade --no-deps "timm>=1.0.16,<2"
 	@$(PY) -c "import transformers, peft, trl; print(f'installed the newest allowed: transformers {transformers.__version__}, peft {peft.__version__}, trl {trl.__version__}; now make test, then make lock')"
 
 lock:

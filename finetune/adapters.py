@@ -49,8 +49,14 @@ class RolePlan:
 
 
 def _is_linear(mod: nn.Module) -> bool:
+    """A linear layer for LoRA: nn.Linear (also 4/8-bit), or a pointwise convolution (1x1, stride 1,
+    no padding, one group: a linear layer applied at every position, what a CNN tower such as
+    Gemma 3n's MobileNetV5 has in place of linear layers)."""
     if isinstance(mod, nn.Linear):
         return True
+    if isinstance(mod, nn.Conv2d):
+        return (mod.kernel_size == (1, 1) and mod.stride == (1, 1) and mod.groups == 1
+                and mod.padding in ((0, 0), "valid") and mod.dilation == (1, 1))
     name = type(mod).__name__
     return name in ("Linear4bit", "Linear8bitLt")
 
@@ -160,12 +166,25 @@ def apply_roles(model: nn.Module, family: Family, recipe, *, gradient_checkpoint
                 rank_pattern[f"^{re.escape(m)}$"] = spec.r
             if spec.alpha != base.alpha:
                 alpha_pattern[f"^{re.escape(m)}$"] = spec.alpha
+    for role, mods in plan.lora_targets.items():
+        tied = [m for m in mods if _shares_weights(model, [m])]
+        if tied:
+            # the adapter would change one use of the shared matrix, the merge both
+            raise ConfigError(f"roles.{role}.mode: lora on {', '.join(tied[:3])}, whose weight another module "
+                             "shares (an output layer tied to the input embedding), cannot be merged exactly; "
+                             f"set roles.{role}.mode: full (trains the one matrix for both uses) or frozen")
+    tie = {}
+    if _shares_weights(model, plan.all_full):
+        # a trained module whose weight another module shares (an output layer tied to the input
+        # embedding): PEFT gives the tied twin the same trained copy, so both uses train together
+        # and the merge keeps one matrix (without it the twin kept the frozen original)
+        tie = {"ensure_weight_tying": True}
     config = LoraConfig(
         r=base.r, lora_alpha=base.alpha, lora_dropout=base.dropout,
         target_modules=plan.all_lora, rank_pattern=rank_pattern, alpha_pattern=alpha_pattern,
         modules_to_save=plan.all_full or None, bias="none",
         # fused MoE experts ([experts, out, in] parameters): LoRA of rank r per expert
-        target_parameters=plan.all_lora_params or None,
+        target_parameters=plan.all_lora_params or None, **tie,
     )
     if gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
@@ -180,6 +199,19 @@ def apply_roles(model: nn.Module, family: Family, recipe, *, gradient_checkpoint
             p = getattr(recipe.roles, role).dropout if role else base.dropout
             drop["default"] = nn.Dropout(p) if p > 0 else nn.Identity()
     return peft_model, plan
+
+
+def _shares_weights(model: nn.Module, names: list[str]) -> bool:
+    """Whether a parameter of one of the modules `names` (or inside them) is also another module's."""
+    owners: dict[int, set[str]] = {}
+    for mname, mod in model.named_modules(remove_duplicate=False):
+        for _, p in mod.named_parameters(recurse=False):
+            owners.setdefault(id(p), set()).add(mname)
+    for n in names:
+        for p in model.get_submodule(n).parameters():
+            if len(owners.get(id(p), ())) > 1:
+                return True
+    return False
 
 
 def drop_input_require_grads_hooks(model: nn.Module) -> int:

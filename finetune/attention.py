@@ -44,15 +44,27 @@ def _segments(position_ids: torch.Tensor) -> list[tuple[int, int]]:
 
 
 def varlen_attention_forward(module, query, key, value, attention_mask, dropout: float = 0.0,
-                             scaling: float | None = None, position_ids=None, **kwargs):
-    """transformers attention function for the LLM: [B, H, L, D] in, ([B, L, H, D], None) out."""
-    if attention_mask is not None or position_ids is None or not getattr(module, "is_causal", True):
+                             scaling: float | None = None, position_ids=None, sliding_window: int | None = None,
+                             **kwargs):
+    """transformers attention function for the LLM: [B, H, L, D] in, ([B, L, H, D], None) out.
+    `sliding_window`: what transformers passes for a sliding-window layer (Gemma 3n, ...): the
+    window is applied within each sample, from its own positions (None on global layers)."""
+    causal_layer = getattr(module, "is_causal", True)
+    # decoding with a KV cache: fewer queries than keys (the packed path is for training rows)
+    cached = query.shape[2] != key.shape[2]
+    if attention_mask is not None or position_ids is None or not causal_layer or cached:
         from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
+        if attention_mask is None and cached and causal_layer:
+            # our mask function gives None when nothing is padded; the window still applies
+            attention_mask = torch.ones(key.shape[0], key.shape[2], dtype=torch.long, device=key.device)
         if attention_mask is not None and attention_mask.dim() == 2:
-            # our mask function hands over the 2-D padding mask; SDPA wants causal & padding in 4-D
+            # our mask function hands over the 2-D padding mask; SDPA wants causal & padding (& the
+            # sliding window, which a flash-style mask function leaves to the kernel) in 4-D
             L_q, L_k = query.shape[2], key.shape[2]
             causal = torch.ones(L_q, L_k, dtype=torch.bool, device=query.device).tril(L_k - L_q)
+            if sliding_window is not None:  # queries are the last L_q of the L_k positions
+                causal = causal.triu(L_k - L_q - sliding_window + 1)
             attention_mask = causal[None, None] & attention_mask.bool()[:, None, None, :]
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout,
                                       scaling=scaling, **kwargs)
@@ -69,7 +81,7 @@ def varlen_attention_forward(module, query, key, value, attention_mask, dropout:
         cu = torch.tensor([0] + [e for _, e in seg], dtype=torch.int32, device=query.device)
         max_len = max(e - s for s, e in seg)
     flat = [t.transpose(1, 2).reshape(B * L, t.shape[1], D) for t in (query, key, value)]
-    out = varlen(*flat, cu, int(max_len), causal=True, scale=scaling, dropout=dropout)
+    out = varlen(*flat, cu, int(max_len), causal=True, scale=scaling, dropout=dropout, window=sliding_window)
     return out.view(B, L, H, D), None
 
 

@@ -20,20 +20,30 @@ CPU_KERNEL = "grouped"
 
 
 def varlen(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu: torch.Tensor, max_len: int, *, causal: bool,
-           scale: float | None = None, dropout: float = 0.0) -> torch.Tensor:
+           scale: float | None = None, dropout: float = 0.0, window: int | None = None) -> torch.Tensor:
     """Attention within each segment [cu[i], cu[i+1]) of flat tokens: q [T, H, D], k/v [T, Hkv, D].
 
-    On CUDA PyTorch's `varlen_attn` (flash kernels shipped with PyTorch; `max_len` a host int, so
-    no device read); elsewhere `CPU_KERNEL`."""
+    `window` (causal only): a sliding-window layer's width, as transformers counts it: a query sees
+    itself and the `window - 1` keys before it in its segment. On CUDA PyTorch's `varlen_attn`
+    (flash kernels shipped with PyTorch; `max_len` a host int, so no device read); elsewhere
+    `CPU_KERNEL`."""
+    if window is not None:
+        if not causal:
+            raise ValueError("varlen: a sliding window needs causal attention")
+        if window < 1:
+            raise ValueError(f"varlen: sliding window {window} < 1")
+        if window >= max_len:  # no segment is longer than the window: plain causal attention
+            window = None
     gqa = k.shape[1] != q.shape[1]
     if q.is_cuda and hasattr(torch.nn.attention, "varlen"):
         from torch.nn.attention.varlen import varlen_attn
 
         cu = cu.to(q.device, torch.int32)
-        return varlen_attn(q, k, v, cu, cu, max_len, max_len, scale=scale, window_size=(-1, 0) if causal else (-1, -1),
+        left = -1 if window is None else window - 1
+        return varlen_attn(q, k, v, cu, cu, max_len, max_len, scale=scale, window_size=(left, 0) if causal else (-1, -1),
                            enable_gqa=gqa)
     if CPU_KERNEL == "dense":
-        return _dense(q, k, v, cu, causal=causal, scale=scale, dropout=dropout, gqa=gqa)
+        return _dense(q, k, v, cu, causal=causal, scale=scale, dropout=dropout, gqa=gqa, window=window)
     T = q.shape[0]
     out = torch.empty_like(q)
     buckets = _buckets(tuple(cu.tolist()), T, str(q.device))
@@ -48,6 +58,10 @@ def varlen(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu: torch.Tensor, 
             qs, ks, vs = (t[idx].transpose(1, 2) for t in padded)
             # causal: a real query sees only earlier keys, all real; otherwise mask the pad keys
             mask = None if causal else (idx < T)[:, None, None, :]
+        if window is not None and qs.shape[2] > window:
+            # every segment (or stack) starts at 0: one band serves them all; where it is no longer
+            # than the window the band is the causal mask (is_causal, the reference's kernel)
+            mask = _band(qs.shape[2], window, str(q.device))
         o = F.scaled_dot_product_attention(qs, ks, vs, attn_mask=mask, is_causal=causal and mask is None,
                                            scale=scale, dropout_p=dropout, enable_gqa=gqa)
         if idx is None:
@@ -57,13 +71,23 @@ def varlen(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu: torch.Tensor, 
     return out
 
 
-def _dense(q, k, v, cu, *, causal: bool, scale, dropout, gqa) -> torch.Tensor:
+@functools.lru_cache(maxsize=32)
+def _band(n: int, window: int, device: str) -> torch.Tensor:
+    """[n, n] causal sliding-window mask: query i sees keys i - window + 1 .. i."""
+    i = torch.arange(n, device=device)
+    d = i[:, None] - i[None, :]
+    return (d >= 0) & (d < window)
+
+
+def _dense(q, k, v, cu, *, causal: bool, scale, dropout, gqa, window: int | None = None) -> torch.Tensor:
     T = q.shape[0]
     pos = torch.arange(T, device=q.device)
     seg = torch.searchsorted(cu[1:].to(q.device, torch.long), pos, right=True)
     mask = seg[:, None] == seg[None, :]
     if causal:
         mask &= pos[:, None] >= pos[None, :]
+    if window is not None:
+        mask &= (pos[:, None] - pos[None, :]) < window
     o = F.scaled_dot_product_attention(q.transpose(0, 1)[None], k.transpose(0, 1)[None], v.transpose(0, 1)[None],
                                        attn_mask=mask[None, None], scale=scale, dropout_p=dropout, enable_gqa=gqa)
     return o[0].transpose(0, 1)

@@ -14,7 +14,8 @@ from finetune.data.schema import parse_sample
 
 CONFIGS = Path(__file__).resolve().parent.parent / "finetune" / "configs"
 TEMPLATES = {"qwen2_5_omni": CONFIGS / "qwen2_5_omni.chat_template.jinja",
-             "baichuan_omni": CONFIGS / "baichuan_omni.chat_template.jinja"}
+             "baichuan_omni": CONFIGS / "baichuan_omni.chat_template.jinja",
+             "gemma3n": CONFIGS / "gemma3n.chat_template.jinja"}
 
 IMG = {"type": "image", "path": "a.png"}
 AUD = {"type": "audio", "path": "a.wav"}
@@ -32,10 +33,16 @@ CONVERSATIONS = {
         {"role": "assistant", "content": "A beating heart."},
         {"role": "user", "content": [IMG, IMG, {"type": "text", "text": "And these, compared?"}]},
         {"role": "assistant", "content": "Unchanged."}],
+    "audio, image and text, system, multi-turn": [
+        {"role": "system", "content": "You are a radiology assistant."},
+        {"role": "user", "content": [{"type": "text", "text": "Listen."}, AUD, IMG]},
+        {"role": "assistant", "content": "A cough. No lesion."},
+        {"role": "user", "content": [IMG, {"type": "text", "text": "And this one?"}]},
+        {"role": "assistant", "content": "Yes."}],
 }
 
 
-@pytest.fixture(scope="module", params=["medical-tiny", "medical-baichuan-tiny"])
+@pytest.fixture(scope="module", params=["medical-tiny", "medical-baichuan-tiny", "medical-gemma3n-tiny"])
 def tiny(request):
     from finetune.families import family_for
     from finetune.recipe import load_recipe
@@ -70,27 +77,45 @@ def collapse(ids: list[int], fam, proc) -> list[int]:
     return out
 
 
+def expanded(tok, messages, proc, **kw) -> list[int]:
+    """Gemma 3n: the template's text with each media placeholder expanded as Gemma3nProcessor does,
+    tokenised as a whole (the expansion's newlines join the text around them into one run)."""
+    text = tok.apply_chat_template(messages, tokenize=False, **kw)
+    image = f"\n\n<start_of_image>{'<image_soft_token>' * proc.image_seq_length}<end_of_image>\n\n"
+    audio = f"\n\n<start_of_audio>{'<audio_soft_token>' * proc.audio_seq_length}<end_of_audio>\n\n"
+    text = text.replace("<image_soft_token>", "\0").replace("<audio_soft_token>", "\1")
+    text = text.replace("\0", image).replace("\1", audio)
+    return tok(text, add_special_tokens=False)["input_ids"]
+
+
 @pytest.mark.parametrize("name", sorted(CONVERSATIONS))
 def test_training_prompt_equals_the_chat_template(tiny, media_dir, name):  # noqa: F811
     fam, proc, _ = tiny
     messages = CONVERSATIONS[name]
+    if fam.name == "gemma3n" and any(p["type"] == "video" for m in messages if not isinstance(m["content"], str)
+                                     for p in m["content"]):
+        pytest.skip("Gemma 3n takes no video")
     s = parse_sample({"messages": messages}, source="t.jsonl", line=1, base_dir=media_dir)
     tok = proc.tokenizer
     for template in (None, TEMPLATES[fam.name].read_text()):  # the tiny folder's, and the shipped file
         kw = {} if template is None else {"chat_template": template}
+        enc = fam.encode(s, proc)
+        gen = fam.encode(s, proc, for_generation=True)
+        if fam.name == "gemma3n":
+            assert enc.input_ids.tolist() == expanded(tok, messages, proc, **kw), name
+            assert gen.input_ids.tolist() == expanded(tok, messages[:-1], proc, add_generation_prompt=True, **kw), name
+            continue
         full = tok.apply_chat_template(messages, tokenize=True, **kw)
         full = full["input_ids"] if isinstance(full, dict) or hasattr(full, "keys") else full
-        enc = fam.encode(s, proc)
         assert collapse(enc.input_ids.tolist(), fam, proc) == list(full), (fam.name, name)
         prompt = tok.apply_chat_template(messages[:-1], tokenize=True, add_generation_prompt=True, **kw)
         prompt = prompt["input_ids"] if hasattr(prompt, "keys") else prompt
-        gen = fam.encode(s, proc, for_generation=True)
         assert collapse(gen.input_ids.tolist(), fam, proc) == list(prompt), (fam.name, name)
 
 
 def test_default_system_prompt_is_the_templates_and_can_be_turned_off(tiny):
     fam, proc, recipe = tiny
-    want = "You are a helpful assistant." if fam.name == "qwen2_5_omni" else None
+    want = "You are a helpful assistant." if fam.name == "qwen2_5_omni" else None  # Baichuan's, Gemma's: none
     assert proc.system_prompt == want
     folder = fam.resolve_path(recipe.model.path)
     recipe.data.system_prompt = ""

@@ -90,3 +90,30 @@ def test_no_host_sync_inside_the_llm_and_the_towers_on_cuda(media_dir, recipe_na
     inside = {k: n for k, n in c.seen.items() if k[0] in ("llm", "vision", "audio", "backward")}
     assert inside == {}, inside
     assert {k: n for k, n in c.seen.items() if k[0] == "glue"} == H.GLUE[fam.name]
+
+
+@pytest.mark.parametrize("window", [4, 9])
+def test_varlen_sliding_window_on_cuda(window):
+    """PyTorch's varlen_attn with a sliding window (Gemma 3n's sliding layers) against each sample
+    alone under a dense windowed mask, in bf16 (relative to the values compared)."""
+    import torch.nn.functional as F
+
+    from finetune.kernels import varlen
+
+    torch.manual_seed(0)
+    lengths = [37, 5, 19, 18, 1, 30]
+    bounds = [0]
+    for n in lengths:
+        bounds.append(bounds[-1] + n)
+    H, D, N = 4, 64, bounds[-1]
+    q, k, v = (torch.randn(N, H, D, device="cuda", dtype=torch.bfloat16) for _ in range(3))
+    cu = torch.tensor(bounds, dtype=torch.int32, device="cuda")
+    out = varlen(q, k, v, cu, max(lengths), causal=True, window=window)
+    ref = torch.empty_like(q)
+    for s, e in zip(bounds[:-1], bounds[1:]):
+        i = torch.arange(e - s, device="cuda")
+        mask = (i[:, None] >= i[None, :]) & (i[:, None] - i[None, :] < window)
+        ref[s:e] = F.scaled_dot_product_attention(q[s:e].transpose(0, 1)[None].float(), k[s:e].transpose(0, 1)[None].float(),
+                                                  v[s:e].transpose(0, 1)[None].float(),
+                                                  attn_mask=mask)[0].transpose(0, 1).to(ref.dtype)
+    assert float((out.float() - ref.float()).abs().max()) <= TOL_16BIT * float(ref.float().abs().max())

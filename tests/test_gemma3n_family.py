@@ -1,0 +1,203 @@
+"""The Gemma 3n family beyond the contract suite: our processor against transformers' own, the
+torchvision stand-in, the tied output matrix under training, AltUp's clip and the export."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import soundfile as sf
+import torch
+from PIL import Image
+
+from test_qwen_family import media_dir  # noqa: F401  (fixture reuse)
+
+from finetune.data.schema import parse_sample
+
+
+@pytest.fixture(scope="module")
+def gemma():
+    from finetune.families import get_family
+    from finetune.recipe import load_recipe
+    from finetune.train import quiet_libraries
+
+    quiet_libraries()
+    fam = get_family("gemma3n")
+    loaded = fam.load(load_recipe("medical-gemma3n-tiny", ["data.system_prompt=null"]), dtype=torch.float32,
+                      attn="sdpa")
+    loaded.model.eval()
+    return fam, loaded
+
+
+MESSAGES = [
+    {"role": "system", "content": "You are a radiology assistant."},
+    {"role": "user", "content": [{"type": "image", "path": "a.png"}, {"type": "audio", "path": "a.wav"},
+                                 {"type": "text", "text": "Is there a lesion?"}]},
+    {"role": "assistant", "content": "Yes. A lesion in the upper left."},
+    {"role": "user", "content": [{"type": "text", "text": "And here?"}, {"type": "image", "path": "b.png"}]},
+    {"role": "assistant", "content": "No."},
+]
+
+
+def test_encoding_equals_transformers_gemma3n_processor(gemma, media_dir):  # noqa: F811
+    """Token ids, pixels and audio features of a chat with images, audio and text: ours are what
+    transformers' Gemma3nProcessor (PIL SigLIP images, the Gemma 3n feature extractor, the tiny
+    tokenizer) gives for the chat template's text."""
+    from transformers import Gemma3nAudioFeatureExtractor, Gemma3nProcessor
+    from transformers.models.siglip.image_processing_pil_siglip import SiglipImageProcessorPil
+
+    fam, loaded = gemma
+    proc = loaded.processor
+    tok = proc.tokenizer
+    h, w = proc.image_size
+    ref = Gemma3nProcessor(
+        feature_extractor=Gemma3nAudioFeatureExtractor(),
+        image_processor=SiglipImageProcessorPil(size={"height": h, "width": w}, resample=2, do_normalize=False),
+        tokenizer=tok, image_seq_length=proc.image_seq_length, audio_seq_length=proc.audio_seq_length)
+    text = tok.apply_chat_template(MESSAGES, tokenize=False)
+    images = [Image.open(media_dir / "a.png").convert("RGB"), Image.open(media_dir / "b.png").convert("RGB")]
+    wave = sf.read(media_dir / "a.wav", dtype="float32")[0]
+    got = ref(text=text, images=images, audio=[wave], return_tensors="pt", add_special_tokens=False)
+
+    enc = fam.encode(parse_sample({"messages": MESSAGES}, source="t.jsonl", line=1, base_dir=media_dir), proc)
+    assert enc.input_ids.tolist() == got["input_ids"][0].tolist()
+    assert torch.equal(enc.media["pixel_values"], got["pixel_values"])
+    feats, mask = enc.media["input_features"][0], enc.media["input_features_mask"][0]
+    n = int(got["input_features_mask"][0].sum())
+    assert int(mask.sum()) == n
+    np.testing.assert_allclose(feats[:n].numpy(), got["input_features"][0][:n].numpy(), atol=1e-6)
+    # labels: the answers and their <end_of_turn>, nothing of the prompt
+    learned = tok.decode([t for t in enc.labels.tolist() if t != -100])
+    assert learned == "Yes. A lesion in the upper left.<end_of_turn>No.<end_of_turn>"
+
+
+def test_model_takes_the_encoding(gemma, media_dir):  # noqa: F811
+    fam, loaded = gemma
+    s = parse_sample({"messages": MESSAGES}, source="t.jsonl", line=1, base_dir=media_dir)
+    enc = fam.encode(s, loaded.processor)
+    assert fam.check_encoded(enc, fam.read_config(loaded.base_path), planned=fam.count_tokens(s, loaded.processor)) == []
+    with torch.no_grad():
+        out = loaded.model(**fam.collate_padded([enc], loaded.processor.pad_id))
+    assert torch.isfinite(out.loss)
+
+
+def test_turns_must_alternate(gemma, media_dir):  # noqa: F811
+    from finetune.errors import ConfigError
+
+    fam, loaded = gemma
+    # the schema refuses two user turns in a row; an answer before any question is Gemma's own limit
+    msgs = [{"role": "assistant", "content": "a"}, {"role": "user", "content": "b"}, {"role": "assistant", "content": "c"}]
+    with pytest.raises(ConfigError, match="alternate"):
+        fam.encode(parse_sample({"messages": msgs}, source="t.jsonl", line=1, base_dir=media_dir), loaded.processor)
+
+
+def test_torchvision_stand_in_serves_imports_and_refuses_use(gemma):
+    import importlib.util
+
+    from finetune.families import gemma3n_timm
+
+    if not gemma3n_timm.stand_in_installed():
+        pytest.skip("a real torchvision is installed: the stand-in is not used")
+    import torchvision.transforms as T
+    from torchvision.ops.misc import FrozenBatchNorm2d
+
+    assert importlib.util.find_spec("torchvision") is not None  # what transformers checks
+    with pytest.raises(RuntimeError, match="needs torchvision"):
+        T.Resize(8)
+    bn = FrozenBatchNorm2d(3)
+    x = torch.randn(1, 3, 2, 2)
+    torch.testing.assert_close(bn(x), x / (1 + 1e-5) ** 0.5)
+
+
+def test_lm_head_trains_the_tied_matrix_for_both_uses(gemma):
+    """roles.lm_head: full trains one matrix that the output layer and the input embedding share."""
+    from finetune import adapters
+    from finetune.recipe import load_recipe
+
+    fam, _ = gemma
+    recipe = load_recipe("medical-gemma3n-tiny")
+    ld = fam.load(recipe, dtype=torch.float32, attn="sdpa")
+    model, _ = adapters.apply_roles(ld.model, fam, recipe)
+    base = model.base_model.model
+    out_w = base.lm_head.modules_to_save["default"].weight
+    in_w = base.model.language_model.embed_tokens.modules_to_save["default"].weight
+    assert out_w is in_w and out_w.requires_grad
+
+
+def test_export_keeps_the_base_config_and_tensors(gemma, tmp_path):
+    """save_merged of the untouched model: every tensor bit-identical to the base, the tied matrix
+    once, AltUp's clip (switched off for training) back to the base's value."""
+    from finetune.checkpoint import raw_equal, tensors_of
+
+    fam, loaded = gemma
+    assert loaded.model.config.get_text_config().altup_coef_clip is None
+    out = tmp_path / "merged"
+    out.mkdir()
+    fam.save_merged(loaded.model, loaded, out, dtype=torch.float32, max_shard_size="5GB")
+    base_cfg = json.loads((loaded.base_path / "config.json").read_text())
+    cfg = json.loads((out / "config.json").read_text())
+    assert cfg["text_config"]["altup_coef_clip"] == base_cfg["text_config"]["altup_coef_clip"] is not None
+    assert cfg["text_config"]["use_cache"] is True
+    base_t, out_t = tensors_of(loaded.base_path), tensors_of(out)
+    assert base_t.keys() == out_t.keys() and "lm_head.weight" not in out_t
+    assert all(raw_equal(base_t[k], out_t[k]) for k in base_t)
+    text = loaded.model.config.get_text_config()  # the fixture's model as loaded again
+    object.__setattr__(text, "altup_coef_clip", None)
+    text.use_cache = False
+
+
+def test_llm_lora_and_qlora_stay_in_the_decoder(gemma):
+    """all-linear LoRA on the llm targets the decoder's linears only (the audio conformer has
+    q/k/v_proj too); the tied matrix is lm_head's, the per-layer embeddings are embeddings'."""
+    from finetune import adapters
+    from finetune.recipe import load_recipe
+
+    fam, loaded = gemma
+    plan = adapters.plan_roles(loaded.model, fam, load_recipe("medical-gemma3n-tiny"))
+    targets = plan.lora_targets["llm"]
+    assert targets and all(t.startswith("model.language_model.") for t in targets)
+    assert any(".altup." in t for t in targets) and any(".laurel." in t for t in targets)
+    assert fam.role_of("model.language_model.embed_tokens.weight") == "lm_head" == fam.role_of("lm_head.weight")
+    assert fam.role_of("model.language_model.embed_tokens_per_layer.weight") == "embeddings"
+    assert fam.role_of("model.audio_tower.conformer.0.attention.attn.q_proj.weight") == "audio_encoder"
+
+
+def test_lora_on_the_tied_lm_head_is_refused(gemma):
+    """LoRA on the tied output layer would change the logits' matrix but not the input embedding,
+    and the merge both: refused with what to do instead."""
+    from finetune import adapters
+    from finetune.errors import ConfigError
+    from finetune.recipe import load_recipe
+
+    fam, _ = gemma
+    recipe = load_recipe("medical-gemma3n-tiny", ["roles.lm_head.mode=lora"])
+    ld = fam.load(recipe, dtype=torch.float32, attn="sdpa")
+    with pytest.raises(ConfigError, match="roles.lm_head.mode: full"):
+        adapters.apply_roles(ld.model, fam, recipe)
+
+
+def test_every_trained_parameter_gets_a_gradient(gemma, media_dir):  # noqa: F811
+    """The towers' trained copies (PEFT modules_to_save) are the ones that run: with the vision
+    encoder, projectors and lm_head in full and LoRA on the LLM, every trainable parameter gets a
+    nonzero gradient from an image + audio + text sample."""
+    from finetune import adapters
+    from finetune.recipe import load_recipe
+    from finetune.verify import perturb_lora_b
+
+    fam, _ = gemma
+    recipe = load_recipe("medical-gemma3n-tiny", ["roles.audio_projector.mode=full"])
+    ld = fam.load(recipe, dtype=torch.float32, attn="sdpa")
+    model, _ = adapters.apply_roles(ld.model, fam, recipe)
+    perturb_lora_b(model, 0.05)
+    msgs = MESSAGES[:3] + [{"role": "user", "content": [{"type": "image", "path": "a.png"},
+                                                         {"type": "text", "text": "Again?"}]},
+                           {"role": "assistant", "content": "Yes."}]
+    enc = fam.encode(parse_sample({"messages": msgs}, source="t.jsonl", line=1, base_dir=media_dir), ld.processor)
+    assert enc.media["pixel_values"].shape[0] == 2  # the one-image-per-call path runs
+    model.train()
+    model(**fam.collate_padded([enc], ld.processor.pad_id)).loss.backward()
+    dead = [n for n, p in model.named_parameters() if p.requires_grad and (p.grad is None or not p.grad.abs().sum())]
+    assert not any(".vision_tower." in n for n in dead), dead[:5]
+    assert not any(".embed_vision." in n or ".embed_audio." in n for n in dead), dead[:5]
+    assert not dead, [d.replace("base_model.model.model.language_model.", "") for d in dead]
