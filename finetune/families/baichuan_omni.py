@@ -27,9 +27,8 @@ import torch
 
 from finetune.errors import ConfigError
 from finetune.families.base import (IGNORE_INDEX, EncodedSample, Family, LoadedModel, cache_root,
-                                    quantization_config)
+                                    load_kwargs, quantization_config)
 from finetune.families.shared import OmniProcessor, atomic_build, chat_turns, smart_resize, text_and_media_chunks
-from finetune.recipe import shards_weights
 
 EOT = "<|endoftext|>"
 B_SYS, C_Q, C_A = "<B_SYS>", "<C_Q>", "<C_A>"
@@ -138,15 +137,8 @@ class BaichuanOmniFamily(Family):
 
         folder = self.resolve_path(recipe.model.path, recipe.model.tiny_seed)
         self.read_config(folder)
-        dtype = dtype or torch.float32
-        quantize = recipe.model.quantize if quantize is None else quantize
-        config = BaichuanOmniConfig.from_pretrained(str(folder))
-        kwargs: dict = {"dtype": dtype, "config": config}
-        if attn:
-            kwargs["attn_implementation"] = attn
-        if quantize in ("4bit", "8bit"):
-            kwargs["quantization_config"] = quantization_config(quantize, dtype, self.quant_skip,
-                                                                 sharded=shards_weights(recipe))
+        kwargs, quantize, dtype = load_kwargs(self, recipe, quantize, dtype, attn)
+        kwargs["config"] = BaichuanOmniConfig.from_pretrained(str(folder))
         model, info = BaichuanOmniForCausalLM.from_pretrained(str(folder), output_loading_info=True, **kwargs)
         missing = [k for k in info.get("missing_keys", []) if not k.endswith("positional_embedding")]
         if missing:

@@ -367,6 +367,42 @@ def strip_peft_prefix(name: str) -> str:
     return name
 
 
+def load_kwargs(family: "Family", recipe, quantize: str | None, dtype: torch.dtype | None,
+                attn: str | None) -> tuple[dict, str, torch.dtype]:
+    """(from_pretrained kwargs, quantize, dtype) of `Family.load`'s arguments: the dtype (default
+    float32), the attention implementation, and QLoRA's bitsandbytes config (the recipe's
+    quantize unless given; the LLM's linear layers only, sharded storage under ZeRO-3 / FSDP)."""
+    from finetune.recipe import shards_weights
+
+    dtype = dtype or torch.float32
+    quantize = recipe.model.quantize if quantize is None else quantize
+    kwargs: dict = {"dtype": dtype}
+    if attn:
+        kwargs["attn_implementation"] = attn
+    if quantize in ("4bit", "8bit"):
+        kwargs["quantization_config"] = quantization_config(quantize, dtype, family.quant_skip,
+                                                             sharded=shards_weights(recipe))
+    return kwargs, quantize, dtype
+
+
+def processor_settings(folder: Path, keep: tuple[str, ...] = ()) -> dict:
+    """A model folder's preprocessor_config.json and processor_config.json merged flat: transformers 5
+    nests the sub-processors' settings, older checkpoints keep them flat; other nested values are
+    dropped unless named in `keep`."""
+    import json
+
+    cfg: dict = {}
+    for name in ("preprocessor_config.json", "processor_config.json"):
+        p = Path(folder) / name
+        if p.exists():
+            data = json.loads(p.read_text())
+            for sub in ("image_processor", "feature_extractor"):
+                if isinstance(data.get(sub), dict):
+                    cfg.update(data[sub])
+            cfg.update({k: v for k, v in data.items() if not isinstance(v, dict) or k in keep})
+    return cfg
+
+
 def quantization_config(quantize: str, dtype: torch.dtype, skip: list[str], *, sharded: bool = False):
     """bitsandbytes config that quantises the LLM's linear layers only (NF4 + double quant).
 

@@ -53,9 +53,9 @@ import numpy as np
 import torch
 
 from finetune.errors import ConfigError
-from finetune.families.base import IGNORE_INDEX, EncodedSample, Family, LoadedModel, quantization_config
+from finetune.families.base import (IGNORE_INDEX, EncodedSample, Family, LoadedModel, load_kwargs,
+                                    processor_settings, quantization_config)
 from finetune.families.shared import atomic_build, chat_turns, tiny_cache_dir
-from finetune.recipe import shards_weights
 
 BOS, START_TURN, END_TURN = "<bos>", "<start_of_turn>", "<end_of_turn>"
 BOI, EOI, IMAGE_TOKEN = "<start_of_image>", "<end_of_image>", "<image_soft_token>"
@@ -110,15 +110,7 @@ class Gemma3nOmniProcessor:
         from transformers import AutoTokenizer
 
         tok = AutoTokenizer.from_pretrained(str(folder))
-        cfg: dict = {}
-        for name in ("preprocessor_config.json", "processor_config.json"):
-            p = Path(folder) / name
-            if p.exists():
-                data = json.loads(p.read_text())
-                for sub in ("image_processor", "feature_extractor"):  # transformers 5 may nest them
-                    if isinstance(data.get(sub), dict):
-                        cfg.update(data[sub])
-                cfg.update({k: v for k, v in data.items() if not isinstance(v, dict) or k == "size"})
+        cfg = processor_settings(folder, keep=("size",))
         size = cfg.get("size") or {}
         fe_keys = ("feature_size", "sampling_rate", "padding_value", "frame_length", "hop_length", "fft_length",
                    "min_frequency", "max_frequency", "preemphasis", "preemphasis_htk_flavor", "fft_overdrive",
@@ -231,14 +223,7 @@ class Gemma3nFamily(Family):
              attn: str | None = None) -> LoadedModel:
         folder = self.resolve_path(recipe.model.path, recipe.model.tiny_seed)
         self.read_config(folder)
-        dtype = dtype or torch.float32
-        quantize = recipe.model.quantize if quantize is None else quantize
-        kwargs: dict = {"dtype": dtype}
-        if attn:
-            kwargs["attn_implementation"] = attn
-        if quantize in ("4bit", "8bit"):
-            kwargs["quantization_config"] = quantization_config(quantize, dtype, self.quant_skip,
-                                                                 sharded=shards_weights(recipe))
+        kwargs, quantize, dtype = load_kwargs(self, recipe, quantize, dtype, attn)
         model = _hf(self.hf_model).from_pretrained(str(folder), **kwargs)
         # Training never uses a KV cache, and transformers builds packed masks only when there is
         # none: the decoder reads use_cache from the text config, so it goes off there too.

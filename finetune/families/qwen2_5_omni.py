@@ -26,11 +26,10 @@ from typing import Any
 import torch
 
 from finetune.errors import ConfigError
-from finetune.families.base import IGNORE_INDEX, EncodedSample, Family, LoadedModel, quantization_config
+from finetune.families.base import IGNORE_INDEX, EncodedSample, Family, LoadedModel, load_kwargs, quantization_config
 from finetune.families.shared import (AUDIO_BOS, AUDIO_EOS, AUDIO_TOKEN, IM_END, IMAGE_TOKEN, VIDEO_TOKEN,
                                       VISION_BOS, VISION_EOS, OmniProcessor, _feat_to_tokens, atomic_build,
                                       audio_output_lengths, chat_turns, text_and_media_chunks, tiny_cache_dir)
-from finetune.recipe import shards_weights
 
 
 # The files a loader needs beside the weights; copied from the base into exports.
@@ -205,14 +204,7 @@ class Qwen25OmniFamily(Family):
         folder = self.resolve_path(recipe.model.path, recipe.model.tiny_seed)
         full = self.is_full(folder)
         tcfg = self.thinker_config(folder)
-        dtype = dtype or torch.float32
-        quantize = recipe.model.quantize if quantize is None else quantize
-        kwargs: dict = {"dtype": dtype}
-        if attn:
-            kwargs["attn_implementation"] = attn
-        if quantize in ("4bit", "8bit"):
-            kwargs["quantization_config"] = quantization_config(quantize, dtype, self.quant_skip,
-                                                                 sharded=shards_weights(recipe))
+        kwargs, quantize, dtype = load_kwargs(self, recipe, quantize, dtype, attn)
         if full:
             model = self._load_thinker_from_full(folder, tcfg, kwargs)
         else:

@@ -6,7 +6,6 @@ the chat-turn helpers of the encoders, and the tiny models' cache.
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import shutil
@@ -19,7 +18,7 @@ import numpy as np
 import torch
 
 from finetune.errors import ConfigError
-from finetune.families.base import cache_root
+from finetune.families.base import cache_root, processor_settings
 
 # the special tokens of the Qwen-style chat format and media placeholders
 IM_START, IM_END = "<|im_start|>", "<|im_end|>"
@@ -96,16 +95,7 @@ class OmniProcessor:
         from transformers import AutoTokenizer
 
         tok = AutoTokenizer.from_pretrained(str(folder))
-        cfg: dict = {}
-        for name in ("preprocessor_config.json", "processor_config.json"):
-            p = Path(folder) / name
-            if p.exists():
-                data = json.loads(p.read_text())
-                # transformers 5 nests sub-processor settings; older checkpoints keep them flat
-                for sub in ("image_processor", "feature_extractor"):
-                    if isinstance(data.get(sub), dict):
-                        cfg.update(data[sub])
-                cfg.update({k: v for k, v in data.items() if not isinstance(v, dict)})
+        cfg = processor_settings(folder)
         proc = cls(
             tokenizer=tok,
             patch_size=int(cfg.get("patch_size", cls.patch_size)),
