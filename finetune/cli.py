@@ -124,8 +124,8 @@ def cmd_data_check(args) -> int:
         if not files:
             prepare_data(recipe)  # the demo recipes' synthetic data, as training would write it
             files = [f for f in (recipe.data.train, recipe.data.eval) if f]
-        family = family_for(recipe.model.path, recipe.model.family)
-        folder = family.resolve_path(recipe.model.path, recipe.model.tiny_seed)
+        family = family_for(recipe.model.path, recipe.model.family, recipe.model.revision)
+        folder = family.resolve_path(recipe.model.path, recipe.model.tiny_seed, recipe.model.revision)
         proc = family.processor(folder, recipe)
     if not files:
         raise ConfigError("data check: name the dataset files, or a recipe (--recipe R) whose data to check")

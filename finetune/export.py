@@ -167,8 +167,8 @@ def export_adapter(run_dir: Path, recipe, *, force: bool) -> Path:
     """The PEFT adapter with the processor files beside it and a README on how to load it."""
     from finetune.families import family_for
 
-    family = family_for(recipe.model.path, recipe.model.family)
-    base = family.resolve_path(recipe.model.path, recipe.model.tiny_seed)
+    family = family_for(recipe.model.path, recipe.model.family, recipe.model.revision)
+    base = family.resolve_path(recipe.model.path, recipe.model.tiny_seed, recipe.model.revision)
     target = run_dir / "adapter_export"
     if target.exists() and not force:
         raise ExportError(f"{target} exists; pass --force to replace it")
@@ -193,12 +193,12 @@ def export_merged(run_dir: Path, recipe, *, force: bool) -> Path:
     from finetune.recipe import save_resolved
     from finetune.train import read_split
 
-    family = family_for(recipe.model.path, recipe.model.family)
+    family = family_for(recipe.model.path, recipe.model.family, recipe.model.revision)
     target = run_dir / "merged"
     if target.exists() and not force:
         raise ExportError(f"{target} exists; pass --force to replace it (the old one is kept until the new "
                           "one is verified)")
-    base_path = family.resolve_path(recipe.model.path, recipe.model.tiny_seed)
+    base_path = family.resolve_path(recipe.model.path, recipe.model.tiny_seed, recipe.model.revision)
     dtype = export_dtype(recipe.export.dtype, base_path, family)
     # QLoRA runs too: the base is reloaded unquantised, in the export dtype, and merged there
     loaded = family.load(recipe, quantize="none", dtype=dtype, attn="sdpa")
@@ -258,7 +258,7 @@ def export_quantized(run_dir: Path, recipe, *, force: bool) -> Path:
     from finetune.families import family_for
     from finetune.train import read_split
 
-    family = family_for(recipe.model.path, recipe.model.family)
+    family = family_for(recipe.model.path, recipe.model.family, recipe.model.revision)
     q = recipe.export.quantize
     merged = run_dir / "merged"
     target = run_dir / f"merged-{q}"
@@ -268,7 +268,7 @@ def export_quantized(run_dir: Path, recipe, *, force: bool) -> Path:
     compute = torch.bfloat16 if dtype == torch.float32 and torch.cuda.is_available() else dtype
     with _staged(target) as tmp:
         fmt = family.save_quantized(merged, tmp, quantize=q, dtype=compute)
-        processor = family.processor(family.resolve_path(recipe.model.path, recipe.model.tiny_seed), recipe)
+        processor = family.processor(family.resolve_path(recipe.model.path, recipe.model.tiny_seed, recipe.model.revision), recipe)
         reference = family.load_merged_for_check(merged, torch.float32)
         rope = family.rope_index(reference)
         samples, _ = read_split(recipe.data.eval or recipe.data.train, recipe)

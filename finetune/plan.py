@@ -106,8 +106,9 @@ class ModelCount:
     routers: dict[str, int] = field(default_factory=dict)
 
 
-def resolve_config(path: str, family: str = "auto") -> tuple[str, Path]:
-    """(family name, config.json path) of `model.path`: a folder, `tiny:<family>` or `config:<name>`."""
+def resolve_config(path: str, family: str = "auto", revision: str = "") -> tuple[str, Path]:
+    """(family name, config.json path) of `model.path`: a folder, a hub id (its snapshot at `revision`
+    in the HF cache), `tiny:<family>` or `config:<name>`."""
     from finetune.families import family_for, get_family, model_types
 
     if path.startswith("config:"):
@@ -121,11 +122,11 @@ def resolve_config(path: str, family: str = "auto") -> tuple[str, Path]:
         fam = family if family != "auto" else model_types()[mt]
         return get_family(fam).name, cfg_path
     try:
-        fam = family_for(path, family)
+        fam = family_for(path, family, revision)
+        folder = fam.resolve_path(path, revision=revision)
     except FileNotFoundError as e:
         raise MissingFileError(f"{e}; to plan without the weights use model.path="
                                 + " or ".join(f"config:{n}" for n in shipped_configs())) from None
-    folder = fam.resolve_path(path) if path.startswith("tiny:") else Path(path).expanduser()
     return fam.name, Path(folder) / "config.json"
 
 
@@ -366,7 +367,7 @@ def plan(recipe, gpu_gb: float = 24, gpus: int = 1) -> Plan:
     from finetune.adapters import plan_roles
     from finetune.families import get_family
 
-    family, cfg_path = resolve_config(recipe.model.path, recipe.model.family)
+    family, cfg_path = resolve_config(recipe.model.path, recipe.model.family, recipe.model.revision)
     model, count = count_model(family, cfg_path)
     rp = plan_roles(model, get_family(family), recipe)
     s = _settings(recipe, gpus)

@@ -119,7 +119,10 @@ def _section(factory: Any, help: str) -> Any:
 class ModelConfig:
     """Which base model to load and how."""
 
-    path: str = _opt("tiny:qwen2_5_omni", "local model folder, or 'tiny:<family>' for a random tiny model")
+    path: str = _opt("tiny:qwen2_5_omni", "local model folder, a hub id (org/name: resolved through the HF cache, "
+                                          "downloaded when missing; HF_HUB_OFFLINE=1 reads the cache only), or "
+                                          "'tiny:<family>' for a random tiny model")
+    revision: str = _opt("", "the hub revision (branch, tag or commit) when model.path is a hub id; '' = main")
     family: str = _opt("auto", "model family (a name in finetune/families' registry); 'auto' detects it from "
                                "the config")
     dtype: str = _opt("auto", "dtype the weights are loaded in", _DTYPES)

@@ -688,13 +688,13 @@ def train(recipe: Recipe) -> Path:
     # token counts); the other ranks then read them
     with args.main_process_first(local=True, desc="data and model"):
         prepare_data(recipe)
-        family = family_for(recipe.model.path, recipe.model.family)
+        family = family_for(recipe.model.path, recipe.model.family, recipe.model.revision)
         # every problem of the data is found before the first step: with `raise` the run then stops
         # naming the first bad sample of the file, with `skip` it drops and reports them all
         samples, skipped = read_split(recipe.data.train, recipe, on_error="skip")
         # the eval split too: evaluation after training must not meet a sample it cannot read
         eval_samples, eval_skipped = read_split(recipe.data.eval, recipe, on_error="skip")
-        family.resolve_path(recipe.model.path, recipe.model.tiny_seed)  # a tiny model is built once
+        family.resolve_path(recipe.model.path, recipe.model.tiny_seed, recipe.model.revision)  # a tiny model is built once
     # every rank loads at once: under ZeRO-3 each weight is partitioned as it is created, a
     # collective (rank 0 loading alone while the others wait at the barrier deadlocks)
     loaded = load_for_training(recipe, family, precision)

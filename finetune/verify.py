@@ -200,7 +200,7 @@ def verify_packing(recipe, n_samples: int = 8, *, device: str | None = None, dty
     quiet_libraries()
     attention.configure_cuda_kernels()
     prepare_data(recipe)
-    family = family_for(recipe.model.path, recipe.model.family)
+    family = family_for(recipe.model.path, recipe.model.family, recipe.model.revision)
     dt = torch_dtype(dtype)
     loaded = family.load(recipe, dtype=dt, attn="sdpa", quantize="none")
     model, _ = adapters.apply_roles(loaded.model, family, recipe)

@@ -1,4 +1,4 @@
-"""Model families. `family_for(path)` picks one from `tiny:<name>` or the folder's config.json."""
+"""Model families. `family_for(path)` picks one from `tiny:<name>` or the (local or hub) folder's config.json."""
 
 from __future__ import annotations
 
@@ -32,13 +32,20 @@ def get_family(name: str) -> Family:
     return reg[name]()
 
 
-def family_for(path: str, family: str = "auto") -> Family:
-    """The family of `model.path` (`tiny:<family>` or a local folder) unless named explicitly."""
+def family_for(path: str, family: str = "auto", revision: str = "") -> Family:
+    """The family of `model.path` (`tiny:<family>`, a local folder, or a hub id whose snapshot at
+    `revision` is resolved through the HF cache) unless named explicitly."""
     if family != "auto":
         return get_family(family)
     if path.startswith("tiny:"):
         return get_family(path.split(":", 1)[1].split("-", 1)[0])  # tiny:<family>[-variant]
-    cfg_path = Path(path).expanduser() / "config.json"
+    folder = Path(path).expanduser()
+    if not folder.is_dir():
+        from finetune.hub import is_hub_id, resolve_model
+
+        if is_hub_id(path):
+            folder = resolve_model(path, revision)
+    cfg_path = folder / "config.json"
     if not cfg_path.exists():
         raise MissingFileError(f"model.path {path!r}: no config.json there; point it at a local model folder "
                                 "or use tiny:<family>")

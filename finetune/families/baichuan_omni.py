@@ -135,7 +135,7 @@ class BaichuanOmniFamily(Family):
              attn: str | None = None) -> LoadedModel:
         from finetune.families.baichuan_model import BaichuanOmniConfig, BaichuanOmniForCausalLM
 
-        folder = self.resolve_path(recipe.model.path, recipe.model.tiny_seed)
+        folder = self.resolve_path(recipe.model.path, recipe.model.tiny_seed, recipe.model.revision)
         self.read_config(folder)
         kwargs, quantize, dtype = load_kwargs(self, recipe, quantize, dtype, attn)
         kwargs["config"] = BaichuanOmniConfig.from_pretrained(str(folder))

@@ -299,8 +299,9 @@ class Family(abc.ABC):
         """`tiny:<name>` variants this family builds: name -> materialize(seed) -> folder."""
         return {self.name: self.materialize_tiny}
 
-    def resolve_path(self, path: str, tiny_seed: int = 0) -> Path:
-        """`tiny:<name>` -> the cached tiny folder (built on first use); else the local folder."""
+    def resolve_path(self, path: str, tiny_seed: int = 0, revision: str = "") -> Path:
+        """`tiny:<name>` -> the cached tiny folder (built on first use); a local folder as it is; a
+        hub id (org/name) -> its snapshot folder in the HF cache at `revision` (finetune.hub)."""
         if path.startswith("tiny:"):
             builders = self.tiny_models()
             name = path.split(":", 1)[1]
@@ -308,10 +309,9 @@ class Family(abc.ABC):
                 raise ConfigError(f"model.path {path!r}: unknown tiny model; use one of "
                                  + ", ".join(f"tiny:{n}" for n in builders))
             return builders[name](tiny_seed)
-        folder = Path(path).expanduser()
-        if not folder.is_dir():
-            raise MissingFileError(f"model.path {path!r} is not a folder. {self.folder_hint}")
-        return folder
+        from finetune.hub import resolve_model
+
+        return resolve_model(path, revision, hint=self.folder_hint)
 
     def processor(self, folder: Path, recipe: "Recipe | None" = None) -> Processor:
         """The processor of a model folder, with the recipe's pixel, video and prompt settings."""

@@ -221,7 +221,7 @@ class Gemma3nFamily(Family):
     # ---- loading -----------------------------------------------------------------------
     def load(self, recipe, *, quantize: str | None = None, dtype: torch.dtype | None = None,
              attn: str | None = None) -> LoadedModel:
-        folder = self.resolve_path(recipe.model.path, recipe.model.tiny_seed)
+        folder = self.resolve_path(recipe.model.path, recipe.model.tiny_seed, recipe.model.revision)
         self.read_config(folder)
         kwargs, quantize, dtype = load_kwargs(self, recipe, quantize, dtype, attn)
         model = _hf(self.hf_model).from_pretrained(str(folder), **kwargs)

@@ -201,7 +201,7 @@ class Qwen25OmniFamily(Family):
     def load(self, recipe, *, quantize: str | None = None, dtype: torch.dtype | None = None,
              attn: str | None = None) -> LoadedModel:
         """Load the thinker in `dtype`, optionally 4/8-bit on the LLM's linear layers."""
-        folder = self.resolve_path(recipe.model.path, recipe.model.tiny_seed)
+        folder = self.resolve_path(recipe.model.path, recipe.model.tiny_seed, recipe.model.revision)
         full = self.is_full(folder)
         tcfg = self.thinker_config(folder)
         kwargs, quantize, dtype = load_kwargs(self, recipe, quantize, dtype, attn)
