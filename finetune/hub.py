@@ -104,7 +104,7 @@ def _snapshot(repo_id: str, repo_type: str, revision: str, *, what: str) -> Path
     folder = _MEMO.get(key)
     if folder is None or not folder.is_dir():
         cmd = download_command(repo_id, revision, repo_type)
-        env = " with the same HF_HUB_CACHE / HF_HOME as this run" if any(
+        env = " (in a shell with this run's HF_HUB_CACHE / HF_HOME)" if any(
             os.environ.get(v) for v in ("HF_HUB_CACHE", "HUGGINGFACE_HUB_CACHE", "HF_HOME")) else ""
         label = f"{what} {repo_id!r} (revision {revision or 'main'})"
         try:
@@ -113,13 +113,13 @@ def _snapshot(repo_id: str, repo_type: str, revision: str, *, what: str) -> Path
                 local_files_only=off, endpoint=os.environ.get("HF_ENDPOINT") or None))
         except hf_errors.IncompleteSnapshotError as e:
             raise MissingFileError(f"{label}: the cached snapshot in {cache} is incomplete ({e}); "
-                                   f"complete it with: {cmd}{env}") from None
+                                   f"complete it: {cmd}{env}") from None
         except hf_errors.LocalEntryNotFoundError:
             why = "HF_HUB_OFFLINE is set" if off else "the Hub cannot be reached"
             local = "" if repo_type != "model" else \
                 f" (if a local folder was meant: there is none at {Path(repo_id).expanduser().resolve()})"
-            raise MissingFileError(f"{label} is not in the HF cache {cache} and {why}; download it first "
-                                   f"with: {cmd}{env}{local}") from None
+            raise MissingFileError(f"{label} is not in the HF cache {cache} and {why}; download it first: "
+                                   f"{cmd}{env}{local}") from None
         except hf_errors.GatedRepoError:
             raise ConfigError(f"{label} is gated: accept its terms on the Hub, log in (hf auth login), "
                               f"then run: {cmd}") from None
@@ -141,7 +141,8 @@ def _record(repo_type: str, repo_id: str, revision: str, folder: Path, cache: Pa
     entry = {"kind": repo_type, "id": repo_id, "revision": revision or "main",
              # the cache keeps each commit's files in snapshots/<commit hash>/
              "commit": folder.name, "folder": str(folder), "cache": str(cache), "offline": off}
-    if entry not in _RESOLVED:
+    same = ("kind", "id", "revision", "folder")
+    if not any(all(e[k] == entry[k] for k in same) for e in _RESOLVED):
         _RESOLVED.append(entry)
         print(f"{'dataset' if repo_type == 'dataset' else 'model'} {repo_id} (revision {entry['revision']}): "
               f"commit {entry['commit']} from {folder}", flush=True)

@@ -28,8 +28,8 @@ from typing import Any
 
 import torch
 
-from finetune import adapters, attention
-from finetune.data.schema import DataError, Sample, load_samples
+from finetune import adapters, attention, hub
+from finetune.data.schema import DataError, Sample
 from finetune.errors import ConfigError, MissingFileError
 from finetune.families import family_for
 from finetune.families.base import EncodedSample, Family, LoadedModel, cache_root
@@ -93,15 +93,14 @@ def prepare_data(recipe: Recipe) -> None:
         generate_medical(out, seed=0)
 
 
-def read_split(path: str, recipe: Recipe, on_error: str | None = None) -> tuple[list[Sample], list[DataError]]:
-    """All samples of a JSONL split; `raise` stops at the first bad line, `skip` collects them."""
+def read_split(path, recipe: Recipe, on_error: str | None = None) -> tuple[list[Sample], list[DataError]]:
+    """All samples of a split's source (a JSONL path, or a Parquet / save_to_disk / hub source: see
+    finetune.data.sources); `raise` stops at the first bad line or row, `skip` collects them."""
     if not path:
         return [], []
-    p = Path(path)
-    if not p.exists():
-        raise MissingFileError(f"data file {p} does not exist (data.train / data.eval in the recipe)")
-    return load_samples(p, on_error=on_error or recipe.data.on_error,
-                        allow_outside_paths=recipe.data.allow_outside_paths)
+    from finetune.data.sources import load_source
+
+    return load_source(path, recipe, on_error=on_error)
 
 
 def index_dataset(n: int):
@@ -674,6 +673,7 @@ def train(recipe: Recipe) -> Path:
     lock_run(run_dir)  # before anything is written: two runs never share a folder (rank 0 only)
     if main:
         save_resolved(recipe, run_dir / "recipe.yaml")
+    hub.clear_resolved()  # this run's hub snapshots only, in resolved_sources.json below
     torch.manual_seed(recipe.train.seed)
 
     precision = choose_precision(recipe.train.precision)
@@ -695,6 +695,8 @@ def train(recipe: Recipe) -> Path:
         # the eval split too: evaluation after training must not meet a sample it cannot read
         eval_samples, eval_skipped = read_split(recipe.data.eval, recipe, on_error="skip")
         family.resolve_path(recipe.model.path, recipe.model.tiny_seed, recipe.model.revision)  # a tiny model is built once
+    if main:
+        hub.write_resolved(run_dir)  # the commits of the hub ids above, before anything is trained
     # every rank loads at once: under ZeRO-3 each weight is partitioned as it is created, a
     # collective (rank 0 loading alone while the others wait at the barrier deadlocks)
     loaded = load_for_training(recipe, family, precision)

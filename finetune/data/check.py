@@ -1,4 +1,8 @@
-"""Dataset checker: reports every problem of every line at once, plus a summary.
+"""Dataset checker: reports every problem of every line (or table row) at once, plus a summary.
+
+JSONL files (ours, or LLaMA-Factory / ms-swift / OpenAI ones converted in memory) are read line by
+line; Parquet files, `datasets` save_to_disk folders and hub sources row by row (finetune.data.hf),
+with their problems located by row.
 
 Usage: ``python -m finetune.data.check FILE [FILE...]``
 """
@@ -18,6 +22,7 @@ import numpy as np
 from finetune.data import media
 from finetune.data.media import MediaError
 from finetune.data.schema import MEDIA_TYPES, DataError, Part, Sample, iter_jsonl, parse_sample
+from finetune.errors import UserError
 
 _MEDIA_FIX = {
     "unreadable_image": "re-export the image as PNG or JPEG, or remove the sample",
@@ -236,14 +241,41 @@ def check_dataset(
     """
     if family is not None and token_counter is None:
         token_counter = lambda s: family.count_tokens(s, processor)  # noqa: E731
-    files = [str(p) for p in paths]
+    files = [_describe(p) for p in paths]
     errors: list[DataError] = []
     modality_counts: Counter[str] = Counter()
     token_counts: list[int] | None = [] if token_counter is not None else None
     n_samples = n_ok = 0
     checker = _MediaChecker()
 
-    for path in map(Path, paths):
+    def sample_checks(sample: Sample) -> list[DataError]:
+        found: list[DataError] = []
+        if open_media:
+            found += media_errors(sample, checker)
+        if token_counter is not None and not found:
+            found += _count_tokens(sample, token_counter, max_tokens, token_counts)
+        if family is not None and open_media and not found:
+            from finetune.data.prepare import problems_of
+
+            found += problems_of(sample, family, processor, config or {}, None, None, checker)[1]
+        return found
+
+    for item in paths:
+        if _is_table(item):
+            # Parquet, save_to_disk folders, hub datasets: every row built and validated, then each
+            # sample checked as a JSONL sample is (its media files are the materialised ones)
+            table_errors, table_samples = _table(item, allow_outside_paths)
+            errors += table_errors
+            n_samples += len(table_errors) + len(table_samples)
+            for sample in table_samples:
+                modality_counts[_modality_key(sample)] += 1
+                sample_errors = sample_checks(sample)
+                errors += sample_errors
+                n_ok += not sample_errors
+            if not table_errors and not table_samples:
+                errors.append(DataError("empty", "the dataset has no rows", "add rows", file=_describe(item)))
+            continue
+        path = Path(item)
         source = str(path)
         if not path.is_file():
             errors.append(DataError("missing_file", f"dataset file '{path}' does not exist",
@@ -267,22 +299,7 @@ def check_dataset(
                 errors.append(relocate(e) if relocate else e)
                 continue
             modality_counts[_modality_key(sample)] += 1
-
-            sample_errors: list[DataError] = []
-            if open_media:
-                for i, msg in enumerate(sample.messages):
-                    for j, part in enumerate(msg.parts):
-                        if not part.is_media:
-                            continue
-                        for kind, fld, problem in checker.problems(part, f"messages[{i}].content[{j}]"):
-                            sample_errors.append(DataError(kind, problem, _MEDIA_FIX[kind],
-                                                           file=source, line=lineno, field=fld))
-            if token_counter is not None and not sample_errors:
-                sample_errors += _count_tokens(sample, token_counter, max_tokens, token_counts)
-            if family is not None and open_media and not sample_errors:
-                from finetune.data.prepare import problems_of
-
-                sample_errors += problems_of(sample, family, processor, config or {}, None, None, checker)[1]
+            sample_errors = sample_checks(sample)
             errors += [relocate(e) for e in sample_errors] if relocate else sample_errors
             if not sample_errors:
                 n_ok += 1
@@ -292,6 +309,48 @@ def check_dataset(
 
     return CheckReport(files=files, n_samples=n_samples, n_ok=n_ok, errors=errors,
                        modality_counts=dict(modality_counts), token_counts=token_counts)
+
+
+def _is_table(item) -> bool:
+    """A source read with the `datasets` library (a Parquet file, a save_to_disk folder, a source
+    object with hub/format hf), not one of our JSONL files."""
+    from finetune.data.sources import source_format
+
+    if not isinstance(item, (str, Path)):
+        return True  # a data-source object (recipe.py's DataSource): sources decides, in _table
+    return source_format(item) == "hf"
+
+
+def _describe(item) -> str:
+    from finetune.data.sources import describe
+
+    return describe(item)
+
+
+def _table(item, allow_outside_paths: bool) -> tuple[list[DataError], list[Sample]]:
+    """(errors, samples) of a table source, every bad row reported (a problem of the source itself,
+    such as a missing column, is its one error)."""
+    from finetune.data.hf import _get, load_hf_samples
+    from finetune.data.schema import load_samples
+    from finetune.data.sources import source_format
+    from finetune.families.base import cache_root
+
+    try:
+        if source_format(item) == "jsonl":  # a source object naming a JSONL file
+            path = Path(str(_get(item, "path")))
+            if not path.is_file():
+                return [DataError("missing_file", f"dataset file '{path}' does not exist", "check the file path",
+                                  file=str(path))], []
+            samples, errs = load_samples(path, on_error="skip", allow_outside_paths=allow_outside_paths)
+            return errs, samples
+        src = {"path": str(item)} if isinstance(item, (str, Path)) else item
+        samples, errs = load_hf_samples(src, on_error="skip", allow_outside_paths=allow_outside_paths,
+                                        media_dir=cache_root() / "media")
+    except DataError as e:
+        return [e], []
+    except UserError as e:  # a hub id that is not in the cache, a bad source setting
+        return [DataError("source", str(e), file=_describe(item))], []
+    return errs, samples
 
 
 def _count_tokens(sample: Sample, counter, max_tokens, token_counts: list[int]) -> list[DataError]:
@@ -315,7 +374,7 @@ def main(argv: list[str] | None = None) -> int:
         prog="python -m finetune.data.check",
         description="Validate omni-modal JSONL datasets and report every problem at once.",
     )
-    parser.add_argument("files", nargs="+", type=Path, help="JSONL dataset files")
+    parser.add_argument("files", nargs="+", type=Path, help="dataset files: JSONL, Parquet, or save_to_disk folders")
     parser.add_argument("--no-media", action="store_true",
                         help="only check that media files exist; do not decode them")
     parser.add_argument("--allow-outside-paths", action="store_true",
