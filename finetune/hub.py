@@ -117,7 +117,7 @@ def _snapshot(repo_id: str, repo_type: str, revision: str, *, what: str) -> Path
         except hf_errors.LocalEntryNotFoundError:
             why = "HF_HUB_OFFLINE is set" if off else "the Hub cannot be reached"
             local = "" if repo_type != "model" else \
-                f" (if a local folder was meant: there is none at {Path(repo_id).expanduser().resolve()})"
+                f"; if a local folder was meant: there is none at {Path(repo_id).expanduser().resolve()}"
             raise MissingFileError(f"{label} is not in the HF cache {cache} and {why}; download it first: "
                                    f"{cmd}{env}{local}") from None
         except hf_errors.GatedRepoError:

@@ -7,7 +7,6 @@ images embedded as PNG bytes and the audio as arrays, and must train exactly as 
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -15,6 +14,7 @@ import pytest
 import soundfile as sf
 
 from conftest import tiny_recipe
+from hf_tables import Source, chat_table, save_disk, save_vqa_parquet, vqa_table, write_jsonl
 
 datasets = pytest.importorskip("datasets")
 
@@ -25,94 +25,11 @@ def _datasets_cache(tmp_path, monkeypatch):
     monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", tmp_path / "hf-datasets")
 
 
-@dataclass
-class Source:
-    """A data source as recipe.py's DataSource spells it (path/hub, format, split, revision, columns)."""
-
-    path: str = ""
-    hub: str = ""
-    format: str = "auto"
-    split: str = ""
-    revision: str = ""
-    columns: dict = field(default_factory=dict)
-
-
 @pytest.fixture(scope="module")
 def demo(tmp_path_factory) -> dict[str, Path]:
     from finetune.demo_data import generate_medical
 
     return generate_medical(tmp_path_factory.mktemp("hfdemo"), n_train=16, n_eval=4, seed=0)
-
-
-def _rows(jsonl: Path) -> list[dict]:
-    return [json.loads(line) for line in jsonl.read_text().splitlines() if line.strip()]
-
-
-def chat_table(jsonl: Path, audio_dtype: str = "float32") -> list[dict]:
-    """The demo samples as chat rows: the messages in our format with media parts that take the next
-    item of the `image` column (PNG bytes) or `audio` column ({array, sampling_rate})."""
-    root = jsonl.parent
-    out = []
-    for r in _rows(jsonl):
-        images, audio, messages = [], [], []
-        for m in r["messages"]:
-            content = m["content"] if isinstance(m["content"], list) else [{"type": "text", "text": m["content"]}]
-            parts = []
-            for p in content:
-                if p["type"] == "image":
-                    images.append((root / p["path"]).read_bytes())
-                    parts.append({"type": "image", "text": None})
-                elif p["type"] == "audio":
-                    wave, rate = sf.read(root / p["path"], dtype=audio_dtype)
-                    audio.append({"array": wave, "sampling_rate": rate})
-                    parts.append({"type": "audio", "text": None})
-                else:
-                    parts.append({"type": "text", "text": p["text"]})
-            messages.append({"role": m["role"], "content": parts})
-        out.append({"id": r["id"], "task": r["task"], "answer": r["answer"], "messages": messages,
-                    "image": images, "audio": audio})
-    return out
-
-
-def vqa_table(jsonl: Path) -> tuple[list[dict], list[dict]]:
-    """(VQA rows, the same samples as our JSONL objects) of the demo's one-turn samples: columns
-    image (PNG bytes, datasets Image feature), audio (int16 arrays), question, answer (the reply),
-    system; the JSONL puts the user parts in the VQA order (images, audio, question)."""
-    root = jsonl.parent
-    rows, objs = [], []
-    for r in _rows(jsonl):
-        if len(r["messages"]) != 3:
-            continue  # multi-turn samples have no VQA row
-        system, user, assistant = r["messages"]
-        image = next((p for p in user["content"] if p["type"] == "image"), None)
-        audio = next((p for p in user["content"] if p["type"] == "audio"), None)
-        question = next(p["text"] for p in user["content"] if p["type"] == "text")
-        wave = sf.read(root / audio["path"], dtype="int16")[0] if audio else None
-        rows.append({"id": r["id"], "task": r["task"], "system": system["content"], "question": question,
-                     "answer": assistant["content"],
-                     "image": {"bytes": (root / image["path"]).read_bytes(), "path": None} if image else None,
-                     "audio": {"array": wave, "sampling_rate": 16000} if audio else None})
-        parts = ([{"type": "image", "path": image["path"]}] if image else []) + \
-                ([{"type": "audio", "path": audio["path"]}] if audio else []) + [{"type": "text", "text": question}]
-        objs.append({"id": r["id"], "task": r["task"], "answer": assistant["content"],
-                     "messages": [system, {"role": "user", "content": parts}, assistant]})
-    return rows, objs
-
-
-def save_disk(rows: list[dict], folder: Path) -> Path:
-    datasets.Dataset.from_list(rows).save_to_disk(str(folder))
-    return folder
-
-
-def save_vqa_parquet(rows: list[dict], path: Path) -> Path:
-    ds = datasets.Dataset.from_list(rows).cast_column("image", datasets.Image())
-    ds.to_parquet(str(path))
-    return path
-
-
-def write_jsonl(objs: list[dict], path: Path) -> Path:
-    path.write_text("".join(json.dumps(o) + "\n" for o in objs))
-    return path
 
 
 def load(src, media_dir: Path, **kw):
