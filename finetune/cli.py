@@ -123,7 +123,7 @@ def cmd_data_check(args) -> int:
         recipe = load_recipe(args.recipe, overrides=overrides)
         if not files:
             prepare_data(recipe)  # the demo recipes' synthetic data, as training would write it
-            files = [f for f in (recipe.data.train, recipe.data.eval) if f]
+            files = [s.path for s in recipe.data.sources() if s.path] + ([recipe.data.eval] if recipe.data.eval else [])
         family = family_for(recipe.model.path, recipe.model.family)
         folder = family.resolve_path(recipe.model.path, recipe.model.tiny_seed)
         proc = family.processor(folder, recipe)
