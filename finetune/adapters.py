@@ -153,9 +153,13 @@ def apply_roles(model: nn.Module, family: Family, recipe, *, gradient_checkpoint
         p.requires_grad_(False)
     if not plan.all_lora and not plan.all_full:
         raise ConfigError("every role is frozen: set at least one role to lora or full")
-    if not plan.all_lora:
-        raise ConfigError("at least one role must be lora (full-only training is not supported yet); "
-                         "e.g. roles.llm.mode: lora")
+    carrier = None
+    if not plan.all_lora and not plan.all_lora_params:
+        # full roles only (a projector alignment stage): PEFT needs one LoRA target, so one frozen
+        # linear layer carries a rank-1 pair that never trains; its B starts at zero, so it adds
+        # exactly nothing to the forward or to the merged weights
+        carrier = _carrier(model, family, plan)
+        plan.lora_targets = {family.role_of(carrier): [carrier]}
     first = next(r for r in ROLE_NAMES if r in plan.lora_targets)
     base = getattr(recipe.roles, first)
     rank_pattern, alpha_pattern = {}, {}
@@ -180,7 +184,7 @@ def apply_roles(model: nn.Module, family: Family, recipe, *, gradient_checkpoint
         # and the merge keeps one matrix (without it the twin kept the frozen original)
         tie = {"ensure_weight_tying": True}
     config = LoraConfig(
-        r=base.r, lora_alpha=base.alpha, lora_dropout=base.dropout,
+        r=1 if carrier else base.r, lora_alpha=1 if carrier else base.alpha, lora_dropout=0.0 if carrier else base.dropout,
         target_modules=plan.all_lora, rank_pattern=rank_pattern, alpha_pattern=alpha_pattern,
         modules_to_save=plan.all_full or None, bias="none",
         # fused MoE experts ([experts, out, in] parameters): LoRA of rank r per expert
@@ -191,6 +195,11 @@ def apply_roles(model: nn.Module, family: Family, recipe, *, gradient_checkpoint
     peft_model = get_peft_model(model, config)
     if gradient_checkpointing:
         drop_input_require_grads_hooks(peft_model)
+    if carrier:
+        plan.lora_targets = {}
+        for name, p in peft_model.named_parameters():
+            if "lora_" in name and f"{carrier}." in name:
+                p.requires_grad_(False)
     # Per-role dropout: PEFT's config holds one value; dropout does not change merged weights.
     for name, mod in peft_model.named_modules():
         drop = getattr(mod, "lora_dropout", None)
@@ -199,6 +208,16 @@ def apply_roles(model: nn.Module, family: Family, recipe, *, gradient_checkpoint
             p = getattr(recipe.roles, role).dropout if role else base.dropout
             drop["default"] = nn.Dropout(p) if p > 0 else nn.Identity()
     return peft_model, plan
+
+
+def _carrier(model: nn.Module, family: Family, plan: RolePlan) -> str:
+    """A frozen linear layer outside every trained module, for PEFT's one required LoRA target."""
+    trained = tuple(f"{m}." for m in plan.all_full)
+    for name, mod in model.named_modules():
+        if (isinstance(mod, nn.Linear) and family.role_of(name + ".weight") and name + "." not in trained
+                and not any(name.startswith(t) for t in trained) and not _shares_weights(model, [name])):
+            return name
+    raise ConfigError("no frozen linear layer to carry PEFT's required LoRA target; train one role with lora")
 
 
 def _shares_weights(model: nn.Module, names: list[str]) -> bool:

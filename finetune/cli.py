@@ -123,7 +123,10 @@ def cmd_data_check(args) -> int:
         recipe = load_recipe(args.recipe, overrides=overrides)
         if not files:
             prepare_data(recipe)  # the demo recipes' synthetic data, as training would write it
-            files = [f for f in (recipe.data.train, recipe.data.eval) if f]
+            # a plain path is checked as a file (other JSONL formats converted); a source with a hub id,
+            # columns, a split or a format is read as training reads it
+            files = [s if (s.hub or s.columns or s.split or s.format != "auto") else s.path
+                     for s in recipe.data.sources() if s.path or s.hub] + ([recipe.data.eval] if recipe.data.eval else [])
         family = family_for(recipe.model.path, recipe.model.family, recipe.model.revision)
         folder = family.resolve_path(recipe.model.path, recipe.model.tiny_seed, recipe.model.revision)
         proc = family.processor(folder, recipe)

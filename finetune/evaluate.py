@@ -105,6 +105,11 @@ def evaluate(recipe, run_dir: Path | None = None) -> dict:
 
     quiet_libraries()
     run_dir = Path(run_dir or recipe.run_dir)
+    from finetune.stages import final_recipe, original_base
+
+    # a staged run: its folder holds the last stage's adapter on the stage before's merged model,
+    # and "base" is the model before the first stage
+    base_recipe, recipe = original_base(recipe), final_recipe(recipe)
     adapter = run_dir / "adapter"
     if not (adapter / "adapter_config.json").exists():
         raise MissingFileError(f"{adapter}: no adapter; train first (make finetune RECIPE={recipe.name})")
@@ -132,15 +137,21 @@ def evaluate(recipe, run_dir: Path | None = None) -> dict:
     if skipped:
         results["skipped"] = len(skipped)
     predictions: dict[str, list[str]] = {}
-    variants = [("tuned", contextlib.nullcontext)]
+    variants = [("tuned", model, contextlib.nullcontext)]
     if recipe.eval.compare_base:
-        variants.insert(0, ("base", model.disable_adapter))
-    for name, ctx in variants:
+        if base_recipe is None:
+            variants.insert(0, ("base", model, model.disable_adapter))
+        else:
+            base = family.load(base_recipe, dtype=torch_dtype(precision), attn="sdpa").model
+            if torch.cuda.is_available() and recipe.model.quantize == "none":
+                base.to("cuda")
+            variants.insert(0, ("base", base, contextlib.nullcontext))
+    for name, m, ctx in variants:
         t0 = time.time()
         with ctx():
-            preds = generate(model, family, proc, samples, rope, max_new_tokens=recipe.eval.max_new_tokens,
+            preds = generate(m, family, proc, samples, rope, max_new_tokens=recipe.eval.max_new_tokens,
                              batch_size=recipe.eval.batch_size)
-            loss = token_loss(model, family, proc, samples, rope, batch_size=recipe.eval.batch_size)
+            loss = token_loss(m, family, proc, samples, rope, batch_size=recipe.eval.batch_size)
         predictions[name] = preds
         results[name] = {**score(samples, preds), "token_loss": loss, "seconds": round(time.time() - t0, 1)}
     results["examples"] = [

@@ -87,7 +87,7 @@ def write_model_card(out: Path, recipe, family, run_dir: Path, base_path: Path, 
         "Exported by omni-finetune: LoRA adapters merged into the base weights, `full` roles written back.", "",
         f"- base model: `{base_path.name}` ({recipe.model.path}); layout: {manifest['layout']}",
         f"- recipe: `{recipe.name}` (the resolved recipe is `recipe.yaml`)",
-        f"- training data: `{recipe.data.train}`; eval data: `{recipe.data.eval or '-'}`",
+        f"- training data: `{recipe.data.train_label}`; eval data: `{recipe.data.eval or '-'}`",
         "- trained roles: " + ", ".join(f"{r}={getattr(recipe.roles, r).mode}" for r in manifest["roles"]),
         f"- dtype: {manifest['dtype']}",
         f"- verification: max |logit difference| vs the adapter model {manifest['verify']['max_abs_diff']:.2e} "

@@ -34,6 +34,7 @@ __all__ = [
     "RoleConfig",
     "RolesConfig",
     "DataConfig",
+    "DataSource",
     "TrainConfig",
     "EvalConfig",
     "ExportConfig",
@@ -175,10 +176,39 @@ class RolesConfig:
 
 
 @dataclass
+class DataSource:
+    """One source of samples: a file or folder, or a dataset's hub id; one entry of a mixture."""
+
+    path: str = _opt("", "a JSONL file, a Parquet file, or a `datasets` save_to_disk folder (relative paths resolve "
+                         "against the current working dir)")
+    hub: str = _opt("", "a dataset's hub id (org/name), instead of path; resolved through the HF cache")
+    format: str = _opt("auto", "auto: .jsonl is our chat JSONL, .parquet / a save_to_disk folder / a hub id is read "
+                               "with `datasets`", ("auto", "jsonl", "hf"))
+    split: str = _opt("", "the split of a hub dataset or DatasetDict folder; '' = train")
+    revision: str = _opt("", "hub revision (branch, tag or commit hash); '' = main")
+    columns: dict[str, str] = _opt({}, "our field -> the dataset's column: image, audio, question, answer, messages, "
+                                       "system, id, task")
+    weight: float = _opt(1.0, "mixtures: this source's share of each epoch's tokens, relative to the other sources' "
+                              "weights (3 and 1 = 75% and 25%)")
+    epochs: float | None = _opt(None, "mixtures: instead of a weight, how many times this source's tokens go into "
+                                      "each epoch (0.25 = a seeded quarter of it); null = by weight")
+    name: str = _opt("", "name in logs and in mixture.json; '' = the file or hub id")
+    # the entry's index in the recipe's list (messages name data.train[i] as written)
+    _index: int = field(default=0, init=False, repr=False, compare=False)
+
+    @property
+    def label(self) -> str:
+        """How logs name the source."""
+        return self.name or self.path or self.hub
+
+
+@dataclass
 class DataConfig:
     """Where the training data comes from and how samples are built."""
 
-    train: str = _opt("", "training JSONL file (relative paths resolve against the current working dir)")
+    train: str | list[DataSource] = _opt(
+        "", "training data: a JSONL file (relative paths resolve against the current working dir), one source "
+            "{path|hub, format, split, revision, columns}, or a list of sources with weight or epochs (a mixture)")
     eval: str = _opt("", "held-out JSONL file; '' = none")
     demo: str = _opt("", "'medical': generate the synthetic demo dataset into train's folder if missing", ("", "medical"))
     system_prompt: str | None = _opt(
@@ -194,6 +224,17 @@ class DataConfig:
                                 "the GPU's step), 0 on the CPU (workers would take the step's own cores)")
     cache_gb: float = _opt(2.0, "GB of encoded samples (pixels, audio features, positions) kept in memory from one "
                                 "epoch to the next, split across workers; 0 = encode on every use")
+
+    def sources(self) -> list[DataSource]:
+        """data.train as a list of sources (a plain path is one JSONL source; '' is none)."""
+        if isinstance(self.train, str):
+            return [DataSource(path=self.train)] if self.train else []
+        return list(self.train)
+
+    @property
+    def train_label(self) -> str:
+        """data.train for messages: the path, or the sources' names."""
+        return self.train if isinstance(self.train, str) else " + ".join(s.label for s in self.train)
 
 
 @dataclass
@@ -291,6 +332,13 @@ class Recipe:
     # Provenance travels with the object so a run can record where each value came from, but two
     # recipes with equal values are equal whatever their history.
     _sources: dict[str, str] = field(default_factory=dict, init=False, repr=False, compare=False)
+    # `stages:` (finetune/stages.py): (name, the stage's own settings as written, the stage's recipe)
+    _stages: list = field(default_factory=list, init=False, repr=False, compare=False)
+
+    @property
+    def stages(self) -> list[tuple[str, dict, "Recipe"]]:
+        """The recipe's stages in order, each (name, its settings as written, its full recipe); [] if none."""
+        return self._stages
 
     @property
     def run_dir(self) -> Path:
@@ -423,7 +471,11 @@ def _has_path(data: Any, parts: Sequence[str]) -> bool:
 
 
 def _layer_index(layers: Sequence[_Layer], path: str) -> int:
-    parts = path.split(".") if path else []
+    parts = []
+    for part in path.split(".") if path else []:
+        parts.append(re.sub(r"\[\d+\]$", "", part))
+        if parts[-1] != part:  # inside a list (data.train[1].weight): the layer that set the list
+            break
     for i in range(len(layers) - 1, -1, -1):
         if _has_path(layers[i][1], parts):
             return i
@@ -537,6 +589,14 @@ def _coerce(value: Any, tp: Any) -> Any:
         (item_tp,) = typing.get_args(tp)
         items = [_coerce(v, item_tp) for v in value]
         return _NO if any(i is _NO for i in items) else items
+    if typing.get_origin(tp) is dict:
+        if not isinstance(value, dict):
+            return _NO
+        key_tp, value_tp = typing.get_args(tp)
+        out = {_coerce(k, key_tp): _coerce(v, value_tp) for k, v in value.items()}
+        return _NO if any(k is _NO or v is _NO for k, v in out.items()) else out
+    if is_dataclass(tp):
+        return _NO  # sections and sources are filled by _fill, which reports their own problems
     raise TypeError(f"unsupported schema type {tp!r}")  # a schema bug, not a user error
 
 
@@ -579,6 +639,11 @@ def _fill(obj: Any, raw: dict, prefix: str, problems: _Problems) -> None:
                 continue
             _fill(getattr(obj, f.name), value, f"{path}.", problems)
             continue
+        if tp == str | list[DataSource]:
+            out = _fill_sources(value, path, problems)
+            if out is not _NO:
+                setattr(obj, f.name, out)
+            continue
         out = _coerce(value, tp)
         if out is _NO:
             problems.add(path, f"must be {_type_words(tp)}, got {_describe(value)}")
@@ -591,11 +656,41 @@ def _fill(obj: Any, raw: dict, prefix: str, problems: _Problems) -> None:
         setattr(obj, f.name, out)
 
 
+def _fill_sources(value: Any, path: str, problems: _Problems) -> Any:
+    """data.train: a path, one source mapping, or a list of paths and source mappings."""
+    if isinstance(value, str):
+        return value
+    if isinstance(value, dict):
+        value, one = [value], True
+    elif isinstance(value, list):
+        one = False
+    else:
+        problems.add(path, f"must be a file path, a source mapping {{path: ...}} or a list of them, got "
+                           f"{_describe(value)}")
+        return _NO
+    out = []
+    for i, item in enumerate(value):
+        where = path if one else f"{path}[{i}]"
+        src = DataSource()
+        if isinstance(item, str):
+            src.path = item
+        elif isinstance(item, dict):
+            _fill(src, item, f"{where}.", problems)
+        else:
+            problems.add(where, f"must be a file path or a source mapping {{path: ..., weight: ...}}, got "
+                                f"{_describe(item)}")
+            continue
+        src._index = i
+        out.append(src)
+    return out
+
+
 _SHARD_SIZE = re.compile(r"^\s*\d+(\.\d+)?\s*([KMGT]i?B|B)\s*$", re.IGNORECASE)
 
 
-def _check(recipe: Recipe, problems: _Problems) -> None:
-    """Semantic checks that need more than one field's type."""
+def _check(recipe: Recipe, problems: _Problems, staged: bool = False) -> None:
+    """Semantic checks that need more than one field's type (`staged`: the recipe has stages,
+    whose own roles are checked with each stage)."""
     add = problems.add
     if not recipe.name:
         add("name", "must not be empty")
@@ -659,7 +754,7 @@ def _check(recipe: Recipe, problems: _Problems) -> None:
             f"cannot fully train a quantized LLM (model.quantize={m.quantize}, roles.llm.mode=full): "
             "quantized weights cannot be updated; use roles.llm.mode: lora (QLoRA) or model.quantize: none",
         )
-    if all(cfg.mode == "frozen" for _, cfg in roles.items()):
+    if all(cfg.mode == "frozen" for _, cfg in roles.items()) and not staged:
         add("roles", "every role is frozen, so nothing would be trained; set e.g. roles.llm.mode: lora")
 
     d = recipe.data
@@ -669,8 +764,25 @@ def _check(recipe: Recipe, problems: _Problems) -> None:
         add("data.num_workers", f"must be >= 0, or -1 for auto, got {d.num_workers}")
     if d.cache_gb < 0:
         add("data.cache_gb", f"must be >= 0, got {d.cache_gb}")
-    if d.demo and not d.train:
+    if d.demo and not d.sources():
         add("data.demo", "needs data.train: the demo dataset is written to data.train's path")
+    if isinstance(d.train, list):
+        if not d.train:
+            add("data.train", "is an empty list; give at least one source")
+        labels = [s.label for s in d.train]
+        for i, src in enumerate(d.train):
+            p = f"data.train[{src._index}]"
+            if bool(src.path) == bool(src.hub):
+                add(p, "needs exactly one of path (a file or folder) and hub (a dataset's hub id), got "
+                       + ("both" if src.path else "neither"))
+            if src.hub and src.format == "jsonl":
+                add(f"{p}.format", "a hub dataset is read with `datasets`: use format: hf or auto")
+            if src.weight <= 0:
+                add(f"{p}.weight", f"must be > 0, got {src.weight}")
+            if src.epochs is not None and src.epochs <= 0:
+                add(f"{p}.epochs", f"must be > 0 (or null to use the weight), got {src.epochs}")
+            if labels.count(src.label) > 1 and labels.index(src.label) == i:
+                add(f"{p}.name", f"two sources are both named {src.label!r}; give each a distinct name")
 
     t = recipe.train
     if t.lr <= 0:
@@ -727,6 +839,64 @@ def _check(recipe: Recipe, problems: _Problems) -> None:
         add("export.verify_atol", f"must be >= 0, got {x.verify_atol}")
 
 
+STAGE_KEYS = ("name", "roles", "data", "train")
+_STAGE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]*$")
+
+
+def stage_settings(merged: dict, stage: dict) -> dict:
+    """A stage's full settings: the recipe's, with the stage's data and train merged over them and
+    its roles instead of the recipe's (a role the stage does not name is frozen in it)."""
+    out = copy.deepcopy(merged)
+    if "roles" in stage:
+        out["roles"] = {r: {"mode": "frozen"} for r in ROLE_NAMES}
+        _deep_merge(out["roles"], stage["roles"] or {})
+    for key in ("data", "train"):
+        if key in stage:
+            out.setdefault(key, {})
+            _deep_merge(out[key], stage[key] or {})
+    return out
+
+
+def _build_stages(stages: Any, merged: dict, layers: Sequence[_Layer], problems: _Problems) -> list:
+    """`stages:` checked and resolved: (name, settings as written, recipe) per stage."""
+    where = problems.layers[_layer_index(layers, "stages")][0] if _layer_index(layers, "stages") >= 0 else None
+    if not isinstance(stages, list) or not stages:
+        problems.add("stages", f"must be a non-empty list of stages ({{name: ..., roles: ..., data: ..., train: ...}}), "
+                               f"got {_describe(stages)}", where)
+        return []
+    out, names = [], []
+    for i, stage in enumerate(stages):
+        p = f"stages[{i}]"
+        if not isinstance(stage, dict):
+            problems.add(p, f"must be a mapping with name and any of roles, data, train; got {_describe(stage)}", where)
+            continue
+        bad = [k for k in stage if k not in STAGE_KEYS]
+        for k in bad:
+            problems.add(f"{p}.{k}", f"a stage sets only {', '.join(STAGE_KEYS)}" + (
+                "; the model, eval, export and output settings are the recipe's, for every stage"
+                if k in ("model", "eval", "export", "output") else f" ({_unknown_key_message(str(k), STAGE_KEYS)})"),
+                where)
+        name = stage.get("name")
+        if not isinstance(name, str) or not _STAGE_NAME.match(name):
+            problems.add(f"{p}.name", "needs a name of letters, digits, '-' and '_' (it names the stage's folder), "
+                                      f"got {_describe(name)}", where)
+            continue
+        if name in names:
+            problems.add(f"{p}.name", f"two stages are named {name!r}; give each its own name", where)
+            continue
+        names.append(name)
+        stage_problems = _Problems(problems.layers, problems.fallback)
+        rec = Recipe()
+        _fill(rec, stage_settings(merged, {k: v for k, v in stage.items() if k not in bad}), "", stage_problems)
+        _check(rec, stage_problems)
+        for source, path, message in stage_problems.items:
+            top = path.split(".")[0].split("[")[0]
+            if top in stage:  # what the recipe itself sets is reported once, above
+                problems.add(f"{p}.{path}", message, source or where)
+        out.append((name, copy.deepcopy(stage), rec))
+    return out
+
+
 def _deep_merge(base: dict, over: dict) -> None:
     """Merge ``over`` into ``base`` in place: mappings merge, everything else replaces."""
     for key, value in over.items():
@@ -749,9 +919,12 @@ def _resolve_layers(layers: Sequence[_Layer], name: str, extra: Sequence[tuple[s
     problems = _Problems(layers, fallback=files[-1] if files else OVERRIDE_SOURCE)
     for source, path, message in extra:
         problems.add(path, message, source)
+    stages = merged.pop("stages", None)
     recipe = Recipe()
     _fill(recipe, merged, "", problems)
-    _check(recipe, problems)
+    _check(recipe, problems, staged=stages is not None)
+    if stages is not None:
+        recipe._stages = _build_stages(stages, merged, layers, problems)
     if problems.items:
         raise _format_error(name, problems.lines())
     sources = {}
@@ -948,6 +1121,8 @@ def recipe_to_dict(recipe: Recipe) -> dict[str, Any]:
     def convert(obj: Any) -> Any:
         if is_dataclass(obj):
             return {f.name: convert(getattr(obj, f.name)) for f in _public_fields(type(obj))}
+        if isinstance(obj, list):
+            return [convert(v) for v in obj]
         return copy.deepcopy(obj)
 
     return convert(recipe)
@@ -966,8 +1141,11 @@ def save_resolved(recipe: Recipe, path: Path) -> None:
     """Write the fully resolved recipe (``recipe:``) and each setting's origin (``sources:``)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    body = recipe_to_dict(recipe)
+    if recipe.stages:
+        body["stages"] = [stage for _, stage, _ in recipe.stages]
     body = yaml.safe_dump(
-        {"recipe": recipe_to_dict(recipe), "sources": recipe_provenance(recipe)},
+        {"recipe": body, "sources": recipe_provenance(recipe)},
         sort_keys=False,
         allow_unicode=True,
         default_flow_style=False,

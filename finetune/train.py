@@ -87,20 +87,32 @@ def prepare_data(recipe: Recipe) -> None:
     if recipe.data.demo == "medical":
         from finetune.demo_data import generate_medical
 
-        out = Path(recipe.data.train).parent
-        if not Path(recipe.data.train).exists() or (recipe.data.eval and not Path(recipe.data.eval).exists()):
+        first = recipe.data.sources()[0].path
+        out = Path(first).parent
+        if not Path(first).exists() or (recipe.data.eval and not Path(recipe.data.eval).exists()):
             print(f"generating the synthetic medical dataset in {out}/ ...", flush=True)
         generate_medical(out, seed=0)
 
 
-def read_split(path, recipe: Recipe, on_error: str | None = None) -> tuple[list[Sample], list[DataError]]:
-    """All samples of a split's source (a JSONL path, or a Parquet / save_to_disk / hub source: see
-    finetune.data.sources); `raise` stops at the first bad line or row, `skip` collects them."""
-    if not path:
+def read_source(src, recipe: Recipe, on_error: str | None = None) -> tuple[list[Sample], list[DataError]]:
+    """All samples of one source (a path or a recipe DataSource); `raise` stops at the first bad
+    one, `skip` collects them."""
+    if isinstance(src, str) and not src:
         return [], []
     from finetune.data.sources import load_source
 
-    return load_source(path, recipe, on_error=on_error)
+    # JSONL (ours), or Parquet / save_to_disk / hub sources read with `datasets` (finetune.data.sources)
+    return load_source(src, recipe, on_error=on_error)
+
+
+def read_split(spec, recipe: Recipe, on_error: str | None = None) -> tuple[list[Sample], list[DataError]]:
+    """All samples of a split: a path, a source or a list of sources (concatenated, in order)."""
+    samples, errors = [], []
+    for src in (spec if isinstance(spec, list) else [spec]):
+        got, bad = read_source(src, recipe, on_error)
+        samples += got
+        errors += bad
+    return samples, errors
 
 
 def index_dataset(n: int):
@@ -167,6 +179,22 @@ def prepare_split(samples: list[Sample], family: Family, loaded: LoadedModel, re
           f"and checked, {stats['remembered']} unchanged since a run checked them) in {time.time() - t0:.1f} s",
           flush=True)
     return good, lengths
+
+
+def mix_sources(recipe: Recipe, sources: list, ready: list, run_dir: Path | None) -> tuple[list[Sample], list[int]]:
+    """One source: its samples as they are. Several: one epoch's selection of each (finetune.mixture),
+    printed and written to mixture.json."""
+    if len(sources) == 1:
+        return ready[0]
+    from finetune import mixture
+
+    picks, shares = mixture.select(sources, [ls for _, ls in ready], recipe.train.seed)
+    samples = [got[i] for (got, _), idx in zip(ready, picks) for i in idx]
+    lengths = [ls[i] for (_, ls), idx in zip(ready, picks) for i in idx]
+    print(mixture.format_shares(shares), flush=True)
+    if run_dir is not None:
+        mixture.write_shares(run_dir, shares, recipe.train.seed)
+    return samples, lengths
 
 
 # ---- model ----------------------------------------------------------------------------------
@@ -662,7 +690,15 @@ def plot_loss(run_dir: Path) -> Path | None:
 
 # ---- the run --------------------------------------------------------------------------------
 def train(recipe: Recipe) -> Path:
-    """Train the recipe; returns the run folder (adapter in run_dir/adapter)."""
+    """Train the recipe; returns the run folder (adapter in run_dir/adapter). A staged recipe
+    trains its stages in order (finetune/stages.py), the last one in the run folder."""
+    if recipe.stages:
+        from finetune.stages import run_stages
+
+        if world_size() > 1:
+            raise ConfigError("staged recipes run in one process for now (each stage's merged export is made by "
+                              "one process and read by the next stage); run it without torchrun / GPUS=1")
+        return run_stages(recipe, train)
     quiet_libraries()
     quiet_other_ranks()
     check_distributed(recipe)
@@ -691,7 +727,9 @@ def train(recipe: Recipe) -> Path:
         family = family_for(recipe.model.path, recipe.model.family, recipe.model.revision)
         # every problem of the data is found before the first step: with `raise` the run then stops
         # naming the first bad sample of the file, with `skip` it drops and reports them all
-        samples, skipped = read_split(recipe.data.train, recipe, on_error="skip")
+        sources = recipe.data.sources()
+        per_source = [read_source(src, recipe, on_error="skip") for src in sources]
+        skipped = [e for _, errs in per_source for e in errs]
         # the eval split too: evaluation after training must not meet a sample it cannot read
         eval_samples, eval_skipped = read_split(recipe.data.eval, recipe, on_error="skip")
         family.resolve_path(recipe.model.path, recipe.model.tiny_seed, recipe.model.revision)  # a tiny model is built once
@@ -706,14 +744,18 @@ def train(recipe: Recipe) -> Path:
         # epoch does not make them again (without workers: they are in this process)
         from finetune.packing import EncodedCache
 
+        # (a mixture repeats and subsamples its sources: its encodings are kept by the collator,
+        # from the first epoch on)
         encodings = EncodedCache(family, processor, [], family.rope_index(loaded.model), collator_cache_bytes(recipe)) \
-            if data_workers(recipe) == 0 else None
-        samples, lengths = prepare_split(samples, family, loaded, recipe, skipped, encodings)
+            if data_workers(recipe) == 0 and len(sources) == 1 else None
+        ready = [prepare_split(got, family, loaded, recipe, skipped, encodings) for got, _ in per_source]
         eval_samples, _ = prepare_split(eval_samples, family, loaded, recipe, eval_skipped)
     if recipe.data.on_error == "raise" and (skipped or eval_skipped):
         raise min(skipped or eval_skipped, key=lambda e: (str(e.file), e.line or 0))
-    if not samples:
-        raise ConfigError(f"{recipe.data.train}: no usable training samples")
+    for src, (got, _) in zip(sources, ready):
+        if not got:
+            raise ConfigError(f"{src.label}: no usable training samples")
+    samples, lengths = mix_sources(recipe, sources, ready, run_dir if main else None)
 
     attn = attention.choose(recipe.model.attn, recipe.data.packing)
     attention.apply_to_llm(loaded.model, attn)

@@ -8,22 +8,16 @@ rows (image, audio, question, answer, system columns) with their equivalent JSON
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import soundfile as sf
 
 
-@dataclass
-class Source:
-    """A data source as recipe.py's DataSource spells it (path/hub, format, split, revision, columns)."""
+def Source(**kw):
+    """A data source as a recipe gives it (recipe.py's DataSource: path/hub, format, split, revision, columns)."""
+    from finetune.recipe import DataSource
 
-    path: str = ""
-    hub: str = ""
-    format: str = "auto"
-    split: str = ""
-    revision: str = ""
-    columns: dict = field(default_factory=dict)
+    return DataSource(**kw)
 
 
 def _rows(jsonl: Path) -> list[dict]:

@@ -160,9 +160,8 @@ def test_tiny_model_and_dataset_by_hub_id_train_offline(hf_cache, tiny_folder, d
 
     snap = prefill(hf_cache, "acme/tiny-omni", folder_files(tiny_folder), commit=MODEL_COMMIT)
     data_snap = put_dataset(hf_cache, demo, tmp_path)
-    recipe = tiny_recipe(tmp_path, demo, "model.path=acme/tiny-omni", "train.max_steps=2", "train.save_steps=10")
-    recipe.data.train = _source(hub="acme/tiny-med")
-    run = train(recipe)
+    run = train(tiny_recipe(tmp_path, demo, "model.path=acme/tiny-omni", "data.train={hub: acme/tiny-med}",
+                            "train.max_steps=2", "train.save_steps=10"))
     losses = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in losses if "loss" in r] == [1, 2]
     resolved = json.loads((run / "resolved_sources.json").read_text())
@@ -176,9 +175,3 @@ def test_tiny_model_and_dataset_by_hub_id_train_offline(hf_cache, tiny_folder, d
     run2 = train(tiny_recipe(tmp_path / "local", demo, "train.max_steps=1"))
     assert not (run2 / "resolved_sources.json").exists()
 
-
-def _source(**kw):
-    """recipe.py's DataSource once it is there, else the test's stand-in with the same fields."""
-    import finetune.recipe as R
-
-    return getattr(R, "DataSource", Source)(**kw)

@@ -1,0 +1,141 @@
+"""Staged recipes: stages in order, each from the weights the one before produced; resume inside
+a stage; a finished stage is not run again; a projector-only (full, no LoRA) stage."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from conftest import ROOT, tiny_overrides
+
+pytestmark = pytest.mark.slow
+
+STAGED = """extends: medical-tiny
+stages:
+  - name: align
+    roles:
+      vision_projector: {mode: full, lr: 5.0e-3}
+    train: {max_steps: 4}
+  - name: sft
+"""
+
+
+def staged_file(tmp_path: Path) -> Path:
+    p = tmp_path / "staged.yaml"
+    p.write_text(STAGED)
+    return p
+
+
+def losses(run_dir: Path) -> dict[int, float]:
+    out = {}
+    for line in (run_dir / "metrics.jsonl").read_text().splitlines():
+        rec = json.loads(line)
+        if "loss" in rec:
+            out[rec["step"]] = rec["loss"]
+    return out
+
+
+def test_stage_settings_and_their_errors(tmp_path):
+    from finetune.recipe import RecipeError, load_recipe, load_resolved, save_resolved
+
+    r = load_recipe(staged_file(tmp_path))
+    (n1, _, align), (n2, _, sft) = r.stages
+    assert (n1, n2) == ("align", "sft")
+    # a stage's roles are the ones it names (the others frozen); data and train merge over the recipe's
+    assert [k for k, c in align.roles.items() if c.mode != "frozen"] == ["vision_projector"]
+    assert align.roles.vision_projector.lr == 5e-3 and align.train.max_steps == 4
+    assert align.train.lr == r.train.lr and align.data == r.data
+    assert sft.roles == r.roles and sft.train == r.train  # no roles / train given: the recipe's
+    save_resolved(r, tmp_path / "resolved.yaml")  # the resolved recipe records every stage
+    assert [s[:2] for s in load_resolved(tmp_path / "resolved.yaml").stages] == [s[:2] for s in r.stages]
+
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("extends: medical-tiny\nstages:\n  - {name: a, model: {path: x}, roles: {llm: {mode: bogus}}}\n"
+                   "  - {name: a}\n  - {roles: {}}\n")
+    with pytest.raises(RecipeError) as e:
+        load_recipe(bad)
+    text = str(e.value)
+    assert "stages[0].model: a stage sets only name, roles, data, train" in text
+    assert "stages[0].roles.llm.mode: invalid value 'bogus'" in text
+    assert "stages[1].name: two stages are named 'a'" in text
+    assert "stages[2].name: needs a name" in text
+    (tmp_path / "frozen.yaml").write_text("extends: medical-tiny\nstages:\n  - {name: a, roles: {}}\n")
+    with pytest.raises(RecipeError, match=r"stages\[0\]\.roles: every role is frozen"):
+        load_recipe(tmp_path / "frozen.yaml")
+
+
+def test_two_stages_kill_9_in_stage_2_resumes_it_and_stage_2_starts_from_stage_1(tmp_path, small_demo):
+    """Projector-only alignment (full, no LoRA), then LoRA. Killed (SIGKILL) at step 5 of stage 2
+    and run again: stage 1 is not run again, stage 2 resumes from its checkpoint with the losses
+    of a run never interrupted; stage 2's model is stage 1's merged export, whose projector is
+    the one stage 1 trained; the run exports."""
+    import torch
+    from safetensors.torch import load_file
+
+    from finetune.export import export_run
+    from finetune.recipe import load_recipe
+    from finetune.train import train
+
+    recipe = staged_file(tmp_path)
+    ref = train(load_recipe(recipe, tiny_overrides(tmp_path / "a", small_demo)))
+    align_dir = ref / "stages" / "01-align"
+    assert sorted(losses(align_dir)) == [1, 2, 3, 4] and sorted(losses(ref)) == [1, 2, 3, 4, 5, 6]
+
+    # stage 1 trained the projector only: its merged export differs from the base there and only there
+    base, merged = {}, {}
+    for f in _tiny_weights():
+        base.update(load_file(f))
+    for f in sorted((align_dir / "merged").glob("*.safetensors")):
+        merged.update(load_file(f))
+    changed = sorted(k for k in base if not torch.equal(base[k], merged[k]))
+    assert changed and all(".merger." in k for k in changed), changed[:5]
+    # stage 2 loaded that folder as its model
+    stage2 = json.loads((ref / "adapter" / "base_model.json").read_text())["base_path"]
+    assert Path(stage2).resolve() == (align_dir / "merged").resolve()
+
+    env = dict(os.environ, PYTHONPATH=str(ROOT), FINETUNE_KILL_AFTER_STEP="5")
+    args = [sys.executable, "-m", "finetune", "train", str(recipe), *tiny_overrides(tmp_path / "b", small_demo)]
+    res = subprocess.run(args, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+    assert res.returncode == -signal.SIGKILL, res.stderr[-2000:]
+    run = tmp_path / "b" / "run"
+    assert (run / "stages" / "01-align" / "merged" / "export_manifest.json").exists()
+    assert (run / "checkpoints" / "checkpoint-3").is_dir() and not (run / "adapter").exists()
+    env.pop("FINETUNE_KILL_AFTER_STEP")
+    res = subprocess.run(args, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert "stage 1/2 'align': done before" in res.stdout
+    assert "resuming from" in res.stdout and "checkpoint-3" in res.stdout
+    got, want = losses(run), losses(ref)
+    assert sorted(got) == sorted(want) == [1, 2, 3, 4, 5, 6]
+    for step in want:
+        assert got[step] == pytest.approx(want[step], abs=1e-6), step
+    assert losses(run / "stages" / "01-align") == pytest.approx(losses(align_dir), abs=1e-6)
+
+    out = export_run(run, force=True)
+    manifest = json.loads((out["merged"] / "export_manifest.json").read_text())
+    assert manifest["verify"]["passed"]
+
+
+def _tiny_weights() -> list[Path]:
+    from finetune.families import get_family
+
+    return sorted(get_family("qwen2_5_omni").materialize_tiny(0).glob("*.safetensors"))
+
+
+def test_a_changed_finished_stage_stops_the_run(tmp_path, small_demo):
+    """A stage that finished with other settings is not silently reused for the next stage."""
+    from finetune.errors import ConfigError
+    from finetune.recipe import load_recipe
+    from finetune.train import train
+
+    recipe = staged_file(tmp_path)
+    over = tiny_overrides(tmp_path / "a", small_demo, "train.max_steps=2")
+    train(load_recipe(recipe, over))
+    with pytest.raises(ConfigError, match="was trained with other settings"):
+        train(load_recipe(recipe, over + ["train.lr=1e-3"]))
