@@ -160,7 +160,7 @@ def test_tiny_model_and_dataset_by_hub_id_train_offline(hf_cache, tiny_folder, d
 
     snap = prefill(hf_cache, "acme/tiny-omni", folder_files(tiny_folder), commit=MODEL_COMMIT)
     data_snap = put_dataset(hf_cache, demo, tmp_path)
-    run = train(tiny_recipe(tmp_path, demo, "model.path=acme/tiny-omni", "data.train={hub: acme/tiny-med}",
+    run = train(tiny_recipe(tmp_path, demo, "model.path=acme/tiny-omni", "data.train=[{hub: acme/tiny-med}]",
                             "train.max_steps=2", "train.save_steps=10"))
     losses = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in losses if "loss" in r] == [1, 2]
