@@ -154,6 +154,24 @@ def test_data_check_with_a_recipe_counts_tokens_of_a_save_to_disk_folder(demo, t
     assert "checked 1 file: 16 samples, 16 ok, 0 errors" in out and "token lengths (n=16)" in out
 
 
+def test_data_check_reads_a_recipe_source_with_its_column_mapping(demo, tmp_path, capsys):
+    from finetune.cli import main
+
+    rows, _ = vqa_table(demo["train"])
+    renamed = [{"img": r["image"], "q": r["question"], "a": r["answer"]} for r in rows]
+    parquet = tmp_path / "renamed.parquet"
+    datasets.Dataset.from_list(renamed).cast_column("img", datasets.Image()).to_parquet(str(parquet))
+    args = ["data", "check", "--recipe", "medical-tiny", "data.eval=", "data.demo=", "model.max_pixels=12544"]
+    source = f"data.train=[{{path: {parquet}, columns: {{image: img, question: q, answer: a}}}}]"
+    assert main(args + [source]) == 0
+    out = capsys.readouterr().out
+    assert f"checked 1 file: {len(rows)} samples, {len(rows)} ok, 0 errors" in out
+    assert "image" in out.split("modality mix:")[1]  # the mapped image column was read
+    assert main(args + [source.replace("q,", "question,")]) == 1
+    assert "columns maps question: 'question', but the dataset has no such column; its columns: img, q, a" \
+        in capsys.readouterr().out
+
+
 def test_a_missing_column_is_named_with_the_datasets_columns_before_any_row(demo, tmp_path):
     from finetune.data.schema import DataError
 

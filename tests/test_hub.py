@@ -170,6 +170,16 @@ def test_tiny_model_and_dataset_by_hub_id_train_offline(hf_cache, tiny_folder, d
         ("dataset", "acme/tiny-med", "main", DATA_COMMIT, str(data_snap))}
     assert json.loads((run / "adapter" / "base_model.json").read_text())["base_path"] == str(snap)
     assert "acme/tiny-omni" in (run / "recipe.yaml").read_text()
+    # the export merges into, and copies the files of, the resolved snapshot
+    from finetune.export import export_run
+
+    merged = export_run(run, force=True, fmt="merged")["merged"]
+    manifest = json.loads((merged / "export_manifest.json").read_text())
+    assert manifest["verify"]["max_abs_diff"] <= manifest["verify"]["tolerance"]
+    for name in ("config.json", "tokenizer_config.json"):
+        assert (merged / name).is_file() and not (merged / name).is_symlink()
+    assert json.loads((merged / "config.json").read_text())["model_type"] == \
+        json.loads((snap / "config.json").read_text())["model_type"]
     # a second run in the same process records its own sources only (none: local data, tiny model)
     assert hub.resolved()
     run2 = train(tiny_recipe(tmp_path / "local", demo, "train.max_steps=1"))
