@@ -443,7 +443,8 @@ def _media(store: MediaStore, kind: str, value, fld: str, dtype=None) -> str:
     try:
         return store.path_of(kind, value, dtype)
     except MediaProblem as e:
-        fix = _MEDIA_FIX.get(e.kind, f"re-encode the {kind} (PNG/JPEG images, WAV/FLAC audio), or drop the row")
+        fix = _MEDIA_FIX.get(e.kind, "re-encode the image as PNG or JPEG, or drop the row" if kind == "image"
+                             else "re-encode the audio as WAV or FLAC, or drop the row")
         raise _RowError(e.kind, fld, str(e), fix) from None
 
 
