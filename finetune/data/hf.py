@@ -556,22 +556,15 @@ def _array_dtypes(ds, cols: dict) -> dict:
 
 
 def load_hf_samples(src: Any, *, source_for_messages: str = "", on_error: str = "raise",
-                    allow_outside_paths: bool = False, media_dir: Path, dataset=None,
-                    base_dir: Path | None = None) -> tuple[list[Sample], list[DataError]]:
+                    allow_outside_paths: bool = False, media_dir: Path) -> tuple[list[Sample], list[DataError]]:
     """Every row of a Parquet / save_to_disk / hub source as a validated `Sample`, and the errors of
     the rows that are not (`on_error="raise"` raises the first). A problem of the source itself (it
     cannot be read, a mapped column is missing) raises a DataError whatever `on_error` says.
-
-    `dataset` (with `base_dir`): an already opened `datasets.Dataset` instead of opening `src`."""
+    `source_for_messages` replaces the source's label (its path, or hub id and split) in messages."""
     if on_error not in ("raise", "skip"):
         raise ValueError(f"on_error must be 'raise' or 'skip', not {on_error!r}")
-    root = None
-    if dataset is None:
-        dataset, label, base_dir, root = open_dataset(src)
-    else:
-        label = str(_get(src, "path") or _get(src, "hub") or "dataset")
+    dataset, label, base_dir, root = open_dataset(src)
     label = source_for_messages or label
-    base_dir = Path(base_dir or ".")
     cols = column_map(src, list(dataset.column_names), label)
     store = MediaStore(media_dir, base_dir, allow_outside_paths, root=root)
     dtypes = _array_dtypes(dataset, cols)
