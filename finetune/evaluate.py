@@ -109,7 +109,8 @@ def _plan_one(s, default: str) -> dict:
         ref = open_reference_of(s)
     elif m == "choice":
         if options is None:
-            raise err("options", f"the metric is choice ({where}) but the sample has no \"options\"", _METRIC_FIX["choice"])
+            raise err("options", f"the metric is choice ({where}) but the sample has no \"options\"",
+                      _METRIC_FIX["choice"])
         if metrics.chosen_option(ref, options) not in options:
             raise err("answer", f"the reference {ref!r} is neither an option letter ({', '.join(options)}) nor an "
                       "option's text", 'set "answer" to the right option\'s letter, e.g. "answer": "B"')

@@ -97,11 +97,11 @@ def test_markdown_shows_intervals():
 
 
 @pytest.mark.parametrize("top, metric, msg, fix", [
-    ({"answer": "B"}, "choice", 'eval.jsonl:7: options: the metric is choice (eval.metric) but the sample has no "options"',
-     'add "options"'),
+    ({"answer": "B"}, "choice",
+     'eval.jsonl:7: options: the metric is choice (eval.metric) but the sample has no "options"', 'add "options"'),
     ({"answer": "B", "metric": "choice"}, "auto", "the sample's \"metric\"", 'add "options"'),
-    ({"answer": "D", "options": ["x", "y"]}, "auto", "eval.jsonl:7: answer: the reference 'D' is neither an option letter (A, B)",
-     'set "answer" to the right option'),
+    ({"answer": "D", "options": ["x", "y"]}, "auto",
+     "eval.jsonl:7: answer: the reference 'D' is neither an option letter (A, B)", 'set "answer" to the right option'),
     ({"answer": "maybe"}, "yesno", "eval.jsonl:7: answer: the metric is yesno", 'set "answer": "yes" or "no"'),
     ({"options": {"A": "x"}}, "auto", "eval.jsonl:7: options: a multiple-choice sample needs at least two options",
      'write "options"'),
