@@ -1,7 +1,7 @@
 """eval.html: one self-contained page to look at an evaluation.
 
-Everything is inline (CSS, a few lines of JavaScript, an SVG loss curve, images as base64 PNG
-thumbnails, audio as base64 WAV), so the page opens from disk, offline, attached to a mail.
+Everything is inline (CSS, a few lines of JavaScript, an SVG loss curve, images as base64 PNG or
+JPEG thumbnails, audio as base64 WAV), so the page opens from disk, offline, attached to a mail.
 It holds the metrics table with 95% intervals, the training loss curve from metrics.jsonl, and
 a sample of eval items (media, question, reference, base and tuned answer, each marked right or
 wrong) with filters by task and by what tuning changed (also from the address:
@@ -23,7 +23,7 @@ from pathlib import Path
 RIGHT_AT = 0.5
 THUMB_PX = 96
 AUDIO_MAX_S = 10.0  # longer clips are cut for the page
-AUDIO_BUDGET = 3_000_000  # bytes of WAV inlined per page; later clips are named, not inlined
+AUDIO_BUDGET = 1_500_000  # bytes of WAV inlined per page (~2 MB as base64); later clips are named, not inlined
 MAX_EXAMPLES = 40
 
 
@@ -46,12 +46,17 @@ def change_of(base: float | None, tuned: float | None) -> str:
 
 # ---- media -----------------------------------------------------------------------------------
 def thumbnail_uri(image, px: int = THUMB_PX) -> str:
-    """A PIL image as a data: URI of a PNG at most `px` on its longer side."""
+    """A PIL image as a data: URI at most `px` on its longer side: PNG, or JPEG (quality 85) when
+    that is smaller (noisy scans and photos are several times smaller as JPEG; flat images as PNG)."""
     im = image.convert("RGB") if image.mode not in ("RGB", "L") else image.copy()
     im.thumbnail((px, px))
-    buf = io.BytesIO()
-    im.save(buf, format="PNG", optimize=True)
-    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode("ascii")
+    best = ""
+    for fmt, mime, kw in (("PNG", "png", {"optimize": True}), ("JPEG", "jpeg", {"quality": 85})):
+        buf = io.BytesIO()
+        im.save(buf, format=fmt, **kw)
+        uri = f"data:image/{mime};base64," + base64.b64encode(buf.getvalue()).decode("ascii")
+        best = uri if not best or len(uri) < len(best) else best
+    return best
 
 
 def wav_uri(wave, sampling_rate: int) -> str:

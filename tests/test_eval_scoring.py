@@ -118,3 +118,49 @@ def test_several_bad_samples_are_counted():
     bad = [_sample(i, "Which?", "B.", answer="B") for i in (3, 9)]
     with pytest.raises(DataError, match=r"eval.jsonl:3: .*\(and 1 more sample\(s\) with problems\)"):
         plan_metrics(bad, "choice")
+
+
+@pytest.mark.slow
+def test_cli_eval_scores_the_general_set_and_writes_the_page(tmp_path, small_demo):
+    """train 2 steps, then `eval` with eval.general: both sets scored base vs tuned, the page written
+    and its path printed."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    from conftest import ROOT, tiny_overrides
+
+    general = tmp_path / "general.jsonl"
+    rows = [
+        {"id": "g1", "messages": [{"role": "user", "content": "What does MRI stand for?"},
+                                  {"role": "assistant", "content": "Magnetic resonance imaging."}]},
+        {"id": "g2", "options": ["Heart", "Lung", "Liver"], "answer": "B",
+         "messages": [{"role": "user", "content": "Which organ holds the alveoli? A) Heart B) Lung C) Liver"},
+                      {"role": "assistant", "content": "B"}]},
+        {"id": "g3", "metric": "open", "messages": [
+            {"role": "user", "content": "Describe a normal chest X-ray."},
+            {"role": "assistant", "content": "Clear lung fields and a normal heart size."}]},
+    ]
+    general.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    over = tiny_overrides(tmp_path, small_demo, "train.max_steps=2", "eval.max_samples=4", "eval.max_new_tokens=4",
+                          "eval.bootstrap=200", f"eval.general={general}")
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    for cmd in ("train", "eval"):
+        res = subprocess.run([sys.executable, "-m", "finetune", cmd, "medical-tiny", *over], cwd=ROOT, env=env,
+                             capture_output=True, text=True, timeout=900)
+        assert res.returncode == 0, res.stderr[-3000:]
+    run = tmp_path / "run"
+    assert f"eval page:   {run / 'eval.html'}" in res.stdout and "general set" in res.stdout
+    ev = json.loads((run / "eval.json").read_text())
+    g = ev["general"]
+    assert g["n_samples"] == 3 and [s["metric"] for s in g["samples"]] == ["exact", "choice", "open"]
+    for name in ("base", "tuned"):
+        assert len(g[name]["per_sample"]) == 3 and g[name]["score"]["n"] == 3
+        assert len(ev[name]["per_sample"]) == 4 and "ci" in ev[name]["score"] and "accuracy" in ev[name]
+    assert 0 <= g["paired"]["overall"]["p"] <= 1 and 0 <= ev["paired"]["overall"]["p"] <= 1
+    assert len((run / "predictions_general.jsonl").read_text().splitlines()) == 3
+    assert "| general set: score" in (run / "eval.md").read_text()
+    page = (run / "eval.html").read_text()
+    assert "general set: score" in page and page.count('class="card"') == 4
+    assert "data:image/" in page and "<svg" in page

@@ -119,17 +119,18 @@ def page(tmp_path_factory):
     res["samples"] = [{"id": s.id, "reference": pl["reference"]} for s, pl in zip(samples, plans)]
     history = [{"step": i, "loss": 3.0 * 0.95 ** i} for i in range(1, 51)]
     path = write_html(res, samples, preds, history, tmp / "eval.html")
-    return {"path": path, "html": path.read_text(), "results": res, "tmp": tmp}
+    return {"path": path, "html": path.read_text(), "results": res, "tmp": tmp, "samples": samples, "preds": preds}
 
 
 def test_the_page_is_self_contained(page):
     html = page["html"]
     assert not re.search(r"https?://|//[a-z0-9.-]+\.[a-z]{2,}/", html, re.I), "an external URL in eval.html"
     srcs = re.findall(r'\s(?:src|href)="([^"]*)"', html)
-    assert srcs and all(s.startswith(("data:image/png;base64,", "data:audio/wav;base64,")) for s in srcs), srcs
+    assert srcs and all(s.startswith(("data:image/png;base64,", "data:image/jpeg;base64,", "data:audio/wav;base64,"))
+                        for s in srcs), srcs
     assert "<link" not in html and "@import" not in html
     # one thumbnail per image part (samples 1, 2, 3), at most THUMB_PX, with the image's own colour
-    thumbs = [s for s in srcs if s.startswith("data:image/png")]
+    thumbs = [s for s in srcs if s.startswith("data:image/")]
     assert len(thumbs) == 3
     im = Image.open(io.BytesIO(base64.b64decode(thumbs[0].split(",", 1)[1]))).convert("RGB")
     assert im.size == (THUMB_PX, THUMB_PX * 2 // 3) and im.getpixel((10, 10)) == THUMB_RGB
@@ -197,3 +198,13 @@ def test_loss_svg_and_example_choice():
     tasks = ["a", "a", "a", "b", "b", "b"]
     assert pick_examples(changes, tasks, 4) == [0, 1, 3, 4]
     assert pick_examples(changes, tasks, 1) == [1]
+
+
+def test_a_page_without_the_base_model(page):
+    """eval.compare_base: false -> no base column, no change filter, every item 'tuned only'."""
+    res = {k: v for k, v in page["results"].items() if k not in ("base", "paired")}
+    path = write_html(res, page["samples"], {"tuned": page["preds"]["tuned"]}, [], page["tmp"] / "tuned.html")
+    html = path.read_text()
+    assert "<th>base</th>" not in html and "<th>change</th>" not in html
+    assert html.count('data-change="tuned only"') == 4 and 'value="fixed"' not in html
+    assert "no training loss records" in html
