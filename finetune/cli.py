@@ -46,6 +46,8 @@ def cmd_eval(args) -> int:
     r = evaluate(recipe)
     print(f"eval: {summary_line(r)}")
     print(f"eval report: {recipe.run_dir / 'eval.md'}")
+    if r.get("report"):
+        print(f"eval page:   {r['report']}")
     return 0
 
 
@@ -89,6 +91,8 @@ def cmd_run(args) -> int:
     print(f"  adapter      {run_dir / 'adapter'}/  (PeftModel.from_pretrained)")
     print(f"  metrics      {run_dir / 'metrics.jsonl'}, {run_dir / 'loss_curve.png'}, {run_dir / 'tensorboard'}/")
     print(f"  eval         {run_dir / 'eval.md'}: {summary_line(r)}")
+    if r.get("report"):
+        print(f"  eval page    {r['report']}  (metrics, loss curve, examples; opens offline)")
     for kind, path in out.items():
         print(f"  {kind:<12} {path}/")
     return 0

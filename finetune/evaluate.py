@@ -1,42 +1,44 @@
-"""Held-out evaluation: greedy generation scored by exact match, and token loss, base vs tuned.
+"""Held-out evaluation: greedy generation scored by the metric that fits each sample, and token
+loss, base vs tuned.
 
 The base model is the same PEFT model with its adapters disabled, so both are scored in one
-run on identical inputs. Scoring: the prediction's first sentence and the sample's short
-reference answer (`answer`, else the last assistant turn's first sentence) are normalised
-(lower case, punctuation other than inner hyphens removed, leading articles dropped, spaces
-collapsed) and must be equal.
+run on identical inputs. Each sample is scored by `eval.metric` (or its own "metric" key):
+exact, yesno, choice or open (finetune/metrics.py says how each reads an answer); `auto`
+picks choice for a sample with "options", yesno when the reference is yes or no, else exact.
+The reference is the sample's `answer`, else the first sentence of its last assistant turn
+(for `open`: the whole last assistant turn).
+
+Multiple choice: the options travel in the sample's JSONL line as a top-level "options" key
+(kept in `Sample.meta` by the schema), either {"A": "Chest X-ray", "B": "Fundus photograph"}
+or a list ["Chest X-ray", "Fundus photograph"] (lettered A, B, ... in order), and "answer" is
+the right option's letter or text. The question text should list the options as the model is
+to see them: evaluation does not add them to the prompt.
+
+Every figure (overall, per task, per modality) comes with a 95% percentile bootstrap interval
+(`eval.bootstrap` resamples, seeded with train.seed), and base vs tuned with the p-value of a
+paired sign-flip test (exact McNemar for right/wrong scores). `accuracy` and `lesion_accuracy`
+stay the exact-match figures they always were (model cards and examples/ compare against them);
+`score` is the figure under the chosen metric. `eval.general` is a second set (general, not
+domain data) scored the same way before and after: the forgetting check.
 """
 
 from __future__ import annotations
 
 import contextlib
 import json
-import re
 import time
 from pathlib import Path
 
 import torch
 
+from finetune import metrics
+from finetune.data.schema import DataError
 from finetune.errors import ConfigError, MissingFileError
 from finetune.families.base import IGNORE_INDEX
+from finetune.metrics import first_sentence, is_match, normalise  # noqa: F401  (this module's API before metrics.py)
 from finetune.probes import generate
 
-_ARTICLES = re.compile(r"^(the|a|an)\s+")
-
-
-def normalise(text: str) -> str:
-    """Lower case, no punctuation except inner hyphens, no leading article, single spaces."""
-    t = text.lower().strip()
-    t = re.sub(r"[^\w\s-]", " ", t)
-    t = re.sub(r"(?<!\w)-|-(?!\w)", " ", t)
-    t = re.sub(r"\s+", " ", t).strip()
-    return _ARTICLES.sub("", t)
-
-
-def first_sentence(text: str) -> str:
-    """Text up to the first sentence end ('.', '!', '?' followed by space or end)."""
-    m = re.search(r"[.!?](\s|$)", text)
-    return text[: m.start()] if m else text
+MODALITIES = ("image", "audio", "video", "text")
 
 
 def reference_of(sample) -> str:
@@ -47,10 +49,85 @@ def reference_of(sample) -> str:
     return first_sentence(last.text())
 
 
-def is_match(prediction: str, reference: str) -> bool:
-    """Exact match after normalisation, on the prediction's first sentence or all of it."""
-    ref = normalise(reference)
-    return ref != "" and (normalise(first_sentence(prediction)) == ref or normalise(prediction) == ref)
+def open_reference_of(sample) -> str:
+    """The reference of an open answer: `answer`, else the whole last assistant turn."""
+    if sample.answer:
+        return sample.answer
+    return [m for m in sample.messages if m.role == "assistant"][-1].text()
+
+
+def modalities_of(sample) -> list[str]:
+    """The media kinds of a sample (image, audio, video), or ['text'] for a text-only one.
+    A sample with an image and audio counts under both."""
+    kinds = [k for k in MODALITIES[:3] if k in sample.modalities()]
+    return kinds or ["text"]
+
+
+_METRIC_FIX = {
+    "choice": 'add "options": {"A": "...", "B": "..."} (or a list of option texts) to the sample, or give it '
+              '"metric": "exact" (or set eval.metric)',
+}
+
+
+def plan_metrics(samples, metric: str = "auto") -> list[dict]:
+    """For each sample: the metric it is scored by, its reference and its options (None without).
+
+    Checked before any generation: a sample the metric cannot score raises a DataError naming
+    its file:line and the fix (with how many more samples have problems)."""
+    plans, problems = [], []
+    for s in samples:
+        try:
+            plans.append(_plan_one(s, metric))
+        except DataError as e:
+            problems.append(e)
+    if problems:
+        first = problems[0]
+        if len(problems) > 1:
+            first.problem += f" (and {len(problems) - 1} more sample(s) with problems)"
+        raise DataError(first.kind, first.problem, first.fix, file=first.file, line=first.line, field=first.field)
+    return plans
+
+
+def _plan_one(s, default: str) -> dict:
+    def err(fld, problem, fix):
+        return DataError("eval_metric", problem, fix, file=s.source, line=s.line, field=fld)
+
+    m = s.meta.get("metric", default)
+    where = "the sample's \"metric\"" if "metric" in s.meta else "eval.metric"
+    if m not in ("auto",) + metrics.METRICS:
+        raise err("metric", f"unknown metric {m!r}", f"use one of auto, {', '.join(metrics.METRICS)}")
+    options = None
+    if "options" in s.meta:
+        try:
+            options = metrics.parse_options(s.meta["options"])
+        except ValueError as e:
+            raise err("options", str(e), 'write "options": {"A": "text", "B": "text"} or ["text", "text"]') from None
+    ref = reference_of(s)
+    if m == "auto":
+        m = metrics.auto_metric(ref, options is not None)
+    if m == "open":
+        ref = open_reference_of(s)
+    elif m == "choice":
+        if options is None:
+            raise err("options", f"the metric is choice ({where}) but the sample has no \"options\"",
+                      _METRIC_FIX["choice"])
+        if metrics.chosen_option(ref, options) not in options:
+            raise err("answer", f"the reference {ref!r} is neither an option letter ({', '.join(options)}) nor an "
+                      "option's text", 'set "answer" to the right option\'s letter, e.g. "answer": "B"')
+    elif m == "yesno" and metrics.yes_or_no(ref) is None:
+        raise err("answer", f"the metric is yesno ({where}) but the reference {ref!r} does not start with yes or no",
+                  'set "answer": "yes" or "no", or give the sample "metric": "exact"')
+    return {"metric": m, "reference": ref, "options": options}
+
+
+def _groups(samples) -> tuple[dict[str, list[int]], dict[str, list[int]]]:
+    by_task: dict[str, list[int]] = {}
+    by_mod: dict[str, list[int]] = {}
+    for i, s in enumerate(samples):
+        by_task.setdefault(s.task or "all", []).append(i)
+        for k in modalities_of(s):
+            by_mod.setdefault(k, []).append(i)
+    return dict(sorted(by_task.items())), {k: by_mod[k] for k in MODALITIES if k in by_mod}
 
 
 @torch.no_grad()
@@ -73,19 +150,140 @@ def token_loss(model, family, processor, samples, rope, *, batch_size: int) -> f
     return total / max(count, 1)
 
 
-def score(samples, predictions) -> dict:
-    """Accuracy overall, per task, and on the lesion question (tasks lesion and audio)."""
-    by_task: dict[str, list[bool]] = {}
-    hits = []
-    for s, p in zip(samples, predictions):
-        ok = is_match(p, reference_of(s))
-        hits.append(ok)
-        by_task.setdefault(s.task or "all", []).append(ok)
-    lesion = by_task.get("lesion", []) + by_task.get("audio", [])
+def score(samples, predictions, *, metric: str = "auto", plans: list[dict] | None = None, n_resamples: int = 1000,
+          seed: int = 0) -> dict:
+    """Per-sample scores under each sample's metric, and the figures over them.
+
+    Returns `per_sample` ({metric, score, ...} per sample: 'said' for yesno, 'chosen' for choice,
+    'rouge_l' for open); `score` overall and `per_task` / `per_modality` figures ({mean, ci, n});
+    `open` (mean F1 and ROUGE-L over the open samples) when there are any; and, as before,
+    exact-match `accuracy` overall and per task, and `lesion_accuracy` (tasks lesion and audio)."""
+    plans = plans if plans is not None else plan_metrics(samples, metric)
+    per_sample = [metrics.score_one(pl["metric"], p, pl["reference"], pl["options"])
+                  | {"metric": pl["metric"]} for pl, p in zip(plans, predictions)]
+    hits = [is_match(p, reference_of(s)) for s, p in zip(samples, predictions)]
+    values = [r["score"] for r in per_sample]
+
+    def fig(idx):
+        return metrics.summarise([values[i] for i in idx], n_resamples=n_resamples, seed=seed)
+
+    by_task, by_mod = _groups(samples)
+    counts: dict[str, int] = {}
+    for r in per_sample:
+        counts[r["metric"]] = counts.get(r["metric"], 0) + 1
     out = {"accuracy": sum(hits) / max(len(hits), 1), "n": len(hits),
-           "per_task": {k: {"accuracy": sum(v) / len(v), "n": len(v)} for k, v in sorted(by_task.items())}}
+           "score": fig(range(len(values))) | {"metrics": dict(sorted(counts.items()))},
+           "per_task": {t: {"accuracy": sum(hits[i] for i in idx) / len(idx), "n": len(idx),
+                            **{k: v for k, v in fig(idx).items() if k != "n"},
+                            "metrics": sorted({per_sample[i]["metric"] for i in idx})}
+                        for t, idx in by_task.items()},
+           "per_modality": {k: fig(idx) for k, idx in by_mod.items()},
+           "per_sample": per_sample}
+    lesion = by_task.get("lesion", []) + by_task.get("audio", [])
     if lesion:
-        out["lesion_accuracy"] = sum(lesion) / len(lesion)
+        out["lesion_accuracy"] = sum(hits[i] for i in lesion) / len(lesion)
+    opened = [i for i, r in enumerate(per_sample) if r["metric"] == "open"]
+    if opened:
+        out["open"] = {"f1": fig(opened), "rouge_l": metrics.summarise([per_sample[i]["rouge_l"] for i in opened],
+                                                                       n_resamples=n_resamples, seed=seed)}
+    return out
+
+
+def compare(samples, base: dict, tuned: dict, *, n_resamples: int = 10000, seed: int = 0) -> dict:
+    """Base vs tuned on the same samples: per figure the change of the mean, how many samples got
+    better / worse, and the paired test's p-value (metrics.paired_test)."""
+    b = [r["score"] for r in base["per_sample"]]
+    t = [r["score"] for r in tuned["per_sample"]]
+
+    def one(idx):
+        bi, ti = [b[i] for i in idx], [t[i] for i in idx]
+        return {"change": (sum(ti) - sum(bi)) / len(idx), "n": len(idx),
+                "better": sum(y > x for x, y in zip(bi, ti)), "worse": sum(y < x for x, y in zip(bi, ti)),
+                "p": metrics.paired_test(bi, ti, n_resamples=n_resamples, seed=seed)}
+
+    by_task, by_mod = _groups(samples)
+    return {"overall": one(range(len(b))), "per_task": {k: one(v) for k, v in by_task.items()},
+            "per_modality": {k: one(v) for k, v in by_mod.items()}}
+
+
+def _score_variants(model, family, proc, samples, rope, recipe, plans, base=None) -> tuple[dict, dict[str, list[str]]]:
+    """Generate and score with the adapters off (base, when eval.compare_base) and on (tuned);
+    `base`, when given, is the base model loaded on its own (a staged run's original model)."""
+    results: dict = {}
+    predictions: dict[str, list[str]] = {}
+    variants = [("tuned", model, contextlib.nullcontext)]
+    if recipe.eval.compare_base:
+        variants.insert(0, ("base", model, model.disable_adapter) if base is None
+                        else ("base", base, contextlib.nullcontext))
+    for name, m, ctx in variants:
+        t0 = time.time()
+        with ctx():
+            preds = generate(m, family, proc, samples, rope, max_new_tokens=recipe.eval.max_new_tokens,
+                             batch_size=recipe.eval.batch_size)
+            loss = token_loss(m, family, proc, samples, rope, batch_size=recipe.eval.batch_size)
+        predictions[name] = preds
+        results[name] = {**score(samples, preds, plans=plans, n_resamples=recipe.eval.bootstrap,
+                                 seed=recipe.train.seed),
+                         "token_loss": loss, "seconds": round(time.time() - t0, 1)}
+    if "base" in results:
+        results["paired"] = compare(samples, results["base"], results["tuned"], seed=recipe.train.seed)
+    return results, predictions
+
+
+def _sample_rows(samples, plans) -> list[dict]:
+    return [{"id": s.id, "task": s.task, "where": s.where, "modalities": modalities_of(s), "metric": pl["metric"],
+             "reference": pl["reference"]} for s, pl in zip(samples, plans)]
+
+
+def _read_general(recipe, family, loaded):
+    """The eval.general samples, checked like the eval split (none when it is unset)."""
+    from finetune.train import prepare_split, read_split
+
+    if not recipe.eval.general:
+        return []
+    if not Path(recipe.eval.general).exists():
+        raise MissingFileError(f"eval.general: {recipe.eval.general} does not exist (a held-out general JSONL set, "
+                               "or '' for none)")
+    samples, skipped = read_split(recipe.eval.general, recipe, on_error="skip")
+    samples, _ = prepare_split(samples, family, loaded, recipe, skipped)
+    if skipped and recipe.data.on_error == "raise":
+        raise min(skipped, key=lambda e: (str(e.file), e.line or 0))
+    if not samples:
+        raise ConfigError(f"eval.general: {recipe.eval.general}: no usable samples")
+    return samples[: recipe.eval.max_samples] if recipe.eval.max_samples else samples
+
+
+def read_loss_history(run_dir: Path) -> list[dict]:
+    """The training loss records of metrics.jsonl ({step, loss, ...}), for the report's curve. A
+    staged run's earlier stages (stages/NN-name/) come first, each record marked with its stage
+    and its steps counted on from the stage before."""
+    run_dir = Path(run_dir)
+    parts = [(p.name.split("-", 1)[-1], p / "metrics.jsonl") for p in sorted((run_dir / "stages").glob("[0-9]*-*"))]
+    last_name = None
+    if parts:
+        import yaml
+
+        try:
+            last_name = yaml.safe_load((run_dir / "stages.yaml").read_text())["recipe"]["stages"][-1]["name"]
+        except (OSError, ValueError, KeyError, IndexError, TypeError, yaml.YAMLError):
+            last_name = "last"
+    parts.append((last_name, run_dir / "metrics.jsonl"))
+    out, offset = [], 0
+    for stage, path in parts:
+        if not path.exists():
+            continue
+        last = 0
+        for line in path.read_text().splitlines():
+            try:
+                rec = json.loads(line)
+            except ValueError:  # a line cut short by a kill
+                continue
+            if isinstance(rec, dict) and isinstance(rec.get("loss"), (int, float)) and "step" in rec:
+                last = max(last, rec["step"])
+                if len(parts) > 1:
+                    rec = {**rec, "step": rec["step"] + offset, "stage": stage}
+                out.append(rec)
+        offset += last
     return out
 
 
@@ -133,58 +331,127 @@ def evaluate(recipe, run_dir: Path | None = None) -> dict:
     model = PeftModel.from_pretrained(loaded.model, str(adapter))
     rope = family.rope_index(loaded.model)
     proc = loaded.processor
-    results: dict = {"recipe": recipe.name, "eval_file": recipe.data.eval, "n_samples": len(samples)}
+    plans = plan_metrics(samples, recipe.eval.metric)
+    general = _read_general(recipe, family, loaded)
+    general_plans = plan_metrics(general, recipe.eval.metric) if general else []
+    results: dict = {"recipe": recipe.name, "eval_file": recipe.data.eval, "n_samples": len(samples),
+                     "metric": recipe.eval.metric, "bootstrap": recipe.eval.bootstrap}
     if skipped:
         results["skipped"] = len(skipped)
-    predictions: dict[str, list[str]] = {}
-    variants = [("tuned", model, contextlib.nullcontext)]
-    if recipe.eval.compare_base:
-        if base_recipe is None:
-            variants.insert(0, ("base", model, model.disable_adapter))
-        else:
-            base = family.load(base_recipe, dtype=torch_dtype(precision), attn="sdpa").model
-            if torch.cuda.is_available() and recipe.model.quantize == "none":
-                base.to("cuda")
-            variants.insert(0, ("base", base, contextlib.nullcontext))
-    for name, m, ctx in variants:
-        t0 = time.time()
-        with ctx():
-            preds = generate(m, family, proc, samples, rope, max_new_tokens=recipe.eval.max_new_tokens,
-                             batch_size=recipe.eval.batch_size)
-            loss = token_loss(m, family, proc, samples, rope, batch_size=recipe.eval.batch_size)
-        predictions[name] = preds
-        results[name] = {**score(samples, preds), "token_loss": loss, "seconds": round(time.time() - t0, 1)}
+    base = None  # a staged run's base: the original model, loaded on its own
+    if recipe.eval.compare_base and base_recipe is not None:
+        base = family.load(base_recipe, dtype=torch_dtype(precision), attn="sdpa").model
+        if torch.cuda.is_available() and recipe.model.quantize == "none":
+            base.to("cuda")
+    scored, predictions = _score_variants(model, family, proc, samples, rope, recipe, plans, base)
+    results.update(scored)
+    if general:
+        g, g_preds = _score_variants(model, family, proc, general, rope, recipe, general_plans, base)
+        results["general"] = {"file": recipe.eval.general, "n_samples": len(general), **g,
+                              "samples": _sample_rows(general, general_plans)}
+        with open(run_dir / "predictions_general.jsonl", "w") as f:
+            for i, row in enumerate(results["general"]["samples"]):
+                f.write(json.dumps({**row, **{k: v[i] for k, v in g_preds.items()},
+                                    **{f"{k}_score": g[k]["per_sample"][i]["score"] for k in g_preds}}) + "\n")
     results["examples"] = [
         {"id": s.id, "task": s.task, "reference": reference_of(s),
          **{f"{k}_prediction": v[i] for k, v in predictions.items()}}
         for i, s in enumerate(samples[: recipe.eval.examples])
     ]
+    results["samples"] = _sample_rows(samples, plans)
+    if recipe.eval.report:
+        from finetune.report import write_html
+
+        results["report"] = str(run_dir / "eval.html")
+        write_html(results, samples, predictions, read_loss_history(run_dir), run_dir / "eval.html")
+    else:  # no page from an earlier evaluation left beside these results
+        (run_dir / "eval.html").unlink(missing_ok=True)
     (run_dir / "eval.json").write_text(json.dumps(results, indent=2))
     with open(run_dir / "predictions.jsonl", "w") as f:  # every answer, for inspection and comparisons
         for i, s in enumerate(samples):
             f.write(json.dumps({"id": s.id, "task": s.task, "reference": reference_of(s),
-                                **{k: v[i] for k, v in predictions.items()}}) + "\n")
+                                **{k: v[i] for k, v in predictions.items()}, "metric": plans[i]["metric"],
+                                **{f"{k}_score": results[k]["per_sample"][i]["score"] for k in predictions}}) + "\n")
     (run_dir / "eval.md").write_text(format_markdown(results))
     return results
 
 
-def format_markdown(r: dict) -> str:
-    """eval.md: before/after table and a few example predictions."""
+def fmt_figure(f: dict | None) -> str:
+    """'0.812 [0.750, 0.870]' (the interval when there is one), '-' for no figure."""
+    if not f or f.get("mean") is None:
+        return "-"
+    ci = f.get("ci")
+    return f"{f['mean']:.3f}" + (f" [{ci[0]:.3f}, {ci[1]:.3f}]" if ci and ci[0] != ci[1] else "")
+
+
+def fmt_p(p: float | None) -> str:
+    """A p-value for tables: 'p=0.031', 'p<0.001'."""
+    if p is None:
+        return ""
+    return "p<0.001" if p < 0.001 else f"p={p:.3f}"
+
+
+def _metric_label(counts) -> str:
+    if isinstance(counts, dict):
+        return ", ".join(f"{k} {v}" for k, v in counts.items())
+    return ", ".join(counts)
+
+
+def figure_rows(r: dict) -> list[dict]:
+    """The rows of the metrics table (eval.md and eval.html): label, n, a figure per model,
+    the change and its p-value."""
     names = [n for n in ("base", "tuned") if n in r]
-    lines = [f"# Evaluation of {r['recipe']}", "", f"{r['n_samples']} held-out samples from `{r['eval_file']}`.", "",
-             "| metric | " + " | ".join(names) + " |", "|---|" + "---|" * len(names)]
-    keys = [("accuracy", "exact-match accuracy"), ("lesion_accuracy", "lesion question accuracy"),
-            ("token_loss", "token loss")]
-    for k, label in keys:
+    paired = r.get("paired", {})
+    rows = []
+
+    def add(label, n, figs, pair=None, kind="score"):
+        rows.append({"label": label, "n": n, "kind": kind, "figures": figs,
+                     "change": pair.get("change") if pair else None, "p": pair.get("p") if pair else None})
+
+    sc = r[names[-1]]["score"]
+    add(f"score ({_metric_label(sc.get('metrics', {}))})", sc["n"], {n: r[n]["score"] for n in names},
+        paired.get("overall"))
+    for t, pt in r[names[-1]]["per_task"].items():
+        add(f"task {t} ({_metric_label(pt.get('metrics', []))})", pt["n"],
+            {n: r[n]["per_task"].get(t) for n in names}, paired.get("per_task", {}).get(t), kind="task")
+    for k, pm in r[names[-1]]["per_modality"].items():
+        add(f"modality {k}", pm["n"], {n: r[n]["per_modality"].get(k) for n in names},
+            paired.get("per_modality", {}).get(k), kind="modality")
+    if "open" in r[names[-1]]:
+        for k, label in (("f1", "open answers: token F1"), ("rouge_l", "open answers: ROUGE-L")):
+            add(label, r[names[-1]]["open"][k]["n"], {n: r[n]["open"][k] for n in names}, kind="open")
+    for k, label in (("accuracy", "exact-match accuracy"), ("lesion_accuracy", "lesion question accuracy"),
+                     ("token_loss", "token loss")):
         if all(k in r[n] for n in names):
-            lines.append(f"| {label} | " + " | ".join(f"{r[n][k]:.3f}" for n in names) + " |")
-    tasks = sorted(set().union(*(r[n]["per_task"].keys() for n in names)))
-    for t in tasks:
-        cells = []
-        for n in names:
-            pt = r[n]["per_task"].get(t)
-            cells.append(f"{pt['accuracy']:.3f} (n={pt['n']})" if pt else "-")
-        lines.append(f"| accuracy, task {t} | " + " | ".join(cells) + " |")
+            add(label, None, {n: {"mean": r[n][k], "ci": None} for n in names}, kind="plain")
+    g = r.get("general")
+    if g:
+        gnames = [n for n in names if n in g]
+        add(f"general set: score ({_metric_label(g[gnames[-1]]['score'].get('metrics', {}))})", g["n_samples"],
+            {n: g[n]["score"] for n in gnames}, g.get("paired", {}).get("overall"), kind="general")
+        add("general set: token loss", None, {n: {"mean": g[n]["token_loss"], "ci": None} for n in gnames},
+            kind="general")
+    return rows
+
+
+def format_markdown(r: dict) -> str:
+    """eval.md: before/after table with 95% intervals and paired p-values, and a few example predictions."""
+    names = [n for n in ("base", "tuned") if n in r]
+    lines = [f"# Evaluation of {r['recipe']}", "", f"{r['n_samples']} held-out samples from `{r['eval_file']}`; "
+             f"metric `{r.get('metric', 'exact')}`. Figures are means with a 95% bootstrap interval "
+             f"({r.get('bootstrap', 0)} resamples); p is a paired sign-flip test of base vs tuned (exact McNemar "
+             "for right/wrong scores).", ""]
+    head = "| figure | n | " + " | ".join(names) + (" | change |" if "paired" in r else " |")
+    lines += [head, "|---|---|" + "---|" * (len(names) + ("paired" in r))]
+    for row in figure_rows(r):
+        cells = [fmt_figure(row["figures"].get(n)) for n in names]
+        line = f"| {row['label']} | {row['n'] if row['n'] is not None else ''} | " + " | ".join(cells) + " |"
+        if "paired" in r:
+            ch = "" if row["change"] is None else f"{row['change']:+.3f} {fmt_p(row['p'])}"
+            line += f" {ch} |"
+        lines.append(line)
+    if r.get("report"):
+        lines += ["", f"The page with the loss curve and the examples (media inline): `{Path(r['report']).name}`."]
     lines += ["", "## Examples", ""]
     for ex in r["examples"]:
         lines.append(f"- `{ex['id']}` ({ex['task']}), reference **{ex['reference']}**")
@@ -194,10 +461,18 @@ def format_markdown(r: dict) -> str:
 
 
 def summary_line(r: dict) -> str:
-    """One line for the console: accuracy before -> after."""
+    """One line for the console: score (with the paired p), accuracy and the general set, before -> after."""
     parts = []
+    if "score" in r.get("tuned", {}):
+        before = f"{r['base']['score']['mean']:.2f} -> " if "base" in r else ""
+        p = f" ({fmt_p(r['paired']['overall']['p'])})" if "paired" in r else ""
+        parts.append(f"score {before}{r['tuned']['score']['mean']:.2f}{p}")
     for k, label in (("accuracy", "accuracy"), ("lesion_accuracy", "lesion accuracy")):
         if k in r.get("tuned", {}):
             before = f"{r['base'][k]:.2f} -> " if "base" in r else ""
             parts.append(f"{label} {before}{r['tuned'][k]:.2f}")
+    g = r.get("general")
+    if g:
+        before = f"{g['base']['score']['mean']:.2f} -> " if "base" in g else ""
+        parts.append(f"general set {before}{g['tuned']['score']['mean']:.2f}")
     return ", ".join(parts)

@@ -289,6 +289,17 @@ class EvalConfig:
     batch_size: int = _opt(8, "samples generated at once")
     compare_base: bool = _opt(True, "also evaluate the base model for comparison")
     examples: int = _opt(5, "number of example generations shown in the report")
+    metric: str = _opt(
+        "auto",
+        "how an answer is scored (a sample's own \"metric\" key wins): exact, normalised exact match; yesno, the "
+        "leading yes/no word; choice, the option picked from the sample's \"options\"; open, token F1 (and ROUGE-L); "
+        "auto = choice for a sample with options, yesno when the reference is yes or no, else exact",
+        ("auto", "exact", "choice", "yesno", "open"),
+    )
+    bootstrap: int = _opt(1000, "bootstrap resamples for the 95% intervals (0 = no intervals)")
+    general: str = _opt("", "held-out general JSONL set scored before and after tuning (the forgetting "
+                            "check); '' = none")
+    report: bool = _opt(True, "also write eval.html: metrics, loss curve, examples with media, filters")
 
 
 @dataclass
@@ -831,6 +842,8 @@ def _check(recipe: Recipe, problems: _Problems, staged: bool = False) -> None:
         add("eval.batch_size", f"must be >= 1, got {e.batch_size}")
     if e.examples < 0:
         add("eval.examples", f"must be >= 0, got {e.examples}")
+    if e.bootstrap < 0:
+        add("eval.bootstrap", f"must be >= 0 (0 = no intervals), got {e.bootstrap}")
 
     x = recipe.export
     if not _SHARD_SIZE.match(x.max_shard_size):

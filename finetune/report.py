@@ -1,0 +1,311 @@
+"""eval.html: one self-contained page to look at an evaluation.
+
+Everything is inline (CSS, a few lines of JavaScript, an SVG loss curve, images as base64 PNG or
+JPEG thumbnails, audio as base64 WAV), so the page opens from disk, offline, attached to a mail.
+It holds the metrics table with 95% intervals, the training loss curve from metrics.jsonl, and
+a sample of eval items (media, question, reference, base and tuned answer, each marked right or
+wrong) with filters by task and by what tuning changed (also from the address:
+`eval.html#task=lesion&change=fixed`).
+
+Which items are shown (at most `max_examples`, to keep the page small): every item tuning fixed
+or broke first, then unchanged ones taken in turn from each task. An answer counts as right when
+its score is at least 0.5 (for exact, yesno and choice: when it is right; for open: token F1).
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import io
+import math
+from pathlib import Path
+
+RIGHT_AT = 0.5
+THUMB_PX = 96
+AUDIO_MAX_S = 10.0  # longer clips are cut for the page
+AUDIO_BUDGET = 1_500_000  # bytes of WAV inlined per page (~2 MB as base64); later clips are named, not inlined
+MAX_EXAMPLES = 40
+
+
+def _e(x) -> str:
+    return html.escape("" if x is None else str(x), quote=True)
+
+
+def is_right(score: float | None) -> bool:
+    """Right/wrong mark of one answer (see the module docstring)."""
+    return score is not None and score >= RIGHT_AT
+
+
+def change_of(base: float | None, tuned: float | None) -> str:
+    """'fixed' (wrong -> right), 'broken' (right -> wrong), 'unchanged', or 'tuned only' without a base."""
+    if base is None:
+        return "tuned only"
+    b, t = is_right(base), is_right(tuned)
+    return "fixed" if t and not b else "broken" if b and not t else "unchanged"
+
+
+# ---- media -----------------------------------------------------------------------------------
+def thumbnail_uri(image, px: int = THUMB_PX) -> str:
+    """A PIL image as a data: URI at most `px` on its longer side: PNG, or JPEG (quality 85) when
+    that is smaller (noisy scans and photos are several times smaller as JPEG; flat images as PNG)."""
+    im = image.convert("RGB") if image.mode not in ("RGB", "L") else image.copy()
+    im.thumbnail((px, px))
+    best = ""
+    for fmt, mime, kw in (("PNG", "png", {"optimize": True}), ("JPEG", "jpeg", {"quality": 85})):
+        buf = io.BytesIO()
+        im.save(buf, format=fmt, **kw)
+        uri = f"data:image/{mime};base64," + base64.b64encode(buf.getvalue()).decode("ascii")
+        best = uri if not best or len(uri) < len(best) else best
+    return best
+
+
+def wav_uri(wave, sampling_rate: int) -> str:
+    """Mono float samples as a data: URI of a 16-bit PCM WAV."""
+    import soundfile as sf
+
+    buf = io.BytesIO()
+    sf.write(buf, wave, sampling_rate, subtype="PCM_16", format="WAV")
+    return "data:audio/wav;base64," + base64.b64encode(buf.getvalue()).decode("ascii")
+
+
+def _media_html(sample, budget: list[int]) -> str:
+    from finetune.data.media import load_audio, load_images, load_video
+
+    out = []
+    for part in sample.media():
+        name = Path(part.path).name if part.path else (Path(part.frames[0]).parent.name if part.frames else part.type)
+        try:
+            if part.type == "image":
+                for im in load_images(part)[:4]:
+                    out.append(f'<img class="thumb" alt="{_e(name)}" title="{_e(name)}" src="{thumbnail_uri(im)}">')
+            elif part.type == "video":
+                frames = load_video(part, max_frames=3)
+                out.append('<span class="video" title="video: first, middle and last frame">' + "".join(
+                    f'<img class="thumb small" alt="{_e(name)} frame" src="{thumbnail_uri(f, THUMB_PX // 2)}">'
+                    for f in frames) + "</span>")
+            elif part.type == "audio":
+                sr = 16000
+                wave = load_audio(part.path, sr)[: int(AUDIO_MAX_S * sr)]
+                if budget[0] < wave.size * 2:
+                    out.append(f'<span class="note">audio {_e(name)} not inlined (page size cap)</span>')
+                    continue
+                budget[0] -= wave.size * 2
+                out.append(f'<audio controls preload="metadata" title="{_e(name)}" src="{wav_uri(wave, sr)}"></audio>')
+        except Exception as e:  # a page with one missing thumbnail beats no page
+            out.append(f'<span class="note">{_e(part.type)} {_e(name)} not shown: {_e(e)}</span>')
+    return "".join(out)
+
+
+def _question(sample) -> str:
+    users = [m for m in sample.messages if m.role == "user"]
+    return users[-1].text() if users else ""
+
+
+# ---- loss curve ------------------------------------------------------------------------------
+def loss_svg(history: list[dict], width: int = 640, height: int = 220) -> str:
+    """An inline SVG line chart of training loss against step ('' when there is no record)."""
+    pts = [(float(r["step"]), float(r["loss"])) for r in history
+           if isinstance(r.get("loss"), (int, float)) and math.isfinite(r["loss"])]
+    if not pts:
+        return ""
+    pts.sort()
+    left, right, top, bottom = 52, 12, 12, 30
+    x0, x1 = pts[0][0], pts[-1][0]
+    y0, y1 = min(p[1] for p in pts), max(p[1] for p in pts)
+    x1 = x1 if x1 > x0 else x0 + 1
+    y1 = y1 if y1 > y0 else y0 + 1
+    w, h = width - left - right, height - top - bottom
+
+    def sx(x):
+        return left + (x - x0) / (x1 - x0) * w
+
+    def sy(y):
+        return top + (1 - (y - y0) / (y1 - y0)) * h
+
+    line = " ".join(f"{sx(x):.1f},{sy(y):.1f}" for x, y in pts)
+    grid = []
+    for k in range(5):
+        y = y0 + (y1 - y0) * k / 4
+        grid.append(f'<line x1="{left}" x2="{left + w}" y1="{sy(y):.1f}" y2="{sy(y):.1f}" class="grid"/>'
+                    f'<text x="{left - 6}" y="{sy(y) + 4:.1f}" text-anchor="end">{y:.3g}</text>')
+    stages = []
+    seen = None
+    for r in history:  # staged runs: a marker where each stage begins
+        st = r.get("stage")
+        if st is not None and st != seen and isinstance(r.get("step"), (int, float)):
+            seen = st
+            x = sx(float(r["step"]))
+            stages.append(f'<line x1="{x:.1f}" x2="{x:.1f}" y1="{top}" y2="{top + h}" class="stage"/>'
+                          f'<text x="{x + 3:.1f}" y="{top + 10}">{_e(st)}</text>')
+    return (f'<svg id="loss" width="{width}" height="{height}" viewBox="0 0 {width} {height}" role="img" '
+            f'aria-label="training loss per step">' + "".join(grid) + "".join(stages) +
+            f'<polyline points="{line}" class="curve"/>'
+            f'<text x="{left}" y="{height - 8}">step {x0:g}</text>'
+            f'<text x="{left + w}" y="{height - 8}" text-anchor="end">step {x1:g}</text></svg>')
+
+
+# ---- page ------------------------------------------------------------------------------------
+_CSS = """
+body{font:14px/1.4 system-ui,-apple-system,Segoe UI,Roboto,sans-serif;margin:24px;color:#1b1f24;max-width:1200px}
+h1{font-size:22px;margin:0 0 4px}h2{font-size:17px;margin:28px 0 8px}
+.sub{color:#57606a}
+table.metrics{border-collapse:collapse}
+table.metrics th{background:#1f4e79;color:#fff;text-align:left;padding:5px 10px}
+table.metrics td{border-bottom:1px solid #d0d7de;padding:4px 10px;font-variant-numeric:tabular-nums}
+table.metrics tr.task td:first-child,table.metrics tr.modality td:first-child{padding-left:22px}
+.ci{color:#57606a;font-size:12px}.up{color:#1a7f37}.down{color:#cf222e}
+svg#loss{background:#f6f8fa;border:1px solid #d0d7de}svg text{font-size:11px;fill:#57606a}
+svg .grid{stroke:#d0d7de}svg .curve{fill:none;stroke:#1f4e79;stroke-width:1.5}
+svg .stage{stroke:#bf8700;stroke-dasharray:4 3}
+.filters{margin:8px 0 12px}.filters select{margin-right:14px}
+.card{border:1px solid #d0d7de;border-radius:6px;padding:10px;margin:8px 0;display:flex;gap:14px}
+.media{min-width:100px;display:flex;flex-wrap:wrap;gap:4px;align-items:flex-start}
+.media audio{width:260px}
+img.thumb{border:1px solid #d0d7de;image-rendering:auto}
+.body{flex:1}.q{font-weight:600}.meta{color:#57606a;font-size:12px}
+.ans{margin:2px 0}.ok::before{content:"\\2714  ";color:#1a7f37}.bad::before{content:"\\2718  ";color:#cf222e}
+.tag{font-size:11px;border-radius:10px;padding:1px 7px;margin-left:6px;background:#eaeef2}
+.tag.fixed{background:#dafbe1}.tag.broken{background:#ffebe9}
+.note{color:#57606a;font-size:12px}
+"""
+
+_JS = """
+function applyFilters(){
+  var t=document.getElementById('f-task').value, c=document.getElementById('f-change').value, n=0, all=0;
+  document.querySelectorAll('.card').forEach(function(el){
+    all++; var show=(t==='*'||el.dataset.task===t)&&(c==='*'||el.dataset.change===c);
+    el.style.display=show?'':'none'; if(show)n++;});
+  document.getElementById('f-count').textContent='showing '+n+' of '+all;
+}
+function fromHash(){  // eval.html#task=lesion&change=fixed opens filtered
+  location.hash.replace(/^#/,'').split('&').forEach(function(kv){
+    var p=kv.split('='), el=document.getElementById('f-'+p[0]), v=decodeURIComponent(p[1]||'');
+    if(el&&Array.prototype.some.call(el.options,function(o){return o.value===v;}))el.value=v;});
+  applyFilters();
+}
+document.getElementById('f-task').addEventListener('change',applyFilters);
+document.getElementById('f-change').addEventListener('change',applyFilters);
+window.addEventListener('hashchange',fromHash);
+fromHash();
+"""
+
+
+def _figure_cell(f) -> str:
+    if not f or f.get("mean") is None:
+        return "<td>-</td>"
+    ci = f.get("ci")
+    extra = f' <span class="ci">[{ci[0]:.3f}, {ci[1]:.3f}]</span>' if ci and ci[0] != ci[1] else ""
+    return f"<td>{f['mean']:.3f}{extra}</td>"
+
+
+def _metrics_table(results: dict) -> str:
+    from finetune.evaluate import figure_rows, fmt_p
+
+    names = [n for n in ("base", "tuned") if n in results]
+    paired = "paired" in results
+    head = "<tr><th>figure</th><th>n</th>" + "".join(f"<th>{n}</th>" for n in names) + \
+        ("<th>change</th>" if paired else "") + "</tr>"
+    rows = []
+    for r in figure_rows(results):
+        cells = "".join(_figure_cell(r["figures"].get(n)) for n in names)
+        ch = ""
+        if paired:
+            if r["change"] is None:
+                ch = "<td></td>"
+            else:
+                cls = "up" if r["change"] > 0 else "down" if r["change"] < 0 else ""
+                ch = f'<td class="{cls}">{r["change"]:+.3f} <span class="ci">{fmt_p(r["p"])}</span></td>'
+        n = "" if r["n"] is None else r["n"]
+        rows.append(f'<tr class="{r["kind"]}"><td>{_e(r["label"])}</td><td>{n}</td>{cells}{ch}</tr>')
+    return f'<table class="metrics" id="metrics">{head}{"".join(rows)}</table>'
+
+
+def pick_examples(changes: list[str], tasks: list[str], k: int) -> list[int]:
+    """Indices of the items to show: fixed and broken first, then unchanged round-robin over tasks;
+    returned in their original order."""
+    changed = [i for i, c in enumerate(changes) if c in ("fixed", "broken")]
+    chosen = changed[:k]
+    rest: dict[str, list[int]] = {}
+    for i, c in enumerate(changes):
+        if c not in ("fixed", "broken"):
+            rest.setdefault(tasks[i], []).append(i)
+    queues = list(rest.values())
+    while len(chosen) < k and any(queues):
+        for q in queues:
+            if q and len(chosen) < k:
+                chosen.append(q.pop(0))
+    return sorted(chosen)
+
+
+def _answer(label: str, text: str, sc: dict | None) -> str:
+    if sc is None:
+        return ""
+    mark = "ok" if is_right(sc["score"]) else "bad"
+    detail = f' <span class="ci">F1 {sc["score"]:.2f}, ROUGE-L {sc.get("rouge_l", 0):.2f}</span>' \
+        if sc.get("metric") == "open" else ""
+    return f'<div class="ans {mark}"><b>{label}:</b> {_e(text)}{detail}</div>'
+
+
+def write_html(results: dict, samples, predictions: dict[str, list[str]], loss_history: list[dict], path,
+               max_examples: int = MAX_EXAMPLES) -> Path:
+    """Write eval.html (self-contained: no request leaves the page) and return its path.
+
+    `results` is what evaluate() writes to eval.json (per-sample scores under results[name]
+    ['per_sample'], the rows under results['samples']); `samples` and `predictions` are the eval
+    items and the answers per model name ('base', 'tuned'); `loss_history` the metrics.jsonl
+    records with a 'loss'."""
+    path = Path(path)
+    names = [n for n in ("base", "tuned") if n in predictions]
+    per = {n: results[n]["per_sample"] for n in names}
+    changes = [change_of(per["base"][i]["score"] if "base" in per else None, per["tuned"][i]["score"])
+               for i in range(len(samples))]
+    tasks = [s.task or "all" for s in samples]
+    shown = pick_examples(changes, tasks, max_examples)
+    budget = [AUDIO_BUDGET]
+    cards = []
+    for i in shown:
+        s = samples[i]
+        metric = per["tuned"][i]["metric"]
+        ref = results.get("samples", [{}] * len(samples))[i].get("reference", s.answer or "")
+        answers = "".join(_answer(n, predictions[n][i], per[n][i]) for n in names)
+        tag = f'<span class="tag {changes[i].replace(" ", "-")}">{_e(changes[i])}</span>'
+        cards.append(
+            f'<div class="card" data-task="{_e(tasks[i])}" data-change="{_e(changes[i])}">'
+            f'<div class="media">{_media_html(s, budget)}</div><div class="body">'
+            f'<div class="meta">{_e(s.id or s.where)} &middot; task {_e(tasks[i])} &middot; {_e(metric)}{tag}</div>'
+            f'<div class="q">{_e(_question(s))}</div><div class="ans"><b>reference:</b> {_e(ref)}</div>'
+            f"{answers}</div></div>")
+    counts = {c: changes.count(c) for c in ("fixed", "broken", "unchanged", "tuned only") if c in changes}
+    task_opts = "".join(f'<option value="{_e(t)}">{_e(t)}</option>' for t in sorted(set(tasks[i] for i in shown)))
+    change_opts = "".join(
+        f'<option value="{c}">{label} ({counts.get(c, 0)} in all)</option>'
+        for c, label in (("fixed", "fixed by tuning"), ("broken", "broken by tuning"), ("unchanged", "unchanged"))
+        if "base" in per)
+    tally = ", ".join(f"{v} {k}" for k, v in counts.items())
+    svg = loss_svg(loss_history)
+    general = results.get("general")
+    gline = (f'<p class="sub">General set (forgetting check): <code>{_e(general["file"])}</code>, '
+             f'{general["n_samples"]} samples; rows "general set" above.</p>' if general else "")
+    page = f"""<!DOCTYPE html>
+<html lang="en"><head><meta charset="utf-8"><meta name="viewport" content="width=device-width,initial-scale=1">
+<title>Evaluation of {_e(results.get("recipe"))}</title><style>{_CSS}</style></head><body>
+<h1>Evaluation of {_e(results.get("recipe"))}</h1>
+<p class="sub">{results.get("n_samples")} held-out samples from <code>{_e(results.get("eval_file"))}</code>;
+metric <code>{_e(results.get("metric", "exact"))}</code>. Means with a 95% bootstrap interval
+({results.get("bootstrap", 0)} resamples); change is tuned &minus; base with the p-value of a paired sign-flip
+test (exact McNemar for right/wrong scores).</p>
+<h2>Metrics</h2>{_metrics_table(results)}{gline}
+<h2>Training loss</h2>{svg or '<p class="note">no training loss records (metrics.jsonl) in the run folder</p>'}
+<h2>Examples</h2>
+<p class="sub">{len(shown)} of {len(samples)} items: every one tuning fixed or broke first, then others from each
+task. An answer is marked right when its score is at least {RIGHT_AT}. In all: {_e(tally)}.</p>
+<div class="filters"><label>task <select id="f-task"><option value="*">all</option>{task_opts}</select></label>
+<label>change <select id="f-change"><option value="*">all</option>{change_opts}</select></label>
+<span id="f-count" class="sub"></span></div>
+{"".join(cards)}
+<script>{_JS}</script></body></html>
+"""
+    tmp = path.with_suffix(".html.tmp")
+    tmp.write_text(page, encoding="utf-8")
+    tmp.replace(path)
+    return path

@@ -1,0 +1,210 @@
+"""eval.html opened in headless Chromium: the metrics table and a thumbnail are on screen, the
+filters work, and the page makes no network request (every request Chromium makes goes to a
+recording proxy; only Chromium's own service calls may appear there)."""
+
+import base64
+import io
+import os
+import re
+import shutil
+import socket
+import subprocess
+import threading
+
+import numpy as np
+import pytest
+import soundfile as sf
+from PIL import Image
+
+from finetune.data.schema import parse_sample
+from finetune.evaluate import compare, figure_rows, plan_metrics, score
+from finetune.report import THUMB_PX, loss_svg, pick_examples, write_html
+
+THUMB_RGB = (230, 20, 160)      # the lesion image's colour: nothing else on the page has it
+HEADER_RGB = (0x1F, 0x4E, 0x79)  # the metrics table's header cells (report.py's CSS)
+# hosts Chromium itself calls (component updater, sign-in) even with background networking off
+CHROMIUM_OWN = {"update.googleapis.com", "accounts.google.com", "clients2.google.com", "clients1.google.com",
+                "redirector.gvt1.com", "edgedl.me.gvt1.com"}
+
+
+def _chromium() -> str:
+    for name in ("chromium", "chromium-browser", "google-chrome", "chrome"):
+        if shutil.which(name):
+            return shutil.which(name)
+    if os.environ.get("CI", "").lower() not in ("", "0", "false", "no"):
+        pytest.fail("CI is set and Chromium is missing: .ci/run installs it (apt-get install chromium)")
+    pytest.skip("Chromium is not installed (apt-get install chromium); CI installs it and runs this test")
+
+
+class RecordingProxy:
+    """An HTTP proxy that answers nothing and records the first line of every request."""
+
+    def __init__(self):
+        self.requests: list[str] = []
+        self.sock = socket.socket()
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.listen(32)
+        self.port = self.sock.getsockname()[1]
+        threading.Thread(target=self._serve, daemon=True).start()
+
+    def _serve(self):
+        while True:
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                return
+            conn.settimeout(2)
+            try:
+                self.requests.append(conn.recv(4096).split(b"\r\n")[0].decode("latin1"))
+            except OSError:
+                pass
+            conn.close()
+
+    def page_requests(self) -> list[str]:
+        """The requests not made by Chromium for itself."""
+        out = []
+        for line in self.requests:
+            m = re.match(r"(?:CONNECT\s+([^:/\s]+)|\w+\s+\w+://([^:/\s]+))", line)
+            if not m or (m.group(1) or m.group(2)) not in CHROMIUM_OWN:
+                out.append(line)
+        return out
+
+    def close(self):
+        self.sock.close()
+
+
+def _run(chromium, proxy, tmp, url, *args):
+    prof = tmp / f"profile{len(list(tmp.glob('profile*')))}"
+    cmd = [chromium, "--headless", "--disable-gpu", "--no-sandbox", "--no-first-run", f"--user-data-dir={prof}",
+           "--disable-background-networking", "--disable-component-update", "--disable-sync",
+           "--disable-default-apps", "--disable-domain-reliability", "--no-pings", "--hide-scrollbars",
+           "--force-color-profile=srgb", "--force-device-scale-factor=1",
+           "--disable-features=OptimizationHints,Translate,MediaRouter,NetworkTimeServiceQuerying",
+           f"--proxy-server=127.0.0.1:{proxy.port}", "--proxy-bypass-list=<-loopback>", *args, url]
+    res = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0, res.stderr[-2000:]
+    return res.stdout
+
+
+@pytest.fixture(scope="module")
+def page(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("report")
+    Image.new("RGB", (144, 96), THUMB_RGB).save(tmp / "lesion.png")
+    Image.new("RGB", (64, 64), (40, 160, 60)).save(tmp / "scan.png")
+    t = np.arange(16000) / 16000
+    sf.write(tmp / "note.wav", 0.3 * np.sin(2 * np.pi * 440 * t), 16000, subtype="PCM_16")
+
+    def sample(line, parts, question, reply, **top):
+        content = [{"type": k, "path": p} for k, p in parts] + [{"type": "text", "text": question}]
+        return parse_sample({"id": f"s{line}", "messages": [{"role": "user", "content": content},
+                                                            {"role": "assistant", "content": reply}], **top},
+                            source=str(tmp / "eval.jsonl"), line=line, base_dir=tmp)
+
+    samples = [
+        sample(1, [("image", "lesion.png")], "Is there a lesion?", "Yes.", answer="yes", task="lesion"),
+        sample(2, [("image", "scan.png"), ("audio", "note.wav")], "Listen: is there a lesion?", "No.",
+               answer="no", task="audio"),
+        sample(3, [("image", "scan.png")], "Which scan? A) Chest X-ray B) Fundus photograph", "A",
+               options=["Chest X-ray", "Fundus photograph"], task="modality"),
+        sample(4, [], "What does CT stand for?", "Computed tomography.", task="text"),
+    ]
+    preds = {"base": ["No.", "Yes, there is.", "B", "computed tomography"],
+             "tuned": ["Yes, a round one.", "No.", "A", "computed tomography"]}
+    plans = plan_metrics(samples)
+    res = {"recipe": "report-test", "eval_file": str(tmp / "eval.jsonl"), "n_samples": 4, "metric": "auto",
+           "bootstrap": 200}
+    for name, p in preds.items():
+        res[name] = {**score(samples, p, plans=plans, n_resamples=200), "token_loss": 1.0}
+    res["paired"] = compare(samples, res["base"], res["tuned"])
+    res["samples"] = [{"id": s.id, "reference": pl["reference"]} for s, pl in zip(samples, plans)]
+    history = [{"step": i, "loss": 3.0 * 0.95 ** i} for i in range(1, 51)]
+    path = write_html(res, samples, preds, history, tmp / "eval.html")
+    return {"path": path, "html": path.read_text(), "results": res, "tmp": tmp, "samples": samples, "preds": preds}
+
+
+def test_the_page_is_self_contained(page):
+    html = page["html"]
+    assert not re.search(r"https?://|//[a-z0-9.-]+\.[a-z]{2,}/", html, re.I), "an external URL in eval.html"
+    srcs = re.findall(r'\s(?:src|href)="([^"]*)"', html)
+    assert srcs and all(s.startswith(("data:image/png;base64,", "data:image/jpeg;base64,", "data:audio/wav;base64,"))
+                        for s in srcs), srcs
+    assert "<link" not in html and "@import" not in html
+    # one thumbnail per image part (samples 1, 2, 3), at most THUMB_PX, with the image's own colour
+    thumbs = [s for s in srcs if s.startswith("data:image/")]
+    assert len(thumbs) == 3
+    im = Image.open(io.BytesIO(base64.b64decode(thumbs[0].split(",", 1)[1]))).convert("RGB")
+    assert im.size == (THUMB_PX, THUMB_PX * 2 // 3) and im.getpixel((10, 10)) == THUMB_RGB
+    wavs = [s for s in srcs if s.startswith("data:audio/wav")]
+    assert len(wavs) == 1 and html.count("<audio controls") == 1
+    wave, sr = sf.read(io.BytesIO(base64.b64decode(wavs[0].split(",", 1)[1])))
+    assert sr == 16000 and len(wave) == 16000
+    assert len(html) < 200_000
+
+
+def test_examples_are_marked_and_tagged(page):
+    html = page["html"]
+    # base wrong -> tuned right on samples 1, 2 (yesno) and 3 (choice); sample 4 right in both
+    assert html.count('data-change="fixed"') == 3 and html.count('data-change="unchanged"') == 1
+    assert html.count('class="ans ok"') == 5 and html.count('class="ans bad"') == 3
+    assert 'data-task="lesion"' in html and "Is there a lesion?" in html
+
+
+def test_chromium_shows_the_table_and_a_thumbnail_without_network(page):
+    chromium = _chromium()
+    proxy = RecordingProxy()
+    try:
+        url = page["path"].as_uri()
+        dom = _run(chromium, proxy, page["tmp"], url, "--virtual-time-budget=2000", "--dump-dom")
+        shot = page["tmp"] / "shot.png"
+        _run(chromium, proxy, page["tmp"], url, f"--screenshot={shot}", "--window-size=1280,1400")
+        filtered = _run(chromium, proxy, page["tmp"], url + "#change=unchanged", "--virtual-time-budget=2000",
+                        "--dump-dom")
+        assert proxy.page_requests() == [], proxy.requests
+        # the recording works: a page with one external image is seen asking for it
+        probe = page["tmp"] / "probe.html"
+        probe.write_text('<!DOCTYPE html><img src="http://example.invalid/pixel.png">')
+        _run(chromium, proxy, page["tmp"], probe.as_uri(), "--virtual-time-budget=2000", "--dump-dom")
+        assert any("example.invalid" in r for r in proxy.page_requests()), proxy.requests
+    finally:
+        proxy.close()
+
+    rows = re.findall(r'<tr class="(\w+)"><td>([^<]*)</td>', dom)
+    assert len(rows) == len(figure_rows(page["results"]))
+    labels = [label for _, label in rows]
+    assert any(x.startswith("score (") for x in labels) and "task lesion (yesno)" in labels
+    assert "modality audio" in labels and "exact-match accuracy" in labels
+    assert "showing 4 of 4" in dom                              # the script ran
+    assert re.search(r'<polyline points="([\d.]+,[\d.]+ ){49}[\d.]+,[\d.]+"', dom)  # 50 loss points
+    # the filter from the address hides the three fixed items
+    assert "showing 1 of 4" in filtered
+    assert len(re.findall(r'class="card" data-task="\w+" data-change="fixed" style="display: none;"', filtered)) == 3
+
+    px = np.asarray(Image.open(shot).convert("RGB")).astype(int)
+
+    def area(rgb, tol=6):
+        return int((np.abs(px - np.array(rgb)).max(axis=-1) <= tol).sum())
+
+    assert area(THUMB_RGB) >= 0.9 * THUMB_PX * (THUMB_PX * 2 // 3), "the lesion thumbnail is not on screen"
+    assert area(HEADER_RGB) >= 3000, "the metrics table's header is not on screen"
+
+
+def test_loss_svg_and_example_choice():
+    assert loss_svg([]) == ""
+    svg = loss_svg([{"step": 1, "loss": 2.0, "stage": "align"}, {"step": 2, "loss": 1.0, "stage": "align"},
+                    {"step": 3, "loss": 0.5, "stage": "sft"}])
+    assert svg.count('class="stage"') == 2 and "<polyline" in svg
+    # fixed/broken first, then unchanged ones in turn per task, back in the original order
+    changes = ["unchanged", "fixed", "unchanged", "unchanged", "broken", "unchanged"]
+    tasks = ["a", "a", "a", "b", "b", "b"]
+    assert pick_examples(changes, tasks, 4) == [0, 1, 3, 4]
+    assert pick_examples(changes, tasks, 1) == [1]
+
+
+def test_a_page_without_the_base_model(page):
+    """eval.compare_base: false -> no base column, no change filter, every item 'tuned only'."""
+    res = {k: v for k, v in page["results"].items() if k not in ("base", "paired")}
+    path = write_html(res, page["samples"], {"tuned": page["preds"]["tuned"]}, [], page["tmp"] / "tuned.html")
+    html = path.read_text()
+    assert "<th>base</th>" not in html and "<th>change</th>" not in html
+    assert html.count('data-change="tuned only"') == 4 and 'value="fixed"' not in html
+    assert "no training loss records" in html
