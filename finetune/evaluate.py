@@ -314,7 +314,7 @@ def evaluate(recipe, run_dir: Path | None = None) -> dict:
     samples, skipped = read_split(recipe.data.eval, recipe, on_error="skip")
     if not samples and not skipped:
         raise ConfigError("data.eval is empty: evaluation needs a held-out split")
-    family = family_for(recipe.model.path, recipe.model.family)
+    family = family_for(recipe.model.path, recipe.model.family, recipe.model.revision)
     precision = choose_precision(recipe.train.precision)
     loaded = family.load(recipe, dtype=torch_dtype(precision), attn="sdpa")
     # the checks training ran on this split (instant when it did): under `skip` the same samples

@@ -240,6 +240,9 @@ def export_merged(run_dir: Path, recipe, *, force: bool) -> Path:
                        "compared": f"logits of the export reloaded from disk vs the base+adapter model, "
                                    f"{str(dtype).replace('torch.', '')}"},
         }
+        staged = _stages_of(run_dir)
+        if staged:
+            manifest["stages"] = staged
         write_model_card(tmp, recipe, family, run_dir, base_path, manifest, loaded.is_full_checkpoint)
         manifest["files"] = {p.name: sha256(p) for p in sorted(tmp.iterdir()) if p.is_file()}
         (tmp / "export_manifest.json").write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
@@ -251,6 +254,18 @@ def export_merged(run_dir: Path, recipe, *, force: bool) -> Path:
                               f"nothing was written to {target}")
         _kill_point("verified")
     return target
+
+
+def _stages_of(run_dir: Path) -> dict | None:
+    """A staged run (stages.yaml beside recipe.yaml): the original base and the stages in order;
+    the merged model is the last stage's adapter on the stage before's merged export."""
+    from finetune.recipe import load_resolved
+
+    path = Path(run_dir) / "stages.yaml"
+    if not path.exists():
+        return None
+    staged = load_resolved(path)
+    return {"original_base": staged.model.path, "stages": [name for name, _, _ in staged.stages]}
 
 
 def export_quantized(run_dir: Path, recipe, *, force: bool) -> Path:
