@@ -870,32 +870,31 @@ def stage_settings(merged: dict, stage: dict) -> dict:
     return out
 
 
-def _build_stages(stages: Any, merged: dict, layers: Sequence[_Layer], problems: _Problems) -> list:
-    """`stages:` checked and resolved: (name, settings as written, recipe) per stage."""
-    where = problems.layers[_layer_index(layers, "stages")][0] if _layer_index(layers, "stages") >= 0 else None
+def _build_stages(stages: Any, merged: dict, problems: _Problems) -> list:
+    """`stages:` checked and resolved: (name, settings as written, recipe) per stage (a problem's
+    path `stages[i]...` names the layer that set `stages`)."""
     if not isinstance(stages, list) or not stages:
         problems.add("stages", f"must be a non-empty list of stages ({{name: ..., roles: ..., data: ..., train: ...}}), "
-                               f"got {_describe(stages)}", where)
+                               f"got {_describe(stages)}")
         return []
     out, names = [], []
     for i, stage in enumerate(stages):
         p = f"stages[{i}]"
         if not isinstance(stage, dict):
-            problems.add(p, f"must be a mapping with name and any of roles, data, train; got {_describe(stage)}", where)
+            problems.add(p, f"must be a mapping with name and any of roles, data, train; got {_describe(stage)}")
             continue
         bad = [k for k in stage if k not in STAGE_KEYS]
         for k in bad:
             problems.add(f"{p}.{k}", f"a stage sets only {', '.join(STAGE_KEYS)}" + (
                 "; the model, eval, export and output settings are the recipe's, for every stage"
-                if k in ("model", "eval", "export", "output") else f" ({_unknown_key_message(str(k), STAGE_KEYS)})"),
-                where)
+                if k in ("model", "eval", "export", "output") else f" ({_unknown_key_message(str(k), STAGE_KEYS)})"))
         name = stage.get("name")
         if not isinstance(name, str) or not _STAGE_NAME.match(name):
             problems.add(f"{p}.name", "needs a name of letters, digits, '-' and '_' (it names the stage's folder), "
-                                      f"got {_describe(name)}", where)
+                                      f"got {_describe(name)}")
             continue
         if name in names:
-            problems.add(f"{p}.name", f"two stages are named {name!r}; give each its own name", where)
+            problems.add(f"{p}.name", f"two stages are named {name!r}; give each its own name")
             continue
         names.append(name)
         stage_problems = _Problems(problems.layers, problems.fallback)
@@ -905,7 +904,7 @@ def _build_stages(stages: Any, merged: dict, layers: Sequence[_Layer], problems:
         for source, path, message in stage_problems.items:
             top = path.split(".")[0].split("[")[0]
             if top in stage:  # what the recipe itself sets is reported once, above
-                problems.add(f"{p}.{path}", message, source or where)
+                problems.add(f"{p}.{path}", message, source)
         out.append((name, copy.deepcopy(stage), rec))
     return out
 
@@ -937,7 +936,7 @@ def _resolve_layers(layers: Sequence[_Layer], name: str, extra: Sequence[tuple[s
     _fill(recipe, merged, "", problems)
     _check(recipe, problems, staged=stages is not None)
     if stages is not None:
-        recipe._stages = _build_stages(stages, merged, layers, problems)
+        recipe._stages = _build_stages(stages, merged, problems)
     if problems.items:
         raise _format_error(name, problems.lines())
     sources = {}

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from conftest import tiny_recipe
+from test_train_e2e import losses
 
 
 @dataclass
@@ -70,10 +71,6 @@ def test_a_mixture_trains_its_shares_and_resumes_in_the_same_order(tmp_path, sma
     assert by["domain"]["share"] == pytest.approx(0.75, abs=0.02)
     assert by["general"]["share"] == pytest.approx(0.25, abs=0.02)
     assert by["domain"]["epoch_samples"] > by["domain"]["samples"]  # the smaller source is repeated
-
-    def losses(run):
-        return {r["step"]: r["loss"] for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines())
-                if "loss" in r}
 
     recipe = tiny_recipe(tmp_path / "b", small_demo, mix)
     monkeypatch.setenv("FINETUNE_CRASH_AFTER_STEP", "5")

@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 
 from conftest import ROOT, tiny_overrides
+from test_train_e2e import losses
 
 pytestmark = pytest.mark.slow
 
@@ -30,15 +31,6 @@ def staged_file(tmp_path: Path) -> Path:
     p = tmp_path / "staged.yaml"
     p.write_text(STAGED)
     return p
-
-
-def losses(run_dir: Path) -> dict[int, float]:
-    out = {}
-    for line in (run_dir / "metrics.jsonl").read_text().splitlines():
-        rec = json.loads(line)
-        if "loss" in rec:
-            out[rec["step"]] = rec["loss"]
-    return out
 
 
 def test_stage_settings_and_their_errors(tmp_path):

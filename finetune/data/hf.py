@@ -219,7 +219,7 @@ class MediaStore:
             raise MediaProblem(f"unreadable_{kind}", f"the {kind} value has neither bytes nor a path"
                                + (" nor an array" if kind == "audio" else ""))
         if isinstance(value, (bytes, bytearray)):
-            return self._image_bytes(bytes(value)) if kind == "image" else self._audio_bytes(bytes(value))
+            return self._media_bytes(bytes(value), kind)
         if isinstance(value, (str, os.PathLike)):
             return self.reference(value)
         if kind == "audio" and isinstance(value, (list, np.ndarray)):
@@ -266,40 +266,24 @@ class MediaStore:
         self.written += 1
         return str(final)
 
-    def _image_bytes(self, data: bytes) -> str:
+    def _media_bytes(self, data: bytes, kind: str) -> str:
+        """An embedded image or audio file: published once under its content hash, after the
+        full decode training does (a truncated file fails here, named by its row)."""
         from finetune.data import media
 
         digest = hashlib.sha256(data).hexdigest()
-        suffix = _image_suffix(data)
+        suffix = _image_suffix(data) if kind == "image" else _audio_suffix(data)
         done = self._final(digest, suffix)
         if done is not None:
             return str(done)
 
         def check(tmp: Path):
             try:
-                media.load_image(tmp)  # the full decode training does: a truncated file fails here
+                media.load_image(tmp) if kind == "image" else media.load_audio(tmp, sampling_rate=None)
             except media.MediaError as e:
-                raise MediaProblem(getattr(e, "kind", None) or "unreadable_image",
-                                   f"the embedded image ({len(data)} bytes) does not decode: "
+                raise MediaProblem(getattr(e, "kind", None) or f"unreadable_{kind}",
+                                   f"the embedded {kind} ({len(data)} bytes) does not decode: "
                                    + str(e).replace(f" '{tmp}'", "")) from None
-
-        return self._publish(lambda tmp: Path(tmp).write_bytes(data), suffix, digest, check)
-
-    def _audio_bytes(self, data: bytes) -> str:
-        from finetune.data import media
-
-        digest = hashlib.sha256(data).hexdigest()
-        suffix = _audio_suffix(data)
-        done = self._final(digest, suffix)
-        if done is not None:
-            return str(done)
-
-        def check(tmp: Path):
-            try:
-                media.load_audio(tmp, sampling_rate=None)
-            except media.MediaError as e:
-                raise MediaProblem(e.kind or "unreadable_audio", f"the embedded audio ({len(data)} bytes) does not "
-                                   "decode: " + str(e).replace(f" '{tmp}'", "")) from None
 
         return self._publish(lambda tmp: Path(tmp).write_bytes(data), suffix, digest, check)
 
