@@ -503,7 +503,9 @@ def collate_media(batch: list[EncodedSample]) -> dict[str, Any]:
 
 
 # ---- the tiny model ------------------------------------------------------------------------
-TINY_VERSION = 3  # 2: 128x128 images, 16 tokens, no layer scale; 3: AltUp's output scale not zero
+TINY_VERSION = 4  # 2: 128x128 images, 16 tokens, no layer scale; 3: AltUp's output scale not zero;
+#                   4: sliding window 32 (was 8), q/k norm scales head_dim^-1/4,
+#                   the image embedder centred
 #: reserved ids per tower block of the vocabulary (the real model has 128 each)
 TINY_TOWER_VOCAB = 8
 # the MSFA fuses the stride-16 and stride-32 features (8x8 at 128 px) and pools them to 4x4 tokens:
@@ -548,7 +550,7 @@ def tiny_config(tok):
     init = 0.1
     text = dict(vocab_size=vocab, vocab_size_per_layer_input=v_off, hidden_size=64, hidden_size_per_layer_input=16,
                 intermediate_size=128, num_hidden_layers=4, num_attention_heads=2, num_key_value_heads=1, head_dim=32,
-                layer_types=["sliding_attention", "full_attention"] * 2, sliding_window=8, num_kv_shared_layers=2,
+                layer_types=["sliding_attention", "full_attention"] * 2, sliding_window=32, num_kv_shared_layers=2,
                 laurel_rank=8, altup_num_inputs=2, activation_sparsity_pattern=[0.95, 0.0, 0.0, 0.0],
                 max_position_embeddings=4096, pad_token_id=ids["<pad>"], eos_token_id=ids["<eos>"],
                 bos_token_id=ids[BOS], initializer_range=init)
@@ -590,6 +592,14 @@ def build_tiny(folder: Path, seed: int = 0) -> None:
         # nothing; a released model has it trained
         for layer in model.model.language_model.layers:
             layer.altup.correct_output_scale.normal_(1.0, 0.1)
+            # Gemma 3n's attention has no 1/sqrt(head_dim): its q/k norms' scales carry the
+            # temperature, which a released model has learned. At 1 the tiny model's attention
+            # logits have std sqrt(32) and its softmax starts saturated; head_dim^-1/4 on both
+            # gives the usual std 1 (the demo's loss after 800 steps: 0.19 instead of 0.26)
+            for name in ("q_norm", "k_norm"):  # a KV-shared layer has no k_norm (it reads its keys)
+                if hasattr(layer.self_attn, name):
+                    getattr(layer.self_attn, name).weight.fill_(cfg.text_config.head_dim ** -0.25)
+        centre_image_embedder(model, seed)
     _check_audio_rows(model, cfg)
     model.save_pretrained(str(folder), safe_serialization=True)
     tok.save_pretrained(str(folder))
@@ -610,6 +620,39 @@ def build_tiny(folder: Path, seed: int = 0) -> None:
                            eos_token_id=[tok.convert_tokens_to_ids("<eos>"), tok.convert_tokens_to_ids(END_TURN)],
                            do_sample=False)
     gen.save_pretrained(str(folder))
+
+
+def centre_image_embedder(model, seed: int) -> None:
+    """Remove from the image embedder's projection what every image's features share.
+
+    A random MobileNetV5 gives every image nearly the same features: per soft token a mean that
+    no image changes, and on top of it a part that does (about 9% of the embeddings' size after the
+    embedder's norms, against about 30% for the other tiny families' vision paths). A small
+    random LLM does not learn to read so small a difference in a demo's time, and training the
+    tower or the embedder makes it smaller still (their updates grow the shared part). A released
+    model's embedder is trained to give images distinct embeddings; the tiny one is given that
+    property by construction: the per-token mean features of 32 synthetic scans (the demo's own
+    generator, both kinds, with and without a lesion) are projected out of the projection's input
+    space, after which images differ by about 90% of the embeddings' size."""
+    from PIL import Image
+
+    from finetune.demo_data import KINDS, make_image
+
+    rng = np.random.default_rng(seed)
+    inner = model.model
+    feats = []
+    for kind in KINDS:
+        for lesion in (False, True):
+            for _ in range(8):
+                img = Image.fromarray(make_image(kind, lesion, rng)[0]).convert("RGB")
+                img = img.resize((TINY_IMAGE_SIZE, TINY_IMAGE_SIZE), Image.Resampling.BILINEAR)
+                x = torch.from_numpy(np.asarray(img, np.float32) / 255).permute(2, 0, 1)[None]  # as the processor
+                h = inner.vision_tower(pixel_values=x, do_pooling=False, return_dict=True).last_hidden_state
+                h = h.reshape(1, h.shape[1], -1).permute(0, 2, 1) * model.config.vision_config.hidden_size ** 0.5
+                feats.append(inner.embed_vision.soft_embedding_norm(h))
+    q, _ = torch.linalg.qr(torch.cat(feats).mean(0).T)  # an orthonormal basis of the per-token means
+    w = inner.embed_vision.embedding_projection.weight
+    w.sub_((w @ q) @ q.T)
 
 
 def _plain(x):
