@@ -236,3 +236,45 @@ def test_tiny_sliding_window_is_shorter_than_an_image_sample(gemma, media_dir): 
             {"role": "assistant", "content": "No."}]
     enc = fam.encode(parse_sample({"messages": msgs}, source="t.jsonl", line=1, base_dir=media_dir), loaded.processor)
     assert enc.num_tokens > window + 8, (enc.num_tokens, window)
+
+
+def test_a_frozen_vision_path_encodes_an_image_once(gemma, media_dir):  # noqa: F811
+    """With the tower and embedder frozen, an image seen before is served from the cache: the
+    same features to the bit, no tower call. A weight changed in place is a miss (no stale
+    features), and a trainable path is never cached."""
+    fam, loaded = gemma
+    inner = loaded.model.model
+    cache = inner._frozen_image_cache
+    pix = loaded.processor.process_image(Image.open(media_dir / "a.png"))[None]
+    calls = []
+    hook = inner.vision_tower.register_forward_hook(lambda *a: calls.append(1))
+    path = [p for m in (inner.vision_tower, inner.embed_vision) for p in m.parameters()]
+    was = [p.requires_grad for p in path]
+    for p in path:
+        p.requires_grad_(False)  # as the recipe's frozen roles leave them
+    try:
+        first = inner.get_image_features(pix, return_dict=True).pooler_output
+        n = len(calls)
+        again = inner.get_image_features(torch.cat([pix, pix]), return_dict=True).pooler_output
+        assert len(calls) == n and cache.hits >= 2  # both served from the cache
+        assert torch.equal(again[0], first[0]) and torch.equal(again[1], first[0])
+        w = inner.embed_vision.embedding_projection.weight
+        with torch.no_grad():
+            w.mul_(2.0)
+        try:
+            changed = inner.get_image_features(pix, return_dict=True).pooler_output
+        finally:
+            with torch.no_grad():
+                w.div_(2.0)
+        assert not torch.equal(changed, first)
+        w.requires_grad_(True)
+        try:
+            misses = cache.misses
+            inner.get_image_features(pix, return_dict=True)
+            assert cache.misses == misses and len(calls) > n + 1  # not looked up: the tower ran
+        finally:
+            w.requires_grad_(False)
+    finally:
+        hook.remove()
+        for p, r in zip(path, was):
+            p.requires_grad_(r)

@@ -446,7 +446,8 @@ class Gemma3nFamily(Family):
 
 
 def images_one_by_one(model: torch.nn.Module) -> None:
-    """Encode one image per vision-tower call (the trainable model only; checkpoints unchanged).
+    """Encode one image per vision-tower call (the trainable model only; checkpoints unchanged),
+    and reuse a frozen vision path's features for an image it has encoded before.
 
     Convolution kernels pick their algorithm by batch size, so MobileNetV5 on a stack of images
     gives each image's features a rounding different from the same image alone (about 1e-6
@@ -455,6 +456,11 @@ def images_one_by_one(model: torch.nn.Module) -> None:
     image's features independent of what it is packed with, at the cost of one tower call per
     image (each image is already a large convolutional workload: 768x768 pixels).
 
+    While no parameter of the tower or the embedder trains, an image's features are a fixed
+    function of its pixels, and every epoch asks for the same images again: they are kept (see
+    `FrozenImageCache`) and the tower runs once per distinct image instead of once per use. On the
+    tiny demo the tower was a third of a step (bench/step_split.py).
+
     The loop wraps `Gemma3nModel.get_image_features` of this instance, which looks the tower up
     at each call: PEFT replaces a trained tower by a wrapper of its copy, which must be the one
     that runs (a wrapper bound to the tower itself would keep running the frozen original)."""
@@ -462,11 +468,25 @@ def images_one_by_one(model: torch.nn.Module) -> None:
     if getattr(inner, "_one_image_per_call", False):
         return
     batched = inner.get_image_features
+    cache = FrozenImageCache(inner)
+
+    def one(x: torch.Tensor, args, kwargs):
+        key = cache.key(x, args, kwargs)
+        if key is None:
+            return batched(x, *args, **kwargs)
+        hit = cache.get(key)
+        if hit is None:
+            with torch.no_grad():
+                hit = batched(x, *args, **kwargs)
+            cache.put(key, hit)
+        return _copy_output(hit)
 
     def get_image_features(pixel_values: torch.Tensor, *args, **kwargs):
-        if pixel_values.shape[0] <= 1:
+        if pixel_values.shape[0] == 0:
             return batched(pixel_values, *args, **kwargs)
-        outs = [batched(pixel_values[i:i + 1], *args, **kwargs) for i in range(pixel_values.shape[0])]
+        outs = [one(pixel_values[i:i + 1], args, kwargs) for i in range(pixel_values.shape[0])]
+        if len(outs) == 1:
+            return outs[0]
         if isinstance(outs[0], torch.Tensor):
             return torch.cat(outs)
         first = outs[0]
@@ -479,6 +499,58 @@ def images_one_by_one(model: torch.nn.Module) -> None:
 
     inner.get_image_features = get_image_features
     inner._one_image_per_call = True
+    inner._frozen_image_cache = cache
+
+
+class FrozenImageCache:
+    """Image features of a frozen vision path (tower and embedder), by pixel content.
+
+    A key is made only when nothing in the path trains, its modules are in eval-equivalent form
+    (no dropout or drop-path with a nonzero rate) and the pixels live on the CPU (hashing device
+    memory would make every step wait for the device). The key holds the pixels' digest and each
+    path parameter's in-place version counter, so weights loaded or changed in place since are
+    never served stale. At most `capacity` images are kept (16 tokens x hidden floats each)."""
+
+    def __init__(self, inner, capacity: int = 8192):
+        self.inner, self.capacity, self.store, self.hits, self.misses = inner, capacity, {}, 0, 0
+
+    def _path(self):
+        return [self.inner.vision_tower, self.inner.embed_vision]
+
+    def key(self, x: torch.Tensor, args, kwargs):
+        if x.device.type != "cpu" or torch.is_grad_enabled() and x.requires_grad:
+            return None
+        params = [p for m in self._path() for p in m.parameters()]
+        if any(p.requires_grad for p in params):
+            return None
+        for m in self._path():
+            for sub in m.modules():
+                rate = getattr(sub, "drop_prob", None) if sub.training else None
+                if sub.training and (rate or isinstance(sub, torch.nn.Dropout) and sub.p):
+                    return None
+        import hashlib
+
+        digest = hashlib.blake2b(x.detach().contiguous().numpy().tobytes(), digest_size=16).digest()
+        return (digest, tuple(x.shape), x.dtype, tuple(p._version for p in params), repr(args), repr(sorted(kwargs.items())))
+
+    def get(self, key):
+        hit = self.store.get(key)
+        if hit is None:
+            self.misses += 1
+        else:
+            self.hits += 1
+        return hit
+
+    def put(self, key, value) -> None:
+        if len(self.store) < self.capacity:
+            self.store[key] = value
+
+
+def _copy_output(out):
+    """A cached result as a fresh object (callers set fields on what they get)."""
+    if isinstance(out, torch.Tensor):
+        return out
+    return type(out)(**{k: v for k, v in out.items()})
 
 
 def collate_media(batch: list[EncodedSample]) -> dict[str, Any]:
@@ -505,7 +577,7 @@ def collate_media(batch: list[EncodedSample]) -> dict[str, Any]:
 # ---- the tiny model ------------------------------------------------------------------------
 TINY_VERSION = 4  # 2: 128x128 images, 16 tokens, no layer scale; 3: AltUp's output scale not zero;
 #                   4: sliding window 32 (was 8), q/k norm scales head_dim^-1/4,
-#                   the image embedder centred
+#                   a random stem bias, the image embedder centred
 #: reserved ids per tower block of the vocabulary (the real model has 128 each)
 TINY_TOWER_VOCAB = 8
 # the MSFA fuses the stride-16 and stride-32 features (8x8 at 128 px) and pools them to 4x4 tokens:
@@ -599,6 +671,13 @@ def build_tiny(folder: Path, seed: int = 0) -> None:
             for name in ("q_norm", "k_norm"):  # a KV-shared layer has no k_norm (it reads its keys)
                 if hasattr(layer.self_attn, name):
                     getattr(layer.self_attn, name).weight.fill_(cfg.text_config.head_dim ** -0.25)
+        # transformers' init zeroes the stem convolution's bias. Gemma 3n's pixels are 0..1 and an
+        # RMS norm over channels follows the stem, so without a bias every flat region gives the
+        # same normalised vector whatever its brightness: a dark lesion on a bright fundus was
+        # invisible to the tiny tower (a linear probe on its features: 0.52 held-out, on 16x16
+        # pixels 0.93). A released model's stem has a trained bias; with a random one of std 0.5
+        # the same probe reads 0.93 on the tower's output
+        model.model.vision_tower.timm_model.conv_stem.conv.bias.normal_(0.0, 0.5)
         centre_image_embedder(model, seed)
     _check_audio_rows(model, cfg)
     model.save_pretrained(str(folder), safe_serialization=True)
@@ -627,7 +706,7 @@ def centre_image_embedder(model, seed: int) -> None:
 
     A random MobileNetV5 gives every image nearly the same features: per soft token a mean that
     no image changes, and on top of it a part that does (about 9% of the embeddings' size after the
-    embedder's norms, against about 30% for the other tiny families' vision paths). A small
+    embedder's norms, measured before the stem bias; about 30% for the other tiny families). A small
     random LLM does not learn to read so small a difference in a demo's time, and training the
     tower or the embedder makes it smaller still (their updates grow the shared part). A released
     model's embedder is trained to give images distinct embeddings; the tiny one is given that
