@@ -57,7 +57,7 @@ def main() -> None:
     if cache is None:
         sys.exit(f"{a.recipe}: its family keeps no frozen-image cache")
     trainable = [p for p in model.parameters() if p.requires_grad]
-    if cache.key(torch.zeros(1, 3, 8, 8), (), {}) is None:
+    if cache.path_state(torch.zeros(1, 3, 8, 8)) is None:
         sys.exit(f"{a.recipe}: the vision path trains, so nothing is cached")
     model.train()
 
