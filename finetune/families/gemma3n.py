@@ -579,9 +579,9 @@ def collate_media(batch: list[EncodedSample]) -> dict[str, Any]:
 
 
 # ---- the tiny model ------------------------------------------------------------------------
-TINY_VERSION = 4  # 2: 128x128 images, 16 tokens, no layer scale; 3: AltUp's output scale not zero;
+TINY_VERSION = 5  # 2: 128x128 images, 16 tokens, no layer scale; 3: AltUp's output scale not zero;
 #                   4: sliding window 32 (was 8), q/k norm scales head_dim^-1/4,
-#                   a random stem bias, the image embedder centred
+#                   a random stem bias, the image embedder centred; 5: the vision tower 2-3x wider
 #: reserved ids per tower block of the vocabulary (the real model has 128 each)
 TINY_TOWER_VOCAB = 8
 # the MSFA fuses the stride-16 and stride-32 features (8x8 at 128 px) and pools them to 4x4 tokens:
