@@ -44,7 +44,8 @@ _ready = False
 #: with a multi-query attention block; each stage ends in a conv block (the MSFA reads them).
 #: Widths 24 (stem), 32, 48, 96, 96: a frozen random tower's features are what the tiny demo's LLM
 #: learns to read, and at 8, 16, 16, 32, 32 they were too poor for it (an attention-pooled probe
-#: for "lesion?" on held-out demo scans: 0.68-0.93 over 7 init seeds, 0.90-0.95 at these widths)
+#: for "lesion?" on held-out demo scans at 128 px: 0.68-0.93 over 7 init seeds, 0.90-0.95 at
+#: these widths)
 TINY_BLOCKS = [
     ["er_r1_k3_s2_e4_c32"],
     ["uir_r1_a3_k5_s2_e4_c48"],
