@@ -206,9 +206,27 @@ def load_for_training(recipe: Recipe, family: Family, precision: str) -> LoadedM
     dtype = torch_dtype(precision)
     attn = None if recipe.model.attn == "auto" else recipe.model.attn
     loaded = family.load(recipe, dtype=dtype, attn=attn or "sdpa")
-    if recipe.model.quantize == "4bit" and not torch.cuda.is_available():
-        tell_4bit_on_cpu()
+    if recipe.model.quantize == "4bit":
+        keep_4bit_layout_for_training(loaded.model)
+        if not torch.cuda.is_available():
+            tell_4bit_on_cpu()
     return loaded
+
+
+def keep_4bit_layout_for_training(model) -> int:
+    """Stop bitsandbytes repacking 4-bit weights for CPU inference; returns the layers changed.
+
+    On a CPU with AVX-512 BF16, a Linear4bit repacks its weight into an inference-only layout the
+    first time it runs in eval mode without grad, and keeps that layout: a training forward after it
+    fails at the bias add ("a view of a leaf Variable that requires grad is being used in an in-place
+    operation", bitsandbytes 0.50) and that path has no backward. The checks before step 1 make such
+    forwards, so a model loaded for training keeps the trainable layout."""
+    n = 0
+    for mod in model.modules():
+        if type(mod).__name__ == "Linear4bit" and getattr(mod, "support_avx512bf16_for_cpu", False):
+            mod.support_avx512bf16_for_cpu = False
+            n += 1
+    return n
 
 
 # ---- several processes ----------------------------------------------------------------------

@@ -125,6 +125,28 @@ def test_qlora_quantizes_exactly_the_llm_linear_layers():
                                        if fam.role_of(n) == "llm")
 
 
+def test_a_4bit_model_loaded_for_training_still_trains_after_an_inference_forward():
+    """bitsandbytes repacks a Linear4bit for CPU inference on its first eval-mode forward without
+    grad where the CPU has AVX-512 BF16, and a training forward then fails; the checks before
+    step 1 make such a forward. (Where the CPU lacks AVX-512 BF16 nothing is repacked either way.)"""
+    from finetune.train import load_for_training
+
+    fam = get_family("qwen2_5_omni")
+    recipe = load_recipe("medical-tiny", ["model.quantize=4bit"])
+    loaded = load_for_training(recipe, fam, "fp32")
+    four_bit = [m for m in loaded.model.modules() if type(m).__name__ == "Linear4bit"]
+    assert four_bit and not any(m.support_avx512bf16_for_cpu for m in four_bit)
+    model, _ = adapters.apply_roles(loaded.model, fam, recipe)
+    ids = torch.tensor([[5, 6, 7, 8, 9, 10]])
+    model.eval()
+    with torch.no_grad():
+        model(input_ids=ids)
+    assert not any(getattr(m.weight.quant_state, "packing_format_for_cpu", False) for m in four_bit)
+    model.train()
+    model(input_ids=ids, labels=ids).loss.backward()
+    assert any(p.grad is not None for n, p in model.named_parameters() if "lora_" in n)
+
+
 def test_audio_head_cannot_be_trained():
     from finetune.recipe import RecipeError
 

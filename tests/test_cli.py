@@ -76,11 +76,16 @@ def test_the_console_prints_tens_of_lines_not_one_dict_per_step(tmp_path, small_
     assert len(records) == 60  # the full record is kept
 
 
-def test_the_bitsandbytes_cpu_kernel_notice_is_held_until_4bit_runs_on_the_cpu(capsys, caplog):
+def test_the_bitsandbytes_cpu_kernel_notice_is_held_until_4bit_runs_on_the_cpu(capsys, caplog, monkeypatch):
     import logging
 
     import finetune  # noqa: F401  (installs the hold)
     from finetune import console
+
+    # a fresh process's state: on a CPU with AVX-512 BF16 bitsandbytes really logs the notice at
+    # import, and a 4-bit test earlier in this process has then told it already
+    monkeypatch.setattr(console, "_bnb_notes", [])
+    monkeypatch.setattr(console, "_bnb_told", False)
 
     logging.getLogger("bitsandbytes.backends.cpu.ops").warning(
         "Failed to load CPU gemm_4bit_forward from kernels-community: no network")
