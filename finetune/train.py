@@ -213,20 +213,17 @@ def load_for_training(recipe: Recipe, family: Family, precision: str) -> LoadedM
     return loaded
 
 
-def keep_4bit_layout_for_training(model) -> int:
-    """Stop bitsandbytes repacking 4-bit weights for CPU inference; returns the layers changed.
+def keep_4bit_layout_for_training(model) -> None:
+    """Stop bitsandbytes repacking 4-bit weights for CPU inference.
 
     On a CPU with AVX-512 BF16, a Linear4bit repacks its weight into an inference-only layout the
     first time it runs in eval mode without grad, and keeps that layout: a training forward after it
     fails at the bias add ("a view of a leaf Variable that requires grad is being used in an in-place
     operation", bitsandbytes 0.50) and that path has no backward. The checks before step 1 make such
     forwards, so a model loaded for training keeps the trainable layout."""
-    n = 0
     for mod in model.modules():
-        if type(mod).__name__ == "Linear4bit" and getattr(mod, "support_avx512bf16_for_cpu", False):
+        if type(mod).__name__ == "Linear4bit":
             mod.support_avx512bf16_for_cpu = False
-            n += 1
-    return n
 
 
 # ---- several processes ----------------------------------------------------------------------
