@@ -5,8 +5,8 @@ The base model is the same PEFT model with its adapters disabled, so both are sc
 run on identical inputs. Each sample is scored by `eval.metric` (or its own "metric" key):
 exact, yesno, choice or open (finetune/metrics.py says how each reads an answer); `auto`
 picks choice for a sample with "options", yesno when the reference is yes or no, else exact.
-The reference is the sample's `answer`, else the first sentence of its last assistant turn
-(for `open`: the whole last assistant turn).
+The reference is the sample's `answer`, else the first sentence of its last assistant turn (a
+sentence end inside quotes does not count; for `open`: the whole last assistant turn).
 
 Multiple choice: the options travel in the sample's JSONL line as a top-level "options" key
 (kept in `Sample.meta` by the schema), either {"A": "Chest X-ray", "B": "Fundus photograph"}
@@ -37,6 +37,7 @@ from finetune.errors import ConfigError, MissingFileError
 from finetune.families.base import IGNORE_INDEX
 from finetune.metrics import first_sentence, is_match, normalise  # noqa: F401  (this module's API before metrics.py)
 from finetune.probes import generate
+from finetune.report import NO_TASK, md_text, sample_label
 
 MODALITIES = ("image", "audio", "video", "text")
 
@@ -124,7 +125,7 @@ def _groups(samples) -> tuple[dict[str, list[int]], dict[str, list[int]]]:
     by_task: dict[str, list[int]] = {}
     by_mod: dict[str, list[int]] = {}
     for i, s in enumerate(samples):
-        by_task.setdefault(s.task or "all", []).append(i)
+        by_task.setdefault(s.task or NO_TASK, []).append(i)
         for k in modalities_of(s):
             by_mod.setdefault(k, []).append(i)
     return dict(sorted(by_task.items())), {k: by_mod[k] for k in MODALITIES if k in by_mod}
@@ -354,7 +355,7 @@ def evaluate(recipe, run_dir: Path | None = None) -> dict:
                 f.write(json.dumps({**row, **{k: v[i] for k, v in g_preds.items()},
                                     **{f"{k}_score": g[k]["per_sample"][i]["score"] for k in g_preds}}) + "\n")
     results["examples"] = [
-        {"id": s.id, "task": s.task, "reference": reference_of(s),
+        {"id": s.id, "task": s.task, "line": s.line, "reference": reference_of(s),
          **{f"{k}_prediction": v[i] for k, v in predictions.items()}}
         for i, s in enumerate(samples[: recipe.eval.examples])
     ]
@@ -363,7 +364,8 @@ def evaluate(recipe, run_dir: Path | None = None) -> dict:
         from finetune.report import write_html
 
         results["report"] = str(run_dir / "eval.html")
-        write_html(results, samples, predictions, read_loss_history(run_dir), run_dir / "eval.html")
+        write_html(results, samples, predictions, read_loss_history(run_dir), run_dir / "eval.html",
+                   media=recipe.eval.report_media)
     else:  # no page from an earlier evaluation left beside these results
         (run_dir / "eval.html").unlink(missing_ok=True)
     (run_dir / "eval.json").write_text(json.dumps(results, indent=2))
@@ -412,7 +414,8 @@ def figure_rows(r: dict) -> list[dict]:
     add(f"score ({_metric_label(sc.get('metrics', {}))})", sc["n"], {n: r[n]["score"] for n in names},
         paired.get("overall"))
     for t, pt in r[names[-1]]["per_task"].items():
-        add(f"task {t} ({_metric_label(pt.get('metrics', []))})", pt["n"],
+        task = "samples without a task" if t == NO_TASK else f"task {t}"
+        add(f"{task} ({_metric_label(pt.get('metrics', []))})", pt["n"],
             {n: r[n]["per_task"].get(t) for n in names}, paired.get("per_task", {}).get(t), kind="task")
     for k, pm in r[names[-1]]["per_modality"].items():
         add(f"modality {k}", pm["n"], {n: r[n]["per_modality"].get(k) for n in names},
@@ -435,28 +438,33 @@ def figure_rows(r: dict) -> list[dict]:
 
 
 def format_markdown(r: dict) -> str:
-    """eval.md: before/after table with 95% intervals and paired p-values, and a few example predictions."""
+    """eval.md: before/after table with 95% intervals and paired p-values, and a few example predictions.
+
+    Every data-derived field (ids, tasks, references, answers, file names) goes through
+    report.md_text: a tag in a model answer stays text, a pipe does not split a table cell."""
     names = [n for n in ("base", "tuned") if n in r]
-    lines = [f"# Evaluation of {r['recipe']}", "", f"{r['n_samples']} held-out samples from `{r['eval_file']}`; "
-             f"metric `{r.get('metric', 'exact')}`. Figures are means with a 95% bootstrap interval "
-             f"({r.get('bootstrap', 0)} resamples); p is a paired sign-flip test of base vs tuned (exact McNemar "
-             "for right/wrong scores).", ""]
+    lines = [f"# Evaluation of {md_text(r['recipe'])}", "", f"{r['n_samples']} held-out samples from "
+             f"{md_text(r['eval_file'])}; metric {md_text(r.get('metric', 'exact'))}. Figures are means with a 95% "
+             f"bootstrap interval ({r.get('bootstrap', 0)} resamples); p is a paired sign-flip test of base vs tuned "
+             "(exact McNemar for right/wrong scores).", ""]
     head = "| figure | n | " + " | ".join(names) + (" | change |" if "paired" in r else " |")
     lines += [head, "|---|---|" + "---|" * (len(names) + ("paired" in r))]
     for row in figure_rows(r):
         cells = [fmt_figure(row["figures"].get(n)) for n in names]
-        line = f"| {row['label']} | {row['n'] if row['n'] is not None else ''} | " + " | ".join(cells) + " |"
+        line = f"| {md_text(row['label'])} | {row['n'] if row['n'] is not None else ''} | " + " | ".join(cells) + " |"
         if "paired" in r:
             ch = "" if row["change"] is None else f"{row['change']:+.3f} {fmt_p(row['p'])}"
             line += f" {ch} |"
         lines.append(line)
     if r.get("report"):
-        lines += ["", f"The page with the loss curve and the examples (media inline): `{Path(r['report']).name}`."]
+        lines += ["", f"The page with the loss curve and the examples: {md_text(Path(r['report']).name)}."]
     lines += ["", "## Examples", ""]
     for ex in r["examples"]:
-        lines.append(f"- `{ex['id']}` ({ex['task']}), reference **{ex['reference']}**")
+        label = md_text(sample_label(ex.get("id"), line=ex.get("line")))
+        task = f" ({md_text(ex['task'])})" if ex.get("task") else ""
+        lines.append(f"- {label}{task}, reference **{md_text(ex['reference'])}**")
         for n in names:
-            lines.append(f"  - {n}: {ex.get(n + '_prediction', '')!r}")
+            lines.append(f"  - {n}: {md_text(ex.get(n + '_prediction', '')) or '(no answer)'}")
     return "\n".join(lines) + "\n"
 
 

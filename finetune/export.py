@@ -23,7 +23,7 @@ import torch
 
 from finetune.errors import UserError
 from finetune.probes import pick_probes, probe_logits
-from finetune.recipe import ROLE_NAMES
+from finetune.recipe import ROLE_NAMES, file_name, model_name
 
 
 class ExportError(UserError, RuntimeError):
@@ -62,7 +62,9 @@ def _eval_lines(run_dir: Path) -> list[str]:
     if not (run_dir / "eval.json").exists():
         return ["", "No evaluation was run before this export."]
     ev = json.loads((run_dir / "eval.json").read_text())
-    lines = ["", "## Evaluation (held-out)", "", "| metric | base | tuned |", "|---|---|---|"]
+    n = ev.get("n_samples")
+    lines = ["", "## Evaluation (held-out)" + (f", {n} samples" if isinstance(n, int) else ""), "",
+             "| metric | base | tuned |", "|---|---|---|"]
     for k in ("accuracy", "lesion_accuracy", "token_loss"):
         if k in ev.get("tuned", {}):
             b = ev.get("base", {}).get(k)
@@ -70,24 +72,74 @@ def _eval_lines(run_dir: Path) -> list[str]:
     return lines
 
 
+def count_samples(path: str) -> int | None:
+    """Samples in a local JSONL file (its non-blank lines, read in blocks: bounded memory for any
+    line length); None for anything else or a file that cannot be read from here."""
+    p = Path(path)
+    if p.suffix != ".jsonl" or not p.is_file():
+        return None
+    n, content = 0, False
+    try:
+        with open(p, "rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                pieces = block.split(b"\n")
+                for i, piece in enumerate(pieces):
+                    content = content or bool(piece.strip())
+                    if i < len(pieces) - 1:  # a line ends here
+                        n, content = n + content, False
+    except OSError:
+        return None
+    return n + content
+
+
+def _data_label(path: str, details: bool, hub: str = "", split: str = "") -> str:
+    """`train.jsonl` (24 samples): by file name (the path as given with include_data_details)."""
+    if hub:
+        return f"`{hub}`" + (f" (split {split})" if split else "")
+    n = count_samples(path)
+    return f"`{path if details else file_name(path)}`" + (f" ({n} samples)" if n is not None else "")
+
+
+def data_lines(recipe) -> list[str]:
+    """The model card's data lines: every training source and the eval set by name with counts."""
+    details = recipe.export.include_data_details
+    train = " + ".join(_data_label(s.path, details, s.hub, s.split) for s in recipe.data.sources()) or "-"
+    lines = [f"- training data: {train}; eval data: "
+             f"{_data_label(recipe.data.eval, details) if recipe.data.eval else '-'}"]
+    if recipe.eval.general:
+        lines.append(f"- general set (forgetting check): {_data_label(recipe.eval.general, details)}")
+    return lines
+
+
 def _usage(recipe, family, full: bool) -> list[str]:
     lines = ["", "## Use it", ""] + family.usage(full) + [
         "", "Images are resized with the training settings written into `preprocessor_config.json`."]
-    if recipe.data.system_prompt:
+    if recipe.data.system_prompt and recipe.export.include_data_details:
         lines += ["", f"Training used this system prompt on samples without one: `{recipe.data.system_prompt}`."]
+    elif recipe.data.system_prompt:
+        lines += ["", "Training used a system prompt of its own on samples without one; its text is not written "
+                      "into this export (the run folder's `recipe.yaml` has it; `export.include_data_details: true` "
+                      "copies it here). Give the model the same system prompt at inference."]
     return lines
 
 
 def write_model_card(out: Path, recipe, family, run_dir: Path, base_path: Path, manifest: dict,
                      full_layout: bool) -> None:
-    """README.md: base, recipe, data, eval figures, verification, how to load it."""
+    """README.md: base, recipe, data (by file name with counts), eval figures, verification, how to load it.
+
+    Without `export.include_data_details` it names no absolute path, sample or system prompt text."""
     kept = manifest["unchanged_from_base"]
+    details = recipe.export.include_data_details
+    staged = manifest.get("stages")
+    base = (f"`{staged['original_base']}`, trained in stages {', '.join(staged['stages'])} (each merged before "
+            "the next)") if staged else f"`{manifest['base']}`"
     lines = [
         f"# {recipe.name}: fine-tuned {manifest['family']}", "",
         "Exported by omni-finetune: LoRA adapters merged into the base weights, `full` roles written back.", "",
-        f"- base model: `{base_path.name}` ({recipe.model.path}); layout: {manifest['layout']}",
-        f"- recipe: `{recipe.name}` (the resolved recipe is `recipe.yaml`)",
-        f"- training data: `{recipe.data.train_label}`; eval data: `{recipe.data.eval or '-'}`",
+        f"- base model: {base}; layout: {manifest['layout']}",
+        f"- recipe: `{recipe.name}` (" + ("the resolved recipe is `recipe.yaml`)" if details else
+                                          "`recipe.yaml`: the resolved recipe, data files by name)"),
+        *data_lines(recipe),
         "- trained roles: " + ", ".join(f"{r}={getattr(recipe.roles, r).mode}" for r in manifest["roles"]),
         f"- dtype: {manifest['dtype']}",
         f"- verification: max |logit difference| vs the adapter model {manifest['verify']['max_abs_diff']:.2e} "
@@ -101,9 +153,12 @@ def write_model_card(out: Path, recipe, family, run_dir: Path, base_path: Path, 
 
 
 def adapter_card(recipe, family, base: Path) -> str:
+    """adapter_export/README.md: what the adapter is for and how to load it (the base by its
+    folder name or hub id, never its absolute path unless export.include_data_details)."""
+    named = str(recipe.model.path) if recipe.export.include_data_details else model_name(recipe.model.path)
     return "\n".join([
         f"# {recipe.name}: LoRA adapter for {family.name}", "",
-        f"A PEFT adapter trained by omni-finetune on `{base.name}` ({recipe.model.path}), recipe `{recipe.name}`.",
+        f"A PEFT adapter trained by omni-finetune on `{named}`, recipe `{recipe.name}`.",
         "The processor files beside it carry the training image settings.", ""] + family.usage(False) + [""])
 
 
@@ -179,9 +234,25 @@ def export_adapter(run_dir: Path, recipe, *, force: bool) -> Path:
         family.copy_processor_files(base, tmp)
         proc = family.processor(base, recipe)
         family.write_processor_settings(tmp, proc)
+        if not recipe.export.include_data_details:
+            _name_base_only(tmp, recipe)
         (tmp / "README.md").write_text(adapter_card(recipe, family, base))
         _kill_point("adapter_written")
     return target
+
+
+def _name_base_only(folder: Path, recipe) -> None:
+    """The adapter's own records of its base (PEFT's adapter_config.json, our base_model.json) name
+    it by hub id or folder name: the run folder's copies keep the absolute path."""
+    name = model_name(recipe.model.path)
+    cfg = folder / "adapter_config.json"
+    if cfg.exists():
+        data = json.loads(cfg.read_text())
+        if data.get("base_model_name_or_path"):
+            data["base_model_name_or_path"] = name
+            cfg.write_text(json.dumps(data, indent=2, sort_keys=True))
+    if (folder / "base_model.json").exists():
+        (folder / "base_model.json").write_text(json.dumps({"base_model": name}, indent=2))
 
 
 def export_merged(run_dir: Path, recipe, *, force: bool) -> Path:
@@ -190,7 +261,7 @@ def export_merged(run_dir: Path, recipe, *, force: bool) -> Path:
 
     from finetune.checkpoint import raw_equal, tensors_of
     from finetune.families import family_for
-    from finetune.recipe import save_resolved
+    from finetune.recipe import save_resolved, save_shareable
     from finetune.train import read_split
 
     family = family_for(recipe.model.path, recipe.model.family, recipe.model.revision)
@@ -211,7 +282,8 @@ def export_merged(run_dir: Path, recipe, *, force: bool) -> Path:
 
     with _staged(target) as tmp:
         info = family.save_merged(merged, loaded, tmp, dtype=dtype, max_shard_size=recipe.export.max_shard_size)
-        save_resolved(recipe, tmp / "recipe.yaml")
+        details = recipe.export.include_data_details
+        (save_resolved if details else save_shareable)(recipe, tmp / "recipe.yaml")
         del merged, model
         _kill_point("merged_written")
         reloaded = family.load_merged_for_check(tmp, dtype)
@@ -229,18 +301,20 @@ def export_merged(run_dir: Path, recipe, *, force: bool) -> Path:
         manifest = {
             "family": family.name,
             "layout": info.get("layout", family.name),
-            "base": str(recipe.model.path),
+            "base": str(recipe.model.path) if details else model_name(recipe.model.path),
             "recipe": recipe.name,
             "dtype": str(dtype).replace("torch.", ""),
             "roles": [r for r in ROLE_NAMES if getattr(recipe.roles, r).mode != "frozen"],
             "unchanged_from_base": {"parts": parts, "tensors": len(kept), "bit_identical": same},
             "verify": {"max_abs_diff": diff, "tolerance": tol, "passed": diff <= tol and same,
-                       "probes": [{"id": s.id, "where": s.where, "modalities": sorted(s.modalities())}
-                                  for s in probes],
+                       "probes": [({"id": s.id, "where": s.where} if details else {})
+                                  | {"modalities": sorted(s.modalities())} for s in probes],
                        "compared": f"logits of the export reloaded from disk vs the base+adapter model, "
                                    f"{str(dtype).replace('torch.', '')}"},
         }
         staged = _stages_of(run_dir)
+        if staged and not details:
+            staged["original_base"] = model_name(staged["original_base"])
         if staged:
             manifest["stages"] = staged
         write_model_card(tmp, recipe, family, run_dir, base_path, manifest, loaded.is_full_checkpoint)

@@ -56,10 +56,30 @@ def normalise(text: str) -> str:
     return _ARTICLES.sub("", t)
 
 
+_QUOTES = {'"': '"', "'": "'", "\u201c": "\u201d", "\u2018": "\u2019", "\u00ab": "\u00bb", "\u201e": "\u201c"}
+
+
 def first_sentence(text: str) -> str:
-    """Text up to the first sentence end ('.', '!', '?' followed by space or end)."""
-    m = re.search(r"[.!?](\s|$)", text)
-    return text[: m.start()] if m else text
+    """Text up to the first sentence end ('.', '!', '?' followed by space or end) outside quotes.
+
+    A sentence end inside quotes does not count ('She says: "Hello. How are you?" Then...' keeps
+    the whole quote); a quote that ends a sentence ('...you?" Then', not '...you?" she asked')
+    ends it after the closing mark; a quote never closed protects the rest of the text. An apostrophe (don't, patients')
+    is not a quote: a ' opens only after a space or punctuation and closes only before one."""
+    open_: list[str] = []  # the closing marks expected, innermost last
+    n = len(text)
+    for i, ch in enumerate(text):
+        before = text[i - 1] if i else " "
+        after = text[i + 1] if i + 1 < n else " "
+        if open_ and ch == open_[-1] and not (ch in "'\u2019" and (after.isalnum() or after == "_")):
+            open_.pop()
+            if not open_ and before in ".!?" and after.isspace() and not text[i + 1:].lstrip()[:1].islower():
+                return text[: i + 1]
+        elif ch in _QUOTES and not (ch == "'" and (before.isalnum() or before == "_" or after.isspace())):
+            open_.append(_QUOTES[ch])
+        elif ch in ".!?" and not open_ and after.isspace():
+            return text[:i]
+    return text
 
 
 def tokens(text: str) -> list[str]:

@@ -24,6 +24,7 @@ from typing import Any
 import yaml
 
 from finetune.errors import UserError
+from finetune.hub import is_hub_id
 
 __all__ = [
     "ROLE_NAMES",
@@ -300,6 +301,8 @@ class EvalConfig:
     general: str = _opt("", "held-out general JSONL set scored before and after tuning (the forgetting "
                             "check); '' = none")
     report: bool = _opt(True, "also write eval.html: metrics, loss curve, examples with media, filters")
+    report_media: bool = _opt(True, "eval.html shows the examples' images and audio inline; false = the media are "
+                                    "left out (the page still holds questions and answers)")
 
 
 @dataclass
@@ -317,6 +320,12 @@ class ExportConfig:
     verify_atol: float = _opt(
         1e-4,
         "max abs logit difference accepted between merged and adapter model (the bf16 rule lives in the exporter)",
+    )
+    include_data_details: bool = _opt(
+        False,
+        "what the exports (merged/, adapter_export/) carry about the data: false = data files by name with counts, "
+        "no absolute paths, sample ids, the output folder or the system prompt's text; true = the full resolved "
+        "recipe, the system prompt and the probe samples' ids and file:line (the run folder keeps them either way)",
     )
 
 
@@ -1167,6 +1176,85 @@ def save_resolved(recipe: Recipe, path: Path) -> None:
         "# sources: default | recipe:<file that set it> | override\n"
     )
     path.write_text(header + body, encoding="utf-8")
+
+
+def file_name(path: str) -> str:
+    """A data location as shared files name it: its last part (file or folder name), never the
+    folders above it ('' stays '')."""
+    parts = re.split(r"[\\/]+", str(path or "").rstrip("\\/"))
+    return parts[-1] if parts else ""
+
+
+def model_name(path: str) -> str:
+    """model.path as shared files name it: `tiny:<family>` and a hub id (org/name) as they are, a
+    local folder by its folder name."""
+    text = str(path or "")
+    if text.startswith("tiny:") or (is_hub_id(text) and not Path(text).exists()):
+        return text
+    return file_name(text)
+
+
+def _scrub(body: dict) -> None:
+    """Reduce one recipe (or stage) mapping to what may be shared, in place: paths to names, no
+    output folder, no system prompt text."""
+    model = body.get("model")
+    if isinstance(model, dict) and isinstance(model.get("path"), str):
+        model["path"] = model_name(model["path"])
+    data = body.get("data")
+    if isinstance(data, dict):
+        if isinstance(data.get("train"), str):
+            data["train"] = file_name(data["train"])
+        elif isinstance(data.get("train"), list):
+            for src in data["train"]:
+                if isinstance(src, dict) and isinstance(src.get("path"), str):
+                    src["path"] = file_name(src["path"])
+        if isinstance(data.get("eval"), str):
+            data["eval"] = file_name(data["eval"])
+        if data.get("system_prompt"):
+            del data["system_prompt"]
+    ev = body.get("eval")
+    if isinstance(ev, dict) and isinstance(ev.get("general"), str):
+        ev["general"] = file_name(ev["general"])
+    train = body.get("train")
+    if isinstance(train, dict):
+        if isinstance(train.get("resume"), str) and train["resume"] not in ("auto", "never"):
+            train["resume"] = file_name(train["resume"])
+        if isinstance(train.get("deepspeed"), str) and re.search(r"[\\/]|\.json$", train["deepspeed"]):
+            train["deepspeed"] = file_name(train["deepspeed"])
+    out = body.get("output")
+    if isinstance(out, dict):
+        out.pop("dir", None)
+        if not out:
+            del body["output"]
+
+
+def shareable_recipe(recipe: Recipe) -> dict[str, Any]:
+    """The resolved recipe as an export carries it when `export.include_data_details` is false:
+    data files, eval.general and a local model.path named by their last part, no output folder,
+    no system prompt text (the run folder's recipe.yaml keeps all of it)."""
+    body = recipe_to_dict(recipe)
+    if recipe.stages:
+        body["stages"] = copy.deepcopy([stage for _, stage, _ in recipe.stages])
+    _scrub(body)
+    for stage in body.get("stages", []):
+        if isinstance(stage, dict):
+            _scrub(stage)
+    return body
+
+
+def save_shareable(recipe: Recipe, path: Path) -> None:
+    """Write :func:`shareable_recipe` (with each setting's origin) as YAML, saying what was left out."""
+    left_out = "data files by name only, no output folder"
+    if recipe.data.system_prompt:
+        left_out += ", the system prompt's text left out (one was used)"
+    sources = {k: (f"recipe:{file_name(v[7:])}" if v.startswith("recipe:") else v)
+               for k, v in recipe_provenance(recipe).items()}
+    body = yaml.safe_dump({"recipe": shareable_recipe(recipe), "sources": sources}, sort_keys=False,
+                          allow_unicode=True, default_flow_style=False)
+    header = (f"# Recipe '{recipe.name}' as shared with this export: {left_out}.\n"
+              "# The run folder's recipe.yaml holds the full resolved recipe (export.include_data_details: true "
+              "copies that one here).\n")
+    Path(path).write_text(header + body, encoding="utf-8")
 
 
 def load_resolved(path: Path) -> Recipe:

@@ -1,11 +1,14 @@
 """eval.html: one self-contained page to look at an evaluation.
 
 Everything is inline (CSS, a few lines of JavaScript, an SVG loss curve, images as base64 PNG or
-JPEG thumbnails, audio as base64 WAV), so the page opens from disk, offline, attached to a mail.
-It holds the metrics table with 95% intervals, the training loss curve from metrics.jsonl, and
-a sample of eval items (media, question, reference, base and tuned answer, each marked right or
-wrong) with filters by task and by what tuning changed (also from the address:
-`eval.html#task=lesion&change=fixed`).
+JPEG thumbnails, audio as base64 WAV), so the page opens from disk, offline. It holds the metrics
+table with 95% intervals, the training loss curve from metrics.jsonl, and a sample of eval items
+(media, question, reference, base and tuned answer, each marked right or wrong) with filters by
+task and by what tuning changed (also from the address: `eval.html#task=lesion&change=fixed`).
+
+The page holds data samples, and opens with a banner that says so: it is shared only where the
+eval data may go. `eval.report_media: false` leaves the images and audio out. Files are named by
+their file name, never by their folders (no absolute path is written into the page).
 
 Which items are shown (at most `max_examples`, to keep the page small): every item tuning fixed
 or broke first, then unchanged ones taken in turn from each task. An answer counts as right when
@@ -18,6 +21,7 @@ import base64
 import html
 import io
 import math
+import re
 from pathlib import Path
 
 RIGHT_AT = 0.5
@@ -25,10 +29,43 @@ THUMB_PX = 96
 AUDIO_MAX_S = 10.0  # longer clips are cut for the page
 AUDIO_BUDGET = 1_500_000  # bytes of WAV inlined per page (~2 MB as base64); later clips are named, not inlined
 MAX_EXAMPLES = 40
+NO_TASK = "(no task)"  # the task label of samples that name none ('all' is the filter's "every task")
 
 
 def _e(x) -> str:
     return html.escape("" if x is None else str(x), quote=True)
+
+
+def _name(path) -> str:
+    """The last part of a path (file or folder name)."""
+    return re.split(r"[\\/]+", str(path or "").rstrip("\\/"))[-1]
+
+
+def sample_label(sample_id, *, line: int | None = None, source: str | None = None) -> str:
+    """How reports name a sample: its id, else `file.jsonl:line` (the file by name only), else `line N`."""
+    if sample_id not in (None, ""):
+        return str(sample_id)
+    if source:
+        return f"{_name(source)}:{line}"
+    return f"line {line}" if line else "a sample without id"
+
+
+_MD_MARKS = re.compile(r"([\\`*_\[\]|~])")
+
+
+def md_text(x) -> str:
+    """Data-derived text for a markdown file: on one line, HTML escaped (a tag stays text in renderers
+    that allow HTML) and markdown's inline marks and table pipes backslash-escaped (no link, image,
+    emphasis or extra table cell comes from the data)."""
+    text = " ".join(("" if x is None else str(x)).split())
+    return html.escape(_MD_MARKS.sub(r"\\\1", text), quote=False)
+
+
+def _no_folders(message: str, path) -> str:
+    """An error message with the media file's folders (and any other absolute path) reduced to names."""
+    if path:
+        message = message.replace(str(Path(path).parent) + "/", "").replace(str(path), _name(path))
+    return re.sub(r"(?:[A-Za-z]:)?[\\/](?:[^\s\\/:'\"]+[\\/])+([^\s\\/:'\"]+)", r"\1", message)
 
 
 def is_right(score: float | None) -> bool:
@@ -92,7 +129,8 @@ def _media_html(sample, budget: list[int]) -> str:
                 budget[0] -= wave.size * 2
                 out.append(f'<audio controls preload="metadata" title="{_e(name)}" src="{wav_uri(wave, sr)}"></audio>')
         except Exception as e:  # a page with one missing thumbnail beats no page
-            out.append(f'<span class="note">{_e(part.type)} {_e(name)} not shown: {_e(e)}</span>')
+            why = _no_folders(str(e), part.path or (part.frames[0] if part.frames else ""))
+            out.append(f'<span class="note">{_e(part.type)} {_e(name)} not shown: {_e(why)}</span>')
     return "".join(out)
 
 
@@ -167,6 +205,7 @@ img.thumb{border:1px solid #d0d7de;image-rendering:auto}
 .tag{font-size:11px;border-radius:10px;padding:1px 7px;margin-left:6px;background:#eaeef2}
 .tag.fixed{background:#dafbe1}.tag.broken{background:#ffebe9}
 .note{color:#57606a;font-size:12px}
+.banner{background:#fff8c5;border:1px solid #d4a72c;border-radius:6px;padding:8px 12px;margin:0 0 16px}
 """
 
 _JS = """
@@ -246,20 +285,33 @@ def _answer(label: str, text: str, sc: dict | None) -> str:
     return f'<div class="ans {mark}"><b>{label}:</b> {_e(text)}{detail}</div>'
 
 
+def _banner(media: bool) -> str:
+    what = ("images, audio, questions, reference answers and the model's answers" if media else
+            "questions, reference answers and the model's answers (media left out)")
+    return (f'<div class="banner" role="note"><b>This page contains data samples</b> from the evaluation set: '
+            f'{what}. It should be shared only where that data may go'
+            + (" (eval.report_media: false leaves the images and audio out)." if media else ".") + "</div>")
+
+
+def _media_kinds(sample) -> str:
+    kinds = sorted({p.type for p in sample.media()})
+    return f'<span class="note">{_e(", ".join(kinds))} left out</span>' if kinds else ""
+
+
 def write_html(results: dict, samples, predictions: dict[str, list[str]], loss_history: list[dict], path,
-               max_examples: int = MAX_EXAMPLES) -> Path:
+               max_examples: int = MAX_EXAMPLES, *, media: bool = True) -> Path:
     """Write eval.html (self-contained: no request leaves the page) and return its path.
 
     `results` is what evaluate() writes to eval.json (per-sample scores under results[name]
     ['per_sample'], the rows under results['samples']); `samples` and `predictions` are the eval
     items and the answers per model name ('base', 'tuned'); `loss_history` the metrics.jsonl
-    records with a 'loss'."""
+    records with a 'loss'; `media` False (eval.report_media: false) leaves images and audio out."""
     path = Path(path)
     names = [n for n in ("base", "tuned") if n in predictions]
     per = {n: results[n]["per_sample"] for n in names}
     changes = [change_of(per["base"][i]["score"] if "base" in per else None, per["tuned"][i]["score"])
                for i in range(len(samples))]
-    tasks = [s.task or "all" for s in samples]
+    tasks = [s.task or NO_TASK for s in samples]
     shown = pick_examples(changes, tasks, max_examples)
     budget = [AUDIO_BUDGET]
     cards = []
@@ -271,8 +323,9 @@ def write_html(results: dict, samples, predictions: dict[str, list[str]], loss_h
         tag = f'<span class="tag {changes[i].replace(" ", "-")}">{_e(changes[i])}</span>'
         cards.append(
             f'<div class="card" data-task="{_e(tasks[i])}" data-change="{_e(changes[i])}">'
-            f'<div class="media">{_media_html(s, budget)}</div><div class="body">'
-            f'<div class="meta">{_e(s.id or s.where)} &middot; task {_e(tasks[i])} &middot; {_e(metric)}{tag}</div>'
+            f'<div class="media">{_media_html(s, budget) if media else _media_kinds(s)}</div><div class="body">'
+            f'<div class="meta">{_e(sample_label(s.id, line=s.line, source=s.source))} &middot; task {_e(tasks[i])} '
+            f'&middot; {_e(metric)}{tag}</div>'
             f'<div class="q">{_e(_question(s))}</div><div class="ans"><b>reference:</b> {_e(ref)}</div>'
             f"{answers}</div></div>")
     counts = {c: changes.count(c) for c in ("fixed", "broken", "unchanged", "tuned only") if c in changes}
@@ -284,13 +337,14 @@ def write_html(results: dict, samples, predictions: dict[str, list[str]], loss_h
     tally = ", ".join(f"{v} {k}" for k, v in counts.items())
     svg = loss_svg(loss_history)
     general = results.get("general")
-    gline = (f'<p class="sub">General set (forgetting check): <code>{_e(general["file"])}</code>, '
+    gline = (f'<p class="sub">General set (forgetting check): <code>{_e(_name(general["file"]))}</code>, '
              f'{general["n_samples"]} samples; rows "general set" above.</p>' if general else "")
     page = f"""<!DOCTYPE html>
 <html lang="en"><head><meta charset="utf-8"><meta name="viewport" content="width=device-width,initial-scale=1">
 <title>Evaluation of {_e(results.get("recipe"))}</title><style>{_CSS}</style></head><body>
+{_banner(media)}
 <h1>Evaluation of {_e(results.get("recipe"))}</h1>
-<p class="sub">{results.get("n_samples")} held-out samples from <code>{_e(results.get("eval_file"))}</code>;
+<p class="sub">{results.get("n_samples")} held-out samples from <code>{_e(_name(results.get("eval_file")))}</code>;
 metric <code>{_e(results.get("metric", "exact"))}</code>. Means with a 95% bootstrap interval
 ({results.get("bootstrap", 0)} resamples); change is tuned &minus; base with the p-value of a paired sign-flip
 test (exact McNemar for right/wrong scores).</p>
@@ -298,7 +352,8 @@ test (exact McNemar for right/wrong scores).</p>
 <h2>Training loss</h2>{svg or '<p class="note">no training loss records (metrics.jsonl) in the run folder</p>'}
 <h2>Examples</h2>
 <p class="sub">{len(shown)} of {len(samples)} items: every one tuning fixed or broke first, then others from each
-task. An answer is marked right when its score is at least {RIGHT_AT}. In all: {_e(tally)}.</p>
+task. An answer is marked right when its score is at least {RIGHT_AT}. In all: {_e(tally)}.{"" if media else
+" Images and audio are left out (eval.report_media: false)."}</p>
 <div class="filters"><label>task <select id="f-task"><option value="*">all</option>{task_opts}</select></label>
 <label>change <select id="f-change"><option value="*">all</option>{change_opts}</select></label>
 <span id="f-count" class="sub"></span></div>

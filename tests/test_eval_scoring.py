@@ -1,6 +1,8 @@
 """evaluate.py's scoring: which metric each sample gets, the figures per task and modality with
 intervals, the paired comparison, eval.md, and the errors for samples a metric cannot score."""
 
+import re
+
 import pytest
 
 from finetune.data.schema import DataError, parse_sample
@@ -164,3 +166,60 @@ def test_cli_eval_scores_the_general_set_and_writes_the_page(tmp_path, small_dem
     page = (run / "eval.html").read_text()
     assert "general set: score" in page and page.count('class="card"') == 4
     assert "data:image/" in page and "<svg" in page
+
+
+# ---- eval.md: data-derived text stays text; labels; the reference's first sentence ----------------
+def _md_of(samples, preds_base, preds_tuned, **extra):
+    base, tuned = score(samples, preds_base, n_resamples=0), score(samples, preds_tuned, n_resamples=0)
+    r = {"recipe": "x", "eval_file": "eval.jsonl", "n_samples": len(samples), "metric": "auto", "bootstrap": 0,
+         "base": {**base, "token_loss": 2.0}, "tuned": {**tuned, "token_loss": 1.0},
+         "paired": compare(samples, base, tuned),
+         "examples": [{"id": s.id, "task": s.task, "line": s.line, "reference": pl["reference"],
+                       "base_prediction": b, "tuned_prediction": t}
+                      for s, pl, b, t in zip(samples, plan_metrics(samples), preds_base, preds_tuned)], **extra}
+    return format_markdown(r)
+
+
+def test_markdown_keeps_data_inert():
+    """A model answer, id, task or reference with HTML or table pipes is shown as text: no live tag,
+    no extra table cell, no link or image."""
+    evil = "<script>alert(1)</script>"
+    samples = [_sample(1, "Is it?", "Yes.", answer="yes", task="<img src=x onerror=alert(2)>|x"),
+               _sample(2, "Which?", "<b>bold</b> | two [a](http://x.invalid) ![i](http://x.invalid/t.png)",
+                       task="t|u", metric="open")]
+    samples[0].id = "<i>id</i>"
+    md = _md_of(samples, [evil, "a | b"], ["yes", evil], eval_file="<svg onload=alert(3)>.jsonl")
+    assert "<" not in md and ">" not in md.replace("->", ""), [ln for ln in md.splitlines() if "<" in ln]
+    assert "&lt;script&gt;alert(1)&lt;/script&gt;" in md
+    assert "](http" not in md.replace("\\](", "")  # no markdown link or image survives
+    for line in md.splitlines():
+        if line.startswith("|"):  # every table row keeps its cells: 5 columns -> 6 unescaped pipes
+            assert len(re.findall(r"(?<!\\)\|", line)) == 6, line
+
+
+def test_markdown_labels_samples_without_id_or_task():
+    samples = [_sample(3, "Is it?", "Yes.", answer="yes"), _sample(4, "Is it?", "No.", answer="no", task="lesion")]
+    for s in samples:
+        s.id = None
+    md = _md_of(samples, ["no", "no"], ["yes", "no"])
+    assert "None" not in md, md
+    examples = md.split("## Examples", 1)[1]
+    assert "- line 3, reference" in examples and "- line 4 (lesion), reference" in examples
+    with_id = _md_of([_sample(5, "Is it?", "Yes.", answer="yes", task="lesion")], ["no"], ["yes"])
+    assert "- s5 (lesion), reference" in with_id
+
+
+@pytest.mark.parametrize("reply, reference", [
+    ('She says: "Hello. How are you?" Then she leaves.', 'She says: "Hello. How are you?"'),
+    ("She says: 'Hello. Bye.' Then she leaves.", "She says: 'Hello. Bye.'"),
+    ("He wrote \u201cStop. Now.\u201d and left. Later more.", "He wrote \u201cStop. Now.\u201d and left"),
+    ("It's a cyst. The patients' scans are clear.", "It's a cyst"),
+    ("The patients' scans are clear. More.", "The patients' scans are clear"),
+    ('Size 3.5 cm. Benign.', "Size 3.5 cm"),
+    ('She says: "Hello. How', 'She says: "Hello. How'),  # a quote never closed: nothing is cut inside it
+])
+def test_the_reference_is_not_cut_inside_quotes(reply, reference):
+    from finetune.metrics import first_sentence
+
+    assert first_sentence(reply) == reference
+    assert plan_metrics([_sample(1, "Say?", reply)], "exact")[0]["reference"] == reference

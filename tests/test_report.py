@@ -208,3 +208,68 @@ def test_a_page_without_the_base_model(page):
     assert "<th>base</th>" not in html and "<th>change</th>" not in html
     assert html.count('data-change="tuned only"') == 4 and 'value="fixed"' not in html
     assert "no training loss records" in html
+
+
+# ---- what the page holds: a banner, media only when asked, no absolute path --------------------
+def test_the_page_opens_with_a_banner_that_it_holds_data(page):
+    html = page["html"]
+    banner = re.search(r'<div class="banner" role="note">(.*?)</div>', html, re.S)
+    assert banner, "no data banner"
+    assert html.index('class="banner"') < html.index("<h1>"), "the banner is not the first thing on the page"
+    text = banner.group(1)
+    for word in ("data samples", "images", "audio", "questions", "answers", "share"):
+        assert word in text, word
+    assert ".banner{" in html  # styled to stand out, not hidden
+
+
+def test_report_media_false_leaves_the_media_out(page):
+    res = page["results"]
+    path = write_html(res, page["samples"], page["preds"], [], page["tmp"] / "nomedia.html", media=False)
+    html = path.read_text()
+    assert "data:image/" not in html and "data:audio/" not in html and "<audio" not in html and "<img" not in html
+    assert "eval.report_media: false" in html  # the page says why there are none
+    assert "Is there a lesion?" in html and html.count('class="card"') == 4  # the items are still there
+    banner = re.search(r'<div class="banner" role="note">(.*?)</div>', html, re.S).group(1)
+    assert "questions" in banner and "images" not in banner
+
+
+def _untagged_page(tmp, name, **kw):
+    """A page of two samples without id or task, the eval file and a missing image given by absolute path."""
+    def sample(line, parts):
+        content = [{"type": "image", "path": p} for p in parts] + [{"type": "text", "text": f"Question {line}?"}]
+        return parse_sample({"messages": [{"role": "user", "content": content},
+                                          {"role": "assistant", "content": "Yes."}], "answer": "yes"},
+                            source=str(tmp / "private" / "eval.jsonl"), line=line, base_dir=tmp,
+                            check_files=False)
+
+    samples = [sample(3, ["lesion.png"]), sample(5, ["gone/missing.png"])]
+    preds = {"base": ["no", "no"], "tuned": ["yes", "no"]}
+    plans = plan_metrics(samples)
+    res = {"recipe": "r", "eval_file": str(tmp / "private" / "eval.jsonl"), "n_samples": 2, "metric": "auto",
+           "bootstrap": 0}
+    for n, p in preds.items():
+        res[n] = {**score(samples, p, plans=plans, n_resamples=0), "token_loss": 1.0}
+    res["general"] = {"file": str(tmp / "private" / "general.jsonl"), "n_samples": 2, "base": res["base"],
+                      "tuned": res["tuned"]}
+    return write_html(res, samples, preds, [], tmp / name, **kw).read_text()
+
+
+def test_the_page_names_files_without_their_folders(page):
+    tmp = page["tmp"]
+    for html in (page["html"], _untagged_page(tmp, "untagged.html")):
+        assert str(tmp) not in html, re.findall(re.escape(str(tmp)) + r"[^\s<\"]*", html)[:5]
+    html = _untagged_page(tmp, "untagged2.html")
+    assert "eval.jsonl:3" in html and "eval.jsonl:5" in html and "missing.png" in html
+
+
+def test_the_task_filter_lists_all_once():
+    import tempfile
+    from pathlib import Path
+
+    with tempfile.TemporaryDirectory() as d:
+        Image.new("RGB", (32, 32), THUMB_RGB).save(Path(d) / "lesion.png")
+        html = _untagged_page(Path(d), "t.html")
+    select = re.search(r'<select id="f-task">(.*?)</select>', html, re.S).group(1)
+    labels = re.findall(r"<option[^>]*>([^<]*)</option>", select)
+    assert labels.count("all") == 1, labels
+    assert len(labels) == 2 and "None" not in html  # 'all' and the label of samples without a task
