@@ -310,7 +310,10 @@ def test_dataset_info_entries(tmp_path: Path, capsys):
                  "columns": {"messages": "dialog", "images": "img"}},
         "dpo": {"file_name": "chat.json", "formatting": "sharegpt", "ranking": True},
         "hub": {"hf_hub_url": "llamafactory/RLHF-V"},
+        "escape": {"file_name": "../elsewhere.json", "formatting": "sharegpt"},
     })
+    _json(tmp_path / "elsewhere.json", [{"conversations": [{"from": "human", "value": "Q"},
+                                                           {"from": "gpt", "value": "A"}]}])
 
     for name, n in (("mllm_demo", 2), ("vqa", 1), ("chat", 1)):
         ref = f"{info}#{name}"
@@ -342,6 +345,10 @@ def test_dataset_info_entries(tmp_path: Path, capsys):
     assert e.kind == "preference_data" and "ranking" in str(e)
     e = one_error(f"{info}")
     assert e.kind == "dataset_info" and "#mllm_demo" in str(e)
+    # the entry's file is held inside the list's folder, as its media are
+    e = one_error(f"{info}#escape")
+    assert e.kind == "outside_path" and "elsewhere.json" in str(e) and "data.allow_outside_paths" in str(e)
+    assert check_dataset([Path(f"{info}#escape")], allow_outside_paths=True).errors == []
 
 
 # --------------------------------------------------------------------------- preference files

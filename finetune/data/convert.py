@@ -949,7 +949,7 @@ def _names(data: dict, limit: int = 12) -> str:
     return ", ".join(names[:limit]) + (f", ... ({len(names)} in all)" if len(names) > limit else "")
 
 
-def _info_entry(info: Path, name: str) -> _InfoEntry:
+def _info_entry(info: Path, name: str, allow_outside_paths: bool = True) -> _InfoEntry:
     data = _read_info(info)
     if name not in data:
         raise DataError("dataset_info", f"no dataset named '{name}'",
@@ -980,6 +980,10 @@ def _info_entry(info: Path, name: str) -> _InfoEntry:
     if not isinstance(file_name, str) or not file_name:
         raise bad("the entry has no file_name", "name the dataset's file (relative to dataset_info.json's folder)")
     target = info.parent / file_name
+    if not allow_outside_paths and _outside(str(target), info.parent):
+        raise bad(f"file_name '{file_name}' resolves to '{target.resolve()}', outside the dataset folder "
+                  f"'{info.parent.resolve()}'", "move the file under the folder of dataset_info.json, or set "
+                  "data.allow_outside_paths: true", "outside_path")
     if target.is_dir():
         files = sorted(p for p in target.iterdir() if p.is_file() and not p.name.startswith("."))
     elif target.is_file():
@@ -1135,7 +1139,7 @@ def convert_file(
 
 def _convert_dataset_info(info: Path, name: str, *, media_root, on_error: str, check_files: bool, role_map,
                           allow_outside_paths: bool) -> ConvertResult:
-    entry = _info_entry(info, name)
+    entry = _info_entry(info, name, allow_outside_paths)
     base = Path(media_root) if media_root is not None else info.parent
     kw = dict(base=base, check_files=check_files, role_map=role_map, swift=False,
               within=None if allow_outside_paths else info.parent)
