@@ -20,7 +20,7 @@ from typing import Callable, Iterable
 import numpy as np
 
 from finetune.data import media
-from finetune.data.convert import dataset_ref
+from finetune.data.convert import dataset_ref, read_converted
 from finetune.data.media import MediaError
 from finetune.data.schema import MEDIA_TYPES, DataError, Part, Sample, iter_jsonl, parse_sample
 from finetune.errors import UserError
@@ -198,8 +198,6 @@ def _records(path: Path, errors: list[DataError], allow_outside_paths: bool):
     moves a later error of a converted sample to its source record (its line, or record[i] in a JSON
     list). Converted media paths are absolute and were held inside the dataset's folder by the
     conversion. A problem of the whole file (preference data) is its one error."""
-    from finetune.data.convert import read_converted
-
     try:
         res = read_converted(path, on_error="skip", allow_outside_paths=allow_outside_paths)
     except DataError as e:
