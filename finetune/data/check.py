@@ -20,6 +20,7 @@ from typing import Callable, Iterable
 import numpy as np
 
 from finetune.data import media
+from finetune.data.convert import dataset_ref, read_converted
 from finetune.data.media import MediaError
 from finetune.data.schema import MEDIA_TYPES, DataError, Part, Sample, iter_jsonl, parse_sample
 from finetune.errors import UserError
@@ -192,16 +193,18 @@ class _MediaChecker:
 def _records(path: Path, errors: list[DataError], allow_outside_paths: bool):
     """(line, object, relocate) triples of a dataset file, and whether outside paths are allowed.
 
-    Our JSONL is read as is. LLaMA-Factory, ms-swift and OpenAI files are converted in memory
-    first; conversion errors are reported as they are, and `relocate` moves a later error of a
-    converted sample to its source record (its line, or record[i] in a JSON list). Converted
-    media paths are absolute, hence allowed."""
-    from finetune.data.convert import convert_file, dominant_format
-
-    fmt = dominant_format(path)
-    if fmt == "ours":
+    Our JSONL is read as is. LLaMA-Factory (a `dataset_info.json#name` too), ms-swift and OpenAI
+    files are converted in memory first; conversion errors are reported as they are, and `relocate`
+    moves a later error of a converted sample to its source record (its line, or record[i] in a JSON
+    list). Converted media paths are absolute and were held inside the dataset's folder by the
+    conversion. A problem of the whole file (preference data) is its one error."""
+    try:
+        res = read_converted(path, on_error="skip", allow_outside_paths=allow_outside_paths)
+    except DataError as e:
+        errors.append(e)
+        return [], True
+    if res is None:
         return ((line, obj, None) for line, obj in iter_jsonl(path)), allow_outside_paths
-    res = convert_file(path, fmt, on_error="skip")
     errors.extend(res.errors)
     return [(loc.line, obj, loc.relocate) for loc, obj in zip(res.locations, res.samples)], True
 
@@ -277,7 +280,7 @@ def check_dataset(
             continue
         path = Path(item)
         source = str(path)
-        if not path.is_file():
+        if not path.is_file() and not dataset_ref(path):
             errors.append(DataError("missing_file", f"dataset file '{path}' does not exist",
                                     "check the file path", file=source))
             continue
@@ -331,17 +334,16 @@ def _table(item, allow_outside_paths: bool) -> tuple[list[DataError], list[Sampl
     """(errors, samples) of a table source, every bad row reported (a problem of the source itself,
     such as a missing column, is its one error)."""
     from finetune.data.hf import _get, load_hf_samples
-    from finetune.data.schema import load_samples
-    from finetune.data.sources import source_format
+    from finetune.data.sources import load_json_records, source_format
     from finetune.families.base import cache_root
 
     try:
-        if source_format(item) == "jsonl":  # a source object naming a JSONL file
+        if source_format(item) == "jsonl":  # a source object naming a JSON(L) file
             path = Path(str(_get(item, "path")))
-            if not path.is_file():
+            if not path.is_file() and not dataset_ref(path):
                 return [DataError("missing_file", f"dataset file '{path}' does not exist", "check the file path",
                                   file=str(path))], []
-            samples, errs = load_samples(path, on_error="skip", allow_outside_paths=allow_outside_paths)
+            samples, errs = load_json_records(path, on_error="skip", allow_outside_paths=allow_outside_paths)
             return errs, samples
         src = {"path": str(item)} if isinstance(item, (str, Path)) else item
         samples, errs = load_hf_samples(src, on_error="skip", allow_outside_paths=allow_outside_paths,

@@ -7,6 +7,11 @@ Sources:
   ``instruction``/``input``/``output`` too) whose text holds ``<image>``,
   ``<audio>``, ``<video>`` placeholders, with ``images``/``audios``/``videos``
   list columns. The number of placeholders must equal the number of files.
+  Also its v1 records (``text``/``image_url``/``audio_url``/``video_url``
+  parts with ``value``, a ``loss_weight`` per turn: 0 on an answer keeps it as
+  context, ``"loss": false`` here), and a dataset named through its list as
+  ``folder/dataset_info.json#name`` (file_name, formatting, columns, tags;
+  media relative to the list's folder, as LLaMA-Factory's media_dir).
 - ``swift``: ms-swift records: the same ``messages`` + media columns (and
   ``query``/``response``/``history``). Like ms-swift, files without a
   placeholder are put at the start of the first user turn; more placeholders
@@ -20,12 +25,21 @@ Sources:
 
 Every record-level problem is a :class:`~finetune.data.schema.DataError` that
 names the file, the line (or ``record[i]`` for JSON lists), the field and a
-fix. ``on_error="skip"`` collects them instead of raising.
+fix. ``on_error="skip"`` collects them instead of raising. A record another
+converter reads is refused with that converter's ``--from`` (never one that
+refuses it in turn). Preference data (chosen/rejected answers, in any of the
+forms LLaMA-Factory, ms-swift or we write) is one error for the whole file.
+
+Files given as data (``data.train``, ``data check``) are read with
+:func:`read_converted`: the format is recognised from the first records, and
+media must lie inside the dataset's folder unless data.allow_outside_paths, as
+for our JSONL.
 
 Usage (also ``python -m finetune data convert ...``)::
 
     python -m finetune.data.convert --template T.yaml table.csv out.jsonl
     python -m finetune.data.convert --from llamafactory data.json out.jsonl
+    python -m finetune.data.convert data/dataset_info.json#mllm_demo out.jsonl
 """
 
 from __future__ import annotations
@@ -34,6 +48,7 @@ import argparse
 import copy
 import csv
 import difflib
+import itertools
 import json
 import os
 import re
@@ -147,6 +162,13 @@ def _did_you_mean(value: str, choices) -> str:
 # --------------------------------------------------------------------------- reading
 
 
+def _is_json_document(path: Path) -> bool:
+    """A JSON list (or one object in a .json file), read whole, rather than JSON lines."""
+    with open(path, "rb") as fh:
+        head = fh.read(4096).lstrip(b"\xef\xbb\xbf").lstrip()
+    return head.startswith(b"[") or (head.startswith(b"{") and path.suffix.lower() == ".json")
+
+
 def _read_records(path: Path) -> Iterator[tuple[_Loc, Any]]:
     """Yield ``(location, object_or_DataError)`` from a JSON list or a JSONL file."""
     path = Path(path)
@@ -156,8 +178,7 @@ def _read_records(path: Path) -> Iterator[tuple[_Loc, Any]]:
                         file=source)
     with open(path, "rb") as fh:
         head = fh.read(4096).lstrip(b"\xef\xbb\xbf").lstrip()
-    whole = head.startswith(b"[") or (head.startswith(b"{") and path.suffix.lower() == ".json")
-    if whole:
+    if _is_json_document(path):
         try:
             data = json.loads(path.read_text(encoding="utf-8-sig"))
         except UnicodeDecodeError:
@@ -193,8 +214,30 @@ def _file_url_to_path(url: str) -> str:
     return path
 
 
-def _media_path(value: Any, loc: _Loc, fld: str, kind: str, base: Path, check_files: bool) -> str:
-    """A media reference (local path or file:// URL) as an absolute path string."""
+def _found_under(base: Path, rel: Path) -> Path | None:
+    """`rel` found inside `base` when it was written from a folder above it: LLaMA-Factory and
+    ms-swift open paths from the folder they run in, so its own demo names
+    `data/mllm_demo_data/1.jpg` beside `data/v1_multimodal_demo.jsonl`. The path must start with the
+    names of `base`'s last folders (`data/`); what it names then lies inside `base`."""
+    tail = Path(os.path.abspath(base)).parts
+    for k in range(1, min(len(tail), len(rel.parts) - 1) + 1):
+        if rel.parts[:k] == tail[-k:]:
+            candidate = Path(base, *rel.parts[k:])
+            if os.path.exists(candidate):
+                return candidate
+    return None
+
+
+def _outside(full: str, within: Path) -> bool:
+    # resolve() follows symlinks and '..', as finetune.data.schema does for our JSONL
+    return not Path(full).resolve().is_relative_to(Path(within).resolve())
+
+
+def _media_path(value: Any, loc: _Loc, fld: str, kind: str, base: Path, check_files: bool,
+                within: Path | None = None) -> str:
+    """A media reference (local path or file:// URL) as an absolute path string. With `within`, the
+    file must lie inside that folder (symlinks followed), as our JSONL's media must lie inside the
+    dataset file's folder unless data.allow_outside_paths."""
     if isinstance(value, dict):
         if isinstance(value.get("path"), str) and value["path"].strip():
             value = value["path"]
@@ -224,8 +267,15 @@ def _media_path(value: Any, loc: _Loc, fld: str, kind: str, base: Path, check_fi
                       "or to --media-root)")
     p = Path(v).expanduser()
     if not p.is_absolute():
-        p = Path(base) / p
+        rel, p = p, Path(base) / p
+        if check_files and not os.path.exists(p):
+            p = _found_under(Path(base), rel) or p
     full = os.path.abspath(p)
+    if within is not None and _outside(full, within):
+        raise loc.err("outside_path", fld,
+                      f"path '{value}' resolves to '{Path(full).resolve()}', outside the dataset folder "
+                      f"'{Path(within).resolve()}'",
+                      "move the file under the dataset folder, or set data.allow_outside_paths: true")
     if check_files and not os.path.exists(full):
         raise loc.err("missing_file", fld, f"{kind} file '{value}' does not exist (looked for {full})",
                       f"check the path; relative paths are resolved against {os.path.abspath(base)} "
@@ -233,15 +283,16 @@ def _media_path(value: Any, loc: _Loc, fld: str, kind: str, base: Path, check_fi
     return full
 
 
-def _media_part(kind: str, value: Any, loc: _Loc, fld: str, base: Path, check_files: bool) -> dict:
+def _media_part(kind: str, value: Any, loc: _Loc, fld: str, base: Path, check_files: bool,
+                within: Path | None = None) -> dict:
     if kind == "video" and isinstance(value, list):
         if not value:
             raise loc.err("bad_media", fld, "the video's frame list is empty",
                           "list the frame images in order, or give a folder / video file")
-        frames = [_media_path(f, loc, f"{fld}[{k}]", "video frame", base, check_files)
+        frames = [_media_path(f, loc, f"{fld}[{k}]", "video frame", base, check_files, within)
                   for k, f in enumerate(value)]
         return {"type": "video", "frames": frames}
-    return {"type": kind, "path": _media_path(value, loc, fld, kind, base, check_files)}
+    return {"type": kind, "path": _media_path(value, loc, fld, kind, base, check_files, within)}
 
 
 # --------------------------------------------------------------------------- placeholders
@@ -327,11 +378,14 @@ def _pairs_messages(obj: dict, loc: _Loc, prompt: str, reply: str, history_key: 
     return msgs
 
 
-def _convert_tagged(obj: Any, loc: _Loc, *, base: Path, check_files: bool, role_map, swift: bool) -> dict:
+def _convert_tagged(obj: Any, loc: _Loc, *, base: Path, check_files: bool, role_map, swift: bool,
+                    within: Path | None = None) -> dict:
     """A LLaMA-Factory (``swift=False``) or ms-swift (``swift=True``) record -> our sample."""
     if not isinstance(obj, dict):
         raise loc.err("not_object", "", f"the record is {_type_name(obj)}, not an object",
                       'write each record as {"messages": [...], "images": [...]}')
+    if not swift and _is_v1(obj):
+        return _convert_v1(obj, loc, base=base, check_files=check_files, role_map=role_map, within=within)
     accepted = "user, assistant, system (or human, gpt with 'conversations')"
     if "messages" in obj or "conversations" in obj:
         key = "messages" if "messages" in obj else "conversations"
@@ -355,7 +409,7 @@ def _convert_tagged(obj: Any, loc: _Loc, *, base: Path, check_files: bool, role_
             if isinstance(content, list):
                 raise loc.err("bad_content", f"{mfld}.{ckey}",
                               "the content is a list of parts, not a string with <image> placeholders",
-                              "this looks like OpenAI or our own format: use --from openai or --from ours")
+                              "write each turn as a string with <image>/<audio>/<video> placeholders")
             if not isinstance(content, str):
                 raise loc.err("bad_content", f"{mfld}.{ckey}",
                               f"the content is {_type_name(content)}, not a string",
@@ -394,7 +448,7 @@ def _convert_tagged(obj: Any, loc: _Loc, *, base: Path, check_files: bool, role_
         elif not isinstance(values, list):
             raise loc.err("bad_media", col, f"'{col}' is {_type_name(values)}, not a list",
                           f"write '{col}' as a list of file paths")
-        media[kind] = [_media_part(kind, v, loc, f"{col}[{k}]", base, check_files)
+        media[kind] = [_media_part(kind, v, loc, f"{col}[{k}]", base, check_files, within)
                        for k, v in enumerate(values)]
         n_tags, n_files = tags.get(kind, 0), len(values)
         if swift and n_tags < n_files:
@@ -421,6 +475,114 @@ def _convert_tagged(obj: Any, loc: _Loc, *, base: Path, check_files: bool, role_
                 raise loc.err("empty", f"messages[{i}].content", "the turn is empty",
                               "write the turn's text, or remove the turn")
         messages.append({"role": m["role"], "content": content})
+    return _finish(obj, messages, loc)
+
+
+# --------------------------------------------------------------------------- LLaMA-Factory v1
+
+# LLaMA-Factory v1 (its src/llamafactory/v1): every turn's content is a list of {"type", "value"}
+# parts, and a turn may carry a loss_weight (default 1). Only assistant turns are ever learned there,
+# one prefix per learned turn, so a 0 on an assistant turn keeps it as context and turns after the
+# last learned one teach nothing.
+_V1_MEDIA = {"image_url": "image", "audio_url": "audio", "video_url": "video"}
+_V1_PART_TYPES = ("text", "reasoning", "tool_call", *_V1_MEDIA)
+
+
+def _is_v1(obj: Any) -> bool:
+    """A LLaMA-Factory v1 record: `messages` whose parts carry `value`, or turns with `loss_weight`."""
+    msgs = obj.get("messages") if isinstance(obj, dict) else None
+    if not isinstance(msgs, list):
+        return False
+    for m in msgs:
+        if not isinstance(m, dict):
+            continue
+        if "loss_weight" in m:
+            return True
+        content = m.get("content")
+        if isinstance(content, list) and any(isinstance(p, dict) and "value" in p and p.get("type") in _V1_PART_TYPES
+                                             for p in content):
+            return True
+    return False
+
+
+def _v1_loss(m: dict, role: str, loc: _Loc, fld: str) -> bool:
+    """Whether a v1 turn is learned: its loss_weight, which our loss (no per-turn weights) takes as 0 or 1."""
+    if "loss_weight" not in m:
+        return role == "assistant"
+    w = m["loss_weight"]
+    if isinstance(w, bool) or not isinstance(w, (int, float)):
+        raise loc.err("bad_loss_weight", fld, f"'loss_weight' is {_type_name(w)}, not a number",
+                      "use 0 or 1: 0 keeps the turn as context without learning it, 1 learns it")
+    if role == "assistant" and w not in (0, 1):
+        raise loc.err("bad_loss_weight", fld, f"loss_weight {w} on an assistant turn: the loss here has no "
+                      "per-turn weights", "use 0 or 1: 0 keeps the turn as context without learning it, 1 learns it")
+    return role == "assistant" and w == 1
+
+
+def _convert_v1(obj: dict, loc: _Loc, *, base: Path, check_files: bool, role_map, within: Path | None = None) -> dict:
+    """A LLaMA-Factory v1 record -> our sample (loss_weight 0 on an answer -> "loss": false)."""
+    raw_msgs = obj["messages"]
+    if not raw_msgs:
+        raise loc.err("bad_messages", "messages", "'messages' is empty", "make 'messages' a non-empty list of turns")
+    accepted = "system, user, assistant"
+    turns: list[tuple[str, list[dict], bool]] = []
+    for i, m in enumerate(raw_msgs):
+        mfld = f"messages[{i}]"
+        if not isinstance(m, dict):
+            raise loc.err("bad_message", mfld, f"the turn is {_type_name(m)}, not an object",
+                          'write turns as {"role": ..., "content": [{"type": "text", "value": ...}]}')
+        role = _map_role(m.get("role"), loc, f"{mfld}.role", _ROLES, role_map, accepted)
+        learned = _v1_loss(m, role, loc, f"{mfld}.loss_weight")
+        content = m.get("content")
+        if isinstance(content, str):
+            content = [{"type": "text", "value": content}]
+        if not isinstance(content, list):
+            raise loc.err("bad_content", f"{mfld}.content",
+                          f"the content is {_type_name(content)}, not a list of parts",
+                          'write [{"type": "text", "value": "..."}, {"type": "image_url", "value": "img.png"}]')
+        parts = []
+        for j, p in enumerate(content):
+            pfld = f"{mfld}.content[{j}]"
+            if not isinstance(p, dict):
+                raise loc.err("bad_part", pfld, f"the part is {_type_name(p)}, not an object",
+                              'write parts as {"type": "text", "value": "..."}')
+            ptype = p.get("type")
+            if ptype in ("reasoning", "tool_call"):
+                raise loc.err("unsupported_part", f"{pfld}.type", f"a {ptype} part is not supported",
+                              "drop it, or write it into the turn's text" if ptype == "reasoning"
+                              else "drop tool-calling turns from the data")
+            if ptype not in ("text", *_V1_MEDIA):
+                raise loc.err("unknown_part_type", f"{pfld}.type", f"unknown part type {json.dumps(ptype)}",
+                              f"{_did_you_mean(ptype, _V1_PART_TYPES)}use text, image_url, audio_url or video_url")
+            if "value" not in p:
+                raise loc.err("bad_part" if ptype == "text" else "missing_path", f"{pfld}.value",
+                              f"the {ptype} part has no 'value'",
+                              'give the text as "value"' if ptype == "text" else 'give the file path as "value"')
+            if ptype == "text":
+                if not isinstance(p["value"], str):
+                    raise loc.err("bad_part", f"{pfld}.value", f"the text is {_type_name(p['value'])}, not a string",
+                                  'give the text as a string: {"type": "text", "value": "..."}')
+                parts.append({"type": "text", "text": p["value"]})
+                continue
+            if role != "user":
+                raise loc.err("media_not_allowed", pfld, f"a {ptype} part in a {role} turn",
+                              "media can only go in user turns")
+            parts.append(_media_part(_V1_MEDIA[ptype], p["value"], loc, f"{pfld}.value", base, check_files, within))
+        turns.append((role, parts, learned))
+
+    learned_at = [i for i, (role, _, learned) in enumerate(turns) if learned]
+    if not learned_at:
+        raise loc.err("no_loss", "messages", "no assistant turn has loss_weight 1, so the sample teaches nothing",
+                      "set loss_weight 1 on the answer to learn, or remove the sample")
+    messages = []
+    for role, parts, learned in turns[:learned_at[-1] + 1]:
+        if role == "user" and not (len(parts) == 1 and parts[0]["type"] == "text"):
+            messages.append({"role": role, "content": parts})
+            continue
+        msg = {"role": role, "content": "".join(p["text"] for p in parts)}
+        if role == "assistant" and not learned:
+            msg["loss"] = False
+        messages.append(msg)
     return _finish(obj, messages, loc)
 
 
@@ -453,16 +615,23 @@ def _openai_ref(part: dict, key: str, loc: _Loc, fld: str) -> Any:
     return value
 
 
-def _convert_openai(obj: Any, loc: _Loc, *, base: Path, check_files: bool, role_map) -> dict:
+def _convert_openai(obj: Any, loc: _Loc, *, base: Path, check_files: bool, role_map,
+                    within: Path | None = None) -> dict:
     if not isinstance(obj, dict):
         raise loc.err("not_object", "", f"the record is {_type_name(obj)}, not an object",
                       'write each record as {"messages": [...]}')
     raw_msgs = obj.get("messages")
     if not isinstance(raw_msgs, list) or not raw_msgs:
         other = next((k for k in ("conversations", "query", "instruction") if k in obj), None)
-        fix = (f"'{other}' is a LLaMA-Factory/ms-swift key: use --from llamafactory or --from swift"
-               if other else 'add "messages": [{"role": "user", ...}, {"role": "assistant", ...}]')
-        raise loc.err("missing_messages", "messages", "the record has no non-empty 'messages' list", fix)
+        problem = (f"the record has '{other}' and no 'messages' list" if other
+                   else "the record has no non-empty 'messages' list")
+        raise loc.err("missing_messages", "messages", problem,
+                      'add "messages": [{"role": "user", ...}, {"role": "assistant", ...}]')
+    column = next((c for c in _MEDIA_COLUMN.values() if obj.get(c)), None)
+    if column:
+        # OpenAI records carry media in their parts; a column's files would be left out
+        raise loc.err("media_column", column, f"the record has an '{column}' column, which OpenAI chat "
+                      "records do not have", f"put the files in image_url/input_audio parts, or drop '{column}'")
     accepted = "system, developer, user, assistant"
     messages = []
     for i, m in enumerate(raw_msgs):
@@ -511,7 +680,7 @@ def _convert_openai(obj: Any, loc: _Loc, *, base: Path, check_files: bool, role_
             if role != "user":
                 raise loc.err("media_not_allowed", pfld, f"a {kind} part in a {role} turn",
                               "media can only go in user turns")
-            parts.append(_media_part(kind, ref, loc, pfld, base, check_files))
+            parts.append(_media_part(kind, ref, loc, pfld, base, check_files, within))
         if role != "user":
             # System and assistant content is text only: join the text parts.
             messages.append({"role": role, "content": "".join(p["text"] for p in parts)})
@@ -528,7 +697,7 @@ def sample_to_dict(sample: Sample) -> dict:
     messages = []
     for m in sample.messages:
         if len(m.parts) == 1 and m.parts[0].type == "text" and not m.parts[0].extra:
-            messages.append({"role": m.role, "content": m.parts[0].text})
+            messages.append({"role": m.role, "content": m.parts[0].text, **({} if m.loss else {"loss": False})})
             continue
         parts = []
         for p in m.parts:
@@ -538,7 +707,7 @@ def sample_to_dict(sample: Sample) -> dict:
                 parts.append({"type": p.type, "frames": [str(f) for f in p.frames], **p.extra})
             else:
                 parts.append({"type": p.type, "path": str(p.path), **p.extra})
-        messages.append({"role": m.role, "content": parts})
+        messages.append({"role": m.role, "content": parts, **({} if m.loss else {"loss": False})})
     out: dict[str, Any] = {}
     if sample.id is not None:
         out["id"] = sample.id
@@ -551,10 +720,19 @@ def sample_to_dict(sample: Sample) -> dict:
     return out
 
 
-def _convert_ours(obj: Any, loc: _Loc, *, base: Path, check_files: bool, role_map) -> dict:
+def _convert_ours(obj: Any, loc: _Loc, *, base: Path, check_files: bool, role_map,
+                  within: Path | None = None) -> dict:
+    other = _classify(obj)
+    if other == "preference":
+        raise loc.err("preference_data", "", f"the record is preference data ({_preference_form(obj)})",
+                      _PREFERENCE_FIX)
+    if other not in (None, "ours"):
+        # our parser would keep another format's media columns as plain metadata and lose the files
+        raise loc.err("other_format", "", "the record is not in our format",
+                      f"it looks like {_FORMAT_NAMES[other]}, which --from {other} reads")
     try:
         sample = parse_sample(obj, source=loc.file, line=loc.line, base_dir=base,
-                              allow_outside_paths=True, check_files=check_files)
+                              allow_outside_paths=within is None, check_files=check_files)
     except DataError as e:
         raise loc.relocate(e) from None
     return sample_to_dict(sample)
@@ -583,10 +761,57 @@ def _validate(sample: dict, loc: _Loc) -> None:
 
 # --------------------------------------------------------------------------- detection
 
+_FORMAT_NAMES = {
+    "ours": "our JSONL format",
+    "llamafactory": "LLaMA-Factory's format (sharegpt/alpaca with <image> placeholders, or v1 parts with 'value')",
+    "swift": "ms-swift's format (media columns without placeholders, or query/response)",
+    "openai": "OpenAI's chat format (image_url/input_audio parts)",
+}
+
+_PREFERENCE_FIX = ("preference training (train.method: dpo) is not available yet (planned: issue 29); supervised "
+                   "fine-tuning takes chat samples whose answers are all to be learned")
+
+
+def _preference_form(obj: Any) -> str | None:
+    """The preference form a record is in (answers ranked, not one answer to learn), or None."""
+    if not isinstance(obj, dict):
+        return None
+    if "chosen_messages" in obj and "rejected_messages" in obj:
+        return "LLaMA-Factory v1: chosen_messages + rejected_messages"
+    if "rejected_response" in obj:
+        return "ms-swift: rejected_response"
+    if "kto_tag" in obj or ("messages" in obj and isinstance(obj.get("label"), bool)):
+        # desirable/undesirable answers: supervised fine-tuning would learn the undesirable ones too
+        return f"KTO feedback: {'kto_tag' if 'kto_tag' in obj else 'messages + label true/false'}"
+    if "chosen" in obj and "rejected" in obj:
+        for key, form in (("conversations", "LLaMA-Factory sharegpt ranking: conversations + chosen + rejected"),
+                          ("instruction", "LLaMA-Factory alpaca ranking: instruction + chosen + rejected"),
+                          ("messages", "messages + chosen + rejected"),
+                          ("prompt", "prompt + chosen + rejected")):
+            if key in obj:
+                return form
+        return "chosen + rejected"
+    msgs = obj.get("messages")
+    if isinstance(msgs, list) and msgs and isinstance(msgs[-1], dict) and {"chosen", "rejected"} <= set(msgs[-1]):
+        return "a last turn with chosen + rejected"
+    return None
+
+
+def _preference_error(head: list[tuple[_Loc, Any]], source: str) -> DataError | None:
+    """One error for a file whose first records are mostly preference data (instead of one per record)."""
+    records = [obj for _, obj in head if not isinstance(obj, DataError)]
+    forms = [f for f in map(_preference_form, records) if f]
+    if not forms or 2 * len(forms) <= len(records):
+        return None
+    return DataError("preference_data", f"the file holds preference data ({forms[0]}), not chat samples for "
+                     "supervised fine-tuning", _PREFERENCE_FIX, file=source)
+
 
 def _classify(obj: Any) -> str | None:
     if not isinstance(obj, dict):
         return None
+    if _preference_form(obj):
+        return "preference"
     if "conversations" in obj or ("instruction" in obj and "output" in obj):
         return "llamafactory"
     if "query" in obj and "response" in obj:
@@ -594,6 +819,8 @@ def _classify(obj: Any) -> str | None:
     msgs = obj.get("messages")
     if not isinstance(msgs, list):
         return None
+    if _is_v1(obj):
+        return "llamafactory"
     types = {p.get("type") for m in msgs if isinstance(m, dict) and isinstance(m.get("content"), list)
              for p in m["content"] if isinstance(p, dict)}
     if types & set(_OPENAI_PART_TYPES):
@@ -612,34 +839,44 @@ def _classify(obj: Any) -> str | None:
     return "ours"
 
 
+def _detect(head: list[tuple[_Loc, Any]], source: str) -> str:
+    records = [obj for _, obj in head if not isinstance(obj, DataError)]
+    votes = Counter(map(_classify, records))
+    for fmt in ("openai", "swift", "llamafactory", "ours"):
+        if votes[fmt]:
+            return fmt
+    n = len(records)
+    raise DataError("unknown_format",
+                    f"could not recognise the format from the first {n} record{'s' if n != 1 else ''}",
+                    "pass --from llamafactory|swift|openai|ours, or --template for a table", file=source)
+
+
+def _head(records: Iterator[tuple[_Loc, Any]], n: int) -> list[tuple[_Loc, Any]]:
+    """The first `n` records that parsed (and the broken ones among them)."""
+    head, good = [], 0
+    for loc, obj in records:
+        head.append((loc, obj))
+        good += not isinstance(obj, DataError)
+        if good >= n:
+            break
+    return head
+
+
 def detect_format(path: str | os.PathLike, *, max_records: int = 50) -> str:
     """``"ours"``, ``"llamafactory"``, ``"swift"`` or ``"openai"``, judged from the first records.
 
     Text-only chat records are valid in every format and are reported as
-    ``"ours"``. Raises :class:`DataError` when no record matches any format.
+    ``"ours"``; LLaMA-Factory's v1 records and `dataset_info.json#name` are ``"llamafactory"``.
+    Raises :class:`DataError` when no record matches any format.
     """
-    votes: Counter = Counter()
-    n = 0
-    for _, obj in _read_records(Path(path)):
-        if isinstance(obj, DataError):
-            continue
-        n += 1
-        kind = _classify(obj)
-        if kind:
-            votes[kind] += 1
-        if n >= max_records:
-            break
-    for fmt in ("openai", "swift", "llamafactory", "ours"):
-        if votes[fmt]:
-            return fmt
-    raise DataError("unknown_format",
-                    f"could not recognise the format from the first {n} record{'s' if n != 1 else ''}",
-                    "pass --from llamafactory|swift|openai|ours, or --template for a table",
-                    file=str(path))
+    if dataset_ref(path):
+        return "llamafactory"
+    return _detect(_head(_read_records(Path(path)), max_records), str(path))
 
 
 def dominant_format(path: str | os.PathLike, *, max_records: int = 200) -> str:
-    """The format most of the first records are in ("ours" on a tie or when nothing matches).
+    """The format most of the first records are in ("ours" on a tie or when nothing matches;
+    "preference" for preference data).
 
     Unlike `detect_format`, one odd record does not decide: a broken line of our own format
     (say, with ShareGPT 'conversations') is then reported as broken, not reinterpreted.
@@ -659,6 +896,151 @@ def dominant_format(path: str | os.PathLike, *, max_records: int = 200) -> str:
     return "ours"
 
 
+# --------------------------------------------------------------------------- LLaMA-Factory dataset_info.json
+
+# A dataset named as LLaMA-Factory names it: `folder/dataset_info.json#name`. Its entry gives
+# file_name (a file or a folder of files, relative to the info's folder), formatting (alpaca,
+# sharegpt; openai is sharegpt with role/content tags), columns and tags. LLaMA-Factory opens media
+# relative to its media_dir, which defaults to the folder of dataset_info.json (its dataset_dir).
+_INFO_NAME = "dataset_info.json"
+_INFO_REMOTE = ("hf_hub_url", "ms_hub_url", "om_hub_url", "script_url", "cloud_file_name")
+_INFO_COLUMNS = {"prompt": "instruction", "query": "input", "response": "output", "history": None,
+                 "messages": "conversations", "system": None, "tools": None, "images": None, "videos": None,
+                 "audios": None, "chosen": None, "rejected": None, "kto_tag": None}
+_INFO_TAGS = {"role_tag": "from", "content_tag": "value", "user_tag": "human", "assistant_tag": "gpt",
+              "observation_tag": "observation", "function_tag": "function_call", "system_tag": "system"}
+
+
+def dataset_ref(path: str | os.PathLike) -> tuple[Path, str] | None:
+    """(the dataset_info.json, the dataset's name) of `folder/dataset_info.json#name`, else None."""
+    text = os.fspath(path)
+    file, sep, name = text.rpartition("#")
+    if not sep or not file.lower().endswith(".json") or os.path.exists(text):
+        return None
+    return Path(file).expanduser(), name
+
+
+@dataclass
+class _InfoEntry:
+    name: str
+    files: list[Path]
+    formatting: str
+    columns: dict
+    tags: dict
+
+
+def _read_info(info: Path) -> dict:
+    def bad(problem: str, fix: str) -> DataError:
+        return DataError("dataset_info", problem, fix, file=str(info))
+
+    if not info.is_file():
+        raise bad("the file does not exist", "check the path before '#'")
+    try:
+        data = json.loads(info.read_text(encoding="utf-8-sig"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise bad(f"the file is not valid JSON ({e})", "fix the JSON") from None
+    if not isinstance(data, dict) or not all(isinstance(v, dict) for v in data.values()):
+        raise bad("the file is not a JSON object of dataset entries", 'write {"name": {"file_name": ...}, ...}')
+    return data
+
+
+def _names(data: dict, limit: int = 12) -> str:
+    names = list(data)
+    return ", ".join(names[:limit]) + (f", ... ({len(names)} in all)" if len(names) > limit else "")
+
+
+def _info_entry(info: Path, name: str, allow_outside_paths: bool = True) -> _InfoEntry:
+    data = _read_info(info)
+    if name not in data:
+        raise DataError("dataset_info", f"no dataset named '{name}'",
+                        f"{_did_you_mean(name, data)}name one of: {_names(data)}", file=str(info))
+
+    def bad(problem: str, fix: str, kind: str = "dataset_info") -> DataError:
+        return DataError(kind, problem, fix, file=str(info), field=name)
+
+    entry = data[name]
+    remote = next((k for k in _INFO_REMOTE if k in entry), None)
+    if remote:
+        fix = (f"nothing is downloaded through dataset_info.json: use data.train: {{hub: {entry[remote]}}}"
+               if remote == "hf_hub_url" else "download it and name the file in file_name")
+        raise bad(f"the dataset loads from {remote} ({entry[remote]})", fix)
+    columns, tags = entry.get("columns", {}), entry.get("tags", {})
+    if not isinstance(columns, dict) or not isinstance(tags, dict):
+        raise bad("'columns' and 'tags' must be objects", 'write "columns": {"messages": "conversations", ...}')
+    # as LLaMA-Factory reads it: with "columns" given, a column it does not name is not read
+    columns = {k: (columns.get(k) if "columns" in entry else v) for k, v in _INFO_COLUMNS.items()}
+    if entry.get("ranking") or columns["kto_tag"]:
+        form = "ranking: true" if entry.get("ranking") else "KTO feedback: kto_tag"
+        raise bad(f"the dataset is preference data ({form}), not chat samples for supervised fine-tuning",
+                  _PREFERENCE_FIX, "preference_data")
+    formatting = entry.get("formatting", "alpaca")
+    if formatting not in ("alpaca", "sharegpt", "openai"):
+        raise bad(f"unknown formatting {json.dumps(formatting)}", "use alpaca or sharegpt")
+    file_name = entry.get("file_name")
+    if not isinstance(file_name, str) or not file_name:
+        raise bad("the entry has no file_name", "name the dataset's file (relative to dataset_info.json's folder)")
+    target = info.parent / file_name
+    if not allow_outside_paths and _outside(str(target), info.parent):
+        raise bad(f"file_name '{file_name}' resolves to '{target.resolve()}', outside the dataset folder "
+                  f"'{info.parent.resolve()}'", "move the file under the folder of dataset_info.json, or set "
+                  "data.allow_outside_paths: true", "outside_path")
+    if target.is_dir():
+        files = sorted(p for p in target.iterdir() if p.is_file() and not p.name.startswith("."))
+    elif target.is_file():
+        files = [target]
+    else:
+        raise bad(f"file_name '{file_name}' does not exist (looked for {target})", "fix file_name")
+    other = [p.name for p in files if p.suffix.lower() not in (".json", ".jsonl")]
+    if other or not files:
+        raise bad(f"file_name '{file_name}' holds {', '.join(other[:3]) or 'no files'}: JSON and JSONL files are "
+                  "read here", "convert the data to JSON lines (a Parquet file goes directly in data.train, "
+                  "with columns)")
+    return _InfoEntry(name, files, formatting, columns, {**_INFO_TAGS, **tags})
+
+
+def _info_record(obj: Any, e: _InfoEntry, loc: _Loc) -> Any:
+    """A record of an entry's file, with its columns and tags renamed to those the LLaMA-Factory
+    converter reads (alpaca's instruction/input/output, or role/content messages)."""
+    if not isinstance(obj, dict):
+        return obj
+    c, out = e.columns, {}
+    where = f"of the dataset_info.json entry '{e.name}'"
+    if e.formatting == "alpaca":
+        for key, ours in (("prompt", "instruction"), ("query", "input"), ("response", "output"),
+                          ("history", "history")):
+            if c[key] and c[key] in obj:
+                out[ours] = obj[c[key]]
+        for key, ours in (("prompt", "instruction"), ("response", "output")):
+            if not isinstance(out.get(ours), str):
+                raise loc.err("missing_column", c[key] or key, f"the record has no text in column '{c[key]}' "
+                              f"(columns.{key} {where})", f"fix columns.{key} in dataset_info.json, or the record")
+    else:
+        turns = obj.get(c["messages"]) if c["messages"] else None
+        if not isinstance(turns, list):
+            raise loc.err("missing_messages", c["messages"] or "messages", f"the record has no list in column "
+                          f"'{c['messages']}' (columns.messages {where})",
+                          "fix columns.messages in dataset_info.json, or the record")
+        t = e.tags
+        roles = {t["user_tag"]: "user", t["assistant_tag"]: "assistant", t["system_tag"]: "system",
+                 t["observation_tag"]: "observation", t["function_tag"]: "function_call"}
+        out["messages"] = [{"role": roles.get(m.get(t["role_tag"]), m.get(t["role_tag"])),
+                            "content": m.get(t["content_tag"])} if isinstance(m, dict) else m for m in turns]
+    if c["system"] and obj.get(c["system"]) not in (None, ""):
+        out["system"] = obj[c["system"]]
+    for col in _MEDIA_COLUMN.values():
+        if c[col] and obj.get(c[col]) is not None:
+            out[col] = obj[c[col]]
+    out.update({k: obj[k] for k in ("id", "task", "answer") if k in obj})
+    return out
+
+
+def _dataset_info_error(info: Path) -> DataError:
+    names = list(_read_info(info))
+    return DataError("dataset_info", "this is LLaMA-Factory's list of datasets, not a dataset",
+                     f"name one of its datasets after '#', e.g. {info}#{names[0] if names else 'name'} "
+                     f"(datasets: {_names(dict.fromkeys(names))})", file=str(info))
+
+
 # --------------------------------------------------------------------------- file conversion
 
 
@@ -675,6 +1057,34 @@ def _check_on_error(on_error: str) -> None:
         raise ValueError(f"on_error must be 'raise' or 'skip', not {on_error!r}")
 
 
+def _hinted(e: DataError, obj: Any, loc: _Loc, fmt: str, kw: dict) -> DataError:
+    """A converter's error on a record of another format, with the `--from` that reads it (only one
+    that does: a suggestion never leads to another refusal) or, for preference data, what to do."""
+    other = _classify(obj)
+    if other == "preference":
+        fix = f"the record is preference data ({_preference_form(obj)}); {_PREFERENCE_FIX}"
+    elif other in _CONVERTERS and other != fmt:
+        try:
+            _CONVERTERS[other](obj, loc, **kw)
+        except DataError:
+            return e
+        fix = f"the record is in {_FORMAT_NAMES[other]}: convert it with --from {other}"
+    else:
+        return e
+    return DataError(e.kind, e.problem, fix, file=e.file, line=e.line, field=e.field)
+
+
+def _convert_records(result: ConvertResult, records, convert, fmt: str | None, on_error: str, kw: dict) -> None:
+    for loc, obj in records:
+        def make(obj=obj, loc=loc):
+            try:
+                return convert(obj, loc, **kw)
+            except DataError as e:
+                raise (_hinted(e, obj, loc, fmt, kw) if fmt else e) from None
+
+        result.add(loc, obj, make, on_error)
+
+
 def convert_file(
     src: str | os.PathLike,
     fmt: str = "auto",
@@ -683,32 +1093,88 @@ def convert_file(
     on_error: str = "raise",
     check_files: bool = True,
     role_map: dict[str, str] | None = None,
+    allow_outside_paths: bool = True,
 ) -> ConvertResult:
     """Convert a LLaMA-Factory / ms-swift / OpenAI / our-format file into samples in memory.
 
+    `src` may name a dataset of a LLaMA-Factory `dataset_info.json` as `path/dataset_info.json#name`.
     Media paths are resolved against ``media_root`` (default: the file's
-    folder) and returned absolute; :func:`write_jsonl` makes them relative.
-    ``role_map`` maps extra role names to ours (``{"doctor": "assistant"}``).
+    folder; the info's folder for a dataset_info.json entry) and returned absolute;
+    :func:`write_jsonl` makes them relative. Unless ``allow_outside_paths``, every media file must
+    lie inside that folder, as for our JSONL. ``role_map`` maps extra role names to ours
+    (``{"doctor": "assistant"}``). Preference data is refused with one error for the file.
     """
     _check_on_error(on_error)
-    src = Path(src)
-    if fmt == "auto":
-        fmt = detect_format(src)
-    if fmt not in _CONVERTERS:
+    if fmt != "auto" and fmt not in _CONVERTERS:
         raise ConfigError(f"unknown format {fmt!r}; use one of {', '.join(FORMATS)} or 'auto'")
     if role_map:
         bad = {k: v for k, v in role_map.items() if v not in ("user", "assistant", "system")}
         if bad:
             raise ConfigError(f"role_map targets must be user, assistant or system, not {bad}")
+    ref = dataset_ref(src)
+    if ref:
+        if fmt not in ("auto", "llamafactory"):
+            raise ConfigError(f"{src} names a LLaMA-Factory dataset: read it with --from llamafactory (or auto)")
+        return _convert_dataset_info(*ref, media_root=media_root, on_error=on_error, check_files=check_files,
+                                     role_map=role_map, allow_outside_paths=allow_outside_paths)
+    src = Path(src)
+    if src.name == _INFO_NAME and src.is_file():
+        raise _dataset_info_error(src)
+    records = _read_records(src)
+    head = _head(records, 50)
+    problem = _preference_error(head, str(src))
+    if problem:
+        raise problem
+    if fmt == "auto":
+        fmt = _detect(head, str(src))
     base = Path(media_root) if media_root is not None else src.parent
-    convert = _CONVERTERS[fmt]
+    kw = dict(base=base, check_files=check_files, role_map=role_map,
+              within=None if allow_outside_paths else src.parent)
     result = ConvertResult(source=str(src), format=fmt)
-    for loc, obj in _read_records(src):
-        result.add(loc, obj, lambda: convert(obj, loc, base=base, check_files=check_files, role_map=role_map),
-                   on_error)
+    _convert_records(result, itertools.chain(head, records), _CONVERTERS[fmt], fmt, on_error, kw)
     if result.n_records == 0:
         raise DataError("empty", "the file has no records", "add records to the file", file=str(src))
     return result
+
+
+def _convert_dataset_info(info: Path, name: str, *, media_root, on_error: str, check_files: bool, role_map,
+                          allow_outside_paths: bool) -> ConvertResult:
+    entry = _info_entry(info, name, allow_outside_paths)
+    base = Path(media_root) if media_root is not None else info.parent
+    kw = dict(base=base, check_files=check_files, role_map=role_map, swift=False,
+              within=None if allow_outside_paths else info.parent)
+    result = ConvertResult(source=f"{info}#{name}", format="llamafactory")
+    for file in entry.files:
+        records = _read_records(file)
+        head = _head(records, 50)
+        problem = _preference_error(head, str(file))
+        if problem:
+            raise problem
+        _convert_records(result, itertools.chain(head, records),
+                         lambda obj, loc, **kw: _convert_tagged(_info_record(obj, entry, loc), loc, **kw),
+                         None, on_error, kw)
+    if result.n_records == 0:
+        raise DataError("empty", f"dataset '{name}' has no records", "add records to its file", file=str(info))
+    return result
+
+
+def read_converted(path: str | os.PathLike, *, on_error: str = "raise",
+                   allow_outside_paths: bool = False) -> ConvertResult | None:
+    """A dataset file given as data (data.train, data.eval, `data check`): None for our own JSONL,
+    which finetune.data.schema reads; else the samples of a LLaMA-Factory file (or
+    `dataset_info.json#name`), ms-swift or OpenAI file, converted in memory, with media held inside
+    the dataset's folder unless `allow_outside_paths`, as for our JSONL. Preference data and a
+    dataset_info.json without a name raise one DataError for the file."""
+    if not dataset_ref(path):
+        path = Path(path)
+        if path.name == _INFO_NAME and path.is_file():
+            raise _dataset_info_error(path)
+        fmt = dominant_format(path)
+        if fmt == "ours" and not (path.is_file() and _is_json_document(path)):
+            return None  # JSON lines of our own format: finetune.data.schema reads them as they are
+        return convert_file(path, "ours" if fmt == "preference" else fmt, on_error=on_error,
+                            allow_outside_paths=allow_outside_paths)
+    return convert_file(path, on_error=on_error, allow_outside_paths=allow_outside_paths)
 
 
 # --------------------------------------------------------------------------- templates
@@ -1198,6 +1664,10 @@ def _llamafactory_record(sample: dict, rel, where: str) -> dict:
     media: dict[str, list] = {k: [] for k in MEDIA_TYPES}
     messages = []
     for i, m in enumerate(sample["messages"]):
+        if m.get("loss") is False:
+            raise DataError("turn_loss", 'an assistant turn with "loss": false',
+                            "LLaMA-Factory's sharegpt format learns every assistant turn: drop the turn, or keep "
+                            "our JSONL", field=f"{where}messages[{i}]")
         content = m["content"]
         pieces = [{"type": "text", "text": content}] if isinstance(content, str) else content
         text = ""
@@ -1307,7 +1777,8 @@ def main(argv: list[str] | None = None) -> int:
         description="Convert a CSV/JSONL table (with --template) or a LLaMA-Factory / ms-swift / OpenAI "
                     "dataset (with --from) into our JSONL format. Media paths are written relative to "
                     "the output file's folder.")
-    parser.add_argument("input", type=Path, help="the table or dataset file")
+    parser.add_argument("input", type=Path,
+                        help="the table or dataset file, or a LLaMA-Factory dataset as dataset_info.json#name")
     parser.add_argument("output", type=Path, help="the JSONL file to write (or .json with --to llamafactory)")
     src = parser.add_mutually_exclusive_group()
     src.add_argument("--template", "-t", type=Path, help="a template YAML (see data_templates/templates/)")

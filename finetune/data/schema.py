@@ -114,6 +114,9 @@ class Message:
 
     role: str
     parts: list[Part]
+    # False: an assistant turn kept as context but not learned ("loss": false; LLaMA-Factory's
+    # loss_weight 0). The last assistant turn is always learned.
+    loss: bool = True
 
     def text(self) -> str:
         """The concatenation of this message's text parts."""
@@ -239,7 +242,7 @@ def parse_sample(
                       "merge them into one message, or insert the missing turn between them")
         prev_role = role
         parts = _parse_content(raw, role, mfield, err, base, allow_outside_paths, check_files)
-        messages.append(Message(role=role, parts=parts))
+        messages.append(Message(role=role, parts=parts, loss=_parse_loss(raw, role, mfield, err)))
 
     if not any(m.role == "assistant" for m in messages):
         raise err("no_assistant", "messages", "the conversation has no assistant turn",
@@ -249,6 +252,11 @@ def parse_sample(
         raise err("not_ending_with_assistant", f"messages[{len(messages) - 1}].role",
                   f"the conversation ends with a '{messages[-1].role}' turn",
                   "end with the assistant reply, or drop the trailing turn")
+    if not messages[-1].loss:
+        raise err("bad_loss", f"messages[{len(messages) - 1}].loss",
+                  'the last assistant turn has "loss": false, so the sample teaches nothing',
+                  'remove "loss": false from the last turn (it is the answer the sample teaches), '
+                  "or drop the turn")
 
     sample_id = obj.get("id")
     if sample_id is not None:
@@ -286,6 +294,19 @@ def _parse_role(raw: dict, mfield: str, err) -> str:
         raise err("unknown_role", f"{mfield}.role", f"unknown role {json.dumps(role)}",
                   f"{fix}use one of: {', '.join(ROLES)}")
     return role
+
+
+def _parse_loss(raw: dict, role: str, mfield: str, err) -> bool:
+    if "loss" not in raw:
+        return True
+    loss = raw["loss"]
+    if not isinstance(loss, bool):
+        raise err("bad_loss", f"{mfield}.loss", f"'loss' is {_type_name(loss)}, not true or false",
+                  'write "loss": false on an assistant turn to keep it as context without learning it')
+    if role != "assistant":
+        raise err("bad_loss", f"{mfield}.loss", f"'loss' on a {role} turn",
+                  "remove it: only assistant turns are learned")
+    return loss
 
 
 def _parse_content(raw, role, mfield, err, base, allow_outside, check_files) -> list[Part]:

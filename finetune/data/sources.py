@@ -3,8 +3,13 @@
 A source is a plain path string (today's `data.train: file.jsonl`) or a data-source object with
 `path` / `hub`, `format` (auto | jsonl | hf), `split`, `revision` and `columns` (recipe.py's
 DataSource; a dict or a namespace with those names works too). `format: auto` reads a `.jsonl` file
-(and any other single file) as our JSONL, and a `.parquet` file, a glob, a `save_to_disk` folder, a
+(and any other single file) as JSON records, and a `.parquet` file, a glob, a `save_to_disk` folder, a
 folder of Parquet files or a hub id with the `datasets` library (finetune.data.hf).
+
+JSON records are our JSONL, or LLaMA-Factory (sharegpt, alpaca, v1), ms-swift and OpenAI-chat
+records, recognised from the first records and converted in memory (finetune.data.convert); a
+LLaMA-Factory dataset is also named through its list as `folder/dataset_info.json#name`. Preference
+data is refused with one error for the file.
 """
 
 from __future__ import annotations
@@ -12,8 +17,9 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from finetune.data.convert import dataset_ref, read_converted
 from finetune.data.hf import _get, is_hf_path, load_hf_samples
-from finetune.data.schema import DataError, Sample, load_samples
+from finetune.data.schema import DataError, Sample, load_samples, parse_sample
 from finetune.errors import ConfigError, MissingFileError
 
 FORMATS = ("auto", "jsonl", "hf")
@@ -57,10 +63,10 @@ def load_source(src: Any, recipe, *, on_error: str | None = None,
     fmt = source_format(src)
     if fmt == "jsonl":
         path = Path(str(src if isinstance(src, (str, Path)) else _get(src, "path"))).expanduser()
-        if not path.is_file():
+        if not path.is_file() and not dataset_ref(path):
             what = "is a folder without Parquet files or a saved dataset" if path.is_dir() else "does not exist"
             raise MissingFileError(f"data file {path} {what} (data.train / data.eval in the recipe)")
-        return load_samples(path, on_error=on_error, allow_outside_paths=allow)
+        return load_json_records(path, on_error=on_error, allow_outside_paths=allow)
     if isinstance(src, (str, Path)):
         src = {"path": str(src)}
     if media_dir is None:
@@ -71,3 +77,23 @@ def load_source(src: Any, recipe, *, on_error: str | None = None,
     if path and not any(c in str(path) for c in "*?[") and not Path(str(path)).expanduser().exists():
         raise MissingFileError(f"data file {path} does not exist (data.train / data.eval in the recipe)")
     return load_hf_samples(src, on_error=on_error, allow_outside_paths=allow, media_dir=media_dir)
+
+
+def load_json_records(path: Path, *, on_error: str, allow_outside_paths: bool) -> tuple[list[Sample], list[DataError]]:
+    """(samples, errors) of a file of JSON records: our JSONL, or a LLaMA-Factory (also
+    `dataset_info.json#name`), ms-swift or OpenAI file converted in memory, each sample located at
+    its own record. Converted media paths are absolute and were held inside the dataset's folder by
+    the conversion unless `allow_outside_paths`."""
+    converted = read_converted(path, on_error=on_error, allow_outside_paths=allow_outside_paths)
+    if converted is None:
+        return load_samples(path, on_error=on_error, allow_outside_paths=allow_outside_paths)
+    samples, errors = [], list(converted.errors)
+    for loc, obj in zip(converted.locations, converted.samples):
+        try:
+            samples.append(parse_sample(obj, source=loc.file, line=loc.line, base_dir=Path(loc.file).parent,
+                                        allow_outside_paths=True))
+        except DataError as e:
+            if on_error == "raise":
+                raise loc.relocate(e) from None
+            errors.append(loc.relocate(e))
+    return samples, errors

@@ -193,7 +193,7 @@ class BaichuanOmniFamily(Family):
 
         frames_proc = None  # the processor with the video pixel limit, made on the first video
         for msg in chat_turns(sample, processor.system_prompt, for_generation):
-            learn = msg.role == "assistant" and not for_generation
+            learn = msg.role == "assistant" and msg.loss and not for_generation
             emit([tid[ROLE_TOKENS[msg.role]]], False)
             for chunk in text_and_media_chunks(msg):
                 if isinstance(chunk, str):

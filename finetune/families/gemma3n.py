@@ -284,7 +284,7 @@ class Gemma3nFamily(Family):
             if (msg.role == "user") != (i % 2 == 0) or msg.role not in ("user", "assistant"):
                 raise ConfigError(f"{getattr(sample, 'where', '')}: Gemma 3n's chat format needs the turns to "
                                   "alternate user/assistant/user/..., after at most one leading system turn")
-            learn = msg.role == "assistant" and not for_generation
+            learn = msg.role == "assistant" and msg.loss and not for_generation
             special(START_TURN, False)
             text.append((("model" if msg.role == "assistant" else msg.role) + "\n" + (prefix if i == 0 else ""), False))
             for part in msg.parts:

@@ -251,7 +251,7 @@ class Qwen25OmniFamily(Family):
             labels.extend(tokens if learn else [IGNORE_INDEX] * len(tokens))
 
         for msg in chat_turns(sample, processor.system_prompt, for_generation):
-            learn = msg.role == "assistant" and not for_generation
+            learn = msg.role == "assistant" and msg.loss and not for_generation
             emit([tid["im_start"]] + processor.text_ids(msg.role + "\n"), False)
             for chunk in text_and_media_chunks(msg):
                 if isinstance(chunk, str):
