@@ -52,13 +52,27 @@ def quiet_libraries() -> None:
     warnings.filterwarnings("ignore", category=UserWarning, module="peft")
 
 
+def native_bf16() -> bool:
+    """The GPU computes in bfloat16 natively: compute capability 8.0 or more (Ampere), or a ROCm
+    device that says so. `torch.cuda.is_bf16_supported()` also counts emulation, which T4, RTX 20xx,
+    TITAN RTX and V100 offer: slow bf16 and no flash kernels there."""
+    if torch.version.hip:
+        return torch.cuda.is_bf16_supported(including_emulation=False)
+    return torch.cuda.get_device_capability() >= (8, 0)
+
+
 def choose_precision(setting: str) -> str:
-    """auto -> bf16 where the GPU supports it, fp16 on older GPUs, fp32 on the CPU."""
-    if setting != "auto":
-        return setting
-    if torch.cuda.is_available():
-        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
-    return "fp32"
+    """auto -> bf16 where the GPU has it natively, fp16 (with a loss scaler) on older GPUs, fp32 on
+    the CPU. An explicit bf16 on a GPU that only emulates it is refused before anything loads."""
+    if setting == "auto":
+        if torch.cuda.is_available():
+            return "bf16" if native_bf16() else "fp16"
+        return "fp32"
+    if setting == "bf16" and torch.cuda.is_available() and not native_bf16():
+        name, cap = torch.cuda.get_device_name(), torch.cuda.get_device_capability()
+        raise ConfigError(f"train.precision=bf16: {name} (compute capability {cap[0]}.{cap[1]}) only emulates "
+                          "bfloat16 (slow, and no flash attention); use train.precision=fp16 or auto")
+    return setting
 
 
 def data_workers(recipe: Recipe) -> int:
