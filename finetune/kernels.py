@@ -153,7 +153,7 @@ def varlen(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu: torch.Tensor, 
     if kernel == DENSE:
         return _dense(q, k, v, cu, causal=causal, scale=scale, dropout=dropout, gqa=gqa, window=window)
     T = q.shape[0]
-    out = torch.empty_like(q)
+    out = None  # in SDPA's output dtype: under autocast that is the autocast dtype, not q's (fp32 after RoPE)
     buckets = _buckets(tuple(cu.tolist()), T, str(q.device))
     padded = None
     if any(idx is not None for idx, _, _ in buckets):
@@ -172,6 +172,8 @@ def varlen(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu: torch.Tensor, 
             mask = _band(qs.shape[2], window, str(q.device))
         o = F.scaled_dot_product_attention(qs, ks, vs, attn_mask=mask, is_causal=causal and mask is None,
                                            scale=scale, dropout_p=dropout, enable_gqa=gqa)
+        if out is None:
+            out = q.new_empty(q.shape, dtype=o.dtype)
         if idx is None:
             out[s:e] = o[0].transpose(0, 1)
         else:

@@ -22,6 +22,7 @@ from typing import Any
 import torch
 
 from finetune.families.base import IGNORE_INDEX, EncodedSample, Family
+from finetune.loss import LABEL_POSITIONS, label_positions
 
 
 def plan_bins(lengths: list[int], max_tokens: int) -> list[list[int]]:
@@ -250,6 +251,7 @@ class PackedCollator:
         batch = pack_encoded(self.family, rows, self.processor.pad_id, with_varlen_args=self.with_varlen_args,
                              towers=self.towers)
         batch[REAL_TOKENS] = real  # a host int for the trainer's count
+        batch[LABEL_POSITIONS] = label_positions(batch["labels"])  # the loss's head runs there only (no host read)
         self._count(batch)
         if key is not None and all(i in self.encoded.kept for i in key):
             # the row replaces its samples' encodings in the budget: each sample is in one bin only

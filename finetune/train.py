@@ -28,7 +28,7 @@ from typing import Any
 
 import torch
 
-from finetune import adapters, attention, hub
+from finetune import adapters, attention, hub, kernels
 from finetune.data.schema import DataError, Sample
 from finetune.errors import ConfigError, MissingFileError
 from finetune.families import family_for
@@ -163,6 +163,7 @@ class PaddedCollator:
         return [self.encoded(f["index"]) for f in features]
 
     def __call__(self, features: list[dict]) -> dict[str, Any]:
+        from finetune.loss import LABEL_POSITIONS, label_positions
         from finetune.packing import REAL_TOKENS, with_idle_media
 
         encoded = self.encode(features)
@@ -172,6 +173,7 @@ class PaddedCollator:
         if self.towers is not None:
             batch.update(self.towers(batch))
         batch[REAL_TOKENS] = real  # a host int for the token count
+        batch[LABEL_POSITIONS] = label_positions(batch["labels"])  # the loss's head runs there only
         return batch
 
 
@@ -365,6 +367,7 @@ def make_trainer(recipe: Recipe, family: Family, model, processor, train_ds, col
     """TRL's SFTTrainer with per-role learning rates and our collator."""
     from trl import SFTTrainer
 
+    from finetune.loss import LABEL_POSITIONS, add_label_head
     from finetune.packing import REAL_TOKENS
 
     text_config = model.config.get_text_config()
@@ -396,57 +399,71 @@ def make_trainer(recipe: Recipe, family: Family, model, processor, train_ds, col
 
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
             real = inputs.pop(REAL_TOKENS, None)
-            before = self._total_train_tokens
+            positions = inputs.pop(LABEL_POSITIONS, None)
             if recipe.train.token_metrics:  # TRL's path: entropy and token accuracy every step
+                before = self._total_train_tokens
                 out = super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+                self._total_train_tokens = before  # TRL counts position_ids.size(1): the collator's count replaces it
             else:
-                out = self.token_mean_loss(model, inputs, return_outputs, num_items_in_batch)
+                out = self.token_mean_loss(model, inputs, return_outputs, num_items_in_batch, positions)
             if real is not None and self.model.training:
                 # TRL counts position_ids.size(1) tokens for a mask-free batch (one [1, L] row);
                 # packed rows are [R, L] or [4, R, L] (M-RoPE) with padding segments: count the
-                # samples' tokens the collator counted (a host int: no device read)
-                if self.accelerator.num_processes > 1:
-                    real = self.accelerator.gather_for_metrics(torch.tensor([real], device=self.accelerator.device))
-                    real = int(real.sum())
-                self._total_train_tokens = before + int(real)
-                self._metrics["train"]["num_tokens"] = [self._total_train_tokens]
+                # samples' tokens the collator counted (a host int). Other ranks' counts are added
+                # when a step is logged (log), not here: a gather per micro-batch would make the
+                # host wait for the device before it could launch the backward.
+                self._tokens_unlogged = getattr(self, "_tokens_unlogged", 0) + int(real)
             return out
 
         def log(self, logs, *args, **kwargs):
             aux = self._metrics["train"].get("aux_loss")
             if aux:  # kept as device tensors between logs: one read per logged step, not per micro-batch
                 self._metrics["train"]["aux_loss"] = [float(torch.stack(aux).mean())]
+            mine = getattr(self, "_tokens_unlogged", 0)
+            if mine and self.model.training:
+                if self.accelerator.num_processes > 1:  # every rank logs the same steps: one collective here
+                    mine = int(self.accelerator.reduce(torch.tensor(mine, device=self.accelerator.device), "sum"))
+                self._tokens_unlogged = 0
+                self._total_train_tokens += mine
+                self._metrics["train"]["num_tokens"] = [self._total_train_tokens]
             return super().log(logs, *args, **kwargs)
 
-        def token_mean_loss(self, model, inputs, return_outputs, num_items_in_batch):
+        def token_mean_loss(self, model, inputs, return_outputs, num_items_in_batch, positions=None):
             """The step's loss, as TRL defines it (the sum of the label tokens' negative
-            log-likelihoods over the step's label tokens, all ranks), from TRL's chunked LM head
-            (no tokens x vocabulary logits), without its per-step metrics; for a MoE LLM plus the
-            load-balancing loss times train.router_aux_loss_coef when experts or routers train."""
+            log-likelihoods over the step's label tokens, all ranks), from the label-token head
+            (finetune.loss: no tokens x vocabulary logits, no host read), without TRL's per-step
+            metrics; for a MoE LLM plus the load-balancing loss times train.router_aux_loss_coef
+            when experts or routers train."""
             inputs["use_cache"] = False
             if moe:
                 inputs["output_router_logits"] = True
             labels = inputs["labels"]
             plain = (self.accelerator.device.type != "cuda" and not (self.args.fp16 or self.args.bf16)
                      and labels.numel() * vocab <= PLAIN_LOSS_MAX_LOGITS)
-            if plain:
+            if plain or positions is None:
                 # small fp32 logits off a GPU: one cross-entropy over them beats the chunked head's
                 # tiles (under 16-bit precision the chunked head also casts the fp32 lm_head copy)
-                out_plain = model(**{k: v for k, v in inputs.items() if k != "labels"})
-                logits = out_plain.logits
-                outputs = None
+                outputs = model(**{k: v for k, v in inputs.items() if k != "labels"})
+                logits = outputs.logits
                 total = torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(),
                                                           ignore_index=-100, reduction="sum")
                 n = (labels[:, 1:] != -100).sum() if num_items_in_batch is None else num_items_in_batch
+                aux = getattr(outputs, "aux_loss", None)
             else:
-                outputs = model(**inputs, fused_lm_head=True)
+                outputs = model(**inputs, label_positions=positions)
                 total = -outputs.log_probs.sum()
-                n = outputs.label_mask.sum() if num_items_in_batch is None else num_items_in_batch
+                n = positions.numel() if num_items_in_batch is None else num_items_in_batch
+                aux = None
+                if moe:
+                    from transformers.models.mixtral.modeling_mixtral import load_balancing_loss_func
+
+                    # packed rows carry no attention mask: every token counts, as in TRL's fused head
+                    aux = load_balancing_loss_func(outputs.router_logits, text_config.num_experts,
+                                                   text_config.num_experts_per_tok, inputs.get("attention_mask"))
             loss = total / torch.as_tensor(n, device=total.device).clamp(min=1)
             if self.args.average_tokens_across_devices and num_items_in_batch is not None:
                 loss = loss * (self.accelerator.num_processes // self.get_tp_size())  # DDP averages gradients
             if moe:
-                aux = (outputs if outputs is not None else out_plain).aux_loss
                 if self.model.training:
                     self._metrics["train"].setdefault("aux_loss", []).append(aux.detach().float())
                 if aux_coef:  # one micro-batch's share of the step's mean load-balancing loss
@@ -474,12 +491,10 @@ def make_trainer(recipe: Recipe, family: Family, model, processor, train_ds, col
     # the plain forward in fp32 runs (found by the check before step 1)
     adapters.fp32_trainable(trainer.model)
     if not recipe.train.token_metrics:
-        # TRL's chunked LM head also computes entropy and top-1 hits for its metrics (softmax work
-        # over the vocabulary in every chunk): the head again, computing the log-probabilities only
-        from trl.trainer.utils import add_fused_lm_head
-
+        # the LM head on the label tokens only, at the collator's host positions (finetune.loss);
+        # TRL's own path (token_metrics) also computes entropy and top-1 hits every step
         base = trainer.model.get_base_model() if hasattr(trainer.model, "get_base_model") else trainer.model
-        add_fused_lm_head(base, outputs=("log_probs",))
+        add_label_head(base)
     trainer.add_callback(console_callback(recipe.train.print_every))
     return trainer
 
@@ -798,6 +813,9 @@ def train(recipe: Recipe) -> Path:
     print(f"model {loaded.base_path} ({family.name}), precision {precision}, "
           f"quantize {recipe.model.quantize}, attention {attn}")
     print(adapters.format_role_table(adapters.role_table(model, family, plan)), flush=True)
+    if attn == attention.VARLEN and torch.cuda.is_available():  # decided here once, said once
+        kernel, why = kernels.select(torch.device("cuda", torch.cuda.current_device()), torch_dtype(precision))
+        print(f"packed attention kernel: {kernel} ({why})", flush=True)
 
     rope = family.rope_index(loaded.model)
     if encodings is not None:

@@ -146,3 +146,20 @@ def test_varlen_on_cuda_tensors_reaches_the_flash_kernel(monkeypatch):
     assert calls == [("cuda", torch.bfloat16, ["enable_gqa", "scale", "window_size"]), ("cuda", torch.float32, "dense")]
     chosen = {dtype: kernel for (_, dtype, _, _), (kernel, _) in kernels.CHOSEN.items()}
     assert chosen == {torch.bfloat16: FLASH, torch.float32: DENSE}
+
+
+@pytest.mark.parametrize("kernel", ["grouped", "dense"])
+def test_cpu_kernels_under_bf16_autocast(monkeypatch, kernel):
+    """Under autocast, q is fp32 after RoPE while SDPA returns bf16: the kernels give the autocast
+    dtype (a bf16 result written into an fp32 buffer failed: 'Index put requires the source and
+    destination dtypes match')."""
+    monkeypatch.setattr(kernels, "CPU_KERNEL", kernel)
+    torch.manual_seed(0)
+    bounds = [0, 7, 8, 20, 33, 35]
+    q, k, v = (torch.randn(bounds[-1], 4, 16) for _ in range(3))
+    cu = torch.tensor(bounds, dtype=torch.int32)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = kernels.varlen(q, k, v, cu, 13, causal=True)
+    assert out.dtype == torch.bfloat16
+    ref = _segments_reference(q, k, v, bounds, causal=True, scale=None, window=None)
+    torch.testing.assert_close(out.float(), ref, rtol=0.02, atol=0.02)
