@@ -83,6 +83,27 @@ def data_workers(recipe: Recipe) -> int:
     return min(4, max(1, (os.cpu_count() or 2) // 2)) if torch.cuda.is_available() else 0
 
 
+#: train.logging_steps `auto` on CUDA: a logged step reads the loss and the gradient norm on the host
+GPU_LOGGING_STEPS = 10
+
+
+def logging_steps(recipe: Recipe) -> int:
+    """train.logging_steps with 0 (auto) resolved: every step off CUDA (reading a CPU tensor costs
+    nothing), every GPU_LOGGING_STEPS on CUDA."""
+    n = recipe.train.logging_steps
+    if n:
+        return n
+    return GPU_LOGGING_STEPS if torch.cuda.is_available() else 1
+
+
+def device_settings(recipe: Recipe) -> dict:
+    """SFTConfig's device settings: the CPU or the GPU (batches copied from pinned memory without
+    blocking the host), and the process state set up for DeepSpeed / FSDP on the CPU."""
+    if torch.cuda.is_available():
+        return {"use_cpu": False, "dataloader_pin_memory": True, "accelerator_config": {"non_blocking": True}}
+    return {"use_cpu": True, "dataloader_pin_memory": False} | cpu_sharded_state(distributed_mode(recipe))
+
+
 def optimizer_name(recipe: Recipe) -> str:
     """train.optim with auto resolved: fused AdamW on CUDA (one kernel launch for all parameters)."""
     if recipe.train.optim != "auto":
@@ -505,8 +526,6 @@ def training_args(recipe: Recipe, precision: str, run_dir: Path):
 
     t = recipe.train
     os.environ["TENSORBOARD_LOGGING_DIR"] = str(run_dir / "tensorboard")
-    # the device and, for DeepSpeed / FSDP on the CPU, the process state set up beforehand
-    device = {"use_cpu": not torch.cuda.is_available()} | cpu_sharded_state(distributed_mode(recipe))
     return SFTConfig(
         output_dir=str(run_dir / "checkpoints"),
         per_device_train_batch_size=t.batch_size,
@@ -518,7 +537,7 @@ def training_args(recipe: Recipe, precision: str, run_dir: Path):
         num_train_epochs=t.epochs,
         max_steps=t.max_steps,
         max_grad_norm=t.max_grad_norm,
-        logging_steps=t.logging_steps,
+        logging_steps=logging_steps(recipe),
         save_strategy="steps",
         save_steps=t.save_steps,
         save_total_limit=t.save_total_limit,
@@ -534,9 +553,8 @@ def training_args(recipe: Recipe, precision: str, run_dir: Path):
         dataloader_num_workers=data_workers(recipe),
         # workers keep their encoded samples (and their cache) from one epoch to the next
         dataloader_persistent_workers=data_workers(recipe) > 0,
-        dataloader_pin_memory=torch.cuda.is_available(),
         disable_tqdm=True,  # our console (finetune/console.py) replaces the Trainer's printer
-        **device,
+        **device_settings(recipe),
         max_length=None,
         save_only_model=False,
         # the step loss is the sum over label tokens of every rank's rows / all label tokens of the
@@ -546,29 +564,56 @@ def training_args(recipe: Recipe, precision: str, run_dir: Path):
     )
 
 
-def collator_cache_bytes(recipe: Recipe) -> int:
-    """data.cache_gb in bytes, for each data-loader process."""
-    return int(recipe.data.cache_gb * 2 ** 30 / max(1, data_workers(recipe)))
+def collator_cache_bytes(recipe: Recipe, shared: bool = False) -> int:
+    """data.cache_gb in bytes: all of it for what the data-loader processes share (SharedRows, the
+    encodings the main process keeps), else each process's share."""
+    return int(recipe.data.cache_gb * 2 ** 30 / (1 if shared else max(1, data_workers(recipe))))
+
+
+def rows_folder() -> Path:
+    """A folder of this process for the packed rows its data-loader workers share (packing.SharedRows),
+    under the toolkit's cache; those of processes no longer running on this machine are removed first
+    (a run killed with -9 leaves its own)."""
+    import socket
+
+    root = cache_root() / "rows"
+    host = socket.gethostname()
+    for old in root.glob(f"{host}-*"):
+        pid = old.name.rsplit("-", 1)[-1]
+        if pid.isdigit() and not Path(f"/proc/{pid}").exists():
+            shutil.rmtree(old, ignore_errors=True)
+    folder = root / f"{host}-{os.getpid()}"
+    shutil.rmtree(folder, ignore_errors=True)
+    folder.mkdir(parents=True)
+    return folder
 
 
 def make_collator(recipe: Recipe, family: Family, processor, samples: list[Sample], lengths: list[int], rope,
-                  attn: str, towers=None, encodings=None, idle: list | None = None):
+                  attn: str, towers=None, encodings=None, idle: list | None = None, rows: Path | None = None):
     """(the Trainer's dataset, the collator): packed bins or sample indices. The LLM's attention
     gets the packed rows' sample boundaries from the collator whenever the chosen backend (`auto`
-    resolved) takes them, so no layer recomputes them (a device sync per layer on CUDA)."""
+    resolved) takes them, so no layer recomputes them (a device sync per layer on CUDA). With
+    data-loader workers and `rows` (a folder), packed rows are collated once for all of them
+    (packing.SharedRows), starting with those whose samples `encodings` holds already."""
     cache = collator_cache_bytes(recipe)
     if recipe.data.packing:
-        from finetune.packing import PackedCollator, bin_dataset, efficiency, plan_bins
+        from finetune.packing import PackedCollator, SharedRows, bin_dataset, efficiency, plan_bins
 
         bins = plan_bins(lengths, recipe.data.max_tokens)
         print(f"packing: {len(samples)} samples in {len(bins)} rows of <= {recipe.data.max_tokens} tokens "
               f"({100 * efficiency(lengths, bins, recipe.data.max_tokens):.1f}% of the budget used; rows carry "
               "no padding between samples)", flush=True)
-        return bin_dataset(bins), PackedCollator(family, processor, samples, rope,
-                                                 with_varlen_args=attn in attention.VARLEN_ARGS, towers=towers,
-                                                 cache_bytes=cache, encoded=encodings, idle=idle or [])
-    return index_dataset(len(samples)), PaddedCollator(family, processor, samples, rope, towers, cache, encodings,
-                                                       idle or [])
+        shared = SharedRows(rows, collator_cache_bytes(recipe, shared=True)) \
+            if rows is not None and data_workers(recipe) > 0 else None
+        if shared is None and data_workers(recipe) > 0:
+            encodings = None  # each worker would grow its own copy of them: each keeps its own share instead
+        collator = PackedCollator(family, processor, samples, rope, with_varlen_args=attn in attention.VARLEN_ARGS,
+                                  towers=towers, cache_bytes=cache, encoded=encodings, idle=idle or [], shared=shared)
+        if shared is not None:
+            collator.prefill(bins)  # before the workers start: the encodings of the checks are not made again
+        return bin_dataset(bins), collator
+    return index_dataset(len(samples)), PaddedCollator(family, processor, samples, rope, towers, cache,
+                                                       encodings if data_workers(recipe) == 0 else None, idle or [])
 
 
 def make_preflight_callback(family: Family, processor, samples: list[Sample], rope, mode: str, precision: str):
@@ -785,13 +830,13 @@ def train(recipe: Recipe) -> Path:
     with args.main_process_first(local=True, desc="sample checks"):
         processor = loaded.processor
         # the encodings made by the checks are kept for the collator (data.cache_gb): the first
-        # epoch does not make them again (without workers: they are in this process)
+        # epoch does not make them again (with workers: collated into rows they all read)
         from finetune.packing import EncodedCache
 
         # (a mixture repeats and subsamples its sources: its encodings are kept by the collator,
         # from the first epoch on)
-        encodings = EncodedCache(family, processor, [], family.rope_index(loaded.model), collator_cache_bytes(recipe)) \
-            if data_workers(recipe) == 0 and len(sources) == 1 else None
+        encodings = EncodedCache(family, processor, [], family.rope_index(loaded.model),
+                                 collator_cache_bytes(recipe, shared=True)) if len(sources) == 1 else None
         ready = [prepare_split(got, family, loaded, recipe, skipped, encodings) for got, _ in per_source]
         eval_samples, _ = prepare_split(eval_samples, family, loaded, recipe, eval_skipped)
     if recipe.data.on_error == "raise" and (skipped or eval_skipped):
@@ -827,8 +872,9 @@ def train(recipe: Recipe) -> Path:
 
         # sharded weights: a tower's forward is a collective, so every rank runs every tower every step
         idle = idle_media(family, processor, samples, lengths, rope)
+    rows = rows_folder() if recipe.data.packing and data_workers(recipe) > 0 else None
     train_ds, collator = make_collator(recipe, family, processor, samples, lengths, rope, attn,
-                                       family.tower_inputs(loaded.model), encodings, idle)
+                                       family.tower_inputs(loaded.model), encodings, idle, rows)
     callbacks = [make_metrics_callback(run_dir), make_crash_callback(),
                  *([make_shard_report_callback()] if engine else []),
                  make_preflight_callback(family, processor, eval_samples or samples, rope, mode, precision)]
@@ -851,7 +897,11 @@ def train(recipe: Recipe) -> Path:
             (run_dir / "metrics.jsonl").unlink()
     if resume:
         print(f"resuming from {resume}", flush=True)
-    trainer.train(resume_from_checkpoint=resume)
+    try:
+        trainer.train(resume_from_checkpoint=resume)
+    finally:
+        if rows is not None:
+            shutil.rmtree(rows, ignore_errors=True)
 
     if mode in ("fsdp", "deepspeed"):
         save_sharded_adapter(trainer, family, loaded, run_dir / "adapter")

@@ -1,4 +1,5 @@
-"""The precision `auto` picks, per GPU generation, from stubbed device properties (no GPU here)."""
+"""What a run sets for a GPU, from stubbed device properties (no GPU here): the precision `auto`
+picks per GPU generation, non-blocking copies from pinned memory, how often a step is logged."""
 
 from __future__ import annotations
 
@@ -44,3 +45,17 @@ def test_cpu_auto_is_fp32(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     assert train.choose_precision("auto") == "fp32"
     assert train.choose_precision("bf16") == "bf16"  # CPU autocast: the bf16 stand-in for a GPU run
+
+
+def test_gpu_runs_copy_batches_without_blocking_and_log_every_tenth_step(monkeypatch):
+    from finetune.recipe import load_recipe
+
+    recipe = load_recipe("medical-tiny")
+    stub_gpu(monkeypatch, (9, 0))
+    dev = train.device_settings(recipe)
+    assert dev["dataloader_pin_memory"] and dev["accelerator_config"]["non_blocking"] and not dev["use_cpu"]
+    assert train.logging_steps(recipe) == train.GPU_LOGGING_STEPS > 1
+    assert train.logging_steps(load_recipe("medical-tiny", ["train.logging_steps=3"])) == 3
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert train.logging_steps(recipe) == 1
+    assert train.device_settings(recipe)["use_cpu"]
