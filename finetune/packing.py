@@ -16,12 +16,16 @@ flex) or passes the boundaries to flash-attention varlen, so every sample attend
 from __future__ import annotations
 
 import bisect
+import hashlib
+import os
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
 
 from finetune.families.base import IGNORE_INDEX, EncodedSample, Family
+from finetune.loss import LABEL_POSITIONS, label_positions
 
 
 def plan_bins(lengths: list[int], max_tokens: int) -> list[list[int]]:
@@ -213,6 +217,49 @@ def encoded_bytes(e: EncodedSample) -> int:
     return tensor_bytes([e.input_ids, e.labels, e.position_ids, e.media])
 
 
+class SharedRows:
+    """Packed rows collated once for every data-loader process, kept as files in a folder of the run.
+
+    With W workers, the sampler deals each epoch's reshuffled rows across them, so a cache in each
+    worker hits about 1/W of the time and ends up holding each row W times. Here whichever process
+    needs a row first collates it and writes it (atomically: a temporary name, then a rename); every
+    process, in every later epoch, reads it back (memory-mapped: the page cache holds it once). The
+    main process writes the rows whose samples the checks before step 1 already encoded, so those
+    encodings are not made again. `budget` bytes in all (data.cache_gb), counted in a counter the
+    processes share; beyond it rows are collated on every use, as without a cache."""
+
+    def __init__(self, folder: Path, budget: int):
+        import multiprocessing
+
+        self.folder, self.budget = Path(folder), budget
+        self.used = multiprocessing.Value("q", 0)  # shared with the workers (fork and spawn alike)
+        self.hits = self.misses = 0
+
+    def path(self, key: tuple) -> Path:
+        return self.folder / (hashlib.blake2b(repr(key).encode(), digest_size=12).hexdigest() + ".pt")
+
+    def get(self, key: tuple) -> dict | None:
+        try:
+            batch = torch.load(self.path(key), mmap=True, weights_only=True)
+        except FileNotFoundError:
+            self.misses += 1
+            return None
+        self.hits += 1
+        return batch
+
+    def put(self, key: tuple, batch: dict) -> bool:
+        n = tensor_bytes(batch)
+        with self.used.get_lock():
+            if self.used.value + n > self.budget:
+                return False
+            self.used.value += n
+        path = self.path(key)
+        tmp = path.with_name(f"{path.stem}.tmp-{os.getpid()}")
+        torch.save(batch, tmp)
+        os.replace(tmp, path)
+        return True
+
+
 @dataclass
 class PackedCollator:
     """Trainer collator: each feature is one bin (sample indices); one packed row per bin."""
@@ -227,6 +274,7 @@ class PackedCollator:
     encoded: Any = None  # an EncodedCache already filled (by the checks before step 1), else a new one
     stats: dict = field(default_factory=lambda: {"rows": 0, "tokens": 0, "slots": 0})
     idle: list = field(default_factory=list)  # idle_media: every tower runs on every rank (sharded weights)
+    shared: SharedRows | None = None  # rows shared by the data-loader workers (SharedRows), else kept here
 
     def __post_init__(self):
         if self.encoded is None:
@@ -240,23 +288,53 @@ class PackedCollator:
 
     def __call__(self, features: list[dict]) -> dict[str, Any]:
         key = tuple(features[0]["bin"]) if len(features) == 1 else None
-        if key is not None and key in self.rows:
-            batch = dict(self.rows[key])
-            self._count(batch)
-            return batch
+        if key is not None:
+            batch = self.rows.get(key) if self.shared is None else self.shared.get(key)
+            if batch is not None:
+                batch = dict(batch)
+                self._count(batch)
+                return batch
+        batch = self.collate(features)
+        self._count(batch)
+        if key is not None:
+            self.keep(key, batch)
+        return batch
+
+    def prefill(self, bins: list[list[int]]) -> int:
+        """Collate now the rows whose samples are all encoded already (by the checks before step 1)
+        and keep them for every process; returns how many."""
+        done = 0
+        for b in bins:
+            key = tuple(b)
+            if all(i in self.encoded.kept for i in key) and self.keep(key, self.collate([{"bin": b}])):
+                done += 1
+        return done
+
+    def keep(self, key: tuple, batch: dict) -> bool:
+        """Keep a one-row batch instead of its samples' encodings (each sample is in one bin only)."""
+        if self.shared is not None:
+            kept = self.shared.put(key, batch)
+            for i in key:
+                self.encoded.forget(i)
+            return kept
+        if not all(i in self.encoded.kept for i in key):
+            return False
+        for i in key:
+            self.encoded.forget(i)
+        if self.encoded.reserve(tensor_bytes(batch)):
+            self.rows[key] = dict(batch)
+            return True
+        return False
+
+    def collate(self, features: list[dict]) -> dict[str, Any]:
+        """One packed batch of the features' bins, encoding what is not kept."""
         rows = [[self.encoded(i) for i in f["bin"]] for f in features]
         real = sum(e.num_tokens for r in rows for e in r)
         rows[-1] = rows[-1] + with_idle_media(self.family, [e for r in rows for e in r], self.idle)
         batch = pack_encoded(self.family, rows, self.processor.pad_id, with_varlen_args=self.with_varlen_args,
                              towers=self.towers)
         batch[REAL_TOKENS] = real  # a host int for the trainer's count
-        self._count(batch)
-        if key is not None and all(i in self.encoded.kept for i in key):
-            # the row replaces its samples' encodings in the budget: each sample is in one bin only
-            for i in key:
-                self.encoded.forget(i)
-            if self.encoded.reserve(tensor_bytes(batch)):
-                self.rows[key] = dict(batch)
+        batch[LABEL_POSITIONS] = label_positions(batch["labels"])  # the loss's head runs there only (no host read)
         return batch
 
     def _count(self, batch: dict) -> None:

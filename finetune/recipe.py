@@ -263,7 +263,9 @@ class TrainConfig:
               "config's router_aux_loss_coef")
     token_metrics: bool = _opt(False, "log TRL's entropy and next-token accuracy every step (softmax work over the "
                                       "vocabulary and a device read each step); the loss is the same either way")
-    logging_steps: int = _opt(1, "log every N optimizer steps (metrics.jsonl, TensorBoard)")
+    logging_steps: int = _opt(0, "log every N optimizer steps (metrics.jsonl, TensorBoard); 0 = auto: every step on "
+                                 "the CPU, every 10 on a GPU (a logged step reads the loss and gradient norm back "
+                                 "from the device, which makes the host wait for it)")
     print_every: int = _opt(0, "print a summary line every N optimizer steps; 0 = about 20 lines a run")
     save_steps: int = _opt(50, "save a checkpoint every N optimizer steps")
     save_total_limit: int = _opt(2, "number of checkpoints kept")
@@ -821,8 +823,8 @@ def _check(recipe: Recipe, problems: _Problems, staged: bool = False) -> None:
         add("train.grad_accum", f"must be >= 1, got {t.grad_accum}")
     if t.max_grad_norm < 0:
         add("train.max_grad_norm", f"must be >= 0 (0 = no clipping), got {t.max_grad_norm}")
-    if t.logging_steps < 1:
-        add("train.logging_steps", f"must be >= 1, got {t.logging_steps}")
+    if t.logging_steps < 0:
+        add("train.logging_steps", f"must be >= 0 (0 = auto), got {t.logging_steps}")
     if t.save_steps < 1:
         add("train.save_steps", f"must be >= 1, got {t.save_steps}")
     if t.save_total_limit < 1:

@@ -28,7 +28,7 @@ from typing import Any
 
 import torch
 
-from finetune import adapters, attention, hub
+from finetune import adapters, attention, hub, kernels
 from finetune.data.schema import DataError, Sample
 from finetune.errors import ConfigError, MissingFileError
 from finetune.families import family_for
@@ -52,13 +52,27 @@ def quiet_libraries() -> None:
     warnings.filterwarnings("ignore", category=UserWarning, module="peft")
 
 
+def native_bf16() -> bool:
+    """The GPU computes in bfloat16 natively: compute capability 8.0 or more (Ampere), or a ROCm
+    device that says so. `torch.cuda.is_bf16_supported()` also counts emulation, which T4, RTX 20xx,
+    TITAN RTX and V100 offer: slow bf16 and no flash kernels there."""
+    if torch.version.hip:
+        return torch.cuda.is_bf16_supported(including_emulation=False)
+    return torch.cuda.get_device_capability() >= (8, 0)
+
+
 def choose_precision(setting: str) -> str:
-    """auto -> bf16 where the GPU supports it, fp16 on older GPUs, fp32 on the CPU."""
-    if setting != "auto":
-        return setting
-    if torch.cuda.is_available():
-        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
-    return "fp32"
+    """auto -> bf16 where the GPU has it natively, fp16 (with a loss scaler) on older GPUs, fp32 on
+    the CPU. An explicit bf16 on a GPU that only emulates it is refused before anything loads."""
+    if setting == "auto":
+        if torch.cuda.is_available():
+            return "bf16" if native_bf16() else "fp16"
+        return "fp32"
+    if setting == "bf16" and torch.cuda.is_available() and not native_bf16():
+        name, cap = torch.cuda.get_device_name(), torch.cuda.get_device_capability()
+        raise ConfigError(f"train.precision=bf16: {name} (compute capability {cap[0]}.{cap[1]}) only emulates "
+                          "bfloat16 (slow, and no flash attention); use train.precision=fp16 or auto")
+    return setting
 
 
 def data_workers(recipe: Recipe) -> int:
@@ -67,6 +81,27 @@ def data_workers(recipe: Recipe) -> int:
     if n >= 0:
         return n
     return min(4, max(1, (os.cpu_count() or 2) // 2)) if torch.cuda.is_available() else 0
+
+
+#: train.logging_steps `auto` on CUDA: a logged step reads the loss and the gradient norm on the host
+GPU_LOGGING_STEPS = 10
+
+
+def logging_steps(recipe: Recipe) -> int:
+    """train.logging_steps with 0 (auto) resolved: every step off CUDA (reading a CPU tensor costs
+    nothing), every GPU_LOGGING_STEPS on CUDA."""
+    n = recipe.train.logging_steps
+    if n:
+        return n
+    return GPU_LOGGING_STEPS if torch.cuda.is_available() else 1
+
+
+def device_settings(recipe: Recipe) -> dict:
+    """SFTConfig's device settings: the CPU or the GPU (batches copied from pinned memory without
+    blocking the host), and the process state set up for DeepSpeed / FSDP on the CPU."""
+    if torch.cuda.is_available():
+        return {"use_cpu": False, "dataloader_pin_memory": True, "accelerator_config": {"non_blocking": True}}
+    return {"use_cpu": True, "dataloader_pin_memory": False} | cpu_sharded_state(distributed_mode(recipe))
 
 
 def optimizer_name(recipe: Recipe) -> str:
@@ -149,6 +184,7 @@ class PaddedCollator:
         return [self.encoded(f["index"]) for f in features]
 
     def __call__(self, features: list[dict]) -> dict[str, Any]:
+        from finetune.loss import LABEL_POSITIONS, label_positions
         from finetune.packing import REAL_TOKENS, with_idle_media
 
         encoded = self.encode(features)
@@ -158,6 +194,7 @@ class PaddedCollator:
         if self.towers is not None:
             batch.update(self.towers(batch))
         batch[REAL_TOKENS] = real  # a host int for the token count
+        batch[LABEL_POSITIONS] = label_positions(batch["labels"])  # the loss's head runs there only
         return batch
 
 
@@ -351,6 +388,7 @@ def make_trainer(recipe: Recipe, family: Family, model, processor, train_ds, col
     """TRL's SFTTrainer with per-role learning rates and our collator."""
     from trl import SFTTrainer
 
+    from finetune.loss import LABEL_POSITIONS, add_label_head
     from finetune.packing import REAL_TOKENS
 
     text_config = model.config.get_text_config()
@@ -382,57 +420,71 @@ def make_trainer(recipe: Recipe, family: Family, model, processor, train_ds, col
 
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
             real = inputs.pop(REAL_TOKENS, None)
-            before = self._total_train_tokens
+            positions = inputs.pop(LABEL_POSITIONS, None)
             if recipe.train.token_metrics:  # TRL's path: entropy and token accuracy every step
+                before = self._total_train_tokens
                 out = super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+                self._total_train_tokens = before  # TRL counts position_ids.size(1): the collator's count replaces it
             else:
-                out = self.token_mean_loss(model, inputs, return_outputs, num_items_in_batch)
+                out = self.token_mean_loss(model, inputs, return_outputs, num_items_in_batch, positions)
             if real is not None and self.model.training:
                 # TRL counts position_ids.size(1) tokens for a mask-free batch (one [1, L] row);
                 # packed rows are [R, L] or [4, R, L] (M-RoPE) with padding segments: count the
-                # samples' tokens the collator counted (a host int: no device read)
-                if self.accelerator.num_processes > 1:
-                    real = self.accelerator.gather_for_metrics(torch.tensor([real], device=self.accelerator.device))
-                    real = int(real.sum())
-                self._total_train_tokens = before + int(real)
-                self._metrics["train"]["num_tokens"] = [self._total_train_tokens]
+                # samples' tokens the collator counted (a host int). Other ranks' counts are added
+                # when a step is logged (log), not here: a gather per micro-batch would make the
+                # host wait for the device before it could launch the backward.
+                self._tokens_unlogged = getattr(self, "_tokens_unlogged", 0) + int(real)
             return out
 
         def log(self, logs, *args, **kwargs):
             aux = self._metrics["train"].get("aux_loss")
             if aux:  # kept as device tensors between logs: one read per logged step, not per micro-batch
                 self._metrics["train"]["aux_loss"] = [float(torch.stack(aux).mean())]
+            mine = getattr(self, "_tokens_unlogged", 0)
+            if mine and self.model.training:
+                if self.accelerator.num_processes > 1:  # every rank logs the same steps: one collective here
+                    mine = int(self.accelerator.reduce(torch.tensor(mine, device=self.accelerator.device), "sum"))
+                self._tokens_unlogged = 0
+                self._total_train_tokens += mine
+                self._metrics["train"]["num_tokens"] = [self._total_train_tokens]
             return super().log(logs, *args, **kwargs)
 
-        def token_mean_loss(self, model, inputs, return_outputs, num_items_in_batch):
+        def token_mean_loss(self, model, inputs, return_outputs, num_items_in_batch, positions=None):
             """The step's loss, as TRL defines it (the sum of the label tokens' negative
-            log-likelihoods over the step's label tokens, all ranks), from TRL's chunked LM head
-            (no tokens x vocabulary logits), without its per-step metrics; for a MoE LLM plus the
-            load-balancing loss times train.router_aux_loss_coef when experts or routers train."""
+            log-likelihoods over the step's label tokens, all ranks), from the label-token head
+            (finetune.loss: no tokens x vocabulary logits, no host read), without TRL's per-step
+            metrics; for a MoE LLM plus the load-balancing loss times train.router_aux_loss_coef
+            when experts or routers train."""
             inputs["use_cache"] = False
             if moe:
                 inputs["output_router_logits"] = True
             labels = inputs["labels"]
             plain = (self.accelerator.device.type != "cuda" and not (self.args.fp16 or self.args.bf16)
                      and labels.numel() * vocab <= PLAIN_LOSS_MAX_LOGITS)
-            if plain:
+            if plain or positions is None:
                 # small fp32 logits off a GPU: one cross-entropy over them beats the chunked head's
                 # tiles (under 16-bit precision the chunked head also casts the fp32 lm_head copy)
-                out_plain = model(**{k: v for k, v in inputs.items() if k != "labels"})
-                logits = out_plain.logits
-                outputs = None
+                outputs = model(**{k: v for k, v in inputs.items() if k != "labels"})
+                logits = outputs.logits
                 total = torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(),
                                                           ignore_index=-100, reduction="sum")
                 n = (labels[:, 1:] != -100).sum() if num_items_in_batch is None else num_items_in_batch
+                aux = getattr(outputs, "aux_loss", None)
             else:
-                outputs = model(**inputs, fused_lm_head=True)
+                outputs = model(**inputs, label_positions=positions)
                 total = -outputs.log_probs.sum()
-                n = outputs.label_mask.sum() if num_items_in_batch is None else num_items_in_batch
+                n = positions.numel() if num_items_in_batch is None else num_items_in_batch
+                aux = None
+                if moe:
+                    from transformers.models.mixtral.modeling_mixtral import load_balancing_loss_func
+
+                    # packed rows carry no attention mask: every token counts, as in TRL's fused head
+                    aux = load_balancing_loss_func(outputs.router_logits, text_config.num_experts,
+                                                   text_config.num_experts_per_tok, inputs.get("attention_mask"))
             loss = total / torch.as_tensor(n, device=total.device).clamp(min=1)
             if self.args.average_tokens_across_devices and num_items_in_batch is not None:
                 loss = loss * (self.accelerator.num_processes // self.get_tp_size())  # DDP averages gradients
             if moe:
-                aux = (outputs if outputs is not None else out_plain).aux_loss
                 if self.model.training:
                     self._metrics["train"].setdefault("aux_loss", []).append(aux.detach().float())
                 if aux_coef:  # one micro-batch's share of the step's mean load-balancing loss
@@ -460,12 +512,10 @@ def make_trainer(recipe: Recipe, family: Family, model, processor, train_ds, col
     # the plain forward in fp32 runs (found by the check before step 1)
     adapters.fp32_trainable(trainer.model)
     if not recipe.train.token_metrics:
-        # TRL's chunked LM head also computes entropy and top-1 hits for its metrics (softmax work
-        # over the vocabulary in every chunk): the head again, computing the log-probabilities only
-        from trl.trainer.utils import add_fused_lm_head
-
+        # the LM head on the label tokens only, at the collator's host positions (finetune.loss);
+        # TRL's own path (token_metrics) also computes entropy and top-1 hits every step
         base = trainer.model.get_base_model() if hasattr(trainer.model, "get_base_model") else trainer.model
-        add_fused_lm_head(base, outputs=("log_probs",))
+        add_label_head(base)
     trainer.add_callback(console_callback(recipe.train.print_every))
     return trainer
 
@@ -476,8 +526,6 @@ def training_args(recipe: Recipe, precision: str, run_dir: Path):
 
     t = recipe.train
     os.environ["TENSORBOARD_LOGGING_DIR"] = str(run_dir / "tensorboard")
-    # the device and, for DeepSpeed / FSDP on the CPU, the process state set up beforehand
-    device = {"use_cpu": not torch.cuda.is_available()} | cpu_sharded_state(distributed_mode(recipe))
     return SFTConfig(
         output_dir=str(run_dir / "checkpoints"),
         per_device_train_batch_size=t.batch_size,
@@ -489,7 +537,7 @@ def training_args(recipe: Recipe, precision: str, run_dir: Path):
         num_train_epochs=t.epochs,
         max_steps=t.max_steps,
         max_grad_norm=t.max_grad_norm,
-        logging_steps=t.logging_steps,
+        logging_steps=logging_steps(recipe),
         save_strategy="steps",
         save_steps=t.save_steps,
         save_total_limit=t.save_total_limit,
@@ -505,9 +553,8 @@ def training_args(recipe: Recipe, precision: str, run_dir: Path):
         dataloader_num_workers=data_workers(recipe),
         # workers keep their encoded samples (and their cache) from one epoch to the next
         dataloader_persistent_workers=data_workers(recipe) > 0,
-        dataloader_pin_memory=torch.cuda.is_available(),
         disable_tqdm=True,  # our console (finetune/console.py) replaces the Trainer's printer
-        **device,
+        **device_settings(recipe),
         max_length=None,
         save_only_model=False,
         # the step loss is the sum over label tokens of every rank's rows / all label tokens of the
@@ -517,29 +564,56 @@ def training_args(recipe: Recipe, precision: str, run_dir: Path):
     )
 
 
-def collator_cache_bytes(recipe: Recipe) -> int:
-    """data.cache_gb in bytes, for each data-loader process."""
-    return int(recipe.data.cache_gb * 2 ** 30 / max(1, data_workers(recipe)))
+def collator_cache_bytes(recipe: Recipe, shared: bool = False) -> int:
+    """data.cache_gb in bytes: all of it for what the data-loader processes share (SharedRows, the
+    encodings the main process keeps), else each process's share."""
+    return int(recipe.data.cache_gb * 2 ** 30 / (1 if shared else max(1, data_workers(recipe))))
+
+
+def rows_folder() -> Path:
+    """A folder of this process for the packed rows its data-loader workers share (packing.SharedRows),
+    under the toolkit's cache; those of processes no longer running on this machine are removed first
+    (a run killed with -9 leaves its own)."""
+    import socket
+
+    root = cache_root() / "rows"
+    host = socket.gethostname()
+    for old in root.glob(f"{host}-*"):
+        pid = old.name.rsplit("-", 1)[-1]
+        if pid.isdigit() and not Path(f"/proc/{pid}").exists():
+            shutil.rmtree(old, ignore_errors=True)
+    folder = root / f"{host}-{os.getpid()}"
+    shutil.rmtree(folder, ignore_errors=True)
+    folder.mkdir(parents=True)
+    return folder
 
 
 def make_collator(recipe: Recipe, family: Family, processor, samples: list[Sample], lengths: list[int], rope,
-                  attn: str, towers=None, encodings=None, idle: list | None = None):
+                  attn: str, towers=None, encodings=None, idle: list | None = None, rows: Path | None = None):
     """(the Trainer's dataset, the collator): packed bins or sample indices. The LLM's attention
     gets the packed rows' sample boundaries from the collator whenever the chosen backend (`auto`
-    resolved) takes them, so no layer recomputes them (a device sync per layer on CUDA)."""
+    resolved) takes them, so no layer recomputes them (a device sync per layer on CUDA). With
+    data-loader workers and `rows` (a folder), packed rows are collated once for all of them
+    (packing.SharedRows), starting with those whose samples `encodings` holds already."""
     cache = collator_cache_bytes(recipe)
     if recipe.data.packing:
-        from finetune.packing import PackedCollator, bin_dataset, efficiency, plan_bins
+        from finetune.packing import PackedCollator, SharedRows, bin_dataset, efficiency, plan_bins
 
         bins = plan_bins(lengths, recipe.data.max_tokens)
         print(f"packing: {len(samples)} samples in {len(bins)} rows of <= {recipe.data.max_tokens} tokens "
               f"({100 * efficiency(lengths, bins, recipe.data.max_tokens):.1f}% of the budget used; rows carry "
               "no padding between samples)", flush=True)
-        return bin_dataset(bins), PackedCollator(family, processor, samples, rope,
-                                                 with_varlen_args=attn in attention.VARLEN_ARGS, towers=towers,
-                                                 cache_bytes=cache, encoded=encodings, idle=idle or [])
-    return index_dataset(len(samples)), PaddedCollator(family, processor, samples, rope, towers, cache, encodings,
-                                                       idle or [])
+        shared = SharedRows(rows, collator_cache_bytes(recipe, shared=True)) \
+            if rows is not None and data_workers(recipe) > 0 else None
+        if shared is None and data_workers(recipe) > 0:
+            encodings = None  # each worker would grow its own copy of them: each keeps its own share instead
+        collator = PackedCollator(family, processor, samples, rope, with_varlen_args=attn in attention.VARLEN_ARGS,
+                                  towers=towers, cache_bytes=cache, encoded=encodings, idle=idle or [], shared=shared)
+        if shared is not None:
+            collator.prefill(bins)  # before the workers start: the encodings of the checks are not made again
+        return bin_dataset(bins), collator
+    return index_dataset(len(samples)), PaddedCollator(family, processor, samples, rope, towers, cache,
+                                                       encodings if data_workers(recipe) == 0 else None, idle or [])
 
 
 def make_preflight_callback(family: Family, processor, samples: list[Sample], rope, mode: str, precision: str):
@@ -756,13 +830,13 @@ def train(recipe: Recipe) -> Path:
     with args.main_process_first(local=True, desc="sample checks"):
         processor = loaded.processor
         # the encodings made by the checks are kept for the collator (data.cache_gb): the first
-        # epoch does not make them again (without workers: they are in this process)
+        # epoch does not make them again (with workers: collated into rows they all read)
         from finetune.packing import EncodedCache
 
         # (a mixture repeats and subsamples its sources: its encodings are kept by the collator,
         # from the first epoch on)
-        encodings = EncodedCache(family, processor, [], family.rope_index(loaded.model), collator_cache_bytes(recipe)) \
-            if data_workers(recipe) == 0 and len(sources) == 1 else None
+        encodings = EncodedCache(family, processor, [], family.rope_index(loaded.model),
+                                 collator_cache_bytes(recipe, shared=True)) if len(sources) == 1 else None
         ready = [prepare_split(got, family, loaded, recipe, skipped, encodings) for got, _ in per_source]
         eval_samples, _ = prepare_split(eval_samples, family, loaded, recipe, eval_skipped)
     if recipe.data.on_error == "raise" and (skipped or eval_skipped):
@@ -784,6 +858,9 @@ def train(recipe: Recipe) -> Path:
     print(f"model {loaded.base_path} ({family.name}), precision {precision}, "
           f"quantize {recipe.model.quantize}, attention {attn}")
     print(adapters.format_role_table(adapters.role_table(model, family, plan)), flush=True)
+    if attn == attention.VARLEN and torch.cuda.is_available():  # decided here once, said once
+        kernel, why = kernels.select(torch.device("cuda", torch.cuda.current_device()), torch_dtype(precision))
+        print(f"packed attention kernel: {kernel} ({why})", flush=True)
 
     rope = family.rope_index(loaded.model)
     if encodings is not None:
@@ -795,8 +872,9 @@ def train(recipe: Recipe) -> Path:
 
         # sharded weights: a tower's forward is a collective, so every rank runs every tower every step
         idle = idle_media(family, processor, samples, lengths, rope)
+    rows = rows_folder() if recipe.data.packing and data_workers(recipe) > 0 else None
     train_ds, collator = make_collator(recipe, family, processor, samples, lengths, rope, attn,
-                                       family.tower_inputs(loaded.model), encodings, idle)
+                                       family.tower_inputs(loaded.model), encodings, idle, rows)
     callbacks = [make_metrics_callback(run_dir), make_crash_callback(),
                  *([make_shard_report_callback()] if engine else []),
                  make_preflight_callback(family, processor, eval_samples or samples, rope, mode, precision)]
@@ -819,7 +897,11 @@ def train(recipe: Recipe) -> Path:
             (run_dir / "metrics.jsonl").unlink()
     if resume:
         print(f"resuming from {resume}", flush=True)
-    trainer.train(resume_from_checkpoint=resume)
+    try:
+        trainer.train(resume_from_checkpoint=resume)
+    finally:
+        if rows is not None:
+            shutil.rmtree(rows, ignore_errors=True)
 
     if mode in ("fsdp", "deepspeed"):
         save_sharded_adapter(trainer, family, loaded, run_dir / "adapter")

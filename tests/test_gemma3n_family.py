@@ -278,3 +278,49 @@ def test_a_frozen_vision_path_encodes_an_image_once(gemma, media_dir):  # noqa: 
         hook.remove()
         for p, r in zip(path, was):
             p.requires_grad_(r)
+
+
+def test_the_frozen_image_cache_hits_for_pixels_on_the_device(gemma, media_dir, monkeypatch):  # noqa: F811
+    """On a GPU the loader has moved the pixels to the device before the model sees them, where
+    hashing them would make the host wait: the collator's digests (tower_inputs) key the cache
+    instead, so a second forward of the same images runs no tower call. Pixels "on the device" are
+    emulated by a path_state that refuses to hash (as it does for non-CPU pixels)."""
+    from finetune.families.gemma3n import FrozenImageCache
+    from finetune.packing import pack_encoded
+
+    fam, loaded = gemma
+    inner = loaded.model.model
+    cache = inner._frozen_image_cache
+    hashed = []
+    monkeypatch.setattr(FrozenImageCache, "key", staticmethod(
+        lambda x, state, args, kwargs, digest=None, _key=FrozenImageCache.key: hashed.append(digest is None)
+        or _key(x, state, args, kwargs, digest)))
+    original = FrozenImageCache.path_state
+    monkeypatch.setattr(FrozenImageCache, "path_state",
+                        lambda self, pixels, keyed=False: original(self, pixels, keyed) if keyed else None)
+    path = [p for m in (inner.vision_tower, inner.embed_vision) for p in m.parameters()]
+    was = [p.requires_grad for p in path]
+    for p in path:
+        p.requires_grad_(False)
+    calls = []
+    hook = inner.vision_tower.register_forward_hook(lambda *a: calls.append(1))
+    try:
+        sample = parse_sample({"messages": [
+            {"role": "user", "content": [{"type": "image", "path": "a.png"}, {"type": "text", "text": "Lesion?"}]},
+            {"role": "assistant", "content": "Yes."}]}, source="x.jsonl", line=1, base_dir=media_dir)
+        enc = fam.encode(sample, loaded.processor)
+        towers = fam.tower_inputs(loaded.model)
+        assert towers is not None
+        batch = pack_encoded(fam, [[enc, enc]], loaded.processor.pad_id, towers=towers)
+        batch.pop("labels")
+        with torch.no_grad():
+            first = loaded.model(**batch).logits
+            n = len(calls)
+            again = loaded.model(**batch).logits
+        assert len(calls) == n  # the second forward's images came from the cache
+        assert torch.equal(first, again)
+        assert hashed and not any(hashed)  # keyed by the collator's digests, never by hashing the pixels here
+    finally:
+        hook.remove()
+        for p, r in zip(path, was):
+            p.requires_grad_(r)

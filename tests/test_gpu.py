@@ -55,7 +55,18 @@ def test_packed_equals_one_by_one_on_cuda_bf16(tiny_cuda_bf16, media_dir, backen
     assert res.n_rows == 1
     if backend == "varlen":
         assert attention.segment_calls > before  # the varlen kernel really ran
+        assert_flash_ran()
     assert res.passed, res.format()
+
+
+def assert_flash_ran():
+    """On a GPU with the flash kernel (compute capability 8.0+), bf16 attention took it."""
+    from finetune import kernels
+
+    if torch.cuda.get_device_capability() < kernels.FLASH_CAPABILITY:
+        pytest.skip("no flash kernel below compute capability 8.0")
+    chosen = {dtype: kernel for (dev, dtype, _, _), (kernel, _) in kernels.CHOSEN.items() if dev.startswith("cuda")}
+    assert chosen.get(torch.bfloat16) == kernels.FLASH, kernels.CHOSEN
 
 
 def test_broken_isolation_is_caught_on_cuda(tiny_cuda_bf16, media_dir):  # noqa: F811
@@ -83,10 +94,12 @@ def test_no_host_sync_inside_the_llm_and_the_towers_on_cuda(media_dir, recipe_na
 
     batch = to_model(batch, model, fam)
     labels = batch.pop("labels")
-    with H.counting(H._regions(fam, model)) as c:
+    # bf16 autocast, as training runs on a GPU: the flash kernel (fp32 would take the dense one)
+    with H.counting(H._regions(fam, model)) as c, torch.autocast("cuda", dtype=torch.bfloat16):
         out = model(**batch, labels=labels)
         c.region = "backward"
         out.loss.backward()
+    assert_flash_ran()
     inside = {k: n for k, n in c.seen.items() if k[0] in ("llm", "vision", "audio", "backward")}
     assert inside == {}, inside
     assert {k: n for k, n in c.seen.items() if k[0] == "glue"} == H.GLUE[fam.name]

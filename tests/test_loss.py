@@ -52,9 +52,10 @@ def test_token_mean_loss_equals_the_models_own_cross_entropy(trainer_and_batch, 
     n = (labels[:, 1:] != -100).sum()
 
     model.zero_grad(set_to_none=True)
+    from finetune.loss import LABEL_POSITIONS
     from finetune.packing import REAL_TOKENS
 
-    logits = model(**{k: v for k, v in batch.items() if k not in ("labels", REAL_TOKENS)}).logits
+    logits = model(**{k: v for k, v in batch.items() if k not in ("labels", REAL_TOKENS, LABEL_POSITIONS)}).logits
     ref = torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1), labels[:, 1:].flatten(), ignore_index=-100,
                                             reduction="sum") / n
     ref.backward()
@@ -80,3 +81,70 @@ def test_the_chunked_heads_peak_memory_is_below_the_full_logits():
     assert chunked["peak_mb"] < plain["peak_mb"] - 200, (plain, chunked)
     dl, dg = loss_memory.difference(256, hidden, vocab, "cpu")
     assert dl <= 1e-5 and dg <= 1e-5
+
+
+def test_label_positions_are_where_the_next_token_is_a_label():
+    from finetune.loss import label_positions
+
+    labels = torch.tensor([[-100, 5, 6, -100, 7], [-100, -100, -100, 8, -100]])
+    flat = label_positions(labels)
+    assert flat.tolist() == [0, 1, 3, 7]  # row 0: p = 0, 1, 3 (labels at 1, 2, 4); row 1: p = 2 (label at 3)
+    assert labels.reshape(-1)[flat + 1].tolist() == [5, 6, 7, 8]
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_the_label_head_equals_trls_fused_head_without_a_host_read(trainer_and_batch, precision, monkeypatch):
+    """The label-token head (positions from the collator) gives TRL's fused head's loss and
+    gradients bit for bit, in fp32 and under bf16 autocast, and reads nothing back from the device
+    (TRL's boolean mask runs nonzero: one host wait per micro-batch on a GPU)."""
+    import types
+
+    from trl.trainer.utils import add_fused_lm_head
+
+    from finetune.loss import LABEL_POSITIONS
+    from finetune.packing import REAL_TOKENS
+    from test_host_syncs import counting
+
+    trainer, model, batch = trainer_and_batch
+    model.train()
+    inputs = {k: v for k, v in batch.items() if k not in (REAL_TOKENS, LABEL_POSITIONS)}
+    positions = batch[LABEL_POSITIONS]
+    amp = torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16")
+    base = model.get_base_model()
+    ours = base.forward
+
+    model.zero_grad(set_to_none=True)
+    backbone = {"backbone": [base.base_model]}  # the model's own syncs are counted apart (test_host_syncs)
+    with counting(backbone) as c, amp:
+        out = model(**inputs, label_positions=positions)
+        mine = -out.log_probs.sum()
+    mine.backward()
+    g_mine = _grads(model)
+    assert {k: n for k, n in c.seen.items() if k[0] != "backbone"} == {}
+
+    import trl.trainer.utils as trl_utils
+
+    # TRL selects the label rows with a boolean mask on CUDA (compact), scores every row elsewhere;
+    # its compact path fails under CPU autocast (a bf16 result scattered into fp32), so bf16 is
+    # compared with its every-row path
+    compact = precision == "fp32"
+    monkeypatch.setattr(trl_utils, "_use_triton", lambda device: compact)
+    base.forward = types.MethodType(type(base).forward, base)  # the original forward, then TRL's head on it
+    add_fused_lm_head(base, outputs=("log_probs",))
+    try:
+        model.zero_grad(set_to_none=True)
+        with counting(backbone) as c_trl, amp:
+            ref = -model(**inputs, fused_lm_head=True).log_probs.sum()
+        ref.backward()
+    finally:
+        base.forward = ours
+    g_ref = _grads(model)
+    assert g_mine.keys() == g_ref.keys()
+    if compact:
+        assert c_trl.seen[("glue", "index(bool mask)")] > 0  # the counter sees TRL's mask (the control)
+        assert torch.equal(mine, ref)
+        assert all(torch.equal(g_mine[k], g_ref[k]) for k in g_mine)
+    else:  # the same rows in other GEMM tile shapes
+        torch.testing.assert_close(mine, ref, rtol=1e-6, atol=0)
+        for k in g_mine:
+            torch.testing.assert_close(g_mine[k], g_ref[k], rtol=1e-4, atol=1e-6)

@@ -246,6 +246,12 @@ class Gemma3nFamily(Family):
     def rope_index(self, model_or_config) -> None:
         return None  # 1-D RoPE: a sample's positions are 0..n-1
 
+    def tower_inputs(self, model_or_config):
+        """The images' digests for the frozen vision path's cache (images_one_by_one), computed by the
+        collator on the host: the cache then works on pixels already moved to a GPU."""
+        inner = getattr(model_or_config, "model", None)
+        return image_digests if getattr(inner, "_frozen_image_cache", None) is not None else None
+
     # ---- encoding ----------------------------------------------------------------------
     def _render(self, sample, proc: Gemma3nOmniProcessor, for_generation: bool, on_image, on_audio):
         """The sample's token ids and labels in the chat template's layout. `on_image(part)` gives
@@ -471,10 +477,10 @@ def images_one_by_one(model: torch.nn.Module) -> None:
     batched = inner.get_image_features
     cache = FrozenImageCache(inner)
 
-    def one(x: torch.Tensor, state, args, kwargs):
+    def one(x: torch.Tensor, state, args, kwargs, digest=None):
         if state is None:
             return batched(x, *args, **kwargs)
-        key = cache.key(x, state, args, kwargs)
+        key = cache.key(x, state, args, kwargs, digest)
         hit = cache.get(key)
         if hit is None:
             with torch.no_grad():
@@ -485,8 +491,10 @@ def images_one_by_one(model: torch.nn.Module) -> None:
     def get_image_features(pixel_values: torch.Tensor, *args, **kwargs):
         if pixel_values.shape[0] == 0:
             return batched(pixel_values, *args, **kwargs)
-        state = cache.path_state(pixel_values)  # once per call: the path does not change between images
-        outs = [one(pixel_values[i:i + 1], state, args, kwargs) for i in range(pixel_values.shape[0])]
+        digests = cache.digests if cache.digests is not None and len(cache.digests) == pixel_values.shape[0] else None
+        state = cache.path_state(pixel_values, keyed=digests is not None)  # once per call, not per image
+        outs = [one(pixel_values[i:i + 1], state, args, kwargs, digests and digests[i])
+                for i in range(pixel_values.shape[0])]
         if len(outs) == 1:
             return outs[0]
         if isinstance(outs[0], torch.Tensor):
@@ -499,9 +507,38 @@ def images_one_by_one(model: torch.nn.Module) -> None:
             first["hidden_states"] = tuple(torch.cat(h) for h in zip(*(o.hidden_states for o in outs)))
         return first
 
+    forward = inner.forward
+
+    def forward_with_digests(*args, **kwargs):
+        # the collator's digests (IMAGE_DIGESTS) are for this call's images; the backbone never sees them
+        cache.digests = kwargs.pop(IMAGE_DIGESTS, None)
+        try:
+            return forward(*args, **kwargs)
+        finally:
+            cache.digests = None
+
     inner.get_image_features = get_image_features
+    inner.forward = forward_with_digests
     inner._one_image_per_call = True
     inner._frozen_image_cache = cache
+
+
+#: batch key of the images' pixel digests, computed by the collator on the host (Family.tower_inputs):
+#: on a GPU the pixels reach the model on the device, where hashing them would make the host wait
+IMAGE_DIGESTS = "image_digests"
+
+
+def pixel_digest(x: torch.Tensor) -> str:
+    """A host tensor's content digest (one image's pixels)."""
+    return hashlib.blake2b(x.detach().contiguous().numpy().tobytes(), digest_size=16).hexdigest()
+
+
+def image_digests(batch: dict) -> dict:
+    """The collator's part of the frozen-image cache: each image's digest, in batch order."""
+    pix = batch.get("pixel_values")
+    if pix is None or pix.shape[0] == 0:
+        return {}
+    return {IMAGE_DIGESTS: [pixel_digest(pix[i:i + 1]) for i in range(pix.shape[0])]}
 
 
 class FrozenImageCache:
@@ -515,13 +552,16 @@ class FrozenImageCache:
 
     def __init__(self, inner, capacity: int = 8192):
         self.inner, self.capacity, self.store, self.hits, self.misses = inner, capacity, {}, 0, 0
+        self.digests: list[str] | None = None  # the current forward's images' digests, from the collator
 
     def _path(self):
         return [self.inner.vision_tower, self.inner.embed_vision]
 
-    def path_state(self, pixels: torch.Tensor):
-        """The path parameters' version counters while caching is safe for these pixels, else None."""
-        if pixels.device.type != "cpu" or torch.is_grad_enabled() and pixels.requires_grad:
+    def path_state(self, pixels: torch.Tensor, keyed: bool = False):
+        """The path parameters' version counters while caching is safe for these pixels, else None.
+        `keyed`: the collator gave the images' digests (IMAGE_DIGESTS), so the pixels may be on any
+        device; otherwise they must be on the host to be hashed here."""
+        if (pixels.device.type != "cpu" and not keyed) or torch.is_grad_enabled() and pixels.requires_grad:
             return None
         params = [p for m in self._path() for p in m.parameters()]
         if any(p.requires_grad for p in params):
@@ -533,8 +573,8 @@ class FrozenImageCache:
         return tuple(p._version for p in params)
 
     @staticmethod
-    def key(x: torch.Tensor, state: tuple, args, kwargs):
-        digest = hashlib.blake2b(x.detach().contiguous().numpy().tobytes(), digest_size=16).digest()
+    def key(x: torch.Tensor, state: tuple, args, kwargs, digest: str | None = None):
+        digest = digest or pixel_digest(x)
         return digest, tuple(x.shape), x.dtype, state, repr(args), repr(sorted(kwargs.items()))
 
     def get(self, key):
