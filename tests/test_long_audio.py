@@ -12,7 +12,6 @@ layout and at the positions transformers' processor and get_rope_index give.
 from __future__ import annotations
 
 import dataclasses
-import fractions
 import functools
 import json
 
@@ -20,6 +19,8 @@ import numpy as np
 import pytest
 import soundfile as sf
 import torch
+
+from test_qwen_family import MIXES, media_dir, sample, write_video  # noqa: F401  (fixture reuse)
 
 from finetune.data.schema import DataError, parse_sample
 from finetune.families import get_family
@@ -327,35 +328,6 @@ def test_recipe_fields_reach_the_processor_and_bad_values_are_refused():
 
 
 # ---- a video's own sound ---------------------------------------------------------------------------
-def write_video(path, seconds: float = 3.0, fps: int = 4, sound: bool = True, freq: float = 440.0,
-                size=(64, 48), sr: int = 16000):
-    """An MP4 written with PyAV: random frames, and (with `sound`) a sine tone in an AAC track."""
-    import av
-
-    rng = np.random.default_rng(0)
-    with av.open(str(path), "w") as out:
-        v = out.add_stream("mpeg4", rate=fps)
-        v.width, v.height, v.pix_fmt = size[0], size[1], "yuv420p"
-        a = None
-        if sound:
-            a = out.add_stream("aac", rate=sr)
-            a.layout = "mono"
-        for _ in range(int(seconds * fps)):
-            img = (rng.random((size[1], size[0], 3)) * 255).astype(np.uint8)
-            out.mux(v.encode(av.VideoFrame.from_ndarray(img, format="rgb24")))
-        out.mux(v.encode())
-        if a is not None:
-            t = np.arange(int(seconds * sr)) / sr
-            wave = (0.5 * np.sin(2 * np.pi * freq * t)).astype(np.float32)
-            step = a.codec_context.frame_size or 1024
-            for start in range(0, len(wave), step):
-                frame = av.AudioFrame.from_ndarray(wave[None, start:start + step], format="fltp", layout="mono")
-                frame.sample_rate, frame.pts, frame.time_base = sr, start, fractions.Fraction(1, sr)
-                out.mux(a.encode(frame))
-            out.mux(a.encode())
-    return path
-
-
 def test_a_video_files_sound_track_is_read(tmp_path):
     from finetune.data.media import load_video_audio, video_has_audio
 
@@ -508,3 +480,34 @@ def test_truncations_are_counted_in_data_check_and_before_step_1(tmp_path, capsy
     stats = {}
     prepare(samples, fam, proc, fam.read_config(folder), None, max_tokens=None, record=record, stats=stats)
     assert stats["remembered"] == 2 and stats["truncated_audio"] == 2  # remembered samples still count
+
+
+@pytest.mark.parametrize("name", ["qwen2_5_omni", "qwen3_omni_moe"])
+def test_the_models_own_positions_are_per_sample_in_a_batch_mixing_video_sound(media_dir, name):  # noqa: F811
+    """transformers' get_rope_index takes use_audio_in_video for a whole batch, so a left-padded
+    generation batch holding a video read with its sound and a video read without gives one of them
+    wrong positions either way. The model as the family loads it decides per sample: every row's
+    positions are the sample's own (those training packs), whatever it is batched with."""
+    from finetune.recipe import load_recipe
+
+    fam = get_family(name)
+    loaded = fam.load(load_recipe("medical-tiny", [f"model.path=tiny:{name}", "model.max_pixels=12544"]),
+                      dtype=torch.float32, attn="sdpa")
+    rope = fam.rope_index(loaded.model)
+    encs = [fam.encode(sample(media_dir, MIXES[m]), loaded.processor, for_generation=True, rope=rope)
+            for m in ("audio", "video_sound", "video", "text", "all")]
+    batch = fam.collate_padded(encs, loaded.processor.pad_id, side="left")
+    args = (batch["input_ids"], batch.get("image_grid_thw"), batch["video_grid_thw"], batch["attention_mask"])
+    rest = (batch["feature_attention_mask"].sum(-1), batch["video_second_per_grid"])
+
+    def rows(pos):
+        return [pos[:, i, batch["attention_mask"][i] == 1] for i in range(len(encs))]
+
+    inner = loaded.model.model
+    for flag in (False, True):  # the flag a caller passes no longer matters
+        got = rows(inner.get_rope_index(*args, flag, *rest)[0])
+        assert all(torch.equal(g.to(e.position_ids.dtype), e.position_ids) for g, e in zip(got, encs)), flag
+        assert torch.equal(loaded.model.get_rope_index(*args, flag, *rest)[0], inner.get_rope_index(*args, flag, *rest)[0])
+    for flag in (False, True):  # transformers' own: one kind of video gets wrong positions
+        own = rows(type(inner).get_rope_index(inner, *args, flag, *rest)[0])
+        assert not all(torch.equal(g.to(e.position_ids.dtype), e.position_ids) for g, e in zip(own, encs)), flag
