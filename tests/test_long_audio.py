@@ -511,3 +511,24 @@ def test_the_models_own_positions_are_per_sample_in_a_batch_mixing_video_sound(m
     for flag in (False, True):  # transformers' own: one kind of video gets wrong positions
         own = rows(type(inner).get_rope_index(inner, *args, flag, *rest)[0])
         assert not all(torch.equal(g.to(e.position_ids.dtype), e.position_ids) for g, e in zip(own, encs)), flag
+
+
+def test_a_sample_mixing_videos_with_and_without_their_sound_is_named(tmp_path):
+    """transformers' positions take use_audio_in_video for a whole sample: a sample with one video read
+    with its sound and one without (silent, or its part says false) is an error at its line, from the
+    metadata count and the encoding alike, not positions wrong for one of them."""
+    write_video(tmp_path / "v.mp4", seconds=1.0)
+    write_video(tmp_path / "mute.mp4", seconds=1.0, sound=False)
+    fam, _, proc = processor("qwen2_5_omni", use_audio_in_video=True)
+    for second in ({"type": "video", "path": "mute.mp4"}, {"type": "video", "path": "v.mp4", "use_audio_in_video": False}):
+        messages = [{"role": "user", "content": [{"type": "video", "path": "v.mp4"}, second]},
+                    {"role": "assistant", "content": "Two."}]
+        s = parse_sample({"messages": messages}, source="d.jsonl", line=7, base_dir=tmp_path)
+        for fn in (fam.count_tokens, fam.encode):
+            with pytest.raises(DataError, match="1 of its 2 videos are read with their sound") as err:
+                fn(s, proc)
+            assert (err.value.kind, err.value.line) == ("audio_in_video", 7)
+    messages[0]["content"][1]["use_audio_in_video"] = "yes"
+    s = parse_sample({"messages": messages}, source="d.jsonl", line=8, base_dir=tmp_path)
+    with pytest.raises(DataError, match="not true or false"):
+        fam.count_tokens(s, proc)

@@ -7,7 +7,8 @@ Prompt format of the released model (no chat template applies; roles are single 
 Media inside a turn: an image is `<img_start_baichuan>` + `<img_pad_baichuan>` x (grid h*w/4) +
 `<img_end_baichuan>`; a video is the same per sampled frame with `<video_palce_baichuan>` pads
 (each frame is its own image, no video start/end tokens); audio is `<audio_start_baichuan>` +
-`<audio_pad_baichuan>` x (12.5 per second, per 30 s chunk) + `<audio_end_baichuan>`. Every
+`<audio_pad_baichuan>` x (12.5 per second, per 30 s chunk) + `<audio_end_baichuan>` (a clip of any
+length: its consecutive 30 s segments inside one pair, as the released processor reads it). Every
 assistant turn is learned together with the `<|endoftext|>` that ends it. Positions are 1-D.
 """
 

@@ -19,6 +19,8 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from finetune.data import media as M
+from finetune.data.schema import DataError
 from finetune.errors import ConfigError, MissingFileError
 
 if TYPE_CHECKING:  # families never import the trainer; data types only
@@ -154,8 +156,6 @@ class Family(abc.ABC):
             return False
         want = part.extra.get("use_audio_in_video", getattr(processor, "use_audio_in_video", False))
         if not isinstance(want, bool):
-            from finetune.data.schema import DataError
-
             raise DataError("bad_part", f"'use_audio_in_video' is {want!r}, not true or false",
                             "write true (read the video's sound with its frames) or false",
                             file=sample.source, line=sample.line, field=part_field(sample, part, "use_audio_in_video"))
@@ -167,16 +167,12 @@ class Family(abc.ABC):
         one, as transformers' processor does)."""
         if not self.reads_video_sound(sample, part, processor) or part.path is None:
             return None
-        from finetune.data import media as M
-
         return M.load_video_audio(part.path, processor.sampling_rate)
 
     def audio_clips(self, sample: "Sample", processor) -> list[tuple[Any, int, bool]]:
         """(part, samples at the processor's rate, whether it is a video's sound) of every clip the
         family reads from a sample, in order: audio parts (length from the header), and videos read
         with their sound (decoded: a container's header does not give the exact count)."""
-        from finetune.data import media as M
-
         out = []
         for msg in sample.messages:
             for part in msg.parts:
@@ -446,8 +442,6 @@ def part_field(sample: "Sample", part, key: str = "path") -> str:
 def long_audio_error(sample: "Sample", part, n: int, limit: int, rate: int, title: str, *, video: bool = False):
     """The DataError of a clip of `n` samples past a processor's `limit` (`data.long_audio: error`):
     its duration, the limit and the fixes, at the sample's file:line and the part's field."""
-    from finetune.data.schema import DataError
-
     lim = f"{limit / rate:g} s"
     dur = f"{n / rate:.1f} s"
     if dur == f"{limit / rate:.1f} s":  # just past the limit: the samples say by how much

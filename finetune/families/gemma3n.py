@@ -28,7 +28,9 @@ Prompt format (the released chat template): `<bos><start_of_turn>user\\n{system}
 `\\n\\n<start_of_audio>` + 188 x `<audio_soft_token>` + `<end_of_audio>\\n\\n` (fixed counts), the
 text around them tokenised as one run, as `Gemma3nProcessor` does. Images are resized to the
 processor's fixed size (768x768, no aspect kept) with PIL (`SiglipImageProcessorPil`) and scaled
-to [0, 1]; audio is `Gemma3nAudioFeatureExtractor`'s log-mel features, at most 30 s.
+to [0, 1]; audio is `Gemma3nAudioFeatureExtractor`'s log-mel features, at most 30 s (the processor cuts
+the rest): a longer clip is named, or with `data.long_audio` split into consecutive clips of one block
+each, or truncated to its first 30 s.
 
 Packing: the audio tower's outputs for a clip do not depend on clips padded beside it (it masks
 the padding; the embedder pads every clip to the fixed count with one embedding), MobileNetV5

@@ -12,6 +12,13 @@ The chat format matches the model's own template:
 
     <|im_start|>system\n...<|im_end|>\n<|im_start|>user\n<|vision_bos|><|IMAGE|>*n<|vision_eos|>text<|im_end|>\n
     <|im_start|>assistant\nanswer<|im_end|>\n
+
+An audio clip is `<|audio_bos|><|AUDIO|>*n<|audio_eos|>`; a clip that `data.long_audio: split` cuts
+into consecutive clips is that many such items in a row. A video read with its sound
+(`use_audio_in_video`) is `<|vision_bos|><|audio_bos|>` + the video's and the sound's placeholders
+interleaved by time (2 s chunks: the chunk's video tokens, then its audio tokens) + `<|audio_eos|>
+<|vision_eos|>`, as the processor lays it out; its positions are get_rope_index's with
+use_audio_in_video, which the loaded model then decides per sample (`rope_per_sample`).
 """
 
 from __future__ import annotations
@@ -27,6 +34,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from finetune.data.schema import DataError
 from finetune.errors import ConfigError
 from finetune.families.base import IGNORE_INDEX, EncodedSample, Family, LoadedModel, load_kwargs, quantization_config
 from finetune.families.shared import (AUDIO_BOS, AUDIO_EOS, AUDIO_TOKEN, IM_END, IMAGE_TOKEN, VIDEO_TOKEN,
@@ -63,13 +71,13 @@ class _RopeIndex:
         audio_len = media.get("audio_feature_lengths")
         pos, _ = self._fn(
             self, ids, media.get("image_grid_thw"), media.get("video_grid_thw"),
-            torch.ones_like(ids), reads_video_sound(input_ids, self.config), audio_len,
+            torch.ones_like(ids), has_video_sound(input_ids, self.config), audio_len,
             media.get("video_second_per_grid"),
         )
         return pos[:, 0, :]
 
 
-def reads_video_sound(ids: torch.Tensor, config) -> bool:
+def has_video_sound(ids: torch.Tensor, config) -> bool:
     """Whether a sample's tokens hold a video read with its sound (`<vision_bos><audio_bos>`): the
     `use_audio_in_video` transformers' get_rope_index needs for it."""
     ids = ids.reshape(-1)
@@ -186,8 +194,6 @@ def one_kind_of_video(sample, videos: list[bool]) -> None:
     """A sample's videos are all read with their sound or all without: transformers' M-RoPE index
     takes use_audio_in_video for a whole sample, and gives one kind wrong positions otherwise."""
     if len(set(videos)) > 1:
-        from finetune.data.schema import DataError
-
         raise DataError("audio_in_video", f"{videos.count(True)} of its {len(videos)} videos are read with their sound "
                         "and the others without (no sound track, or use_audio_in_video false): the model's positions "
                         "take one or the other for a whole sample",

@@ -15,7 +15,10 @@ and `code2wav.`), so this family extends that one and changes what differs:
 - the audio tower downsamples with three stride-2 convolutions over 100-frame chunks (13 tokens
   per second) and projects with `proj1`/`proj2` (`audio_projector`);
 - the special tokens: `<|vision_start|><|image_pad|>...<|vision_end|>`, `<|audio_start|>
-  <|audio_pad|>...<|audio_end|>`; 16-pixel patches normalised with mean = std = 0.5.
+  <|audio_pad|>...<|audio_end|>`; 16-pixel patches normalised with mean = std = 0.5;
+- the processor reads a clip of any length whole (no 300 s cut), and a video read with its sound
+  interleaves the sound's tokens with the video's token by token by time (13 positions a second),
+  not in 2 s chunks.
 
 Packing exactness of the audio tower: transformers pads every chunk of a batch to its longest
 chunk and (unlike Qwen2.5-Omni) does not mask the padding between its convolutions. A clip of
