@@ -121,7 +121,7 @@ def audio_notes(tally: dict, family, processor) -> list[str]:
     notes = []
     if tally.get("truncated_audio"):
         limit = family.max_audio_samples(processor) / processor.sampling_rate
-        notes.append(f"{tally['truncated_audio']} audio clip(s) longer than the {limit:g} s {family.title}'s processor "
+        notes.append(f"{tally['truncated_audio']} audio clip(s) longer than the {limit:g} s that {family.title}'s processor "
                      f"reads were truncated to their first {limit:g} s (data.long_audio: truncate; split keeps all of "
                      "them as consecutive clips)")
     if tally.get("video_sound_ignored"):
@@ -138,7 +138,8 @@ def prepare(samples: list[Sample], family, processor, config: dict, rope, *, max
             record: Path | None = None, stats: dict | None = None,
             encodings=None) -> tuple[list[Sample], list[int], list[DataError]]:
     """(usable samples, their planned token counts, the errors of the others), in input order.
-    `stats` (if given) receives how many samples were checked now and how many were remembered.
+    `stats` (if given) receives how many samples were checked now and how many were remembered, and
+    `truncated_audio`, the clips `data.long_audio: truncate` cut, when there are any (also printed).
 
     `encodings` (the collator's kept encodings: `has_room()`, `offer(i, encoded)`, i the sample's
     index among the usable ones) receives the encodings made here, so the first epoch does not
@@ -161,7 +162,8 @@ def prepare(samples: list[Sample], family, processor, config: dict, rope, *, max
             known = {}  # a damaged record only costs a re-check
     checker = _MediaChecker(record.with_name(record.stem + "-media.json") if record is not None else None)
     good, lengths, errors, seen = [], [], [], {}
-    stats["checked"] = stats["remembered"] = stats["truncated_audio"] = 0
+    stats["checked"] = stats["remembered"] = 0
+    truncated = 0
     try:
         for s in samples:
             key = sample_key(s, settings)
@@ -182,7 +184,7 @@ def prepare(samples: list[Sample], family, processor, config: dict, rope, *, max
             if encodings is not None and enc is not None:
                 encodings.offer(len(good), enc)
             seen[key] = [n, cut] if cut else n
-            stats["truncated_audio"] += cut
+            truncated += cut
             good.append(s)
             lengths.append(n)
     finally:
@@ -191,7 +193,8 @@ def prepare(samples: list[Sample], family, processor, config: dict, rope, *, max
             from finetune.data.convert import atomic_write
 
             atomic_write(record, lambda fh: fh.write(json.dumps(seen)))
-    if stats["truncated_audio"]:
+    if truncated:  # reported, and in `stats` only when there are some
+        stats["truncated_audio"] = truncated
         for note in audio_notes(stats, family, processor):
             print(f"data: {samples[0].source}: {note}", flush=True)
     return good, lengths, errors

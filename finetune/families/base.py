@@ -447,7 +447,7 @@ def long_audio_error(sample: "Sample", part, n: int, limit: int, rate: int, titl
     if dur == f"{limit / rate:.1f} s":  # just past the limit: the samples say by how much
         dur = f"{n / rate:.4f} s ({n - limit} sample(s) past it)"
     what = "the video's sound track" if video else "the audio clip"
-    problem = f"{what} is {dur} long, longer than the {lim} {title}'s processor reads (it cuts the rest)"
+    problem = f"{what} is {dur} long, longer than the {lim} that {title}'s processor reads (it cuts the rest)"
     if video:
         fix = (f"set data.long_audio: truncate (its first {lim}, as the processor reads it; split does not apply to "
                "a video's sound, one track per video), read the video without its sound (use_audio_in_video: "
