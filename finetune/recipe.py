@@ -66,6 +66,8 @@ OVERRIDE_SOURCE = "override"
 
 _DTYPES = ("auto", "float32", "bfloat16", "float16")
 DISTRIBUTED = ("auto", "ddp", "fsdp", "deepspeed")
+#: data.long_audio: what happens to a clip longer than the model's processor reads (Family.max_audio_samples)
+LONG_AUDIO = ("error", "split", "truncate")
 DEEPSPEED_PRESETS = ("zero2", "zero3", "zero2-offload", "zero3-offload")
 
 
@@ -138,6 +140,10 @@ class ModelConfig:
     max_pixels: int = _opt(401408, "maximum pixels per image after resizing (512*28*28)")
     video_max_frames: int = _opt(16, "maximum number of frames sampled from one video")
     video_fps: float = _opt(2.0, "frames per second sampled from videos")
+    use_audio_in_video: bool = _opt(
+        False, "read a video file's own sound track with its frames, interleaved by time, as the model's processor "
+               "does with use_audio_in_video (Qwen2.5-Omni, Qwen3-Omni; a video part's own \"use_audio_in_video\" "
+               "overrides it); true for a model whose processor has no such setting is an error")
     tiny_seed: int = _opt(0, "seed used when building a random tiny model")
 
 
@@ -219,6 +225,11 @@ class DataConfig:
     )
     max_tokens: int = _opt(4096, "token budget of one sample / one packed row")
     on_error: str = _opt("raise", "what to do with a broken sample", ("raise", "skip"))
+    long_audio: str = _opt(
+        "error", "an audio clip longer than the model's processor reads (Qwen2.5-Omni 300 s, Gemma 3n 30 s): error = "
+                 "a located error naming it; split = consecutive clips of at most that length, each its own audio "
+                 "item; truncate = its first part, as the processor cuts it at inference (counted and reported)",
+        LONG_AUDIO)
     allow_outside_paths: bool = _opt(False, "allow media paths outside the dataset's folder")
     packing: bool = _opt(True, "pack several samples into one row of max_tokens (isolated attention; train.batch_size then counts rows)")
     num_workers: int = _opt(-1, "data-loader worker processes; -1 = auto: 4 on CUDA (decoding and encoding overlap "

@@ -36,6 +36,12 @@ def kinds_of(mix: str) -> set[str]:
     return {p["type"] for p in MIXES[mix]} - {"text"}
 
 
+def kinds_read(family, mix: str) -> set[str]:
+    """The media kinds the family reads from a mix: a video read with its sound adds audio."""
+    sound = any(p.get("use_audio_in_video") for p in MIXES[mix])
+    return kinds_of(mix) | ({"audio"} if sound and family.audio_in_video else set())
+
+
 def mixes_of(family) -> list[str]:
     """The modality mixes this family can take: only media kinds it has."""
     return [m for m in sorted(MIXES) if kinds_of(m) <= set(family.media_keys)]
@@ -140,7 +146,7 @@ def test_count_tokens_equals_the_encoded_length(family, loaded, media_dir, mix):
     assert enc.labels[0] == -100  # the first label of every sample is ignored (packing relies on it)
     assert enc.position_ids.shape[-1] == enc.num_tokens
     assert enc.position_ids.dim() == (2 if family.mrope else 1)
-    assert {k for k in family.media_keys if family.media_keys[k] in enc.media} == kinds_of(mix)
+    assert {k for k in family.media_keys if family.media_keys[k] in enc.media} == kinds_read(family, mix)
     assert family.check_encoded(enc, family.read_config(loaded.base_path), planned=enc.num_tokens) == []
     # media tensors that are floating point follow the model's dtype (verify.to_model, probes)
     batch = family.collate_padded([enc], loaded.processor.pad_id)
@@ -307,3 +313,63 @@ def test_plan_on_the_shipped_config(family, loaded):
         assert p.peak > 0 and p.weights > 0 and p.trainable_params > 0
         # the real architecture has the roles the tiny one has
         assert {r.role for r in p.roles if r.params} == set(family.present_roles(loaded.model))
+
+
+# ---- 9. audio past the processor's limit; a video's own sound --------------------------------
+def test_audio_limit_and_video_sound_are_declared(family, loaded, media_dir):  # noqa: F811
+    """`max_audio_samples` and `audio_in_video` (Family): a clip one sample past the limit is a
+    located error by default, the processor's own cut under `truncate` and consecutive clips under
+    `split`, each counted from metadata as encoded; without a limit a clip longer than 300 s (where
+    a Whisper feature extractor left at its defaults would cut) is read whole. A video's sound is
+    read where the family takes it, and use_audio_in_video is refused where it does not."""
+    import dataclasses
+
+    import numpy as np
+    import soundfile as sf
+
+    from finetune.data.schema import DataError
+    from finetune.errors import ConfigError
+
+    proc = loaded.processor
+    config = family.read_config(loaded.base_path)
+    assert isinstance(family.audio_in_video, bool)
+    assert not family.audio_in_video or {"audio", "video"} <= set(family.media_keys)
+    assert proc.long_audio == "error" and proc.settings()["long_audio"] == "error"
+    assert isinstance(proc.sampling_rate, int)
+    limit = family.max_audio_samples(proc)
+    assert limit is None or (isinstance(limit, int) and limit > 0)
+
+    def clip(n):
+        sf.write(media_dir / f"clip{n}.wav", (np.random.default_rng(n).standard_normal(n) * 0.1).astype(np.float32),
+                 proc.sampling_rate, subtype="FLOAT")
+        return sample(media_dir, [{"type": "audio", "path": f"clip{n}.wav"}, {"type": "text", "text": "Listen."}])
+
+    def encoded(s, p):
+        enc = family.encode(s, p, rope=family.rope_index(loaded.model))
+        assert family.count_tokens(s, p) == enc.num_tokens
+        assert family.check_encoded(enc, config, planned=enc.num_tokens) == []
+        return enc
+
+    rate = proc.sampling_rate
+    if limit is None:
+        assert encoded(clip(301 * rate), proc).num_tokens > encoded(clip(300 * rate), proc).num_tokens
+    else:
+        s = clip(limit + 1)
+        with pytest.raises(DataError) as err:
+            family.count_tokens(s, proc)
+        assert err.value.kind == "long_audio" and (err.value.file, err.value.line) == (s.source, s.line)
+        with pytest.raises(DataError):
+            family.encode(s, proc)
+        truncated = encoded(s, dataclasses.replace(proc, long_audio="truncate"))
+        assert truncated.num_tokens == encoded(clip(limit), proc).num_tokens
+        assert encoded(s, dataclasses.replace(proc, long_audio="split")).num_tokens > truncated.num_tokens
+
+    if "video" in family.media_keys:
+        with_sound = encoded(sample(media_dir, MIXES["video_sound"]), proc)
+        assert (family.media_keys["audio"] in with_sound.media) == family.audio_in_video
+    recipe = recipe_for(family.name, "model.use_audio_in_video=true")
+    if family.audio_in_video:
+        assert family.processor(loaded.base_path, recipe).use_audio_in_video is True
+    else:
+        with pytest.raises(ConfigError, match="use_audio_in_video"):
+            family.processor(loaded.base_path, recipe)

@@ -13,7 +13,7 @@ import argparse
 import json
 import sys
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterable
 
@@ -49,6 +49,9 @@ class CheckReport:
     errors: list[DataError]
     modality_counts: dict[str, int]
     token_counts: list[int] | None = None
+    #: what the model reads differently from the files (audio truncated to its processor's limit,
+    #: video sound it does not read): one line each, said once for the dataset
+    notes: list[str] = field(default_factory=list)
 
     def error_counts(self) -> dict[str, int]:
         """Number of errors per kind, most frequent first."""
@@ -76,6 +79,7 @@ class CheckReport:
             lines += [f"  {k:<{width}}  {v}" for k, v in mix]
         if self.token_counts:
             lines += _histogram(self.token_counts)
+        lines += [f"note: {n}" for n in self.notes]
         return "\n".join(lines)
 
 
@@ -250,6 +254,7 @@ def check_dataset(
     token_counts: list[int] | None = [] if token_counter is not None else None
     n_samples = n_ok = 0
     checker = _MediaChecker()
+    tally: dict[str, int] = {}
 
     def sample_checks(sample: Sample) -> list[DataError]:
         found: list[DataError] = []
@@ -260,7 +265,7 @@ def check_dataset(
         if family is not None and open_media and not found:
             from finetune.data.prepare import problems_of
 
-            found += problems_of(sample, family, processor, config or {}, None, None, checker)[1]
+            found += problems_of(sample, family, processor, config or {}, None, None, checker, tally)[1]
         return found
 
     for item in paths:
@@ -310,8 +315,13 @@ def check_dataset(
             errors.append(DataError("empty", "the file has no samples",
                                     "add one JSON sample per line", file=source))
 
+    notes = []
+    if family is not None:
+        from finetune.data.prepare import audio_notes
+
+        notes = audio_notes(tally, family, processor)
     return CheckReport(files=files, n_samples=n_samples, n_ok=n_ok, errors=errors,
-                       modality_counts=dict(modality_counts), token_counts=token_counts)
+                       modality_counts=dict(modality_counts), token_counts=token_counts, notes=notes)
 
 
 def _is_table(item) -> bool:
@@ -358,6 +368,8 @@ def _table(item, allow_outside_paths: bool) -> tuple[list[DataError], list[Sampl
 def _count_tokens(sample: Sample, counter, max_tokens, token_counts: list[int]) -> list[DataError]:
     try:
         n = int(counter(sample))
+    except DataError as e:  # located by the model's processor (a clip longer than it reads, ...)
+        return [e]
     except Exception as e:  # any failure inside a model processor is a data problem here
         return [DataError("encode", f"encoding the sample failed: {type(e).__name__}: {e}",
                           "check the sample's text and media against the model's processor",

@@ -324,3 +324,91 @@ def _load_video_file(path: Path, max_frames: int, fps: float | None) -> list[Ima
         raise MediaError(f"video '{path}' has no frames")
     picked = [images[i] for i in _fps_indices(len(images), src_fps, fps)]
     return [picked[i].convert("RGB") for i in _even_indices(len(picked), max_frames)]
+
+
+def audio_samples(path: Path, sampling_rate: int = 16000) -> int:
+    """Samples :func:`load_audio` gives for a file at ``sampling_rate``, from the header alone
+    (the polyphase resampler's output length, ceil(frames * up / down))."""
+    import soundfile as sf
+
+    path = Path(path)
+    if not path.exists():
+        raise MediaError(f"audio '{path}' does not exist")
+    try:
+        info = sf.info(str(path))
+    except Exception as e:
+        raise MediaError(
+            f"cannot read audio header of '{path}': {_sf_reason(e)}; {_AUDIO_FORMATS_HINT}",
+            kind="unreadable_audio",
+        ) from e
+    frames, sr = int(info.frames), int(info.samplerate)
+    if not sr or sr == sampling_rate:
+        return frames
+    g = gcd(sr, int(sampling_rate))
+    up, down = int(sampling_rate) // g, sr // g
+    return -(-frames * up // down)
+
+
+def video_has_audio(path: Path) -> bool:
+    """Whether a video file has a sound track (container header only; False for frame folders)."""
+    path = Path(path)
+    if path.is_dir() or path.suffix.lower() not in VIDEO_SUFFIXES:
+        return False
+    try:
+        import av
+    except ImportError:
+        raise MediaError(f"reading video file '{path}' needs PyAV: pip install av") from None
+    try:
+        with av.open(str(path)) as container:
+            return bool(container.streams.audio)
+    except Exception as e:
+        raise MediaError(f"cannot read the header of video '{path}': {e}", kind="unreadable_video") from e
+
+
+def load_video_audio(path: Path, sampling_rate: int = 16000) -> np.ndarray | None:
+    """A video file's own sound track as float32 mono in [-1, 1] at ``sampling_rate`` (channels
+    averaged and resampled as :func:`load_audio` does an audio file), or None when the file has no
+    sound track (a silent video, a folder of frames). Decoded with PyAV."""
+    path = Path(path)
+    if path.is_dir() or path.suffix.lower() not in VIDEO_SUFFIXES:
+        return None
+    if not path.exists():
+        raise MediaError(f"video '{path}' does not exist")
+    try:
+        import av
+    except ImportError:
+        raise MediaError(f"reading the sound of video file '{path}' needs PyAV: pip install av") from None
+    try:
+        with av.open(str(path)) as container:
+            if not container.streams.audio:
+                return None
+            stream = container.streams.audio[0]
+            sr, chunks = None, []
+            # planar float at the stream's own rate and layout: one row per channel, whatever the codec's format
+            resampler = None
+            for frame in container.decode(stream):
+                if resampler is None:
+                    sr = int(frame.sample_rate)
+                    resampler = av.AudioResampler(format="fltp", layout=frame.layout.name, rate=sr)
+                for out in resampler.resample(frame):
+                    chunks.append(out.to_ndarray())
+            if resampler is not None:
+                for out in resampler.resample(None):
+                    chunks.append(out.to_ndarray())
+    except Exception as e:
+        raise MediaError(f"cannot decode the sound of video '{path}': {e}", kind="unreadable_video") from e
+    if not chunks or not sum(c.shape[-1] for c in chunks):
+        raise MediaError(f"the sound track of video '{path}' has no samples; re-export the video (or read it "
+                         "without its sound: use_audio_in_video false)", kind="unreadable_video")
+    data = np.concatenate(chunks, axis=-1).astype(np.float32, copy=False)
+    bad = ~np.isfinite(data)
+    if bad.any():
+        raise MediaError(f"the sound track of video '{path}' holds {int(bad.sum())} NaN or infinite sample(s); "
+                         "re-export the video", kind="non_finite")
+    wav = data.mean(axis=0) if data.shape[0] > 1 else data[0]
+    if sr != sampling_rate:
+        from scipy.signal import resample_poly
+
+        g = gcd(int(sr), int(sampling_rate))
+        wav = resample_poly(wav, sampling_rate // g, int(sr) // g)
+    return np.ascontiguousarray(np.clip(wav, -1.0, 1.0), dtype=np.float32)

@@ -51,14 +51,18 @@ def sample_key(s: Sample, settings: dict) -> str:
 
 
 def problems_of(s: Sample, family, processor, config: dict, rope, max_tokens: int | None,
-                checker: _MediaChecker | None = None) -> tuple[int | None, list[DataError]]:
-    """(planned token count, errors) of one sample: media decode, metadata count, encode + check."""
-    n, errors, _ = _check(s, family, processor, config, rope, max_tokens, checker)
+                checker: _MediaChecker | None = None, tally: dict | None = None) -> tuple[int | None, list[DataError]]:
+    """(planned token count, errors) of one sample: media decode, metadata count, encode + check.
+    `tally` (if given) counts, over the samples that passed, the clips `data.long_audio: truncate`
+    cut and the video sound tracks the model does not read (`audio_notes` words them)."""
+    n, errors, _ = _check(s, family, processor, config, rope, max_tokens, checker, tally)
+    if tally is not None and not errors:
+        _count_video_sound(s, family, processor, tally)
     return n, errors
 
 
 def _check(s: Sample, family, processor, config: dict, rope, max_tokens: int | None,
-           checker: _MediaChecker | None = None):
+           checker: _MediaChecker | None = None, tally: dict | None = None):
     """(planned token count, errors, the encoding when there was one) of one sample."""
     bad = media_errors(s, checker)
     if bad:
@@ -69,6 +73,8 @@ def _check(s: Sample, family, processor, config: dict, rope, max_tokens: int | N
 
     try:
         n = family.count_tokens(s, processor)
+    except DataError as e:  # a located problem of the sample's own (a clip past the processor's limit, ...)
+        return None, [e], None
     except Exception as e:  # a header or option the processor cannot use: the sample's problem
         return None, [error("encode", f"counting its tokens failed: {type(e).__name__}: {e}")], None
     if max_tokens is not None and n > max_tokens:
@@ -76,16 +82,64 @@ def _check(s: Sample, family, processor, config: dict, rope, max_tokens: int | N
                          "raise data.max_tokens, lower model.max_pixels, or shorten the sample")], None
     try:
         enc = family.encode(s, processor, rope=rope)
+    except DataError as e:
+        return n, [e], None
     except Exception as e:
         return n, [error("encode", f"encoding it as training does failed: {type(e).__name__}: {e}")], None
-    return n, [error("inconsistent", p) for p in family.check_encoded(enc, config, planned=n)], enc
+    problems = [error("inconsistent", p) for p in family.check_encoded(enc, config, planned=n)]
+    if tally is not None and not problems:
+        tally["truncated_audio"] = tally.get("truncated_audio", 0) + truncated_clips(s, family, processor)
+    return n, problems, enc
+
+
+def truncated_clips(s: Sample, family, processor) -> int:
+    """How many of a sample's clips `data.long_audio: truncate` cuts to what the family's processor
+    reads (0 under error and split: those refuse or keep every sample)."""
+    limit = family.max_audio_samples(processor)
+    if processor.long_audio != "truncate" or limit is None:
+        return 0
+    return sum(n > limit for _, n, _ in family.audio_clips(s, processor))
+
+
+def _count_video_sound(s: Sample, family, processor, tally: dict) -> None:
+    """Video files with a sound track that the run does not read (the family cannot, or was not asked to)."""
+    from finetune.data import media as M
+
+    for msg in s.messages:
+        for part in msg.parts:
+            if part.type != "video" or part.path is None or not M.video_has_audio(part.path):
+                continue
+            if not family.audio_in_video:
+                tally["video_sound_ignored"] = tally.get("video_sound_ignored", 0) + 1
+            elif not family.reads_video_sound(s, part, processor):
+                tally["video_sound_unread"] = tally.get("video_sound_unread", 0) + 1
+
+
+def audio_notes(tally: dict, family, processor) -> list[str]:
+    """One line for each kind of audio the run does not read whole (the tally of `problems_of` /
+    `prepare`): clips truncated to the processor's limit, video sound tracks not read."""
+    notes = []
+    if tally.get("truncated_audio"):
+        limit = family.max_audio_samples(processor) / processor.sampling_rate
+        notes.append(f"{tally['truncated_audio']} audio clip(s) longer than the {limit:g} s that {family.title}'s processor "
+                     f"reads were truncated to their first {limit:g} s (data.long_audio: truncate; split keeps all of "
+                     "them as consecutive clips)")
+    if tally.get("video_sound_ignored"):
+        notes.append(f"{tally['video_sound_ignored']} video(s) have a sound track: {family.title}'s processor reads no "
+                     "sound from a video, so they are read for their frames only")
+    if tally.get("video_sound_unread"):
+        notes.append(f"{tally['video_sound_unread']} video(s) have a sound track that is not read: set "
+                     "model.use_audio_in_video: true (or \"use_audio_in_video\": true on a video part) to read it with "
+                     f"the frames, as {family.title}'s processor does with use_audio_in_video")
+    return notes
 
 
 def prepare(samples: list[Sample], family, processor, config: dict, rope, *, max_tokens: int | None,
             record: Path | None = None, stats: dict | None = None,
             encodings=None) -> tuple[list[Sample], list[int], list[DataError]]:
     """(usable samples, their planned token counts, the errors of the others), in input order.
-    `stats` (if given) receives how many samples were checked now and how many were remembered.
+    `stats` (if given) receives how many samples were checked now and how many were remembered, and
+    `truncated_audio`, the clips `data.long_audio: truncate` cut, when there are any (also printed).
 
     `encodings` (the collator's kept encodings: `has_room()`, `offer(i, encoded)`, i the sample's
     index among the usable ones) receives the encodings made here, so the first epoch does not
@@ -100,7 +154,7 @@ def prepare(samples: list[Sample], family, processor, config: dict, rope, *, max
     # (which computes positions and processes media) checks every sample again
     settings = {"family": family.name, **processor.settings(), "versions": [finetune.__version__, transformers.__version__],
                 "config": hashlib.sha1(json.dumps(config, sort_keys=True).encode()).hexdigest()}
-    known: dict[str, int] = {}
+    known: dict[str, int | list[int]] = {}  # key -> planned tokens, or [planned tokens, clips truncated]
     if record is not None and record.exists():
         try:
             known = json.loads(record.read_text())
@@ -109,24 +163,28 @@ def prepare(samples: list[Sample], family, processor, config: dict, rope, *, max
     checker = _MediaChecker(record.with_name(record.stem + "-media.json") if record is not None else None)
     good, lengths, errors, seen = [], [], [], {}
     stats["checked"] = stats["remembered"] = 0
+    truncated = 0
     try:
         for s in samples:
             key = sample_key(s, settings)
-            n = known.get(key)
+            n, cut = _remembered(known.get(key))
             enc = None
             if n is None or (max_tokens is not None and n > max_tokens):
                 stats["checked"] += 1
-                n, errs, enc = _check(s, family, processor, config, rope, max_tokens, checker)
+                tally: dict = {}
+                n, errs, enc = _check(s, family, processor, config, rope, max_tokens, checker, tally)
                 if errs:
                     errors.extend(errs)
                     continue
+                cut = tally.get("truncated_audio", 0)
             else:
                 stats["remembered"] += 1
                 if encodings is not None and encodings.has_room():
                     enc = family.encode(s, processor, rope=rope)
             if encodings is not None and enc is not None:
                 encodings.offer(len(good), enc)
-            seen[key] = n
+            seen[key] = [n, cut] if cut else n
+            truncated += cut
             good.append(s)
             lengths.append(n)
     finally:
@@ -135,7 +193,18 @@ def prepare(samples: list[Sample], family, processor, config: dict, rope, *, max
             from finetune.data.convert import atomic_write
 
             atomic_write(record, lambda fh: fh.write(json.dumps(seen)))
+    if truncated:  # reported, and in `stats` only when there are some
+        stats["truncated_audio"] = truncated
+        for note in audio_notes(stats, family, processor):
+            print(f"data: {samples[0].source}: {note}", flush=True)
     return good, lengths, errors
+
+
+def _remembered(value) -> tuple[int | None, int]:
+    """(planned tokens, clips truncated) of a record entry (an int, or [tokens, truncated])."""
+    if isinstance(value, list) and len(value) == 2:
+        return int(value[0]), int(value[1])
+    return (int(value), 0) if isinstance(value, int) else (None, 0)
 
 
 def record_path(samples: list[Sample], root: Path) -> Path:

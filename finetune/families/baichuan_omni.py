@@ -7,7 +7,8 @@ Prompt format of the released model (no chat template applies; roles are single 
 Media inside a turn: an image is `<img_start_baichuan>` + `<img_pad_baichuan>` x (grid h*w/4) +
 `<img_end_baichuan>`; a video is the same per sampled frame with `<video_palce_baichuan>` pads
 (each frame is its own image, no video start/end tokens); audio is `<audio_start_baichuan>` +
-`<audio_pad_baichuan>` x (12.5 per second, per 30 s chunk) + `<audio_end_baichuan>`. Every
+`<audio_pad_baichuan>` x (12.5 per second, per 30 s chunk) + `<audio_end_baichuan>` (a clip of any
+length: its consecutive 30 s segments inside one pair, as the released processor reads it). Every
 assistant turn is learned together with the `<|endoftext|>` that ends it. Positions are 1-D.
 """
 
@@ -53,17 +54,21 @@ class BaichuanProcessor(OmniProcessor):
     tokenizer's log-mel features per 30 s chunk."""
 
     video_max_pixels: int = 768 * 28 * 28
+    #: the longest clip read whole, in samples (None: any length, as consecutive 30 s segments)
+    audio_limit: int | None = None
     # a system turn in Baichuan's own format; the released tokenizer's ChatML template does not match
     # it, so it gives no default (the released inference code adds no system turn either)
     SYSTEM_TURN = (B_SYS, C_Q)
 
     @classmethod
     def from_folder(cls, folder: Path, *, min_pixels: int | None = None, max_pixels: int | None = None,
-                    video_fps: float = 1.0, video_max_frames: int = 32, system_prompt: str | None = None):
+                    video_fps: float = 1.0, video_max_frames: int = 32, system_prompt: str | None = None,
+                    long_audio: str = "error"):
         from transformers import Qwen2Tokenizer
 
         cfg = json.loads((Path(folder) / "config.json").read_text())
         vis, vid = cfg.get("visual_config", {}), cfg.get("video_config", {})
+        audio_limit = cls.read_audio_limit(folder, cfg.get("audio_config", {}))
         # the released tokenizer is Qwen2's byte-level BPE plus Baichuan's added tokens; loaded by
         # class, since AutoTokenizer would follow config.json's auto_map into remote code
         tok = Qwen2Tokenizer.from_pretrained(str(folder))
@@ -76,9 +81,29 @@ class BaichuanProcessor(OmniProcessor):
             video_fps=video_fps, video_max_frames=min(video_max_frames, int(vid.get("max_frame_num", 32))),
             system_prompt=cls.effective_system_prompt(tok, system_prompt),
             video_max_pixels=int(min(max_pixels or 10 ** 12, vid.get("max_pixels", 768 * 28 * 28))),
+            long_audio=long_audio, audio_limit=audio_limit,
         )
         proc.register_special_tokens(SPECIAL_TOKENS, folder, "Baichuan-Omni-1.5")
         return proc
+
+    @staticmethod
+    def read_audio_limit(folder, audio: dict) -> int | None:
+        """The longest clip the reference processor reads whole, from config.json's audio_config: it
+        cuts a clip into consecutive `max_audio_seconds` segments (`split_overlap` 0, the released
+        config: no limit), or truncates it there (`split_overlap` < 0). Overlapping segments (> 0) and
+        another segment length are not what this toolkit's features implement: refused."""
+        from finetune.families.baichuan_audio import SAMPLE_RATE, SEGMENT_SAMPLES
+
+        seconds, overlap = audio.get("max_audio_seconds", 30), float(audio.get("split_overlap", 0.0))
+        if seconds * SAMPLE_RATE != SEGMENT_SAMPLES or overlap > 0:
+            raise ConfigError(f"{folder}/config.json: audio_config max_audio_seconds={seconds}, split_overlap={overlap}: "
+                              f"omni-finetune encodes audio as the released Baichuan-Omni-1.5 config does "
+                              f"(max_audio_seconds {SEGMENT_SAMPLES // SAMPLE_RATE}, split_overlap 0 or negative)")
+        return SEGMENT_SAMPLES if overlap < 0 else None
+
+    def settings(self) -> dict:
+        return {**super().settings(), "video_max_pixels": self.video_max_pixels, "format": "baichuan_omni",
+                "audio_limit": self.audio_limit}
 
     @property
     def pad_id(self) -> int:
@@ -87,9 +112,6 @@ class BaichuanProcessor(OmniProcessor):
     @property
     def eos_id(self) -> int:
         return self.token_ids[EOT]
-
-    def settings(self) -> dict:
-        return {**super().settings(), "video_max_pixels": self.video_max_pixels, "format": "baichuan_omni"}
 
     def frame_view(self) -> "BaichuanProcessor":
         """The same processor with the video frame pixel limit (frames are separate images)."""
@@ -150,6 +172,11 @@ class BaichuanOmniFamily(Family):
 
     def rope_index(self, model_or_config):
         return None  # 1-D positions: each sample counts from 0
+
+    def max_audio_samples(self, processor: BaichuanProcessor) -> int | None:
+        """None for the released config: the reference processor reads a clip of any length as
+        consecutive 30 s segments under one audio start/end pair (`BaichuanProcessor.read_audio_limit`)."""
+        return processor.audio_limit
 
     def tower_inputs(self, model_or_config):
         cfg = getattr(model_or_config, "config", model_or_config)
@@ -213,13 +240,21 @@ class BaichuanOmniFamily(Family):
                         emit([tid[IMG_START]] + [tid[IMG_PAD]] * (t * gh * gw // processor.merge_size ** 2)
                              + [tid[IMG_END]], False)
                 elif chunk.type == "audio":
+                    # one start/end pair per clip, its 30 s segments inside; a clip past a truncating
+                    # folder's limit is refused, truncated or split into clips of its own (clip_spans)
                     if media is None:
-                        n = audio_token_count(int(round(M.audio_duration(chunk.path) * processor.sampling_rate)))
+                        spans = self.clip_spans(sample, chunk, processor,
+                                                M.audio_samples(chunk.path, processor.sampling_rate))
+                        counts = [audio_token_count(b - a) for a, b in spans]
                     else:
-                        segs = processor.process_audio_segments(M.load_audio(chunk.path, processor.sampling_rate))
-                        media.setdefault("audio", []).extend(segs)
-                        n = sum(_segment_tokens(s.shape[1]) for s in segs)
-                    emit([tid[AUDIO_START]] + [tid[AUDIO_PAD]] * n + [tid[AUDIO_END]], False)
+                        wave = M.load_audio(chunk.path, processor.sampling_rate)
+                        counts = []
+                        for a, b in self.clip_spans(sample, chunk, processor, len(wave)):
+                            segs = processor.process_audio_segments(wave[a:b])
+                            media.setdefault("audio", []).extend(segs)
+                            counts.append(sum(_segment_tokens(s.shape[1]) for s in segs))
+                    for n in counts:
+                        emit([tid[AUDIO_START]] + [tid[AUDIO_PAD]] * n + [tid[AUDIO_END]], False)
                 elif chunk.type == "video":
                     frames = M.load_video(chunk, processor.video_max_frames, processor.video_fps)
                     frames_proc = frames_proc or processor.frame_view()

@@ -19,6 +19,8 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from finetune.data import media as M
+from finetune.data.schema import DataError
 from finetune.errors import ConfigError, MissingFileError
 
 if TYPE_CHECKING:  # families never import the trainer; data types only
@@ -73,6 +75,10 @@ class Processor(typing.Protocol):
 
     #: the model folder's tokenizer (generation decodes with it; its chat template is checked)
     tokenizer: Any
+    #: data.long_audio: what a clip longer than `Family.max_audio_samples` becomes (error | split | truncate)
+    long_audio: str
+    #: the rate audio is read at (samples per second: the unit of `Family.max_audio_samples`)
+    sampling_rate: int
 
     @property
     def pad_id(self) -> int:
@@ -83,12 +89,13 @@ class Processor(typing.Protocol):
         """Token id that ends an answer (generation stops on it)."""
 
     def settings(self) -> dict:
-        """The settings that change encodings (pixels, fps, prompt): keys of the samples' check record."""
+        """The settings that change encodings (pixels, fps, prompt, long_audio): keys of the samples' check record."""
 
     @classmethod
     def from_folder(cls, folder: Path, **settings) -> "Processor":
         """The processor of a model folder with the recipe's settings (min_pixels, max_pixels,
-        video_fps, video_max_frames, system_prompt)."""
+        video_fps, video_max_frames, system_prompt, long_audio; use_audio_in_video where the family
+        has `audio_in_video`)."""
 
 
 class Family(abc.ABC):
@@ -129,6 +136,71 @@ class Family(abc.ABC):
     #: (trained with roles.llm.router: full); empty for dense LLMs
     expert_params: tuple[str, ...] = ()
     router_modules: tuple[str, ...] = ()
+
+    #: whether the family's released processor reads a video file's own sound track with its frames
+    #: (transformers' `use_audio_in_video`: the sound's tokens interleaved with the video's by time);
+    #: without it a video is read for its frames only and its sound is ignored (`data check` says so)
+    audio_in_video: bool = False
+
+    def max_audio_samples(self, processor) -> int | None:
+        """The longest audio clip, in samples at `processor.sampling_rate`, that the family's released
+        processor reads whole (it cuts what is longer, there); None when it reads a clip of any length.
+        A longer clip is refused, split or truncated as `data.long_audio` says (`clip_spans`)."""
+        return None
+
+    # ---- audio the family reads ----------------------------------------------------------
+    def reads_video_sound(self, sample: "Sample", part, processor) -> bool:
+        """Whether a video part is read with its own sound: the family has `audio_in_video`, and the
+        part's own "use_audio_in_video" (else the recipe's model.use_audio_in_video) says so."""
+        if not self.audio_in_video or part.type != "video":
+            return False
+        want = part.extra.get("use_audio_in_video", getattr(processor, "use_audio_in_video", False))
+        if not isinstance(want, bool):
+            raise DataError("bad_part", f"'use_audio_in_video' is {want!r}, not true or false",
+                            "write true (read the video's sound with its frames) or false",
+                            file=sample.source, line=sample.line, field=part_field(sample, part, "use_audio_in_video"))
+        return want
+
+    def video_sound(self, sample: "Sample", part, processor):
+        """The sound track a video part is read with (float32 mono at the processor's rate), or None:
+        not asked for (`reads_video_sound`), or the file has none (a silent video is read as a plain
+        one, as transformers' processor does)."""
+        if not self.reads_video_sound(sample, part, processor) or part.path is None:
+            return None
+        return M.load_video_audio(part.path, processor.sampling_rate)
+
+    def audio_clips(self, sample: "Sample", processor) -> list[tuple[Any, int, bool]]:
+        """(part, samples at the processor's rate, whether it is a video's sound) of every clip the
+        family reads from a sample, in order: audio parts (length from the header), and videos read
+        with their sound (decoded: a container's header does not give the exact count)."""
+        out = []
+        for msg in sample.messages:
+            for part in msg.parts:
+                if part.type == "audio" and "audio" in self.media_keys:
+                    out.append((part, M.audio_samples(part.path, processor.sampling_rate), False))
+                elif part.type == "video" and "video" in self.media_keys:
+                    wave = self.video_sound(sample, part, processor)
+                    if wave is not None:
+                        out.append((part, len(wave), True))
+        return out
+
+    def clip_spans(self, sample: "Sample", part, processor, n: int, *, video: bool = False) -> list[tuple[int, int]]:
+        """The (start, end) sample ranges a clip of `n` samples is encoded as: the whole clip when the
+        family's processor reads it whole; past `max_audio_samples`, its first part (`truncate`: what
+        the processor cuts it to at inference) or consecutive clips of at most the limit, as equal as
+        whole samples allow (`split`: each encoded as its own audio item). `error`, and `split` of a
+        video's sound (one track per video), raise a DataError located at the sample's line."""
+        limit = self.max_audio_samples(processor)
+        if limit is None or n <= limit:
+            return [(0, n)]
+        mode = processor.long_audio
+        if mode == "truncate":
+            return [(0, limit)]
+        if mode == "split" and not video:
+            k = -(-n // limit)
+            bounds = [n * i // k for i in range(k + 1)]
+            return list(zip(bounds[:-1], bounds[1:]))
+        raise long_audio_error(sample, part, n, limit, processor.sampling_rate, self.title, video=video)
 
     # ---- loading -----------------------------------------------------------------------
     #: module-path prefixes QLoRA leaves unquantised (everything but the LLM's linear layers)
@@ -319,7 +391,12 @@ class Family(abc.ABC):
         if recipe is not None:
             kw = dict(min_pixels=recipe.model.min_pixels, max_pixels=recipe.model.max_pixels,
                       video_fps=recipe.model.video_fps, video_max_frames=recipe.model.video_max_frames,
-                      system_prompt=recipe.data.system_prompt)
+                      system_prompt=recipe.data.system_prompt, long_audio=recipe.data.long_audio)
+            if recipe.model.use_audio_in_video:
+                if not self.audio_in_video:
+                    raise ConfigError(f"model.use_audio_in_video: true, but {self.title}'s processor reads no sound "
+                                      "from a video (its videos are read for their frames); set it to false")
+                kw["use_audio_in_video"] = True
         return self.processor_class.from_folder(folder, **kw)
 
     # ---- export ------------------------------------------------------------------------
@@ -351,6 +428,34 @@ class Family(abc.ABC):
     @abc.abstractmethod
     def load_quantized_for_check(self, folder: Path) -> torch.nn.Module:
         """Load what `save_quantized` wrote (for the comparison with merged/)."""
+
+
+def part_field(sample: "Sample", part, key: str = "path") -> str:
+    """The JSON field path of a part of a sample (`messages[i].content[j].path`), for messages."""
+    for i, msg in enumerate(sample.messages):
+        for j, p in enumerate(msg.parts):
+            if p is part:
+                return f"messages[{i}].content[{j}].{key}"
+    return ""
+
+
+def long_audio_error(sample: "Sample", part, n: int, limit: int, rate: int, title: str, *, video: bool = False):
+    """The DataError of a clip of `n` samples past a processor's `limit` (`data.long_audio: error`):
+    its duration, the limit and the fixes, at the sample's file:line and the part's field."""
+    lim = f"{limit / rate:g} s"
+    dur = f"{n / rate:.1f} s"
+    if dur == f"{limit / rate:.1f} s":  # just past the limit: the samples say by how much
+        dur = f"{n / rate:.4f} s ({n - limit} sample(s) past it)"
+    what = "the video's sound track" if video else "the audio clip"
+    problem = f"{what} is {dur} long, longer than the {lim} that {title}'s processor reads (it cuts the rest)"
+    if video:
+        fix = (f"set data.long_audio: truncate (its first {lim}, as the processor reads it; split does not apply to "
+               "a video's sound, one track per video), read the video without its sound (use_audio_in_video: "
+               "false), or cut the video")
+    else:
+        fix = (f"cut the clip to at most {lim}, or set data.long_audio: split (consecutive clips of at most {lim}, "
+               f"each its own audio item) or truncate (its first {lim}, as the processor reads it)")
+    return DataError("long_audio", problem, fix, file=sample.source, line=sample.line, field=part_field(sample, part))
 
 
 def cache_root() -> Path:

@@ -28,7 +28,9 @@ Prompt format (the released chat template): `<bos><start_of_turn>user\\n{system}
 `\\n\\n<start_of_audio>` + 188 x `<audio_soft_token>` + `<end_of_audio>\\n\\n` (fixed counts), the
 text around them tokenised as one run, as `Gemma3nProcessor` does. Images are resized to the
 processor's fixed size (768x768, no aspect kept) with PIL (`SiglipImageProcessorPil`) and scaled
-to [0, 1]; audio is `Gemma3nAudioFeatureExtractor`'s log-mel features, at most 30 s.
+to [0, 1]; audio is `Gemma3nAudioFeatureExtractor`'s log-mel features, at most 30 s (the processor cuts
+the rest): a longer clip is named, or with `data.long_audio` split into consecutive clips of one block
+each, or truncated to its first 30 s.
 
 Packing: the audio tower's outputs for a clip do not depend on clips padded beside it (it masks
 the padding; the embedder pads every clip to the fixed count with one embedding), MobileNetV5
@@ -98,6 +100,7 @@ class Gemma3nOmniProcessor:
     sampling_rate: int = 16000
     feature_settings: dict = field(default_factory=dict)
     system_prompt: str | None = None
+    long_audio: str = "error"  # data.long_audio (Family.clip_spans)
     token_ids: dict = field(default_factory=dict)
     _image_proc: Any = None
     _fe: Any = None
@@ -105,7 +108,8 @@ class Gemma3nOmniProcessor:
 
     @classmethod
     def from_folder(cls, folder: Path, *, min_pixels: int | None = None, max_pixels: int | None = None,
-                    video_fps: float = 2.0, video_max_frames: int = 16, system_prompt: str | None = None):
+                    video_fps: float = 2.0, video_max_frames: int = 16, system_prompt: str | None = None,
+                    long_audio: str = "error"):
         """The folder's tokenizer and preprocessing settings. Gemma 3n resizes every image to one
         fixed size, so the recipe's min/max pixels and video settings do not apply."""
         from transformers import AutoTokenizer
@@ -125,6 +129,7 @@ class Gemma3nOmniProcessor:
             sampling_rate=int(cfg.get("sampling_rate", 16000)),
             feature_settings={k: cfg[k] for k in fe_keys if k in cfg},
             system_prompt=system_prompt or None,  # the released template adds no default system turn
+            long_audio=long_audio,
         )
         for s in cls.TOKENS:
             tid = tok.convert_tokens_to_ids(s)
@@ -146,7 +151,7 @@ class Gemma3nOmniProcessor:
     def settings(self) -> dict:
         return {"image_size": list(self.image_size), "image_seq_length": self.image_seq_length,
                 "audio_seq_length": self.audio_seq_length, "max_audio_samples": self.max_audio_samples,
-                "system_prompt": self.system_prompt, "vocab": len(self.tokenizer)}
+                "system_prompt": self.system_prompt, "vocab": len(self.tokenizer), "long_audio": self.long_audio}
 
     # ---- text ------------------------------------------------------------------------------
     def run(self, text: str) -> tuple[list[int], list[int]]:
@@ -184,8 +189,9 @@ class Gemma3nOmniProcessor:
         return self._fe
 
     def process_audio(self, wave: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
-        """A mono waveform -> (log-mel features [frames, mels], valid-frame mask [frames]); clips
-        longer than `max_audio_samples` are cut there, as the released processor does."""
+        """A mono waveform -> (log-mel features [frames, mels], valid-frame mask [frames]), as the
+        released processor gives them. A clip longer than `max_audio_samples` (which that processor
+        cuts there) never gets here: the family refuses, splits or truncates it first (clip_spans)."""
         out = self.feature_extractor(wave.astype(np.float32), sampling_rate=self.sampling_rate,
                                      max_length=self.max_audio_samples, truncation=True, return_tensors="np")
         feats = torch.from_numpy(out["input_features"][0].astype(np.float32))
@@ -252,10 +258,16 @@ class Gemma3nFamily(Family):
         inner = getattr(model_or_config, "model", None)
         return image_digests if getattr(inner, "_frozen_image_cache", None) is not None else None
 
+    def max_audio_samples(self, processor: Gemma3nOmniProcessor) -> int | None:
+        """The audio feature extractor's max_length (480000: 30 s; the tiny folder's 4 s), where the
+        processor cuts every longer clip (`truncation=True`)."""
+        return processor.max_audio_samples
+
     # ---- encoding ----------------------------------------------------------------------
     def _render(self, sample, proc: Gemma3nOmniProcessor, for_generation: bool, on_image, on_audio):
         """The sample's token ids and labels in the chat template's layout. `on_image(part)` gives
-        the number of images a part holds (and may process them), `on_audio(part)` handles a clip."""
+        the number of images a part holds (and may process them), `on_audio(part)` the number of
+        clips an audio part is read as (one; or the consecutive clips of a split long one)."""
         tid = proc.token_ids
         ids: list[int] = [tid[BOS]]
         labels: list[int] = [IGNORE_INDEX]
@@ -304,12 +316,12 @@ class Gemma3nFamily(Family):
                         special(EOI, False)
                         text.append(("\n\n", False))
                 elif part.type == "audio":
-                    on_audio(part)
-                    text.append(("\n\n", False))
-                    special(BOA, False)
-                    special(AUDIO_TOKEN, False, proc.audio_seq_length)
-                    special(EOA, False)
-                    text.append(("\n\n", False))
+                    for _ in range(on_audio(part)):  # each clip its own block, as the processor gives clips in turn
+                        text.append(("\n\n", False))
+                        special(BOA, False)
+                        special(AUDIO_TOKEN, False, proc.audio_seq_length)
+                        special(EOA, False)
+                        text.append(("\n\n", False))
                 else:
                     raise ConfigError(f"{getattr(sample, 'where', '')}: Gemma 3n takes text, image and audio "
                                       f"parts, not {part.type}")
@@ -334,10 +346,14 @@ class Gemma3nFamily(Family):
             pix.extend(processor.process_image(im) for im in imgs)
             return len(imgs)
 
-        def on_audio(part) -> None:
-            f, m = processor.process_audio(M.load_audio(part.path, processor.sampling_rate))
-            feats.append(f)
-            masks.append(m)
+        def on_audio(part) -> int:
+            wave = M.load_audio(part.path, processor.sampling_rate)
+            spans = self.clip_spans(sample, part, processor, len(wave))
+            for a, b in spans:
+                f, m = processor.process_audio(wave[a:b])
+                feats.append(f)
+                masks.append(m)
+            return len(spans)
 
         ids, labels = self._render(sample, processor, for_generation, on_image, on_audio)
         media: dict[str, Any] = {}
@@ -355,10 +371,14 @@ class Gemma3nFamily(Family):
                              sample_id=sample.id or "", where=getattr(sample, "where", ""))
 
     def count_tokens(self, sample, processor: Gemma3nOmniProcessor) -> int:
-        """From text and image counts alone: every image and clip has a fixed token count."""
+        """From text, image counts and clip lengths (headers) alone: every image and clip has a fixed
+        token count."""
         from finetune.data import media as M
 
-        ids, _ = self._render(sample, processor, False, lambda part: len(M.image_sizes(part)), lambda part: None)
+        def clips(part) -> int:
+            return len(self.clip_spans(sample, part, processor, M.audio_samples(part.path, processor.sampling_rate)))
+
+        ids, _ = self._render(sample, processor, False, lambda part: len(M.image_sizes(part)), clips)
         return len(ids)
 
     def collate_media(self, batch: list[EncodedSample]) -> dict[str, Any]:

@@ -12,6 +12,13 @@ The chat format matches the model's own template:
 
     <|im_start|>system\n...<|im_end|>\n<|im_start|>user\n<|vision_bos|><|IMAGE|>*n<|vision_eos|>text<|im_end|>\n
     <|im_start|>assistant\nanswer<|im_end|>\n
+
+An audio clip is `<|audio_bos|><|AUDIO|>*n<|audio_eos|>`; a clip that `data.long_audio: split` cuts
+into consecutive clips is that many such items in a row. A video read with its sound
+(`use_audio_in_video`) is `<|vision_bos|><|audio_bos|>` + the video's and the sound's placeholders
+interleaved by time (2 s chunks: the chunk's video tokens, then its audio tokens) + `<|audio_eos|>
+<|vision_eos|>`, as the processor lays it out; its positions are get_rope_index's with
+use_audio_in_video, which the loaded model then decides per sample (`rope_per_sample`).
 """
 
 from __future__ import annotations
@@ -20,11 +27,14 @@ import json
 import math
 import shutil
 import tempfile
+import types
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
+from finetune.data.schema import DataError
 from finetune.errors import ConfigError
 from finetune.families.base import IGNORE_INDEX, EncodedSample, Family, LoadedModel, load_kwargs, quantization_config
 from finetune.families.shared import (AUDIO_BOS, AUDIO_EOS, AUDIO_TOKEN, IM_END, IMAGE_TOKEN, VIDEO_TOKEN,
@@ -61,9 +71,64 @@ class _RopeIndex:
         audio_len = media.get("audio_feature_lengths")
         pos, _ = self._fn(
             self, ids, media.get("image_grid_thw"), media.get("video_grid_thw"),
-            torch.ones_like(ids), False, audio_len, media.get("video_second_per_grid"),
+            torch.ones_like(ids), has_video_sound(input_ids, self.config), audio_len,
+            media.get("video_second_per_grid"),
         )
         return pos[:, 0, :]
+
+
+def has_video_sound(ids: torch.Tensor, config) -> bool:
+    """Whether a sample's tokens hold a video read with its sound (`<vision_bos><audio_bos>`): the
+    `use_audio_in_video` transformers' get_rope_index needs for it."""
+    ids = ids.reshape(-1)
+    return bool(((ids[:-1] == config.vision_start_token_id) & (ids[1:] == config.audio_start_token_id)).any())
+
+
+def rope_per_sample(model) -> None:
+    """Make the model's own M-RoPE index (`get_rope_index`, which its forward and generation call when
+    not given positions) decide `use_audio_in_video` per sample from the sample's tokens, instead of
+    one flag for the batch: transformers' flag is per batch, so a batch holding a video read with its
+    sound and a video read without (evaluation's generation batches, padded training rows) would give
+    one of them wrong positions. A batch whose samples agree is computed in one call, as before.
+    Instance attributes only (weights and module names unchanged); idempotent."""
+    for mod in (model, getattr(model, "model", None)):
+        if mod is None or "get_rope_index" in vars(mod) or not hasattr(type(mod), "get_rope_index"):
+            continue
+        mod.get_rope_index = types.MethodType(_rope_index_per_sample, mod)
+
+
+def _rope_index_per_sample(self, input_ids=None, image_grid_thw=None, video_grid_thw=None, attention_mask=None,
+                           use_audio_in_video=False, audio_seqlens=None, second_per_grids=None):
+    rope = type(self).get_rope_index
+    if input_ids is None or (image_grid_thw is None and video_grid_thw is None):
+        return rope(self, input_ids, image_grid_thw, video_grid_thw, attention_mask, False, audio_seqlens,
+                    second_per_grids)
+    cfg = self.config
+    rows = []
+    for i in range(input_ids.shape[0]):
+        ids = input_ids[i] if attention_mask is None else input_ids[i][attention_mask[i] == 1]
+        start, nxt = ids[:-1] == cfg.vision_start_token_id, ids[1:]
+        sound = int((start & (nxt == cfg.audio_start_token_id)).sum())
+        rows.append((sound > 0, int((start & (nxt == cfg.image_token_id)).sum()),
+                     int((start & (nxt == cfg.video_token_id)).sum()) + sound, int((ids == cfg.audio_start_token_id).sum())))
+    if len({sound for sound, *_ in rows}) == 1:
+        return rope(self, input_ids, image_grid_thw, video_grid_thw, attention_mask, rows[0][0], audio_seqlens,
+                    second_per_grids)
+    positions, deltas = [], []
+    at = [0, 0, 0]  # the next image, video and audio of the batch
+    for i, (sound, *counts) in enumerate(rows):
+        part = []
+        for k, (n, media) in enumerate(zip(counts, (image_grid_thw, video_grid_thw, audio_seqlens))):
+            part.append(media[at[k]:at[k] + n] if media is not None and n else None)
+        secs = second_per_grids[at[1]:at[1] + counts[1]] if second_per_grids is not None and counts[1] else None
+        at = [a + n for a, n in zip(at, counts)]
+        mask = None if attention_mask is None else attention_mask[i:i + 1]
+        if part[0] is None and part[1] is None:  # text and audio only: transformers' text-only positions
+            part[0] = image_grid_thw[:0] if image_grid_thw is not None else video_grid_thw[:0]
+        pos, delta = rope(self, input_ids[i:i + 1], part[0], part[1], mask, sound, part[2], secs)
+        positions.append(pos)
+        deltas.append(delta)
+    return torch.cat(positions, dim=1), torch.cat(deltas, dim=0)
 
 
 class _TowerInputs:
@@ -105,6 +170,37 @@ class _TowerInputs:
         return out
 
 
+def _video_token_times(grid, seconds_per_grid: float, processor: OmniProcessor) -> np.ndarray:
+    """Each video token's time in position ids (t x seconds per grid x position ids per second), as
+    the processor computes them to interleave the sound (floats: the processor does not round)."""
+    t, h, w = (int(x) for x in grid)
+    per_t = (h // processor.merge_size) * (w // processor.merge_size)
+    return np.repeat(np.arange(t), per_t) * seconds_per_grid * processor.position_id_per_seconds
+
+
+def _chunked(times: np.ndarray, per_chunk: int) -> list[tuple[int, int]]:
+    """(start, end) of the runs of `times` in successive chunks of `per_chunk` position ids, as
+    transformers' get_chunked_index cuts them (one chunk further per boundary crossed)."""
+    out, start, chunk = [], 0, 1
+    for i, t in enumerate(times):
+        if t >= chunk * per_chunk:
+            out.append((start, i))
+            start, chunk = i, chunk + 1
+    out.append((start, len(times)))
+    return out
+
+
+def one_kind_of_video(sample, videos: list[bool]) -> None:
+    """A sample's videos are all read with their sound or all without: transformers' M-RoPE index
+    takes use_audio_in_video for a whole sample, and gives one kind wrong positions otherwise."""
+    if len(set(videos)) > 1:
+        raise DataError("audio_in_video", f"{videos.count(True)} of its {len(videos)} videos are read with their sound "
+                        "and the others without (no sound track, or use_audio_in_video false): the model's positions "
+                        "take one or the other for a whole sample",
+                        "give every video of the sample the same use_audio_in_video (a silent video is read without), "
+                        "or put them in separate samples", file=sample.source, line=sample.line, field="messages")
+
+
 def _tower_helpers():
     """transformers' helpers for the towers' precomputed inputs, or None where this release has none
     (the towers then compute them themselves: the same values, more slowly)."""
@@ -140,6 +236,7 @@ class Qwen25OmniFamily(Family):
     placeholder_keys = {"image": "image_token_index", "video": "video_token_index", "audio": "audio_token_index"}
     title = "Qwen2.5-Omni"
     mrope = True
+    audio_in_video = True  # the processor's use_audio_in_video: the sound's tokens between the video's, by time
     media_keys = {"image": "pixel_values", "video": "pixel_values_videos", "audio": "input_features"}
     float_media = ("pixel_values", "pixel_values_videos", "input_features", "audio_padded_feature")
     shipped_configs = ("qwen2_5_omni_7b.json",)
@@ -184,6 +281,28 @@ class Qwen25OmniFamily(Family):
         """Rows the audio tower gives for clips of these mel-frame lengths (transformers' arithmetic)."""
         return int(audio_output_lengths(lengths).sum())
 
+    def max_audio_samples(self, processor: OmniProcessor) -> int | None:
+        """The Whisper feature extractor's n_samples (300 s): the processor pads every clip to it and
+        cuts what is longer (`truncation` is left at its default)."""
+        return processor.n_samples
+
+    def video_sound_tokens(self, grid, seconds_per_grid: float, n_audio: int, processor: OmniProcessor) -> list[int]:
+        """The placeholders of a video read with its sound, between `<audio_bos>` and `<audio_eos>`, as
+        the processor lays them out: the video's tokens at t x seconds_per_grid x position_id_per_seconds
+        and the sound's one position apart, both cut into chunks of seconds_per_chunk, then chunk by
+        chunk the video's then the sound's (transformers' get_chunked_index)."""
+        tid = processor.ids()
+        video_at, audio_at = _video_token_times(grid, seconds_per_grid, processor), np.arange(n_audio)
+        per_chunk = int(processor.position_id_per_seconds * processor.seconds_per_chunk)
+        vc, ac = _chunked(video_at, per_chunk), _chunked(audio_at, per_chunk)
+        out: list[int] = []
+        for j in range(max(len(vc), len(ac))):
+            if j < len(vc):
+                out += [tid["video"]] * (vc[j][1] - vc[j][0])
+            if j < len(ac):
+                out += [tid["audio"]] * (ac[j][1] - ac[j][0])
+        return out
+
     # ---- folders -----------------------------------------------------------------------
     def thinker_config(self, folder: Path):
         if self.is_full(folder):
@@ -213,6 +332,7 @@ class Qwen25OmniFamily(Family):
         # only when there is none: switch it off in the text config the decoder reads too.
         model.config.use_cache = False
         model.config.get_text_config().use_cache = False
+        rope_per_sample(model)
         proc = self.processor(folder, recipe)
         return LoadedModel(model=model, processor=proc, base_path=folder, is_full_checkpoint=full,
                            info={"quantize": quantize, "dtype": str(dtype).replace("torch.", "")})
@@ -245,6 +365,7 @@ class Qwen25OmniFamily(Family):
         ids: list[int] = []
         labels: list[int] = []
         pix, grids, vpix, vgrids, vsec, feats = [], [], [], [], [], []
+        videos: list[bool] = []  # per video: read with its sound
 
         def emit(tokens: list[int], learn: bool):
             ids.extend(tokens)
@@ -264,10 +385,12 @@ class Qwen25OmniFamily(Family):
                         n = int(g.prod()) // processor.merge_size ** 2
                         emit([tid["vision_bos"]] + [tid["image"]] * n + [tid["vision_eos"]], False)
                 elif chunk.type == "audio":
-                    f = processor.process_audio(M.load_audio(chunk.path, processor.sampling_rate))
-                    feats.append(f)
-                    n = self.audio_tokens(f.shape[1], processor)
-                    emit([tid["audio_bos"]] + [tid["audio"]] * n + [tid["audio_eos"]], False)
+                    wave = M.load_audio(chunk.path, processor.sampling_rate)
+                    for a, b in self.clip_spans(sample, chunk, processor, len(wave)):  # one item per piece
+                        f = processor.process_audio(wave[a:b])
+                        feats.append(f)
+                        n = self.audio_tokens(f.shape[1], processor)
+                        emit([tid["audio_bos"]] + [tid["audio"]] * n + [tid["audio_eos"]], False)
                 elif chunk.type == "video":
                     frames = M.load_video(chunk, processor.video_max_frames, processor.video_fps)
                     pv, g, sec = processor.process_video(frames)
@@ -275,11 +398,21 @@ class Qwen25OmniFamily(Family):
                     vgrids.append(g)
                     vsec.append(sec)
                     n = int(g.prod()) // processor.merge_size ** 2
-                    emit([tid["vision_bos"]] + [tid["video"]] * n + [tid["vision_eos"]], False)
+                    wave = self.video_sound(sample, chunk, processor)
+                    videos.append(wave is not None)
+                    if wave is None:
+                        emit([tid["vision_bos"]] + [tid["video"]] * n + [tid["vision_eos"]], False)
+                        continue
+                    (a, b), = self.clip_spans(sample, chunk, processor, len(wave), video=True)
+                    f = processor.process_audio(wave[a:b])
+                    feats.append(f)
+                    body = self.video_sound_tokens(g, sec, self.audio_tokens(f.shape[1], processor), processor)
+                    emit([tid["vision_bos"], tid["audio_bos"]] + body + [tid["audio_eos"], tid["vision_eos"]], False)
             emit([tid["im_end"]], learn)
             emit(processor.text_ids("\n"), False)
         if for_generation:
             emit([tid["im_start"]] + processor.text_ids("assistant\n"), False)
+        one_kind_of_video(sample, videos)
         media: dict[str, Any] = {}
         if pix:
             media["pixel_values"] = torch.cat(pix)
@@ -303,6 +436,7 @@ class Qwen25OmniFamily(Family):
         from finetune.data import media as M
 
         n = 0
+        videos: list[bool] = []
         for msg in chat_turns(sample, processor.system_prompt, for_generation=False):
             n += 1 + len(processor.text_ids(msg.role + "\n")) + 1 + len(processor.text_ids("\n"))
             for chunk in text_and_media_chunks(msg):
@@ -313,13 +447,19 @@ class Qwen25OmniFamily(Family):
                         t, gh, gw = processor.image_grid(w, h)
                         n += 2 + t * gh * gw // processor.merge_size ** 2
                 elif chunk.type == "audio":
-                    dur = M.audio_duration(chunk.path)
-                    frames = processor.audio_frames(int(round(dur * processor.sampling_rate)))
-                    n += 2 + self.audio_tokens(frames, processor)
+                    clip = M.audio_samples(chunk.path, processor.sampling_rate)
+                    for a, b in self.clip_spans(sample, chunk, processor, clip):
+                        n += 2 + self.audio_tokens(processor.audio_frames(b - a), processor)
                 elif chunk.type == "video":
                     frames = M.load_video(chunk, processor.video_max_frames, processor.video_fps)
                     t, gh, gw = processor.video_grid(len(frames), frames[0].width, frames[0].height)
                     n += 2 + t * gh * gw // processor.merge_size ** 2
+                    wave = self.video_sound(sample, chunk, processor)
+                    videos.append(wave is not None)
+                    if wave is not None:  # <audio_bos> + the sound's tokens (between the video's) + <audio_eos>
+                        (a, b), = self.clip_spans(sample, chunk, processor, len(wave), video=True)
+                        n += 2 + self.audio_tokens(processor.audio_frames(b - a), processor)
+        one_kind_of_video(sample, videos)
         return n
 
     def collate_media(self, batch: list[EncodedSample]) -> dict[str, Any]:
@@ -436,8 +576,11 @@ class Qwen25OmniFamily(Family):
         """The thinker of an exported folder, read the way users read it (full or thinker-only)."""
         folder = Path(folder)
         if self.is_full(folder):
-            return self._load_thinker_from_full(folder, self.thinker_config(folder), {"dtype": dtype})
-        return self.hf(self.hf_thinker).from_pretrained(str(folder), dtype=dtype)
+            model = self._load_thinker_from_full(folder, self.thinker_config(folder), {"dtype": dtype})
+        else:
+            model = self.hf(self.hf_thinker).from_pretrained(str(folder), dtype=dtype)
+        rope_per_sample(model)
+        return model
 
     def save_quantized(self, merged_dir: Path, out_dir: Path, *, quantize: str, dtype: torch.dtype) -> str:
         """The merged thinker quantised with bitsandbytes (the LLM's linear layers, as QLoRA does)."""
@@ -452,7 +595,9 @@ class Qwen25OmniFamily(Family):
             f" on the LLM's linear layers, compute dtype {str(dtype).replace('torch.', '')}"
 
     def load_quantized_for_check(self, folder: Path):
-        return self.hf(self.hf_thinker).from_pretrained(str(folder))
+        model = self.hf(self.hf_thinker).from_pretrained(str(folder))
+        rope_per_sample(model)
+        return model
 
 
 def write_processor_settings(folder: Path, processor: "OmniProcessor") -> None:

@@ -15,7 +15,10 @@ and `code2wav.`), so this family extends that one and changes what differs:
 - the audio tower downsamples with three stride-2 convolutions over 100-frame chunks (13 tokens
   per second) and projects with `proj1`/`proj2` (`audio_projector`);
 - the special tokens: `<|vision_start|><|image_pad|>...<|vision_end|>`, `<|audio_start|>
-  <|audio_pad|>...<|audio_end|>`; 16-pixel patches normalised with mean = std = 0.5.
+  <|audio_pad|>...<|audio_end|>`; 16-pixel patches normalised with mean = std = 0.5;
+- the processor reads a clip of any length whole (no 300 s cut), and a video read with its sound
+  interleaves the sound's tokens with the video's token by token by time (13 positions a second),
+  not in 2 s chunks.
 
 Packing exactness of the audio tower: transformers pads every chunk of a batch to its longest
 chunk and (unlike Qwen2.5-Omni) does not mask the padding between its convolutions. A clip of
@@ -39,7 +42,7 @@ import numpy as np
 import torch
 
 from finetune.families.base import Family
-from finetune.families.qwen2_5_omni import PROCESSOR_FILES, Qwen25OmniFamily
+from finetune.families.qwen2_5_omni import PROCESSOR_FILES, Qwen25OmniFamily, _video_token_times
 from finetune.families.shared import OmniProcessor
 
 IM_START, IM_END = "<|im_start|>", "<|im_end|>"
@@ -72,6 +75,7 @@ class Qwen3OmniProcessor(OmniProcessor):
     image_mean: tuple = (0.5, 0.5, 0.5)
     image_std: tuple = (0.5, 0.5, 0.5)
     n_window: int = 50  # half an audio chunk, in mel frames (the audio tower's and the processor's)
+    position_id_per_seconds: float = 13.0  # Qwen3OmniMoeProcessor's (13 audio tokens a second)
 
     @classmethod
     def extra_settings(cls, cfg: dict) -> dict:
@@ -253,6 +257,26 @@ class Qwen3OmniMoeFamily(Qwen25OmniFamily):
 
     def audio_tokens(self, frames: int, processor) -> int:
         return int(audio_tokens(torch.tensor(frames), processor.n_window))
+
+    def max_audio_samples(self, processor) -> int | None:
+        """None: the processor pads clips to the longest and never truncates (`truncation: False`)."""
+        return None
+
+    def video_sound_tokens(self, grid, seconds_per_grid: float, n_audio: int, processor) -> list[int]:
+        """The placeholders of a video read with its sound, as Qwen3-Omni's processor lays them out:
+        token by token by time (a video token at t x seconds_per_grid x position_id_per_seconds before
+        the sound's tokens at or after it; the sound's tokens one position apart)."""
+        tid = processor.ids()
+        video_at = _video_token_times(grid, seconds_per_grid, processor)
+        out, v, a = [], 0, 0
+        while v < len(video_at) and a < n_audio:
+            if video_at[v] <= a:
+                out.append(tid["video"])
+                v += 1
+            else:
+                out.append(tid["audio"])
+                a += 1
+        return out + [tid["video"]] * (len(video_at) - v) + [tid["audio"]] * (n_audio - a)
 
     def audio_rows(self, lengths: torch.Tensor, config: dict) -> int:
         return int(audio_tokens(lengths, int(config.get("audio_config", {}).get("n_window", 50))).sum())

@@ -83,14 +83,24 @@ class OmniProcessor:
     n_fft: int = 400
     video_fps: float = 2.0
     video_max_frames: int = 16
+    #: the Whisper feature extractor's n_samples (chunk_length x rate): the released processor pads every
+    #: clip to it and cuts what is longer (Qwen2.5-Omni: 300 s)
+    n_samples: int = 300 * 16000
+    #: a video read with its sound: position ids per second and seconds per interleaved chunk (the
+    #: processor's own settings; the model's get_rope_index reads the same from its config)
+    position_id_per_seconds: float = 25
+    seconds_per_chunk: float = 2.0
     system_prompt: str | None = None  # the one rendered for samples without a system turn (None: none)
+    long_audio: str = "error"  # data.long_audio (Family.clip_spans)
+    use_audio_in_video: bool = False  # model.use_audio_in_video (a video part's own key overrides it)
     token_ids: dict = field(default_factory=dict)
     _fe: Any = None
     _text_cache: dict = field(default_factory=dict)
 
     @classmethod
     def from_folder(cls, folder: Path, *, min_pixels: int | None = None, max_pixels: int | None = None,
-                    video_fps: float = 2.0, video_max_frames: int = 16, system_prompt: str | None = None):
+                    video_fps: float = 2.0, video_max_frames: int = 16, system_prompt: str | None = None,
+                    long_audio: str = "error", use_audio_in_video: bool = False):
         """Read the tokenizer and preprocessing settings saved in a model folder."""
         from transformers import AutoTokenizer
 
@@ -109,9 +119,14 @@ class OmniProcessor:
             feature_size=int(cfg.get("feature_size", cls.feature_size)),
             hop_length=int(cfg.get("hop_length", cls.hop_length)),
             n_fft=int(cfg.get("n_fft", cls.n_fft)),
+            n_samples=int(cfg.get("n_samples") or int(cfg.get("chunk_length", 300)) * int(cfg.get("sampling_rate", 16000))),
+            position_id_per_seconds=cfg.get("position_id_per_seconds", cls.position_id_per_seconds),
+            seconds_per_chunk=float(cfg.get("seconds_per_chunk", cls.seconds_per_chunk)),
             video_fps=video_fps,
             video_max_frames=video_max_frames,
             system_prompt=cls.effective_system_prompt(tok, system_prompt),
+            long_audio=long_audio,
+            use_audio_in_video=use_audio_in_video,
             **cls.extra_settings(cfg),
         )
         proc.register_special_tokens(list(cls.TOKENS.values()), folder, cls.MODEL)
@@ -184,7 +199,9 @@ class OmniProcessor:
         """What token counts depend on besides the data (keys the length cache)."""
         return {"min_pixels": self.min_pixels, "max_pixels": self.max_pixels, "video_fps": self.video_fps,
                 "video_max_frames": self.video_max_frames, "system_prompt": self.system_prompt,
-                "vocab": len(self.tokenizer)}
+                "vocab": len(self.tokenizer), "n_samples": self.n_samples, "long_audio": self.long_audio,
+                "use_audio_in_video": self.use_audio_in_video,
+                "position_id_per_seconds": self.position_id_per_seconds, "seconds_per_chunk": self.seconds_per_chunk}
 
     # ---- images ----------------------------------------------------------------------
     def image_grid(self, width: int, height: int) -> tuple[int, int, int]:
@@ -257,12 +274,14 @@ class OmniProcessor:
     def process_audio(self, wave: np.ndarray) -> torch.Tensor:
         """A mono waveform -> log-mel features [n_mels, frames].
 
-        The reference processor zero-pads every clip to 300 s before the STFT and masks the
-        padding; zero-padding by a few hops gives the same values for the valid frames at a
-        fraction of the cost.
+        The reference processor zero-pads every clip to `n_samples` (300 s) before the STFT and
+        masks the padding; zero-padding by a few hops gives the same values for the valid frames at
+        a fraction of the cost. A clip within a few hops of `n_samples` is padded to exactly it, as
+        the reference is: its last frames then see the clip's own end (reflected), not zeros. A clip
+        longer than `n_samples` never gets here (Family.clip_spans).
         """
         n_valid = self.audio_frames(len(wave))
-        target = (n_valid + 3) * self.hop_length
+        target = min((n_valid + 3) * self.hop_length, max(self.n_samples, len(wave)))
         feats = self.feature_extractor(
             wave.astype(np.float32), sampling_rate=self.sampling_rate, padding="max_length",
             max_length=target, return_attention_mask=True, return_tensors="np",
