@@ -5,6 +5,9 @@ H100/H200 started bare (no network; the wheels it lacks carried in .whl/, see to
     make gpu-check DRY=1                  # every part on the CPU with tiny shapes (tests the driver; in make test)
     make gpu-check ARGS="--only finetune,steps"      # some parts (keys below)
 
+On a lent GPU machine: `bash tools/gpu_wheels.sh` here first, then run `make gpu-check` there with
+.whl carried and a limit of about 540 s (the budget below is 450 s, plus the clean-up and copy-back).
+
 The parts run in priority order under ONE deadline (--budget seconds from the Makefile's start, so
 the wheels' install counts): each gets the time that is left, up to its own cap, and one with less
 left than its minimum is recorded as skipped:

@@ -202,9 +202,14 @@ def test_sigterm_stops_the_part_and_everything_it_started_removes_its_files_and_
                             env={**os.environ, "OUT": str(dest)})
     try:
         started = [int(p) for p in _wait_lines(pids, 3)]
-        end = time.monotonic() + 60
-        while not list(tmp.glob("*/*/checkpoint.bin")) and time.monotonic() < end:
+        results, end = tmp_path / "r.md", time.monotonic() + 60
+        # the row the part printed is in the results file (and $OUT) while the part still runs
+        while time.monotonic() < end and not (results.exists() and "trained 1 steps in 0:01" in results.read_text()
+                                              and (dest / "r.md").exists()):
             time.sleep(0.1)
+        running = results.read_text()
+        assert "| running |" in running and "trained 1 steps in 0:01" in (dest / "r.md").read_text(), running
+        assert list(tmp.glob("*/*/checkpoint.bin"))
         proc.send_signal(signal.SIGTERM)
         out, _ = proc.communicate(timeout=60)
     finally:
@@ -248,3 +253,17 @@ def test_make_gpu_check_dry_walks_every_part_on_the_cpu_and_the_file_grows_part_
     assert "requirements: all met" in text
     tmp = re.search(r"temporary folder (\S+)", res.stdout)[1]
     assert not Path(tmp).exists()
+
+
+def test_a_build_lock_left_by_a_stopped_part_is_named_not_removed(tmp_path, monkeypatch):
+    """A torch extension build killed mid-way (DeepSpeed's CPU op) leaves its `lock`, on which every
+    later build waits: the results name one made since the part started."""
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))
+    old, new = tmp_path / "py312_cpu" / "old_op" / "lock", tmp_path / "py312_cpu" / "deepspeed_shm_comm" / "lock"
+    for lock in (old, new):
+        lock.parent.mkdir(parents=True)
+        lock.touch()
+    os.utime(old, (time.time() - 3600, time.time() - 3600))
+    found = G.stale_build_locks(since=time.time() - 60)
+    assert len(found) == 1 and str(new) in found[0]
+    assert old.exists() and new.exists()
