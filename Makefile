@@ -1,5 +1,6 @@
-# omni-finetune: make install | make finetune RECIPE=x [GPUS=n] | make eval RECIPE=x | make export RECIPE=x | make test
-# dependencies: make install (the locked versions) | make install-latest && make test && make lock (refresh)
+# omni-finetune, on a fresh clone: make finetune RECIPE=x (sets .venv up on first use) | make test
+# make eval RECIPE=x | make export RECIPE=x | make check RECIPE=x | make install (re-install, refresh the stamp)
+# dependencies: make install-latest && make test && make lock (refresh the lock)
 SHELL := /bin/bash
 PYTHON ?= python3
 VENV ?= .venv
@@ -9,7 +10,7 @@ ARGS ?=
 # torch is installed first and pinned so that pip keeps it (the CPU wheel on CPU-only machines);
 # override with e.g. `make install TORCH="torch==2.9.1"`.
 TORCH ?= torch==2.13.0
-EXTRAS ?= dev,medical,deepspeed
+EXTRAS ?= dev,medical,deepspeed,video
 # several GPUs / nodes: `make finetune RECIPE=x GPUS=4` runs torchrun with 4 processes on this
 # machine; multi-node: the same command on every node with NNODES, NODE_RANK, MASTER_ADDR and
 # MASTER_PORT set (torchrun's standard variables). GPUS=1 and NNODES=1: one plain process.
@@ -26,6 +27,11 @@ LAUNCH := $(VENV)/bin/torchrun --nproc_per_node $(GPUS) --nnodes $(NNODES) --nod
 endif
 
 LOCK := requirements/lock.txt
+# Set-up on first use: every target that runs the toolkit depends on this stamp, named after the hash of
+# the lock and pyproject.toml, so a fresh clone needs no `make install` first and a changed lock installs
+# again. A .venv that already holds the locked versions (tools/lock.py check) is only stamped.
+LOCK_HASH := $(shell cat $(LOCK) pyproject.toml 2>/dev/null | (sha256sum 2>/dev/null || shasum -a 256) | cut -c1-16)
+STAMP ?= $(VENV)/.installed-$(LOCK_HASH)
 
 .PHONY: install install-latest lock venv finetune train eval export check test demo recipes clean bench-packing gpu-check
 
@@ -36,10 +42,20 @@ LOCK := requirements/lock.txt
 # timm (Gemma 3n's vision tower, the `gemma3n` extra) goes in without its dependencies: it requires
 # torchvision, whose PyPI wheel is a CUDA build that breaks beside a CPU torch, and never calls it
 # for MobileNetV5 (see finetune/families/gemma3n_timm.py); its other requirements are ours already
+# PyAV (the `video` extra) reads video files; its wheel bundles FFmpeg's CPU libraries, no CUDA
 install: venv
 	DS_BUILD_OPS=0 $(PY) -m pip install -q -c $(LOCK) -e ".[$(EXTRAS)]"
 	$(PY) -m pip install -q --no-deps -c $(LOCK) timm
 	$(PY) tools/lock.py check
+	@rm -f $(VENV)/.installed-*$(if $(STAMP),; touch $(STAMP))
+
+ifneq ($(STAMP),)
+$(STAMP):
+	@if test -x $(PY) && $(PY) -c "import torch" 2>/dev/null && $(PY) tools/lock.py check >/dev/null 2>&1; then \
+		echo "$(VENV) holds the locked versions ($(LOCK))"; \
+	else echo "setting up $(VENV) (first use, or $(LOCK) changed): make install"; $(MAKE) --no-print-directory install; fi
+	@rm -f $(VENV)/.installed-*; touch $@
+endif
 
 # the newest versions pyproject.toml allows; run `make test` on them, then `make lock` records them
 install-latest: venv
@@ -58,43 +74,50 @@ venv:
 	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q "$(TORCH)"
 
 # train, evaluate (base vs tuned) and export; prints where every result is
-finetune:
+finetune: $(STAMP)
 	$(LAUNCH) -m finetune run $(RECIPE) $(ARGS)
 
-train:
+train: $(STAMP)
 	$(LAUNCH) -m finetune train $(RECIPE) $(ARGS)
 
-eval:
+eval: $(STAMP)
 	$(PY) -m finetune eval $(RECIPE) $(ARGS)
 
 # an existing export is replaced only with FORCE=1 (the old one stays until the new one is verified)
-export:
+export: $(STAMP)
 	$(PY) -m finetune export $(RECIPE) $(ARGS) $(if $(FORCE),--force)
 
 # the recipe's own data (or FILES=...), read as the recipe's model will read it
-check:
+check: $(STAMP)
 	$(PY) -m finetune data check --recipe $(RECIPE) $(FILES) $(ARGS)
 
-demo:
+demo: $(STAMP)
 	$(PY) -m finetune demo medical
 
-recipes:
+recipes: $(STAMP)
 	$(PY) -m finetune recipes
 
-test:
+test: $(STAMP)
 	$(PY) -m pytest -q -p no:cacheprovider tests
 
 clean:
 	rm -rf runs data/demo
 
-bench-packing:
+bench-packing: $(STAMP)
 	$(PY) bench/packing.py
 
-# every GPU check of the project, ~8 min on one H100/H200 (bench/gpu_check.py), results in
-# bench/results/<date>-<gpu>.md. On a bare GPU machine carry .whl (bash tools/gpu_wheels.sh).
+# the project's GPU checks in at most ~8 minutes on one H100/H200 started bare (bench/gpu_check.py; the
+# parts in priority order under one deadline), results in bench/results/<date>-<gpu>.md, rewritten after
+# every part and copied to $OUT when that is set (here too, even when a part fails; the status is kept).
+# On a bare GPU machine carry .whl (bash tools/gpu_wheels.sh): installed into /tmp/site first, counted in
+# the deadline. DRY=1: every part on the CPU with tiny shapes (tests the driver; no set-up, no wheels).
+# It never installs from the network: GPU machines have none.
 GPU_PY := $(if $(wildcard $(PY)),$(PY),python3)
 gpu-check:
-	@if [ -d .whl ]; then python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
-		--target /tmp/site .whl/*.whl; fi
-	PYTHONPATH=/tmp/site$${PYTHONPATH:+:$$PYTHONPATH} $(GPU_PY) bench/gpu_check.py $(ARGS)
-	@if [ -n "$$OUT" ]; then cp bench/results/*.md "$$OUT"/ 2>/dev/null || true; fi
+	@start=$$(date +%s); wrote=$$(mktemp); \
+	if [ -d .whl ] && [ -z "$(DRY)" ]; then \
+		python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+		|| { echo "gpu-check: the carried wheels did not install"; exit 1; }; export PYTHONPATH=/tmp/site$${PYTHONPATH:+:$$PYTHONPATH}; fi; \
+	GPU_CHECK_T0=$$start GPU_CHECK_WROTE=$$wrote $(GPU_PY) bench/gpu_check.py $(if $(DRY),--dry) $(ARGS); rc=$$?; \
+	if [ -n "$$OUT" ] && [ -s "$$wrote" ] && [ -f "$$(cat $$wrote)" ]; then cp "$$(cat $$wrote)" "$$OUT"/; fi; \
+	rm -f "$$wrote"; exit $$rc

@@ -24,6 +24,7 @@ import shutil
 import sys
 import tempfile
 import time
+import traceback
 from pathlib import Path
 
 import torch
@@ -262,18 +263,31 @@ def main(argv=None) -> int:
     quiet_libraries()
     fams = FAMILIES if args.family == "all" else [args.family]
     modes = ["lora", "qlora"] if args.mode == "both" else [args.mode]
-    rows = [run_one(f, m, args) for f in fams for m in modes]
     dev = torch.cuda.get_device_name() if args.device.startswith("cuda") else "cpu"
     print(f"\ngpu_step: {'tiny' if args.tiny else 'real'} shapes, random weights, {dev}, packed rows of "
           f"<= {args.max_tokens} tokens (image+audio+text samples), gradient checkpointing, {args.steps} timed steps")
     hdr = (f"{'family':<15}{'mode':<7}{'attn':<9}{'layers':>7}{'tokens/step':>12}{'tok/s':>10}{'peak GB':>9}"
            f"{'planned GB':>12}{'MFU':>7}")
     print(hdr)
-    print("-" * len(hdr))
-    for r in rows:
-        print(f"{r['family']:<15}{r['mode']:<7}{r['attn']:<9}{r['layers']:>7}{r['tokens/step']:>12}{r['tok/s']:>10.0f}"
-              f"{r['peak GB']:>9.2f}{r['planned GB']:>12.2f}{100 * r['MFU']:>6.1f}%")
-    return 0
+    print("-" * len(hdr), flush=True)
+    failed = 0
+    # each row is printed as soon as it is measured (make gpu-check saves it then, so a run stopped at
+    # its time limit keeps the rows before); a row that fails is printed as such and the others still run
+    for f in fams:
+        for m in modes:
+            try:
+                r = run_one(f, m, args)
+            except Exception as e:  # noqa: BLE001  (an OOM or a bug in one family: the next rows still run)
+                failed += 1
+                traceback.print_exc()
+                print(f"{f:<15}{m:<7}FAILED: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"[:300],
+                      flush=True)
+                if args.device.startswith("cuda"):
+                    torch.cuda.empty_cache()
+                continue
+            print(f"{r['family']:<15}{r['mode']:<7}{r['attn']:<9}{r['layers']:>7}{r['tokens/step']:>12}"
+                  f"{r['tok/s']:>10.0f}{r['peak GB']:>9.2f}{r['planned GB']:>12.2f}{100 * r['MFU']:>6.1f}%", flush=True)
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":

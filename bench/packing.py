@@ -161,6 +161,9 @@ def main(argv=None) -> int:
     ap.add_argument("--dtype", default=None, help="default float32 on the CPU, bfloat16 on CUDA")
     ap.add_argument("--size", default="tiny", choices=["tiny", "small", "7b"],
                     help="small (0.2B) or 7b (the 7B thinker's shape): random weights, for GPUs")
+    ap.add_argument("--samples", type=int, default=400,
+                    help="training samples of the demo mixture (the long-tail one scales with it: 3/4 short, 3/40 "
+                         "long); fewer for a quick run of this script (make gpu-check DRY=1)")
     ap.add_argument("--profile", type=Path, default=None,
                     help="after the warm-up, profile one epoch of each kind (torch.profiler) and write "
                          "<dir>/<mixture>-<kind>.txt (ops by device or host time, and by call count)")
@@ -190,8 +193,9 @@ def main(argv=None) -> int:
     from finetune.demo_data import generate_medical
 
     tmp = Path(tempfile.mkdtemp(prefix="bench-packing-"))
-    demo = generate_medical(tmp / "demo", seed=0)["train"]
-    mixtures = {"demo": demo, "long-tail": long_tail_dataset(tmp / "lt")}
+    demo = generate_medical(tmp / "demo", n_train=args.samples, seed=0)["train"]
+    mixtures = {"demo": demo, "long-tail": long_tail_dataset(tmp / "lt", n_short=max(1, args.samples * 3 // 4),
+                                                             n_long=max(1, args.samples * 3 // 40))}
 
     # forward time of the media encoders inside the timed packed steps (on CUDA each encoder call
     # is synchronised, which costs a little overlap; on the CPU it is exact)

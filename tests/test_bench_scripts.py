@@ -35,16 +35,4 @@ def test_packing_bench_prints_both_mixtures(capsys):
         assert float(row[10].rstrip("x")) > 0 and float(row[13].rstrip("x")) >= 1.0  # speed-up (min-max) is 2 words
 
 
-def test_gpu_check_driver_runs_every_part_on_the_cpu(tmp_path):
-    """`make gpu-check` is run only when a GPU is lent: its driver and every part's command are
-    exercised here (tiny configs, one step each) so that the next GPU session finds it working."""
-    import subprocess
-
-    out = tmp_path / "gpu-check.md"
-    res = subprocess.run([sys.executable, "bench/gpu_check.py", "--smoke", "--out", str(out)], cwd=ROOT,
-                         capture_output=True, text=True, timeout=900)
-    assert res.returncode == 0, res.stdout[-4000:] + res.stderr[-2000:]
-    text = out.read_text()
-    for part in ("GPU-marked tests", "verify packing", "7B training steps", "step split", "packing throughput",
-                 "loss memory"):
-        assert f"## {part}" in text and "FAILED" not in text, text[-3000:]
+# the `make gpu-check` driver: tests/test_gpu_check.py (its DRY walk runs every part's command)
