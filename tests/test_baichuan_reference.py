@@ -5,7 +5,9 @@ baichuan-inc/Baichuan-Omni-1.5). tests/baichuan_ref/ builds the reference model 
 (transformers 4.45, our pure-PyTorch stand-ins for flash_attn and deepspeed), saves its weights,
 inputs and logits; here they are loaded into our implementation and compared. See
 tests/baichuan_ref/README.md. FINETUNE_BAICHUAN_TOKENIZER (a Qwen2 tokenizer folder with
-merges.txt) enables the processor token-id comparison.
+merges.txt) enables the processor token-id comparison. The build also exports the golden numbers,
+which are compared here with the ones committed in tests/data/baichuan_golden (that
+tests/test_baichuan_golden.py checks on every run without the reference).
 """
 
 from __future__ import annotations
@@ -34,8 +36,8 @@ def reference(tmp_path_factory):
                               str(Path.home() / ".cache" / "omni-finetune" / "baichuan-ref-venv"))
         env = dict(os.environ, FINETUNE_BAICHUAN_VENV=venv)
         subprocess.run(["bash", str(HERE / "setup_venv.sh")], check=True, env=env)
-        subprocess.run([f"{venv}/bin/python", str(HERE / "build_reference.py"), "--out", str(out), "--seed", "0"],
-                       check=True, env=env)
+        subprocess.run([f"{venv}/bin/python", str(HERE / "build_reference.py"), "--out", str(out), "--seed", "0",
+                        "--golden", str(out / "golden")], check=True, env=env)
     return out, torch.load(out / "cases.pt", weights_only=False)["cases"]
 
 
@@ -144,3 +146,29 @@ def test_processor_token_ids_match_the_reference(reference, tmp_path):
     ids = BaichuanOmniFamily().encode(sample, proc).input_ids.tolist()
     print(f"token ids: ours {len(ids)}, reference {len(ref['input_ids'])}, equal {ids == ref['input_ids']}")
     assert ids == ref["input_ids"]
+
+
+def test_the_committed_golden_numbers_are_what_the_reference_gives(reference):
+    """tests/data/baichuan_golden equals a fresh export from the reference (tests/test_baichuan_golden.py
+    compares ours with it on every run)."""
+    from safetensors.torch import load_file
+
+    out, _ = reference
+    fresh, committed = out / "golden", HERE.parent / "data" / "baichuan_golden"
+    if not (fresh / "golden.json").exists():
+        pytest.skip(f"{out} was built without --golden")
+    a = json.loads((fresh / "golden.json").read_text(encoding="utf-8"))
+    b = json.loads((committed / "golden.json").read_text(encoding="utf-8"))
+    for key in ("format", "seed", "reference_sha256", "weights", "media", "logits", "cases"):
+        assert a[key] == b[key], key
+    assert json.loads((fresh / "weights.json").read_text()) == json.loads((committed / "weights.json").read_text())
+    if a["token_ids"]["tokenizer"].split(" from ")[0] == b["token_ids"]["tokenizer"].split(" from ")[0]:
+        assert a["token_ids"]["samples"] == b["token_ids"]["samples"]
+    ta, tb = load_file(str(fresh / "golden.safetensors")), load_file(str(committed / "golden.safetensors"))
+    assert set(ta) == set(tb)
+    for k in ta:
+        if ta[k].is_floating_point():
+            # another CPU may round the reference's float32 kernels differently in the last bits
+            assert torch.allclose(ta[k], tb[k], rtol=1e-5, atol=1e-5), (k, float((ta[k] - tb[k]).abs().max()))
+        else:
+            assert torch.equal(ta[k], tb[k]), k

@@ -17,6 +17,12 @@ Writes to --out:
   token_ids.json    the reference processor's ids for one chat sample with an image and an audio
   media/            the random PNG images / video frames and 16 kHz WAV clips the cases use
   meta.json         versions, shrink, tokenizer provenance, sha256 of the reference files, checks
+
+With --golden DIR (tests/data/baichuan_golden) it also writes the golden numbers that
+tests/test_baichuan_golden.py compares with on every run: reduced logits, audio codes, input and
+intermediate summaries, token ids, the weight recipe with its checksums, and a tokenizer trimmed
+to the recorded samples (see README.md, "Golden numbers"). The weights and media come from
+golden_recipe.py, which the test shares.
 """
 
 from __future__ import annotations
@@ -30,11 +36,12 @@ import sys
 import tempfile
 import time
 import types
-import wave
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 STUBS = HERE / "stubs"
+sys.path.insert(0, str(HERE))
+import golden_recipe  # noqa: E402  (our own: weights, media and reductions shared with the golden test)
 PKG = "baichuan_omni_ref"  # the name the reference folder is imported under (it uses relative imports)
 
 SYSTEM = "You are a helpful assistant."
@@ -116,26 +123,24 @@ def shrink_config(real: dict) -> dict:
 # ------------------------------------------------------------------------------------------------
 # Random weights
 # ------------------------------------------------------------------------------------------------
-def randomize_constants(model, gen) -> list[str]:
-    """Make every parameter informative: the reference's _init_weights leaves biases at 0 and
-    LayerNorm / RMSNorm / GroupNorm weights at 1 (and embedding row padding_idx=0 at 0), which would
-    hide bias / norm-weight mistakes. Constant tensors get noise: ones -> 1 + 0.1 N, zeros -> 0.05 N.
-    Row 0 of embed_tokens (zeroed because config.pad_token_id=0) gets a random row too, as in the
-    real checkpoint."""
+def apply_weight_recipe(model, seed: int) -> tuple[dict, dict]:
+    """Replace the reference's own random initialisation by golden_recipe's seeded one, which the
+    golden test can repeat without the reference. The per-entry rules come from the model as its
+    __init__ left it (see golden_recipe.weight_rule): biases, norm weights and other constants get
+    noise (the reference's _init_weights would leave them at 0 or 1 and hide mistakes there), and
+    embedding row 0 (padding_idx, zeroed by the reference) is random like every other row.
+    Returns (rules, sha256 per entry of the reference's state dict after loading)."""
     import torch
 
-    touched = []
+    params = dict(model.named_parameters(remove_duplicate=False))
+    rules = {k: golden_recipe.weight_rule(k, v, k in params) for k, v in model.state_dict().items()}
+    made = golden_recipe.make_state_dict(rules, seed)
     with torch.no_grad():
-        for name, p in model.named_parameters():
-            flat = p.detach().reshape(-1)
-            if flat.numel() and bool((flat == flat[0]).all()):
-                base = float(flat[0])
-                std = 0.1 if base != 0.0 else 0.05
-                p.add_(torch.randn(p.shape, generator=gen, dtype=p.dtype) * std)
-                touched.append(name)
-        emb = model.model.embed_tokens.weight
-        emb[0] = torch.randn(emb.shape[1], generator=gen, dtype=emb.dtype) * INIT_RANGE
-    return touched
+        model.load_state_dict(made, strict=True)
+    digests = {k: golden_recipe.tensor_sha256(v) for k, v in model.state_dict().items()}
+    if digests != {k: golden_recipe.tensor_sha256(v) for k, v in made.items()}:
+        raise SystemExit("the reference's state dict differs from the recipe's tensors after loading")
+    return rules, digests
 
 
 # ------------------------------------------------------------------------------------------------
@@ -205,56 +210,15 @@ def load_tokenizer(ref: Path, tok_dir: Path | None, work: Path):
 # ------------------------------------------------------------------------------------------------
 # Media
 # ------------------------------------------------------------------------------------------------
-def write_png(path: Path, rng, h: int, w: int) -> None:
-    import numpy as np
-    from PIL import Image
-
-    # Smooth-ish random image (noise on a random gradient), so resizing does something.
-    yy, xx = np.mgrid[0:h, 0:w]
-    base = np.stack([(yy * rng.uniform(1, 4) + xx * rng.uniform(1, 4)) % 256 for _ in range(3)], -1)
-    img = np.clip(base + rng.normal(0, 40, size=(h, w, 3)), 0, 255).astype(np.uint8)
-    Image.fromarray(img, "RGB").save(path)
-
-
-def write_wav(path: Path, rng, seconds: float, sr: int = 16000) -> None:
-    import numpy as np
-
-    n = round(seconds * sr)
-    t = np.arange(n) / sr
-    x = 0.05 * rng.standard_normal(n)
-    for _ in range(3):
-        x += rng.uniform(0.05, 0.2) * np.sin(2 * np.pi * rng.uniform(100, 3000) * t + rng.uniform(0, 6.3))
-    pcm = np.clip(np.round(x * 32767), -32768, 32767).astype("<i2")
-    with wave.open(str(path), "wb") as w:
-        w.setnchannels(1)
-        w.setsampwidth(2)
-        w.setframerate(sr)
-        w.writeframes(pcm.tobytes())
-
-
 def make_media(out: Path, seed: int) -> dict:
-    import numpy as np
-
-    rng = np.random.default_rng(seed)
-    m = out / "media"
-    m.mkdir(parents=True, exist_ok=True)
-    media = {
-        # 56x84 -> smart_resize keeps 56x84 -> grid (1,4,6) -> 6 tokens
-        "image": (m / "image_56x84.png", (56, 84)),
-        # 70x98 -> round-half-even gives 56x112 (a real resize) -> grid (1,4,8) -> 8 tokens
-        "image2": (m / "image_70x98.png", (70, 98)),
-        # video frames 60x90 -> resized to 56x84 -> 6 tokens per frame
-        "frames": [(m / f"frame_{i}.png", (60, 90)) for i in range(3)],
-        "audio": (m / "audio_2.6s.wav", 2.6),   # 41600 samples -> 261 mel frames -> 32 tokens
-        "audio2": (m / "audio_1.3s.wav", 1.3),  # 20800 samples -> 131 mel frames -> 16 tokens
-    }
-    write_png(media["image"][0], rng, *media["image"][1])
-    write_png(media["image2"][0], rng, *media["image2"][1])
-    for p, (h, w) in media["frames"]:
-        write_png(p, rng, h, w)
-    write_wav(media["audio"][0], rng, media["audio"][1])
-    write_wav(media["audio2"][0], rng, media["audio2"][1])
-    return media
+    """golden_recipe's seeded media in out/media, by role: {role: (path, size)}."""
+    paths = golden_recipe.make_media(out / "media", seed)
+    size = golden_recipe.MEDIA
+    return {"image": (paths["image_56x84.png"], size["image_56x84.png"]),
+            "image2": (paths["image_70x98.png"], size["image_70x98.png"]),
+            "frames": [(paths[f"frame_{i}.png"], size[f"frame_{i}.png"]) for i in range(3)],
+            "audio": (paths["audio_2.6s.wav"], size["audio_2.6s.wav"]),
+            "audio2": (paths["audio_1.3s.wav"], size["audio_1.3s.wav"])}
 
 
 def prompts(media: dict) -> dict[str, str]:
@@ -338,6 +302,191 @@ def run_case(model, kw: dict) -> dict:
     return rec
 
 
+# ------------------------------------------------------------------------------------------------
+# Golden numbers (--golden): what tests/test_baichuan_golden.py compares with on every test run
+# ------------------------------------------------------------------------------------------------
+GOLDEN_FORMAT = 1
+GOLDEN_IDS = {"text": "text", "image": "image", "video": "video", "audio": "audio", "image+audio": "image_audio",
+              "packed:text|image": "packed_text_image"}
+# the media each case's prompt uses (golden_recipe.MEDIA names), in prompt order
+CASE_MEDIA = {"text": {}, "image": {"images": ["image_56x84.png"]},
+              "video": {"videos": [["frame_0.png", "frame_1.png", "frame_2.png"]]},
+              "audio": {"audios": ["audio_2.6s.wav"]},
+              "image+audio": {"images": ["image_70x98.png"], "audios": ["audio_1.3s.wav"]},
+              "packed:text|image": {"images": ["image_56x84.png"]}}
+# Chat samples whose token ids are recorded, as the toolkit's JSONL samples (media relative to the
+# media folder). render_prompt writes them in the released prompt format for the reference processor.
+TOKEN_SAMPLES = {
+    "image+audio": {"messages": [
+        {"role": "system", "content": SYSTEM},
+        {"role": "user", "content": [{"type": "image", "path": "image_70x98.png"},
+                                     {"type": "audio", "path": "audio_1.3s.wav"},
+                                     {"type": "text", "text": "Answer the spoken question about the image."}]},
+        {"role": "assistant", "content": "It is noise."}]},
+    # text where the byte-level BPE and its pre-tokenizer matter: digits, spaces, tabs, newlines,
+    # accents, punctuation runs and CJK, over two turns
+    "text": {"messages": [
+        {"role": "system", "content": "You answer briefly.\nUse plain text."},
+        {"role": "user", "content": "Hello,  world!\tWhat's 12345 + 678?\n\n(Answer in   one line.)"},
+        {"role": "assistant", "content": " 13023 -- café, naïve; déjà vu..."},
+        {"role": "user", "content": "你好，世界！再说一遍？ 2024年"},
+        {"role": "assistant", "content": "OK:\n  13023\n"}]},
+}
+ROLE_TOKENS = {"system": "<B_SYS>", "user": "<C_Q>", "assistant": "<C_A>"}
+
+
+def render_prompt(messages: list, media_dir: Path) -> str:
+    """A sample in the released prompt format: <B_SYS>system<C_Q>user<C_A>answer<|endoftext|>...,
+    media as the reference processor's tags (absolute paths)."""
+    out = []
+    for m in messages:
+        out.append(ROLE_TOKENS[m["role"]])
+        parts = m["content"] if isinstance(m["content"], list) else [{"type": "text", "text": m["content"]}]
+        for part in parts:
+            if part["type"] == "text":
+                out.append(part["text"])
+            elif part["type"] == "image":
+                out.append(f'<img_start_baichuan>{json.dumps({"local": str(media_dir / part["path"])})}'
+                           f'<img_end_baichuan>')
+            elif part["type"] == "audio":
+                out.append(f'<audio_start_baichuan>{json.dumps({"path": str(media_dir / part["path"])})}'
+                           f'<audio_end_baichuan>')
+            else:
+                raise ValueError(f"no rendering for a {part['type']} part")
+        if m["role"] == "assistant":
+            out.append("<|endoftext|>")
+    return "".join(out)
+
+
+def sample_texts(messages: list) -> list[str]:
+    return [p["text"] if isinstance(p, dict) else p for m in messages
+            for p in (m["content"] if isinstance(m["content"], list) else [m["content"]])
+            if not isinstance(p, dict) or p["type"] == "text"]
+
+
+def trim_tokenizer(tokenizer, ref: Path, texts: list[str], dest: Path) -> dict:
+    """The tokenizer restricted to `texts`, written to dest: every byte-level base token, every merge
+    whose result occurs in one of the texts (byte-level form) and its result token, and the added
+    tokens, all with their real ids; the tokenizer configs as released (less the chat template).
+
+    This is exact for those texts: BPE only ever forms tokens that are substrings of the word it
+    works on, so a merge left out can never fire on them, and the merges kept keep their order.
+    """
+    from transformers.models.gpt2.tokenization_gpt2 import bytes_to_unicode
+
+    bpe = json.loads(tokenizer.backend_tokenizer.to_str())["model"]
+    vocab = bpe["vocab"]
+    merges = [tuple(m.split(" ")) if isinstance(m, str) else tuple(m) for m in bpe["merges"]]
+    b2u = bytes_to_unicode()
+    forms = ["".join(b2u[b] for b in t.encode("utf-8")) for t in texts]
+    kept = [(a, b) for a, b in merges if any(a + b in f for f in forms)]
+    small = {c: vocab[c] for c in b2u.values()}
+    small.update({a + b: vocab[a + b] for a, b in kept})
+    # the added tokens go in the vocab with their ids too: a tokenizer gives an added token that
+    # is not in its vocab the next free id, which is only right when the vocab is complete
+    small.update(json.loads((ref / "added_tokens.json").read_text(encoding="utf-8")))
+    dest.mkdir(parents=True, exist_ok=True)
+    (dest / "vocab.json").write_text(json.dumps(dict(sorted(small.items(), key=lambda kv: kv[1])),
+                                                ensure_ascii=False), encoding="utf-8")
+    (dest / "merges.txt").write_text("#version: 0.2\n" + "".join(f"{a} {b}\n" for a, b in kept), encoding="utf-8")
+    for f in ("added_tokens.json", "special_tokens_map.json"):
+        (dest / f).write_bytes((ref / f).read_bytes())
+    cfg = json.loads((ref / "tokenizer_config.json").read_text(encoding="utf-8"))
+    cfg.pop("chat_template", None)  # a ChatML template the released model does not use (and text we need not carry)
+    (dest / "tokenizer_config.json").write_text(json.dumps(cfg, indent=1, ensure_ascii=False) + "\n", encoding="utf-8")
+    return {"vocab_entries": len(small), "merges": len(kept), "of_merges": len(merges), "of_vocab": len(vocab)}
+
+
+def export_golden(dest: Path, *, out: Path, ref: Path, model, cases: dict, tokenizer, tok_desc: str,
+                  tok_sources: dict, weight_rules: dict, weight_digests: dict, seed: int, meta: dict) -> None:
+    """Write the golden numbers into dest (see README.md, "Golden numbers")."""
+    import torch
+    from safetensors.torch import save_file
+
+    dest.mkdir(parents=True, exist_ok=True)
+    mdir = dest / "model"
+    mdir.mkdir(exist_ok=True)
+    (mdir / "config.json").write_bytes((out / "config.json").read_bytes())
+    media_dir = out / "media"
+
+    vocab_size = int(model.config.vocab_size)
+    columns = golden_recipe.logit_columns(vocab_size, sorted(TOKEN_CHECK.values()), seed)
+    sketch = golden_recipe.sketch_matrix(vocab_size, seed)
+    tensors: dict = {}
+    case_meta: dict = {}
+    for name, c in cases.items():
+        cid = GOLDEN_IDS[name]
+        fi = c["forward_inputs"]
+        ids = fi["input_ids"]
+        meta_c = {"input_ids": ids[0].tolist(), **CASE_MEDIA[name]}
+        for k in ("images_grid", "videos_grid"):
+            if k in fi:
+                meta_c[k] = [list(map(int, g)) for g in fi[k]]
+        for k in ("encoder_length", "bridge_length"):
+            if k in fi:
+                meta_c[k] = [int(x) for x in fi[k]]
+        if "seqlens" in fi:
+            meta_c["packed_lengths"] = [int(fi["seqlens"][0, 0]), ids.shape[1] - int(fi["seqlens"][0, 0])]
+        case_meta[cid] = meta_c
+        for key, value in golden_recipe.reduce_logits(c["logits"][0], columns, sketch).items():
+            tensors[f"{cid}.logits.{key}"] = value
+        tensors[f"{cid}.inputs_embeds.stats"] = golden_recipe.row_stats(c["inputs_embeds"][0])
+        tensors[f"{cid}.hidden.stats"] = golden_recipe.row_stats(c["hidden_states"][-1][0])
+        for k in ("images", "videos"):
+            for i, x in enumerate(fi.get(k, [])):
+                tensors[f"{cid}.{k}.{i}.stats"] = golden_recipe.row_stats(x)
+        if "audios" in fi:
+            if fi["audios"].shape[0] != 1:
+                raise SystemExit(f"case {name}: the golden cases hold single-segment clips (mel frames = T)")
+            tensors[f"{cid}.audios.0.stats"] = golden_recipe.row_stats(fi["audios"][0])
+            tensors[f"{cid}.audio_codes"] = c["audio_codes"].long().contiguous()
+            tensors[f"{cid}.vq_margins"] = c["vq_margins"].float().contiguous()
+    tensors = {k: v.contiguous() for k, v in tensors.items()}
+    save_file(tensors, str(dest / "golden.safetensors"), metadata={"format": "pt"})
+
+    # token ids: the reference processor with the full tokenizer, and the same with the trimmed one
+    texts = [t for s in TOKEN_SAMPLES.values() for t in sample_texts(s["messages"])]
+    trim = trim_tokenizer(tokenizer, ref, texts, mdir)
+    from transformers import AutoTokenizer
+
+    small_tok = AutoTokenizer.from_pretrained(str(mdir), trust_remote_code=False)
+    proc_full = model.bind_processor(tokenizer, training=False)
+    proc_small = model.bind_processor(small_tok, training=False)
+    token_ids = {}
+    for name, sample in TOKEN_SAMPLES.items():
+        prompt = render_prompt(sample["messages"], media_dir)
+        ids = list(map(int, proc_full.process_one(prompt).input_ids))
+        again = list(map(int, proc_small.process_one(prompt).input_ids))
+        if again != ids:
+            raise SystemExit(f"the trimmed tokenizer gives other ids than the full one for sample {name}")
+        token_ids[name] = {"messages": sample["messages"],
+                           "prompt": render_prompt(sample["messages"], Path(".")),
+                           "input_ids": ids, "tokens": tokenizer.convert_ids_to_tokens(ids)}
+    log(f"golden: trimmed tokenizer {trim} reproduces the full one on {len(TOKEN_SAMPLES)} samples")
+
+    golden = {
+        "format": GOLDEN_FORMAT,
+        "what": "outputs of the released Baichuan-Omni-1.5 reference code (OmniForCausalLM, shrunk, seeded "
+                "weights) recorded by tests/baichuan_ref/build_reference.py --golden; see tests/baichuan_ref/README.md",
+        "seed": seed,
+        "reference_sha256": meta["reference_sha256"],
+        "versions": meta["versions"],
+        "weights": {"file": "weights.json", "state_dict_sha256": golden_recipe.state_sha256(weight_digests),
+                    "entries": len(weight_rules)},
+        "media": {n: golden_recipe.media_sha256(media_dir / n) for n in golden_recipe.MEDIA},
+        "logits": {"columns": columns, "sketch_dim": golden_recipe.SKETCH_DIM, "vocab_size": vocab_size},
+        "cases": case_meta,
+        "token_ids": {"tokenizer": tok_desc.replace(str(ref), "<REF>"), "sources": tok_sources, "trimmed": trim,
+                      "samples": token_ids},
+    }
+    # weights.json: one line per state-dict entry, [rule, first 16 hex digits of its sha256]
+    lines = [f"{json.dumps(k)}: {json.dumps([weight_rules[k], weight_digests[k][:16]])}" for k in sorted(weight_rules)]
+    (dest / "weights.json").write_text("{\n" + ",\n".join(lines) + "\n}\n", encoding="utf-8")
+    (dest / "golden.json").write_text(json.dumps(golden, indent=1, ensure_ascii=False) + "\n", encoding="utf-8")
+    size = sum(p.stat().st_size for p in dest.rglob("*") if p.is_file())
+    log(f"golden: wrote {dest} ({size / 1024:.0f} KiB)")
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", required=True, type=Path)
@@ -347,6 +496,8 @@ def main() -> int:
     ap.add_argument("--tokenizer", type=Path, default=os.environ.get("FINETUNE_BAICHUAN_TOKENIZER") or None,
                     help="folder with tokenizer.json, or with a Qwen2 merges.txt (default "
                          "$FINETUNE_BAICHUAN_TOKENIZER); see load_tokenizer")
+    ap.add_argument("--golden", type=Path, default=None,
+                    help="also write the golden numbers here (tests/data/baichuan_golden); see README.md")
     args = ap.parse_args()
     if args.ref is None:
         ap.error("set FINETUNE_BAICHUAN_REF (or --ref) to the reference baichuan-omni/model folder")
@@ -370,10 +521,9 @@ def main() -> int:
     config = configuration.OmniConfig(**shrunk)
 
     torch.manual_seed(args.seed)
-    gen = torch.Generator().manual_seed(args.seed + 1)
     torch.set_default_dtype(torch.float32)
     model = modeling.OmniForCausalLM(config).float()
-    randomized = randomize_constants(model, gen)
+    weight_rules, weight_digests = apply_weight_recipe(model, args.seed)
     model.eval()
     n_params = sum(p.numel() for p in model.parameters())
     log(f"built OmniForCausalLM: {n_params:,} parameters, vision attention "
@@ -391,6 +541,9 @@ def main() -> int:
     with tempfile.TemporaryDirectory() as work:
         tokenizer, tok_desc = load_tokenizer(ref, args.tokenizer, Path(work))
     log(f"tokenizer: {tok_desc}")
+    tok_sources = {f"{where}/{f}": hashlib.sha256((d / f).read_bytes()).hexdigest()
+                   for where, d in (("tokenizer", args.tokenizer), ("REF", ref)) if d is not None
+                   for f in ("tokenizer.json", "merges.txt", "vocab.json") if (d / f).exists()}
     proc = model.bind_processor(tokenizer, training=False)
     media = make_media(out, args.seed)
     texts = prompts(media)
@@ -504,7 +657,10 @@ def main() -> int:
         "shrink": {"llm": LLM, "vision": VISION, "vision_attn_implementation": VISION_ATTN, "audio": AUDIO,
                    "codebook_sizes": CODEBOOKS, "vocoder": VOCODER, "flow_matching": FLOW,
                    "initializer_range": INIT_RANGE},
-        "randomized_constant_params": len(randomized),
+        "weights": {"recipe": "tests/baichuan_ref/golden_recipe.py", "seed": args.seed,
+                    "kinds": {k: sum(r["kind"] == k for r in weight_rules.values())
+                              for k in sorted({r["kind"] for r in weight_rules.values()})},
+                    "state_dict_sha256": golden_recipe.state_sha256(weight_digests)},
         "tokenizer": tok_desc,
         "n_parameters": n_params,
         "state_dict_entries": len(sd),
@@ -516,6 +672,11 @@ def main() -> int:
         "seconds": round(time.time() - t0, 1),
     }
     (out / "meta.json").write_text(json.dumps(meta, indent=1), encoding="utf-8")
+    if args.golden is not None:
+        public_desc = tok_desc.replace(str(args.tokenizer), "<tokenizer folder>") if args.tokenizer else tok_desc
+        export_golden(args.golden.resolve(), out=out, ref=ref, model=model, cases=cases, tokenizer=tokenizer,
+                      tok_desc=public_desc, tok_sources=tok_sources, weight_rules=weight_rules,
+                      weight_digests=weight_digests, seed=args.seed, meta=meta)
     for k, v in prefixes.items():
         log(f"  {k:50s} {v}")
     log(f"done in {meta['seconds']}s -> {out}")
