@@ -320,3 +320,37 @@ def test_medical_parts_flow_through_both_families(tmp_path, family_name):
     batch = fam.collate_padded([e], loaded.processor.pad_id)
     with torch.no_grad():
         assert torch.isfinite(loaded.model(**batch).loss)
+
+
+def _peak_bytes_per_pixel(fn, n_pixels: int) -> float:
+    import tracemalloc
+
+    tracemalloc.start()  # numpy reports its array allocations to tracemalloc
+    try:
+        fn()
+        return tracemalloc.get_traced_memory()[1] / n_pixels
+    finally:
+        tracemalloc.stop()
+
+
+def test_medical_pixel_math_runs_in_float32(tmp_path):
+    """Rescale and window (DICOM), scl_slope/scl_inter and window (NIfTI) in float32: one float64 copy of
+    the image alone would be 8 bytes a pixel, and the math needs two or three arrays at once."""
+    import nibabel as nib
+
+    n = 1024
+    arr = (np.arange(n * n, dtype=np.int32) % 3000).astype(np.int16).reshape(n, n)
+    dcm = write_dicom(tmp_path / "ct.dcm", arr, bits_stored=16, RescaleSlope=1, RescaleIntercept=-1024,
+                      WindowCenter=40, WindowWidth=400)
+    img = nib.Nifti1Image(arr[:, :, None], np.eye(4))
+    img.header.set_slope_inter(1.0, -1024.0)
+    nii = tmp_path / "ct.nii.gz"
+    nib.save(img, str(nii))
+    for path, opts in ((dcm, {}), (dcm, {"window": "minmax"}), (nii, {"window": "lung"}), (nii, {})):
+        read_medical_images(path, opts)  # imports and caches first
+        per_pixel = _peak_bytes_per_pixel(lambda: read_medical_images(path, opts), n * n)
+        assert per_pixel < 18, f"{path.name} {opts}: {per_pixel:.1f} bytes a pixel at the peak"
+    # the same image as before the change to float32: the window maps HU exactly as documented
+    a = gray(read_medical_images(dcm, {"window": [40, 400]})[0])
+    expected = np.rint(np.clip((arr.astype(np.float64) - 1024 + 160) / 400 * 255, 0, 255))
+    assert np.abs(a - expected).max() <= 1 and (a != expected).mean() < 1e-3  # a float32 tie may round apart
