@@ -136,9 +136,12 @@ def cmd_data_check(args) -> int:
         proc = family.processor(folder, recipe)
     if not files:
         raise ConfigError("data check: name the dataset files, or a recipe (--recipe R) whose data to check")
+    from finetune.data.schema import Limits
+
     report = check_dataset([Path(f) if isinstance(f, str) else f for f in files], family=family, processor=proc,
                            config=family.read_config(folder) if family else None,
                            max_tokens=recipe.data.max_tokens if recipe else None,
+                           limits=Limits.of(recipe.data) if recipe else None,
                            allow_outside_paths=args.allow_outside_paths or bool(recipe and recipe.data.allow_outside_paths),
                            open_media=not args.no_media)
     print(report.format())
