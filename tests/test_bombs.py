@@ -39,7 +39,8 @@ def run_check(*args: str, timeout: float = TIMEOUT) -> tuple[subprocess.Complete
 
     t0 = time.time()
     proc = subprocess.Popen([sys.executable, "-c", _LAUNCH, "data", "check", *args], cwd=ROOT,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, preexec_fn=limit)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, encoding="utf-8", errors="replace",
+                            preexec_fn=limit)
     try:
         out, err = proc.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
@@ -123,6 +124,15 @@ def _build(folder: Path) -> dict[str, tuple[list, str, str, list[str]]]:
     b["symlink_loop"] = ([_sample("image", "loop_a.png")], "bad_part", "symlink", [])
     b["nul_in_path"] = ([_sample("image", "scan\u0000.png")], "bad_part", "NUL", [])
     b["path_of_5000_chars"] = ([_sample("image", "x" * 5000 + ".png")], "bad_part", "too long", [])
+    # JSON that parses into something no later step can use
+    b["int_of_5000_digits"] = (['{"id": ' + "1" * 5000 + ', "messages": [{"role": "user", "content": "Hi."}, '
+                                '{"role": "assistant", "content": "Hello."}]}'], "json", "digits", [])
+    b["lone_surrogate_in_text"] = ([{"messages": [{"role": "user", "content": "Hi \ud800."},
+                                                  {"role": "assistant", "content": "Hello."}]}], "encoding", "surrogate", [])
+    b["lone_surrogate_in_path"] = ([_sample("image", "scan\udc80.png")], "encoding", "surrogate", [])
+    b["lone_surrogate_in_id"] = ([{"id": "\udfff", "messages": [{"role": "user", "content": "Hi."},
+                                                                {"role": "assistant", "content": "Hello."}]}],
+                                 "encoding", "surrogate", [])
     return b
 
 
@@ -142,7 +152,8 @@ BOMBS = ["rle_dicom_20000", "nifti_gz_20000", "flac_10h_silence", "png16_13000",
          "dicom_100k_frames", "nifti_volume_header", "flac_header_claims_10h", "flac_unknown_length_4000s",
          "wav_1hz_20000_samples", "wav_rate_2g", "wav_header_claims_2gb", "mp4_110k_frames", "frames_list_110k",
          "text_2m_chars", "nested_900_in_a_valid_sample", "fifo_audio", "fifo_in_frame_folder",
-         "fifo_in_frames_list", "char_device_image", "symlink_loop", "nul_in_path", "path_of_5000_chars"]
+         "fifo_in_frames_list", "char_device_image", "symlink_loop", "nul_in_path", "path_of_5000_chars",
+         "int_of_5000_digits", "lone_surrogate_in_text", "lone_surrogate_in_path", "lone_surrogate_in_id"]
 
 
 def _assert_located(res: subprocess.CompletedProcess, path: Path, line: int, kind: str, word: str) -> None:

@@ -27,7 +27,7 @@ from finetune.data.schema import (
     Limits,
     Part,
     Sample,
-    TooDeepError,
+    UnsafeJsonError,
     iter_jsonl,
     parse_sample,
     set_limits,
@@ -329,7 +329,7 @@ def check_dataset(
         n_errors = len(errors)
         try:
             records, outside = _records(path, errors, allow_outside_paths)
-        except (DataError, MemoryError, RecursionError, TooDeepError) as e:  # the file cannot be read at all
+        except Exception as e:  # the file cannot be read at all (a whole-file JSON nested 200k deep, ...)
             errors.append(e if isinstance(e, DataError) else _unexpected(e, source, 0))
             continue
         n_samples += len(errors) - n_errors  # records that failed conversion
@@ -367,9 +367,14 @@ def _unexpected(e: BaseException, source: str, line: int) -> DataError:
     if isinstance(e, MemoryError):
         return DataError("out_of_memory", "checking it ran out of memory",
                          "shorten the sample or its media, or lower the recipe's data.max_* caps", file=source, line=line)
-    if isinstance(e, (RecursionError, TooDeepError)):
+    if isinstance(e, UnsafeJsonError):
+        return DataError(e.kind, str(e), "flatten it, with valid Unicode text", file=source, line=line)
+    if isinstance(e, RecursionError):
         return DataError("too_deep", "it is nested too deep to read (a RecursionError)",
                          "flatten it: a sample needs about 6 levels of nesting", file=source, line=line)
+    if isinstance(e, ValueError) and "digits" in str(e):  # json: an integer of more than 4300 digits
+        return DataError("json", f"unreadable JSON: {str(e).split(';')[0]}", "write huge numbers as strings",
+                         file=source, line=line)
     return DataError("unexpected", f"checking it failed: {type(e).__name__}: {e}",
                      "fix what the message names; if it names nothing in the data, please report it as a bug",
                      file=source, line=line)

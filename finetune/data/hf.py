@@ -33,7 +33,7 @@ from typing import Any, Iterator
 
 import numpy as np
 
-from finetune.data.schema import DataError, Sample, TooDeepError, loads_bounded, parse_sample, special_file
+from finetune.data.schema import DataError, Sample, UnsafeJsonError, loads_bounded, parse_sample, special_file
 
 #: our fields a dataset's columns can be mapped to (`columns: {our field: the dataset's column}`)
 FIELDS = ("image", "audio", "question", "answer", "messages", "system", "id", "task")
@@ -476,10 +476,14 @@ def _chat_row(row: dict, cols: dict, store: MediaStore, dtypes: dict) -> dict:
     if isinstance(messages, str):
         try:
             messages = loads_bounded(messages)
-        except TooDeepError as e:
-            raise _RowError("too_deep", f"column {col!r}", str(e), "flatten it: a chat needs about 5 levels") from None
+        except UnsafeJsonError as e:
+            raise _RowError(e.kind, f"column {col!r}", str(e), "store the chat as a list of {role, content} "
+                            "messages, a few levels deep, with valid Unicode text") from None
         except json.JSONDecodeError as e:
             raise _RowError("json", f"column {col!r}", f"the messages text is not JSON: {e.msg} at column {e.colno}",
+                            "store the chat as a list of {role, content}, or as its JSON text") from None
+        except ValueError as e:  # e.g. an integer of over 4300 digits
+            raise _RowError("json", f"column {col!r}", f"the messages text is unreadable JSON: {e}",
                             "store the chat as a list of {role, content}, or as its JSON text") from None
     if not isinstance(messages, list):
         raise _RowError("bad_messages", f"column {col!r}", f"the messages are {type(messages).__name__}, not a list",

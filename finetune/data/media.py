@@ -42,7 +42,7 @@ AUDIO_BUDGET_RATE = 48_000
 #: Sample rates above this are refused: no recorder writes them, and resampling from a rate such as
 #: 2**31 - 1 Hz (a prime) to 16 kHz needs a filter of billions of taps.
 MAX_AUDIO_RATE = 384_000
-_AUDIO_BLOCK = 1 << 20  # frames decoded at a time (mixed to mono as they come)
+_AUDIO_BLOCK = 1 << 22  # samples (frames x channels) decoded at a time, mixed to mono as they come
 _SF_UNKNOWN = 1 << 62  # libsndfile reports an unknown length (a streamed FLAC) as SF_COUNT_MAX
 
 
@@ -252,8 +252,9 @@ def load_audio(path: Path, sampling_rate: int | None = 16000) -> np.ndarray:
     first_bad = -1
     try:
         with sf.SoundFile(str(path)) as f:
+            step = max(1, _AUDIO_BLOCK // max(1, f.channels))  # an Ogg file may have 255 channels
             while True:
-                block = f.read(_AUDIO_BLOCK, dtype="float32", always_2d=True)
+                block = f.read(step, dtype="float32", always_2d=True)
                 k = block.shape[0]
                 if k == 0:
                     break
@@ -299,8 +300,10 @@ def load_audio(path: Path, sampling_rate: int | None = 16000) -> np.ndarray:
 
         g = gcd(int(sr), int(sampling_rate))
         wav = resample_poly(wav, sampling_rate // g, int(sr) // g)
-    # The polyphase filter can overshoot full scale slightly on loud input.
-    return np.ascontiguousarray(np.clip(wav, -1.0, 1.0), dtype=np.float32)
+    # The polyphase filter can overshoot full scale slightly on loud input. (In place: `wav` is ours, and
+    # an hour of audio is hundreds of MB.)
+    np.clip(wav, -1.0, 1.0, out=wav)
+    return np.ascontiguousarray(wav, dtype=np.float32)
 
 
 def _audio_frame_budget(rate: int) -> int:
@@ -394,8 +397,9 @@ def audio_duration(path: Path) -> float:
     n, budget = 0, _audio_frame_budget(rate)
     try:
         with sf.SoundFile(str(path)) as f:
+            step = max(1, _AUDIO_BLOCK // max(1, f.channels))
             while True:
-                got = len(f.read(_AUDIO_BLOCK, dtype="int16", always_2d=True))
+                got = len(f.read(step, dtype="int16", always_2d=True))
                 if not got:
                     break
                 n += got

@@ -136,39 +136,57 @@ def open_regular(path):
         raise
 
 
-def json_depth_exceeds(obj: Any, limit: int = MAX_JSON_DEPTH) -> bool:
-    """True when `obj` nests lists/objects more than `limit` deep (walked without recursion)."""
+class UnsafeJsonError(ValueError):
+    """Parsed JSON that later steps could not use: `kind` is too_deep (nested beyond MAX_JSON_DEPTH, or
+    beyond what the JSON reader's recursion allows) or encoding (a string holding a lone UTF-16
+    surrogate, such as the escape \\ud800 without its pair: not text, and no file could hold it)."""
+
+    def __init__(self, kind: str, problem: str) -> None:
+        super().__init__(problem)
+        self.kind = kind
+
+
+def check_json_tree(obj: Any, limit: int = MAX_JSON_DEPTH) -> None:
+    """Raise UnsafeJsonError when `obj` nests lists/objects more than `limit` deep or holds a string
+    (key or value) with a lone surrogate. Walked without recursion, so any depth is safe to check."""
     stack = [(obj, 1)]
     while stack:
         node, depth = stack.pop()
+        if isinstance(node, str):
+            if not node.isascii():
+                try:
+                    node.encode("utf-8")
+                except UnicodeEncodeError as e:
+                    raise UnsafeJsonError("encoding", f"a string holds a lone UTF-16 surrogate "
+                                          f"({json.dumps(node[e.start])}), which is not a character") from None
+            continue
         if isinstance(node, dict):
-            node = list(node.values())
-        elif not isinstance(node, list):
+            items = [*node.keys(), *node.values()]
+        elif isinstance(node, list):
+            items = node
+        else:
             continue
         if depth > limit:
-            return True
-        stack.extend((v, depth + 1) for v in node if isinstance(v, (dict, list)))
-    return False
-
-
-class TooDeepError(ValueError):
-    """JSON nested deeper than MAX_JSON_DEPTH (or than the JSON reader's recursion allows)."""
+            raise UnsafeJsonError("too_deep", f"the JSON is nested more than {limit} levels deep")
+        stack.extend((v, depth + 1) for v in items if isinstance(v, (str, dict, list)))
 
 
 def loads_bounded(text: str | bytes):
-    """json.loads with the nesting bounded: a line nested thousands deep (RecursionError inside the
-    reader) or more than MAX_JSON_DEPTH levels raises TooDeepError; JSON syntax errors pass through."""
+    """json.loads, then check_json_tree: a line nested thousands deep (a RecursionError inside the
+    reader) or beyond MAX_JSON_DEPTH, or holding a lone surrogate, raises UnsafeJsonError; any other
+    ValueError (JSON syntax, an integer of more than 4300 digits) passes through."""
     try:
         obj = json.loads(text)
     except RecursionError:
-        raise TooDeepError(f"the JSON is nested deeper than the JSON reader can follow (more than "
-                           f"{MAX_JSON_DEPTH} levels are refused)") from None
-    if json_depth_exceeds(obj):
-        raise TooDeepError(f"the JSON is nested more than {MAX_JSON_DEPTH} levels deep")
+        raise UnsafeJsonError("too_deep", f"the JSON is nested deeper than the JSON reader can follow (more "
+                                          f"than {MAX_JSON_DEPTH} levels are refused)") from None
+    check_json_tree(obj)
     return obj
 
 
-_DEPTH_FIX = "flatten it: a sample needs about 6 levels (sample, messages, message, content, part, option)"
+_TREE_FIX = {"too_deep": "flatten it: a sample needs about 6 levels (sample, messages, message, content, part, option)",
+             "encoding": "write the character itself or its full surrogate pair (e.g. \\ud83d\\ude00); re-export "
+                         "the file with a JSON writer that produces valid Unicode"}
 
 
 class DataError(UserError, ValueError):
@@ -326,6 +344,10 @@ def parse_sample(
     if not isinstance(obj, dict):
         raise err("not_object", "", f"the line is {_type_name(obj)}, not a JSON object",
                   'write one object per line: {"messages": [...]}')
+    try:  # the JSONL reader checked its lines already; other formats and tables come here directly
+        check_json_tree(obj)
+    except UnsafeJsonError as e:
+        raise err(e.kind, "", str(e), _TREE_FIX[e.kind]) from None
 
     if "messages" not in obj:
         if "conversations" in obj:
@@ -612,8 +634,8 @@ def iter_jsonl(path: Path, *, max_line_bytes: int | None = None) -> Iterator[tup
                 continue
             try:
                 yield lineno, loads_bounded(text)
-            except TooDeepError as e:
-                yield lineno, DataError("too_deep", str(e), _DEPTH_FIX, file=source, line=lineno)
+            except UnsafeJsonError as e:
+                yield lineno, DataError(e.kind, str(e), _TREE_FIX[e.kind], file=source, line=lineno)
             except MemoryError:
                 yield lineno, DataError("out_of_memory", f"parsing the {len(raw):,}-byte line ran out of memory",
                                         "shorten the sample, or lower data.max_line_bytes", file=source, line=lineno)
@@ -626,6 +648,9 @@ def iter_jsonl(path: Path, *, max_line_bytes: int | None = None) -> Iterator[tup
                 yield lineno, DataError(
                     "json", f"invalid JSON at column {e.colno}: {e.msg}", fix,
                     file=source, line=lineno)
+            except ValueError as e:  # valid syntax Python will not read, e.g. an integer of over 4300 digits
+                yield lineno, DataError("json", f"unreadable JSON: {str(e).split(';')[0]}",
+                                        "write huge numbers as strings", file=source, line=lineno)
 
 
 def load_samples(
