@@ -126,6 +126,47 @@ def dicom_header_only(path: Path, rows: int, cols: int, frames: int = 1, samples
     return path
 
 
+def deflated_dicom(path: Path, inflated_bytes: int) -> Path:
+    """A Deflated Explicit VR Little Endian DICOM: a small image, then a private OB element of zeros, the
+    whole dataset deflated to a few MB (pydicom inflates all of it before reading a tag)."""
+    import io
+
+    from pydicom.filewriter import write_file_meta_info
+    from pydicom.dataset import FileMetaDataset
+    from pydicom.uid import DeflatedExplicitVRLittleEndian, SecondaryCaptureImageStorage, generate_uid
+
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = SecondaryCaptureImageStorage
+    meta.MediaStorageSOPInstanceUID = generate_uid()
+    meta.TransferSyntaxUID = DeflatedExplicitVRLittleEndian
+    head = io.BytesIO()
+    head.write(b"\x00" * 128 + b"DICM")
+    write_file_meta_info(head, meta, enforce_standard=True)
+
+    def el(group, elem, vr, value: bytes) -> bytes:
+        if vr in (b"OB", b"OW", b"UN"):
+            return struct.pack("<HH", group, elem) + vr + b"\x00\x00" + struct.pack("<I", len(value)) + value
+        return struct.pack("<HH", group, elem) + vr + struct.pack("<H", len(value)) + value
+
+    body = (el(0x0028, 0x0002, b"US", struct.pack("<H", 1)) + el(0x0028, 0x0004, b"CS", b"MONOCHROME2 ")
+            + el(0x0028, 0x0010, b"US", struct.pack("<H", 8)) + el(0x0028, 0x0011, b"US", struct.pack("<H", 8))
+            + el(0x0028, 0x0100, b"US", struct.pack("<H", 8)) + el(0x0028, 0x0101, b"US", struct.pack("<H", 8))
+            + el(0x0028, 0x0102, b"US", struct.pack("<H", 7)) + el(0x0028, 0x0103, b"US", struct.pack("<H", 0))
+            + el(0x0029, 0x0010, b"LO", b"BOMB") + struct.pack("<HH", 0x0029, 0x1000) + b"OB\x00\x00"
+            + struct.pack("<I", inflated_bytes))
+    # after a full flush the compressor refers back to nothing, so one compressed block of zeros,
+    # repeated, is a valid stream: gigabytes are written in a second
+    z = zlib.compressobj(9, zlib.DEFLATED, -zlib.MAX_WBITS)
+    out = [z.compress(body) + z.flush(zlib.Z_FULL_FLUSH)]
+    block = 64 << 20
+    zeros = z.compress(bytes(block)) + z.flush(zlib.Z_FULL_FLUSH)
+    out += [zeros] * (inflated_bytes // block)
+    out.append(z.compress(bytes(inflated_bytes % block) + el(0x7FE0, 0x0010, b"OB", bytes(64))))
+    out.append(z.flush())
+    path.write_bytes(head.getvalue() + b"".join(out))
+    return path
+
+
 def nifti_gz(path: Path, shape: tuple[int, ...], *, dtype=np.int16, full: bool = True) -> Path:
     """A gzipped NIfTI of zeros with `shape`; its data is written as repeated gzip members of one
     compressed block, so a volume of gigabytes takes a second. `full=False` writes the header only."""

@@ -85,6 +85,8 @@ def _build(folder: Path) -> dict[str, tuple[list, str, str, list[str]]]:
     b["dicom_header_65535"] = ([_sample("image", "claims.dcm")], "too_large", "data.max_image_pixels", [])
     bombs.dicom_header_only(f / "frames.dcm", 512, 512, frames=100_000)
     b["dicom_100k_frames"] = ([_sample("image", "frames.dcm")], "too_large", "data.max_volume_voxels", [])
+    bombs.deflated_dicom(f / "deflated.dcm", 3 << 30)
+    b["deflated_dicom_3gb"] = ([_sample("image", "deflated.dcm")], "too_large", "data.max_volume_voxels", [])
     bombs.nifti_gz(f / "volume.nii.gz", (512, 512, 30_000), full=False)
     b["nifti_volume_header"] = ([_sample("image", "volume.nii.gz")], "too_large", "data.max_volume_voxels", [])
     bombs.flac_total_samples(bombs.flac_silence(f / "lies.flac", 1), 36000 * 16000)
@@ -149,7 +151,7 @@ def bomb_set(tmp_path_factory):
 
 BOMBS = ["rle_dicom_20000", "nifti_gz_20000", "flac_10h_silence", "png16_13000", "line_50mb", "nested_200k",
          "fifo_image", "png_header_50000", "jpeg_header_60000", "gif_header_65535", "dicom_header_65535",
-         "dicom_100k_frames", "nifti_volume_header", "flac_header_claims_10h", "flac_unknown_length_4000s",
+         "dicom_100k_frames", "deflated_dicom_3gb", "nifti_volume_header", "flac_header_claims_10h", "flac_unknown_length_4000s",
          "wav_1hz_20000_samples", "wav_rate_2g", "wav_header_claims_2gb", "mp4_110k_frames", "frames_list_110k",
          "text_2m_chars", "nested_900_in_a_valid_sample", "fifo_audio", "fifo_in_frame_folder",
          "fifo_in_frames_list", "char_device_image", "symlink_loop", "nul_in_path", "path_of_5000_chars",
@@ -194,6 +196,19 @@ def test_every_bomb_in_one_file_each_reported_and_every_good_sample_ok(bomb_set,
     for i in range(n):
         assert any(x.startswith(f"{mixed}:{i + 2}:") or x.startswith(f"{mixed}:{i + 2} ")
                    for x in res.stdout.splitlines()), f"line {i + 2} not reported"
+
+
+def test_a_frame_folder_of_hard_links_to_one_large_image_is_decoded_once(tmp_path):
+    """400 names of one 4096 x 4096 image: one decode, not 400 (the checker knows files by identity)."""
+    bombs.write_ok_image(tmp_path)
+    (tmp_path / "clip").mkdir()
+    first = bombs.png(tmp_path / "clip" / "000.png", 4096, 4096)
+    for k in range(1, 400):
+        os.link(first, tmp_path / "clip" / f"{k:03d}.png")
+    data = bombs.write_dataset(tmp_path / "d.jsonl", [_sample("video", "clip")])
+    res, seconds, _ = run_check(str(data))
+    assert "Traceback" not in res.stderr and "3 samples, 3 ok, 0 errors" in res.stdout, res.stdout + res.stderr
+    assert seconds < 20, f"{seconds:.0f} s"
 
 
 def test_a_fifo_given_as_the_dataset_file_is_refused_not_read(tmp_path):

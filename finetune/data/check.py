@@ -135,19 +135,21 @@ class _MediaChecker:
                 self._ok = {}  # a damaged record only costs a re-decode
 
     def _try(self, kind: str, path: object, fn: Callable[[], object]) -> tuple[str, str, str | None] | None:
-        key = (kind, path)
+        where = path[0] if isinstance(path, tuple) else path
+        try:
+            st = Path(where).stat()
+        except (OSError, ValueError):
+            st = None
+        # one file is decoded once, under whichever names it has: a folder of 100k hard links to one
+        # large image is one decode, not 100k
+        ident = (st.st_dev, st.st_ino) if st is not None else str(where)
+        key = (kind, (ident, path[1]) if isinstance(path, tuple) else ident)
         if key not in self._cache:
-            rkey, stamp = repr(key), None
-            if self._record_path is not None:
-                try:
-                    st = Path(path[0] if isinstance(path, tuple) else path).stat()
-                    stamp = [st.st_size, st.st_mtime_ns]
-                except OSError:
-                    pass
+            rkey = repr((kind, path))
+            stamp = [st.st_size, st.st_mtime_ns] if st is not None and self._record_path is not None else None
             if stamp is not None and self._ok.get(rkey) == stamp:
                 self._cache[key] = None
                 return None
-            where = path[0] if isinstance(path, tuple) else path
             try:
                 fn()
                 self._cache[key] = None
@@ -164,6 +166,8 @@ class _MediaChecker:
                 self._cache[key] = (kind, f"cannot read '{where}': {type(e).__name__}: {e}", None)
             if self._cache[key] is not None:
                 self._ok.pop(rkey, None)
+        elif self._cache[key] is None and self._record_path is not None and st is not None:
+            self._ok[repr((kind, path))] = [st.st_size, st.st_mtime_ns]  # another name of a file that decoded
         return self._cache[key]
 
     def save(self) -> None:
@@ -302,7 +306,10 @@ def check_dataset(
         if _is_table(item):
             # Parquet, save_to_disk folders, hub datasets: every row built and validated, then each
             # sample checked as a JSONL sample is (its media files are the materialised ones)
-            table_errors, table_samples = _table(item, allow_outside_paths)
+            try:
+                table_errors, table_samples = _table(item, allow_outside_paths)
+            except Exception as e:  # a table the datasets library chokes on is that source's one error
+                table_errors, table_samples = [_unexpected(e, _describe(item), 0)], []
             errors += table_errors
             n_samples += len(table_errors) + len(table_samples)
             for sample in table_samples:

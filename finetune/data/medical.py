@@ -61,7 +61,7 @@ import numpy as np
 from PIL import Image
 
 from finetune.data.media import MediaError, check_image_pixels, require_regular
-from finetune.data.schema import current_limits
+from finetune.data.schema import current_limits, open_regular
 
 DICOM_SUFFIXES = (".dcm", ".dicom", ".ima")
 NIFTI_SUFFIXES = (".nii", ".nii.gz")
@@ -300,10 +300,50 @@ def _pydicom(path: Path):
     return _optional_module("pydicom", "DICOM", path)
 
 
-def _dcmread(path: Path, header_only: bool):
+def _check_deflated(path: Path) -> None:
+    """pydicom inflates a deflated DICOM whole, header and all, before reading a tag: a file of a few MB
+    can inflate to gigabytes. Its inflated size is counted first (nothing kept), up to 2 bytes a voxel
+    of data.max_volume_voxels."""
+    import zlib
+
+    from pydicom.filereader import read_file_meta_info
+    from pydicom.uid import DeflatedExplicitVRLittleEndian
+
+    try:
+        with open_regular(path) as f:
+            head = f.read(144)
+        if len(head) < 144 or head[128:136] != b"DICM\x02\x00\x00\x00":
+            return  # no preamble or no group length: pydicom says what it makes of it
+        if read_file_meta_info(str(path)).get("TransferSyntaxUID") != DeflatedExplicitVRLittleEndian:
+            return
+    except Exception:
+        return  # an unreadable header is reported by the read itself
+    limit = 2 * current_limits().max_volume_voxels
+    inflate, total = zlib.decompressobj(-zlib.MAX_WBITS), 0
+    with open_regular(path) as f:
+        f.seek(144 + int.from_bytes(head[140:144], "little"))
+        while not inflate.eof and (chunk := f.read(1 << 20)):
+            while chunk:
+                try:
+                    total += len(inflate.decompress(chunk, 1 << 24))
+                except zlib.error:
+                    return  # corrupt: the read reports it
+                chunk = inflate.unconsumed_tail
+                if total > limit:
+                    raise MediaError(f"DICOM '{path}' is deflated and inflates to more than {limit:,} bytes (2 bytes "
+                                     f"a voxel of data.max_volume_voxels={current_limits().max_volume_voxels:,}); it "
+                                     "was not read", kind="too_large",
+                                     fix="store it uncompressed or with an image codec (e.g. gdcmconv --raw IN OUT), "
+                                         "or raise data.max_volume_voxels")
+
+
+def _dcmread(path: Path, header_only: bool, checked: bool = False):
+    """The dataset (`header_only`: without pixel data); `checked` when _check_deflated already ran."""
     pydicom = _pydicom(path)
     from pydicom.errors import InvalidDicomError
 
+    if not checked:
+        _check_deflated(path)
     try:
         try:
             ds = pydicom.dcmread(str(path), stop_before_pixels=header_only)
@@ -403,7 +443,7 @@ def _frame_attr(ds, frame: int, macro: str, attr: str):
 
 def _dicom_image(path: Path, opts: _Options) -> Image.Image:
     _check_dicom_size(path, _dcmread(path, header_only=True))  # before the pixel data is read
-    ds = _dcmread(path, header_only=False)
+    ds = _dcmread(path, header_only=False, checked=True)
     frame = _pick_frame(path, ds, opts)
     n = _n_frames(ds)
     try:
