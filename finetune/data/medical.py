@@ -535,10 +535,12 @@ def _nibabel(path: Path):
     return _optional_module("nibabel", "NIfTI", path)
 
 
-def _nifti_load(path: Path):
+def _nifti_load(path: Path, keep_open: bool = False):
+    """(image, shape as 3D or 4D); `keep_open` keeps one file handle for every read of the data, so a
+    gzip stream read in increasing order is decompressed once, not from its start for each read."""
     nib = _nibabel(path)
     try:
-        img = nib.load(str(path))
+        img = nib.load(str(path), keep_file_open=keep_open) if keep_open else nib.load(str(path))
         shape = tuple(int(s) for s in img.shape)
     except Exception as e:
         raise MediaError(f"cannot read NIfTI '{path}' ({_VIA}): {_reason(e)}; fix: {_NIFTI_FIX}",
@@ -598,20 +600,23 @@ def _nifti_sizes(path: Path, opts: _Options) -> list[tuple[int, int]]:
 
 
 def _nifti_images(path: Path, opts: _Options) -> list[Image.Image]:
-    img, shape = _nifti_load(path)
+    img, shape = _nifti_load(path, keep_open=True)
     volume, idx = _nifti_plan(path, shape, opts)
     window = None if opts.window == _MINMAX else opts.window
     out = []
     try:
         proxy = img.dataobj
         ndim = len(img.shape)
+        if ndim == 2:
+            slices = {idx[0]: _scaled_slice(proxy, (slice(None), slice(None)))}
+        elif opts.axis == 2:
+            # each slice is one contiguous block, read in increasing order: one pass through the file
+            slices = {k: _scaled_slice(proxy, (slice(None), slice(None), k) + ((volume,) if ndim == 4 else ()))
+                      for k in idx}
+        else:
+            slices = _slices_across(proxy, shape, opts.axis, idx, volume if ndim == 4 else None)
         for k in idx:
-            sl: list[Any] = [slice(None)] * ndim
-            if ndim > 2:
-                sl[opts.axis] = k
-                if ndim == 4:
-                    sl[3] = volume
-            data = _scaled_slice(proxy, tuple(sl))  # the array proxy reads only this slice
+            data = slices[k]
             if data.ndim != 2:
                 raise ValueError(f"unexpected slice shape {data.shape}")
             _require_finite(data, path, f"slice {k}")
@@ -624,11 +629,32 @@ def _nifti_images(path: Path, opts: _Options) -> list[Image.Image]:
     except Exception as e:
         raise MediaError(f"cannot decode NIfTI '{path}' ({_VIA}): {_reason(e)}; "
                          f"fix: {_NIFTI_FIX}", kind="unreadable_image") from e
+    return out  # the file handle kept open for the reads closes with the image
+
+
+_SLAB_BYTES = 64 << 20
+
+
+def _slices_across(proxy, shape: tuple[int, ...], axis: int, idx: list[int], volume: int | None) -> dict:
+    """Slices along axis 0 or 1, read as slabs of whole axial planes in file order (each such slice
+    touches every plane, so reading it alone reads the whole volume, once per slice)."""
+    nx, ny, nz = shape[:3]
+    plane = nx * ny * max(1, np.dtype(proxy.dtype).itemsize)
+    step = max(1, _SLAB_BYTES // plane)
+    out: dict[int, np.ndarray] = {}
+    for z0 in range(0, nz, step):
+        sl = (slice(None), slice(None), slice(z0, min(nz, z0 + step))) + ((volume,) if volume is not None else ())
+        slab = _scaled_slice(proxy, sl)
+        for k in idx:
+            part = slab[k, :, :] if axis == 0 else slab[:, k, :]
+            if k not in out:
+                out[k] = np.empty((part.shape[0], nz), dtype=np.float32)
+            out[k][:, z0:z0 + part.shape[1]] = part
     return out
 
 
 def _scaled_slice(proxy, sl: tuple) -> np.ndarray:
-    """One slice with scl_slope/scl_inter applied in float32. nibabel's own slicing scales in float64
+    """One slice (or slab) with scl_slope/scl_inter applied in float32. nibabel's own slicing scales in float64
     (its slope is a float64 scalar); the stored values are read unscaled and scaled here instead."""
     raw = getattr(proxy, "_get_unscaled", None)
     slope, inter = getattr(proxy, "slope", None), getattr(proxy, "inter", None)
