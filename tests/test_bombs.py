@@ -290,3 +290,30 @@ def test_caps_have_bounds_in_the_recipe():
                      ("data.max_volume_voxels", 0)]:
         with pytest.raises(RecipeError, match=key.replace(".", r"\.")):
             load_recipe("medical-tiny", [f"{key}={bad}"])
+
+
+def test_lowered_caps_check_again_what_a_run_remembered(tmp_path, small_demo, tiny_qwen):
+    """A sample remembered as checked under one recipe's caps is checked again under lower ones, before
+    step 1 (else the collator would meet the refusal mid-training)."""
+    from finetune.data.prepare import prepare
+    from finetune.data.schema import Limits, current_limits, load_samples, set_limits
+
+    fam, loaded = tiny_qwen
+    samples, _ = load_samples(small_demo["train"])
+    config = fam.read_config(loaded.base_path)
+    record = tmp_path / "record.json"
+    with_images = sum(any(p.type == "image" for p in s.media()) for s in samples)
+    assert with_images
+    before = current_limits()
+    try:
+        good, _, errors = prepare(samples, fam, loaded.processor, config, None, max_tokens=512, record=record)
+        assert not errors and len(good) == len(samples)
+        set_limits(Limits(max_image_pixels=100))
+        stats = {}
+        good, _, errors = prepare(samples, fam, loaded.processor, config, None, max_tokens=512, record=record,
+                                  stats=stats)
+    finally:
+        set_limits(before)
+    assert stats["remembered"] == 0
+    assert len(errors) == with_images and {e.kind for e in errors} == {"too_large"}
+    assert all("data.max_image_pixels=100" in str(e) for e in errors)

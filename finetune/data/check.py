@@ -28,6 +28,7 @@ from finetune.data.schema import (
     Part,
     Sample,
     UnsafeJsonError,
+    current_limits,
     iter_jsonl,
     parse_sample,
     set_limits,
@@ -146,7 +147,9 @@ class _MediaChecker:
         key = (kind, (ident, path[1]) if isinstance(path, tuple) else ident)
         if key not in self._cache:
             rkey = repr((kind, path))
-            stamp = [st.st_size, st.st_mtime_ns] if st is not None and self._record_path is not None else None
+            # the caps are part of the stamp: a file that decoded under higher ones is checked again
+            stamp = ([st.st_size, st.st_mtime_ns, repr(current_limits())]
+                     if st is not None and self._record_path is not None else None)
             if stamp is not None and self._ok.get(rkey) == stamp:
                 self._cache[key] = None
                 return None
@@ -167,7 +170,8 @@ class _MediaChecker:
             if self._cache[key] is not None:
                 self._ok.pop(rkey, None)
         elif self._cache[key] is None and self._record_path is not None and st is not None:
-            self._ok[repr((kind, path))] = [st.st_size, st.st_mtime_ns]  # another name of a file that decoded
+            # another name of a file that decoded
+            self._ok[repr((kind, path))] = [st.st_size, st.st_mtime_ns, repr(current_limits())]
         return self._cache[key]
 
     def save(self) -> None:
