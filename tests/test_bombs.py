@@ -15,6 +15,7 @@ import resource
 import subprocess
 import sys
 import time
+from fractions import Fraction
 from pathlib import Path
 
 import pytest
@@ -101,6 +102,8 @@ def _build(folder: Path) -> dict[str, tuple[list, str, str, list[str]]]:
     b["wav_header_claims_2gb"] = ([_sample("audio", "short.wav")], "unreadable_audio", "truncated", [])
     bombs.mp4(f / "long.mp4", 110_000, fps=1000)
     b["mp4_110k_frames"] = ([_sample("video", "long.mp4")], "too_large", "data.max_video_frames", [])
+    bombs.mp4(f / "slow.mp4", 5, fps=Fraction(1, 1000))
+    b["mp4_5_frames_over_5000_s"] = ([_sample("video", "slow.mp4")], "too_large", "data.max_video_seconds", [])
     frames_list = {"messages": [{"role": "user", "content": [{"type": "video", "frames": ["ok.png"] * 110_000},
                                                              {"type": "text", "text": "What happens?"}]},
                                 {"role": "assistant", "content": "Nothing."}]}
@@ -152,7 +155,8 @@ def bomb_set(tmp_path_factory):
 BOMBS = ["rle_dicom_20000", "nifti_gz_20000", "flac_10h_silence", "png16_13000", "line_50mb", "nested_200k",
          "fifo_image", "png_header_50000", "jpeg_header_60000", "gif_header_65535", "dicom_header_65535",
          "dicom_100k_frames", "deflated_dicom_3gb", "nifti_volume_header", "flac_header_claims_10h", "flac_unknown_length_4000s",
-         "wav_1hz_20000_samples", "wav_rate_2g", "wav_header_claims_2gb", "mp4_110k_frames", "frames_list_110k",
+         "wav_1hz_20000_samples", "wav_rate_2g", "wav_header_claims_2gb", "mp4_110k_frames",
+         "mp4_5_frames_over_5000_s", "frames_list_110k",
          "text_2m_chars", "nested_900_in_a_valid_sample", "fifo_audio", "fifo_in_frame_folder",
          "fifo_in_frames_list", "char_device_image", "symlink_loop", "nul_in_path", "path_of_5000_chars",
          "int_of_5000_digits", "lone_surrogate_in_text", "lone_surrogate_in_path", "lone_surrogate_in_id"]
@@ -209,6 +213,38 @@ def test_a_frame_folder_of_hard_links_to_one_large_image_is_decoded_once(tmp_pat
     res, seconds, _ = run_check(str(data))
     assert "Traceback" not in res.stderr and "3 samples, 3 ok, 0 errors" in res.stdout, res.stdout + res.stderr
     assert seconds < 20, f"{seconds:.0f} s"
+
+
+def test_a_video_frame_over_the_pixel_cap_is_refused_from_the_header(tmp_path):
+    from finetune.data.media import MediaError, load_video
+    from finetune.data.schema import Limits, Part, current_limits, set_limits
+
+    path = bombs.mp4(tmp_path / "clip.mp4", 3, size=16)
+    before = current_limits()
+    try:
+        set_limits(Limits(max_image_pixels=16 * 16 - 1))
+        with pytest.raises(MediaError, match=r"16x16 = 256 pixels .*data\.max_image_pixels=255") as info:
+            load_video(Part(type="video", path=path), max_frames=2)
+        assert info.value.kind == "too_large"
+        set_limits(Limits(max_image_pixels=16 * 16))
+        assert len(load_video(Part(type="video", path=path), max_frames=2)) == 2
+    finally:
+        set_limits(before)
+
+
+def test_a_fifo_in_a_parquet_folder_is_refused_not_read(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    folder = tmp_path / "table"
+    folder.mkdir()
+    pq.write_table(pa.table({"question": ["Lesion?"], "answer": ["no"]}), folder / "a.parquet")
+    bombs.mkfifo(folder / "b.parquet")
+    for source in (folder, folder / "*.parquet"):  # a folder of Parquet files, a glob
+        res, _, _ = run_check(str(source), timeout=60)
+        out = res.stdout + res.stderr
+        assert "Traceback" not in out and res.returncode == 1, out[-3000:]
+        assert "not_regular_file" in res.stdout and "b.parquet" in res.stdout and "FIFO" in res.stdout, out[-3000:]
 
 
 def test_a_fifo_given_as_the_dataset_file_is_refused_not_read(tmp_path):
