@@ -112,6 +112,7 @@ def cmd_data_check(args) -> int:
     data.max_tokens, and each sample encoded as training encodes it). Without files: the
     recipe's own data.train and data.eval."""
     from finetune.data.check import check_dataset
+    from finetune.data.schema import Limits
     from finetune.errors import ConfigError
 
     files = [f for f in args.files if not _OVERRIDE.match(f)]
@@ -136,8 +137,6 @@ def cmd_data_check(args) -> int:
         proc = family.processor(folder, recipe)
     if not files:
         raise ConfigError("data check: name the dataset files, or a recipe (--recipe R) whose data to check")
-    from finetune.data.schema import Limits
-
     report = check_dataset([Path(f) if isinstance(f, str) else f for f in files], family=family, processor=proc,
                            config=family.read_config(folder) if family else None,
                            max_tokens=recipe.data.max_tokens if recipe else None,

@@ -255,6 +255,18 @@ def test_a_fifo_given_as_the_dataset_file_is_refused_not_read(tmp_path):
     assert "not_regular_file" in res.stdout and "FIFO" in res.stdout, out
 
 
+def test_training_refuses_a_fifo_as_its_data_file_without_reading_it(tmp_path):
+    from finetune.data.schema import DataError
+    from finetune.data.sources import load_source
+    from finetune.recipe import load_recipe
+
+    fifo = bombs.mkfifo(tmp_path / "train.jsonl")
+    recipe = load_recipe("medical-tiny", [f"data.train={fifo}", "data.demo="])
+    with pytest.raises(DataError, match="FIFO") as info:
+        load_source(str(fifo), recipe)  # before: "does not exist"; opened, it would block (nothing writes to it)
+    assert info.value.kind == "not_regular_file" and str(fifo) in str(info.value)
+
+
 def test_a_deeply_nested_llamafactory_file_is_a_located_error(tmp_path):
     bombs.write_ok_image(tmp_path)
     good = {"messages": [{"role": "user", "content": "<image>Lesion?"}, {"role": "assistant", "content": "No."}],
