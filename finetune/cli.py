@@ -112,6 +112,7 @@ def cmd_data_check(args) -> int:
     data.max_tokens, and each sample encoded as training encodes it). Without files: the
     recipe's own data.train and data.eval."""
     from finetune.data.check import check_dataset
+    from finetune.data.schema import Limits
     from finetune.errors import ConfigError
 
     files = [f for f in args.files if not _OVERRIDE.match(f)]
@@ -139,6 +140,7 @@ def cmd_data_check(args) -> int:
     report = check_dataset([Path(f) if isinstance(f, str) else f for f in files], family=family, processor=proc,
                            config=family.read_config(folder) if family else None,
                            max_tokens=recipe.data.max_tokens if recipe else None,
+                           limits=Limits.of(recipe.data) if recipe else None,
                            allow_outside_paths=args.allow_outside_paths or bool(recipe and recipe.data.allow_outside_paths),
                            open_media=not args.no_media)
     print(report.format())

@@ -23,6 +23,7 @@ from typing import Any
 
 import yaml
 
+from finetune.data.schema import Limits
 from finetune.errors import UserError
 from finetune.hub import is_hub_id
 
@@ -236,6 +237,22 @@ class DataConfig:
                                 "the GPU's step), 0 on the CPU (workers would take the step's own cores)")
     cache_gb: float = _opt(2.0, "GB of encoded samples (pixels, audio features, positions) kept in memory from one "
                                 "epoch to the next, split across workers; 0 = encode on every use")
+    # Caps on one input, checked before it is parsed, tokenised or decoded (sizes from file headers): a
+    # small file that claims or expands to gigabytes is a located error, not a crash. Defaults: Limits.
+    max_line_bytes: int = _opt(Limits.max_line_bytes, "longest JSONL line in bytes, refused before JSON parsing "
+                                                      "(media belong in files named by 'path', not inline)")
+    max_text_chars: int = _opt(Limits.max_text_chars, "most characters of text in one sample, refused before "
+                                                      "tokenising (1,000,000 is about 250k tokens)")
+    max_image_pixels: int = _opt(Limits.max_image_pixels, "most pixels of one image (DICOM, NIfTI slice, video frame) "
+                                                          "from its header, before decoding; 67,108,864 = 8192 x 8192, "
+                                                          "far above model.max_pixels (images are resized to that)")
+    max_volume_voxels: int = _opt(Limits.max_volume_voxels, "most voxels of a NIfTI volume or multi-frame DICOM "
+                                                            "from its header (536,870,912 = 512 x 512 x 2048)")
+    max_audio_seconds: float = _opt(Limits.max_audio_seconds, "longest recording in seconds, from its header (at up "
+                                                              "to 48 kHz: a 192 kHz file may be a quarter as long)")
+    max_video_seconds: float = _opt(Limits.max_video_seconds, "longest video file in seconds, from its header")
+    max_video_frames: int = _opt(Limits.max_video_frames, "most frames of one video (file, folder or list), counted "
+                                                          "before decoding; 108,000 = an hour at 30 fps")
 
     def sources(self) -> list[DataSource]:
         """data.train as a list of sources (a plain path is one JSONL source; '' is none)."""
@@ -797,6 +814,14 @@ def _check(recipe: Recipe, problems: _Problems, staged: bool = False) -> None:
         add("data.num_workers", f"must be >= 0, or -1 for auto, got {d.num_workers}")
     if d.cache_gb < 0:
         add("data.cache_gb", f"must be >= 0, got {d.cache_gb}")
+    if d.max_line_bytes < 1024:
+        add("data.max_line_bytes", f"must be >= 1024, got {d.max_line_bytes}")
+    for key in ("max_text_chars", "max_image_pixels", "max_volume_voxels", "max_video_frames"):
+        if getattr(d, key) < 1:
+            add(f"data.{key}", f"must be >= 1, got {getattr(d, key)}")
+    for key in ("max_audio_seconds", "max_video_seconds"):
+        if not getattr(d, key) > 0:
+            add(f"data.{key}", f"must be > 0, got {getattr(d, key)}")
     if d.demo and not d.sources():
         add("data.demo", "needs data.train: the demo dataset is written to data.train's path")
     if isinstance(d.train, list):

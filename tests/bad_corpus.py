@@ -8,6 +8,7 @@ problem, so every checker must name exactly that kind at exactly that line.
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import numpy as np
@@ -49,6 +50,12 @@ def write_corpus(folder: Path) -> dict[int, str]:
     for k in range(3):
         (folder / "clip" / f"{k:03d}.png").write_bytes(png if k != 1 else png[:40])
     (folder / "notes.txt").write_text("not an image")
+    from bombs import png as png_bomb, wav as wav_bomb
+
+    png_bomb(folder / "claims.png", 50000, 50000, full=False)  # a header claiming 2.5 G pixels
+    wav_bomb(folder / "slow.wav", rate=1, n_samples=20000)  # 20000 s at 1 Hz: 320 M samples at 16 kHz
+    if not (folder / "scan.png").exists():
+        os.mkfifo(folder / "scan.png")  # reading it would block forever
     from test_medical_images import write_dicom  # a valid CT: the failure is the sample's window option
 
     write_dicom(folder / "ct.dcm", np.full((32, 32), 1000, dtype=np.uint16), RescaleSlope=1, RescaleIntercept=-1024)
@@ -88,6 +95,12 @@ def write_corpus(folder: Path) -> dict[int, str]:
         (_with_part({"type": "video", "path": "clip"}), "unreadable_video"),
         (_with_part({"type": "image", "path": "ct.dcm", "window": "lungs"}), "bad_media_option"),
         ({"messages": [U, {"role": "assistant", "content": "very long answer " * 200}]}, "too_long"),
+        # resource bombs (issue 25): refused from headers, before anything is parsed or decoded
+        (_with_part({"type": "image", "path": "claims.png"}), "too_large"),
+        (_with_part({"type": "audio", "path": "slow.wav"}), "too_large"),
+        (_with_part({"type": "image", "path": "scan.png"}), "not_regular_file"),
+        ("[" * 100_000 + "]" * 100_000, "too_deep"),
+        ({"messages": [U, {"role": "assistant", "content": "x" * 1_000_001}]}, "text_too_long"),
     ]
     lines: list[bytes] = []
     expected: dict[int, str] = {}

@@ -345,6 +345,23 @@ def test_a_video_files_sound_track_is_read(tmp_path):
     assert abs(len(half) - len(wave) // 2) <= 1
 
 
+def test_a_video_files_sound_is_bounded_like_an_audio_file(tmp_path):
+    """data.max_audio_seconds bounds a video's sound track too: decoding stops at the cap with a
+    located error naming it, instead of decoding all of it into memory."""
+    from finetune.data.media import MediaError, load_video_audio
+    from finetune.data.schema import Limits, current_limits, set_limits
+
+    write_video(tmp_path / "v.mp4", seconds=3.0)
+    before = current_limits()
+    set_limits(Limits(max_audio_seconds=1.0))
+    try:
+        with pytest.raises(MediaError, match="data.max_audio_seconds=1") as e:
+            load_video_audio(tmp_path / "v.mp4", SR)
+        assert e.value.kind == "too_large"
+    finally:
+        set_limits(before)
+
+
 class _VideoStandIn:
     """transformers' video processor needs torchvision: our frames and grid stand in for its output;
     everything around them (audio, interleaving, tokens) is transformers' processor's own."""

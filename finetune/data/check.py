@@ -22,7 +22,19 @@ import numpy as np
 from finetune.data import media
 from finetune.data.convert import dataset_ref, read_converted
 from finetune.data.media import MediaError
-from finetune.data.schema import MEDIA_TYPES, DataError, Part, Sample, iter_jsonl, parse_sample
+from finetune.data.schema import (
+    MEDIA_TYPES,
+    DataError,
+    Limits,
+    Part,
+    Sample,
+    UnsafeJsonError,
+    current_limits,
+    iter_jsonl,
+    parse_sample,
+    set_limits,
+    special_file,
+)
 from finetune.errors import UserError
 
 _MEDIA_FIX = {
@@ -33,6 +45,9 @@ _MEDIA_FIX = {
     "bad_media_option": "use one of the allowed values named in the message",
     "missing_extra": 'install the [medical] extra: pip install -e ".[medical]"',
     "non_finite": "replace the NaN/infinite values with numbers and save the file again, or remove the sample",
+    "too_large": "downsample or shorten the file, or raise the data.max_* cap named in the message",
+    "not_regular_file": "replace it with the file itself; only regular files are read",
+    "out_of_memory": "downsample or shorten the file, or lower the data.max_* caps so such files are refused",
 }
 
 # Decoding a video file only proves the container is readable; a few frames suffice.
@@ -125,16 +140,21 @@ class _MediaChecker:
             except (OSError, ValueError):
                 self._ok = {}  # a damaged record only costs a re-decode
 
-    def _try(self, kind: str, path: object, fn: Callable[[], object]) -> tuple[str, str] | None:
-        key = (kind, path)
+    def _try(self, kind: str, path: object, fn: Callable[[], object]) -> tuple[str, str, str | None] | None:
+        where = path[0] if isinstance(path, tuple) else path
+        try:
+            st = Path(where).stat()
+        except (OSError, ValueError):
+            st = None
+        # one file is decoded once, under whichever names it has: a folder of 100k hard links to one
+        # large image is one decode, not 100k
+        ident = (st.st_dev, st.st_ino) if st is not None else str(where)
+        key = (kind, (ident, path[1]) if isinstance(path, tuple) else ident)
         if key not in self._cache:
-            rkey, stamp = repr(key), None
-            if self._record_path is not None:
-                try:
-                    st = Path(path[0] if isinstance(path, tuple) else path).stat()
-                    stamp = [st.st_size, st.st_mtime_ns]
-                except OSError:
-                    pass
+            rkey = repr((kind, path))
+            # the caps are part of the stamp: a file that decoded under higher ones is checked again
+            stamp = ([st.st_size, st.st_mtime_ns, repr(current_limits())]
+                     if st is not None and self._record_path is not None else None)
             if stamp is not None and self._ok.get(rkey) == stamp:
                 self._cache[key] = None
                 return None
@@ -144,8 +164,19 @@ class _MediaChecker:
                 if stamp is not None:
                     self._ok[rkey] = stamp
             except MediaError as e:
-                self._cache[key] = (e.kind if e.kind in _MEDIA_FIX else kind, str(e))
+                self._cache[key] = (e.kind if e.kind in _MEDIA_FIX else kind, str(e), e.fix)
+            # one bad file never ends the check: whatever its decoder raises is that file's problem
+            except MemoryError:
+                self._cache[key] = ("out_of_memory", f"decoding '{where}' ran out of memory", None)
+            except RecursionError:
+                self._cache[key] = (kind, f"decoding '{where}' recursed too deep (a malformed or hostile file)", None)
+            except Exception as e:
+                self._cache[key] = (kind, f"cannot read '{where}': {type(e).__name__}: {e}", None)
+            if self._cache[key] is not None:
                 self._ok.pop(rkey, None)
+        elif self._cache[key] is None and self._record_path is not None and st is not None:
+            # another name of a file that decoded
+            self._ok[repr((kind, path))] = [st.st_size, st.st_mtime_ns, repr(current_limits())]
         return self._cache[key]
 
     def save(self) -> None:
@@ -155,43 +186,49 @@ class _MediaChecker:
 
             atomic_write(self._record_path, lambda fh: fh.write(json.dumps(self._ok)))
 
-    def problems(self, part: Part, fld: str) -> Iterable[tuple[str, str, str]]:
-        """Yield ``(kind, field, problem)`` for every unreadable file of a part."""
+    def problems(self, part: Part, fld: str) -> Iterable[tuple[str, str, str, str | None]]:
+        """Yield ``(kind, field, problem, fix or None)`` for every unreadable file of a part."""
         if part.type == "image":
             # Options (DICOM/NIfTI window, frame, slice) are part of the key:
             # the same file may be read with different options by other samples.
             key = (part.path, repr(sorted(part.extra.items(), key=lambda kv: kv[0])))
             res = self._try("unreadable_image", key, lambda: media.load_images(part))
             if res:
-                yield res[0], f"{fld}.path", res[1]
+                yield res[0], f"{fld}.path", res[1], res[2]
         elif part.type == "audio":
             res = self._try("unreadable_audio", part.path,
                             lambda: media.load_audio(part.path, sampling_rate=None))
             if res:
-                yield res[0], f"{fld}.path", res[1]
+                yield res[0], f"{fld}.path", res[1], res[2]
         elif part.type == "video":
             yield from self._video_problems(part, fld)
 
     def _video_problems(self, part: Part, fld: str):
-        if part.frames:
-            frames = [(f"{fld}.frames[{k}]", p) for k, p in enumerate(part.frames)]
-        elif part.path is not None and part.path.is_dir():
-            try:
+        try:
+            if part.frames:
+                media.check_frame_count(len(part.frames), "the video's frame list")
+                frames = [(f"{fld}.frames[{k}]", p) for k, p in enumerate(part.frames)]
+            elif part.path is not None and part.path.is_dir():
                 frames = [(f"{fld}.path", p) for p in media.list_video_frames(part.path)]
-            except MediaError as e:
-                yield "unreadable_video", f"{fld}.path", str(e)
+            else:
+                res = self._try("unreadable_video", part.path,
+                                lambda: media.load_video(part, max_frames=_VIDEO_CHECK_FRAMES))
+                if res:
+                    yield _video_kind(res[0]), f"{fld}.path", res[1], res[2]
                 return
-        else:
-            res = self._try("unreadable_video", part.path,
-                            lambda: media.load_video(part, max_frames=_VIDEO_CHECK_FRAMES))
-            if res:
-                yield "unreadable_video", f"{fld}.path", res[1]
+        except MediaError as e:
+            yield _video_kind(e.kind), f"{fld}.frames" if part.frames else f"{fld}.path", str(e), e.fix
             return
         # Every frame is decoded because training may sample any of them.
         for frame_field, p in frames:
             res = self._try("unreadable_video", p, lambda p=p: media.load_image(p))
             if res:
-                yield "unreadable_video", frame_field, res[1]
+                yield _video_kind(res[0]), frame_field, res[1], res[2]
+
+
+def _video_kind(kind: str | None) -> str:
+    """A video's problem kind: a cap, a special file or memory as such, any other failure unreadable_video."""
+    return kind if kind in ("too_large", "not_regular_file", "out_of_memory") else "unreadable_video"
 
 
 def _records(path: Path, errors: list[DataError], allow_outside_paths: bool):
@@ -220,9 +257,9 @@ def media_errors(sample: Sample, checker: "_MediaChecker | None" = None) -> list
     for i, msg in enumerate(sample.messages):
         for j, part in enumerate(msg.parts):
             if part.is_media:
-                for kind, fld, problem in checker.problems(part, f"messages[{i}].content[{j}]"):
-                    out.append(DataError(kind, problem, _MEDIA_FIX[kind], file=sample.source, line=sample.line,
-                                         field=fld))
+                for kind, fld, problem, fix in checker.problems(part, f"messages[{i}].content[{j}]"):
+                    out.append(DataError(kind, problem, fix or _MEDIA_FIX[kind], file=sample.source,
+                                         line=sample.line, field=fld))
     return out
 
 
@@ -236,6 +273,7 @@ def check_dataset(
     family=None,
     processor=None,
     config: dict | None = None,
+    limits: Limits | None = None,
 ) -> CheckReport:
     """Validate every line of every file and collect all problems into a report.
 
@@ -245,7 +283,12 @@ def check_dataset(
     ``processor`` (and the model's ``config``, read from the processor's folder
     when omitted) each sample is also encoded as training encodes it and checked
     as the model's forward will check it (see finetune.data.prepare).
+    ``limits`` (a recipe's ``data.max_*``; default the current ones) bound every
+    line, text and media file before it is parsed or decoded; one sample's
+    failure, whatever it is, is that sample's error and the check goes on.
     """
+    if limits is not None:
+        set_limits(limits)
     if family is not None and token_counter is None:
         token_counter = lambda s: family.count_tokens(s, processor)  # noqa: E731
     files = [_describe(p) for p in paths]
@@ -258,21 +301,27 @@ def check_dataset(
 
     def sample_checks(sample: Sample) -> list[DataError]:
         found: list[DataError] = []
-        if open_media:
-            found += media_errors(sample, checker)
-        if token_counter is not None and not found:
-            found += _count_tokens(sample, token_counter, max_tokens, token_counts)
-        if family is not None and open_media and not found:
-            from finetune.data.prepare import problems_of
+        try:
+            if open_media:
+                found += media_errors(sample, checker)
+            if token_counter is not None and not found:
+                found += _count_tokens(sample, token_counter, max_tokens, token_counts)
+            if family is not None and open_media and not found:
+                from finetune.data.prepare import problems_of
 
-            found += problems_of(sample, family, processor, config or {}, None, None, checker, tally)[1]
+                found += problems_of(sample, family, processor, config or {}, None, None, checker, tally)[1]
+        except Exception as e:  # one sample never ends the report, whatever it raises (MemoryError too)
+            found.append(_unexpected(e, sample.source, sample.line))
         return found
 
     for item in paths:
         if _is_table(item):
             # Parquet, save_to_disk folders, hub datasets: every row built and validated, then each
             # sample checked as a JSONL sample is (its media files are the materialised ones)
-            table_errors, table_samples = _table(item, allow_outside_paths)
+            try:
+                table_errors, table_samples = _table(item, allow_outside_paths)
+            except Exception as e:  # a table the datasets library chokes on is that source's one error
+                table_errors, table_samples = [_unexpected(e, _describe(item), 0)], []
             errors += table_errors
             n_samples += len(table_errors) + len(table_samples)
             for sample in table_samples:
@@ -285,13 +334,23 @@ def check_dataset(
             continue
         path = Path(item)
         source = str(path)
+        what = special_file(path)
+        if what is not None:
+            errors.append(DataError("not_regular_file", f"the dataset file is {what}, not a regular file",
+                                    "give the dataset file itself; only regular files are read (a FIFO or device "
+                                    "could block the reader or never end)", file=source))
+            continue
         if not path.is_file() and not dataset_ref(path):
             errors.append(DataError("missing_file", f"dataset file '{path}' does not exist",
                                     "check the file path", file=source))
             continue
         n_in_file = 0
         n_errors = len(errors)
-        records, outside = _records(path, errors, allow_outside_paths)
+        try:
+            records, outside = _records(path, errors, allow_outside_paths)
+        except Exception as e:  # the file cannot be read at all (a whole-file JSON nested 200k deep, ...)
+            errors.append(e if isinstance(e, DataError) else _unexpected(e, source, 0))
+            continue
         n_samples += len(errors) - n_errors  # records that failed conversion
         n_in_file += len(errors) - n_errors
         for lineno, obj, relocate in records:
@@ -305,6 +364,9 @@ def check_dataset(
                                       allow_outside_paths=outside)
             except DataError as e:
                 errors.append(relocate(e) if relocate else e)
+                continue
+            except Exception as e:  # MemoryError, RecursionError, a path the OS refuses, ...
+                errors.append(_unexpected(e, source, lineno))
                 continue
             modality_counts[_modality_key(sample)] += 1
             sample_errors = sample_checks(sample)
@@ -322,6 +384,24 @@ def check_dataset(
         notes = audio_notes(tally, family, processor)
     return CheckReport(files=files, n_samples=n_samples, n_ok=n_ok, errors=errors,
                        modality_counts=dict(modality_counts), token_counts=token_counts, notes=notes)
+
+
+def _unexpected(e: BaseException, source: str, line: int) -> DataError:
+    """A failure no check foresaw, as that sample's (or file's) located error: the report goes on."""
+    if isinstance(e, MemoryError):
+        return DataError("out_of_memory", "checking it ran out of memory",
+                         "shorten the sample or its media, or lower the recipe's data.max_* caps", file=source, line=line)
+    if isinstance(e, UnsafeJsonError):
+        return DataError(e.kind, str(e), "flatten it, with valid Unicode text", file=source, line=line)
+    if isinstance(e, RecursionError):
+        return DataError("too_deep", "it is nested too deep to read (a RecursionError)",
+                         "flatten it: a sample needs about 6 levels of nesting", file=source, line=line)
+    if isinstance(e, ValueError) and "digits" in str(e):  # json: an integer of more than 4300 digits
+        return DataError("json", f"unreadable JSON: {str(e).split(';')[0]}", "write huge numbers as strings",
+                         file=source, line=line)
+    return DataError("unexpected", f"checking it failed: {type(e).__name__}: {e}",
+                     "fix what the message names; if it names nothing in the data, please report it as a bug",
+                     file=source, line=line)
 
 
 def _is_table(item) -> bool:

@@ -33,7 +33,7 @@ from typing import Any, Iterator
 
 import numpy as np
 
-from finetune.data.schema import DataError, Sample, parse_sample
+from finetune.data.schema import DataError, Sample, UnsafeJsonError, loads_bounded, parse_sample, special_file
 
 #: our fields a dataset's columns can be mapped to (`columns: {our field: the dataset's column}`)
 FIELDS = ("image", "audio", "question", "answer", "messages", "system", "id", "task")
@@ -96,6 +96,8 @@ def open_dataset(src: Any, *, split: str = "") -> tuple[Any, str, Path, Path]:
         files = sorted(globlib.glob(os.path.expanduser(path), recursive=True))
         if not files:
             raise DataError("missing_file", f"no file matches {path!r}", "check the pattern", file=path)
+        for f in files:
+            _require_regular(Path(f), path)
         builder = _builder(files[0], path)
         ds = _load(lambda: datasets.load_dataset(builder, data_files=files, split="train"), path)
         base = Path(os.path.commonpath([str(Path(f).parent) for f in files]))
@@ -103,13 +105,30 @@ def open_dataset(src: Any, *, split: str = "") -> tuple[Any, str, Path, Path]:
     p = Path(path).expanduser()
     if p.is_dir():
         label = str(p) if not (p / "dataset_dict.json").is_file() else f"{p}[{split or 'train'}]"
+        _require_regular_tree(p, label)
         return _open_folder(p, split, label), label, p, p
+    _require_regular(p, str(p))
     if not p.is_file():
         raise DataError("missing_file", f"dataset {p} does not exist", "check the path (data.train / data.eval "
                         "in the recipe; relative paths resolve against the current folder)", file=str(p))
     builder = _builder(str(p), str(p))
     ds = _load(lambda: datasets.load_dataset(builder, data_files=[str(p)], split="train"), str(p))
     return _one_split(ds, split, str(p)), str(p), p.parent, p.parent
+
+
+def _require_regular(path: Path, label: str) -> None:
+    """A dataset file that is a FIFO, device or socket is refused before `datasets` opens it (and blocks)."""
+    what = special_file(path)
+    if what is not None and what != "a folder":
+        raise DataError("not_regular_file", f"'{path}' is {what}, not a regular file",
+                        "remove it or replace it with the data file itself; only regular files are read", file=label)
+
+
+def _require_regular_tree(folder: Path, label: str) -> None:
+    """Every entry of a dataset folder (save_to_disk or a repo of Parquet files) that `datasets` may open."""
+    for root, _, names in os.walk(folder):
+        for name in names:
+            _require_regular(Path(root) / name, label)
 
 
 def _builder(file: str, label: str) -> str:
@@ -186,11 +205,12 @@ def column_map(src: Any, names: list[str], label: str) -> dict[str, str]:
 
 # ---- media -----------------------------------------------------------------------------------
 class MediaProblem(Exception):
-    """An embedded image or audio that cannot be used: (kind, problem)."""
+    """An embedded image or audio that cannot be used: (kind, problem, and the fix when it is specific)."""
 
-    def __init__(self, kind: str, problem: str) -> None:
+    def __init__(self, kind: str, problem: str, fix: str | None = None) -> None:
         super().__init__(problem)
         self.kind = kind
+        self.fix = fix
 
 
 class MediaStore:
@@ -281,9 +301,11 @@ class MediaStore:
             try:
                 media.load_image(tmp) if kind == "image" else media.load_audio(tmp, sampling_rate=None)
             except media.MediaError as e:
+                refused = getattr(e, "kind", None) in ("too_large", "out_of_memory")
                 raise MediaProblem(getattr(e, "kind", None) or f"unreadable_{kind}",
-                                   f"the embedded {kind} ({len(data)} bytes) does not decode: "
-                                   + str(e).replace(f" '{tmp}'", "")) from None
+                                   f"the embedded {kind} ({len(data)} bytes) "
+                                   f"{'is refused' if refused else 'does not decode'}: "
+                                   + str(e).replace(f" '{tmp}'", ""), getattr(e, "fix", None)) from None
 
         return self._publish(lambda tmp: Path(tmp).write_bytes(data), suffix, digest, check)
 
@@ -427,8 +449,8 @@ def _media(store: MediaStore, kind: str, value, fld: str, dtype=None) -> str:
     try:
         return store.path_of(kind, value, dtype)
     except MediaProblem as e:
-        fix = _MEDIA_FIX.get(e.kind, "re-encode the image as PNG or JPEG, or drop the row" if kind == "image"
-                             else "re-encode the audio as WAV or FLAC, or drop the row")
+        fix = e.fix or _MEDIA_FIX.get(e.kind, "re-encode the image as PNG or JPEG, or drop the row" if kind == "image"
+                                      else "re-encode the audio as WAV or FLAC, or drop the row")
         raise _RowError(e.kind, fld, str(e), fix) from None
 
 
@@ -453,9 +475,15 @@ def _chat_row(row: dict, cols: dict, store: MediaStore, dtypes: dict) -> dict:
     messages = row[col]
     if isinstance(messages, str):
         try:
-            messages = json.loads(messages)
+            messages = loads_bounded(messages)
+        except UnsafeJsonError as e:
+            raise _RowError(e.kind, f"column {col!r}", str(e), "store the chat as a list of {role, content} "
+                            "messages, a few levels deep, with valid Unicode text") from None
         except json.JSONDecodeError as e:
             raise _RowError("json", f"column {col!r}", f"the messages text is not JSON: {e.msg} at column {e.colno}",
+                            "store the chat as a list of {role, content}, or as its JSON text") from None
+        except ValueError as e:  # e.g. an integer of over 4300 digits
+            raise _RowError("json", f"column {col!r}", f"the messages text is unreadable JSON: {e}",
                             "store the chat as a list of {role, content}, or as its JSON text") from None
     if not isinstance(messages, list):
         raise _RowError("bad_messages", f"column {col!r}", f"the messages are {type(messages).__name__}, not a list",

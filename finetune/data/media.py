@@ -5,18 +5,25 @@ DICOM and NIfTI images are read by :mod:`finetune.data.medical` (the
 
 Every failure is raised as :class:`MediaError` with a message that names the
 file; :mod:`finetune.data.check` turns it into a located DataError.
+
+Sizes are read from headers before anything is decoded and held against the
+current :class:`~finetune.data.schema.Limits` (the recipe's ``data.max_*``):
+image pixels, audio length (and sample rate), video frames and seconds. Only
+regular files are opened.
 """
 
 from __future__ import annotations
 
+import contextlib
 import re
+import warnings
 from math import gcd
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
 
-from finetune.data.schema import Part
+from finetune.data.schema import NotRegularFileError, Part, current_limits, open_regular, special_file
 from finetune.errors import UserError
 
 FRAME_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
@@ -29,12 +36,75 @@ _AUDIO_FORMATS_HINT = (
 )
 
 
-class MediaError(UserError):
-    """A media file could not be read; ``kind`` optionally refines the category."""
+#: `data.max_audio_seconds` counts samples at this rate at most: a 192 kHz file decodes four times the
+#: samples a second, so it may be a quarter as long (the decoded samples, not the seconds, take memory).
+AUDIO_BUDGET_RATE = 48_000
+#: Sample rates above this are refused: no recorder writes them, and resampling from a rate such as
+#: 2**31 - 1 Hz (a prime) to 16 kHz needs a filter of billions of taps.
+MAX_AUDIO_RATE = 384_000
+_AUDIO_BLOCK = 1 << 22  # samples (frames x channels) decoded at a time, mixed to mono as they come
+_SF_UNKNOWN = 1 << 62  # libsndfile reports an unknown length (a streamed FLAC) as SF_COUNT_MAX
 
-    def __init__(self, message: str, kind: str | None = None) -> None:
+
+class MediaError(UserError):
+    """A media file could not be read; ``kind`` optionally refines the category and ``fix``, when
+    given, is the specific fix (which recipe key to raise, how to downsample)."""
+
+    def __init__(self, message: str, kind: str | None = None, fix: str | None = None) -> None:
         super().__init__(message)
         self.kind = kind
+        self.fix = fix
+
+
+def require_regular(path: Path, what: str) -> None:
+    """Refuse a path that exists and is not a regular file (a FIFO would block the reader forever,
+    a device would never end) before any reader opens it."""
+    kind = special_file(path)
+    if kind is not None:
+        raise MediaError(f"{what} '{path}' is {kind}, not a regular file; only regular files are read",
+                         kind="not_regular_file",
+                         fix="replace it with the file itself (a FIFO or device could block the reader or never end)")
+
+
+def _too_many_pixels(path, what: str, pixels: int | None, size: str = "") -> MediaError:
+    cap = current_limits().max_image_pixels
+    got = f"{size} = {pixels:,} pixels" if size else (f"{pixels:,} pixels" if pixels else "too many pixels")
+    return MediaError(f"{what} '{path}' is {got} (from its header), more than data.max_image_pixels={cap:,}; "
+                      "it was not decoded", kind="too_large",
+                      fix="downsample it (the model resizes every image to model.max_pixels anyway), e.g. "
+                          "mogrify -resize 4096x4096 FILE, or raise data.max_image_pixels in the recipe")
+
+
+def check_image_pixels(path, width: int, height: int, what: str = "image") -> None:
+    """Refuse an image whose header claims more than data.max_image_pixels."""
+    if int(width) * int(height) > current_limits().max_image_pixels:
+        raise _too_many_pixels(path, what, int(width) * int(height), f"{int(width)}x{int(height)}")
+
+
+@contextlib.contextmanager
+def _open_image(path: Path):
+    """Pillow's lazy open (header only) of a regular file, refused when the header claims more than
+    data.max_image_pixels. Pillow's own bomb guard is kept at or above the recipe's cap, so that it never
+    refuses what the recipe allows, and its warning is not printed for an image refused here anyway."""
+    require_regular(path, "image")
+    cap = current_limits().max_image_pixels
+    if Image.MAX_IMAGE_PIXELS is not None and Image.MAX_IMAGE_PIXELS < cap:
+        Image.MAX_IMAGE_PIXELS = cap
+    try:
+        fh = open_regular(path)
+    except NotRegularFileError as e:
+        raise MediaError(str(e), kind="not_regular_file") from None
+    with fh:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            try:
+                im = Image.open(fh)
+            except Image.DecompressionBombError as e:
+                n = re.search(r"\((\d+) pixels\)", str(e))
+                raise _too_many_pixels(path, "image", int(n.group(1)) if n else None) from None
+        with im:
+            check_image_pixels(path, *im.size)
+            yield im
 
 
 def _is_medical(path: Path) -> bool:
@@ -88,7 +158,7 @@ def load_image(path: Path) -> Image.Image:
 
         return read_medical_images(path, {})[0]
     try:
-        with Image.open(path) as im:
+        with _open_image(path) as im:
             # load() forces the full decode so truncated files fail here,
             # not later inside a DataLoader worker.
             im.load()
@@ -97,6 +167,9 @@ def load_image(path: Path) -> Image.Image:
         raise
     except FileNotFoundError:
         raise MediaError(f"image '{path}' does not exist") from None
+    except MemoryError:
+        raise MediaError(f"decoding image '{path}' ran out of memory", kind="out_of_memory",
+                         fix="downsample the image, or lower data.max_image_pixels") from None
     except Exception as e:  # Pillow raises OSError, SyntaxError, ValueError, ...
         raise MediaError(f"cannot decode image '{path}': {e}") from e
 
@@ -146,9 +219,11 @@ def image_size(path: Path) -> tuple[int, int]:
 
         return medical_image_sizes(path, {})[0]
     try:
-        with Image.open(path) as im:
+        with _open_image(path) as im:
             w, h = im.size
             return (h, w) if _orientation(im) in _TRANSPOSED else (w, h)
+    except MediaError:
+        raise
     except FileNotFoundError:
         raise MediaError(f"image '{path}' does not exist") from None
     except Exception as e:
@@ -159,40 +234,125 @@ def load_audio(path: Path, sampling_rate: int | None = 16000) -> np.ndarray:
     """Decode audio as float32 mono in [-1, 1], resampled to ``sampling_rate``.
 
     ``sampling_rate=None`` keeps the file's own rate (used by the checker,
-    which only needs to know the file decodes).
+    which only needs to know the file decodes). The length is checked from the
+    header first (data.max_audio_seconds) and the samples are decoded a block at
+    a time, mixed to mono as they come, never past that cap whatever the header says.
     """
     import soundfile as sf
 
     path = Path(path)
-    if not path.exists():
-        raise MediaError(f"audio '{path}' does not exist")
+    info, unknown = _audio_header(path)
+    sr = int(info.samplerate)
+    budget = _audio_frame_budget(sr)
+    # mono samples land in one array sized from the header; a header that understated the length
+    # (or gave none) continues in a list of blocks, still never past the budget
+    mono = None if unknown else np.empty(int(info.frames), dtype=np.float32)
+    blocks: list[np.ndarray] = []
+    n = n_bad = 0
+    first_bad = -1
     try:
-        data, sr = sf.read(str(path), dtype="float32", always_2d=True)
+        with sf.SoundFile(str(path)) as f:
+            step = max(1, _AUDIO_BLOCK // max(1, f.channels))  # an Ogg file may have 255 channels
+            while True:
+                block = f.read(step, dtype="float32", always_2d=True)
+                k = block.shape[0]
+                if k == 0:
+                    break
+                if n + k > budget:
+                    raise _too_long_audio(path, None, sr, decoded=True)
+                bad = ~np.isfinite(block)
+                if bad.any():  # float WAV/FLAC can hold NaN or inf: one such sample poisons the loss
+                    if first_bad < 0:
+                        first_bad = n + int(np.argmax(bad.any(axis=1)))
+                    n_bad += int(bad.sum())
+                part = block.mean(axis=1) if block.shape[1] > 1 else block[:, 0]
+                if mono is not None and n + k <= len(mono):
+                    mono[n:n + k] = part
+                else:
+                    if mono is not None:
+                        blocks, mono = [mono[:n]], None
+                    blocks.append(np.array(part, dtype=np.float32))
+                n += k
+    except MediaError:
+        raise
+    except MemoryError:
+        raise MediaError(f"decoding audio '{path}' ran out of memory", kind="out_of_memory",
+                         fix="cut the recording into shorter clips, or lower data.max_audio_seconds") from None
     except Exception as e:  # LibsndfileError, or RuntimeError from older soundfile
         raise MediaError(
             f"cannot read audio '{path}': {_sf_reason(e)}; {_AUDIO_FORMATS_HINT}",
             kind="unreadable_audio",
         ) from e
-    if data.shape[0] == 0:
+    if n == 0:
         raise MediaError(f"audio '{path}' has no samples", kind="empty_audio")
-    bad = ~np.isfinite(data)
-    if bad.any():  # float WAV/FLAC can hold NaN or inf: one such sample poisons the loss
-        first = int(np.argmax(bad.any(axis=1)))
-        raise MediaError(f"audio '{path}' holds {int(bad.sum())} NaN or infinite sample(s), the first at "
-                         f"{first / sr:.3f} s; re-export the recording (or replace them, e.g. numpy.nan_to_num)",
+    if n_bad:
+        raise MediaError(f"audio '{path}' holds {n_bad} NaN or infinite sample(s), the first at "
+                         f"{first_bad / sr:.3f} s; re-export the recording (or replace them, e.g. numpy.nan_to_num)",
                          kind="non_finite")
     short = _wav_truncated(path)
     if short:
         raise MediaError(f"audio '{path}' is truncated: {short}; re-export or re-copy the recording",
                          kind="unreadable_audio")
-    wav = data.mean(axis=1) if data.shape[1] > 1 else data[:, 0]
+    wav = mono[:n] if mono is not None else np.concatenate(blocks)
+    del blocks
     if sampling_rate is not None and sr != sampling_rate:
         from scipy.signal import resample_poly
 
         g = gcd(int(sr), int(sampling_rate))
         wav = resample_poly(wav, sampling_rate // g, int(sr) // g)
-    # The polyphase filter can overshoot full scale slightly on loud input.
-    return np.ascontiguousarray(np.clip(wav, -1.0, 1.0), dtype=np.float32)
+    # The polyphase filter can overshoot full scale slightly on loud input. (In place: `wav` is ours, and
+    # an hour of audio is hundreds of MB.)
+    np.clip(wav, -1.0, 1.0, out=wav)
+    return np.ascontiguousarray(wav, dtype=np.float32)
+
+
+def _audio_frame_budget(rate: int) -> int:
+    """Frames of one recording that may be decoded: data.max_audio_seconds, counted at up to 48 kHz."""
+    return int(current_limits().max_audio_seconds * min(int(rate), AUDIO_BUDGET_RATE))
+
+
+def _too_long_audio(path: Path, frames: int | None, rate: int, decoded: bool = False) -> MediaError:
+    cap = current_limits().max_audio_seconds
+    cap_text = f"{cap:g}"
+    if decoded:
+        got = f"holds more than {_audio_frame_budget(rate) / rate:,.0f} s at {rate:,} Hz (found while decoding; " \
+              "its header does not say)"
+    else:
+        got = f"lasts {frames / rate:,.0f} s at {rate:,} Hz (from its header)"
+    if rate > AUDIO_BUDGET_RATE and (decoded or frames / rate <= cap):
+        return MediaError(f"audio '{path}' {got}: more samples than data.max_audio_seconds={cap_text} allows at "
+                          f"{AUDIO_BUDGET_RATE // 1000} kHz; it was not decoded", kind="too_large",
+                          fix=f"resample it to {AUDIO_BUDGET_RATE // 1000} kHz or less (e.g. ffmpeg -i IN -ar 16000 "
+                              "OUT.flac; the models hear 16 kHz), cut it shorter, or raise data.max_audio_seconds")
+    return MediaError(f"audio '{path}' {got}, longer than data.max_audio_seconds={cap_text}; it was not decoded",
+                      kind="too_large",
+                      fix="cut it into shorter clips (e.g. ffmpeg -i IN -f segment -segment_time 600 OUT%03d.flac), "
+                          "or raise data.max_audio_seconds in the recipe")
+
+
+def _audio_header(path: Path):
+    """(soundfile's info, whether its length is unknown), with the rate and length checked against the caps."""
+    import soundfile as sf
+
+    if not path.exists():
+        raise MediaError(f"audio '{path}' does not exist")
+    require_regular(path, "audio")
+    try:
+        info = sf.info(str(path))
+    except Exception as e:
+        raise MediaError(
+            f"cannot read audio header of '{path}': {_sf_reason(e)}; {_AUDIO_FORMATS_HINT}",
+            kind="unreadable_audio",
+        ) from e
+    rate = int(info.samplerate)
+    if not 0 < rate <= MAX_AUDIO_RATE:
+        raise MediaError(f"audio '{path}' has a sample rate of {rate:,} Hz in its header; rates from 1 to "
+                         f"{MAX_AUDIO_RATE:,} Hz are read", kind="unreadable_audio",
+                         fix="re-encode it at a real rate, e.g. ffmpeg -i IN -ar 16000 OUT.flac")
+    unknown = not 0 <= int(info.frames) < _SF_UNKNOWN
+    if not unknown and int(info.frames) > _audio_frame_budget(rate):
+        raise _too_long_audio(path, int(info.frames), rate)
+    return info, unknown
 
 
 def _wav_truncated(path: Path) -> str | None:
@@ -200,7 +360,7 @@ def _wav_truncated(path: Path) -> str | None:
     silently reads what is there, so a cut-off copy would train on part of a recording)."""
     import struct
 
-    with open(path, "rb") as f:
+    with open_regular(path) as f:
         head = f.read(1 << 16)
     if len(head) < 12 or head[:4] != b"RIFF" or head[8:12] != b"WAVE":
         return None
@@ -225,20 +385,32 @@ def _sf_reason(e: Exception) -> str:
 
 
 def audio_duration(path: Path) -> float:
-    """Duration in seconds from the audio header, without decoding samples."""
+    """Duration in seconds from the audio header, without decoding samples (a file whose header
+    does not give its length, such as a streamed FLAC, is counted by decoding, up to the cap)."""
     import soundfile as sf
 
     path = Path(path)
-    if not path.exists():
-        raise MediaError(f"audio '{path}' does not exist")
+    info, unknown = _audio_header(path)
+    rate = int(info.samplerate)
+    if not unknown:
+        return float(info.frames) / float(rate)
+    n, budget = 0, _audio_frame_budget(rate)
     try:
-        info = sf.info(str(path))
+        with sf.SoundFile(str(path)) as f:
+            step = max(1, _AUDIO_BLOCK // max(1, f.channels))
+            while True:
+                got = len(f.read(step, dtype="int16", always_2d=True))
+                if not got:
+                    break
+                n += got
+                if n > budget:
+                    raise _too_long_audio(path, None, rate, decoded=True)
+    except MediaError:
+        raise
     except Exception as e:
-        raise MediaError(
-            f"cannot read audio header of '{path}': {_sf_reason(e)}; {_AUDIO_FORMATS_HINT}",
-            kind="unreadable_audio",
-        ) from e
-    return float(info.frames) / float(info.samplerate) if info.samplerate else 0.0
+        raise MediaError(f"cannot read audio '{path}': {_sf_reason(e)}; {_AUDIO_FORMATS_HINT}",
+                         kind="unreadable_audio") from e
+    return n / float(rate)
 
 
 def _natural_key(path: Path):
@@ -246,12 +418,39 @@ def _natural_key(path: Path):
     return [int(t) if t.isdigit() else t.lower() for t in re.split(r"(\d+)", path.name)]
 
 
+def _too_many_frames(what: str, n: int | str, source: str = "") -> MediaError:
+    cap = current_limits().max_video_frames
+    return MediaError(f"{what} has {n if isinstance(n, str) else f'{n:,}'} frames{source}, more than "
+                      f"data.max_video_frames={cap:,}; it was not decoded", kind="too_large",
+                      fix="cut the video shorter or lower its frame rate (e.g. ffmpeg -i IN -r 2 OUT.mp4; the models "
+                          "sample model.video_fps frames a second), or raise data.max_video_frames in the recipe")
+
+
+def check_frame_count(n: int, what: str) -> None:
+    """Refuse a video of more than data.max_video_frames frames (a frame list or folder, before decoding)."""
+    if n > current_limits().max_video_frames:
+        raise _too_many_frames(what, n)
+
+
 def list_video_frames(part_path: Path) -> list[Path]:
-    """Image files of a frame folder, in natural (numeric-aware) name order."""
+    """Image files of a frame folder, in natural (numeric-aware) name order; refused past
+    data.max_video_frames, or when one of them is not a regular file (a FIFO named 001.png)."""
     folder = Path(part_path)
     if not folder.is_dir():
         raise MediaError(f"'{folder}' is not a folder of frames")
-    frames = [p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in FRAME_SUFFIXES]
+    cap = current_limits().max_video_frames
+    frames = []
+    for p in folder.iterdir():
+        if p.suffix.lower() not in FRAME_SUFFIXES:
+            continue
+        kind = special_file(p)
+        if kind == "a folder":
+            continue
+        if kind is not None:
+            require_regular(p, "video frame")
+        frames.append(p)
+        if len(frames) > cap:
+            raise _too_many_frames(f"frame folder '{folder}'", f"more than {cap:,}")
     if not frames:
         raise MediaError(
             f"folder '{folder}' has no frame images ({', '.join(FRAME_SUFFIXES)})"
@@ -283,6 +482,7 @@ def load_video(part: Part, max_frames: int, fps: float | None = None) -> list[Im
     if max_frames < 1:
         raise ValueError(f"max_frames must be >= 1, not {max_frames}")
     if part.frames:
+        check_frame_count(len(part.frames), "the video's frame list")
         return _load_frame_list(list(part.frames), max_frames, fps, part.extra.get("fps"))
     if part.path is None:
         raise MediaError("the video part has neither 'path' nor 'frames'")
@@ -305,6 +505,9 @@ def _load_frame_list(frames: list[Path], max_frames: int, fps, src_fps) -> list[
 
 
 def _load_video_file(path: Path, max_frames: int, fps: float | None) -> list[Image.Image]:
+    """Frames of a video file: the header's frame size, duration and frame count checked first, the
+    packets counted without decoding (a header may lie), then one decoding pass that keeps only the
+    frames picked (memory for `max_frames` images, whatever the video's length)."""
     try:
         import av
     except ImportError:
@@ -312,18 +515,59 @@ def _load_video_file(path: Path, max_frames: int, fps: float | None) -> list[Ima
             f"reading video file '{path}' needs PyAV: pip install av "
             "(or give the video as a folder of frames)"
         ) from None
+    require_regular(path, "video")
+    limits = current_limits()
     try:
         with av.open(str(path)) as container:
+            if not container.streams.video:
+                raise MediaError(f"video '{path}' has no video stream", kind="unreadable_video")
             stream = container.streams.video[0]
             src_fps = float(stream.average_rate) if stream.average_rate else None
-            # Decoding keeps every frame briefly; clips for fine-tuning are short.
-            images = [f.to_image() for f in container.decode(stream)]
+            check_image_pixels(path, stream.codec_context.width, stream.codec_context.height, "video frame of")
+            seconds = (float(stream.duration * stream.time_base) if stream.duration and stream.time_base
+                       else (container.duration / 1e6 if container.duration else None))
+            if seconds is not None and seconds > limits.max_video_seconds:
+                raise MediaError(f"video '{path}' lasts {seconds:,.0f} s (from its header), longer than "
+                                 f"data.max_video_seconds={limits.max_video_seconds:g}; it was not decoded",
+                                 kind="too_large",
+                                 fix="cut it shorter (e.g. ffmpeg -i IN -t 600 -c copy OUT.mp4), or raise "
+                                     "data.max_video_seconds in the recipe")
+            if stream.frames and stream.frames > limits.max_video_frames:
+                raise _too_many_frames(f"video '{path}'", int(stream.frames), " (from its header)")
+            n = 0
+            for packet in container.demux(stream):
+                if packet.size:
+                    n += 1
+                    if n > limits.max_video_frames:
+                        raise _too_many_frames(f"video '{path}'", f"more than {limits.max_video_frames:,}",
+                                               " (counted in its stream)")
+        picked = _fps_indices(n, src_fps, fps)
+        wanted = {picked[i]: k for k, i in enumerate(_even_indices(len(picked), max_frames))}
+        images: dict[int, Image.Image] = {}
+        last = None
+        with av.open(str(path)) as container:
+            stream = container.streams.video[0]
+            for i, frame in enumerate(container.decode(stream)):
+                if i >= n or len(images) == len(wanted):
+                    break
+                check_image_pixels(path, frame.width, frame.height, "video frame of")
+                if i in wanted:
+                    images[wanted[i]] = frame.to_image()
+                last = frame
+            if last is not None and len(images) < len(wanted):
+                # fewer frames decoded than packets counted: the last one stands in for the missing
+                tail = last.to_image()
+                images.update({k: tail for k in wanted.values() if k not in images})
+    except MediaError:
+        raise
+    except MemoryError:
+        raise MediaError(f"decoding video '{path}' ran out of memory", kind="out_of_memory",
+                         fix="downscale the video or cut it shorter") from None
     except Exception as e:
         raise MediaError(f"cannot decode video '{path}': {e}") from e
     if not images:
         raise MediaError(f"video '{path}' has no frames")
-    picked = [images[i] for i in _fps_indices(len(images), src_fps, fps)]
-    return [picked[i].convert("RGB") for i in _even_indices(len(picked), max_frames)]
+    return [images[k].convert("RGB") for k in sorted(images)]
 
 
 def audio_samples(path: Path, sampling_rate: int = 16000) -> int:
@@ -374,6 +618,7 @@ def load_video_audio(path: Path, sampling_rate: int = 16000) -> np.ndarray | Non
         return None
     if not path.exists():
         raise MediaError(f"video '{path}' does not exist")
+    require_regular(path, "video")
     try:
         import av
     except ImportError:
@@ -385,16 +630,24 @@ def load_video_audio(path: Path, sampling_rate: int = 16000) -> np.ndarray | Non
             stream = container.streams.audio[0]
             sr, chunks = None, []
             # planar float at the stream's own rate and layout: one row per channel, whatever the codec's format
-            resampler = None
+            resampler, decoded = None, 0
             for frame in container.decode(stream):
                 if resampler is None:
                     sr = int(frame.sample_rate)
+                    if not 1 <= sr <= 384_000:
+                        raise MediaError(f"the sound of video '{path}' has a sample rate of {sr} Hz",
+                                         kind="unreadable_video", fix="re-export the video's sound at 16-48 kHz")
                     resampler = av.AudioResampler(format="fltp", layout=frame.layout.name, rate=sr)
+                decoded += int(frame.samples)
+                if decoded > _audio_frame_budget(sr):  # data.max_audio_seconds, as for an audio file
+                    raise _too_long_audio(path, None, sr, decoded=True)
                 for out in resampler.resample(frame):
                     chunks.append(out.to_ndarray())
             if resampler is not None:
                 for out in resampler.resample(None):
                     chunks.append(out.to_ndarray())
+    except MediaError:
+        raise
     except Exception as e:
         raise MediaError(f"cannot decode the sound of video '{path}': {e}", kind="unreadable_video") from e
     if not chunks or not sum(c.shape[-1] for c in chunks):

@@ -44,6 +44,11 @@ of height ``shape[0]`` and width ``shape[1]``. Reorient volumes beforehand
 
 Every image comes back as an 8-bit PIL RGB image; every failure is a
 :class:`~finetune.data.media.MediaError` naming the file and the fix.
+
+Bounds: the header's image size (DICOM Rows x Columns, a NIfTI slice) is held
+against ``data.max_image_pixels`` and the whole (DICOM Rows x Columns x frames,
+the NIfTI shape) against ``data.max_volume_voxels`` before any pixel is read;
+rescaling and windowing run in float32.
 """
 
 from __future__ import annotations
@@ -55,7 +60,8 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from finetune.data.media import MediaError
+from finetune.data.media import MediaError, check_image_pixels, require_regular
+from finetune.data.schema import current_limits, open_regular
 
 DICOM_SUFFIXES = (".dcm", ".dicom", ".ima")
 NIFTI_SUFFIXES = (".nii", ".nii.gz")
@@ -139,6 +145,19 @@ def medical_image_sizes(path, options: dict | None = None) -> list[tuple[int, in
 def _require_exists(path: Path) -> None:
     if not path.exists():
         raise MediaError(f"image '{path}' does not exist")
+    require_regular(path, "image")
+
+
+def _check_volume(path: Path, what: str, shape: tuple[int, ...]) -> None:
+    """Refuse a volume whose header claims more than data.max_volume_voxels (before any data is read:
+    a compressed file of a few MB can expand to tens of GB, and reading one slice may read them all)."""
+    voxels = int(np.prod([int(x) for x in shape], dtype=object))
+    cap = current_limits().max_volume_voxels
+    if voxels > cap:
+        raise MediaError(f"{what} '{path}' holds {' x '.join(str(int(x)) for x in shape)} = {voxels:,} voxels (from "
+                         f"its header), more than data.max_volume_voxels={cap:,}; it was not read", kind="too_large",
+                         fix="crop or downsample the volume (e.g. nibabel.processing.resample_to_output), save the "
+                             "slices or frames you need as their own files, or raise data.max_volume_voxels")
 
 
 # --- options -------------------------------------------------------------------
@@ -240,21 +259,25 @@ class _Options:
 # --- windowing -----------------------------------------------------------------
 
 def _apply_window(values: np.ndarray, window: tuple[float, float] | None) -> np.ndarray:
-    """Map float values to uint8; ``None`` stretches min-max."""
-    values = np.asarray(values, dtype=np.float64)
+    """Map values to uint8 (in float32); ``None`` stretches min-max."""
+    values = np.asarray(values, dtype=np.float32)
     if window is None:
-        finite = values[np.isfinite(values)]
-        if finite.size == 0:
+        finite = np.isfinite(values)
+        if not finite.any():
             return np.zeros(values.shape, dtype=np.uint8)
-        lo, hi = float(finite.min()), float(finite.max())
+        lo, hi = (float(values.min()), float(values.max())) if finite.all() else \
+            (float(values[finite].min()), float(values[finite].max()))
     else:
         c, w = window
         lo, hi = c - w / 2.0, c + w / 2.0
     if hi <= lo:
         return np.zeros(values.shape, dtype=np.uint8)
-    out = (values - lo) / (hi - lo) * 255.0
-    out = np.nan_to_num(out, nan=0.0, posinf=255.0, neginf=0.0)
-    return np.rint(np.clip(out, 0.0, 255.0)).astype(np.uint8)
+    out = values - np.float32(lo)  # a new array: the caller's values stay as they were
+    out /= np.float32(hi - lo)
+    out *= np.float32(255.0)
+    np.clip(out, 0.0, 255.0, out=out)  # +-inf to 255 / 0
+    out[np.isnan(out)] = 0.0  # (nan_to_num would hold three masks at once)
+    return np.rint(out, out=out).astype(np.uint8)
 
 
 def _gray_to_rgb(arr8: np.ndarray) -> Image.Image:
@@ -277,10 +300,50 @@ def _pydicom(path: Path):
     return _optional_module("pydicom", "DICOM", path)
 
 
-def _dcmread(path: Path, header_only: bool):
+def _check_deflated(path: Path) -> None:
+    """pydicom inflates a deflated DICOM whole, header and all, before reading a tag: a file of a few MB
+    can inflate to gigabytes. Its inflated size is counted first (nothing kept), up to 2 bytes a voxel
+    of data.max_volume_voxels."""
+    import zlib
+
+    from pydicom.filereader import read_file_meta_info
+    from pydicom.uid import DeflatedExplicitVRLittleEndian
+
+    try:
+        with open_regular(path) as f:
+            head = f.read(144)
+        if len(head) < 144 or head[128:136] != b"DICM\x02\x00\x00\x00":
+            return  # no preamble or no group length: pydicom says what it makes of it
+        if read_file_meta_info(str(path)).get("TransferSyntaxUID") != DeflatedExplicitVRLittleEndian:
+            return
+    except Exception:
+        return  # an unreadable header is reported by the read itself
+    limit = 2 * current_limits().max_volume_voxels
+    inflate, total = zlib.decompressobj(-zlib.MAX_WBITS), 0
+    with open_regular(path) as f:
+        f.seek(144 + int.from_bytes(head[140:144], "little"))
+        while not inflate.eof and (chunk := f.read(1 << 20)):
+            while chunk:
+                try:
+                    total += len(inflate.decompress(chunk, 1 << 24))
+                except zlib.error:
+                    return  # corrupt: the read reports it
+                chunk = inflate.unconsumed_tail
+                if total > limit:
+                    raise MediaError(f"DICOM '{path}' is deflated and inflates to more than {limit:,} bytes (2 bytes "
+                                     f"a voxel of data.max_volume_voxels={current_limits().max_volume_voxels:,}); it "
+                                     "was not read", kind="too_large",
+                                     fix="store it uncompressed or with an image codec (e.g. gdcmconv --raw IN OUT), "
+                                         "or raise data.max_volume_voxels")
+
+
+def _dcmread(path: Path, header_only: bool, checked: bool = False):
+    """The dataset (`header_only`: without pixel data); `checked` when _check_deflated already ran."""
     pydicom = _pydicom(path)
     from pydicom.errors import InvalidDicomError
 
+    if not checked:
+        _check_deflated(path)
     try:
         try:
             ds = pydicom.dcmread(str(path), stop_before_pixels=header_only)
@@ -328,8 +391,21 @@ def _pick_frame(path: Path, ds, opts: _Options) -> int:
     return opts.frame
 
 
+def _check_dicom_size(path: Path, ds) -> None:
+    """The header's image against data.max_image_pixels, all its frames against data.max_volume_voxels."""
+    rows, cols, frames = int(ds.Rows), int(ds.Columns), _n_frames(ds)
+    samples = int(ds.get("SamplesPerPixel", 1) or 1)
+    if samples not in (1, 3, 4):
+        raise MediaError(f"DICOM '{path}' has SamplesPerPixel={samples}; 1 (grey) or 3 (colour) are read; "
+                         f"fix: {_DICOM_FIX}", kind="unreadable_image")
+    check_image_pixels(path, cols, rows, "DICOM image")
+    if frames > 1:
+        _check_volume(path, "DICOM", (frames, rows, cols))
+
+
 def _dicom_size(path: Path, opts: _Options) -> tuple[int, int]:
     ds = _dcmread(path, header_only=True)
+    _check_dicom_size(path, ds)
     _pick_frame(path, ds, opts)  # validates "frame"
     return int(ds.Columns), int(ds.Rows)
 
@@ -366,7 +442,8 @@ def _frame_attr(ds, frame: int, macro: str, attr: str):
 
 
 def _dicom_image(path: Path, opts: _Options) -> Image.Image:
-    ds = _dcmread(path, header_only=False)
+    _check_dicom_size(path, _dcmread(path, header_only=True))  # before the pixel data is read
+    ds = _dcmread(path, header_only=False, checked=True)
     frame = _pick_frame(path, ds, opts)
     n = _n_frames(ds)
     try:
@@ -392,14 +469,14 @@ def _dicom_image(path: Path, opts: _Options) -> Image.Image:
     if samples >= 3 or arr.ndim == 3:
         return _rgb_to_image(arr, int(ds.get("BitsStored", 8) or 8))
 
-    values = arr.astype(np.float64)
+    values = arr.astype(np.float32)  # float32 throughout: half the memory of float64, ample for 16-bit data
     slope = _first(_frame_attr(ds, frame, "PixelValueTransformationSequence", "RescaleSlope"))
     intercept = _first(_frame_attr(ds, frame, "PixelValueTransformationSequence",
                                    "RescaleIntercept"))
     if slope is not None and slope != 0:
-        values = values * slope
+        values *= np.float32(slope)
     if intercept is not None:
-        values = values + intercept
+        values += np.float32(intercept)
     _require_finite(values, path)
 
     window = opts.window
@@ -416,10 +493,10 @@ def _dicom_image(path: Path, opts: _Options) -> Image.Image:
 
 def _require_finite(values: np.ndarray, path: Path, where: str = "") -> None:
     """NaN or infinite pixel values (float DICOM, NIfTI maps) have no grey level to show: refused."""
-    bad = ~np.isfinite(values)
-    if bad.any():
+    finite = np.isfinite(values)
+    if not finite.all():
         at = f" in {where}" if where else ""
-        raise MediaError(f"'{path}' holds {int(bad.sum())} NaN or infinite pixel value(s){at}; replace them with "
+        raise MediaError(f"'{path}' holds {finite.size - int(np.count_nonzero(finite))} NaN or infinite pixel value(s){at}; replace them with "
                          "numbers (e.g. numpy.nan_to_num, or the background value) and save it again",
                          kind="non_finite")
 
@@ -448,7 +525,7 @@ def _rgb_to_image(arr: np.ndarray, bits: int) -> Image.Image:
     arr = arr[..., :3]
     if arr.dtype != np.uint8:
         top = float(2 ** min(max(bits, 8), 16) - 1)
-        arr = np.rint(np.clip(arr.astype(np.float64) * (255.0 / top), 0, 255)).astype(np.uint8)
+        arr = np.rint(np.clip(arr.astype(np.float32) * np.float32(255.0 / top), 0, 255)).astype(np.uint8)
     return Image.fromarray(np.ascontiguousarray(arr), mode="RGB")
 
 
@@ -458,10 +535,12 @@ def _nibabel(path: Path):
     return _optional_module("nibabel", "NIfTI", path)
 
 
-def _nifti_load(path: Path):
+def _nifti_load(path: Path, keep_open: bool = False):
+    """(image, shape as 3D or 4D); `keep_open` keeps one file handle for every read of the data, so a
+    gzip stream read in increasing order is decompressed once, not from its start for each read."""
     nib = _nibabel(path)
     try:
-        img = nib.load(str(path))
+        img = nib.load(str(path), keep_file_open=keep_open) if keep_open else nib.load(str(path))
         shape = tuple(int(s) for s in img.shape)
     except Exception as e:
         raise MediaError(f"cannot read NIfTI '{path}' ({_VIA}): {_reason(e)}; fix: {_NIFTI_FIX}",
@@ -475,7 +554,11 @@ def _nifti_load(path: Path):
 
 
 def _nifti_plan(path: Path, shape: tuple[int, ...], opts: _Options):
-    """``(volume index or None, slice indices along opts.axis)``."""
+    """``(volume index or None, slice indices along opts.axis)``, after the header's shape is held
+    against the caps (a slice against data.max_image_pixels, the volume against data.max_volume_voxels)."""
+    rows, cols = _nifti_slice_shape(shape, opts.axis)
+    check_image_pixels(path, cols, rows, "NIfTI slice of")
+    _check_volume(path, "NIfTI", shape)
     volume = None
     if len(shape) == 4:
         n_vol = shape[3]
@@ -517,30 +600,70 @@ def _nifti_sizes(path: Path, opts: _Options) -> list[tuple[int, int]]:
 
 
 def _nifti_images(path: Path, opts: _Options) -> list[Image.Image]:
-    img, shape = _nifti_load(path)
+    img, shape = _nifti_load(path, keep_open=True)
     volume, idx = _nifti_plan(path, shape, opts)
     window = None if opts.window == _MINMAX else opts.window
     out = []
     try:
         proxy = img.dataobj
         ndim = len(img.shape)
+        if ndim == 2:
+            slices = {idx[0]: _scaled_slice(proxy, (slice(None), slice(None)))}
+        elif opts.axis == 2:
+            # each slice is one contiguous block, read in increasing order: one pass through the file
+            slices = {k: _scaled_slice(proxy, (slice(None), slice(None), k) + ((volume,) if ndim == 4 else ()))
+                      for k in idx}
+        else:
+            slices = _slices_across(proxy, shape, opts.axis, idx, volume if ndim == 4 else None)
         for k in idx:
-            sl: list[Any] = [slice(None)] * ndim
-            if ndim == 2:
-                data = np.asarray(proxy[:, :], dtype=np.float64)
-            else:
-                sl[opts.axis] = k
-                if ndim == 4:
-                    sl[3] = volume
-                # The array proxy reads only this slice and applies scl_slope/scl_inter.
-                data = np.asarray(proxy[tuple(sl)], dtype=np.float64)
+            data = slices[k]
             if data.ndim != 2:
                 raise ValueError(f"unexpected slice shape {data.shape}")
             _require_finite(data, path, f"slice {k}")
             out.append(_gray_to_rgb(_apply_window(data, window)))
     except MediaError:
         raise
+    except MemoryError:
+        raise MediaError(f"reading NIfTI '{path}' ran out of memory", kind="out_of_memory",
+                         fix="crop or downsample the volume, or lower data.max_volume_voxels") from None
     except Exception as e:
         raise MediaError(f"cannot decode NIfTI '{path}' ({_VIA}): {_reason(e)}; "
                          f"fix: {_NIFTI_FIX}", kind="unreadable_image") from e
+    return out  # the file handle kept open for the reads closes with the image
+
+
+_SLAB_BYTES = 64 << 20
+
+
+def _slices_across(proxy, shape: tuple[int, ...], axis: int, idx: list[int], volume: int | None) -> dict:
+    """Slices along axis 0 or 1, read as slabs of whole axial planes in file order (each such slice
+    touches every plane, so reading it alone reads the whole volume, once per slice)."""
+    nx, ny, nz = shape[:3]
+    plane = nx * ny * max(1, np.dtype(proxy.dtype).itemsize)
+    step = max(1, _SLAB_BYTES // plane)
+    out: dict[int, np.ndarray] = {}
+    for z0 in range(0, nz, step):
+        sl = (slice(None), slice(None), slice(z0, min(nz, z0 + step))) + ((volume,) if volume is not None else ())
+        slab = _scaled_slice(proxy, sl)
+        for k in idx:
+            part = slab[k, :, :] if axis == 0 else slab[:, k, :]
+            if k not in out:
+                out[k] = np.empty((part.shape[0], nz), dtype=np.float32)
+            out[k][:, z0:z0 + part.shape[1]] = part
     return out
+
+
+def _scaled_slice(proxy, sl: tuple) -> np.ndarray:
+    """One slice (or slab) with scl_slope/scl_inter applied in float32. nibabel's own slicing scales in float64
+    (its slope is a float64 scalar); the stored values are read unscaled and scaled here instead."""
+    raw = getattr(proxy, "_get_unscaled", None)
+    slope, inter = getattr(proxy, "slope", None), getattr(proxy, "inter", None)
+    if raw is None or slope is None or inter is None:  # another proxy type: nibabel's slicing
+        return np.asarray(proxy[sl]).astype(np.float32, copy=False)
+    data = np.asarray(raw(slicer=sl)).astype(np.float32)
+    slope, inter = float(np.asarray(slope)), float(np.asarray(inter))
+    if slope != 1.0:
+        data *= np.float32(slope)
+    if inter != 0.0:
+        data += np.float32(inter)
+    return data

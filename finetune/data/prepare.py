@@ -19,7 +19,7 @@ import json
 from pathlib import Path
 
 from finetune.data.check import _MediaChecker, media_errors
-from finetune.data.schema import DataError, Sample
+from finetune.data.schema import DataError, Sample, current_limits
 
 _ENCODE_FIX = "run `python -m finetune data check --recipe RECIPE` on the file; it names the part to change"
 
@@ -152,8 +152,11 @@ def prepare(samples: list[Sample], family, processor, config: dict, rope, *, max
 
     # what the encoding depends on besides the sample: a new release of ours or of transformers
     # (which computes positions and processes media) checks every sample again
+    # (and the caps on inputs: a sample that passed under a recipe's higher data.max_* must be checked
+    # again under lower ones, not meet them in the collator mid-training)
     settings = {"family": family.name, **processor.settings(), "versions": [finetune.__version__, transformers.__version__],
-                "config": hashlib.sha1(json.dumps(config, sort_keys=True).encode()).hexdigest()}
+                "config": hashlib.sha1(json.dumps(config, sort_keys=True).encode()).hexdigest(),
+                "limits": repr(current_limits())}
     known: dict[str, int | list[int]] = {}  # key -> planned tokens, or [planned tokens, clips truncated]
     if record is not None and record.exists():
         try:

@@ -12,6 +12,11 @@ One JSONL line holds one sample::
 
 Every problem is reported as a :class:`DataError` that names the file, the line,
 the JSON field path, what is wrong and how to fix it.
+
+Every input is bounded before it is parsed or decoded (:class:`Limits`, set from the recipe's
+``data.max_*`` keys): a line's bytes before JSON parsing, its nesting depth, a sample's text
+before tokenising, and (in :mod:`finetune.data.media`) pixels, voxels, seconds and frames from
+the media headers. Only regular files are read: a FIFO, device or socket is refused, not opened.
 """
 
 from __future__ import annotations
@@ -19,7 +24,8 @@ from __future__ import annotations
 import difflib
 import json
 import os
-from dataclasses import dataclass, field
+import stat
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -46,6 +52,141 @@ _ROLE_ALIASES = {
 }
 
 _PATH_FIX = "check the path; paths are relative to the dataset file's folder"
+
+#: JSON nesting a sample may have: a chat sample needs about 6 levels (sample, messages, message,
+#: content, part, option); anything far deeper is refused before it reaches recursive code.
+MAX_JSON_DEPTH = 64
+
+
+@dataclass(frozen=True)
+class Limits:
+    """Caps on one input, checked before it is parsed, tokenised or decoded (issue 25).
+
+    The defaults are the recipe's (`data.max_*` in finetune/recipe.py reads them from here): far
+    above what the families use (model.max_pixels, the longest audio a model reads) and far below
+    what would exhaust memory or time. Pixels, voxels, seconds and frames come from file headers.
+    """
+
+    max_line_bytes: int = 16 << 20  # one JSONL line, before JSON parsing
+    max_text_chars: int = 1_000_000  # all text of one sample, before tokenising (~250k tokens)
+    max_image_pixels: int = 1 << 26  # one image, 67,108,864 = 8192 x 8192
+    max_volume_voxels: int = 1 << 29  # a NIfTI volume or multi-frame DICOM, 536,870,912 = 512 x 512 x 2048
+    max_audio_seconds: float = 3600.0  # one recording (at up to 48 kHz; see media.AUDIO_BUDGET_RATE)
+    max_video_seconds: float = 3600.0  # one video file
+    max_video_frames: int = 108_000  # frames of one video (file, folder or list): an hour at 30 fps
+
+    @classmethod
+    def of(cls, config) -> "Limits":
+        """The limits set on a recipe's data section (any object with the `max_*` attributes)."""
+        return cls(**{f.name: getattr(config, f.name, f.default) for f in fields(cls)})
+
+
+_limits = Limits()
+
+
+def current_limits() -> Limits:
+    """The limits in force in this process (the defaults until a recipe sets its own)."""
+    return _limits
+
+
+def set_limits(limits: Limits) -> None:
+    """Make `limits` the ones every reader uses when not given others (reading a recipe's data sets them)."""
+    global _limits
+    _limits = limits
+
+
+_SPECIAL = ((stat.S_ISFIFO, "a FIFO (named pipe)"), (stat.S_ISCHR, "a character device"),
+            (stat.S_ISBLK, "a block device"), (stat.S_ISSOCK, "a socket"), (stat.S_ISDIR, "a folder"))
+
+
+class NotRegularFileError(UserError, OSError):
+    """A path names a FIFO, a device, a socket or a folder where a file's content is read."""
+
+    def __init__(self, path, what: str) -> None:
+        self.path, self.what = str(path), what
+        super().__init__(f"'{path}' is {what}, not a regular file; only regular files are read "
+                         "(reading a FIFO or device could block or never end)")
+
+
+def special_file(path) -> str | None:
+    """What `path` is when it exists and is not a regular file ("a FIFO (named pipe)", "a folder", ...),
+    else None. Follows symbolic links, as opening would."""
+    try:
+        mode = os.stat(path).st_mode
+    except (OSError, ValueError):
+        return None
+    if stat.S_ISREG(mode):
+        return None
+    return next((what for test, what in _SPECIAL if test(mode)), "not a regular file")
+
+
+def open_regular(path):
+    """Open a regular file for binary reading, refusing anything else without blocking: the open is
+    non-blocking (a FIFO with no writer would wait forever) and the opened file is checked, so a path
+    swapped for a FIFO after a stat is still refused."""
+    fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0))
+    try:
+        mode = os.fstat(fd).st_mode
+        if not stat.S_ISREG(mode):
+            raise NotRegularFileError(path, next((w for test, w in _SPECIAL if test(mode)), "not a regular file"))
+        os.set_blocking(fd, True)
+        return os.fdopen(fd, "rb")
+    except BaseException:
+        os.close(fd)
+        raise
+
+
+class UnsafeJsonError(ValueError):
+    """Parsed JSON that later steps could not use: `kind` is too_deep (nested beyond MAX_JSON_DEPTH, or
+    beyond what the JSON reader's recursion allows) or encoding (a string holding a lone UTF-16
+    surrogate, such as the escape \\ud800 without its pair: not text, and no file could hold it)."""
+
+    def __init__(self, kind: str, problem: str) -> None:
+        super().__init__(problem)
+        self.kind = kind
+
+
+def check_json_tree(obj: Any, limit: int = MAX_JSON_DEPTH) -> None:
+    """Raise UnsafeJsonError when `obj` nests lists/objects more than `limit` deep or holds a string
+    (key or value) with a lone surrogate. Walked without recursion, so any depth is safe to check."""
+    stack = [(obj, 1)]
+    while stack:
+        node, depth = stack.pop()
+        if isinstance(node, str):
+            if not node.isascii():
+                try:
+                    node.encode("utf-8")
+                except UnicodeEncodeError as e:
+                    raise UnsafeJsonError("encoding", f"a string holds a lone UTF-16 surrogate "
+                                          f"({json.dumps(node[e.start])}), which is not a character") from None
+            continue
+        if isinstance(node, dict):
+            items = [*node.keys(), *node.values()]
+        elif isinstance(node, list):
+            items = node
+        else:
+            continue
+        if depth > limit:
+            raise UnsafeJsonError("too_deep", f"the JSON is nested more than {limit} levels deep")
+        stack.extend((v, depth + 1) for v in items if isinstance(v, (str, dict, list)))
+
+
+def loads_bounded(text: str | bytes):
+    """json.loads, then check_json_tree: a line nested thousands deep (a RecursionError inside the
+    reader) or beyond MAX_JSON_DEPTH, or holding a lone surrogate, raises UnsafeJsonError; any other
+    ValueError (JSON syntax, an integer of more than 4300 digits) passes through."""
+    try:
+        obj = json.loads(text)
+    except RecursionError:
+        raise UnsafeJsonError("too_deep", f"the JSON is nested deeper than the JSON reader can follow (more "
+                                          f"than {MAX_JSON_DEPTH} levels are refused)") from None
+    check_json_tree(obj)
+    return obj
+
+
+_TREE_FIX = {"too_deep": "flatten it: a sample needs about 6 levels (sample, messages, message, content, part, option)",
+             "encoding": "write the character itself or its full surrogate pair (e.g. \\ud83d\\ude00); re-export "
+                         "the file with a JSON writer that produces valid Unicode"}
 
 
 class DataError(UserError, ValueError):
@@ -189,11 +330,13 @@ def parse_sample(
     base_dir: Path,
     allow_outside_paths: bool = False,
     check_files: bool = True,
+    max_text_chars: int | None = None,
 ) -> Sample:
     """Validate one decoded JSONL object and build a :class:`Sample`.
 
     Raises :class:`DataError` for the first problem found (structure, then
-    path safety and file existence when ``check_files``).
+    path safety and file existence when ``check_files``, then the sample's text
+    against ``max_text_chars``, default the current :class:`Limits`).
     """
 
     def err(kind: str, fld: str, problem: str, fix: str = "") -> DataError:
@@ -204,6 +347,10 @@ def parse_sample(
     if not isinstance(obj, dict):
         raise err("not_object", "", f"the line is {_type_name(obj)}, not a JSON object",
                   'write one object per line: {"messages": [...]}')
+    try:  # the JSONL reader checked its lines already; other formats and tables come here directly
+        check_json_tree(obj)
+    except UnsafeJsonError as e:
+        raise err(e.kind, "", str(e), _TREE_FIX[e.kind]) from None
 
     if "messages" not in obj:
         if "conversations" in obj:
@@ -274,6 +421,14 @@ def parse_sample(
     if task is not None and not isinstance(task, str):
         raise err("bad_task", "task", f"'task' is {_type_name(task)}, not a string",
                   "make 'task' a short string tag")
+
+    cap = current_limits().max_text_chars if max_text_chars is None else max_text_chars
+    n_chars = sum(len(p.text or "") for m in messages for p in m.parts) + len(answer or "")
+    if n_chars > cap:
+        raise err("text_too_long", "messages",
+                  f"the sample holds {n_chars:,} characters of text, more than data.max_text_chars={cap:,} "
+                  "(checked before tokenising)",
+                  "shorten or split it (it could not fit data.max_tokens anyway), or raise data.max_text_chars")
 
     meta = {k: v for k, v in obj.items() if k not in _TOP_KEYS}
     return Sample(messages=messages, answer=answer, id=sample_id, task=task,
@@ -386,6 +541,12 @@ def _parse_part(raw, role, pfield, err, base, allow_outside, check_files) -> Par
             raise err("bad_part", f"{pfield}.frames",
                       "'frames' must be a non-empty list of image paths",
                       "list the frame files in order, e.g. [\"clip/000.png\", \"clip/001.png\"]")
+        cap = current_limits().max_video_frames
+        if len(frames) > cap:  # before a path is resolved: each costs a few system calls
+            raise err("too_large", f"{pfield}.frames",
+                      f"the video's frame list has {len(frames):,} frames, more than data.max_video_frames={cap:,}",
+                      "list fewer frames (the models sample model.video_fps frames a second), or raise "
+                      "data.max_video_frames in the recipe")
         resolved = [
             _resolve(f, f"{pfield}.frames[{k}]", err, base, allow_outside, check_files)
             for k, f in enumerate(frames)
@@ -410,29 +571,73 @@ def _resolve(value, fld, err, base: Path, allow_outside: bool, check_files: bool
     if not isinstance(value, str) or not value.strip():
         what = "empty" if isinstance(value, str) else _type_name(value)
         raise err("bad_part", fld, f"the path is {what}", "give the file path as a non-empty string")
-    # resolve() follows symlinks and '..', so the containment test below sees
-    # where the file really lives, not how the path was spelled.
-    full = (base / Path(value).expanduser()).resolve()
+    if "\x00" in value:
+        raise err("bad_part", fld, f"the path {json.dumps(value[:80])} holds a NUL character",
+                  "give the file's real path (no path may contain NUL)")
+    try:
+        # resolve() follows symlinks and '..', so the containment test below sees
+        # where the file really lives, not how the path was spelled.
+        full = (base / Path(value).expanduser()).resolve()
+        exists = check_files and full.exists()
+    except RuntimeError:  # Python < 3.13 raises this for a symbolic link loop
+        raise err("bad_part", fld, f"path '{value[:200]}' is a symbolic link loop",
+                  "point the symlink at the file itself") from None
+    except OSError as e:  # a name too long for the file system, a loop on newer Pythons, ...
+        why = {36: "is too long for the file system", 40: "is a symbolic link loop"}.get(e.errno, f"cannot be "
+                                                                                              f"read: {e.strerror}")
+        raise err("bad_part", fld, f"path '{value[:200]}{'...' if len(value) > 200 else ''}' {why}",
+                  _PATH_FIX) from None
     if not allow_outside and not _is_within(full, base):
         raise err("outside_path", fld,
                   f"path '{value}' resolves to '{full}', outside the dataset folder '{base}'",
                   "move the file under the dataset folder, or set data.allow_outside_paths: true")
-    if check_files and not full.exists():
+    if check_files and not exists:
         raise err("missing_file", fld, f"file '{value}' does not exist (looked for {full})",
                   _PATH_FIX)
+    what = special_file(full) if check_files else None
+    if what is not None and what != "a folder":  # a folder is a video's frames; an image or audio says so later
+        raise err("not_regular_file", fld, f"'{value}' is {what}, not a regular file",
+                  "replace it with the file itself; only regular files are read (a FIFO or device could block "
+                  "the reader or never end)")
     return full
 
 
-def iter_jsonl(path: Path) -> Iterator[tuple[int, Any | DataError]]:
+def iter_jsonl(path: Path, *, max_line_bytes: int | None = None) -> Iterator[tuple[int, Any | DataError]]:
     """Yield ``(line_number, object_or_DataError)`` for each non-blank line.
 
-    Non-UTF-8 bytes and JSON syntax errors are yielded as :class:`DataError`
-    instead of raised, so a caller can report every bad line in one pass.
+    Non-UTF-8 bytes, JSON syntax errors, a line longer than ``max_line_bytes``
+    (default the current :class:`Limits`; read no further than that, so a
+    line of gigabytes costs no memory) and nesting beyond MAX_JSON_DEPTH are
+    yielded as :class:`DataError` instead of raised, so a caller can report
+    every bad line in one pass. Only a regular file is opened.
     """
     path = Path(path)
     source = str(path)
-    with open(path, "rb") as fh:
-        for lineno, raw in enumerate(fh, start=1):
+    cap = current_limits().max_line_bytes if max_line_bytes is None else max_line_bytes
+    try:
+        fh = open_regular(path)
+    except NotRegularFileError as e:
+        raise DataError("not_regular_file", f"the dataset file is {e.what}, not a regular file",
+                        "give the dataset file itself; only regular files are read", file=source) from None
+    with fh:
+        lineno = 0
+        while True:
+            raw = fh.readline(cap + 1)
+            if not raw:
+                break
+            lineno += 1
+            if len(raw) > cap and not raw.endswith(b"\n"):
+                n = len(raw)
+                while raw and not raw.endswith(b"\n"):  # skip the rest of the line, a block at a time
+                    raw = fh.readline(1 << 20)
+                    n += len(raw)
+                n -= raw.endswith(b"\n")
+                yield lineno, DataError(
+                    "line_too_long",
+                    f"the line is {n:,} bytes, more than data.max_line_bytes={cap:,} (not parsed)",
+                    "shorten the sample (media go in files named by 'path', not inline), or raise "
+                    "data.max_line_bytes", file=source, line=lineno)
+                continue
             if lineno == 1 and raw.startswith(b"\xef\xbb\xbf"):
                 # Editors on Windows often prepend a BOM; it is not a data error.
                 raw = raw[3:]
@@ -449,7 +654,12 @@ def iter_jsonl(path: Path) -> Iterator[tuple[int, Any | DataError]]:
             if not text:
                 continue
             try:
-                yield lineno, json.loads(text)
+                yield lineno, loads_bounded(text)
+            except UnsafeJsonError as e:
+                yield lineno, DataError(e.kind, str(e), _TREE_FIX[e.kind], file=source, line=lineno)
+            except MemoryError:
+                yield lineno, DataError("out_of_memory", f"parsing the {len(raw):,}-byte line ran out of memory",
+                                        "shorten the sample, or lower data.max_line_bytes", file=source, line=lineno)
             except json.JSONDecodeError as e:
                 if text in ("[", "{", "]", "}", "},", "],"):
                     fix = ("JSONL needs one complete sample per line; collapse pretty-printed "
@@ -459,6 +669,9 @@ def iter_jsonl(path: Path) -> Iterator[tuple[int, Any | DataError]]:
                 yield lineno, DataError(
                     "json", f"invalid JSON at column {e.colno}: {e.msg}", fix,
                     file=source, line=lineno)
+            except ValueError as e:  # valid syntax Python will not read, e.g. an integer of over 4300 digits
+                yield lineno, DataError("json", f"unreadable JSON: {str(e).split(';')[0]}",
+                                        "write huge numbers as strings", file=source, line=lineno)
 
 
 def load_samples(

@@ -19,7 +19,7 @@ from typing import Any
 
 from finetune.data.convert import dataset_ref, read_converted
 from finetune.data.hf import _get, is_hf_path, load_hf_samples
-from finetune.data.schema import DataError, Sample, load_samples, parse_sample
+from finetune.data.schema import DataError, Limits, Sample, load_samples, parse_sample, set_limits, special_file
 from finetune.errors import ConfigError, MissingFileError
 
 FORMATS = ("auto", "jsonl", "hf")
@@ -57,12 +57,19 @@ def load_source(src: Any, recipe, *, on_error: str | None = None,
                 media_dir: Path | None = None) -> tuple[list[Sample], list[DataError]]:
     """(samples, errors) of one data source, with the recipe's data.on_error (unless `on_error`) and
     data.allow_outside_paths. Relative paths resolve against the current folder, as for JSONL today;
-    embedded media of tables go to `media_dir` (default: the toolkit cache's media/)."""
+    embedded media of tables go to `media_dir` (default: the toolkit cache's media/).
+    The recipe's data.max_* caps become the limits every reader and decoder of this process uses."""
     on_error = on_error or recipe.data.on_error
     allow = recipe.data.allow_outside_paths
+    set_limits(Limits.of(recipe.data))
     fmt = source_format(src)
     if fmt == "jsonl":
         path = Path(str(src if isinstance(src, (str, Path)) else _get(src, "path"))).expanduser()
+        what = special_file(path)
+        if what is not None and what != "a folder":
+            raise DataError("not_regular_file", f"the dataset file is {what}, not a regular file",
+                            "give the dataset file itself (data.train / data.eval in the recipe); only regular "
+                            "files are read", file=str(path))
         if not path.is_file() and not dataset_ref(path):
             what = "is a folder without Parquet files or a saved dataset" if path.is_dir() else "does not exist"
             raise MissingFileError(f"data file {path} {what} (data.train / data.eval in the recipe)")
