@@ -389,3 +389,14 @@ def test_many_slices_of_a_gzipped_volume_are_read_in_one_pass(tmp_path, axis):
         assert np.array_equal(np.asarray(many[i]), np.asarray(one))
         expected = np.take(vol, k, axis=axis).astype(np.float64) * 0.5 - 100.0
         assert np.abs(gray(one) - np.rint(np.clip((expected + 400) / 800 * 255, 0, 255))).max() <= 1
+
+
+def test_an_eps_file_is_not_opened_as_an_image(tmp_path):
+    """Pillow's EPS plugin runs Ghostscript (when installed) on the file: only raster formats with
+    their own decoders are opened. An EPS named like a PNG is refused as an unreadable image."""
+    from finetune.data.media import MediaError, load_image
+
+    eps = tmp_path / "scan.png"
+    eps.write_bytes(b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 10 10\nshowpage\n%%EOF\n")
+    with pytest.raises(MediaError, match="cannot identify image file"):
+        load_image(eps)

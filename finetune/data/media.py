@@ -27,6 +27,9 @@ from finetune.data.schema import NotRegularFileError, Part, current_limits, open
 from finetune.errors import UserError
 
 FRAME_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
+#: the image formats Pillow may open: raster formats with their own decoders (not EPS, which runs
+#: Ghostscript when it is installed, nor plugins that shell out or read external files)
+IMAGE_FORMATS = ("PNG", "JPEG", "GIF", "BMP", "TIFF", "WEBP", "PPM", "TGA")  # (JPEG opens MPO too)
 VIDEO_SUFFIXES = (".mp4", ".avi", ".mkv", ".webm", ".mov")
 MEDICAL_SUFFIXES = (".dcm", ".dicom", ".ima", ".nii", ".nii.gz")  # see finetune.data.medical
 
@@ -98,7 +101,8 @@ def _open_image(path: Path):
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
             try:
-                im = Image.open(fh)
+                Image.init()  # every plugin registered, so that each of IMAGE_FORMATS is known by name
+                im = Image.open(fh, formats=IMAGE_FORMATS)
             except Image.DecompressionBombError as e:
                 n = re.search(r"\((\d+) pixels\)", str(e))
                 raise _too_many_pixels(path, "image", int(n.group(1)) if n else None) from None
