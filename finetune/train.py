@@ -466,7 +466,9 @@ def make_trainer(recipe: Recipe, family: Family, model, processor, train_ds, col
 
         base = trainer.model.get_base_model() if hasattr(trainer.model, "get_base_model") else trainer.model
         add_fused_lm_head(base, outputs=("log_probs",))
-    trainer.add_callback(console_callback(recipe.train.print_every))
+    # the console shows the LLM's rate (roles.llm.lr, else train.lr), or the largest group's without LoRA on it
+    trainer.add_callback(console_callback(recipe.train.print_every, main_lr=None if llm.mode == "frozen" else
+                                          (llm.lr if llm.lr is not None else recipe.train.lr)))
     return trainer
 
 
@@ -784,6 +786,10 @@ def train(recipe: Recipe) -> Path:
     print(f"model {loaded.base_path} ({family.name}), precision {precision}, "
           f"quantize {recipe.model.quantize}, attention {attn}")
     print(adapters.format_role_table(adapters.role_table(model, family, plan)), flush=True)
+    if main:  # the prompt rendered on samples without their own system turn, and where it came from
+        from finetune.console import system_prompt_lines
+
+        print("\n".join(system_prompt_lines(recipe, processor.settings().get("system_prompt"), samples)), flush=True)
 
     rope = family.rope_index(loaded.model)
     if encodings is not None:
