@@ -1308,7 +1308,9 @@ def load_run(target: str | Path, overrides: Sequence[str] = (), recipes_dir: Pat
         refused = [k for k in changed if not run_may_change(k)]
         if refused:
             raise _refuse(folder, refused, had, given, recipe_provenance(recipe))
-        if Path(recipe.run_dir).resolve() != folder.resolve():  # a run folder moved since, or a relative output.dir
+        if recipe.stages and Path(recipe.run_dir).resolve() != folder.resolve():
+            # a staged run moved since (or a relative output.dir): its stages are found from output.dir; an
+            # unstaged one keeps the recipe it was trained with (its exports carry it) and is given run_dir
             recipe.output.dir = str(folder)
         return RunRecipe(recipe, folder, [])
 
@@ -1335,7 +1337,7 @@ def load_run(target: str | Path, overrides: Sequence[str] = (), recipes_dir: Pat
         else:
             notes.append(f"{run_dir} was trained with {k}={had[k]!r}; the recipe now gives {given[k]!r} "
                          f"({sources.get(k, DEFAULT_SOURCE)}): the run keeps what it was trained with")
-    if Path(saved.run_dir).resolve() != Path(run_dir).resolve():
+    if saved.stages and Path(saved.run_dir).resolve() != Path(run_dir).resolve():
         body["output"]["dir"] = str(run_dir)
     out = _resolve_layers([(path.name, body)], saved.name)
     out._sources = {**recipe_provenance(saved), **{k: sources[k] for k in taken if k in sources}}

@@ -458,7 +458,7 @@ def test_an_existing_run_takes_evaluation_and_export_overrides_only(tmp_path):
     moved = tmp_path / "moved"
     run.rename(moved)
     got = load_run(moved)
-    assert got.run_dir == moved and got.recipe.run_dir == moved
+    assert got.run_dir == moved and got.recipe.output.dir == str(run)  # the recipe stays what trained it
     moved.rename(run)
     # a change to what was trained is refused, every one named with the run's value
     with pytest.raises(RecipeError) as e:
@@ -480,6 +480,18 @@ def test_an_existing_run_takes_evaluation_and_export_overrides_only(tmp_path):
     # no run yet: the recipe as it is (evaluation and export then say to train first)
     got = load_run(rec, [f"output.dir={tmp_path / 'none'}"])
     assert got.run_dir == tmp_path / "none" and got.recipe.train.lr == 2e-3
+    # a staged run finds its stages from output.dir: moved, it is given the folder it is in
+    staged = write(tmp_path, "staged.yaml", """
+        stages:
+          - {name: align, roles: {vision_projector: {mode: full}, llm: {mode: frozen}}}
+          - {name: sft}
+    """)
+    save_resolved(load_recipe(staged, [f"output.dir={tmp_path / 'runs' / 'staged'}"]),
+                  tmp_path / "moved-staged" / "stages.yaml")
+    save_resolved(load_recipe(staged), tmp_path / "moved-staged" / "recipe.yaml")
+    got = load_run(tmp_path / "moved-staged", ["eval.max_samples=2"])
+    assert [n for n, _, _ in got.recipe.stages] == ["align", "sft"] and got.recipe.eval.max_samples == 2
+    assert got.recipe.run_dir == tmp_path / "moved-staged"
 
 
 def test_load_resolved_rejects_plain_recipe(tmp_path):
