@@ -3,7 +3,7 @@
 commands:
   run RECIPE           train, evaluate (base vs tuned) and export, in one go (`make finetune`)
   train RECIPE         train the recipe's adapters (resumes a killed run)
-  eval RECIPE          held-out metrics, base vs tuned
+  eval RUN|RECIPE      held-out metrics, base vs tuned
   export RUN|RECIPE    merged, verified checkpoint (and/or the adapter); --force replaces one
   data check [FILES]   report every problem of datasets (the recipe's own with --recipe R)
   data convert         LLaMA-Factory / ms-swift / OpenAI files or a table + template -> our JSONL
@@ -12,7 +12,11 @@ commands:
   plan RECIPE          GPU memory of a recipe from its config alone (--gpu 24GB --gpus N)
   recipes              list the recipes
 
-Every command that takes a recipe also takes `key.path=value` overrides after it.
+Every command that takes a recipe also takes `key.path=value` overrides after it, before or after
+its options. A recipe is a name (recipes/NAME.yaml), a YAML file, or a run's own recipe.yaml
+(or its run folder). `eval` and `export` on a trained run apply every
+override of eval.*, export.*, data.eval, data.on_error and data.allow_outside_paths; one that
+changes what was trained (model, roles, data.train, train.*, ...) is refused, naming it.
 """
 
 from __future__ import annotations
@@ -26,9 +30,22 @@ from pathlib import Path
 
 
 def _recipe(args):
-    from finetune.recipe import load_recipe
+    """The command's recipe with its overrides; a run folder stands for the recipe it was trained with."""
+    from finetune.recipe import load_recipe, run_folder_of, trained_recipe_file
 
-    return load_recipe(args.recipe, overrides=args.overrides)
+    folder = run_folder_of(args.recipe)
+    target = trained_recipe_file(folder) if folder is not None and Path(args.recipe).is_dir() else args.recipe
+    return load_recipe(target, overrides=args.overrides)
+
+
+def _run(target: str, overrides):
+    """The recipe and folder of an existing run (finetune.recipe.load_run), its notes printed."""
+    from finetune.recipe import load_run
+
+    run = load_run(target, overrides)
+    for note in run.notes:
+        print(f"note: {note}", flush=True)
+    return run
 
 
 def cmd_train(args) -> int:
@@ -42,28 +59,22 @@ def cmd_train(args) -> int:
 def cmd_eval(args) -> int:
     from finetune.evaluate import evaluate, summary_line
 
-    recipe = _recipe(args)
-    r = evaluate(recipe)
+    run = _run(args.recipe, args.overrides)
+    r = evaluate(run.recipe, run.run_dir)
     print(f"eval: {summary_line(r)}")
-    print(f"eval report: {recipe.run_dir / 'eval.md'}")
+    print(f"eval report: {run.run_dir / 'eval.md'}")
     if r.get("report"):
         print(f"eval page:   {r['report']}")
     return 0
 
 
-def _run_dir_of(target: str, overrides) -> Path:
-    p = Path(target)
-    if (p / "recipe.yaml").exists():
-        return p
-    from finetune.recipe import load_recipe
-
-    return load_recipe(target, overrides=overrides).run_dir
-
-
 def cmd_export(args) -> int:
     from finetune.export import export_run
+    from finetune.stages import final_recipe
 
-    out = export_run(_run_dir_of(args.target, args.overrides), force=args.force, fmt=args.format)
+    run = _run(args.target, args.overrides)
+    # a staged run's folder holds its last stage: that stage's recipe made the adapter
+    out = export_run(run.run_dir, force=args.force, fmt=args.format, recipe=final_recipe(run.recipe))
     for kind, path in out.items():
         line = f"{kind} export: {path}"
         if kind == "merged":
@@ -144,6 +155,13 @@ def cmd_data_check(args) -> int:
                            allow_outside_paths=args.allow_outside_paths or bool(recipe and recipe.data.allow_outside_paths),
                            open_media=not args.no_media)
     print(report.format())
+    if report.errors and recipe is not None and recipe.data.on_error == "skip" and report.n_ok \
+            and all(e.line for e in report.errors):
+        # what training does with them: each sample is left out and counted; a file-level problem still stops it
+        bad = len({(e.file, e.line) for e in report.errors})
+        print(f"data.on_error: skip: the run leaves out the {bad} sample(s) above (skipped and counted) and uses "
+              f"the {report.n_ok} good one(s)")
+        return 0
     return 1 if report.errors else 0
 
 
@@ -189,19 +207,20 @@ def build_parser() -> argparse.ArgumentParser:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="command", required=True)
 
-    def recipe_cmd(name, fn, help_):
+    def recipe_cmd(name, fn, help_, what="recipe name (recipes/NAME.yaml) or path, or a run's recipe.yaml"):
         sp = sub.add_parser(name, help=help_)
-        sp.add_argument("recipe", help="recipe name (recipes/NAME.yaml) or path")
+        sp.add_argument("recipe", help=what)
         sp.add_argument("overrides", nargs="*", help="overrides such as train.lr=1e-4 data.max_tokens=2048")
         sp.set_defaults(fn=fn)
         return sp
 
     recipe_cmd("train", cmd_train, "train the recipe's adapters")
-    recipe_cmd("eval", cmd_eval, "evaluate base vs tuned on the held-out split")
+    recipe_cmd("eval", cmd_eval, "evaluate base vs tuned on the held-out split",
+               "a run folder (or its recipe.yaml), or the recipe that trained it")
     recipe_cmd("run", cmd_run, "train, evaluate and export")
     ex = sub.add_parser("export", help="merge and export a run (RUN_DIR or recipe name)")
-    ex.add_argument("target")
-    ex.add_argument("overrides", nargs="*")
+    ex.add_argument("target", help="a run folder (or its recipe.yaml), or the recipe that trained it")
+    ex.add_argument("overrides", nargs="*", help="export.*, eval.*, data.eval ... overrides, e.g. export.dtype=bfloat16")
     ex.add_argument("--force", action="store_true", help="replace an existing export")
     ex.add_argument("--format", choices=["merged", "adapter", "both"], default=None)
     ex.set_defaults(fn=cmd_export)
@@ -249,7 +268,22 @@ def build_parser() -> argparse.ArgumentParser:
 
     rc = sub.add_parser("recipes", help="list the recipes")
     rc.set_defaults(fn=cmd_recipes)
+    for depth, parsers in ((1, sub.choices), (2, dsub.choices)):
+        for leaf in parsers.values():
+            if leaf is not data:
+                leaf.set_defaults(_leaf=None if leaf is conv else (leaf, depth))
     return p
+
+
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    """The command line with options and overrides (or files) in any order: the command is picked
+    first, then its own parser reads the rest intermixed (`plan medical --gpu 24GB model.path=...`
+    as `plan medical model.path=... --gpu 24GB`)."""
+    args, _ = build_parser().parse_known_args(argv)
+    if args._leaf is None:  # data convert: its own parser
+        return args
+    leaf, depth = args._leaf
+    return argparse.Namespace(**{**vars(args), **vars(leaf.parse_intermixed_args(argv[depth:]))})
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -262,7 +296,7 @@ def main(argv: list[str] | None = None) -> int:
         from finetune.data.convert import main as convert_main
 
         return convert_main(argv[2:])
-    args = build_parser().parse_args(argv)
+    args = parse_args(argv)
     try:
         return args.fn(args)
     except UserError as e:

@@ -162,8 +162,10 @@ def adapter_card(recipe, family, base: Path) -> str:
         "The processor files beside it carry the training image settings.", ""] + family.usage(False) + [""])
 
 
-def export_run(run_dir: Path, *, force: bool = False, fmt: str | None = None) -> dict[str, Path]:
+def export_run(run_dir: Path, *, force: bool = False, fmt: str | None = None, recipe=None) -> dict[str, Path]:
     """Export a trained run folder; returns the written folders ({'merged': ..., 'adapter': ...}).
+    `recipe`: the settings to export with (the run's recipe.yaml with the command's overrides,
+    finetune.recipe.load_run; a staged run's last stage); default the run's recipe.yaml as it is.
 
     Under torchrun (`run` launched on several processes) only rank 0 exports; the others
     return at once with nothing written."""
@@ -183,7 +185,7 @@ def export_run(run_dir: Path, *, force: bool = False, fmt: str | None = None) ->
     from finetune.runlock import lock_run
 
     lock_run(run_dir)
-    recipe = load_resolved(run_dir / "recipe.yaml")
+    recipe = recipe if recipe is not None else load_resolved(run_dir / "recipe.yaml")
     fmt = fmt or recipe.export.format
     written: dict[str, Path] = {}
     for name in ("merged", "adapter_export", "merged-4bit", "merged-8bit"):
@@ -196,6 +198,29 @@ def export_run(run_dir: Path, *, force: bool = False, fmt: str | None = None) ->
         if recipe.export.quantize != "none":
             written[f"merged-{recipe.export.quantize}"] = export_quantized(run_dir, recipe, force=force)
     return written
+
+
+def probe_samples(recipe, family, processor, config: dict, rope) -> list:
+    """The samples the export is verified on (data.eval, else data.train), read and checked as
+    training checked them (remembered by content: instant after training). Under data.on_error
+    skip a sample the model cannot take (a video for a family without video, say) is left out
+    and counted; under raise the first stops the export, naming its line."""
+    from finetune.data.prepare import prepare, record_path
+    from finetune.families.base import cache_root
+    from finetune.train import read_split
+
+    split = recipe.data.eval or recipe.data.train
+    samples, skipped = read_split(split, recipe, on_error="skip")
+    good, _, bad = prepare(samples, family, processor, config, rope, max_tokens=recipe.data.max_tokens,
+                           record=record_path(samples, cache_root()) if samples else None)
+    skipped += bad
+    if skipped and recipe.data.on_error == "raise":
+        raise min(skipped, key=lambda e: (str(e.file), e.line or 0))
+    if skipped:
+        print(f"export: {len(skipped)} sample(s) of the probe data left out (data.on_error: skip)", flush=True)
+    if not good:
+        raise ExportError(f"{split}: no usable sample to verify the export on")
+    return good
 
 
 def recover(target: Path) -> None:
@@ -262,7 +287,6 @@ def export_merged(run_dir: Path, recipe, *, force: bool) -> Path:
     from finetune.checkpoint import raw_equal, tensors_of
     from finetune.families import family_for
     from finetune.recipe import save_resolved, save_shareable
-    from finetune.train import read_split
 
     family = family_for(recipe.model.path, recipe.model.family, recipe.model.revision)
     target = run_dir / "merged"
@@ -275,8 +299,7 @@ def export_merged(run_dir: Path, recipe, *, force: bool) -> Path:
     loaded = family.load(recipe, quantize="none", dtype=dtype, attn="sdpa")
     rope = family.rope_index(loaded.model)
     model = PeftModel.from_pretrained(loaded.model, str(run_dir / "adapter"))
-    samples, _ = read_split(recipe.data.eval or recipe.data.train, recipe)
-    probes = pick_probes(samples)
+    probes = pick_probes(probe_samples(recipe, family, loaded.processor, family.read_config(loaded.base_path), rope))
     ref = probe_logits(model, family, loaded.processor, probes, rope)
     merged = model.merge_and_unload()
 
@@ -345,7 +368,6 @@ def _stages_of(run_dir: Path) -> dict | None:
 def export_quantized(run_dir: Path, recipe, *, force: bool) -> Path:
     """merged-<4bit|8bit>/: the verified merged export quantised, reloaded and compared."""
     from finetune.families import family_for
-    from finetune.train import read_split
 
     family = family_for(recipe.model.path, recipe.model.family, recipe.model.revision)
     q = recipe.export.quantize
@@ -360,8 +382,8 @@ def export_quantized(run_dir: Path, recipe, *, force: bool) -> Path:
         processor = family.processor(family.resolve_path(recipe.model.path, recipe.model.tiny_seed, recipe.model.revision), recipe)
         reference = family.load_merged_for_check(merged, torch.float32)
         rope = family.rope_index(reference)
-        samples, _ = read_split(recipe.data.eval or recipe.data.train, recipe)
-        probes = pick_probes(samples)
+        base = family.resolve_path(recipe.model.path, recipe.model.tiny_seed, recipe.model.revision)
+        probes = pick_probes(probe_samples(recipe, family, processor, family.read_config(base), rope))
         ref = probe_logits(reference, family, processor, probes, rope)
         del reference
         got = probe_logits(family.load_quantized_for_check(tmp), family, processor, probes, rope)

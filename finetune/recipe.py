@@ -44,6 +44,9 @@ __all__ = [
     "role_names",
     "load_recipe",
     "load_resolved",
+    "load_run",
+    "RunRecipe",
+    "RUN_SETTINGS",
     "save_resolved",
     "recipe_to_dict",
     "recipe_provenance",
@@ -1058,8 +1061,15 @@ def _find_parent(ref: str, child: Path, recipes_dir: Path) -> Path | None:
     return None
 
 
-def _read_layers(path: Path, recipes_dir: Path, top_name: str, chain: list[Path]) -> list[_Layer]:
-    """The layers of ``path`` and its ``extends`` ancestors, ancestors first."""
+def _is_resolved(data: Any) -> bool:
+    """True for what :func:`save_resolved` writes (a run's recipe.yaml): ``recipe:`` and ``sources:``."""
+    return isinstance(data, dict) and isinstance(data.get("recipe"), dict) and set(data) <= {"recipe", "sources"}
+
+
+def _read_layers(path: Path, recipes_dir: Path, top_name: str, chain: list[Path],
+                 saved: dict[str, dict] | None = None) -> list[_Layer]:
+    """The layers of ``path`` and its ``extends`` ancestors, ancestors first. A resolved recipe
+    (a run's recipe.yaml) is one layer, its body; its ``sources:`` go into ``saved`` by label."""
     label = path.name
 
     def fail(message: str, where: str = "(file)") -> RecipeError:
@@ -1082,6 +1092,10 @@ def _read_layers(path: Path, recipes_dir: Path, top_name: str, chain: list[Path]
         data = {}
     if not isinstance(data, dict):
         raise fail(f"top level must be a mapping of settings, got {_describe(data)}")
+    if _is_resolved(data):  # complete by itself: no extends
+        if saved is not None and isinstance(data.get("sources"), dict):
+            saved[label] = data["sources"]
+        return [(label, dict(data["recipe"]))]
     data = dict(data)
     ref = data.pop("extends", None)
     layers: list[_Layer] = []
@@ -1091,7 +1105,7 @@ def _read_layers(path: Path, recipes_dir: Path, top_name: str, chain: list[Path]
         parent = _find_parent(ref.strip(), path, recipes_dir)
         if parent is None:
             raise fail(f"parent recipe {ref!r} not found next to {path.name} or in {recipes_dir}", "extends")
-        layers = _read_layers(parent, recipes_dir, top_name, [*chain, resolved])
+        layers = _read_layers(parent, recipes_dir, top_name, [*chain, resolved], saved)
     layers.append((label, data))
     return layers
 
@@ -1141,13 +1155,16 @@ def load_recipe(
 
     ``path_or_name`` is a YAML path or a bare name looked up in ``recipes_dir`` (default:
     ``./recipes`` if it exists, else the ``recipes/`` folder shipped next to the package).
-    ``overrides`` are ``dotted.path=value`` strings whose values are parsed as YAML.
+    ``overrides`` are ``dotted.path=value`` strings whose values are parsed as YAML. A file
+    written by :func:`save_resolved` (a run's ``recipe.yaml``) is a recipe too, keeping where
+    each of its values came from.
     Raises :class:`RecipeError` listing every problem at once.
     """
     folder = Path(recipes_dir) if recipes_dir is not None else _default_recipes_dir()
     path = _find_recipe_file(path_or_name, folder)
     top_name = path.stem
-    layers = _read_layers(path, folder, top_name, [])
+    saved: dict[str, dict] = {}
+    layers = _read_layers(path, folder, top_name, [], saved)
     # The name comes from the file that was asked for, never from a parent, so that a child
     # recipe gets its own run folder.
     top_label, top_data = layers[-1]
@@ -1166,7 +1183,12 @@ def load_recipe(
     name_index = _layer_index(layers, "name")
     if name_index >= 0 and isinstance(layers[name_index][1].get("name"), str) and layers[name_index][1]["name"]:
         header = layers[name_index][1]["name"]
-    return _resolve_layers(layers, header, extra)
+    recipe = _resolve_layers(layers, header, extra)
+    for label, sources in saved.items():
+        for key, source in recipe._sources.items():
+            if source == f"recipe:{label}" and isinstance(sources.get(key), str):
+                recipe._sources[key] = sources[key]
+    return recipe
 
 
 # ----------------------------------------------------------------------------------------------
@@ -1320,3 +1342,144 @@ def load_resolved(path: Path) -> Recipe:
             if key in recipe._sources and isinstance(value, str):
                 recipe._sources[key] = value
     return recipe
+
+
+# ----------------------------------------------------------------------------------------------
+# An existing run: evaluation and export settings change, what was trained does not
+# ----------------------------------------------------------------------------------------------
+
+#: what `eval` and `export` may change on a trained run: how it is evaluated and exported, on
+#: which held-out data, and how bad samples of that data are handled. Everything else (model,
+#: roles, data.train, the prompt, the pixels, train.*, stages) made the adapter, and stays the
+#: run's own (its recipe.yaml).
+RUN_SETTINGS: tuple[str, ...] = ("description", "data.eval", "data.on_error", "data.allow_outside_paths", "eval.*",
+                                 "export.*")
+#: what locates a run folder rather than describing the run
+_LOCATORS = ("name", "output.dir")
+
+
+def run_may_change(path: str) -> bool:
+    """True for a dotted setting in :data:`RUN_SETTINGS` (``eval.*`` covers ``eval.max_samples``)."""
+    return any(path == p or (p.endswith(".*") and path.startswith(p[:-1])) for p in RUN_SETTINGS)
+
+
+class RunRecipe(typing.NamedTuple):
+    """What :func:`load_run` returns: the recipe to evaluate or export with, the run folder, and
+    one line per setting the recipe now gives otherwise than the run was trained with (the run's
+    value is kept)."""
+
+    recipe: Recipe
+    run_dir: Path
+    notes: list[str]
+
+
+def run_folder_of(target: str | Path) -> Path | None:
+    """The run folder ``target`` names: a folder with a recipe.yaml, or a run's own recipe.yaml
+    (or stages.yaml) inside one; None for anything else (a recipe name or file)."""
+    p = Path(target)
+    if p.is_dir():
+        return p if (p / "recipe.yaml").is_file() else None
+    if p.name in ("recipe.yaml", "stages.yaml") and p.is_file() and (p.parent / "recipe.yaml").is_file():
+        try:
+            return p.parent if _is_resolved(_parse_yaml(p.read_text(encoding="utf-8"))) else None
+        except (OSError, yaml.YAMLError):
+            return None
+    return None
+
+
+def trained_recipe_file(run_dir: Path) -> Path:
+    """The file of the recipe a run folder was trained with: a staged run's stages.yaml (every
+    stage), else its recipe.yaml."""
+    staged = Path(run_dir) / "stages.yaml"
+    return staged if staged.is_file() else Path(run_dir) / "recipe.yaml"
+
+
+def _settings(recipe: Recipe) -> dict[str, Any]:
+    """Every leaf setting by dotted path, and `stages` as written."""
+    body = recipe_to_dict(recipe)
+    flat: dict[str, Any] = {}
+    for path in _leaf_paths():
+        value: Any = body
+        for part in path.split("."):
+            value = value[part]
+        flat[path] = value
+    flat["stages"] = [stage for _, stage, _ in recipe.stages]
+    return flat
+
+
+def _set(body: dict, path: str, value: Any) -> None:
+    *parents, leaf = path.split(".")
+    for part in parents:
+        body = body.setdefault(part, {})
+    body[leaf] = copy.deepcopy(value)
+
+
+def load_run(target: str | Path, overrides: Sequence[str] = (), recipes_dir: Path | None = None) -> RunRecipe:
+    """The recipe of an existing run for `eval` and `export`, with ``overrides`` applied.
+
+    ``target`` is a run folder (or its recipe.yaml): its recipe.yaml with the overrides on top.
+    Or a recipe (name or file) with the overrides, which locates the run folder (``output.dir``,
+    else runs/<name>): when that folder holds a trained run, the run's recipe with the recipe's
+    :data:`RUN_SETTINGS`; a setting of what was trained that the recipe file now gives otherwise
+    keeps the run's value, with a note. An override that changes what was trained is refused,
+    every one named, in one :class:`RecipeError`. Without a run folder: the recipe as it is.
+    """
+    folder = run_folder_of(target)
+    if folder is not None:
+        path = trained_recipe_file(folder)
+        recipe = load_recipe(path, overrides, recipes_dir)
+        saved = load_resolved(path)
+        given, had = _settings(recipe), _settings(saved)
+        changed = [k for k in given if given[k] != had[k]]
+        refused = [k for k in changed if not run_may_change(k)]
+        if refused:
+            raise _refuse(folder, refused, had, given, recipe_provenance(recipe))
+        if recipe.stages and Path(recipe.run_dir).resolve() != folder.resolve():
+            # a staged run moved since (or a relative output.dir): its stages are found from output.dir; an
+            # unstaged one keeps the recipe it was trained with (its exports carry it) and is given run_dir
+            recipe.output.dir = str(folder)
+        return RunRecipe(recipe, folder, [])
+
+    recipe = load_recipe(target, overrides, recipes_dir)
+    run_dir = recipe.run_dir
+    if not (run_dir / "recipe.yaml").is_file():
+        return RunRecipe(recipe, run_dir, [])
+    path = trained_recipe_file(run_dir)
+    saved = load_resolved(path)
+    given, had = _settings(recipe), _settings(saved)
+    sources = recipe_provenance(recipe)
+    changed = [k for k in given if given[k] != had[k] and k not in _LOCATORS]
+    refused = [k for k in changed if not run_may_change(k) and sources.get(k, OVERRIDE_SOURCE) == OVERRIDE_SOURCE]
+    if refused:
+        raise _refuse(run_dir, refused, had, given, sources)
+    body = recipe_to_dict(saved)
+    if saved.stages:
+        body["stages"] = had["stages"]
+    notes, taken = [], []
+    for k in changed:
+        if run_may_change(k):
+            _set(body, k, given[k])
+            taken.append(k)
+        else:
+            notes.append(f"{run_dir} was trained with {k}={had[k]!r}; the recipe now gives {given[k]!r} "
+                         f"({sources.get(k, DEFAULT_SOURCE)}): the run keeps what it was trained with")
+    if saved.stages and Path(saved.run_dir).resolve() != Path(run_dir).resolve():
+        body["output"]["dir"] = str(run_dir)
+    out = _resolve_layers([(path.name, body)], saved.name)
+    out._sources = {**recipe_provenance(saved), **{k: sources[k] for k in taken if k in sources}}
+    return RunRecipe(out, run_dir, notes)
+
+
+def _refuse(run_dir: Path, keys: list[str], had: dict, given: dict, sources: dict) -> RecipeError:
+    lines = []
+    for k in keys:
+        if k in _LOCATORS:
+            lines.append(f"{k}: {given[k]!r} names another run than {run_dir}; give that run folder, or the recipe")
+        else:
+            lines.append(f"{k}: the run was trained with {had[k]!r}; this command gives {given[k]!r} "
+                         f"({sources.get(k, OVERRIDE_SOURCE)})")
+    return RecipeError(
+        f"{run_dir} is a trained run: eval and export change only {', '.join(RUN_SETTINGS)} on it, and this command "
+        f"changes what was trained:\n" + "\n".join(f"  {ln}" for ln in lines) +
+        "\nFix: drop these settings (the run's recipe.yaml keeps what it was trained with), or train a new run with "
+        "them (another output.dir)", lines)

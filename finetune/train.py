@@ -516,7 +516,9 @@ def make_trainer(recipe: Recipe, family: Family, model, processor, train_ds, col
         # TRL's own path (token_metrics) also computes entropy and top-1 hits every step
         base = trainer.model.get_base_model() if hasattr(trainer.model, "get_base_model") else trainer.model
         add_label_head(base)
-    trainer.add_callback(console_callback(recipe.train.print_every))
+    # the console shows the LLM's rate (roles.llm.lr, else train.lr), or the largest group's without LoRA on it
+    trainer.add_callback(console_callback(recipe.train.print_every, main_lr=None if llm.mode == "frozen" else
+                                          (llm.lr if llm.lr is not None else recipe.train.lr)))
     return trainer
 
 
@@ -861,6 +863,10 @@ def train(recipe: Recipe) -> Path:
     if attn == attention.VARLEN and torch.cuda.is_available():  # decided here once, said once
         kernel, why = kernels.select(torch.device("cuda", torch.cuda.current_device()), torch_dtype(precision))
         print(f"packed attention kernel: {kernel} ({why})", flush=True)
+    if main:  # the prompt rendered on samples without their own system turn, and where it came from
+        from finetune.console import system_prompt_lines
+
+        print("\n".join(system_prompt_lines(recipe, processor.settings().get("system_prompt"), samples)), flush=True)
 
     rope = family.rope_index(loaded.model)
     if encodings is not None:

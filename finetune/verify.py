@@ -12,6 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
+from finetune.errors import ConfigError
 from finetune.families.base import IGNORE_INDEX
 from finetune.packing import pack_encoded, plan_bins
 
@@ -192,7 +193,7 @@ def verify_packing(recipe, n_samples: int = 8, *, device: str | None = None, dty
     """
     from finetune import adapters, attention
     from finetune.families import family_for
-    from finetune.train import choose_precision, prepare_data, quiet_libraries, read_split, torch_dtype
+    from finetune.train import choose_precision, prepare_data, prepare_split, quiet_libraries, read_split, torch_dtype
 
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     dtype = dtype or ("float32" if device == "cpu" else choose_precision(recipe.train.precision))
@@ -206,7 +207,13 @@ def verify_packing(recipe, n_samples: int = 8, *, device: str | None = None, dty
     model, _ = adapters.apply_roles(loaded.model, family, recipe)
     model.to(device)
     perturb_lora_b(model, 0.02)
-    samples, _ = read_split(recipe.data.train, recipe)
+    # checked as training checks them: under data.on_error skip what the model cannot take is left out
+    samples, skipped = read_split(recipe.data.train, recipe, on_error="skip")
+    samples, _ = prepare_split(samples, family, loaded, recipe, skipped)
+    if skipped and recipe.data.on_error == "raise":
+        raise min(skipped, key=lambda e: (str(e.file), e.line or 0))
+    if not samples:
+        raise ConfigError(f"{recipe.data.train_label}: no usable samples to verify packing on")
     picked = pick_mixture(samples, n_samples)
     low = dt != torch.float32
     return compare_packed(model, family, loaded.processor, picked, family.rope_index(loaded.model),

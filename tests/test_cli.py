@@ -29,7 +29,7 @@ def test_help_lists_every_command():
     from finetune import cli
 
     text = cli.build_parser().format_help()
-    for command in ("run RECIPE", "train RECIPE", "eval RECIPE", "export RUN", "data check", "data convert",
+    for command in ("run RECIPE", "train RECIPE", "eval RUN|RECIPE", "export RUN|RECIPE", "data check", "data convert",
                     "demo medical", "verify packing", "plan RECIPE", "recipes"):
         assert command in text, command
 

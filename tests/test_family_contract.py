@@ -109,6 +109,27 @@ def test_tiny_model_loads(family, loaded):
     json.dumps(settings)  # keys the token-length cache: must serialise
 
 
+def test_modalities_are_declared_and_others_refused_at_their_line(family, loaded, media_dir):  # noqa: F811
+    """`Family.modalities`: the media kinds the model takes, one per tower call (media_keys); a
+    sample with any other kind is a located error before training, whose fix names the part."""
+    from finetune.data.check import modality_errors
+    from finetune.data.prepare import problems_of
+
+    assert isinstance(family.modalities, frozenset) and family.modalities
+    assert family.modalities <= set(KINDS) and family.modalities == set(family.media_keys)
+    cfg = family.read_config(loaded.base_path)
+    for kind in KINDS:
+        s = sample(media_dir, MIXES[kind])
+        if kind in family.modalities:
+            assert modality_errors(s, family) == []
+            continue
+        _, errors = problems_of(s, family, loaded.processor, cfg, family.rope_index(loaded.model), None)
+        assert [e.kind for e in errors] == ["modality"], errors
+        e = errors[0]
+        assert (e.file, e.line, e.field) == ("t.jsonl", 1, "messages[1].content[0]")
+        assert f"not {kind}" in e.problem and f"remove the {kind} part" in e.fix
+
+
 # ---- 2. roles -------------------------------------------------------------------------------
 def test_every_parameter_has_exactly_one_role(family, loaded, trainable):
     # the longest matching prefix wins: two roles listing the same prefix would be ambiguous

@@ -415,6 +415,85 @@ def test_save_and_load_resolved_round_trip(tmp_path):
     assert recipe_provenance(back) == recipe_provenance(r)
 
 
+def test_a_runs_recipe_yaml_is_a_recipe(tmp_path):
+    """What save_resolved writes (a run's recipe.yaml) loads as a recipe, with its provenance,
+    takes overrides, and can be extended."""
+    write(tmp_path, "base.yaml", "model: {quantize: 4bit}\ntrain: {lr: 1.0e-3}\n")
+    path = write(tmp_path, "trip.yaml", "extends: base\ndata: {system_prompt: 'Answer: briefly.'}\n")
+    r = load_recipe(path, ["train.max_steps=5"])
+    saved = tmp_path / "run" / "recipe.yaml"
+    save_resolved(r, saved)
+
+    back = load_recipe(saved)
+    assert back == r and back.name == "trip"
+    assert recipe_provenance(back) == recipe_provenance(r)
+    again = load_recipe(saved, ["train.lr=1e-4"])
+    assert again.train.lr == 1e-4 and again.train.max_steps == 5 and again.model.quantize == "4bit"
+    assert recipe_provenance(again)["train.lr"] == "override"
+    assert recipe_provenance(again)["data.system_prompt"] == "recipe:trip.yaml"
+    child = write(tmp_path, "child.yaml", "extends: run/recipe.yaml\ntrain: {seed: 3}\n")
+    c = load_recipe(child)
+    assert c.name == "child" and c.train.seed == 3 and c.train.max_steps == 5 and c.model.quantize == "4bit"
+    with pytest.raises(RecipeError, match="train.lrr"):  # still strict
+        load_recipe(saved, ["train.lrr=1"])
+
+
+def test_an_existing_run_takes_evaluation_and_export_overrides_only(tmp_path):
+    from finetune.recipe import RUN_SETTINGS, load_run
+
+    assert "export.*" in RUN_SETTINGS and "eval.*" in RUN_SETTINGS and "data.eval" in RUN_SETTINGS
+    rec = write(tmp_path, "exp.yaml", "train: {lr: 1.0e-3}\neval: {max_samples: 4}\n")
+    run = tmp_path / "runs" / "exp"
+    save_resolved(load_recipe(rec, [f"output.dir={run}", "train.max_steps=5"]), run / "recipe.yaml")
+
+    # a run folder, with overrides of evaluation and export
+    got = load_run(run, ["export.dtype=bfloat16", "eval.max_samples=2", "data.eval=other.jsonl", "data.on_error=skip"])
+    assert got.run_dir == run and got.notes == []
+    r = got.recipe
+    assert (r.export.dtype, r.eval.max_samples, r.data.eval, r.data.on_error) == ("bfloat16", 2, "other.jsonl", "skip")
+    assert r.train.max_steps == 5 and r.train.lr == 1e-3  # what was trained
+    assert recipe_provenance(r)["export.dtype"] == "override" and recipe_provenance(r)["train.lr"] == "recipe:exp.yaml"
+    # the run's recipe.yaml names the same run; a run folder moved elsewhere is that folder
+    assert load_run(run / "recipe.yaml", ["eval.max_samples=2"]).run_dir == run
+    moved = tmp_path / "moved"
+    run.rename(moved)
+    got = load_run(moved)
+    assert got.run_dir == moved and got.recipe.output.dir == str(run)  # the recipe stays what trained it
+    moved.rename(run)
+    # a change to what was trained is refused, every one named with the run's value
+    with pytest.raises(RecipeError) as e:
+        load_run(run, ["train.lr=0.1", "roles.llm.r=4", "export.dtype=float16"])
+    msg = str(e.value)
+    assert "train.lr" in msg and "roles.llm.r" in msg and "0.001" in msg and "export.dtype" not in msg
+    with pytest.raises(RecipeError, match="output.dir"):
+        load_run(run, [f"output.dir={tmp_path / 'elsewhere'}"])
+    # a recipe: overrides equal to the run's are fine, its evaluation settings apply
+    got = load_run(rec, [f"output.dir={run}", "train.max_steps=5", "eval.max_samples=1"])
+    assert got.run_dir == run and got.recipe.eval.max_samples == 1 and got.notes == []
+    # the recipe file changed since training: the run keeps what it was trained with, and says so
+    rec.write_text("train: {lr: 2.0e-3}\neval: {max_samples: 3}\n")
+    got = load_run(rec, [f"output.dir={run}"])
+    assert got.recipe.train.lr == 1e-3 and got.recipe.train.max_steps == 5 and got.recipe.eval.max_samples == 3
+    assert len(got.notes) == 2 and any("train.lr" in n and "0.001" in n for n in got.notes)
+    with pytest.raises(RecipeError, match="train.max_steps"):
+        load_run(rec, [f"output.dir={run}", "train.max_steps=7"])
+    # no run yet: the recipe as it is (evaluation and export then say to train first)
+    got = load_run(rec, [f"output.dir={tmp_path / 'none'}"])
+    assert got.run_dir == tmp_path / "none" and got.recipe.train.lr == 2e-3
+    # a staged run finds its stages from output.dir: moved, it is given the folder it is in
+    staged = write(tmp_path, "staged.yaml", """
+        stages:
+          - {name: align, roles: {vision_projector: {mode: full}, llm: {mode: frozen}}}
+          - {name: sft}
+    """)
+    save_resolved(load_recipe(staged, [f"output.dir={tmp_path / 'runs' / 'staged'}"]),
+                  tmp_path / "moved-staged" / "stages.yaml")
+    save_resolved(load_recipe(staged), tmp_path / "moved-staged" / "recipe.yaml")
+    got = load_run(tmp_path / "moved-staged", ["eval.max_samples=2"])
+    assert [n for n, _, _ in got.recipe.stages] == ["align", "sft"] and got.recipe.eval.max_samples == 2
+    assert got.recipe.run_dir == tmp_path / "moved-staged"
+
+
 def test_load_resolved_rejects_plain_recipe(tmp_path):
     path = write(tmp_path, "plain.yaml", "train: {lr: 1.0}\n")
     with pytest.raises(RecipeError, match="not a resolved recipe file"):

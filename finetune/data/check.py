@@ -263,6 +263,25 @@ def media_errors(sample: Sample, checker: "_MediaChecker | None" = None) -> list
     return out
 
 
+def modality_errors(sample: Sample, family) -> list[DataError]:
+    """One located error per media part of a kind the family's model cannot take
+    (`Family.modalities`), with the fix: drop the part or the sample, or a model that takes it."""
+    from finetune.families import _registry
+
+    out: list[DataError] = []
+    for i, msg in enumerate(sample.messages):
+        for j, part in enumerate(msg.parts):
+            if part.is_media and part.type not in family.modalities:
+                takes = " and ".join(t for t in MEDIA_TYPES if t in family.modalities) or "text only"
+                others = sorted(cls.title for cls in _registry().values() if part.type in cls.modalities)
+                fix = (f"remove the {part.type} part, or the sample (data.on_error: skip leaves such samples out "
+                       f"and counts them)" + (f", or train a model that takes {part.type} ({', '.join(others)})"
+                                              if others else ""))
+                out.append(DataError("modality", f"{family.title} takes {takes}, not {part.type}", fix,
+                                     file=sample.source, line=sample.line, field=f"messages[{i}].content[{j}]"))
+    return out
+
+
 def check_dataset(
     paths: list[Path],
     *,
@@ -300,7 +319,9 @@ def check_dataset(
     tally: dict[str, int] = {}
 
     def sample_checks(sample: Sample) -> list[DataError]:
-        found: list[DataError] = []
+        found: list[DataError] = modality_errors(sample, family) if family is not None else []
+        if found:  # nothing to decode or count for a model that cannot take it
+            return found
         try:
             if open_media:
                 found += media_errors(sample, checker)

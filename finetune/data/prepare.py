@@ -18,7 +18,7 @@ import hashlib
 import json
 from pathlib import Path
 
-from finetune.data.check import _MediaChecker, media_errors
+from finetune.data.check import _MediaChecker, media_errors, modality_errors
 from finetune.data.schema import DataError, Sample, current_limits
 
 _ENCODE_FIX = "run `python -m finetune data check --recipe RECIPE` on the file; it names the part to change"
@@ -64,7 +64,7 @@ def problems_of(s: Sample, family, processor, config: dict, rope, max_tokens: in
 def _check(s: Sample, family, processor, config: dict, rope, max_tokens: int | None,
            checker: _MediaChecker | None = None, tally: dict | None = None):
     """(planned token count, errors, the encoding when there was one) of one sample."""
-    bad = media_errors(s, checker)
+    bad = modality_errors(s, family) or media_errors(s, checker)
     if bad:
         return None, bad, None
 

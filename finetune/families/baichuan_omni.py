@@ -132,6 +132,7 @@ class BaichuanOmniFamily(Family):
     title = "Baichuan-Omni-1.5"
     mrope = False
     media_keys = {"image": "pixel_values", "video": "pixel_values_videos", "audio": "audio_features"}
+    modalities = frozenset({"image", "audio", "video"})
     float_media = ("pixel_values", "pixel_values_videos")
     shipped_configs = ("baichuan_omni_1_5.json",)
     role_prefixes = {

@@ -125,6 +125,11 @@ class Family(abc.ABC):
     #: media kind -> the EncodedSample.media key that carries it: each kind is one tower call per
     #: forward (packing.idle_media makes every rank run every tower when weights are sharded)
     media_keys: dict[str, str] = {}
+    #: the media kinds (image, audio, video) a sample may hold for this family's model, as its
+    #: released processor takes them; a sample with another kind is a located error before the
+    #: first step (or skipped and counted under data.on_error: skip), and `data check --recipe`
+    #: names it. The README's roles table lists them per family.
+    modalities: frozenset[str] = frozenset()
     #: configs of released models in finetune/configs/, for `plan` without the weights (config:<stem>)
     shipped_configs: tuple[str, ...] = ()
     #: the floating-point media tensors of a batch that take the model's dtype (video seconds per

@@ -207,6 +207,7 @@ class Gemma3nFamily(Family):
     hf_model, hf_config = "Gemma3nForConditionalGeneration", "Gemma3nConfig"
     mrope = False
     media_keys = {"image": "pixel_values", "audio": "input_features"}
+    modalities = frozenset({"image", "audio"})  # Gemma 3n's processor takes no video
     float_media = ("pixel_values", "input_features")
     shipped_configs = ("gemma3n_e4b.json",)
     role_prefixes = {

@@ -238,6 +238,7 @@ class Qwen25OmniFamily(Family):
     mrope = True
     audio_in_video = True  # the processor's use_audio_in_video: the sound's tokens between the video's, by time
     media_keys = {"image": "pixel_values", "video": "pixel_values_videos", "audio": "input_features"}
+    modalities = frozenset({"image", "audio", "video"})
     float_media = ("pixel_values", "pixel_values_videos", "input_features", "audio_padded_feature")
     shipped_configs = ("qwen2_5_omni_7b.json",)
     role_prefixes = {

@@ -210,6 +210,7 @@ class Qwen3OmniMoeFamily(Qwen25OmniFamily):
     name = "qwen3_omni_moe"
     model_types = ("qwen3_omni_moe", "qwen3_omni_moe_thinker")
     title = "Qwen3-Omni"
+    modalities = frozenset({"image", "audio", "video"})
     hf_thinker, hf_full = "Qwen3OmniMoeThinkerForConditionalGeneration", "Qwen3OmniMoeForConditionalGeneration"
     hf_thinker_config, hf_full_config = "Qwen3OmniMoeThinkerConfig", "Qwen3OmniMoeConfig"
     hf_processor = "Qwen3OmniMoeProcessor"
