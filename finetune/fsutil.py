@@ -312,13 +312,16 @@ def new_staging_dir(target: str | Path, name: str | None = None) -> Path:
     target.parent.mkdir(parents=True, exist_ok=True)
     while True:
         tmp = target.with_name(name or f"{target.name}.tmp-{secrets.token_hex(4)}")
-        update_owned(target.parent, add=[f"{tmp.name}/"])  # recorded first: a kill leaves nothing unknown
-        try:
-            os.mkdir(tmp, 0o777)
-            return tmp
-        except FileExistsError:
-            if name:
-                raise NotOursError(f"{tmp} is in the way; move it elsewhere and run again") from None
+        if not _exists(tmp):
+            update_owned(target.parent, add=[f"{tmp.name}/"])  # recorded first: a kill leaves nothing unknown
+            try:
+                os.mkdir(tmp, 0o777)
+                return tmp
+            except FileExistsError:  # made by someone else meanwhile: not ours
+                update_owned(target.parent, drop=[tmp.name])
+        if name:
+            raise NotOursError(f"{tmp} is in the way and was not made by omni-finetune; move it elsewhere and run "
+                               "again (nothing was changed)")
 
 
 def kill_point(env: str | None, where: str) -> None:

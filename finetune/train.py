@@ -99,10 +99,9 @@ def demo_folder(recipe: Recipe) -> Path | None:
     sources = recipe.data.sources()
     if len(sources) != 1 or sources[0].hub or not sources[0].path:
         return None
-    same = lambda a, b: Path(a).resolve() == Path(b).resolve()  # noqa: E731
-    if not same(sources[0].path, folder / "train.jsonl"):
+    if Path(sources[0].path).resolve() != (folder / "train.jsonl").resolve():
         return None
-    if recipe.data.eval and not same(recipe.data.eval, folder / "eval.jsonl"):
+    if recipe.data.eval and Path(recipe.data.eval).resolve() != (folder / "eval.jsonl").resolve():
         return None
     return folder
 

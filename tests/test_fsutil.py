@@ -154,6 +154,13 @@ def test_what_the_toolkit_did_not_make_is_never_replaced_or_removed(tmp_path):
         with fsutil.staged_dir(root / "merged") as tmp:
             _filled(tmp, "new")
     assert tree(root) == before
+    # a staging name of ours taken by a folder we did not make: refused, and never recorded as ours
+    (root / "adapter.tmp-gather").mkdir()
+    (root / "adapter.tmp-gather" / "keep.txt").write_text("mine")
+    with pytest.raises(fsutil.NotOursError, match="adapter.tmp-gather is in the way"):
+        fsutil.new_staging_dir(root / "adapter", name="adapter.tmp-gather")
+    fsutil.recover_dir(root / "adapter")
+    assert (root / "adapter.tmp-gather" / "keep.txt").read_text() == "mine"
     # a legacy test recognises a folder made before the record existed, but never one we recorded
     assert fsutil.check_replaceable(user / "merged", legacy=lambda p: True) is None
     with pytest.raises(fsutil.NotOursError):
