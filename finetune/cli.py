@@ -91,11 +91,17 @@ def cmd_run(args) -> int:
     from finetune.export import export_run
     from finetune.train import train
 
+    from finetune.export import check_targets
+    from finetune.runlock import check_run_dir
+
     t0 = time.time()
     recipe = _recipe(args)
+    # `run` replaces the exports it made before: what it may not replace stops it before training
+    check_run_dir(recipe.run_dir)
+    check_targets(recipe.run_dir, recipe)
     run_dir = train(recipe)
     r = evaluate(recipe, run_dir)
-    out = export_run(run_dir, force=True)
+    out = export_run(run_dir, force=True)  # only exports of ours are replaced (fsutil.staged_dir)
     print()
     print(f"done in {time.time() - t0:.0f} s")
     print(f"  run folder   {run_dir}/")

@@ -22,16 +22,17 @@ import argparse
 import contextlib
 import json
 import math
-import os
 import shutil
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Any, Iterator
 
 import numpy as np
 from PIL import Image, ImageDraw
+
+from finetune import fsutil
+from finetune.errors import UserError
 
 __all__ = [
     "generate_medical",
@@ -122,6 +123,11 @@ NO_TEMPLATES = {
 _SPLITS = {"train": (0, 0.05), "eval": (1, 0.0)}
 _EVAL_SEED_OFFSET = 1000
 _MANAGED = ("images", "audio", "manifest.json", "README.md")
+DEMO = "demo dataset"  # the marker's `what` of a demo folder
+_LOCK = ".demo_data.lock"
+_STAGING = ".demo_data"  # the temporary folder is .demo_data.tmp-<random>
+#: where each demo recipe's dataset lives (data.demo: generated only for this data.train)
+DEMO_FOLDERS = {"medical": Path("data/demo/medical")}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -580,24 +586,51 @@ def _readme(n_train: int, n_eval: int, seed: int, stats: dict[str, dict[str, int
 @contextlib.contextmanager
 def _locked(out_dir: Path) -> Iterator[None]:
     """Serialise concurrent generations into the same folder (e.g. several ranks)."""
-    try:
-        import fcntl
-    except ImportError:  # pragma: no cover - non-POSIX
+    with fsutil.lock(out_dir / _LOCK):
         yield
+
+
+def _legacy_demo(folder: Path) -> bool:
+    """A demo folder generated before the marker existed: our README and manifest."""
+    try:
+        return ((folder / "manifest.json").is_file()
+                and (folder / "README.md").read_text(encoding="utf-8").startswith("# Synthetic medical demo dataset"))
+    except (OSError, UnicodeDecodeError):
+        return False
+
+
+def check_demo_folder(out_dir: Path) -> None:
+    """Refuse (fsutil.NotOursError, naming it) a folder the demo may not be written into: one that
+    is not missing, empty, or a demo folder the generator made. Writes nothing."""
+    out_dir = Path(out_dir)
+    if not out_dir.exists() and not out_dir.is_symlink():
         return
-    with open(out_dir / ".demo_data.lock", "a+") as fh:
-        fcntl.flock(fh.fileno(), fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(fh.fileno(), fcntl.LOCK_UN)
+    if not out_dir.is_dir():
+        raise fsutil.NotOursError(f"{out_dir} is a file; the demo dataset is written into a new or empty folder")
+    rec = fsutil.read_marker(out_dir)
+    if rec is not None and rec.get("what") == DEMO:
+        return
+    if rec is None and _legacy_demo(out_dir):
+        return
+    names = sorted(p.name for p in out_dir.iterdir() if p.name != _LOCK)
+    if names:
+        shown = ", ".join(names[:4]) + (f" and {len(names) - 4} more" if len(names) > 4 else "")
+        raise fsutil.NotOursError(
+            f"{out_dir} is not empty ({shown}) and is not a demo dataset folder made by omni-finetune: the demo is "
+            "written only into a new or empty folder, or one it made; choose another folder (nothing was changed)")
 
 
-def _remove(path: Path) -> None:
-    if path.is_dir() and not path.is_symlink():
-        shutil.rmtree(path)
-    elif path.exists() or path.is_symlink():
-        path.unlink()
+def _check_managed(out_dir: Path, legacy: bool) -> None:
+    """Before regenerating: every file of the names the generator replaces must be one it wrote
+    (a folder generated before the record existed: its files are taken as the generator's)."""
+    foreign = [f for name in (*_MANAGED, "train.jsonl", "eval.jsonl") if (out_dir / name).exists()
+               for f in fsutil.foreign_files(out_dir, name)]
+    if legacy:
+        fsutil.update_owned(out_dir, add=foreign)
+    elif foreign:
+        shown = ", ".join(foreign[:3]) + (f" and {len(foreign) - 3} more" if len(foreign) > 3 else "")
+        raise fsutil.NotOursError(f"{out_dir} holds files the demo generator did not write ({shown}); move them "
+                                  "elsewhere and run again (nothing was changed)")
 
 
 def generate_medical(
@@ -610,9 +643,12 @@ def generate_medical(
     """Generate the synthetic medical dataset into ``out_dir``.
 
     Returns ``{"train": out_dir/"train.jsonl", "eval": out_dir/"eval.jsonl"}``.  If both files
-    already exist and ``force`` is False nothing is written.  The dataset is built in a hidden
-    temporary folder inside ``out_dir`` and moved into place at the end, with the two jsonl
-    files (which mark a complete dataset) moved last.
+    already exist and ``force`` is False nothing is written.  ``out_dir`` must be new, empty, or
+    a demo folder the generator made (its fsutil marker records every file it wrote); anything
+    else is refused (fsutil.NotOursError) before anything is written, and in a demo folder only
+    the generator's own files are replaced (a file someone added among them stops it).  The
+    dataset is built in a hidden temporary folder inside ``out_dir`` and moved into place at
+    the end, with the two jsonl files (which mark a complete dataset) moved last.
     """
     if n_train < 0 or n_eval < 0:
         raise ValueError("n_train and n_eval must be >= 0")
@@ -620,13 +656,17 @@ def generate_medical(
     paths = {"train": out_dir / "train.jsonl", "eval": out_dir / "eval.jsonl"}
     if not force and all(p.is_file() for p in paths.values()):
         return paths
+    check_demo_folder(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     with _locked(out_dir):
         if not force and all(p.is_file() for p in paths.values()):
             return paths  # another process finished it meanwhile
-        for stale in out_dir.glob(".demo_data-tmp-*"):
-            _remove(stale)
-        tmp = Path(tempfile.mkdtemp(prefix=".demo_data-tmp-", dir=out_dir))
+        check_demo_folder(out_dir)
+        legacy = fsutil.read_marker(out_dir) is None and _legacy_demo(out_dir)
+        fsutil.mark(out_dir, DEMO, generator="finetune.demo_data.generate_medical")
+        _check_managed(out_dir, legacy)
+        fsutil.recover_dir(out_dir / _STAGING)  # a generation killed midway
+        tmp = fsutil.new_staging_dir(out_dir / _STAGING)
         try:
             (tmp / "images").mkdir()
             (tmp / "audio").mkdir()
@@ -644,14 +684,11 @@ def generate_medical(
 
             # swap into place: invalidate the old dataset first, publish the jsonl files last
             for p in paths.values():
-                _remove(p)
-            for name in _MANAGED:
-                _remove(out_dir / name)
-                os.replace(tmp / name, out_dir / name)
-            os.replace(tmp / "eval.jsonl", paths["eval"])
-            os.replace(tmp / "train.jsonl", paths["train"])
+                fsutil.remove_owned(out_dir, p.name)
+            fsutil.move_in(tmp, out_dir, [*_MANAGED, "eval.jsonl", "train.jsonl"])
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
+            fsutil.update_owned(out_dir, drop=[tmp.name])
     return paths
 
 
@@ -667,7 +704,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--force", action="store_true", help="regenerate even if the dataset exists")
     args = parser.parse_args(argv)
     t0 = time.perf_counter()
-    paths = generate_medical(args.out_dir, n_train=args.n_train, n_eval=args.n_eval, seed=args.seed, force=args.force)
+    try:
+        paths = generate_medical(args.out_dir, n_train=args.n_train, n_eval=args.n_eval, seed=args.seed,
+                                 force=args.force)
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     dt = time.perf_counter() - t0
     print(f"train: {paths['train']}\neval:  {paths['eval']}\n({dt:.1f} s)")
     return 0

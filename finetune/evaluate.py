@@ -31,7 +31,7 @@ from pathlib import Path
 
 import torch
 
-from finetune import metrics
+from finetune import fsutil, metrics
 from finetune.data.schema import DataError
 from finetune.errors import ConfigError, MissingFileError
 from finetune.families.base import IGNORE_INDEX
@@ -295,7 +295,7 @@ def evaluate(recipe, run_dir: Path | None = None) -> dict:
     return an empty result at once (they write nothing and hold no lock)."""
     from peft import PeftModel
 
-    from finetune.runlock import is_main_process
+    from finetune.runlock import is_main_process, lock_run
 
     if not is_main_process():
         return {}
@@ -310,6 +310,10 @@ def evaluate(recipe, run_dir: Path | None = None) -> dict:
     # and "base" is the model before the first stage
     base_recipe, recipe = original_base(recipe), final_recipe(recipe)
     adapter = run_dir / "adapter"
+    if run_dir.is_dir():
+        # one writer: eval.json and the rest are not rewritten under a job writing the folder; a
+        # folder that is not a run folder of ours is refused; a cut adapter swap is put right
+        lock_run(run_dir)
     if not (adapter / "adapter_config.json").exists():
         raise MissingFileError(f"{adapter}: no adapter; train first (make finetune RECIPE={recipe.name})")
     samples, skipped = read_split(recipe.data.eval, recipe, on_error="skip")
@@ -350,7 +354,7 @@ def evaluate(recipe, run_dir: Path | None = None) -> dict:
         g, g_preds = _score_variants(model, family, proc, general, rope, recipe, general_plans, base)
         results["general"] = {"file": recipe.eval.general, "n_samples": len(general), **g,
                               "samples": _sample_rows(general, general_plans)}
-        with open(run_dir / "predictions_general.jsonl", "w") as f:
+        with fsutil.atomic_open(run_dir / "predictions_general.jsonl") as f:
             for i, row in enumerate(results["general"]["samples"]):
                 f.write(json.dumps({**row, **{k: v[i] for k, v in g_preds.items()},
                                     **{f"{k}_score": g[k]["per_sample"][i]["score"] for k in g_preds}}) + "\n")
@@ -368,13 +372,13 @@ def evaluate(recipe, run_dir: Path | None = None) -> dict:
                    media=recipe.eval.report_media)
     else:  # no page from an earlier evaluation left beside these results
         (run_dir / "eval.html").unlink(missing_ok=True)
-    (run_dir / "eval.json").write_text(json.dumps(results, indent=2))
-    with open(run_dir / "predictions.jsonl", "w") as f:  # every answer, for inspection and comparisons
+    fsutil.atomic_write_text(run_dir / "eval.json", json.dumps(results, indent=2))
+    with fsutil.atomic_open(run_dir / "predictions.jsonl") as f:  # every answer, for inspection and comparisons
         for i, s in enumerate(samples):
             f.write(json.dumps({"id": s.id, "task": s.task, "reference": reference_of(s),
                                 **{k: v[i] for k, v in predictions.items()}, "metric": plans[i]["metric"],
                                 **{f"{k}_score": results[k]["per_sample"][i]["score"] for k in predictions}}) + "\n")
-    (run_dir / "eval.md").write_text(format_markdown(results))
+    fsutil.atomic_write_text(run_dir / "eval.md", format_markdown(results))
     return results
 
 

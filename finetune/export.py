@@ -5,22 +5,22 @@ Everything comes from the run folder (its resolved recipe and adapter), so
 (QLoRA runs too) in float32, the adapter applied and merged there, and the result cast to
 `export.dtype`. The checkpoint is written into a temporary folder beside the target, reloaded
 from disk and compared with the adapter model on probe samples; only a verified export is
-renamed into place, so an interrupted or failing export never leaves a partial target and
-never damages the previous one. No timestamps are written: exporting twice is byte-identical.
+renamed into place (fsutil.staged_dir), so an interrupted or failing export never leaves a
+partial target and never damages the previous one. No timestamps are written: exporting twice
+is byte-identical. An export folder is replaced (with --force, or by `run`) only when the toolkit
+wrote everything in it: a file put there by hand stops the export, naming it, before any work.
 """
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
-import os
 import shutil
-import tempfile
 from pathlib import Path
 
 import torch
 
+from finetune import fsutil
 from finetune.errors import UserError
 from finetune.probes import pick_probes, probe_logits
 from finetune.recipe import ROLE_NAMES, file_name, model_name
@@ -179,17 +179,18 @@ def export_run(run_dir: Path, *, force: bool = False, fmt: str | None = None, re
     run_dir = Path(run_dir)
     if not (run_dir / "recipe.yaml").exists():
         raise ExportError(f"{run_dir}: not a run folder (no recipe.yaml); train first")
+    from finetune.runlock import lock_run
+
+    lock_run(run_dir)  # refuses a folder that is not a run folder of ours; recovers a cut adapter swap
     adapter = run_dir / "adapter"
     if not (adapter / "adapter_config.json").exists():
         raise ExportError(f"{adapter}: no adapter; training has not finished")
-    from finetune.runlock import lock_run
-
-    lock_run(run_dir)
     recipe = recipe if recipe is not None else load_resolved(run_dir / "recipe.yaml")
     fmt = fmt or recipe.export.format
     written: dict[str, Path] = {}
-    for name in ("merged", "adapter_export", "merged-4bit", "merged-8bit"):
+    for name in EXPORT_NAMES:
         recover(run_dir / name)
+    check_targets(run_dir, recipe, fmt)
 
     if fmt in ("adapter", "both"):
         written["adapter"] = export_adapter(run_dir, recipe, force=force)
@@ -223,24 +224,41 @@ def probe_samples(recipe, family, processor, config: dict, rope) -> list:
     return good
 
 
+EXPORT_NAMES = ("merged", "adapter_export", "merged-4bit", "merged-8bit")
+#: test hook: FINETUNE_EXPORT_KILL=merged_written | verified | adapter_written | swapping kills the export there
+EXPORT_KILL = "FINETUNE_EXPORT_KILL"
+
+
+def legacy_export(folder: Path) -> bool:
+    """An export folder written before the ownership record existed: our manifest, or our adapter card."""
+    if (folder / "export_manifest.json").is_file():
+        return True
+    try:
+        return (folder / "adapter_config.json").is_file() and "trained by omni-finetune" in (folder / "README.md").read_text()
+    except (OSError, UnicodeDecodeError):
+        return False
+
+
+def check_targets(run_dir: Path, recipe, fmt: str | None = None) -> None:
+    """Refuse now (fsutil.NotOursError, naming the files) an existing export folder this export
+    would replace that holds files the toolkit did not write; `run` calls it before training."""
+    fmt = fmt or recipe.export.format
+    names = (["adapter_export"] if fmt in ("adapter", "both") else []) + (
+        ["merged"] + ([f"merged-{recipe.export.quantize}"] if recipe.export.quantize != "none" else [])
+        if fmt in ("merged", "both") else [])
+    for name in names:
+        fsutil.check_replaceable(Path(run_dir) / name, legacy_export)
+
+
 def recover(target: Path) -> None:
-    """Undo what an export killed midway left: stale temporary folders, a half-done swap."""
-    for stale in target.parent.glob(target.name + ".tmp-*"):
-        shutil.rmtree(stale, ignore_errors=True)
-    old = target.with_name(target.name + ".old")
-    if old.exists():
-        if target.exists():
-            shutil.rmtree(old, ignore_errors=True)  # the swap completed; only the cleanup was cut
-        else:
-            os.rename(old, target)  # killed between the two renames: the previous export comes back
+    """Undo what an export killed midway left: our stale temporary folders, a half-done swap
+    (fsutil.recover_dir); what the toolkit did not make is left alone."""
+    fsutil.recover_dir(target, legacy_export)
 
 
 def _kill_point(where: str) -> None:
     """Test hook: FINETUNE_EXPORT_KILL=<where> kills this process there (SIGKILL, no cleanup)."""
-    if os.environ.get("FINETUNE_EXPORT_KILL") == where:
-        import signal
-
-        os.kill(os.getpid(), signal.SIGKILL)
+    fsutil.kill_point(EXPORT_KILL, where)
 
 
 def export_adapter(run_dir: Path, recipe, *, force: bool) -> Path:
@@ -252,6 +270,7 @@ def export_adapter(run_dir: Path, recipe, *, force: bool) -> Path:
     target = run_dir / "adapter_export"
     if target.exists() and not force:
         raise ExportError(f"{target} exists; pass --force to replace it")
+    fsutil.check_replaceable(target, legacy_export)
     with _staged(target) as tmp:
         for p in sorted((run_dir / "adapter").iterdir()):
             if p.is_file():
@@ -293,6 +312,7 @@ def export_merged(run_dir: Path, recipe, *, force: bool) -> Path:
     if target.exists() and not force:
         raise ExportError(f"{target} exists; pass --force to replace it (the old one is kept until the new "
                           "one is verified)")
+    fsutil.check_replaceable(target, legacy_export)  # before the model is loaded
     base_path = family.resolve_path(recipe.model.path, recipe.model.tiny_seed, recipe.model.revision)
     dtype = export_dtype(recipe.export.dtype, base_path, family)
     # QLoRA runs too: the base is reloaded unquantised, in the export dtype, and merged there
@@ -342,7 +362,7 @@ def export_merged(run_dir: Path, recipe, *, force: bool) -> Path:
             manifest["stages"] = staged
         write_model_card(tmp, recipe, family, run_dir, base_path, manifest, loaded.is_full_checkpoint)
         manifest["files"] = {p.name: sha256(p) for p in sorted(tmp.iterdir()) if p.is_file()}
-        (tmp / "export_manifest.json").write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
+        fsutil.atomic_write_json(tmp / "export_manifest.json", manifest, indent=2, sort_keys=True)
         if not same:
             raise ExportError(f"export verification FAILED: parts copied from the base ({', '.join(parts)}) are not "
                               f"bit-identical; nothing was written to {target}")
@@ -375,6 +395,7 @@ def export_quantized(run_dir: Path, recipe, *, force: bool) -> Path:
     target = run_dir / f"merged-{q}"
     if target.exists() and not force:
         raise ExportError(f"{target} exists; pass --force to replace it")
+    fsutil.check_replaceable(target, legacy_export)
     dtype = export_dtype(recipe.export.dtype, merged, family)
     compute = torch.bfloat16 if dtype == torch.float32 and torch.cuda.is_available() else dtype
     with _staged(target) as tmp:
@@ -392,7 +413,7 @@ def export_quantized(run_dir: Path, recipe, *, force: bool) -> Path:
                     "max_abs_logit_diff_vs_merged": max_diff(ref, got), "logit_scale": scale,
                     "note": "quantisation error, reported and not judged: the unquantised merged/ is the reference"}
         manifest["files"] = {p.name: sha256(p) for p in sorted(tmp.iterdir()) if p.is_file()}
-        (tmp / "export_manifest.json").write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
+        fsutil.atomic_write_json(tmp / "export_manifest.json", manifest, indent=2, sort_keys=True)
     return target
 
 
@@ -405,27 +426,8 @@ def _part_names(kept, all_names) -> list[str]:
                    for k in kept})
 
 
-@contextlib.contextmanager
 def _staged(target: Path):
     """A temporary folder beside `target`, renamed into place when the block completes and
-    removed when it raises: an export is either all there or not there at all."""
-    tmp = Path(tempfile.mkdtemp(prefix=target.name + ".tmp-", dir=target.parent))
-    try:
-        yield tmp
-        _replace(tmp, target)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-
-
-def _replace(tmp: Path, target: Path) -> None:
-    """Move `tmp` to `target`; an existing target is swapped out only after the move is ready."""
-    if target.exists():
-        old = target.with_name(target.name + ".old")
-        shutil.rmtree(old, ignore_errors=True)
-        os.rename(target, old)
-        _kill_point("swapping")
-        os.rename(tmp, target)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.rename(tmp, target)
+    removed when it raises: an export is either all there or not there at all; an existing one
+    is replaced only when ours, and kept as `<target>.old` until the new one is in place."""
+    return fsutil.staged_dir(target, legacy=legacy_export, kill_env=EXPORT_KILL)

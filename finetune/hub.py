@@ -15,11 +15,11 @@ that a process that sets HF_HUB_OFFLINE or HF_HUB_CACHE before resolving gets wh
 
 from __future__ import annotations
 
-import json
 import os
 import re
 from pathlib import Path
 
+from finetune import fsutil
 from finetune.errors import ConfigError, MissingFileError
 
 #: `org/name`: both parts ASCII letters, digits, '-', '_' or '.', neither starting or ending with
@@ -166,8 +166,4 @@ def write_resolved(run_dir: Path) -> Path | None:
     if not _RESOLVED:
         path.unlink(missing_ok=True)
         return None
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(resolved(), indent=2) + "\n")
-    os.replace(tmp, path)
-    return path
+    return fsutil.atomic_write_json(path, resolved(), indent=2)

@@ -18,11 +18,12 @@ the packed rows, the tokens each step runs on.
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+
+from finetune import fsutil
 
 __all__ = ["Share", "select", "format_shares", "write_shares"]
 
@@ -96,8 +97,7 @@ def format_shares(shares: list[Share]) -> str:
 
 
 def write_shares(run_dir: Path, shares: list[Share], seed: int) -> Path:
+    """mixture.json in the run folder: the seed and each source's share (written atomically)."""
     total = sum(s.picked_tokens for s in shares)
-    path = Path(run_dir) / "mixture.json"
-    path.write_text(json.dumps({"seed": seed, "epoch_tokens": total,
-                                "sources": [s.as_dict(total) for s in shares]}, indent=2) + "\n")
-    return path
+    return fsutil.atomic_write_json(Path(run_dir) / "mixture.json", {
+        "seed": seed, "epoch_tokens": total, "sources": [s.as_dict(total) for s in shares]}, indent=2)

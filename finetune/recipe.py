@@ -23,6 +23,7 @@ from typing import Any
 
 import yaml
 
+from finetune import fsutil
 from finetune.data.schema import Limits
 from finetune.errors import UserError
 from finetune.hub import is_hub_id
@@ -221,7 +222,10 @@ class DataConfig:
         "", "training data: a JSONL file (relative paths resolve against the current working dir), one source "
             "{path|hub, format, split, revision, columns}, or a list of sources with weight or epochs (a mixture)")
     eval: str = _opt("", "held-out JSONL file; '' = none")
-    demo: str = _opt("", "'medical': generate the synthetic demo dataset into train's folder if missing", ("", "medical"))
+    demo: str = _opt("", "'medical' (the *-tiny demo recipes): generate the synthetic demo dataset when it is missing, "
+                         "only while data.train is the demo's own data/demo/medical/train.jsonl (and data.eval its "
+                         "eval.jsonl or ''), and only into an empty folder or one the generator made; any other "
+                         "data.train generates nothing", ("", "medical"))
     system_prompt: str | None = _opt(
         None,
         "system prompt for samples without a system turn; null = what the model's own chat template adds "
@@ -1235,7 +1239,7 @@ def save_resolved(recipe: Recipe, path: Path) -> None:
         f"# Resolved recipe '{recipe.name}'. Re-create the run with finetune.recipe.load_resolved().\n"
         "# sources: default | recipe:<file that set it> | override\n"
     )
-    path.write_text(header + body, encoding="utf-8")
+    fsutil.atomic_write_text(path, header + body)
 
 
 def file_name(path: str) -> str:

@@ -24,6 +24,8 @@ import math
 import re
 from pathlib import Path
 
+from finetune import fsutil
+
 RIGHT_AT = 0.5
 THUMB_PX = 96
 AUDIO_MAX_S = 10.0  # longer clips are cut for the page
@@ -360,7 +362,5 @@ task. An answer is marked right when its score is at least {RIGHT_AT}. In all: {
 {"".join(cards)}
 <script>{_JS}</script></body></html>
 """
-    tmp = path.with_suffix(".html.tmp")
-    tmp.write_text(page, encoding="utf-8")
-    tmp.replace(path)
+    fsutil.atomic_write_text(path, page)
     return path

@@ -90,12 +90,12 @@ def run_stages(recipe, train_one) -> Path:
     the run folder, which holds the last stage's run."""
     from finetune.export import export_merged, recover
     from finetune.recipe import save_resolved
-    from finetune.runlock import is_main_process
+    from finetune.runlock import is_main_process, lock_run
 
     run_dir = Path(recipe.run_dir)
     stages = stage_recipes(recipe)
     if is_main_process():
-        run_dir.mkdir(parents=True, exist_ok=True)
+        lock_run(run_dir)  # first: a run refused here writes nothing, not even stages.yaml
         save_resolved(recipe, run_dir / "stages.yaml")
     for i, (name, folder, rec) in enumerate(stages):
         last = i == len(stages) - 1

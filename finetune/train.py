@@ -16,9 +16,11 @@ from __future__ import annotations
 import contextlib
 import functools
 import importlib.util
+import io
 import json
 import math
 import os
+import re
 import shutil
 import sys
 import time
@@ -28,13 +30,13 @@ from typing import Any
 
 import torch
 
-from finetune import adapters, attention, hub, kernels
+from finetune import adapters, attention, fsutil, hub, kernels
 from finetune.data.schema import DataError, Sample
 from finetune.errors import ConfigError, MissingFileError
 from finetune.families import family_for
 from finetune.families.base import EncodedSample, Family, LoadedModel, cache_root
 from finetune.recipe import Recipe, save_resolved
-from finetune.runlock import is_main_process, lock_run, world_size
+from finetune.runlock import is_main_process, legacy_adapter, lock_run, world_size
 
 
 # ---- environment ----------------------------------------------------------------------------
@@ -117,16 +119,40 @@ def torch_dtype(precision: str) -> torch.dtype:
 
 
 # ---- data -----------------------------------------------------------------------------------
-def prepare_data(recipe: Recipe) -> None:
-    """Generate the synthetic demo dataset when the recipe asks for it and it is missing."""
-    if recipe.data.demo == "medical":
-        from finetune.demo_data import generate_medical
+def demo_folder(recipe: Recipe) -> Path | None:
+    """The folder the recipe's demo dataset (data.demo) is generated into, or None.
 
-        first = recipe.data.sources()[0].path
-        out = Path(first).parent
-        if not Path(first).exists() or (recipe.data.eval and not Path(recipe.data.eval).exists()):
-            print(f"generating the synthetic medical dataset in {out}/ ...", flush=True)
-        generate_medical(out, seed=0)
+    The demo is written only to its own path (demo_data.DEMO_FOLDERS): data.train one local file,
+    that folder's train.jsonl, and data.eval its eval.jsonl or none. A recipe that points
+    data.train anywhere else (a user's recipe built on a demo one, a hub source) generates nothing.
+    """
+    if not recipe.data.demo:
+        return None
+    from finetune.demo_data import DEMO_FOLDERS
+
+    folder = DEMO_FOLDERS[recipe.data.demo]
+    sources = recipe.data.sources()
+    if len(sources) != 1 or sources[0].hub or not sources[0].path:
+        return None
+    if Path(sources[0].path).resolve() != (folder / "train.jsonl").resolve():
+        return None
+    if recipe.data.eval and Path(recipe.data.eval).resolve() != (folder / "eval.jsonl").resolve():
+        return None
+    return folder
+
+
+def prepare_data(recipe: Recipe) -> None:
+    """Generate the synthetic demo dataset when the recipe asks for it, at its own path
+    (demo_folder), and it is missing. The generator writes only into an empty folder or one it
+    made (demo_data.generate_medical)."""
+    out = demo_folder(recipe)
+    if out is None:
+        return
+    from finetune.demo_data import generate_medical
+
+    if not (out / "train.jsonl").exists() or not (out / "eval.jsonl").exists():
+        print(f"generating the synthetic medical dataset in {out}/ ...", flush=True)
+    generate_medical(out, seed=0)
 
 
 def read_source(src, recipe: Recipe, on_error: str | None = None) -> tuple[list[Sample], list[DataError]]:
@@ -715,13 +741,27 @@ def make_crash_callback():
     return CrashAfter()
 
 
+def make_checkpoint_modes_callback():
+    """Checkpoint files get the modes of the user's umask (safetensors writes its files 0600)."""
+    from transformers import TrainerCallback
+
+    class CheckpointModes(TrainerCallback):
+        def on_save(self, args, state, control, **kw):
+            if state.is_world_process_zero:
+                folder = Path(args.output_dir) / f"checkpoint-{state.global_step}"
+                if folder.is_dir():
+                    fsutil.follow_umask(folder)
+
+    return CheckpointModes()
+
+
 def truncate_metrics(run_dir: Path, step: int) -> None:
     """On resume, forget records logged after the checkpoint so the curve has no duplicates."""
     path = run_dir / "metrics.jsonl"
     if not path.exists():
         return
     keep = [ln for ln in path.read_text().splitlines() if ln.strip() and json.loads(ln).get("step", 0) <= step]
-    path.write_text("".join(ln + "\n" for ln in keep))
+    fsutil.atomic_write_text(path, "".join(ln + "\n" for ln in keep))
 
 
 def _complete(checkpoint: Path) -> bool:
@@ -737,12 +777,17 @@ def _complete(checkpoint: Path) -> bool:
         return False
 
 
-def last_checkpoint(run_dir: Path) -> str | None:
-    """The newest complete checkpoint-N folder, or None."""
+def step_checkpoints(run_dir: Path) -> list[Path]:
+    """The Trainer's checkpoint-<step> folders of the run (no other name is one of ours)."""
     ck = run_dir / "checkpoints"
     if not ck.is_dir():
-        return None
-    done = [p for p in ck.glob("checkpoint-*") if _complete(p)]
+        return []
+    return [p for p in ck.iterdir() if re.fullmatch(r"checkpoint-\d+", p.name) and p.is_dir() and not p.is_symlink()]
+
+
+def last_checkpoint(run_dir: Path) -> str | None:
+    """The newest complete checkpoint-N folder, or None."""
+    done = [p for p in step_checkpoints(run_dir) if _complete(p)]
     if not done:
         return None
     return str(max(done, key=lambda p: int(p.name.split("-")[-1])))
@@ -774,8 +819,10 @@ def plot_loss(run_dir: Path) -> Path | None:
     ax.grid(alpha=0.3)
     fig.tight_layout()
     out = run_dir / "loss_curve.png"
-    fig.savefig(out)
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png")
     plt.close(fig)
+    fsutil.atomic_write_bytes(out, buf.getvalue())
     return out
 
 
@@ -795,10 +842,11 @@ def train(recipe: Recipe) -> Path:
     check_distributed(recipe)
     run_dir = recipe.run_dir
     main = is_main_process()
+    # before anything is written: output.dir is new, empty or a run folder of ours, and two runs
+    # never share it (rank 0 only); the adapter this run will replace must be ours too
+    lock_run(run_dir)
     if main:
-        run_dir.mkdir(parents=True, exist_ok=True)
-    lock_run(run_dir)  # before anything is written: two runs never share a folder (rank 0 only)
-    if main:
+        fsutil.check_replaceable(run_dir / "adapter", legacy_adapter)
         save_resolved(recipe, run_dir / "recipe.yaml")
     hub.clear_resolved()  # this run's hub snapshots only, in resolved_sources.json below
     torch.manual_seed(recipe.train.seed)
@@ -884,6 +932,7 @@ def train(recipe: Recipe) -> Path:
     callbacks = [make_metrics_callback(run_dir), make_crash_callback(),
                  *([make_shard_report_callback()] if engine else []),
                  make_preflight_callback(family, processor, eval_samples or samples, rope, mode, precision)]
+    callbacks.append(make_checkpoint_modes_callback())
     trainer = make_trainer(recipe, family, model, processor, train_ds, record_batches(collator), precision, run_dir,
                            callbacks, args=args)
 
@@ -893,7 +942,7 @@ def train(recipe: Recipe) -> Path:
     elif recipe.train.resume != "never":
         resume = recipe.train.resume
     if main:
-        for stale in (run_dir / "checkpoints").glob("checkpoint-*"):
+        for stale in step_checkpoints(run_dir):
             if not _complete(stale):  # cut short by a kill or a full disk while saving
                 print(f"removing incomplete checkpoint {stale}", flush=True)
                 shutil.rmtree(stale, ignore_errors=True)
@@ -940,27 +989,31 @@ def end_distributed() -> None:
         os.environ.pop(k, None)
 
 
-def save_adapter(model, family: Family, loaded: LoadedModel, out: Path) -> None:
-    """PEFT adapter folder plus the processor files, written atomically."""
-    import shutil
-    import tempfile
+#: test hook: FINETUNE_ADAPTER_KILL=adapter_written | swapping kills the process (SIGKILL) with the new
+#: adapter written beside the old one, or between moving the old one aside and the new one in
+ADAPTER_KILL = "FINETUNE_ADAPTER_KILL"
 
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=out.name + ".tmp-", dir=out.parent))
-    model.save_pretrained(str(tmp))
-    family.copy_processor_files(loaded.base_path, tmp)
-    (tmp / "base_model.json").write_text(json.dumps({"base_path": str(loaded.base_path)}, indent=2))
-    if out.exists():
-        shutil.rmtree(out)
-    os.rename(tmp, out)
+
+def save_adapter(model, family: Family, loaded: LoadedModel, out: Path) -> None:
+    """PEFT adapter folder plus the processor files, swapped in whole (fsutil.staged_dir): the
+    old adapter stays until the new one is complete, and a kill at any point leaves one of them
+    (lock_run recovers a cut swap)."""
+    with fsutil.staged_dir(out, legacy=legacy_adapter, kill_env=ADAPTER_KILL) as tmp:
+        model.save_pretrained(str(tmp))
+        family.copy_processor_files(loaded.base_path, tmp)
+        fsutil.atomic_write_text(tmp / "base_model.json", json.dumps({"base_path": str(loaded.base_path)}, indent=2))
+        fsutil.kill_point(ADAPTER_KILL, "adapter_written")
 
 
 def save_sharded_adapter(trainer, family: Family, loaded: LoadedModel, out: Path) -> None:
-    """FSDP / DeepSpeed: every rank takes part in gathering the weights (Trainer.save_model), then
-    rank 0 adds the processor files and renames the folder into place."""
+    """FSDP / DeepSpeed: every rank takes part in gathering the weights (Trainer.save_model) into
+    a folder of a name they all know, then rank 0 adds the processor files and swaps it in as
+    save_adapter does."""
     tmp = out.parent / (out.name + ".tmp-gather")
-    if is_main_process() and tmp.exists():
-        shutil.rmtree(tmp)
+    if is_main_process():
+        fsutil.recover_dir(out, legacy_adapter)  # a gather folder of ours left by a killed run goes
+        fsutil.check_replaceable(out, legacy_adapter)
+        fsutil.new_staging_dir(out, name=tmp.name)
     trainer.accelerator.wait_for_everyone()
     trainer.save_model(str(tmp))
     trainer.accelerator.wait_for_everyone()
@@ -969,10 +1022,9 @@ def save_sharded_adapter(trainer, family: Family, loaded: LoadedModel, out: Path
     for extra in ("training_args.bin",):
         (tmp / extra).unlink(missing_ok=True)
     family.copy_processor_files(loaded.base_path, tmp)
-    (tmp / "base_model.json").write_text(json.dumps({"base_path": str(loaded.base_path)}, indent=2))
-    if out.exists():
-        shutil.rmtree(out)
-    os.rename(tmp, out)
+    fsutil.atomic_write_text(tmp / "base_model.json", json.dumps({"base_path": str(loaded.base_path)}, indent=2))
+    fsutil.kill_point(ADAPTER_KILL, "adapter_written")
+    fsutil.commit_dir(tmp, out, legacy=legacy_adapter, kill_env=ADAPTER_KILL)
 
 
 def write_skipped(run_dir: Path, skipped: list[DataError]) -> None:
@@ -982,7 +1034,6 @@ def write_skipped(run_dir: Path, skipped: list[DataError]) -> None:
         if path.exists():
             path.unlink()
         return
-    with open(path, "w") as f:
-        for e in skipped:
-            f.write(json.dumps({"file": e.file, "line": e.line, "kind": e.kind, "error": str(e)}) + "\n")
+    fsutil.atomic_write_text(path, "".join(
+        json.dumps({"file": e.file, "line": e.line, "kind": e.kind, "error": str(e)}) + "\n" for e in skipped))
     print(f"skipped {len(skipped)} bad sample(s) (data.on_error: skip); list in {path}")

@@ -65,7 +65,7 @@ def test_files_exist_and_parse(dataset):
     for name in ("images", "audio", "README.md", "manifest.json"):
         assert (root / name).exists(), name
     assert "generate_medical" in (root / "README.md").read_text()
-    assert not list(root.glob(".demo_data-tmp-*"))
+    assert not list(root.glob("*.tmp-*"))
 
     n_expected = {"train": N_TRAIN, "eval": N_EVAL}
     for split, path in paths.items():
@@ -268,13 +268,53 @@ def test_idempotent_and_force(tmp_path):
 
 
 def test_incomplete_dataset_is_regenerated(tmp_path):
+    from finetune import fsutil
+
     out = tmp_path / "ds"
-    out.mkdir()
-    (out / "train.jsonl").write_text("garbage\n")  # eval.jsonl missing: looks incomplete
-    (out / ".demo_data-tmp-stale").mkdir()  # leftover of a killed run
+    generate_medical(out, n_train=6, n_eval=2, seed=0)
+    # a generation killed midway: the jsonl files invalidated, its temporary folder left behind
+    (out / "eval.jsonl").unlink()
+    (out / "train.jsonl").write_text("garbage\n")
+    stale = fsutil.new_staging_dir(out / ".demo_data")
+    (stale / "half.png").write_bytes(b"half")
     paths = generate_medical(out, n_train=8, n_eval=4, seed=0)
     assert len(_load(paths["train"])) == 8 and len(_load(paths["eval"])) == 4
-    assert not list(out.glob(".demo_data-tmp-*"))
+    assert not list(out.glob("*.tmp-*"))
+
+
+def test_a_folder_the_generator_did_not_make_is_never_written(tmp_path):
+    """Only a new or empty folder, or a demo folder it made, and there only its own files."""
+    from finetune import fsutil
+
+    def tree(folder):
+        return {p.relative_to(folder).as_posix(): None if p.is_dir() else p.read_bytes()
+                for p in sorted(folder.rglob("*"))}
+
+    mine = tmp_path / "mine"
+    (mine / "images").mkdir(parents=True)
+    (mine / "images" / "scan.png").write_bytes(b"mine")
+    (mine / "train.jsonl").write_text("my data\n")  # no eval.jsonl: it looked like an incomplete demo
+    (mine / ".demo_data-tmp-x").mkdir()
+    before = tree(mine)
+    for force in (False, True):
+        with pytest.raises(fsutil.NotOursError, match=rf"{mine} is not empty .* not a demo dataset folder"):
+            generate_medical(mine, n_train=4, n_eval=2, force=force)
+        assert tree(mine) == before
+    # a demo folder with a file someone added among the generator's: regenerating stops, naming it
+    demo = tmp_path / "demo"
+    generate_medical(demo, n_train=4, n_eval=2)
+    (demo / "images" / "added.png").write_bytes(b"added")
+    before = tree(demo)
+    with pytest.raises(fsutil.NotOursError, match=r"images/added.png"):
+        generate_medical(demo, n_train=4, n_eval=2, force=True)
+    assert tree(demo) == before
+    # a demo folder generated before the marker existed is recognised by its README and manifest
+    legacy = tmp_path / "legacy"
+    generate_medical(legacy, n_train=4, n_eval=2)
+    (legacy / fsutil.MARKER).unlink()
+    (legacy / "eval.jsonl").unlink()
+    paths = generate_medical(legacy, n_train=4, n_eval=2)
+    assert len(_load(paths["eval"])) == 2 and fsutil.read_marker(legacy)["what"] == "demo dataset"
 
 
 def test_cli(tmp_path, capsys):

@@ -259,6 +259,7 @@ def test_export_round_trip(tmp_path, small_demo, name, variant):
     from finetune.export import export_run
     from finetune.probes import pick_probes, probe_logits
     from finetune.recipe import save_resolved
+    from finetune.runlock import lock_run, unlock_run
     from finetune.train import read_split, save_adapter
     from finetune.verify import perturb_lora_b
 
@@ -273,11 +274,12 @@ def test_export_round_trip(tmp_path, small_demo, name, variant):
     model, _ = adapters.apply_roles(ld.model, fam, recipe)
     perturb_lora_b(model, 0.05)
     run = recipe.run_dir
-    run.mkdir(parents=True)
+    lock_run(run)  # the run folder is made (and marked as ours) as training makes it
     save_resolved(recipe, run / "recipe.yaml")
     save_adapter(model, fam, ld, run / "adapter")
 
     out = export_run(run, fmt="merged")["merged"]
+    unlock_run(run)
     manifest = json.loads((out / "export_manifest.json").read_text())
     assert manifest["family"] == name
     assert manifest["verify"]["passed"] and manifest["verify"]["max_abs_diff"] <= 1e-4

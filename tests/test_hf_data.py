@@ -130,7 +130,7 @@ def test_a_corrupt_embedded_image_is_named_by_its_row(demo, tmp_path):
     assert "row 3" in str(e.value) and "column 'image'" in str(e.value) and "Fix:" in str(e.value)
     samples, errors = load(Source(path=str(parquet)), tmp_path / "media", on_error="skip")
     assert [x.line for x in errors] == [3] and len(samples) == len(datasets.Dataset.from_parquet(str(parquet))) - 1
-    assert not any(p.name.startswith(".tmp") for p in (tmp_path / "media").iterdir())  # nothing half-written kept
+    assert not any(".tmp-" in p.name for p in (tmp_path / "media").iterdir())  # nothing half-written kept
 
 
 def test_data_check_reports_the_corrupt_row_of_a_parquet_file(demo, tmp_path, capsys):

@@ -54,7 +54,6 @@ import os
 import re
 import string
 import sys
-import tempfile
 import urllib.parse
 from collections import Counter
 from collections.abc import Callable, Iterator
@@ -62,6 +61,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from finetune import fsutil
 from finetune.data.schema import (
     MEDIA_TYPES,
     PART_TYPES,
@@ -1621,22 +1621,10 @@ def _map_media(sample: dict, fn) -> dict:
 
 
 def atomic_write(out: Path, write) -> None:
-    """Write `out` through write(fh) into a temporary file beside it, then rename it into place."""
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            write(fh)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, out)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
+    """Write `out` through write(fh) into a temporary file beside it, then rename it into place
+    (fsutil.atomic_open)."""
+    with fsutil.atomic_open(out, "w", encoding="utf-8") as fh:
+        write(fh)
 
 
 def write_jsonl(samples: list[dict], out: str | os.PathLike) -> int:

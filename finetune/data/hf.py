@@ -27,12 +27,12 @@ import glob as globlib
 import hashlib
 import json
 import os
-import tempfile
 from pathlib import Path
 from typing import Any, Iterator
 
 import numpy as np
 
+from finetune import fsutil
 from finetune.data.schema import DataError, Sample, UnsafeJsonError, loads_bounded, parse_sample, special_file
 
 #: our fields a dataset's columns can be mapped to (`columns: {our field: the dataset's column}`)
@@ -272,17 +272,10 @@ class MediaStore:
 
     def _publish(self, data_writer, suffix: str, digest: str, check) -> str:
         """Write to a temporary file, decode-check it, then rename it to its content address."""
-        self.folder.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=suffix, dir=self.folder)
-        os.close(fd)
-        try:
-            data_writer(tmp)
-            check(Path(tmp))
-            final = self.folder / f"{digest}{suffix}"
-            os.replace(tmp, final)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        final = self.folder / f"{digest}{suffix}"
+        with fsutil.atomic_path(final) as tmp:  # removed when the write or the check fails
+            data_writer(str(tmp))
+            check(tmp)
         self.written += 1
         return str(final)
 

@@ -7,9 +7,7 @@ the chat-turn helpers of the encoders, and the tiny models' cache.
 from __future__ import annotations
 
 import math
-import os
 import shutil
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -17,6 +15,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from finetune import fsutil
 from finetune.errors import ConfigError
 from finetune.families.base import cache_root, processor_settings
 
@@ -325,14 +324,12 @@ def tiny_cache_dir() -> Path:
 
 
 def atomic_build(root: Path, build) -> Path:
-    root.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=root.name + ".tmp-", dir=root.parent))
+    """Build the folder `root` once: in a temporary folder beside it, then renamed into place;
+    when another process built it meanwhile, theirs (identical) is kept."""
+    tmp = fsutil.new_staging_dir(root)
     try:
         build(tmp)
-        try:
-            os.rename(tmp, root)
-        except OSError:  # another process won the race; theirs is identical
-            shutil.rmtree(tmp, ignore_errors=True)
+        fsutil.commit_dir(tmp, root, replace=False)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
