@@ -17,13 +17,13 @@ from __future__ import annotations
 
 import bisect
 import hashlib
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from finetune import fsutil
 from finetune.families.base import IGNORE_INDEX, EncodedSample, Family
 from finetune.loss import LABEL_POSITIONS, label_positions
 
@@ -253,10 +253,8 @@ class SharedRows:
             if self.used.value + n > self.budget:
                 return False
             self.used.value += n
-        path = self.path(key)
-        tmp = path.with_name(f"{path.stem}.tmp-{os.getpid()}")
-        torch.save(batch, tmp)
-        os.replace(tmp, path)
+        with fsutil.atomic_path(self.path(key)) as tmp:
+            torch.save(batch, tmp)
         return True
 
 
