@@ -51,9 +51,11 @@ def _head_weight(lm_head):
     if hasattr(lm_head, "lora_A"):
         return None
     weight, bias = lm_head.weight, getattr(lm_head, "bias", None)
-    if hasattr(weight, "full_tensor"):  # FSDP2 shards it as a DTensor: the head is gathered whole once
-        weight = weight.full_tensor()
-        bias = bias.full_tensor() if bias is not None else None
+    if hasattr(weight, "full_tensor"):
+        # FSDP2 still holds it sharded: gathering it here (DTensor.full_tensor) would leave each rank
+        # only its own rows' gradient; the trainer has FSDP gather it first (engines.fsdp_forward)
+        raise RuntimeError("the LM head is still sharded by FSDP2 when the loss reads it; gather it first "
+                           "(FSDPModule.unshard) so that its gradient is reduced across ranks")
     return weight, bias
 
 

@@ -30,7 +30,7 @@ from typing import Any
 
 import torch
 
-from finetune import adapters, attention, fsutil, hub, kernels
+from finetune import adapters, attention, engines, fsutil, hub, kernels
 from finetune.data.schema import DataError, Sample
 from finetune.errors import ConfigError, MissingFileError
 from finetune.families import family_for
@@ -328,7 +328,9 @@ def distributed_args(recipe: Recipe) -> dict:
     """SFTConfig settings of the strategy (DDP needs none beyond torchrun's environment)."""
     mode = distributed_mode(recipe)
     if mode == "deepspeed":
-        return {"deepspeed": str(deepspeed_config(recipe.train.deepspeed))}
+        path = deepspeed_config(recipe.train.deepspeed)
+        engines.check_deepspeed_config(path)
+        return {"deepspeed": str(path)}
     if mode == "fsdp":
         # FSDP2 shards per parameter, so frozen base weights and trainable LoRA/full roles can share
         # a wrapped block; blocks are the model's own layer classes (_no_split_modules).
@@ -343,9 +345,10 @@ def distributed_args(recipe: Recipe) -> dict:
 
 def cpu_sharded_state(mode: str) -> dict:
     """DeepSpeed and FSDP2 on the CPU (gloo). accelerate enables either engine only on an
-    accelerator device (`use_cpu` selects plain MULTI_CPU DDP), although both run on gloo: the
-    process state is set up here as accelerate's launcher would, and the Trainer is told to use it.
-    Returns the extra SFTConfig settings (none on CUDA or for one process)."""
+    accelerator device (its own CPU state is plain MULTI_CPU DDP), although both run on gloo: the
+    process state is set up here as accelerate's launcher would, and the Trainer is told to use it
+    (`use_cpu` stays on: with a configured state it selects nothing, and transformers refuses bf16
+    off a GPU without it). Returns the extra SFTConfig settings (none on CUDA or for one process)."""
     if torch.cuda.is_available() or world_size() == 1 or mode not in ("deepspeed", "fsdp"):
         return {}
     from accelerate.state import PartialState
@@ -363,7 +366,7 @@ def cpu_sharded_state(mode: str) -> dict:
         # ACCELERATE_USE_FSDP is set; the device stays the CPU set up above
         os.environ["ACCELERATE_USE_FSDP"] = "true"
         state.distributed_type = DistributedType.MULTI_GPU
-    return {"use_cpu": False, "accelerator_config": {"use_configured_state": True}}
+    return {"accelerator_config": {"use_configured_state": True}}
 
 
 def quiet_other_ranks() -> None:
@@ -545,6 +548,7 @@ def make_trainer(recipe: Recipe, family: Family, model, processor, train_ds, col
     # the console shows the LLM's rate (roles.llm.lr, else train.lr), or the largest group's without LoRA on it
     trainer.add_callback(console_callback(recipe.train.print_every, main_lr=None if llm.mode == "frozen" else
                                           (llm.lr if llm.lr is not None else recipe.train.lr)))
+    engines.fsdp_forward(trainer)  # FSDP2: autocast, and the LM head gathered for the loss head
     return trainer
 
 
@@ -554,7 +558,7 @@ def training_args(recipe: Recipe, precision: str, run_dir: Path):
 
     t = recipe.train
     os.environ["TENSORBOARD_LOGGING_DIR"] = str(run_dir / "tensorboard")
-    return SFTConfig(
+    args = SFTConfig(
         output_dir=str(run_dir / "checkpoints"),
         per_device_train_batch_size=t.batch_size,
         gradient_accumulation_steps=t.grad_accum,
@@ -590,6 +594,8 @@ def training_args(recipe: Recipe, precision: str, run_dir: Path):
         average_tokens_across_devices=True,
         **distributed_args(recipe),
     )
+    engines.keep_precision(args, precision)  # 16-bit base, fp32 trained weights under DeepSpeed and FSDP2
+    return args
 
 
 def collator_cache_bytes(recipe: Recipe, shared: bool = False) -> int:
