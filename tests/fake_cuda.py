@@ -2,30 +2,38 @@
 
 Tensors on the fake `cuda:0` are `cuda` to every check that decides a code path: Python's
 `.device` / `.is_cuda`, the dispatcher's CUDA keys (so CUDA autocast casts them by its own
-rules), the autograd engine's device streams, `torch.accelerator`, pinned memory. Their data
-lives in host memory and every kernel runs on the CPU, on real values, so a whole training step,
-generation and export probes run. What a GPU refuses is refused here:
+rules), the autograd engine's device streams, `torch.accelerator`, pinned memory. Their values
+live in host memory and every kernel runs on the CPU, on real values, so a whole training step,
+generation and evaluation run. What a GPU refuses is refused here:
 
 - a host tensor (not a 0-dim scalar) meeting a cuda tensor in an op: "Expected all tensors to be
-  on the same device" (copies, and index tensors of an indexing op, may cross as on CUDA);
-- reading a cuda tensor as numpy or through its data pointer;
+  on the same device" (copies, and the index tensors of an indexing op, may cross as on CUDA);
+- reading a cuda tensor as numpy without a copy to the host;
 - PyTorch's varlen flash op (`torch.nn.attention.varlen`) on float32, below compute capability
-  8.0, or with non-int32 boundaries.
+  8.0 (`run(..., capability=(7, 5))`), or with non-int32 boundaries; the op itself is answered
+  by a host implementation of what the kernel computes (forward and backward).
 
-`Record` counts what ran on the device: host reads (`.item()`, `.tolist()`, copies to the host),
-host-to-device copies (pinned or not, non_blocking or not), the fused AdamW kernel, varlen flash
-calls, the dtypes matmuls ran in, so a test can assert that a CUDA branch was really taken.
+CUDA-only kernels the libraries call are computed on the host: matmuls with a float32 `out_dtype`
+(TRL's chunked head), `histc` of integers (transformers' MoE routing). Scaled dot-product
+attention takes its math path.
+
+`Record` counts what ran on the device: host reads (`.item()`, `.tolist()`, `nonzero`, copies to
+the host), host-to-device copies (pinned or not, non_blocking or not), every op, the dtypes
+matmuls ran in, varlen flash calls; FAKE_CUDA_TRACE=name,... keeps where they ran. A test
+asserts from it that a CUDA branch was really taken.
 
 How: a small C++ library registers what a CUDA build of PyTorch registers, a device guard and
 CUDA hooks, as no-ops (its pinned allocator is host memory that it remembers). PyTorch looks the
 hooks up once, when it is imported, so the library is preloaded (LD_PRELOAD) into a process of
 its own: `run(...)` starts it, calls a function there and returns what it returned with the
-record. In that process a TorchDispatchMode keeps each cuda tensor as a wrapper of a CPU tensor
-and runs each op on the wrapped data.
+record. There a TorchDispatchMode runs every op: a cuda tensor is an alias of a host tensor
+(`elem`) that carries CUDA's dispatch keys, and each op runs on the aliased host tensors.
 
-What it cannot fake: CUDA kernels themselves (Triton, flash-attn builds, bitsandbytes' CUDA
-kernels, cuDNN; a library that asks for Triton finds none and takes its torch path), streams and
-real asynchrony (a non_blocking copy completes at once), timing, memory limits, NCCL.
+What it cannot fake: CUDA kernels themselves (Triton: TRL's chunked head and others find no
+Triton and take their torch path; flash-attn builds; cuDNN), bitsandbytes' 4-bit parameters on
+CUDA (Params4bit is itself a tensor subclass, so QLoRA and `export.quantize` do not load on the
+fake device), streams and real asynchrony (a non_blocking copy completes at once), timing,
+memory limits, NCCL.
 """
 
 from __future__ import annotations
@@ -198,11 +206,28 @@ class Record:
         self.matmul_dtypes = collections.Counter()  # dtype of mm / bmm / addmm / linear on cuda
         self.varlen = collections.Counter()  # "forward <dtype>", "backward <dtype>"
         self.events = collections.Counter()  # harness-level: scenario marks
+        self.where: dict[str, list] = {}  # FAKE_CUDA_TRACE=op,op: the Python frames of their first calls
+
+    def trace(self, name: str) -> None:
+        """Keep where `name` ran (its first 10 calls) when it is in TRACE (FAKE_CUDA_TRACE=name,name)."""
+        if name in TRACE and len(self.where.setdefault(name, [])) < 10:
+            frames = [f"{Path(f.filename).name}:{f.lineno} {f.name}" for f in traceback.extract_stack()[:-3]
+                      if not f.filename.endswith(("fake_cuda.py", "_ops.py", "eval_frame.py", "_compile.py"))]
+            self.where[name].append(frames[-8:])
+
+    COUNTS = ("ops", "host_reads", "h2d", "matmul_dtypes", "varlen", "events")
 
     def as_dict(self) -> dict:
-        return {k: dict(getattr(self, k)) for k in ("ops", "host_reads", "h2d", "matmul_dtypes", "varlen", "events")}
+        return {k: dict(getattr(self, k)) for k in self.COUNTS} | {"where": self.where}
+
+    def since(self, before: dict) -> dict:
+        """The counts added since `before` (an as_dict() taken earlier)."""
+        now = self.as_dict()
+        return {k: {n: c - before[k].get(n, 0) for n, c in now[k].items() if c != before[k].get(n, 0)}
+                for k in self.COUNTS}
 
 
+TRACE = set(filter(None, os.environ.get("FAKE_CUDA_TRACE", "").split(",")))
 RECORD = Record()
 CAPABILITY = (9, 0)
 
@@ -264,14 +289,30 @@ def _patch_torch_cuda(torch) -> None:
     c.mem_get_info = lambda device=None: (props.total_memory, props.total_memory)
     c.get_rng_state = lambda device="cuda": torch.zeros(16, dtype=torch.uint8)
     c.get_rng_state_all = lambda: [torch.zeros(16, dtype=torch.uint8)]
-    c.random.get_rng_state_all = c.get_rng_state_all
-    c.random.set_rng_state_all = c.set_rng_state_all
+    for name in ("get_rng_state", "get_rng_state_all", "set_rng_state", "set_rng_state_all", "manual_seed",
+                 "manual_seed_all", "seed", "seed_all"):
+        setattr(c.random, name, getattr(c, name))
 
     # torch.tensor & co. build their data with the dispatch modes switched off: build on the host, then copy
     def on_cuda(device) -> bool:
         return device is not None and (isinstance(device, int) or torch.device(device).type == "cuda")
 
+    # `with torch.device(...)` fills in the device of the constructors it knows (the real ones; its
+    # set is computed once): computed before they are replaced, and the context's cuda handled below
+    import torch.utils._device
+
+    torch.utils._device._device_constructors()
     real_tensor, real_as_tensor, real_new_tensor = torch.tensor, torch.as_tensor, torch.Tensor.new_tensor
+
+    from torch.overrides import _get_current_function_mode_stack
+
+    def context_cuda(device):
+        """The device of a `with torch.device(...)` block or set_default_device, when it is cuda."""
+        if device is not None:
+            return device
+        modes = [m for m in _get_current_function_mode_stack() if isinstance(m, torch.utils._device.DeviceContext)]
+        ctx = modes[-1] if modes else getattr(torch._GLOBAL_DEVICE_CONTEXT, "device_context", None)
+        return ctx.device if ctx is not None and torch.device(ctx.device).type == "cuda" else None
 
     def host_values(data):
         """Sequences holding cuda tensors: their values (torch.tensor reads them on the host, a sync each)."""
@@ -284,22 +325,24 @@ def _patch_torch_cuda(torch) -> None:
     def tensor(data, *args, device=None, requires_grad=False, pin_memory=False, **kwargs):
         if isinstance(data, (list, tuple)):
             data = host_values(data)
+        device = context_cuda(device)
         if on_cuda(device):
-            t = real_tensor(data, *args, **kwargs).to(device)
+            t = real_tensor(data, *args, device="cpu", **kwargs).to(device)
             return t.requires_grad_() if requires_grad else t
         return real_tensor(data, *args, device=device, requires_grad=requires_grad, pin_memory=pin_memory, **kwargs)
 
     def as_tensor(data, dtype=None, device=None):
+        device = context_cuda(device)
         if on_cuda(device):
             if isinstance(data, torch.Tensor):
                 return data.to(device=device, dtype=dtype)
-            return real_as_tensor(data, dtype=dtype).to(device)
+            return real_as_tensor(data, dtype=dtype, device="cpu").to(device)
         return real_as_tensor(data, dtype=dtype, device=device)
 
     def new_tensor(self, data, dtype=None, device=None, requires_grad=False):
         device = self.device if device is None else device
         if on_cuda(device):
-            t = real_tensor(data, dtype=dtype or self.dtype).to(device)
+            t = real_tensor(data, dtype=dtype or self.dtype, device="cpu").to(device)
             return t.requires_grad_() if requires_grad else t
         return real_new_tensor(self, data, dtype=dtype, device=device, requires_grad=requires_grad)
 
@@ -347,8 +390,18 @@ def _mode_class(torch):
                 memo[id(self)] = new
             return memo[id(self)]
 
+        def __reduce_ex__(self, protocol):  # torch.save / pickle: the values, as a host tensor
+            return self.elem.detach().__reduce_ex__(protocol)
+
+        def numpy(self, *, force=False):  # as on a GPU: only through a copy to the host
+            if force:
+                return self.cpu().numpy()
+            raise TypeError("can't convert cuda:0 device type tensor to numpy. Use Tensor.cpu() to copy the tensor "
+                            "to host memory first.")
+
         def tolist(self):  # PyTorch refuses tolist() on subclasses; on a GPU it is a copy to the host
             RECORD.host_reads["tolist"] += 1
+            RECORD.trace("host read")
             return self.elem.tolist()
 
         # a "traceable" wrapper: Module.to() then swaps each parameter in place (torch.utils.swap_tensors)
@@ -406,10 +459,11 @@ def _mode_class(torch):
         q, k, v, cu_q, cu_k, max_q, max_k = args[:7]
         names = ["is_causal", "scale", "window_size", "enable_gqa", "seqused_k", "block_table", "num_splits"]
         opts = dict(zip(names, args[7:])) | kwargs
-        flash_checks(q, k, v, cu_q, cu_k if cu_k is not None else cu_q)
+        cu_k = cu_q if cu_k is None else cu_k
+        flash_checks(q, k, v, cu_q, cu_k)
         RECORD.varlen[f"forward {str(q.dtype).replace('torch.', '')}"] += 1
-        out, lse = _reference_varlen(torch, q.elem, k.elem, v.elem, cu_q.elem, (cu_k if cu_k is not None else cu_q).elem,
-                                     opts.get("is_causal", False), opts.get("scale"), opts.get("window_size"))
+        out, lse = _reference_varlen(torch, q.elem, k.elem, v.elem, cu_q.elem, cu_k.elem, opts.get("is_causal", False),
+                                     opts.get("scale"), opts.get("window_size"))
         return FakeCudaTensor(out), FakeCudaTensor(lse), FakeCudaTensor(torch.zeros(2, dtype=torch.uint64))
 
     def varlen_backward(args, kwargs):
@@ -457,21 +511,34 @@ def _mode_class(torch):
             return func(*args, **kwargs)
         name = str(func)
         RECORD.ops[name] += 1
+        RECORD.trace(name)
         if on_device:
             check_devices(func, args, kwargs)
         if func in host_reads or (func is aten._to_copy.default and on_device and device is not None
                                   and torch.device(device).type == "cpu"):
             RECORD.host_reads[name] += 1
+            RECORD.trace("host read")
         if func in matmuls and on_device:
             RECORD.matmul_dtypes[str(args[0].dtype).replace("torch.", "")] += 1
         if to_device and func is aten._to_copy.default and is_host(args[0]):
             pinned = args[0].is_pinned()
-            kind = f"{'pinned' if pinned else 'pageable'} {'non_blocking' if kwargs.get('non_blocking') else 'blocking'}"
+            kind = f"{'pinned' if pinned else 'pageable'} " + ("non_blocking" if kwargs.get("non_blocking") else "blocking")
             RECORD.h2d[kind] += 1
+            RECORD.trace(f"h2d {kind}")
         if func is aten.copy_.default and isinstance(args[0], FakeCudaTensor) and is_host(args[1]):
             RECORD.h2d[f"{'pinned' if args[1].is_pinned() else 'pageable'} copy_ "
                        f"{'non_blocking' if (args[2:] and args[2]) or kwargs.get('non_blocking') else 'blocking'}"] += 1
         uargs, ukwargs = unwrap(args), unwrap(kwargs)
+        if func._opname in ("mm", "bmm", "addmm", "baddbmm") and func._overloadname in ("dtype", "dtype_out"):
+            # 16-bit matmuls into a float32 result (CUDA only): the same, from float32 copies
+            n = 2 if func._opname in ("mm", "bmm") else 3
+            out_dtype = uargs[n]
+            res = getattr(aten, func._opname).default(*(t.to(out_dtype) for t in uargs[:n]),
+                                                      **{k: v for k, v in ukwargs.items() if k in ("beta", "alpha")})
+            if func._overloadname == "dtype":
+                return wrap(res)
+            ukwargs["out"].copy_(res)
+            return kwargs["out"]
         if func is aten.histc.default and not uargs[0].is_floating_point():
             # CUDA's histc takes integer input (transformers' MoE counts tokens per expert so); the CPU's does not
             return wrap(func(uargs[0].float(), *uargs[1:], **ukwargs).to(uargs[0].dtype))
@@ -505,38 +572,46 @@ FakeCudaTensorType = None
 
 def _reference_varlen(torch, q, k, v, cu_q, cu_k, is_causal, scale, window, grad_out=None):
     """What the flash kernel computes, per segment in float32 on the host: (out, lse), or
-    (dq, dk, dv) given grad_out. window (left, right): -1 = unbounded; causal aligns the last
-    query with the last key, as flash does."""
+    (dq, dk, dv) given grad_out (written out: autograd does not record inside a dispatch mode).
+    window (left, right): -1 = unbounded; causal aligns the last query with the last key, as flash does."""
     left, right = (list(window) if window is not None else [-1, -1])
     if is_causal:
         right = 0
     H, Hk, D = q.shape[1], k.shape[1], q.shape[2]
+    rep = H // Hk
     scale = D ** -0.5 if scale is None else scale
     bq, bk = cu_q.tolist(), cu_k.tolist()
-    with torch.enable_grad():
-        qf, kf, vf = (t.detach().float().requires_grad_(grad_out is not None) for t in (q, k, v))
-        outs, lses = [], []
-        for (s, e), (ks, ke) in zip(zip(bq[:-1], bq[1:]), zip(bk[:-1], bk[1:])):
-            n, m = e - s, ke - ks
-            qs = qf[s:e].transpose(0, 1)
-            ksg = kf[ks:ke].transpose(0, 1).repeat_interleave(H // Hk, 0)
-            vsg = vf[ks:ke].transpose(0, 1).repeat_interleave(H // Hk, 0)
-            scores = qs @ ksg.transpose(1, 2) * scale
-            i = torch.arange(n)[:, None] + (m - n)
-            j = torch.arange(m)[None, :]
-            keep = torch.ones(n, m, dtype=torch.bool)
-            if right >= 0:
-                keep &= j <= i + right
-            if left >= 0:
-                keep &= j >= i - left
-            scores = scores.masked_fill(~keep, float("-inf"))
-            lses.append(torch.logsumexp(scores, -1))
-            outs.append((scores.softmax(-1).nan_to_num(0.0) @ vsg).transpose(0, 1))
-        out = torch.cat(outs)
-        if grad_out is None:
-            return out.to(q.dtype).detach(), torch.cat(lses, 1).detach()
-        dq, dk, dv = torch.autograd.grad(out, (qf, kf, vf), grad_out.float())
-        return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
+    qf, kf, vf = (t.float() for t in (q, k, v))
+    out, lse = torch.zeros_like(qf), torch.zeros(H, q.shape[0])
+    dq, dk, dv = torch.zeros_like(qf), torch.zeros_like(kf), torch.zeros_like(vf)
+    for (s, e), (ks, ke) in zip(zip(bq[:-1], bq[1:]), zip(bk[:-1], bk[1:])):
+        n, m = e - s, ke - ks
+        qs = qf[s:e].transpose(0, 1)  # [H, n, D]
+        kk = kf[ks:ke].transpose(0, 1).repeat_interleave(rep, 0)  # [H, m, D]
+        vv = vf[ks:ke].transpose(0, 1).repeat_interleave(rep, 0)
+        i = torch.arange(n)[:, None] + (m - n)
+        j = torch.arange(m)[None, :]
+        keep = torch.ones(n, m, dtype=torch.bool)
+        if right >= 0:
+            keep &= j <= i + right
+        if left >= 0:
+            keep &= j >= i - left
+        scores = (qs @ kk.transpose(1, 2) * scale).masked_fill(~keep, float("-inf"))
+        p = scores.softmax(-1).nan_to_num(0.0)
+        o = p @ vv  # [H, n, D]
+        out[s:e] = o.transpose(0, 1)
+        lse[:, s:e] = torch.logsumexp(scores, -1)
+        if grad_out is not None:
+            do = grad_out[s:e].float().transpose(0, 1)
+            dvv = p.transpose(1, 2) @ do
+            dp = do @ vv.transpose(1, 2)
+            ds = p * (dp - (do * o).sum(-1, keepdim=True))
+            dq[s:e] = (ds @ kk * scale).transpose(0, 1)
+            dk[ks:ke] = (ds.transpose(1, 2) @ qs * scale).view(Hk, rep, m, D).sum(1).transpose(0, 1)
+            dv[ks:ke] = dvv.view(Hk, rep, m, D).sum(1).transpose(0, 1)
+    if grad_out is None:
+        return out.to(q.dtype), lse
+    return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
 
 
 def _short_traceback() -> str:
