@@ -36,7 +36,7 @@ from finetune.data.schema import DataError
 from finetune.errors import ConfigError, MissingFileError
 from finetune.families.base import IGNORE_INDEX
 from finetune.metrics import first_sentence, is_match, normalise  # noqa: F401  (this module's API before metrics.py)
-from finetune.probes import generate
+from finetune.probes import generate, to_model
 from finetune.report import NO_TASK, md_text, sample_label
 
 MODALITIES = ("image", "audio", "video", "text")
@@ -141,8 +141,7 @@ def token_loss(model, family, processor, samples, rope, *, batch_size: int) -> f
         enc = [family.encode(s, processor, rope=rope) for s in samples[i: i + batch_size]]
         batch = family.collate_padded(enc, processor.pad_id)
         labels = batch.pop("labels").to(dev)
-        batch = {k: (v.to(dev) if torch.is_tensor(v) else v) for k, v in batch.items()}
-        logits = model(**batch).logits.float()
+        logits = model(**to_model(batch, model, family)).logits.float()
         shift_logits = logits[:, :-1].reshape(-1, logits.shape[-1])
         shift_labels = labels[:, 1:].reshape(-1)
         total += float(torch.nn.functional.cross_entropy(shift_logits, shift_labels, ignore_index=IGNORE_INDEX,

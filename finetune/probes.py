@@ -25,6 +25,25 @@ def pick_probes(samples: list, max_probes: int = 8) -> list:
     return list(seen.values())
 
 
+def to_model(batch: dict, model, family) -> dict:
+    """A collated batch on the model's device, every tensor of it (lists and dicts of tensors too,
+    e.g. per-sample audio features); the family's floating media (`Family.float_media`) in the
+    model's dtype, everything else (ids, masks, grids) in its own."""
+    dev = next(model.parameters()).device
+    dtype = model.dtype if hasattr(model, "dtype") else torch.float32
+
+    def move(v, cast):
+        if torch.is_tensor(v):
+            return v.to(dev, dtype=dtype if cast and v.is_floating_point() else None)
+        if isinstance(v, (list, tuple)):
+            return type(v)(move(x, cast) for x in v)
+        if isinstance(v, dict):
+            return {k: move(x, cast) for k, x in v.items()}
+        return v
+
+    return {k: move(v, k in family.float_media) for k, v in batch.items()}
+
+
 @torch.no_grad()
 def probe_logits(model, family, processor, probes, rope, amp=contextlib.nullcontext) -> list[torch.Tensor]:
     """Logits of each probe sample alone, in float32 (the forward inside `amp()`, e.g. autocast)."""
@@ -34,6 +53,7 @@ def probe_logits(model, family, processor, probes, rope, amp=contextlib.nullcont
         enc = family.encode(s, processor, rope=rope)
         batch = family.collate_padded([enc], processor.pad_id)
         batch.pop("labels")
+        batch = to_model(batch, model, family)
         with amp():
             out.append(model(**batch).logits[0].float())
     return out
@@ -45,7 +65,6 @@ def generate(model, family, processor, samples, rope, *, max_new_tokens: int, ba
     """Greedy answers for each sample's prompt (its conversation without the last answer); the
     model runs inside `amp()` (autocast for a 16-bit base beside fp32 trained weights)."""
     model.eval()
-    dev = next(model.parameters()).device
     outs: list[str] = []
     eos = [processor.eos_id]
     for i in range(0, len(samples), batch_size):
@@ -53,10 +72,7 @@ def generate(model, family, processor, samples, rope, *, max_new_tokens: int, ba
         enc = [family.encode(s, processor, for_generation=True, rope=rope) for s in chunk]
         batch = family.collate_padded(enc, processor.pad_id, side="left")
         batch.pop("labels", None)
-        batch = {k: (v.to(dev) if torch.is_tensor(v) else v) for k, v in batch.items()}
-        for key in family.float_media:  # the media the model takes in its own dtype
-            if torch.is_tensor(batch.get(key)):
-                batch[key] = batch[key].to(model.dtype if hasattr(model, "dtype") else torch.float32)
+        batch = to_model(batch, model, family)
         with amp():
             gen = model.generate(**batch, max_new_tokens=max_new_tokens, do_sample=False, eos_token_id=eos,
                                  pad_token_id=processor.pad_id, use_cache=True)

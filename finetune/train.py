@@ -652,31 +652,55 @@ def make_collator(recipe: Recipe, family: Family, processor, samples: list[Sampl
 
 def make_preflight_callback(family: Family, processor, samples: list[Sample], rope, mode: str, precision: str):
     """Before the first step: run evaluation's generation and the export's probe forward on one
-    sample per modality mix (probes.preflight), so a broken eval/export path stops the run now."""
+    sample per modality mix (probes.preflight), so a broken eval/export path stops the run now.
+    Under DDP every rank checks its own copy of the model and the ranks share the outcome: a
+    failure on any rank stops every rank here, with that rank's error (a rank that went on alone
+    would wait in its first collective until the timeout)."""
     from transformers import TrainerCallback
 
     from finetune.probes import pick_probes, preflight
+    from finetune.runlock import rank
 
     class Preflight(TrainerCallback):
         def on_train_begin(self, args, state, control, model=None, **kw):
-            if mode in ("fsdp", "deepspeed") or not is_main_process():
-                return  # sharded weights: generation needs every rank; rank 0 stands for all
+            if mode in ("fsdp", "deepspeed"):
+                return  # sharded weights: generation needs every rank in step; not checked here
             t0 = time.time()
             device = next(model.parameters()).device
             # under 16-bit training the trained weights are fp32 beside a 16-bit base: autocast, as in a step
             amp = (functools.partial(torch.autocast, device.type, dtype=torch_dtype(precision))
                    if precision in ("bf16", "fp16") else contextlib.nullcontext)
+            error, probes = None, []
             try:
                 probes = preflight(model, family, processor, samples, rope, amp=amp)
-            except Exception as e:
+            except Exception as e:  # noqa: BLE001 - reported below, on every rank
+                error = e
+            failures = preflight_failures(error)
+            if failures:
+                where, what = next(((r, m) for r, m in failures if r == rank()), failures[0])
                 mixes = ", ".join(f"{s.where} ({'+'.join(sorted(s.modalities()))})" for s in pick_probes(samples))
-                raise RuntimeError(f"before training: evaluation's generation or the export's probe forward fails "
-                                   f"on the probe samples ({mixes}): {type(e).__name__}: {e}. Nothing was trained; "
-                                   "eval and export would fail the same way after training.") from e
+                on_rank = f" on rank {where} of {world_size()}" if world_size() > 1 else ""
+                raise RuntimeError(f"before training: evaluation's generation or the export's probe forward fails"
+                                   f"{on_rank} on the probe samples ({mixes}): {what}. Nothing was trained; "
+                                   "eval and export would fail the same way after training.") from error
             print(f"checked generation and export probes on {len(probes)} modality mix(es) in "
                   f"{time.time() - t0:.1f} s", flush=True)
 
     return Preflight()
+
+
+def preflight_failures(error: Exception | None) -> list[tuple[int, str]]:
+    """(rank, "Type: message") of every rank whose check before step 1 failed: this process's
+    alone, or every rank's under torch.distributed (a collective: all ranks call it)."""
+    import torch.distributed as dist
+
+    mine = None if error is None else f"{type(error).__name__}: {error}"
+    if world_size() > 1 and dist.is_available() and dist.is_initialized():
+        every: list = [None] * dist.get_world_size()
+        dist.all_gather_object(every, mine)
+    else:
+        every = [mine]
+    return [(r, m) for r, m in enumerate(every) if m is not None]
 
 
 def local_weight_elements(model) -> tuple[int, int, int, int]:

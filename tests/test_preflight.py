@@ -123,3 +123,70 @@ def test_checked_samples_are_remembered_until_a_file_or_setting_changes(tmp_path
 
     other = dataclasses.replace(loaded.processor, max_pixels=loaded.processor.max_pixels // 2)
     assert run(other)["checked"] == len(samples)
+
+
+LAUNCH = '''
+import os, sys
+
+import finetune.probes as probes
+
+if os.environ["RANK"] == os.environ["BREAK_RANK"]:
+    def generate(*args, **kwargs):
+        raise RuntimeError("generation broken on this rank (test)")
+
+    probes.generate = generate
+
+from finetune.cli import main
+
+sys.exit(main())
+'''
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("broken", [0, 1])
+def test_a_check_failing_on_one_rank_stops_every_rank_before_step_1(tmp_path, small_demo, broken):
+    """DDP over two processes (gloo), started without torchrun's agent (as srun or mpirun start
+    ranks: nobody kills the others when one fails). The check fails on one rank only; every rank
+    must stop before step 1 with that rank's error, within seconds of each other. A rank that went
+    on would wait in its first gradient all-reduce until gloo's timeout (30 minutes)."""
+    import os
+    import socket
+    import subprocess
+    import sys
+    import time
+
+    from conftest import ROOT, tiny_overrides
+
+    launch = tmp_path / "launch.py"
+    launch.write_text(LAUNCH)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    base = {**os.environ, "PYTHONPATH": str(ROOT), "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1",
+            "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "WORLD_SIZE": "2", "BREAK_RANK": str(broken),
+            "FINETUNE_ALL_RANKS_PRINT": "1"}
+    cmd = [sys.executable, str(launch), "train", "medical-tiny",
+           *tiny_overrides(tmp_path, small_demo, "train.max_steps=2", "data.num_workers=0")]
+    procs = [subprocess.Popen(cmd, cwd=ROOT, env={**base, "RANK": str(r), "LOCAL_RANK": str(r)},
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for r in (0, 1)]
+    ended: dict[int, float] = {}
+    deadline = time.time() + 600
+    while len(ended) < 2 and time.time() < deadline and not (ended and time.time() - min(ended.values()) > 60):
+        for r, p in enumerate(procs):
+            if r not in ended and p.poll() is not None:
+                ended[r] = time.time()
+        time.sleep(0.2)
+    for p in procs:
+        if p.poll() is None:
+            p.kill()
+    outs = [p.communicate()[0] for p in procs]
+    assert len(ended) == 2, f"rank(s) {sorted({0, 1} - set(ended))} still running 60 s after the other ended:\n" + \
+        "\n".join(o[-2000:] for o in outs)
+    assert abs(ended[0] - ended[1]) < 30
+    for r, (p, out) in enumerate(zip(procs, outs)):  # each rank stopped with the check's error of the broken one
+        assert p.returncode != 0, f"rank {r} finished:\n{out[-3000:]}"
+        assert "generation broken on this rank (test)" in out, f"rank {r} stopped otherwise:\n{out[-3000:]}"
+    for out in outs:
+        assert (f"before training: evaluation's generation or the export's probe forward fails on rank {broken} of 2"
+                in out), out[-3000:]
+    _no_training_happened(tmp_path / "run")
