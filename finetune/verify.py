@@ -15,6 +15,7 @@ import torch
 from finetune.errors import ConfigError
 from finetune.families.base import IGNORE_INDEX
 from finetune.packing import pack_encoded, plan_bins
+from finetune.probes import to_model
 
 
 @dataclass
@@ -55,21 +56,6 @@ class PackingCheck:
             f"max |gradient diff|   {self.max_grad_diff:.3e}{rg}  (every trainable parameter)",
             f"{kind} {self.tol:.0e}: {'PASS' if self.passed else 'FAIL'}",
         ])
-
-
-def to_model(batch: dict, model, family) -> dict:
-    """Move a collated batch to the model's device; the family's floating media
-    (`Family.float_media`) in the model's dtype, everything else (ids, grids) as it is."""
-    p = next(model.parameters())
-    dtype = p.dtype if p.is_floating_point() else torch.float32
-    out = {}
-    for k, v in batch.items():
-        if isinstance(v, torch.Tensor):
-            v = v.to(p.device, dtype=dtype if k in family.float_media else None)
-        elif isinstance(v, dict):  # tower inputs (Family.tower_inputs): positions, boundaries
-            v = {kk: vv.to(p.device) if isinstance(vv, torch.Tensor) else vv for kk, vv in v.items()}
-        out[k] = v
-    return out
 
 
 def _sum_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:

@@ -63,8 +63,8 @@ def scenario_step(recipe_name: str, train: str, eval_: str, out: str) -> dict:
         trainer = real_make(*args, **kwargs)
         trainer.add_callback(Phases())
 
-        def loss_branch(module, a, kw):  # token_mean_loss: TRL's chunked head (fused) or one cross-entropy (plain)
-            rec.events["fused_lm_head" if kw.get("fused_lm_head") else "plain forward"] += 1
+        def loss_branch(module, a, kw):  # token_mean_loss: the label-token head or one cross-entropy (plain)
+            rec.events["label head" if kw.get("label_positions") is not None else "plain forward"] += 1
 
         trainer.model.register_forward_pre_hook(loss_branch, with_kwargs=True)
         info["args"] = {"bf16": trainer.args.bf16, "optim": getattr(trainer.args.optim, "value", trainer.args.optim),
@@ -220,10 +220,7 @@ def _step(steps, family):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("family", [
-    *[f for f in FAMILIES if f != "gemma3n"],
-    pytest.param("gemma3n", marks=pytest.mark.xfail(strict=True, reason=(
-        "kernels.varlen (issue 24, the lead's rewrite): under CUDA autocast SDPA returns bf16 while Gemma 3n's "
-        "queries are float32; `out = torch.empty_like(q)` then `out[keep] = o` fails (index_put dtypes)"))),
+    *FAMILIES,
 ])
 def test_one_training_step_and_evaluation_on_cuda(steps, family):
     got = _step(steps, family)
@@ -232,15 +229,13 @@ def test_one_training_step_and_evaluation_on_cuda(steps, family):
     assert math.isfinite(got["eval_token_loss"])
     step = got["phases"]["step"]
     assert step["ops"].get("aten._fused_adamw_.default", 0) >= 1  # the fused optimizer ran
-    assert step["events"].get("fused_lm_head", 0) == 1 and "plain forward" not in step["events"]  # CUDA's loss
+    assert step["events"].get("label head", 0) == 1 and "plain forward" not in step["events"]  # CUDA's loss
     assert step["matmul_dtypes"].get("bfloat16", 0) > step["matmul_dtypes"].get("float32", 0)  # autocast
     assert sum(n for kind, n in step["h2d"].items() if kind.startswith("pinned")) > 0  # the batch came pinned
     assert got["phases"]["eval"]["ops"], "evaluation did not run on the device"
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(strict=True, reason="issue 24 point 5: training_args does not set accelerator_config "
-                                       "non_blocking, so the pinned batch is copied blocking")
 def test_the_batch_is_copied_without_blocking(steps):
     h2d = _step(steps, "qwen2_5_omni")["phases"]["step"]["h2d"]
     assert h2d.get("pinned non_blocking", 0) > 0 and not any(k.endswith(" blocking") and "non" not in k
@@ -272,9 +267,6 @@ def varlens(lib):
     return {**{(case, (9, 0)): r for case, r in zip(flat, got[(9, 0)])}, (("bfloat16", 4, True), (7, 5)): got[(7, 5)][0]}
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "issue 24 point 2, the lead's kernels.py rewrite: kernels.varlen tests hasattr(torch.nn.attention, 'varlen'), "
-    "False until something imports the submodule, so CUDA never reaches torch's varlen kernel"))
 @pytest.mark.parametrize("case", VARLEN["flash"], ids=lambda c: "-".join(map(str, c)))
 def test_varlen_on_cuda_runs_torchs_flash_kernel(varlens, case):
     got = varlens[(case, (9, 0))]
@@ -290,7 +282,7 @@ def test_varlen_on_cuda_runs_torchs_flash_kernel(varlens, case):
                          ids=["fp32", "capability-7.5"])
 def test_varlen_on_cuda_falls_back_where_the_flash_kernel_cannot_run(varlens, case, capability):
     """fp32 inputs, or a GPU below compute capability 8.0: the flash kernel refuses them (the fake
-    device refuses them as it does), so the exact grouped path must run, with the same result."""
+    device refuses them as it does), so the exact device-mask path must run, with the same result."""
     got = varlens[(tuple(case), capability)]
     assert "error" not in got, got["error"]
     assert got["device"] == "cuda:0" and got["dtype"] == case[0]

@@ -209,9 +209,11 @@ def _sinusoids(length: int, channels: int, max_timescale: float = 10000.0) -> to
 
 def _clamp_half(h: torch.Tensor) -> torch.Tensor:
     """Pull non-finite values of a 16-bit tensor back into range (the reference does this)."""
-    if h.dtype in (torch.float16, torch.bfloat16) and not torch.isfinite(h).all():
+    if h.dtype in (torch.float16, torch.bfloat16):
+        # the reference clamps only when something is not finite; choosing on the device keeps its
+        # result without making the host read the answer (a sync per layer on a GPU)
         limit = torch.finfo(h.dtype).max - 1000
-        h = torch.clamp(h, min=-limit, max=limit)
+        h = torch.where(torch.isfinite(h).all(), h, torch.clamp(h, min=-limit, max=limit))
     return h
 
 
@@ -321,7 +323,8 @@ class AudioEncoder(nn.Module):
         out = x.new_zeros(batch, t2, self.d_model)
         if not lengths:
             return out
-        rows = torch.cat([b * t2 + torch.arange(n) for b, n in enumerate(all_lengths) if n > 0]).to(x.device)
+        # made on the device from host lengths: a host-built index copied over would wait for the device
+        rows = torch.cat([b * t2 + torch.arange(n, device=x.device) for b, n in enumerate(all_lengths) if n > 0])
         h = x.reshape(batch * t2, -1).index_select(0, rows)            # (sum(len), d), sample-major
         for layer in self.layers:
             h = layer(h, lengths)
@@ -413,7 +416,7 @@ class AudioVQBridge(nn.Module):
         lengths = [int(n) for n in (bridge_length.tolist() if torch.is_tensor(bridge_length) else bridge_length)]
         if len(lengths) != batch or any(n < 0 or n > groups for n in lengths):
             raise ValueError(f"bridge_length {lengths} does not fit {groups} groups x {batch} samples")
-        rows = torch.cat([b * groups + torch.arange(n) for b, n in enumerate(lengths)]).to(res.device)
+        rows = torch.cat([b * groups + torch.arange(n, device=res.device) for b, n in enumerate(lengths)])
         r = res.reshape(batch * groups, -1).index_select(0, rows)      # (N, d*p), sample-major
         codes = []
         for quantizer in self.vq_list:

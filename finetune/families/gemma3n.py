@@ -551,7 +551,9 @@ IMAGE_DIGESTS = "image_digests"
 
 def pixel_digest(x: torch.Tensor) -> str:
     """A host tensor's content digest (one image's pixels)."""
-    return hashlib.blake2b(x.detach().contiguous().numpy().tobytes(), digest_size=16).hexdigest()
+    # the raw bytes (numpy has no bfloat16: a bf16 run's pixels hashed as bytes, as every dtype is)
+    return hashlib.blake2b(x.detach().contiguous().view(-1).view(torch.uint8).numpy().tobytes(),
+                           digest_size=16).hexdigest()
 
 
 def image_digests(batch: dict) -> dict:
