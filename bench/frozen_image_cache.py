@@ -35,14 +35,15 @@ def main() -> None:
     from finetune import adapters, attention
     from finetune.data.schema import load_samples
     from finetune.families import family_for
+    from finetune.models import load_spec
     from finetune.packing import pack_encoded, plan_bins
     from finetune.recipe import load_recipe
-    from finetune.train import quiet_libraries
+    from finetune.runtime import quiet_libraries
 
     quiet_libraries()
     rec = load_recipe(a.recipe, a.overrides)
     fam = family_for(rec.model.path, rec.model.family)
-    ld = fam.load(rec, dtype=torch.float32, attn="sdpa")
+    ld = fam.load(load_spec(rec, dtype=torch.float32, attn="sdpa"))
     rope = fam.rope_index(ld.model)
     samples, _ = load_samples(Path(rec.data.train if isinstance(rec.data.train, str) else "data/demo/medical/train.jsonl"))
     encs = [fam.encode(s, ld.processor, rope=rope) for s in samples]

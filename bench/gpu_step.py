@@ -31,13 +31,14 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from finetune.models import load_spec
 from finetune import adapters, attention  # noqa: E402
 from finetune.families import get_family  # noqa: E402
 from finetune.families.base import IGNORE_INDEX, EncodedSample  # noqa: E402
 from finetune.packing import pack_encoded  # noqa: E402
 from finetune.plan import CONFIG_DIR  # noqa: E402
 from finetune.recipe import load_recipe  # noqa: E402
-from finetune.train import quiet_libraries  # noqa: E402
+from finetune.runtime import quiet_libraries
 from finetune.verify import to_model  # noqa: E402
 
 #: which recipes each family's rows run (data, not code: everything else comes from the Family contract)
@@ -191,7 +192,7 @@ def run_one(family_name: str, mode: str, args) -> dict:
         if args.device.startswith("cuda"):
             torch.cuda.empty_cache()
             torch.cuda.reset_peak_memory_stats()
-        loaded = family.load(recipe, dtype=dtype, attn="sdpa")
+        loaded = family.load(load_spec(recipe, dtype=dtype, attn="sdpa"))
         attention.configure_cuda_kernels()
         attn = attention.choose(recipe.model.attn, packing=True)
         attention.apply_to_llm(loaded.model, attn)

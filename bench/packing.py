@@ -47,12 +47,13 @@ from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from finetune.models import load_spec
 from finetune import adapters, attention  # noqa: E402
 from finetune.data.schema import load_samples  # noqa: E402
 from finetune.families import get_family  # noqa: E402
 from finetune.packing import pack_encoded, plan_bins  # noqa: E402
 from finetune.recipe import load_recipe  # noqa: E402
-from finetune.train import quiet_libraries  # noqa: E402
+from finetune.runtime import quiet_libraries
 from finetune.verify import to_model  # noqa: E402
 
 
@@ -178,7 +179,7 @@ def main(argv=None) -> int:
         roles = load_recipe("medical").roles
         recipe.roles = roles
     fam = get_family("qwen2_5_omni")
-    loaded = fam.load(recipe, dtype=dtype, attn="sdpa")
+    loaded = fam.load(load_spec(recipe, dtype=dtype, attn="sdpa"))
     if args.size != "tiny":
         loaded.model = sized_model(loaded.model.config, args.size, dtype, args.device)
     attn = attention.choose("auto", packing=True)

@@ -44,23 +44,26 @@ def sync(device):
 
 def split(recipe, steps: int, warmup: int) -> dict:
     from finetune import adapters, attention
-    from finetune import train as T
+    from finetune import collate
+    from finetune.data import reading
+    from finetune import runtime
+    from finetune import trainer
     from finetune.families import family_for
 
-    T.quiet_libraries()
+    runtime.quiet_libraries()
     family = family_for(recipe.model.path, recipe.model.family)
-    T.prepare_data(recipe)
-    precision = T.choose_precision(recipe.train.precision)
+    reading.prepare_data(recipe)
+    precision = runtime.choose_precision(recipe.train.precision)
     run_dir = Path(tempfile.mkdtemp())
-    args = T.training_args(recipe, precision, run_dir)
-    samples, skipped = T.read_split(recipe.data.train, recipe, on_error="skip")
-    loaded = T.load_for_training(recipe, family, precision)
+    args = trainer.training_args(recipe, precision, run_dir)
+    samples, skipped = reading.read_split(recipe.data.train, recipe, on_error="skip")
+    loaded = trainer.load_for_training(recipe, family, precision)
     from finetune.packing import EncodedCache
 
     # as train.py does: the checks' encodings kept for the collator (no workers on the CPU)
     encodings = EncodedCache(family, loaded.processor, [], family.rope_index(loaded.model),
-                             T.collator_cache_bytes(recipe)) if T.data_workers(recipe) == 0 else None
-    samples, lengths = T.prepare_split(samples, family, loaded, recipe, skipped, encodings)
+                             collate.collator_cache_bytes(recipe)) if runtime.data_workers(recipe) == 0 else None
+    samples, lengths = reading.prepare_split(samples, family, loaded, recipe, skipped, encodings)
     if encodings is not None:
         encodings.samples = samples
     attn = attention.choose(recipe.model.attn, recipe.data.packing)
@@ -69,9 +72,9 @@ def split(recipe, steps: int, warmup: int) -> dict:
     model, _ = adapters.apply_roles(loaded.model, family, recipe, gradient_checkpointing=recipe.train.gradient_checkpointing)
     adapters.fp32_trainable(model)
     rope = family.rope_index(loaded.model)
-    train_ds, collator = T.make_collator(recipe, family, loaded.processor, samples, lengths, rope, attn,
+    train_ds, collator = collate.make_collator(recipe, family, loaded.processor, samples, lengths, rope, attn,
                                          family.tower_inputs(loaded.model), encodings)
-    trainer = T.make_trainer(recipe, family, model, loaded.processor, train_ds, collator, precision, run_dir, [],
+    trainer = trainer.make_trainer(recipe, family, model, loaded.processor, train_ds, collator, precision, run_dir, [],
                              args=args)
     trainer.create_optimizer()
     opt = trainer.optimizer

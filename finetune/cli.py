@@ -23,10 +23,13 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import re
 import sys
 import time
 from pathlib import Path
+
+from finetune.errors import ConfigError, UserError
 
 
 def _recipe(args):
@@ -48,10 +51,46 @@ def _run(target: str, overrides):
     return run
 
 
-def cmd_train(args) -> int:
+def run_stages(recipe) -> Path:
+    """Train a staged recipe's stages in order, each from the one before's merged, verified export
+    (finetune.stages); a stage done before is not run again, unless a stage before it was run now
+    (its weights changed); returns the run folder, which holds the last stage's run."""
+    from finetune.export import export_merged, recover
+    from finetune.runtime import is_main_process, world_size
+    from finetune.stages import begin
     from finetune.train import train
 
-    run_dir = train(_recipe(args))
+    if world_size() > 1:
+        raise ConfigError("staged recipes run in one process for now (each stage's merged export is made by "
+                          "one process and read by the next stage); run it without torchrun / GPUS=1")
+    stages = begin(recipe)
+    changed = False
+    for i, (name, folder, rec, done) in enumerate(stages):
+        head = f"stage {i + 1}/{len(stages)} {name!r}"
+        if done and not changed:
+            print(f"{head}: done before ({folder / 'merged'}), not run again", flush=True)
+            continue
+        print(f"{head}: training in {folder}/" + (f", from {rec.model.path}" if i else ""), flush=True)
+        train(rec)
+        changed = True
+        if i < len(stages) - 1 and is_main_process():
+            recover(folder / "merged")
+            export_merged(folder, rec, force=True)
+            print(f"{head}: merged into {folder / 'merged'} (verified), the next stage's model", flush=True)
+    return Path(recipe.run_dir)
+
+
+def train_recipe(recipe) -> Path:
+    """Train a recipe: its stages in order (run_stages), or the recipe itself (finetune.train)."""
+    if recipe.stages:
+        return run_stages(recipe)
+    from finetune.train import train
+
+    return train(recipe)
+
+
+def cmd_train(args) -> int:
+    run_dir = train_recipe(_recipe(args))
     print(f"adapter: {run_dir / 'adapter'}")
     return 0
 
@@ -88,25 +127,22 @@ def cmd_export(args) -> int:
 def cmd_run(args) -> int:
     """train -> eval (base vs tuned) -> export, then say where everything is."""
     from finetune.evaluate import evaluate, summary_line
-    from finetune.export import export_run
-    from finetune.train import train
-
-    from finetune.export import check_targets
-    from finetune.runlock import check_run_dir
+    from finetune.export import check_targets, export_run
+    from finetune.runfolder import check_run_dir
 
     t0 = time.time()
     recipe = _recipe(args)
     # `run` replaces the exports it made before: what it may not replace stops it before training
     check_run_dir(recipe.run_dir)
     check_targets(recipe.run_dir, recipe)
-    run_dir = train(recipe)
+    run_dir = train_recipe(recipe)
     r = evaluate(recipe, run_dir)
     out = export_run(run_dir, force=True)  # only exports of ours are replaced (fsutil.staged_dir)
     print()
     print(f"done in {time.time() - t0:.0f} s")
     print(f"  run folder   {run_dir}/")
     print(f"  adapter      {run_dir / 'adapter'}/  (PeftModel.from_pretrained)")
-    print(f"  metrics      {run_dir / 'metrics.jsonl'}, {run_dir / 'loss_curve.png'}, {run_dir / 'tensorboard'}/")
+    print(f"  metrics      {run_dir / 'metrics.jsonl'}, {run_dir / 'loss_curve.svg'}, {run_dir / 'tensorboard'}/")
     print(f"  eval         {run_dir / 'eval.md'}: {summary_line(r)}")
     if r.get("report"):
         print(f"  eval page    {r['report']}  (metrics, loss curve, examples; opens offline)")
@@ -130,7 +166,6 @@ def cmd_data_check(args) -> int:
     recipe's own data.train and data.eval."""
     from finetune.data.check import check_dataset
     from finetune.data.schema import Limits
-    from finetune.errors import ConfigError
 
     files = [f for f in args.files if not _OVERRIDE.match(f)]
     overrides = [f for f in args.files if _OVERRIDE.match(f)]
@@ -138,9 +173,9 @@ def cmd_data_check(args) -> int:
         raise ConfigError(f"data check: overrides such as {overrides[0]} need --recipe")
     recipe = family = proc = None
     if args.recipe:
-        from finetune.families import family_for
+        from finetune.data.reading import prepare_data
+        from finetune.models import family_of, model_folder, processor_of
         from finetune.recipe import load_recipe
-        from finetune.train import prepare_data
 
         recipe = load_recipe(args.recipe, overrides=overrides)
         if not files:
@@ -149,9 +184,9 @@ def cmd_data_check(args) -> int:
             # columns, a split or a format is read as training reads it
             files = [s if (s.hub or s.columns or s.split or s.format != "auto") else s.path
                      for s in recipe.data.sources() if s.path or s.hub] + ([recipe.data.eval] if recipe.data.eval else [])
-        family = family_for(recipe.model.path, recipe.model.family, recipe.model.revision)
-        folder = family.resolve_path(recipe.model.path, recipe.model.tiny_seed, recipe.model.revision)
-        proc = family.processor(folder, recipe)
+        family = family_of(recipe)
+        folder = model_folder(recipe, family)
+        proc = processor_of(recipe, family, folder)
     if not files:
         raise ConfigError("data check: name the dataset files, or a recipe (--recipe R) whose data to check")
     report = check_dataset([Path(f) if isinstance(f, str) else f for f in files], family=family, processor=proc,
@@ -295,8 +330,6 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     """Entry point. A user error (a recipe value, a dataset line, a missing file or extra) is printed
     as one line that says what to do, exit status 2; anything else is a bug and keeps its traceback."""
-    from finetune.errors import UserError
-
     argv = sys.argv[1:] if argv is None else list(argv)
     if argv[:2] == ["data", "convert"]:  # its own parser (options come before the files)
         from finetune.data.convert import main as convert_main
@@ -308,3 +341,7 @@ def main(argv: list[str] | None = None) -> int:
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except BrokenPipeError:
+        # the reader of our output went away (`data check ... | head`): stop quietly, as command-line tools do
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 1

@@ -15,43 +15,9 @@ peaks. During warmup the line says so: transformers' warmup starts at 0, so step
 
 from __future__ import annotations
 
-import logging
 import math
 import sys
 import time
-
-#: bitsandbytes logs this at import on CPUs with AVX-512 BF16 when the optional `kernels` package
-#: cannot fetch its faster 4-bit CPU kernel; it matters only where 4-bit runs on the CPU
-_BNB_LOGGER = "bitsandbytes.backends.cpu.ops"
-_BNB_KERNEL = "Failed to load CPU gemm_4bit_forward"
-_bnb_notes: list[str] = []
-_bnb_told = False
-
-
-class _HoldBnbKernelNotice(logging.Filter):
-    def filter(self, record: logging.LogRecord) -> bool:
-        if _BNB_KERNEL in record.getMessage():
-            _bnb_notes.append(record.getMessage())
-            return False
-        return True
-
-
-def hold_library_notices() -> None:
-    """Install once, before bitsandbytes is imported: its CPU-kernel notice is held back."""
-    log = logging.getLogger(_BNB_LOGGER)
-    if not any(isinstance(f, _HoldBnbKernelNotice) for f in log.filters):
-        log.addFilter(_HoldBnbKernelNotice())
-
-
-def tell_4bit_on_cpu() -> None:
-    """Where 4-bit weights really run on the CPU: say once that the slower built-in path is used."""
-    global _bnb_told
-    if _bnb_notes and not _bnb_told:
-        _bnb_told = True
-        print("note: bitsandbytes 4-bit on the CPU runs its built-in kernels (the faster `kernels` one could not "
-              "be loaded; `pip install kernels` and network access bring it). Training is slower, not different.",
-              flush=True)
-
 
 def _clock(seconds: float) -> str:
     seconds = int(round(seconds))

@@ -16,9 +16,9 @@ to see them: evaluation does not add them to the prompt.
 
 Every figure (overall, per task, per modality) comes with a 95% percentile bootstrap interval
 (`eval.bootstrap` resamples, seeded with train.seed), and base vs tuned with the p-value of a
-paired sign-flip test (exact McNemar for right/wrong scores). `accuracy` and `lesion_accuracy`
-stay the exact-match figures they always were (model cards and examples/ compare against them);
-`score` is the figure under the chosen metric. `eval.general` is a second set (general, not
+paired sign-flip test (exact McNemar for right/wrong scores). `accuracy` and each group's
+`<name>_accuracy` (eval.groups: the demo's `lesion_accuracy`) are exact-match figures; `score` is
+the figure under the chosen metric. `eval.general` is a second set (general, not
 domain data) scored the same way before and after: the forgetting check.
 """
 
@@ -31,13 +31,20 @@ from pathlib import Path
 
 import torch
 
+from peft import PeftModel
+
 from finetune import fsutil, metrics
+from finetune.data.reading import prepare_split, read_split
 from finetune.data.schema import DataError
 from finetune.errors import ConfigError, MissingFileError
 from finetune.families.base import IGNORE_INDEX
 from finetune.metrics import first_sentence, is_match, normalise  # noqa: F401  (this module's API before metrics.py)
+from finetune.models import family_of, load_spec
 from finetune.probes import generate, to_model
-from finetune.report import NO_TASK, md_text, sample_label
+from finetune.report import NO_TASK, format_markdown, summary_line, write_html  # noqa: F401  (summary_line: the CLI's)
+from finetune.runfolder import lock_run, read_loss_history
+from finetune.runtime import choose_precision, is_main_process, quiet_libraries, torch_dtype
+from finetune.stages import final_recipe, original_base
 
 MODALITIES = ("image", "audio", "video", "text")
 
@@ -151,13 +158,14 @@ def token_loss(model, family, processor, samples, rope, *, batch_size: int) -> f
 
 
 def score(samples, predictions, *, metric: str = "auto", plans: list[dict] | None = None, n_resamples: int = 1000,
-          seed: int = 0) -> dict:
+          seed: int = 0, groups: dict[str, list[str]] | None = None) -> dict:
     """Per-sample scores under each sample's metric, and the figures over them.
 
     Returns `per_sample` ({metric, score, ...} per sample: 'said' for yesno, 'chosen' for choice,
     'rouge_l' for open); `score` overall and `per_task` / `per_modality` figures ({mean, ci, n});
     `open` (mean F1 and ROUGE-L over the open samples) when there are any; and, as before,
-    exact-match `accuracy` overall and per task, and `lesion_accuracy` (tasks lesion and audio)."""
+    exact-match `accuracy` overall and per task, and `<name>_accuracy` for each of `groups` (a name
+    -> the tasks it gathers, eval.groups)."""
     plans = plans if plans is not None else plan_metrics(samples, metric)
     per_sample = [metrics.score_one(pl["metric"], p, pl["reference"], pl["options"])
                   | {"metric": pl["metric"]} for pl, p in zip(plans, predictions)]
@@ -179,9 +187,10 @@ def score(samples, predictions, *, metric: str = "auto", plans: list[dict] | Non
                         for t, idx in by_task.items()},
            "per_modality": {k: fig(idx) for k, idx in by_mod.items()},
            "per_sample": per_sample}
-    lesion = by_task.get("lesion", []) + by_task.get("audio", [])
-    if lesion:
-        out["lesion_accuracy"] = sum(hits[i] for i in lesion) / len(lesion)
+    for name, tasks in (groups or {}).items():
+        idx = [i for t in tasks for i in by_task.get(t, [])]
+        if idx:
+            out[f"{name}_accuracy"] = sum(hits[i] for i in idx) / len(idx)
     opened = [i for i, r in enumerate(per_sample) if r["metric"] == "open"]
     if opened:
         out["open"] = {"f1": fig(opened), "rouge_l": metrics.summarise([per_sample[i]["rouge_l"] for i in opened],
@@ -223,7 +232,7 @@ def _score_variants(model, family, proc, samples, rope, recipe, plans, base=None
             loss = token_loss(m, family, proc, samples, rope, batch_size=recipe.eval.batch_size)
         predictions[name] = preds
         results[name] = {**score(samples, preds, plans=plans, n_resamples=recipe.eval.bootstrap,
-                                 seed=recipe.train.seed),
+                                 seed=recipe.train.seed, groups=recipe.eval.groups),
                          "token_loss": loss, "seconds": round(time.time() - t0, 1)}
     if "base" in results:
         results["paired"] = compare(samples, results["base"], results["tuned"], seed=recipe.train.seed)
@@ -237,8 +246,6 @@ def _sample_rows(samples, plans) -> list[dict]:
 
 def _read_general(recipe, family, loaded):
     """The eval.general samples, checked like the eval split (none when it is unset)."""
-    from finetune.train import prepare_split, read_split
-
     if not recipe.eval.general:
         return []
     if not Path(recipe.eval.general).exists():
@@ -253,58 +260,15 @@ def _read_general(recipe, family, loaded):
     return samples[: recipe.eval.max_samples] if recipe.eval.max_samples else samples
 
 
-def read_loss_history(run_dir: Path) -> list[dict]:
-    """The training loss records of metrics.jsonl ({step, loss, ...}), for the report's curve. A
-    staged run's earlier stages (stages/NN-name/) come first, each record marked with its stage
-    and its steps counted on from the stage before."""
-    run_dir = Path(run_dir)
-    parts = [(p.name.split("-", 1)[-1], p / "metrics.jsonl") for p in sorted((run_dir / "stages").glob("[0-9]*-*"))]
-    last_name = None
-    if parts:
-        import yaml
-
-        try:
-            last_name = yaml.safe_load((run_dir / "stages.yaml").read_text())["recipe"]["stages"][-1]["name"]
-        except (OSError, ValueError, KeyError, IndexError, TypeError, yaml.YAMLError):
-            last_name = "last"
-    parts.append((last_name, run_dir / "metrics.jsonl"))
-    out, offset = [], 0
-    for stage, path in parts:
-        if not path.exists():
-            continue
-        last = 0
-        for line in path.read_text().splitlines():
-            try:
-                rec = json.loads(line)
-            except ValueError:  # a line cut short by a kill
-                continue
-            if isinstance(rec, dict) and isinstance(rec.get("loss"), (int, float)) and "step" in rec:
-                last = max(last, rec["step"])
-                if len(parts) > 1:
-                    rec = {**rec, "step": rec["step"] + offset, "stage": stage}
-                out.append(rec)
-        offset += last
-    return out
-
-
 def evaluate(recipe, run_dir: Path | None = None) -> dict:
     """Score the base and the tuned model on the eval split; write eval.json and eval.md.
 
     Under torchrun (`run` launched on several processes) only rank 0 evaluates; the others
     return an empty result at once (they write nothing and hold no lock)."""
-    from peft import PeftModel
-
-    from finetune.runlock import is_main_process, lock_run
-
     if not is_main_process():
         return {}
-    from finetune.families import family_for
-    from finetune.train import choose_precision, prepare_split, quiet_libraries, read_split, torch_dtype
-
     quiet_libraries()
     run_dir = Path(run_dir or recipe.run_dir)
-    from finetune.stages import final_recipe, original_base
-
     # a staged run: its folder holds the last stage's adapter on the stage before's merged model,
     # and "base" is the model before the first stage
     base_recipe, recipe = original_base(recipe), final_recipe(recipe)
@@ -318,9 +282,9 @@ def evaluate(recipe, run_dir: Path | None = None) -> dict:
     samples, skipped = read_split(recipe.data.eval, recipe, on_error="skip")
     if not samples and not skipped:
         raise ConfigError("data.eval is empty: evaluation needs a held-out split")
-    family = family_for(recipe.model.path, recipe.model.family, recipe.model.revision)
+    family = family_of(recipe)
     precision = choose_precision(recipe.train.precision)
-    loaded = family.load(recipe, dtype=torch_dtype(precision), attn="sdpa")
+    loaded = family.load(load_spec(recipe, dtype=torch_dtype(precision), attn="sdpa"))
     # the checks training ran on this split (instant when it did): under `skip` the same samples
     # are left out, under `raise` the first bad one stops here
     samples, _ = prepare_split(samples, family, loaded, recipe, skipped)
@@ -344,7 +308,7 @@ def evaluate(recipe, run_dir: Path | None = None) -> dict:
         results["skipped"] = len(skipped)
     base = None  # a staged run's base: the original model, loaded on its own
     if recipe.eval.compare_base and base_recipe is not None:
-        base = family.load(base_recipe, dtype=torch_dtype(precision), attn="sdpa").model
+        base = family.load(load_spec(base_recipe, dtype=torch_dtype(precision), attn="sdpa")).model
         if torch.cuda.is_available() and recipe.model.quantize == "none":
             base.to("cuda")
     scored, predictions = _score_variants(model, family, proc, samples, rope, recipe, plans, base)
@@ -364,8 +328,6 @@ def evaluate(recipe, run_dir: Path | None = None) -> dict:
     ]
     results["samples"] = _sample_rows(samples, plans)
     if recipe.eval.report:
-        from finetune.report import write_html
-
         results["report"] = str(run_dir / "eval.html")
         write_html(results, samples, predictions, read_loss_history(run_dir), run_dir / "eval.html",
                    media=recipe.eval.report_media)
@@ -379,111 +341,3 @@ def evaluate(recipe, run_dir: Path | None = None) -> dict:
                                 **{f"{k}_score": results[k]["per_sample"][i]["score"] for k in predictions}}) + "\n")
     fsutil.atomic_write_text(run_dir / "eval.md", format_markdown(results))
     return results
-
-
-def fmt_figure(f: dict | None) -> str:
-    """'0.812 [0.750, 0.870]' (the interval when there is one), '-' for no figure."""
-    if not f or f.get("mean") is None:
-        return "-"
-    ci = f.get("ci")
-    return f"{f['mean']:.3f}" + (f" [{ci[0]:.3f}, {ci[1]:.3f}]" if ci and ci[0] != ci[1] else "")
-
-
-def fmt_p(p: float | None) -> str:
-    """A p-value for tables: 'p=0.031', 'p<0.001'."""
-    if p is None:
-        return ""
-    return "p<0.001" if p < 0.001 else f"p={p:.3f}"
-
-
-def _metric_label(counts) -> str:
-    if isinstance(counts, dict):
-        return ", ".join(f"{k} {v}" for k, v in counts.items())
-    return ", ".join(counts)
-
-
-def figure_rows(r: dict) -> list[dict]:
-    """The rows of the metrics table (eval.md and eval.html): label, n, a figure per model,
-    the change and its p-value."""
-    names = [n for n in ("base", "tuned") if n in r]
-    paired = r.get("paired", {})
-    rows = []
-
-    def add(label, n, figs, pair=None, kind="score"):
-        rows.append({"label": label, "n": n, "kind": kind, "figures": figs,
-                     "change": pair.get("change") if pair else None, "p": pair.get("p") if pair else None})
-
-    sc = r[names[-1]]["score"]
-    add(f"score ({_metric_label(sc.get('metrics', {}))})", sc["n"], {n: r[n]["score"] for n in names},
-        paired.get("overall"))
-    for t, pt in r[names[-1]]["per_task"].items():
-        task = "samples without a task" if t == NO_TASK else f"task {t}"
-        add(f"{task} ({_metric_label(pt.get('metrics', []))})", pt["n"],
-            {n: r[n]["per_task"].get(t) for n in names}, paired.get("per_task", {}).get(t), kind="task")
-    for k, pm in r[names[-1]]["per_modality"].items():
-        add(f"modality {k}", pm["n"], {n: r[n]["per_modality"].get(k) for n in names},
-            paired.get("per_modality", {}).get(k), kind="modality")
-    if "open" in r[names[-1]]:
-        for k, label in (("f1", "open answers: token F1"), ("rouge_l", "open answers: ROUGE-L")):
-            add(label, r[names[-1]]["open"][k]["n"], {n: r[n]["open"][k] for n in names}, kind="open")
-    for k, label in (("accuracy", "exact-match accuracy"), ("lesion_accuracy", "lesion question accuracy"),
-                     ("token_loss", "token loss")):
-        if all(k in r[n] for n in names):
-            add(label, None, {n: {"mean": r[n][k], "ci": None} for n in names}, kind="plain")
-    g = r.get("general")
-    if g:
-        gnames = [n for n in names if n in g]
-        add(f"general set: score ({_metric_label(g[gnames[-1]]['score'].get('metrics', {}))})", g["n_samples"],
-            {n: g[n]["score"] for n in gnames}, g.get("paired", {}).get("overall"), kind="general")
-        add("general set: token loss", None, {n: {"mean": g[n]["token_loss"], "ci": None} for n in gnames},
-            kind="general")
-    return rows
-
-
-def format_markdown(r: dict) -> str:
-    """eval.md: before/after table with 95% intervals and paired p-values, and a few example predictions.
-
-    Every data-derived field (ids, tasks, references, answers, file names) goes through
-    report.md_text: a tag in a model answer stays text, a pipe does not split a table cell."""
-    names = [n for n in ("base", "tuned") if n in r]
-    lines = [f"# Evaluation of {md_text(r['recipe'])}", "", f"{r['n_samples']} held-out samples from "
-             f"{md_text(r['eval_file'])}; metric {md_text(r.get('metric', 'exact'))}. Figures are means with a 95% "
-             f"bootstrap interval ({r.get('bootstrap', 0)} resamples); p is a paired sign-flip test of base vs tuned "
-             "(exact McNemar for right/wrong scores).", ""]
-    head = "| figure | n | " + " | ".join(names) + (" | change |" if "paired" in r else " |")
-    lines += [head, "|---|---|" + "---|" * (len(names) + ("paired" in r))]
-    for row in figure_rows(r):
-        cells = [fmt_figure(row["figures"].get(n)) for n in names]
-        line = f"| {md_text(row['label'])} | {row['n'] if row['n'] is not None else ''} | " + " | ".join(cells) + " |"
-        if "paired" in r:
-            ch = "" if row["change"] is None else f"{row['change']:+.3f} {fmt_p(row['p'])}"
-            line += f" {ch} |"
-        lines.append(line)
-    if r.get("report"):
-        lines += ["", f"The page with the loss curve and the examples: {md_text(Path(r['report']).name)}."]
-    lines += ["", "## Examples", ""]
-    for ex in r["examples"]:
-        label = md_text(sample_label(ex.get("id"), line=ex.get("line")))
-        task = f" ({md_text(ex['task'])})" if ex.get("task") else ""
-        lines.append(f"- {label}{task}, reference **{md_text(ex['reference'])}**")
-        for n in names:
-            lines.append(f"  - {n}: {md_text(ex.get(n + '_prediction', '')) or '(no answer)'}")
-    return "\n".join(lines) + "\n"
-
-
-def summary_line(r: dict) -> str:
-    """One line for the console: score (with the paired p), accuracy and the general set, before -> after."""
-    parts = []
-    if "score" in r.get("tuned", {}):
-        before = f"{r['base']['score']['mean']:.2f} -> " if "base" in r else ""
-        p = f" ({fmt_p(r['paired']['overall']['p'])})" if "paired" in r else ""
-        parts.append(f"score {before}{r['tuned']['score']['mean']:.2f}{p}")
-    for k, label in (("accuracy", "accuracy"), ("lesion_accuracy", "lesion accuracy")):
-        if k in r.get("tuned", {}):
-            before = f"{r['base'][k]:.2f} -> " if "base" in r else ""
-            parts.append(f"{label} {before}{r['tuned'][k]:.2f}")
-    g = r.get("general")
-    if g:
-        before = f"{g['base']['score']['mean']:.2f} -> " if "base" in g else ""
-        parts.append(f"general set {before}{g['tuned']['score']['mean']:.2f}")
-    return ", ".join(parts)

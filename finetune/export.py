@@ -20,6 +20,7 @@ from pathlib import Path
 
 import torch
 
+from finetune.models import load_spec
 from finetune import fsutil
 from finetune.errors import UserError
 from finetune.probes import pick_probes, probe_logits
@@ -65,7 +66,8 @@ def _eval_lines(run_dir: Path) -> list[str]:
     n = ev.get("n_samples")
     lines = ["", "## Evaluation (held-out)" + (f", {n} samples" if isinstance(n, int) else ""), "",
              "| metric | base | tuned |", "|---|---|---|"]
-    for k in ("accuracy", "lesion_accuracy", "token_loss"):
+    tuned = ev.get("tuned", {})
+    for k in ("accuracy", *(k for k in tuned if k.endswith("_accuracy") and k != "accuracy"), "token_loss"):
         if k in ev.get("tuned", {}):
             b = ev.get("base", {}).get(k)
             lines.append(f"| {k} | {'-' if b is None else f'{b:.3f}'} | {ev['tuned'][k]:.3f} |")
@@ -170,8 +172,8 @@ def export_run(run_dir: Path, *, force: bool = False, fmt: str | None = None, re
     Under torchrun (`run` launched on several processes) only rank 0 exports; the others
     return at once with nothing written."""
     from finetune.recipe import load_resolved
-    from finetune.runlock import is_main_process
-    from finetune.train import quiet_libraries
+    from finetune.runtime import is_main_process
+    from finetune.runtime import quiet_libraries
 
     if not is_main_process():
         return {}
@@ -179,7 +181,7 @@ def export_run(run_dir: Path, *, force: bool = False, fmt: str | None = None, re
     run_dir = Path(run_dir)
     if not (run_dir / "recipe.yaml").exists():
         raise ExportError(f"{run_dir}: not a run folder (no recipe.yaml); train first")
-    from finetune.runlock import lock_run
+    from finetune.runfolder import lock_run
 
     lock_run(run_dir)  # refuses a folder that is not a run folder of ours; recovers a cut adapter swap
     adapter = run_dir / "adapter"
@@ -207,8 +209,8 @@ def probe_samples(recipe, family, processor, config: dict, rope) -> list:
     skip a sample the model cannot take (a video for a family without video, say) is left out
     and counted; under raise the first stops the export, naming its line."""
     from finetune.data.prepare import prepare, record_path
-    from finetune.families.base import cache_root
-    from finetune.train import read_split
+    from finetune.paths import cache_root
+    from finetune.data.reading import read_split
 
     split = recipe.data.eval or recipe.data.train
     samples, skipped = read_split(split, recipe, on_error="skip")
@@ -316,7 +318,7 @@ def export_merged(run_dir: Path, recipe, *, force: bool) -> Path:
     base_path = family.resolve_path(recipe.model.path, recipe.model.tiny_seed, recipe.model.revision)
     dtype = export_dtype(recipe.export.dtype, base_path, family)
     # QLoRA runs too: the base is reloaded unquantised, in the export dtype, and merged there
-    loaded = family.load(recipe, quantize="none", dtype=dtype, attn="sdpa")
+    loaded = family.load(load_spec(recipe, quantize="none", dtype=dtype, attn="sdpa"))
     rope = family.rope_index(loaded.model)
     model = PeftModel.from_pretrained(loaded.model, str(run_dir / "adapter"))
     probes = pick_probes(probe_samples(recipe, family, loaded.processor, family.read_config(loaded.base_path), rope))

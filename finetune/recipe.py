@@ -340,6 +340,9 @@ class EvalConfig:
     report: bool = _opt(True, "also write eval.html: metrics, loss curve, examples with media, filters")
     report_media: bool = _opt(True, "eval.html shows the examples' images and audio inline; false = the media are "
                                     "left out (the page still holds questions and answers)")
+    groups: dict[str, list[str]] = _opt({}, "named groups of tasks whose exact-match accuracy is reported as "
+                                             "<name>_accuracy beside the figures (the demo recipes: lesion = its "
+                                             "lesion and audio questions); {} = none")
 
 
 @dataclass

@@ -25,6 +25,7 @@ import re
 from pathlib import Path
 
 from finetune import fsutil
+from finetune.data.media import load_audio, load_images, load_video
 
 RIGHT_AT = 0.5
 THUMB_PX = 96
@@ -108,8 +109,6 @@ def wav_uri(wave, sampling_rate: int) -> str:
 
 
 def _media_html(sample, budget: list[int]) -> str:
-    from finetune.data.media import load_audio, load_images, load_video
-
     out = []
     for part in sample.media():
         name = Path(part.path).name if part.path else (Path(part.frames[0]).parent.name if part.frames else part.type)
@@ -142,8 +141,14 @@ def _question(sample) -> str:
 
 
 # ---- loss curve ------------------------------------------------------------------------------
-def loss_svg(history: list[dict], width: int = 640, height: int = 220) -> str:
-    """An inline SVG line chart of training loss against step ('' when there is no record)."""
+#: the chart's own look, for an SVG file of its own (eval.html styles the inline one with _CSS)
+_SVG_STYLE = ("<style>svg{background:#f6f8fa}text{font:11px system-ui,sans-serif;fill:#57606a}.grid{stroke:#d0d7de}"
+              ".curve{fill:none;stroke:#1f4e79;stroke-width:1.5}.stage{stroke:#bf8700;stroke-dasharray:4 3}</style>")
+
+
+def loss_svg(history: list[dict], width: int = 640, height: int = 220, standalone: bool = False) -> str:
+    """An SVG line chart of training loss against step ('' when there is no record): inline in
+    eval.html, or `standalone` (its own style and namespace) as the run folder's loss_curve.svg."""
     pts = [(float(r["step"]), float(r["loss"])) for r in history
            if isinstance(r.get("loss"), (int, float)) and math.isfinite(r["loss"])]
     if not pts:
@@ -177,8 +182,10 @@ def loss_svg(history: list[dict], width: int = 640, height: int = 220) -> str:
             x = sx(float(r["step"]))
             stages.append(f'<line x1="{x:.1f}" x2="{x:.1f}" y1="{top}" y2="{top + h}" class="stage"/>'
                           f'<text x="{x + 3:.1f}" y="{top + 10}">{_e(st)}</text>')
-    return (f'<svg id="loss" width="{width}" height="{height}" viewBox="0 0 {width} {height}" role="img" '
-            f'aria-label="training loss per step">' + "".join(grid) + "".join(stages) +
+    head = ('xmlns="http://www.w3.org/2000/svg" ' if standalone else 'id="loss" ')
+    return (f'<svg {head}width="{width}" height="{height}" viewBox="0 0 {width} {height}" role="img" '
+            f'aria-label="training loss per step">' + (_SVG_STYLE if standalone else "") + "".join(grid) +
+            "".join(stages) +
             f'<polyline points="{line}" class="curve"/>'
             f'<text x="{left}" y="{height - 8}">step {x0:g}</text>'
             f'<text x="{left + w}" y="{height - 8}" text-anchor="end">step {x1:g}</text></svg>')
@@ -231,6 +238,118 @@ fromHash();
 """
 
 
+# ---- figures (eval.md, eval.html, the console) ----------------------------------------------
+def fmt_figure(f: dict | None) -> str:
+    """'0.812 [0.750, 0.870]' (the interval when there is one), '-' for no figure."""
+    if not f or f.get("mean") is None:
+        return "-"
+    ci = f.get("ci")
+    return f"{f['mean']:.3f}" + (f" [{ci[0]:.3f}, {ci[1]:.3f}]" if ci and ci[0] != ci[1] else "")
+
+
+def fmt_p(p: float | None) -> str:
+    """A p-value for tables: 'p=0.031', 'p<0.001'."""
+    if p is None:
+        return ""
+    return "p<0.001" if p < 0.001 else f"p={p:.3f}"
+
+
+def _metric_label(counts) -> str:
+    if isinstance(counts, dict):
+        return ", ".join(f"{k} {v}" for k, v in counts.items())
+    return ", ".join(counts)
+
+
+def figure_rows(r: dict) -> list[dict]:
+    """The rows of the metrics table (eval.md and eval.html): label, n, a figure per model,
+    the change and its p-value."""
+    names = [n for n in ("base", "tuned") if n in r]
+    paired = r.get("paired", {})
+    rows = []
+
+    def add(label, n, figs, pair=None, kind="score"):
+        rows.append({"label": label, "n": n, "kind": kind, "figures": figs,
+                     "change": pair.get("change") if pair else None, "p": pair.get("p") if pair else None})
+
+    sc = r[names[-1]]["score"]
+    add(f"score ({_metric_label(sc.get('metrics', {}))})", sc["n"], {n: r[n]["score"] for n in names},
+        paired.get("overall"))
+    for t, pt in r[names[-1]]["per_task"].items():
+        task = "samples without a task" if t == NO_TASK else f"task {t}"
+        add(f"{task} ({_metric_label(pt.get('metrics', []))})", pt["n"],
+            {n: r[n]["per_task"].get(t) for n in names}, paired.get("per_task", {}).get(t), kind="task")
+    for k, pm in r[names[-1]]["per_modality"].items():
+        add(f"modality {k}", pm["n"], {n: r[n]["per_modality"].get(k) for n in names},
+            paired.get("per_modality", {}).get(k), kind="modality")
+    if "open" in r[names[-1]]:
+        for k, label in (("f1", "open answers: token F1"), ("rouge_l", "open answers: ROUGE-L")):
+            add(label, r[names[-1]]["open"][k]["n"], {n: r[n]["open"][k] for n in names}, kind="open")
+    groups = [k for k in r[names[-1]] if k.endswith("_accuracy") and k != "accuracy"]  # eval.groups
+    for k, label in (("accuracy", "exact-match accuracy"),
+                     *((g, f"{g.removesuffix('_accuracy')} accuracy (group)") for g in groups),
+                     ("token_loss", "token loss")):
+        if all(k in r[n] for n in names):
+            add(label, None, {n: {"mean": r[n][k], "ci": None} for n in names}, kind="plain")
+    g = r.get("general")
+    if g:
+        gnames = [n for n in names if n in g]
+        add(f"general set: score ({_metric_label(g[gnames[-1]]['score'].get('metrics', {}))})", g["n_samples"],
+            {n: g[n]["score"] for n in gnames}, g.get("paired", {}).get("overall"), kind="general")
+        add("general set: token loss", None, {n: {"mean": g[n]["token_loss"], "ci": None} for n in gnames},
+            kind="general")
+    return rows
+
+
+def format_markdown(r: dict) -> str:
+    """eval.md: before/after table with 95% intervals and paired p-values, and a few example predictions.
+
+    Every data-derived field (ids, tasks, references, answers, file names) goes through
+    report.md_text: a tag in a model answer stays text, a pipe does not split a table cell."""
+    names = [n for n in ("base", "tuned") if n in r]
+    lines = [f"# Evaluation of {md_text(r['recipe'])}", "", f"{r['n_samples']} held-out samples from "
+             f"{md_text(r['eval_file'])}; metric {md_text(r.get('metric', 'exact'))}. Figures are means with a 95% "
+             f"bootstrap interval ({r.get('bootstrap', 0)} resamples); p is a paired sign-flip test of base vs tuned "
+             "(exact McNemar for right/wrong scores).", ""]
+    head = "| figure | n | " + " | ".join(names) + (" | change |" if "paired" in r else " |")
+    lines += [head, "|---|---|" + "---|" * (len(names) + ("paired" in r))]
+    for row in figure_rows(r):
+        cells = [fmt_figure(row["figures"].get(n)) for n in names]
+        line = f"| {md_text(row['label'])} | {row['n'] if row['n'] is not None else ''} | " + " | ".join(cells) + " |"
+        if "paired" in r:
+            ch = "" if row["change"] is None else f"{row['change']:+.3f} {fmt_p(row['p'])}"
+            line += f" {ch} |"
+        lines.append(line)
+    if r.get("report"):
+        lines += ["", f"The page with the loss curve and the examples: {md_text(Path(r['report']).name)}."]
+    lines += ["", "## Examples", ""]
+    for ex in r["examples"]:
+        label = md_text(sample_label(ex.get("id"), line=ex.get("line")))
+        task = f" ({md_text(ex['task'])})" if ex.get("task") else ""
+        lines.append(f"- {label}{task}, reference **{md_text(ex['reference'])}**")
+        for n in names:
+            lines.append(f"  - {n}: {md_text(ex.get(n + '_prediction', '')) or '(no answer)'}")
+    return "\n".join(lines) + "\n"
+
+
+def summary_line(r: dict) -> str:
+    """One line for the console: score (with the paired p), accuracy and the general set, before -> after."""
+    parts = []
+    if "score" in r.get("tuned", {}):
+        before = f"{r['base']['score']['mean']:.2f} -> " if "base" in r else ""
+        p = f" ({fmt_p(r['paired']['overall']['p'])})" if "paired" in r else ""
+        parts.append(f"score {before}{r['tuned']['score']['mean']:.2f}{p}")
+    groups = [k for k in r.get("tuned", {}) if k.endswith("_accuracy") and k != "accuracy"]  # eval.groups
+    for k, label in (("accuracy", "accuracy"), *((g, g.replace("_", " ")) for g in groups)):
+        if k in r.get("tuned", {}):
+            before = f"{r['base'][k]:.2f} -> " if "base" in r else ""
+            parts.append(f"{label} {before}{r['tuned'][k]:.2f}")
+    g = r.get("general")
+    if g:
+        before = f"{g['base']['score']['mean']:.2f} -> " if "base" in g else ""
+        parts.append(f"general set {before}{g['tuned']['score']['mean']:.2f}")
+    return ", ".join(parts)
+
+
 def _figure_cell(f) -> str:
     if not f or f.get("mean") is None:
         return "<td>-</td>"
@@ -240,8 +359,6 @@ def _figure_cell(f) -> str:
 
 
 def _metrics_table(results: dict) -> str:
-    from finetune.evaluate import figure_rows, fmt_p
-
     names = [n for n in ("base", "tuned") if n in results]
     paired = "paired" in results
     head = "<tr><th>figure</th><th>n</th>" + "".join(f"<th>{n}</th>" for n in names) + \

@@ -25,8 +25,12 @@ import json
 from pathlib import Path
 
 from finetune.errors import ConfigError
+from finetune.families import family_for
+from finetune.recipe import load_resolved, recipe_to_dict, save_resolved
+from finetune.runfolder import lock_run
+from finetune.runtime import is_main_process
 
-__all__ = ["stage_dir", "stage_recipes", "final_recipe", "run_stages", "original_base"]
+__all__ = ["stage_dir", "stage_recipes", "final_recipe", "begin", "done", "original_base"]
 
 
 def stage_dir(run_dir: Path, i: int, name: str, n: int) -> Path:
@@ -37,8 +41,6 @@ def stage_dir(run_dir: Path, i: int, name: str, n: int) -> Path:
 def stage_recipes(recipe) -> list[tuple[str, Path, object]]:
     """(name, folder, recipe) per stage: each stage's recipe trains in its folder and loads the
     previous stage's merged export as its model (the family is the original model's)."""
-    from finetune.families import family_for
-
     n = len(recipe.stages)
     family = family_for(recipe.model.path, recipe.model.family, recipe.model.revision).name
     out = []
@@ -64,10 +66,9 @@ def original_base(recipe):
     return stage_recipes(recipe)[0][2] if recipe.stages else None
 
 
-def _done(folder: Path, rec) -> bool:
-    """The stage's merged export is complete and was made by this stage recipe."""
-    from finetune.recipe import load_resolved, recipe_to_dict
-
+def done(folder: Path, rec) -> bool:
+    """The stage's merged export is complete and was made by this stage recipe (a finished stage
+    whose settings changed since stops the run: ConfigError)."""
     manifest = folder / "merged" / "export_manifest.json"
     if not manifest.exists():
         return False
@@ -85,28 +86,14 @@ def _done(folder: Path, rec) -> bool:
     return True
 
 
-def run_stages(recipe, train_one) -> Path:
-    """Train every stage in order with `train_one(stage_recipe)` (finetune.train.train); returns
-    the run folder, which holds the last stage's run."""
-    from finetune.export import export_merged, recover
-    from finetune.recipe import save_resolved
-    from finetune.runlock import is_main_process, lock_run
-
+def begin(recipe) -> list[tuple[str, Path, object, bool]]:
+    """Start a staged run: the run folder locked first (a run refused here writes nothing, not even
+    stages.yaml), then stages.yaml written; returns (name, folder, recipe, done before) per stage, for
+    the CLI to train in order (finetune.cli.run_stages)."""
     run_dir = Path(recipe.run_dir)
     stages = stage_recipes(recipe)
     if is_main_process():
-        lock_run(run_dir)  # first: a run refused here writes nothing, not even stages.yaml
+        lock_run(run_dir)
         save_resolved(recipe, run_dir / "stages.yaml")
-    for i, (name, folder, rec) in enumerate(stages):
-        last = i == len(stages) - 1
-        head = f"stage {i + 1}/{len(stages)} {name!r}"
-        if not last and _done(folder, rec):
-            print(f"{head}: done before ({folder / 'merged'}), not run again", flush=True)
-            continue
-        print(f"{head}: training in {folder}/" + (f", from {rec.model.path}" if i else ""), flush=True)
-        train_one(rec)
-        if not last and is_main_process():
-            recover(folder / "merged")
-            export_merged(folder, rec, force=True)
-            print(f"{head}: merged into {folder / 'merged'} (verified), the next stage's model", flush=True)
-    return run_dir
+    last = len(stages) - 1
+    return [(name, folder, rec, i < last and done(folder, rec)) for i, (name, folder, rec) in enumerate(stages)]

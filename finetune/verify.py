@@ -12,6 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
+from finetune.models import load_spec
 from finetune.errors import ConfigError
 from finetune.families.base import IGNORE_INDEX
 from finetune.packing import pack_encoded, plan_bins
@@ -179,7 +180,8 @@ def verify_packing(recipe, n_samples: int = 8, *, device: str | None = None, dty
     """
     from finetune import adapters, attention
     from finetune.families import family_for
-    from finetune.train import choose_precision, prepare_data, prepare_split, quiet_libraries, read_split, torch_dtype
+    from finetune.data.reading import prepare_data, prepare_split, read_split
+    from finetune.runtime import choose_precision, quiet_libraries, torch_dtype
 
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     dtype = dtype or ("float32" if device == "cpu" else choose_precision(recipe.train.precision))
@@ -189,7 +191,7 @@ def verify_packing(recipe, n_samples: int = 8, *, device: str | None = None, dty
     prepare_data(recipe)
     family = family_for(recipe.model.path, recipe.model.family, recipe.model.revision)
     dt = torch_dtype(dtype)
-    loaded = family.load(recipe, dtype=dt, attn="sdpa", quantize="none")
+    loaded = family.load(load_spec(recipe, dtype=dt, attn="sdpa", quantize="none"))
     model, _ = adapters.apply_roles(loaded.model, family, recipe)
     model.to(device)
     perturb_lora_b(model, 0.02)

@@ -37,13 +37,14 @@ def tiny_qwen():
     import torch
 
     from finetune.families import get_family
+    from finetune.models import load_spec
     from finetune.recipe import load_recipe
-    from finetune.train import quiet_libraries
+    from finetune.runtime import quiet_libraries
 
     quiet_libraries()
     fam = get_family("qwen2_5_omni")
     recipe = load_recipe("medical-tiny", ["model.max_pixels=12544"])
-    loaded = fam.load(recipe, dtype=torch.float32, attn="sdpa")
+    loaded = fam.load(load_spec(recipe, dtype=torch.float32, attn="sdpa"))
     loaded.model.eval()
     return fam, loaded
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from finetune.models import load_spec
 from finetune import adapters
 from finetune.families import get_family
 from finetune.families.base import ROLE_NAMES
@@ -14,7 +15,7 @@ from finetune.recipe import load_recipe
 def fresh(overrides=(), quantize=None):
     fam = get_family("qwen2_5_omni")
     recipe = load_recipe("medical-tiny", list(overrides))
-    loaded = fam.load(recipe, dtype=torch.float32, attn="sdpa", quantize=quantize)
+    loaded = fam.load(load_spec(recipe, dtype=torch.float32, attn="sdpa", quantize=quantize))
     return fam, recipe, loaded
 
 
@@ -129,7 +130,7 @@ def test_a_4bit_model_loaded_for_training_still_trains_after_an_inference_forwar
     """bitsandbytes repacks a Linear4bit for CPU inference on its first eval-mode forward without
     grad where the CPU has AVX-512 BF16, and a training forward then fails; the checks before
     step 1 make such a forward. (Where the CPU lacks AVX-512 BF16 nothing is repacked either way.)"""
-    from finetune.train import load_for_training
+    from finetune.trainer import load_for_training
 
     fam = get_family("qwen2_5_omni")
     recipe = load_recipe("medical-tiny", ["model.quantize=4bit"])

@@ -11,6 +11,7 @@ import torch
 from test_qwen_family import MIXES, media_dir, sample  # noqa: F401  (fixture reuse)
 
 from conftest import tiny_recipe
+from finetune.models import load_spec
 from finetune.families.base import IGNORE_INDEX, strip_peft_prefix
 
 SPEECH = ("audio_head.", "audio_tokenizer.audio_decoder.", "audio_tokenizer.audio_flow_matching_decoder.")
@@ -28,7 +29,7 @@ def tiny_bc():
 
     recipe = recipe_for()
     fam = family_for(recipe.model.path)
-    loaded = fam.load(recipe, dtype=torch.float32, attn="sdpa")
+    loaded = fam.load(load_spec(recipe, dtype=torch.float32, attn="sdpa"))
     loaded.model.eval()
     return fam, loaded
 
@@ -84,7 +85,7 @@ def test_roles_and_lora_qlora_targets():
 
     recipe = recipe_for("roles.audio_projector.mode=full")
     fam = family_for(recipe.model.path)
-    loaded = fam.load(recipe, dtype=torch.float32, attn="sdpa")
+    loaded = fam.load(load_spec(recipe, dtype=torch.float32, attn="sdpa"))
     assert all(fam.role_of(n) is not None for n, _ in loaded.model.named_parameters())
     assert fam.role_of("audio_tokenizer.audio_model.conv1.weight") == "audio_encoder"
     assert fam.role_of("model.audio_embed_layers.3.weight") == "audio_projector"
@@ -97,7 +98,7 @@ def test_roles_and_lora_qlora_targets():
     assert trained == {"llm", "lm_head", "vision_encoder", "vision_projector", "audio_projector"}
     assert not any(p.requires_grad for n, p in model.named_parameters() if "audio_tokenizer" in n)
 
-    q = fam.load(recipe, dtype=torch.float32, attn="sdpa", quantize="4bit").model
+    q = fam.load(load_spec(recipe, dtype=torch.float32, attn="sdpa", quantize="4bit")).model
     kinds = {n: type(m).__name__ for n, m in q.named_modules() if isinstance(m, torch.nn.Linear)}
     assert kinds["model.layers.0.self_attn.W_pack"] == "Linear4bit"
     assert kinds["lm_head"] == "Linear"
@@ -114,7 +115,7 @@ def test_packed_equals_one_by_one(media_dir, backend):  # noqa: F811
 
     recipe = recipe_for("roles.audio_projector.mode=full", "roles.vision_encoder.mode=lora")
     fam = family_for(recipe.model.path)
-    loaded = fam.load(recipe, dtype=torch.float32, attn="sdpa")
+    loaded = fam.load(load_spec(recipe, dtype=torch.float32, attn="sdpa"))
     model, _ = adapters.apply_roles(loaded.model, fam, recipe)
     perturb_lora_b(model, 0.05)
     samples = [sample(media_dir, MIXES[m], answer=f"Yes. Case {i} {m}.")

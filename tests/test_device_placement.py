@@ -13,6 +13,7 @@ from __future__ import annotations
 import pytest
 
 from conftest import tiny_overrides
+from finetune.models import load_spec
 
 FAMILIES = {"qwen2_5_omni": "medical-tiny", "baichuan_omni": "medical-baichuan-tiny",
             "qwen3_omni_moe": "medical-qwen3-omni-tiny", "gemma3n": "medical-gemma3n-tiny"}
@@ -64,7 +65,10 @@ def scenario(families: list[str], train: str, eval_: str, out: str) -> dict:
     from finetune import adapters, evaluate, probes
     from finetune.families import family_for
     from finetune.recipe import load_recipe
-    from finetune.train import load_for_training, make_preflight_callback, quiet_libraries, read_split, torch_dtype
+    from finetune.callbacks import make_preflight_callback
+    from finetune.data.reading import read_split
+    from finetune.runtime import quiet_libraries, torch_dtype
+    from finetune.trainer import load_for_training
 
     quiet_libraries()
     results = {}
@@ -100,7 +104,7 @@ def scenario(families: list[str], train: str, eval_: str, out: str) -> dict:
         del model, loaded
 
         # evaluation and the export's probes: the model as evaluate.py loads it on a GPU
-        loaded = family.load(recipe, dtype=torch_dtype("bf16"), attn="sdpa")
+        loaded = family.load(load_spec(recipe, dtype=torch_dtype("bf16"), attn="sdpa"))
         loaded.model.to("cuda")
         model = PeftModel.from_pretrained(loaded.model, str(adapter))
         rope = family.rope_index(loaded.model)

@@ -45,7 +45,7 @@ def test_modalities():
 def test_score_figures_by_hand():
     samples = _set()
     preds = ["Yes, there is.", "yes", "(B)", "Computed tomography.", "nodule in the left upper lobe"]
-    r = score(samples, preds, n_resamples=200)
+    r = score(samples, preds, n_resamples=200, groups={"lesion": ["lesion", "audio"], "none": ["no such task"]})
     per = [x["score"] for x in r["per_sample"]]
     # open: pred [nodule, in, left, upper, lobe] vs ref [nodule, in, right, upper, lobe]: 4 shared of 5 -> F1 0.8
     assert per == [1.0, 0.0, 1.0, 1.0, pytest.approx(0.8)]
@@ -57,7 +57,8 @@ def test_score_figures_by_hand():
     # exact-match accuracy as before: 'yes there is' != 'yes'; '(B)' and 'B' both normalise to 'b';
     # the open reply is not the reference's first sentence -> samples 3 and 4 of 5
     assert r["accuracy"] == pytest.approx(2 / 5)
-    assert r["lesion_accuracy"] == 0.0
+    assert r["lesion_accuracy"] == 0.0  # eval.groups: the lesion and audio tasks' exact match
+    assert "none_accuracy" not in r  # a group of tasks no sample has gives no figure
     # image: samples 1, 2, 3 -> (1 + 0 + 1) / 3; audio: sample 2; text: samples 4, 5
     assert r["per_modality"]["image"]["mean"] == pytest.approx(2 / 3)
     assert r["per_modality"]["audio"] == {"mean": 0.0, "ci": [0.0, 0.0], "n": 1}

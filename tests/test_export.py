@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from conftest import ROOT, tiny_recipe
+from finetune.models import load_spec
 
 pytestmark = pytest.mark.slow
 
@@ -62,7 +63,8 @@ def test_merged_export_reproduces_the_adapter_model(tmp_path, small_demo, quanti
 
     from finetune.export import export_run
     from finetune.families import get_family
-    from finetune.train import read_split, train
+    from finetune.data.reading import read_split
+    from finetune.train import train
 
     recipe = tiny_recipe(tmp_path, small_demo, f"model.quantize={quantize}", "train.max_steps=3",
                          "train.lr=5e-3", "export.max_shard_size=200KB")
@@ -83,13 +85,13 @@ def test_merged_export_reproduces_the_adapter_model(tmp_path, small_demo, quanti
 
     # independent check: plain transformers loads the export; logits match base+adapter (fp32)
     fam = get_family("qwen2_5_omni")
-    loaded = fam.load(recipe, quantize="none", dtype=torch.float32, attn="sdpa")
+    loaded = fam.load(load_spec(recipe, quantize="none", dtype=torch.float32, attn="sdpa"))
     ref_model = PeftModel.from_pretrained(loaded.model, str(run / "adapter")).eval()
     merged = Qwen2_5OmniThinkerForConditionalGeneration.from_pretrained(str(out), dtype=torch.float32).eval()
     samples, _ = read_split(recipe.data.eval, recipe)
     assert probe_diff(ref_model, merged, fam, loaded, samples) <= 1e-4
     # the adapter moved the model: the export is not simply the base
-    base = fam.load(recipe, quantize="none", dtype=torch.float32, attn="sdpa").model
+    base = fam.load(load_spec(recipe, quantize="none", dtype=torch.float32, attn="sdpa")).model
     assert any(not torch.equal(p, merged.state_dict()[n]) for n, p in base.state_dict().items()
                if n in merged.state_dict())
 
@@ -101,7 +103,8 @@ def test_full_omni_base_exports_a_full_checkpoint(tmp_path, small_demo):
     from finetune.checkpoint import raw_equal, tensors_of
     from finetune.export import export_run
     from finetune.families import get_family
-    from finetune.train import read_split, train
+    from finetune.data.reading import read_split
+    from finetune.train import train
 
     recipe = tiny_recipe(tmp_path, small_demo, "model.path=tiny:qwen2_5_omni-full", "train.max_steps=3",
                          "train.lr=5e-3", "roles.vision_projector.mode=full")
@@ -124,7 +127,7 @@ def test_full_omni_base_exports_a_full_checkpoint(tmp_path, small_demo):
     # loads as the full omni model, whose thinker matches the adapter model
     full = Qwen2_5OmniForConditionalGeneration.from_pretrained(str(out), dtype=torch.float32).eval()
     assert full.has_talker and full.speaker_map
-    loaded = fam.load(recipe, quantize="none", dtype=torch.float32, attn="sdpa")
+    loaded = fam.load(load_spec(recipe, quantize="none", dtype=torch.float32, attn="sdpa"))
     assert loaded.is_full_checkpoint
     ref_model = PeftModel.from_pretrained(loaded.model, str(run / "adapter")).eval()
     samples, _ = read_split(recipe.data.eval, recipe)
@@ -189,7 +192,7 @@ def test_adapter_export_loads_with_peft_beside_its_processor(cli_run):
     from finetune.export import export_run
     from finetune.families import get_family
     from finetune.recipe import load_resolved
-    from finetune.train import read_split
+    from finetune.data.reading import read_split
 
     out = export_run(cli_run, fmt="adapter", force=True)["adapter"]
     for name in ("adapter_config.json", "adapter_model.safetensors", "tokenizer.json", "preprocessor_config.json",
@@ -203,7 +206,7 @@ def test_adapter_export_loads_with_peft_beside_its_processor(cli_run):
     peft_model = PeftModel.from_pretrained(base, str(out)).eval()
     merged = Qwen2_5OmniThinkerForConditionalGeneration.from_pretrained(str(cli_run / "merged"),
                                                                         dtype=torch.float32).eval()
-    loaded = fam.load(recipe, quantize="none", dtype=torch.float32, attn="sdpa")
+    loaded = fam.load(load_spec(recipe, quantize="none", dtype=torch.float32, attn="sdpa"))
     samples, _ = read_split(recipe.data.eval, recipe)
     assert probe_diff(peft_model, merged, fam, loaded, samples) <= 1e-4
 

@@ -33,7 +33,8 @@ def scenario_step(recipe_name: str, train: str, eval_: str, out: str) -> dict:
     from transformers import TrainerCallback
 
     import fake_cuda
-    from finetune import train as T
+    from finetune import train as train_mod
+    from finetune import trainer as trainer_mod
     from finetune.evaluate import evaluate
     from finetune.recipe import load_recipe
 
@@ -57,7 +58,7 @@ def scenario_step(recipe_name: str, train: str, eval_: str, out: str) -> dict:
                 info["step_where"] = dict(rec.where)
                 fake_cuda.TRACE.clear()
 
-    real_make = T.make_trainer
+    real_make = trainer_mod.make_trainer
 
     def make_trainer(*args, **kwargs):
         trainer = real_make(*args, **kwargs)
@@ -72,9 +73,9 @@ def scenario_step(recipe_name: str, train: str, eval_: str, out: str) -> dict:
                         "device": str(trainer.args.device)}
         return trainer
 
-    T.make_trainer = make_trainer
+    train_mod.make_trainer = make_trainer  # the name train.py calls
     marks["start"] = rec.as_dict()
-    run = T.train(recipe)
+    run = train_mod.train(recipe)
     info["losses"] = [r["loss"] for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines())
                       if "loss" in r]
     before = rec.as_dict()

@@ -18,6 +18,7 @@ import torch
 from test_generation import greedy_without_cache
 from test_qwen_family import MIXES, media_dir, sample  # noqa: F401  (fixture reuse)
 
+from finetune.models import load_spec
 from finetune.families import _registry, get_family, model_types
 from finetune.families.base import ROLE_NAMES, LoadedModel, Processor, strip_peft_prefix
 
@@ -70,10 +71,10 @@ def family(request):
 @pytest.fixture(scope="module")
 def loaded(family):
     """The family's tiny model in float32 on SDPA, eval mode."""
-    from finetune.train import quiet_libraries
+    from finetune.runtime import quiet_libraries
 
     quiet_libraries()
-    out = family.load(recipe_for(family.name), dtype=torch.float32, attn="sdpa")
+    out = family.load(load_spec(recipe_for(family.name), dtype=torch.float32, attn="sdpa"))
     out.model.eval()
     return out
 
@@ -84,7 +85,7 @@ def trainable(family):
     from finetune import adapters
     from finetune.verify import perturb_lora_b
 
-    ld = family.load(recipe_for(family.name), dtype=torch.float32, attn="sdpa")
+    ld = family.load(load_spec(recipe_for(family.name), dtype=torch.float32, attn="sdpa"))
     recipe = recipe_for(family.name, *training_roles(family, ld.model))
     model, _ = adapters.apply_roles(ld.model, family, recipe)
     perturb_lora_b(model, 0.05)
@@ -223,7 +224,7 @@ def test_qlora_quantizes_exactly_the_llm_linear_layers(family):
     from finetune.plan import count_model
 
     recipe = recipe_for(family.name)
-    q = family.load(recipe, dtype=torch.float32, attn="sdpa", quantize="4bit")
+    q = family.load(load_spec(recipe, dtype=torch.float32, attn="sdpa", quantize="4bit"))
     quantized, plain = {}, set()
     for n, m in q.model.named_modules():
         if type(m).__name__ == "Linear4bit":
@@ -259,14 +260,15 @@ def test_export_round_trip(tmp_path, small_demo, name, variant):
     from finetune.export import export_run
     from finetune.probes import pick_probes, probe_logits
     from finetune.recipe import save_resolved
-    from finetune.runlock import lock_run, unlock_run
-    from finetune.train import read_split, save_adapter
+    from finetune.runfolder import lock_run, unlock_run
+    from finetune.data.reading import read_split
+    from finetune.runfolder import save_adapter
     from finetune.verify import perturb_lora_b
 
     fam = get_family(name)
     recipe = recipe_for(variant, f"data.train={small_demo['train']}", f"data.eval={small_demo['eval']}", "data.demo=",
                         f"output.dir={tmp_path / 'run'}", "export.dtype=float32")
-    ld = fam.load(recipe, quantize="none", dtype=torch.float32, attn="sdpa")
+    ld = fam.load(load_spec(recipe, quantize="none", dtype=torch.float32, attn="sdpa"))
     # tensors the trainable model writes (in the checkpoint's layout: transformers saves fused MoE
     # experts one tensor per expert, as released checkpoints hold them)
     ld.model.save_pretrained(str(tmp_path / "held"))

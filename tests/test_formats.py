@@ -144,7 +144,7 @@ def test_llamafactory_v1_file_with_image_audio_and_video_converts_and_checks_cle
 
 
 def test_llamafactory_v1_read_directly_as_data_train(omni: Path):
-    from finetune.train import read_split
+    from finetune.data.reading import read_split
 
     src = _jsonl(omni / "v1_omni.jsonl", v1_records())
     recipe = _recipe(f"data.train={src}")
@@ -276,7 +276,7 @@ def torch_equal(a, b) -> bool:
 
 
 def test_dataset_info_entries(tmp_path: Path, capsys):
-    from finetune.train import read_split
+    from finetune.data.reading import read_split
 
     data = tmp_path / "data"
     _png(data / "mllm_demo_data" / "1.png", 10)
@@ -392,7 +392,7 @@ def preference_files(folder: Path) -> dict[str, tuple[Path, str]]:
 
 
 def test_preference_files_are_reported_once_as_preference_data(tmp_path: Path, capsys):
-    from finetune.train import read_split
+    from finetune.data.reading import read_split
 
     for name, (path, word) in preference_files(tmp_path).items():
         report = check_dataset([path])
@@ -421,7 +421,7 @@ def test_preference_files_are_reported_once_as_preference_data(tmp_path: Path, c
 def test_a_json_list_of_our_samples_is_read_as_records(tmp_path: Path):
     """A pretty-printed JSON list in our format (as LLaMA-Factory's demo files are written) is read
     record by record, not line by line."""
-    from finetune.train import read_split
+    from finetune.data.reading import read_split
 
     _png(tmp_path / "img" / "a.png")
     src = _json(tmp_path / "ours.json", [
@@ -492,7 +492,7 @@ def test_suggestions_never_go_in_a_circle(tmp_path: Path):
 
 
 def test_converted_sources_get_the_folder_check(tmp_path: Path):
-    from finetune.train import read_split
+    from finetune.data.reading import read_split
 
     outside = _png(tmp_path / "private" / "secret.png")
     folder = tmp_path / "data"

@@ -13,6 +13,7 @@ from PIL import Image
 
 from test_qwen_family import media_dir  # noqa: F401  (fixture reuse)
 
+from finetune.models import load_spec
 from finetune.data.schema import parse_sample
 
 
@@ -20,12 +21,12 @@ from finetune.data.schema import parse_sample
 def gemma():
     from finetune.families import get_family
     from finetune.recipe import load_recipe
-    from finetune.train import quiet_libraries
+    from finetune.runtime import quiet_libraries
 
     quiet_libraries()
     fam = get_family("gemma3n")
-    loaded = fam.load(load_recipe("medical-gemma3n-tiny", ["data.system_prompt=null"]), dtype=torch.float32,
-                      attn="sdpa")
+    loaded = fam.load(load_spec(load_recipe("medical-gemma3n-tiny", ["data.system_prompt=null"]), dtype=torch.float32,
+                      attn="sdpa"))
     loaded.model.eval()
     return fam, loaded
 
@@ -117,7 +118,7 @@ def test_lm_head_trains_the_tied_matrix_for_both_uses(gemma):
 
     fam, _ = gemma
     recipe = load_recipe("medical-gemma3n-tiny")
-    ld = fam.load(recipe, dtype=torch.float32, attn="sdpa")
+    ld = fam.load(load_spec(recipe, dtype=torch.float32, attn="sdpa"))
     model, _ = adapters.apply_roles(ld.model, fam, recipe)
     base = model.base_model.model
     out_w = base.lm_head.modules_to_save["default"].weight
@@ -172,7 +173,7 @@ def test_lora_on_the_tied_lm_head_is_refused(gemma):
 
     fam, _ = gemma
     recipe = load_recipe("medical-gemma3n-tiny", ["roles.lm_head.mode=lora"])
-    ld = fam.load(recipe, dtype=torch.float32, attn="sdpa")
+    ld = fam.load(load_spec(recipe, dtype=torch.float32, attn="sdpa"))
     with pytest.raises(ConfigError, match="roles.lm_head.mode: full"):
         adapters.apply_roles(ld.model, fam, recipe)
 
@@ -188,7 +189,7 @@ def test_every_trained_parameter_gets_a_gradient(gemma, media_dir):  # noqa: F81
     fam, _ = gemma
     recipe = load_recipe("medical-gemma3n-tiny", ["roles.audio_projector.mode=full", "roles.vision_encoder.mode=full",
                                                   "roles.vision_projector.mode=full"])  # the demo freezes both
-    ld = fam.load(recipe, dtype=torch.float32, attn="sdpa")
+    ld = fam.load(load_spec(recipe, dtype=torch.float32, attn="sdpa"))
     model, _ = adapters.apply_roles(ld.model, fam, recipe)
     perturb_lora_b(model, 0.05)
     trained = [n for n, p in model.named_parameters() if p.requires_grad]

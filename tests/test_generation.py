@@ -14,6 +14,7 @@ import torch
 
 from test_qwen_family import MIXES, media_dir, sample  # noqa: F401  (fixture reuse)
 
+from finetune.models import load_spec
 from finetune.probes import generate
 
 BATCH = ("audio", "image", "text", "video", "all")
@@ -23,12 +24,12 @@ BATCH = ("audio", "image", "text", "video", "all")
 def tiny_model(request):
     from finetune.families import family_for
     from finetune.recipe import load_recipe
-    from finetune.train import quiet_libraries
+    from finetune.runtime import quiet_libraries
 
     quiet_libraries()
     recipe = load_recipe(request.param, ["model.max_pixels=12544"])
     fam = family_for(recipe.model.path)
-    loaded = fam.load(recipe, dtype=torch.float32, attn="sdpa")
+    loaded = fam.load(load_spec(recipe, dtype=torch.float32, attn="sdpa"))
     loaded.model.eval()
     return fam, loaded
 

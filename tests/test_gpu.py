@@ -13,6 +13,7 @@ import torch
 
 from test_qwen_family import MIXES, media_dir, sample  # noqa: F401  (fixture reuse)
 
+from finetune.models import load_spec
 from finetune.verify import TOL_16BIT, compare_packed, perturb_lora_b
 
 pytestmark = pytest.mark.gpu
@@ -27,7 +28,7 @@ def tiny_cuda_bf16():
     fam = get_family("qwen2_5_omni")
     recipe = load_recipe("medical-tiny", ["model.max_pixels=12544", "roles.vision_encoder.mode=lora",
                                           "roles.audio_projector.mode=full"])
-    loaded = fam.load(recipe, dtype=torch.bfloat16, attn="sdpa")
+    loaded = fam.load(load_spec(recipe, dtype=torch.bfloat16, attn="sdpa"))
     model, _ = adapters.apply_roles(loaded.model, fam, recipe)
     model.to("cuda")
     perturb_lora_b(model, 0.05)

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from finetune import train
+from finetune import runtime, trainer
 from finetune.errors import ConfigError
 
 
@@ -31,20 +31,20 @@ def stub_gpu(monkeypatch, capability, emulated_bf16=True):
 ])
 def test_auto_takes_bf16_only_where_it_is_native(monkeypatch, capability, expected):
     stub_gpu(monkeypatch, capability)
-    assert train.choose_precision("auto") == expected
+    assert runtime.choose_precision("auto") == expected
 
 
 def test_explicit_bf16_on_an_emulating_gpu_is_refused_before_loading(monkeypatch):
     stub_gpu(monkeypatch, (7, 5))
     with pytest.raises(ConfigError, match="only emulates bfloat16.*train.precision=fp16"):
-        train.choose_precision("bf16")
-    assert train.choose_precision("fp16") == "fp16"
+        runtime.choose_precision("bf16")
+    assert runtime.choose_precision("fp16") == "fp16"
 
 
 def test_cpu_auto_is_fp32(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    assert train.choose_precision("auto") == "fp32"
-    assert train.choose_precision("bf16") == "bf16"  # CPU autocast: the bf16 stand-in for a GPU run
+    assert runtime.choose_precision("auto") == "fp32"
+    assert runtime.choose_precision("bf16") == "bf16"  # CPU autocast: the bf16 stand-in for a GPU run
 
 
 def test_gpu_runs_copy_batches_without_blocking_and_log_every_tenth_step(monkeypatch):
@@ -52,10 +52,10 @@ def test_gpu_runs_copy_batches_without_blocking_and_log_every_tenth_step(monkeyp
 
     recipe = load_recipe("medical-tiny")
     stub_gpu(monkeypatch, (9, 0))
-    dev = train.device_settings(recipe)
+    dev = trainer.device_settings(recipe)
     assert dev["dataloader_pin_memory"] and dev["accelerator_config"]["non_blocking"] and not dev["use_cpu"]
-    assert train.logging_steps(recipe) == train.GPU_LOGGING_STEPS > 1
-    assert train.logging_steps(load_recipe("medical-tiny", ["train.logging_steps=3"])) == 3
+    assert trainer.logging_steps(recipe) == trainer.GPU_LOGGING_STEPS > 1
+    assert trainer.logging_steps(load_recipe("medical-tiny", ["trainer.logging_steps=3"])) == 3
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    assert train.logging_steps(recipe) == 1
-    assert train.device_settings(recipe)["use_cpu"]
+    assert trainer.logging_steps(recipe) == 1
+    assert trainer.device_settings(recipe)["use_cpu"]

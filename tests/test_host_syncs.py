@@ -22,6 +22,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from test_qwen_family import MIXES, media_dir, sample  # noqa: F401  (fixture reuse)
+from finetune.models import load_spec
 
 # aten ops whose output size or value the host must read from the device on CUDA
 SYNC_OPS = {"_local_scalar_dense", "nonzero", "masked_select", "unique_consecutive", "_unique2", "unique_dim",
@@ -106,7 +107,7 @@ def _step(fam, recipe_name, media_dir, overrides=()):  # noqa: F811
 
     recipe = load_recipe(recipe_name, ["model.max_pixels=12544", *overrides])
     fam = family_for(recipe.model.path)
-    loaded = fam.load(recipe, dtype=torch.float32, attn="sdpa")
+    loaded = fam.load(load_spec(recipe, dtype=torch.float32, attn="sdpa"))
     attention.apply_to_llm(loaded.model, "varlen")
     attention.apply_to_encoders(loaded.model, fam)
     model, _ = adapters.apply_roles(loaded.model, fam, recipe, gradient_checkpointing=True)

@@ -73,7 +73,8 @@ def v1_record(sample: dict) -> dict:
 
 @pytest.mark.slow
 def test_medical_tiny_trains_from_a_llamafactory_v1_file_given_as_data_train(tmp_path, small_demo):
-    from finetune.train import read_split, train
+    from finetune.data.reading import read_split
+    from finetune.train import train
 
     data = tmp_path / "data"
     shutil.copytree(small_demo["train"].parent, data)

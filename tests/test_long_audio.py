@@ -22,6 +22,7 @@ import torch
 
 from test_qwen_family import MIXES, media_dir, sample, write_video  # noqa: F401  (fixture reuse)
 
+from finetune.models import load_spec
 from finetune.data.schema import DataError, parse_sample
 from finetune.families import get_family
 
@@ -508,8 +509,8 @@ def test_the_models_own_positions_are_per_sample_in_a_batch_mixing_video_sound(m
     from finetune.recipe import load_recipe
 
     fam = get_family(name)
-    loaded = fam.load(load_recipe("medical-tiny", [f"model.path=tiny:{name}", "model.max_pixels=12544"]),
-                      dtype=torch.float32, attn="sdpa")
+    loaded = fam.load(load_spec(load_recipe("medical-tiny", [f"model.path=tiny:{name}", "model.max_pixels=12544"]),
+                      dtype=torch.float32, attn="sdpa"))
     rope = fam.rope_index(loaded.model)
     encs = [fam.encode(sample(media_dir, MIXES[m]), loaded.processor, for_generation=True, rope=rope)
             for m in ("audio", "video_sound", "video", "text", "all")]

@@ -14,23 +14,24 @@ from conftest import ROOT, tiny_recipe
 
 @pytest.fixture(scope="module")
 def trainer_and_batch(tmp_path_factory, small_demo):
-    from finetune import adapters, attention
-    from finetune import train as T
+    from finetune import adapters, attention, collate
+    from finetune import trainer as trainer_mod
+    from finetune.data import reading
     from finetune.families import family_for
     from finetune.verify import perturb_lora_b
 
     tmp = tmp_path_factory.mktemp("loss")
     recipe = tiny_recipe(tmp, small_demo)
     family = family_for(recipe.model.path)
-    loaded = T.load_for_training(recipe, family, "fp32")
-    samples, lengths = T.prepare_split(T.read_split(recipe.data.train, recipe)[0], family, loaded, recipe, [])
+    loaded = trainer_mod.load_for_training(recipe, family, "fp32")
+    samples, lengths = reading.prepare_split(reading.read_split(recipe.data.train, recipe)[0], family, loaded, recipe, [])
     attention.apply_to_llm(loaded.model, "varlen")
     attention.apply_to_encoders(loaded.model, family)
     model, _ = adapters.apply_roles(loaded.model, family, recipe)
     perturb_lora_b(model, 0.05)
-    ds, collator = T.make_collator(recipe, family, loaded.processor, samples, lengths, family.rope_index(loaded.model),
+    ds, collator = collate.make_collator(recipe, family, loaded.processor, samples, lengths, family.rope_index(loaded.model),
                                    "varlen", family.tower_inputs(loaded.model))
-    trainer = T.make_trainer(recipe, family, model, loaded.processor, ds, collator, "fp32", tmp / "run", [])
+    trainer = trainer_mod.make_trainer(recipe, family, model, loaded.processor, ds, collator, "fp32", tmp / "run", [])
     batch = collator([ds[0], ds[1]])
     return trainer, model, batch
 
@@ -41,7 +42,7 @@ def _grads(model):
 
 @pytest.mark.parametrize("path", ["plain", "chunked"])
 def test_token_mean_loss_equals_the_models_own_cross_entropy(trainer_and_batch, path, monkeypatch):
-    from finetune import train as T
+    from finetune import trainer as T
 
     trainer, model, batch = trainer_and_batch
     model.train()

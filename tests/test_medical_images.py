@@ -14,6 +14,7 @@ nib = pytest.importorskip("nibabel")
 from pydicom.dataset import Dataset, FileMetaDataset  # noqa: E402
 from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid  # noqa: E402
 
+from finetune.models import load_spec
 from finetune.data import media  # noqa: E402
 from finetune.data.check import check_dataset  # noqa: E402
 from finetune.data.media import MediaError  # noqa: E402
@@ -309,7 +310,7 @@ def test_medical_parts_flow_through_both_families(tmp_path, family_name):
     path = {"qwen2_5_omni": "tiny:qwen2_5_omni", "baichuan_omni": "tiny:baichuan_omni"}[family_name]
     recipe = load_recipe("medical-tiny", [f"model.path={path}"])
     fam = family_for(path)
-    loaded = fam.load(recipe, dtype=torch.float32, attn="sdpa")
+    loaded = fam.load(load_spec(recipe, dtype=torch.float32, attn="sdpa"))
     e = fam.encode(s, loaded.processor)
     assert len(e.media["image_grid_thw"]) == 4
     assert fam.count_tokens(s, loaded.processor) == e.num_tokens

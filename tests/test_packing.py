@@ -9,6 +9,7 @@ import torch
 
 from test_qwen_family import MIXES, media_dir, sample  # noqa: F401  (fixture reuse)
 
+from finetune.models import load_spec
 from finetune.packing import efficiency, plan_bins
 from finetune.verify import compare_packed, perturb_lora_b
 
@@ -42,7 +43,7 @@ def trainable_tiny():
     recipe = load_recipe("medical-tiny", ["model.max_pixels=12544", "roles.vision_encoder.mode=lora",
                                           "roles.audio_encoder.mode=lora", "roles.audio_projector.mode=full",
                                           "roles.vision_projector.mode=full", "roles.lm_head.mode=full"])
-    loaded = fam.load(recipe, dtype=torch.float32, attn="sdpa")
+    loaded = fam.load(load_spec(recipe, dtype=torch.float32, attn="sdpa"))
     model, _ = adapters.apply_roles(loaded.model, fam, recipe)
     perturb_lora_b(model, 0.05)
     return fam, loaded, model

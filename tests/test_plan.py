@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 
+from finetune.models import load_spec
 from finetune.plan import GB, format_plan, plan
 from finetune.recipe import load_recipe
 
@@ -22,7 +23,7 @@ def test_tiny_counts_match_the_loaded_model():
 
     recipe = load_recipe("medical-tiny")
     fam = get_family("qwen2_5_omni")
-    model = fam.load(recipe, dtype=torch.float32, attn="sdpa").model
+    model = fam.load(load_spec(recipe, dtype=torch.float32, attn="sdpa")).model
     real: dict[str, int] = {}
     for name, p in model.named_parameters():
         role = fam.role_of(name)

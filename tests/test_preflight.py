@@ -20,10 +20,10 @@ def _no_training_happened(run):
 def miscounted_line_3(monkeypatch, tmp_path):
     """The planner (metadata count) disagrees with the encoding for the sample on line 3 (and the
     record of samples already checked starts empty: other tests checked the same files)."""
-    from finetune import train
+    from finetune.data import reading
     from finetune.families.qwen2_5_omni import Qwen25OmniFamily
 
-    monkeypatch.setattr(train, "cache_root", lambda: tmp_path / "cache")
+    monkeypatch.setattr(reading, "cache_root", lambda: tmp_path / "cache")
 
     real = Qwen25OmniFamily.count_tokens
 

@@ -14,6 +14,7 @@ from PIL import Image
 
 from test_qwen_family import media_dir, sample  # noqa: F401  (fixture reuse)
 
+from finetune.models import load_spec
 from finetune.data.schema import parse_sample
 from finetune.families import get_family
 
@@ -29,7 +30,7 @@ def recipe(*overrides):
 
 @pytest.fixture(scope="module")
 def loaded():
-    return get_family(FAMILY).load(recipe(), dtype=torch.float32, attn="sdpa")
+    return get_family(FAMILY).load(load_spec(recipe(), dtype=torch.float32, attn="sdpa"))
 
 
 def transformers_processor(tokenizer, min_pixels: int, max_pixels: int):
@@ -107,7 +108,7 @@ def test_short_audio_packs_exactly_beside_a_long_clip(loaded, media_dir):  # noq
     sf.write(media_dir / "long.wav", (rng.standard_normal(41_000) * 0.1).astype(np.float32), 16000)  # 257 frames
     samples = [sample(media_dir, [{"type": "audio", "path": p}, {"type": "text", "text": "Listen."}],
                       answer=f"Yes. Clip {i}.") for i, p in enumerate(("short.wav", "long.wav"))]
-    ld = fam.load(recipe(), dtype=torch.float32, attn="sdpa")
+    ld = fam.load(load_spec(recipe(), dtype=torch.float32, attn="sdpa"))
     r = recipe("roles.audio_encoder.mode=lora", "roles.audio_projector.mode=full")
     model, _ = adapters.apply_roles(ld.model, fam, r)
     perturb_lora_b(model, 0.05)
@@ -122,7 +123,7 @@ def test_short_audio_packs_exactly_beside_a_long_clip(loaded, media_dir):  # noq
     from transformers import Qwen3OmniMoeThinkerForConditionalGeneration
 
     plain = Qwen3OmniMoeThinkerForConditionalGeneration.from_pretrained(str(ld.base_path), dtype=torch.float32)
-    ours = fam.load(recipe(), dtype=torch.float32, attn="sdpa").model  # the same weights, no LoRA
+    ours = fam.load(load_spec(recipe(), dtype=torch.float32, attn="sdpa")).model  # the same weights, no LoRA
     enc = [fam.encode(s, ld.processor) for s in samples]
     alone, both = fam.collate_media(enc[:1]), fam.collate_media(enc)
     inputs = fam.tower_inputs(ld.model)
@@ -184,7 +185,7 @@ def test_plan_counts_expert_lora_and_routers_as_training_does():
 
     fam = get_family(FAMILY)
     r = recipe("roles.llm.experts=lora", "roles.llm.router=full", "roles.llm.r=4")
-    ld = fam.load(r, dtype=torch.float32, attn="sdpa")
+    ld = fam.load(load_spec(r, dtype=torch.float32, attn="sdpa"))
     model, rp = adapters.apply_roles(ld.model, fam, r)
     real = {row["role"]: row["trainable"] for row in adapters.role_table(model, fam, rp)}
     p = plan(r)
@@ -192,7 +193,7 @@ def test_plan_counts_expert_lora_and_routers_as_training_does():
     frozen = plan(recipe("roles.llm.r=4"))
     assert {line.role: line.trainable for line in frozen.roles}["llm"] < real["llm"]
     q = plan(recipe("model.quantize=4bit"))
-    loaded_4bit = fam.load(recipe(), dtype=torch.float32, attn="sdpa", quantize="4bit").model
+    loaded_4bit = fam.load(load_spec(recipe(), dtype=torch.float32, attn="sdpa", quantize="4bit")).model
     experts = {n: p for n, p in loaded_4bit.named_parameters() if n.endswith(("experts.gate_up_proj",
                                                                                "experts.down_proj"))}
     assert experts and all(p.dtype == torch.float32 for p in experts.values())  # really left unquantised
@@ -226,7 +227,8 @@ def test_full_export_loads_in_a_fresh_process_with_transformers_alone(tmp_path, 
     from conftest import tiny_recipe
     from finetune.checkpoint import raw_equal, tensors_of
     from finetune.export import export_run
-    from finetune.train import read_split, train
+    from finetune.data.reading import read_split
+    from finetune.train import train
 
     fam = get_family(FAMILY)
     r = tiny_recipe(tmp_path, small_demo, "model.path=tiny:qwen3_omni_moe-full", "model.max_pixels=16384",
@@ -240,7 +242,7 @@ def test_full_export_loads_in_a_fresh_process_with_transformers_alone(tmp_path, 
     speech = [k for k in base_t if k.startswith(("talker.", "code2wav."))]
     assert speech and all(raw_equal(base_t[k], out_t[k]) for k in speech)
 
-    loaded = fam.load(r, quantize="none", dtype=torch.float32, attn="sdpa")
+    loaded = fam.load(load_spec(r, quantize="none", dtype=torch.float32, attn="sdpa"))
     ref_model = PeftModel.from_pretrained(loaded.model, str(run / "adapter")).eval()
     samples, _ = read_split(r.data.eval, r)
     s = next(x for x in samples if {"image", "audio"} <= x.modalities())

@@ -14,15 +14,16 @@ from conftest import tiny_recipe
 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory, small_demo):
-    from finetune import train as T
+    from finetune import trainer
+    from finetune.data import reading
     from finetune.families import family_for
 
     tmp = tmp_path_factory.mktemp("rows")
     recipe = tiny_recipe(tmp, small_demo, "data.num_workers=2", "data.max_tokens=160")
     family = family_for(recipe.model.path)
-    loaded = T.load_for_training(recipe, family, "fp32")
-    samples = T.read_split(recipe.data.train, recipe)[0]
-    return T, recipe, family, loaded, samples, tmp
+    loaded = trainer.load_for_training(recipe, family, "fp32")
+    samples = reading.read_split(recipe.data.train, recipe)[0]
+    return recipe, family, loaded, samples, tmp
 
 
 def _count_encodes(monkeypatch, family, path):
@@ -52,16 +53,18 @@ def _same(a: dict, b: dict) -> bool:
 
 @pytest.mark.parametrize("checks_encode", [True, False], ids=["checks-kept", "workers-encode"])
 def test_two_workers_over_two_epochs_encode_each_row_once(setup, tmp_path, monkeypatch, checks_encode):
+    from finetune import collate
+    from finetune.data import reading
     from finetune.packing import EncodedCache
 
-    T, recipe, family, loaded, samples, _ = setup
+    recipe, family, loaded, samples, _ = setup
     rope = family.rope_index(loaded.model)
     log = tmp_path / "encodes.txt"
     _count_encodes(monkeypatch, family, log)
     encodings = EncodedCache(family, loaded.processor, [], rope, 1 << 30) if checks_encode else None
     # the checks before step 1 encode every sample when no earlier run remembered them
-    monkeypatch.setattr("finetune.data.prepare.record_path", lambda *a, **k: tmp_path / "no-record.json")
-    good, lengths = T.prepare_split(samples, family, loaded, recipe, [], encodings)
+    monkeypatch.setattr("finetune.data.reading.record_path", lambda *a, **k: tmp_path / "no-record.json")
+    good, lengths = reading.prepare_split(samples, family, loaded, recipe, [], encodings)
     checks = len(log.read_text().splitlines()) if log.exists() else 0
     assert checks == len(good)
     if encodings is not None:
@@ -70,7 +73,7 @@ def test_two_workers_over_two_epochs_encode_each_row_once(setup, tmp_path, monke
         log.unlink()
     folder = tmp_path / "rows"
     folder.mkdir()
-    ds, collator = T.make_collator(recipe, family, loaded.processor, good, lengths, rope, "varlen",
+    ds, collator = collate.make_collator(recipe, family, loaded.processor, good, lengths, rope, "varlen",
                                    family.tower_inputs(loaded.model), encodings, rows=folder)
     batches = _epochs(ds, collator, 2)
     total = len(log.read_text().splitlines()) if log.exists() else 0
@@ -78,7 +81,7 @@ def test_two_workers_over_two_epochs_encode_each_row_once(setup, tmp_path, monke
     assert len(batches) == 2 * len(ds)
 
     # the rows are those one process collates, sample for sample
-    _, alone = T.make_collator(recipe, family, loaded.processor, good, lengths, rope, "varlen",
+    _, alone = collate.make_collator(recipe, family, loaded.processor, good, lengths, rope, "varlen",
                                family.tower_inputs(loaded.model))
     for b in batches[: len(ds)]:
         row = next(i for i in range(len(ds)) if torch.equal(alone([ds[i]])["input_ids"], b["input_ids"]))
@@ -87,12 +90,14 @@ def test_two_workers_over_two_epochs_encode_each_row_once(setup, tmp_path, monke
 
 def test_without_shared_rows_each_worker_encodes_again(setup, tmp_path, monkeypatch):
     """The control (how it was): a cache in each worker, reshuffled rows dealt across them."""
-    T, recipe, family, loaded, samples, _ = setup
+    from finetune import collate
+
+    recipe, family, loaded, samples, _ = setup
     rope = family.rope_index(loaded.model)
     log = tmp_path / "encodes.txt"
     _count_encodes(monkeypatch, family, log)
     lengths = [family.count_tokens(s, loaded.processor) for s in samples]
-    ds, collator = T.make_collator(recipe, family, loaded.processor, samples, lengths, rope, "varlen",
+    ds, collator = collate.make_collator(recipe, family, loaded.processor, samples, lengths, rope, "varlen",
                                    family.tower_inputs(loaded.model))
     _epochs(ds, collator, 2)
     assert len(log.read_text().splitlines()) > len(samples)

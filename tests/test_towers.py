@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from test_qwen_family import MIXES, media_dir, sample  # noqa: F401  (fixture reuse)
+from finetune.models import load_spec
 
 
 def _loaded(recipe_name, *overrides, checkpointing=False):
@@ -17,7 +18,7 @@ def _loaded(recipe_name, *overrides, checkpointing=False):
 
     recipe = load_recipe(recipe_name, ["model.max_pixels=12544", *overrides])
     fam = family_for(recipe.model.path)
-    loaded = fam.load(recipe, dtype=torch.float32, attn="sdpa")
+    loaded = fam.load(load_spec(recipe, dtype=torch.float32, attn="sdpa"))
     attention.apply_to_llm(loaded.model, "varlen")
     attention.apply_to_encoders(loaded.model, fam)
     model, _ = adapters.apply_roles(loaded.model, fam, recipe, gradient_checkpointing=checkpointing)

@@ -10,6 +10,7 @@ import sys
 import pytest
 
 from conftest import ROOT, tiny_recipe
+from finetune.models import load_spec
 
 pytestmark = pytest.mark.slow
 
@@ -74,7 +75,7 @@ def test_logged_token_count_is_the_packed_samples_tokens(tmp_path, small_demo, m
     logged = [json.loads(ln) for ln in (run / "metrics.jsonl").read_text().splitlines()]
     counts = {r["step"]: r["num_tokens"] for r in logged if "num_tokens" in r}
     fam = family_for(recipe.model.path, recipe.model.family)
-    processor = fam.load(recipe).processor
+    processor = fam.load(load_spec(recipe)).processor
     samples, _ = load_samples(recipe.data.train)
     batches = [json.loads(ln) for ln in (tmp_path / "rec" / "batches-rank0.jsonl").read_text().splitlines()]
     expected, total = {}, 0
@@ -174,11 +175,11 @@ def test_cli_reports_recipe_errors_without_traceback():
 
 def test_a_run_folder_has_one_writer_at_a_time(tmp_path):
     """A second process is refused with the holder named; the lock dies with its process."""
-    from finetune.runlock import RunLocked, lock_run, unlock_run
+    from finetune.runfolder import RunLocked, lock_run, unlock_run
 
     run = tmp_path / "run"
     holder = subprocess.Popen([sys.executable, "-c", "import sys, time; sys.path.insert(0, sys.argv[1]);"
-                               "from finetune.runlock import lock_run; lock_run(sys.argv[2]); print('locked', flush=True);"
+                               "from finetune.runfolder import lock_run; lock_run(sys.argv[2]); print('locked', flush=True);"
                                "time.sleep(60)", str(ROOT), str(run)], stdout=subprocess.PIPE, text=True)
     try:
         assert holder.stdout.readline().strip() == "locked"

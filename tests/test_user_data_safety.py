@@ -61,7 +61,7 @@ def user_data(small_demo, tmp_path) -> Path:
 def test_demo_generation_is_decided_by_the_demo_recipes_own_path_only(tmp_path, monkeypatch):
     """data.demo lives in the *-tiny demo recipes; it generates only for the demo's own path."""
     from finetune.recipe import load_recipe
-    from finetune.train import demo_folder
+    from finetune.data.reading import demo_folder
 
     assert load_recipe("medical").data.demo == ""  # the real-model recipes (and what extends them) ask for no demo
     assert load_recipe("medical-qlora").data.demo == ""
@@ -214,7 +214,7 @@ def test_a_foreign_file_in_the_adapter_stops_training_before_step_one(run_folder
 # ---- locks -------------------------------------------------------------------------------------
 def hold_lock(run: Path) -> subprocess.Popen:
     holder = subprocess.Popen([sys.executable, "-c", "import sys, time; sys.path.insert(0, sys.argv[1]);"
-                               "from finetune.runlock import lock_run; lock_run(sys.argv[2]); print('locked', flush=True);"
+                               "from finetune.runfolder import lock_run; lock_run(sys.argv[2]); print('locked', flush=True);"
                                "time.sleep(120)", str(ROOT), str(run)], stdout=subprocess.PIPE, text=True)
     assert holder.stdout.readline().strip() == "locked"
     return holder
@@ -261,7 +261,7 @@ def test_an_adapter_save_interrupted_at_any_rename_leaves_an_adapter(tmp_path, m
     whole adapter, the old or the new one, once recovered."""
     from types import SimpleNamespace
 
-    import finetune.train as T
+    from finetune import runfolder
     from finetune.export import recover
 
     class Model:  # writes what PEFT's save_pretrained writes
@@ -277,10 +277,10 @@ def test_an_adapter_save_interrupted_at_any_rename_leaves_an_adapter(tmp_path, m
     real = {"rename": os.rename, "replace": os.replace}
     for cut in range(1, 30):
         run = tmp_path / f"run{cut}"
-        from finetune.runlock import lock_run, unlock_run
+        from finetune.runfolder import lock_run, unlock_run
 
         lock_run(run)
-        T.save_adapter(Model("old"), family, loaded, run / "adapter")
+        runfolder.save_adapter(Model("old"), family, loaded, run / "adapter")
         calls = [0]
 
         def counting(kind):
@@ -294,7 +294,7 @@ def test_an_adapter_save_interrupted_at_any_rename_leaves_an_adapter(tmp_path, m
         monkeypatch.setattr(os, "rename", counting("rename"))
         monkeypatch.setattr(os, "replace", counting("replace"))
         try:
-            T.save_adapter(Model("new"), family, loaded, run / "adapter")
+            runfolder.save_adapter(Model("new"), family, loaded, run / "adapter")
             finished = True
         except _Interrupted:
             finished = False

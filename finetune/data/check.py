@@ -446,7 +446,7 @@ def _table(item, allow_outside_paths: bool) -> tuple[list[DataError], list[Sampl
     such as a missing column, is its one error)."""
     from finetune.data.hf import _get, load_hf_samples
     from finetune.data.sources import load_json_records, source_format
-    from finetune.families.base import cache_root
+    from finetune.paths import cache_root
 
     try:
         if source_format(item) == "jsonl":  # a source object naming a JSON(L) file

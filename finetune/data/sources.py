@@ -77,7 +77,7 @@ def load_source(src: Any, recipe, *, on_error: str | None = None,
     if isinstance(src, (str, Path)):
         src = {"path": str(src)}
     if media_dir is None:
-        from finetune.families.base import cache_root
+        from finetune.paths import cache_root
 
         media_dir = cache_root() / "media"
     path = _get(src, "path")

@@ -27,8 +27,8 @@ import numpy as np
 import torch
 
 from finetune.errors import ConfigError
-from finetune.families.base import (IGNORE_INDEX, EncodedSample, Family, LoadedModel, cache_root,
-                                    load_kwargs, quantization_config)
+from finetune.families.base import IGNORE_INDEX, EncodedSample, Family, LoadedModel, LoadSpec, quantization_config
+from finetune.paths import cache_root
 from finetune.families.shared import OmniProcessor, atomic_build, chat_turns, smart_resize, text_and_media_chunks
 
 EOT = "<|endoftext|>"
@@ -154,22 +154,19 @@ class BaichuanOmniFamily(Family):
     folder_hint = "Point it at your local Baichuan-Omni-1.5 folder (config.json with model_type omni)."
 
     # ---- loading -----------------------------------------------------------------------
-    def load(self, recipe, *, quantize: str | None = None, dtype: torch.dtype | None = None,
-             attn: str | None = None) -> LoadedModel:
+    def load_model(self, folder: Path, kwargs: dict, spec: LoadSpec) -> torch.nn.Module:
         from finetune.families.baichuan_model import BaichuanOmniConfig, BaichuanOmniForCausalLM
 
-        folder = self.resolve_path(recipe.model.path, recipe.model.tiny_seed, recipe.model.revision)
-        self.read_config(folder)
-        kwargs, quantize, dtype = load_kwargs(self, recipe, quantize, dtype, attn)
         kwargs["config"] = BaichuanOmniConfig.from_pretrained(str(folder))
         model, info = BaichuanOmniForCausalLM.from_pretrained(str(folder), output_loading_info=True, **kwargs)
         missing = [k for k in info.get("missing_keys", []) if not k.endswith("positional_embedding")]
         if missing:
             raise ConfigError(f"{folder}: the checkpoint lacks {len(missing)} tensor(s) of the trained parts, e.g. "
                              f"{sorted(missing)[:3]}; is it a complete Baichuan-Omni-1.5 checkpoint?")
-        model.config.use_cache = False
-        return LoadedModel(model=model, processor=self.processor(folder, recipe), base_path=folder,
-                           info={"quantize": quantize, "dtype": str(dtype).replace("torch.", "")})
+        return model
+
+    def is_full(self, folder: Path) -> bool:
+        return False  # the layout Baichuan's export writes back is its own (save_merged), not a thinker's
 
     def rope_index(self, model_or_config):
         return None  # 1-D positions: each sample counts from 0

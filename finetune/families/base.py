@@ -10,7 +10,6 @@ back into a complete checkpoint. The rest of the toolkit is written once against
 from __future__ import annotations
 
 import abc
-import os
 import typing
 import shutil
 from dataclasses import dataclass, field
@@ -25,11 +24,38 @@ from finetune.errors import ConfigError, MissingFileError
 
 if TYPE_CHECKING:  # families never import the trainer; data types only
     from finetune.data.schema import Sample
-    from finetune.recipe import Recipe
 
 IGNORE_INDEX = -100
 
-from finetune.recipe import ROLE_NAMES  # noqa: E402  (one list of roles, defined with the recipe)
+#: the roles every family maps to module paths of its model (the recipe's `roles` section)
+ROLE_NAMES: tuple[str, ...] = (
+    "llm",
+    "embeddings",
+    "lm_head",
+    "vision_encoder",
+    "vision_projector",
+    "audio_encoder",
+    "audio_projector",
+    "audio_head",
+)
+
+
+@dataclass(frozen=True)
+class LoadSpec:
+    """What `Family.load` needs to know (finetune.models.load_spec builds it from a recipe)."""
+
+    path: str  # a local folder, `tiny:<name>` or a hub id
+    revision: str = ""  # the hub revision of a hub id
+    tiny_seed: int = 0
+    quantize: str = "none"  # none | 4bit | 8bit: the LLM's linear layers (bitsandbytes)
+    dtype: torch.dtype = torch.float32
+    attn: str | None = None  # the attention implementation to load with
+    #: ZeRO-3 / FSDP: 4-bit weights stored in the compute dtype, so the engine shards them as others
+    sharded: bool = False
+    #: the LLM trains in full (roles.llm.mode full): a family may keep training-only behaviour on
+    llm_full: bool = False
+    #: the processor's settings (Processor.from_folder): pixels, video sampling, prompt, long audio
+    processor: dict = field(default_factory=dict)
 
 
 @dataclass
@@ -142,6 +168,23 @@ class Family(abc.ABC):
     expert_params: tuple[str, ...] = ()
     router_modules: tuple[str, ...] = ()
 
+    @property
+    def is_moe(self) -> bool:
+        """The LLM is a mixture of experts (it has expert weights): the trainer asks for the router
+        logits in every step, logs the load-balancing loss and adds it when experts or routers train."""
+        return bool(self.expert_params)
+
+    def aux_loss(self, outputs, inputs: dict, text_config) -> torch.Tensor:
+        """A mixture-of-experts LLM's load-balancing loss of one forward (`outputs`: the model's own,
+        or the label head's with the router logits; `text_config` the LLM's), as the model computes
+        it; dense LLMs have none."""
+        raise NotImplementedError(f"{self.title} has no mixture-of-experts LLM")
+
+    def aux_loss_coef(self, model) -> float:
+        """The coefficient the model's config gives the load-balancing loss (train.router_aux_loss_coef
+        null takes it)."""
+        return float(getattr(model.config.get_text_config(), "router_aux_loss_coef", 0.0) or 0.0)
+
     #: whether the family's released processor reads a video file's own sound track with its frames
     #: (transformers' `use_audio_in_video`: the sound's tokens interleaved with the video's by time);
     #: without it a video is read for its frames only and its sound is ignored (`data check` says so)
@@ -211,11 +254,27 @@ class Family(abc.ABC):
     #: module-path prefixes QLoRA leaves unquantised (everything but the LLM's linear layers)
     quant_skip: list[str] = []
 
+    def load(self, spec: LoadSpec) -> LoadedModel:
+        """Load the trainable model and its processor from `spec.path`: the folder resolved and
+        checked, `load_model` with the from_pretrained arguments (dtype, attention, QLoRA's
+        bitsandbytes config), the KV cache off (training never uses it, and transformers derives
+        packed masks only without one), the processor with the spec's settings."""
+        folder = self.resolve_path(spec.path, spec.tiny_seed, spec.revision)
+        self.read_config(folder)
+        model = self.load_model(folder, load_kwargs(self, spec), spec)
+        model.config.use_cache = False
+        model.config.get_text_config().use_cache = False
+        return LoadedModel(model=model, processor=self.processor(folder, spec.processor), base_path=folder,
+                           is_full_checkpoint=self.is_full(folder),
+                           info={"quantize": spec.quantize, "dtype": str(spec.dtype).replace("torch.", "")})
+
     @abc.abstractmethod
-    def load(self, recipe: "Recipe", *, quantize: str | None = None, dtype: torch.dtype | None = None,
-             attn: str | None = None) -> LoadedModel:
-        """Load the trainable model and its processor from `recipe.model.path` (`attn`: the
-        attention implementation; `quantize`: none | 4bit | 8bit, default the recipe's)."""
+    def load_model(self, folder: Path, kwargs: dict, spec: LoadSpec) -> torch.nn.Module:
+        """The trainable model of a checked model folder, loaded with `kwargs` (from_pretrained's)."""
+
+    def is_full(self, folder: Path) -> bool:
+        """The folder is a complete checkpoint (with the speech output, where the family has one)."""
+        return True
 
     @abc.abstractmethod
     def rope_index(self, model_or_config) -> Any:
@@ -390,18 +449,16 @@ class Family(abc.ABC):
 
         return resolve_model(path, revision, hint=self.folder_hint)
 
-    def processor(self, folder: Path, recipe: "Recipe | None" = None) -> Processor:
-        """The processor of a model folder, with the recipe's pixel, video and prompt settings."""
-        kw = {}
-        if recipe is not None:
-            kw = dict(min_pixels=recipe.model.min_pixels, max_pixels=recipe.model.max_pixels,
-                      video_fps=recipe.model.video_fps, video_max_frames=recipe.model.video_max_frames,
-                      system_prompt=recipe.data.system_prompt, long_audio=recipe.data.long_audio)
-            if recipe.model.use_audio_in_video:
-                if not self.audio_in_video:
-                    raise ConfigError(f"model.use_audio_in_video: true, but {self.title}'s processor reads no sound "
-                                      "from a video (its videos are read for their frames); set it to false")
-                kw["use_audio_in_video"] = True
+    def processor(self, folder: Path, settings: dict | None = None) -> Processor:
+        """The processor of a model folder with the recipe's settings (LoadSpec.processor:
+        min_pixels, max_pixels, video_fps, video_max_frames, system_prompt, long_audio, and
+        use_audio_in_video where the family has `audio_in_video`)."""
+        kw = dict(settings or {})
+        if kw.pop("use_audio_in_video", False):
+            if not self.audio_in_video:
+                raise ConfigError(f"model.use_audio_in_video: true, but {self.title}'s processor reads no sound "
+                                  "from a video (its videos are read for their frames); set it to false")
+            kw["use_audio_in_video"] = True
         return self.processor_class.from_folder(folder, **kw)
 
     # ---- export ------------------------------------------------------------------------
@@ -463,11 +520,6 @@ def long_audio_error(sample: "Sample", part, n: int, limit: int, rate: int, titl
     return DataError("long_audio", problem, fix, file=sample.source, line=sample.line, field=part_field(sample, part))
 
 
-def cache_root() -> Path:
-    """The toolkit's cache folder (OMNI_FINETUNE_CACHE, else ~/.cache/omni-finetune)."""
-    return Path(os.environ.get("OMNI_FINETUNE_CACHE", Path.home() / ".cache" / "omni-finetune"))
-
-
 def strip_peft_prefix(name: str) -> str:
     """`base_model.model.x.y` -> `x.y`; also removes PEFT's wrapper segments."""
     if name.startswith("base_model.model."):
@@ -477,22 +529,16 @@ def strip_peft_prefix(name: str) -> str:
     return name
 
 
-def load_kwargs(family: "Family", recipe, quantize: str | None, dtype: torch.dtype | None,
-                attn: str | None) -> tuple[dict, str, torch.dtype]:
-    """(from_pretrained kwargs, quantize, dtype) of `Family.load`'s arguments: the dtype (default
-    float32), the attention implementation, and QLoRA's bitsandbytes config (the recipe's
-    quantize unless given; the LLM's linear layers only, sharded storage under ZeRO-3 / FSDP)."""
-    from finetune.recipe import shards_weights
-
-    dtype = dtype or torch.float32
-    quantize = recipe.model.quantize if quantize is None else quantize
-    kwargs: dict = {"dtype": dtype}
-    if attn:
-        kwargs["attn_implementation"] = attn
-    if quantize in ("4bit", "8bit"):
-        kwargs["quantization_config"] = quantization_config(quantize, dtype, family.quant_skip,
-                                                             sharded=shards_weights(recipe))
-    return kwargs, quantize, dtype
+def load_kwargs(family: "Family", spec: LoadSpec) -> dict:
+    """from_pretrained's arguments for a spec: the dtype, the attention implementation, and QLoRA's
+    bitsandbytes config (the LLM's linear layers only; sharded storage under ZeRO-3 / FSDP)."""
+    kwargs: dict = {"dtype": spec.dtype}
+    if spec.attn:
+        kwargs["attn_implementation"] = spec.attn
+    if spec.quantize in ("4bit", "8bit"):
+        kwargs["quantization_config"] = quantization_config(spec.quantize, spec.dtype, family.quant_skip,
+                                                             sharded=spec.sharded)
+    return kwargs
 
 
 def processor_settings(folder: Path, keep: tuple[str, ...] = ()) -> dict:

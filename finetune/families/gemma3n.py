@@ -56,7 +56,7 @@ import numpy as np
 import torch
 
 from finetune.errors import ConfigError
-from finetune.families.base import (IGNORE_INDEX, EncodedSample, Family, LoadedModel, load_kwargs,
+from finetune.families.base import (IGNORE_INDEX, EncodedSample, Family, LoadedModel, LoadSpec,
                                     processor_settings, quantization_config)
 from finetune.families.shared import atomic_build, chat_turns, tiny_cache_dir
 
@@ -227,28 +227,17 @@ class Gemma3nFamily(Family):
     quant_skip = ["lm_head", "model.vision_tower", "model.audio_tower", "model.embed_vision", "model.embed_audio"]
 
     # ---- loading -----------------------------------------------------------------------
-    def load(self, recipe, *, quantize: str | None = None, dtype: torch.dtype | None = None,
-             attn: str | None = None) -> LoadedModel:
-        folder = self.resolve_path(recipe.model.path, recipe.model.tiny_seed, recipe.model.revision)
-        self.read_config(folder)
-        kwargs, quantize, dtype = load_kwargs(self, recipe, quantize, dtype, attn)
+    def load_model(self, folder: Path, kwargs: dict, spec: LoadSpec) -> torch.nn.Module:
         model = _hf(self.hf_model).from_pretrained(str(folder), **kwargs)
-        # Training never uses a KV cache, and transformers builds packed masks only when there is
-        # none: the decoder reads use_cache from the text config, so it goes off there too.
-        model.config.use_cache = False
-        text = model.config.get_text_config()
-        text.use_cache = False
         # AltUp clips its coefficient matrices in training mode by writing their weights in place
         # (prediction) or reading them around the module (correction): meant for training those
         # matrices, it would scramble 4/8-bit packed weights and bypass LoRA on them. Unless the
         # LLM trains in full, they only change through LoRA, so the clip goes off (the released
         # weights lie inside it); the export writes the base's value back (save_merged).
-        if recipe.roles.llm.mode != "full":
-            object.__setattr__(text, "altup_coef_clip", None)  # the field is typed float; None is "no clip"
+        if not spec.llm_full:
+            object.__setattr__(model.config.get_text_config(), "altup_coef_clip", None)  # typed float; None: no clip
         images_one_by_one(model)
-        proc = self.processor(folder, recipe)
-        return LoadedModel(model=model, processor=proc, base_path=folder, is_full_checkpoint=True,
-                           info={"quantize": quantize, "dtype": str(dtype).replace("torch.", "")})
+        return model
 
     def rope_index(self, model_or_config) -> None:
         return None  # 1-D RoPE: a sample's positions are 0..n-1

@@ -36,7 +36,7 @@ import torch
 
 from finetune.data.schema import DataError
 from finetune.errors import ConfigError
-from finetune.families.base import IGNORE_INDEX, EncodedSample, Family, LoadedModel, load_kwargs, quantization_config
+from finetune.families.base import IGNORE_INDEX, EncodedSample, Family, LoadedModel, LoadSpec, quantization_config
 from finetune.families.shared import (AUDIO_BOS, AUDIO_EOS, AUDIO_TOKEN, IM_END, IMAGE_TOKEN, VIDEO_TOKEN,
                                       VISION_BOS, VISION_EOS, OmniProcessor, _feat_to_tokens, atomic_build,
                                       audio_output_lengths, chat_turns, text_and_media_chunks, tiny_cache_dir)
@@ -318,25 +318,15 @@ class Qwen25OmniFamily(Family):
         return {self.name: self.materialize_tiny, f"{self.name}-full": self.materialize_tiny_full}
 
     # ---- loading -----------------------------------------------------------------------
-    def load(self, recipe, *, quantize: str | None = None, dtype: torch.dtype | None = None,
-             attn: str | None = None) -> LoadedModel:
-        """Load the thinker in `dtype`, optionally 4/8-bit on the LLM's linear layers."""
-        folder = self.resolve_path(recipe.model.path, recipe.model.tiny_seed, recipe.model.revision)
-        full = self.is_full(folder)
+    def load_model(self, folder: Path, kwargs: dict, spec: LoadSpec) -> torch.nn.Module:
+        """The thinker in the spec's dtype, optionally 4/8-bit on the LLM's linear layers."""
         tcfg = self.thinker_config(folder)
-        kwargs, quantize, dtype = load_kwargs(self, recipe, quantize, dtype, attn)
-        if full:
+        if self.is_full(folder):
             model = self._load_thinker_from_full(folder, tcfg, kwargs)
         else:
             model = self.hf(self.hf_thinker).from_pretrained(str(folder), config=tcfg, **kwargs)
-        # Training never uses a KV cache, and transformers builds packed (block-diagonal) masks
-        # only when there is none: switch it off in the text config the decoder reads too.
-        model.config.use_cache = False
-        model.config.get_text_config().use_cache = False
         rope_per_sample(model)
-        proc = self.processor(folder, recipe)
-        return LoadedModel(model=model, processor=proc, base_path=folder, is_full_checkpoint=full,
-                           info={"quantize": quantize, "dtype": str(dtype).replace("torch.", "")})
+        return model
 
     def _load_thinker_from_full(self, folder: Path, tcfg, kwargs):
         """The thinker of a full checkpoint: its `thinker.` weights, nothing else loaded."""

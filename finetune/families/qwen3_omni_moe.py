@@ -41,7 +41,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from finetune.families.base import Family
+from finetune.families.base import Family, LoadSpec
 from finetune.families.qwen2_5_omni import PROCESSOR_FILES, Qwen25OmniFamily, _video_token_times
 from finetune.families.shared import OmniProcessor
 
@@ -233,10 +233,21 @@ class Qwen3OmniMoeFamily(Qwen25OmniFamily):
                    "`huggingface-cli download Qwen/Qwen3-Omni-30B-A3B-Instruct --local-dir DIR`)")
     quant_skip = ["lm_head", "model.visual", "model.audio_tower"]
 
-    def load(self, recipe, **kw):
-        loaded = super().load(recipe, **kw)
-        mask_short_clip_padding(loaded.model)
-        return loaded
+    def aux_loss(self, outputs, inputs: dict, text_config) -> torch.Tensor:
+        """The model's own load-balancing loss, or (the label head returns the router logits only)
+        transformers' Mixtral-style one computed over every token (packed rows carry no mask), as the
+        thinker computes it."""
+        if getattr(outputs, "aux_loss", None) is not None:
+            return outputs.aux_loss
+        from transformers.models.mixtral.modeling_mixtral import load_balancing_loss_func
+
+        return load_balancing_loss_func(outputs.router_logits, text_config.num_experts,
+                                        text_config.num_experts_per_tok, inputs.get("attention_mask"))
+
+    def load_model(self, folder: Path, kwargs: dict, spec: LoadSpec) -> torch.nn.Module:
+        model = super().load_model(folder, kwargs, spec)
+        mask_short_clip_padding(model)
+        return model
 
     def load_merged_for_check(self, folder: Path, dtype: torch.dtype):
         model = super().load_merged_for_check(folder, dtype)

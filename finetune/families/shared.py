@@ -17,7 +17,8 @@ import torch
 
 from finetune import fsutil
 from finetune.errors import ConfigError
-from finetune.families.base import cache_root, processor_settings
+from finetune.families.base import processor_settings
+from finetune.paths import cache_root
 
 # the special tokens of the Qwen-style chat format and media placeholders
 IM_START, IM_END = "<|im_start|>", "<|im_end|>"
