@@ -43,7 +43,7 @@ of height ``shape[0]`` and width ``shape[1]``. Reorient volumes beforehand
 (``nibabel.as_closest_canonical``) for a consistent anatomical orientation.
 
 Every image comes back as an 8-bit PIL RGB image; every failure is a
-:class:`~finetune.data.media.MediaError` naming the file and the fix.
+:class:`~finetune.data.schema.MediaError` naming the file and the fix.
 
 Bounds: the header's image size (DICOM Rows x Columns, a NIfTI slice) is held
 against ``data.max_image_pixels`` and the whole (DICOM Rows x Columns x frames,
@@ -60,8 +60,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from finetune.data.media import MediaError, check_image_pixels, require_regular
-from finetune.data.schema import current_limits, open_regular
+from finetune.data.schema import MediaError, check_image_pixels, current_limits, open_regular, require_regular
 
 DICOM_SUFFIXES = (".dcm", ".dicom", ".ima")
 NIFTI_SUFFIXES = (".nii", ".nii.gz")
