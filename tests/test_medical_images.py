@@ -401,3 +401,136 @@ def test_an_eps_file_is_not_opened_as_an_image(tmp_path):
     eps.write_bytes(b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 10 10\nshowpage\n%%EOF\n")
     with pytest.raises(MediaError, match="cannot identify image file"):
         load_image(eps)
+
+
+def _lut_item(descriptor, data, vr="US"):
+    """A Modality/VOI LUT Sequence item; LUTData as US values or OW bytes (real files have both)."""
+    item = Dataset()
+    item.add_new("LUTDescriptor", "US", list(descriptor))
+    item.add_new("LUTData", vr, [int(x) for x in data] if vr == "US" else np.asarray(data, "<u2").tobytes())
+    return item
+
+
+# stored values below, inside and above the input ranges of the LUTs below (100 .. 355, 100 .. 611)
+LUT_STORED = np.array([[0, 99, 100, 101], [200, 355, 356, 4095]], dtype=np.uint16)
+
+
+def test_a_modality_lut_sequence_maps_the_stored_values_as_pydicom_defines(tmp_path):
+    """A Modality LUT Sequence (in place of RescaleSlope/RescaleIntercept) maps the stored values before
+    any window: pydicom's apply_modality_lut, the window then in the LUT's output units."""
+    from pydicom.pixels import apply_modality_lut
+
+    lut = [(i * 37) % 4000 for i in range(256)]
+    p = write_dicom(tmp_path / "mlut.dcm", LUT_STORED, ModalityLUTSequence=[_lut_item((256, 100, 16), lut)])
+    ds = pydicom.dcmread(p)
+    mapped = apply_modality_lut(ds.pixel_array, ds)
+    assert mapped.tolist() != LUT_STORED.tolist()
+    windowed = gray(read_medical_images(p, {"window": [2000, 4000]})[0])
+    assert windowed.tolist() == [[lin(v, 2000, 4000) for v in row] for row in mapped]
+    lo, hi = int(mapped.min()), int(mapped.max())  # no window in the file: the mapped values' min-max
+    assert gray(read_medical_images(p, {})[0]).tolist() == [[lin(v, (lo + hi) / 2, hi - lo) for v in row]
+                                                            for row in mapped]
+
+
+def test_a_voi_lut_sequence_maps_the_rescaled_values_as_pydicom_defines(tmp_path):
+    """A VOI LUT Sequence maps the rescaled values to its output range (0 .. 2**bits - 1, shown as
+    0 .. 255): pydicom's apply_voi_lut, which prefers it to the file's WindowCenter/WindowWidth.
+    MONOCHROME1 is inverted after it; a window given on the part still wins over the file's."""
+    from pydicom.pixels import apply_modality_lut, apply_voi_lut
+
+    lut = [min(4095, i * 8) for i in range(512)]
+    for photometric in ("MONOCHROME2", "MONOCHROME1"):
+        p = write_dicom(tmp_path / f"voi-{photometric}.dcm", LUT_STORED, photometric=photometric,
+                        RescaleSlope=1, RescaleIntercept=100, WindowCenter=40, WindowWidth=400,
+                        VOILUTSequence=[_lut_item((512, 100, 12), lut, vr="OW")])
+        ds = pydicom.dcmread(p)
+        shown = apply_voi_lut(apply_modality_lut(ds.pixel_array, ds).astype(np.int32), ds)
+        expected = np.rint(shown * 255.0 / 4095).astype(int)
+        if photometric == "MONOCHROME1":
+            expected = 255 - expected
+        assert gray(read_medical_images(p, {})[0]).tolist() == expected.tolist(), photometric
+    rescaled = LUT_STORED.astype(float) + 100
+    assert gray(read_medical_images(p, {"window": [300, 600]})[0]).tolist() == [
+        [255 - lin(v, 300, 600) for v in row] for row in rescaled]
+
+
+def test_a_lut_pydicom_cannot_apply_is_a_clear_error(tmp_path):
+    lut = [0] * 16
+    p = write_dicom(tmp_path / "bad-voi.dcm", LUT_STORED, VOILUTSequence=[_lut_item((16, 0, 9), lut)])
+    with pytest.raises(MediaError, match=r"VOI LUT.*bad-voi\.dcm|bad-voi\.dcm.*VOI LUT"):
+        read_medical_images(p, {})
+    assert read_medical_images(p, {"window": "minmax"})[0].size == (4, 2)  # a window on the part needs no LUT
+
+
+def test_lut_sequences_are_applied_in_bounded_memory(tmp_path):
+    """The LUTs are integer lookups, no float64 copy of the image (see the float32 test above), and the
+    temporaries of pydicom's LUT functions stay the size of a band of rows, not of the image."""
+    n = 2048
+    arr = (np.arange(n * n, dtype=np.int32) % 4096).astype(np.uint16).reshape(n, n)
+    lut = np.arange(4096) // 2
+    mlut = write_dicom(tmp_path / "m.dcm", arr, ModalityLUTSequence=[_lut_item((4096, 0, 16), lut)])
+    voi = write_dicom(tmp_path / "v.dcm", arr, RescaleSlope=1, RescaleIntercept=0,
+                      VOILUTSequence=[_lut_item((4096, 0, 12), lut, vr="OW")])
+    for path in (mlut, voi):
+        read_medical_images(path, {})
+        per_pixel = _peak_bytes_per_pixel(lambda: read_medical_images(path, {}), n * n)
+        assert per_pixel < 18, f"{path.name}: {per_pixel:.1f} bytes a pixel at the peak"
+
+
+def _dicoms_without_luts(folder: Path) -> list[tuple[str, Path, dict]]:
+    """The DICOM files of this module's tests (rescale and window tags, no LUT sequence), and a noisier
+    one with a fractional rescale, each with the options the tests read them with."""
+    ct = write_dicom(folder / "ct.dcm", CT_STORED, RescaleSlope=1, RescaleIntercept=-1024,
+                     WindowCenter=[40, 400], WindowWidth=[400, 1500])
+    signed = write_dicom(folder / "s.dcm", np.array([[-1000, 0], [500, 1000]], dtype=np.int16),
+                         RescaleSlope=2, RescaleIntercept=-10)
+    m1 = write_dicom(folder / "m1.dcm", CT_STORED, photometric="MONOCHROME1", RescaleSlope=1,
+                     RescaleIntercept=-1024)
+    frames = np.stack([np.full((4, 5), 100 * (k + 1), dtype=np.uint16) for k in range(5)])
+    frames[:, 0, 0] = 0
+    mf = write_dicom(folder / "mf.dcm", frames)
+    rgb = np.zeros((3, 4, 3), dtype=np.uint8)
+    rgb[..., 0], rgb[1, 2] = 200, (10, 20, 30)
+    rgb = write_dicom(folder / "rgb.dcm", rgb, photometric="RGB", bits_stored=8)
+    noise = np.random.default_rng(0).integers(-2000, 3000, (64, 48), dtype=np.int16)
+    noisy = write_dicom(folder / "noise.dcm", noise, bits_stored=16, RescaleSlope=0.37,
+                        RescaleIntercept=-1024.3, WindowCenter=40.5, WindowWidth=401)
+    return [("ct", ct, {}), ("ct-lung", ct, {"window": "lung"}), ("ct-minmax", ct, {"window": "minmax"}),
+            ("ct-centre", ct, {"window_center": 0, "window_width": 2000}), ("signed", signed, {}),
+            ("signed-window", signed, {"window": [-10, 100]}), ("m1", m1, {"window": "lung"}), ("m1-minmax", m1, {}),
+            ("mf", mf, {}), ("mf-0", mf, {"frame": 0, "window": [0, 1020]}), ("rgb", rgb, {"window": "lung"}),
+            ("noise", noisy, {}), ("noise-minmax", noisy, {"window": "minmax"}),
+            ("noise-bone", noisy, {"window": "bone"})]
+
+
+# sha256 (first 16 hex digits) of mode, size and pixels of each image, recorded with the reader as it
+# was before pydicom's LUT functions came in (commit 8cad6a6): files without a LUT sequence decode as then
+WITHOUT_LUTS = {
+    "ct": "4e228566129a9993",
+    "ct-lung": "d6ea302cc2774617",
+    "ct-minmax": "6cacb79906ec8a01",
+    "ct-centre": "0c11f7fa898ba45d",
+    "signed": "16cb91b9158cb67c",
+    "signed-window": "0e4a3627f491bb7c",
+    "m1": "fe0798545717b967",
+    "m1-minmax": "d62aa14eef4afd12",
+    "mf": "bb3e8b9c614f054b",
+    "mf-0": "f9b5889f2b026ef2",
+    "rgb": "0911e4fb014f9dcb",
+    "noise": "f794d9dea75b8e00",
+    "noise-minmax": "8d530e30fd639984",
+    "noise-bone": "42a00d8ac999e1fc",
+}
+
+
+def test_dicoms_without_lut_sequences_decode_as_before(tmp_path):
+    import hashlib
+
+    got = {}
+    for name, path, opts in _dicoms_without_luts(tmp_path):
+        h = hashlib.sha256()
+        for im in read_medical_images(path, opts):
+            h.update(repr((im.mode, im.size)).encode())
+            h.update(np.asarray(im).tobytes())
+        got[name] = h.hexdigest()[:16]
+    assert got == WITHOUT_LUTS

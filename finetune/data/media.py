@@ -3,8 +3,9 @@
 DICOM and NIfTI images are read by :mod:`finetune.data.medical` (the
 ``[medical]`` extra); :func:`load_images` applies an image part's options.
 
-Every failure is raised as :class:`MediaError` with a message that names the
-file; :mod:`finetune.data.check` turns it into a located DataError.
+Every failure is raised as :class:`MediaError` (defined in :mod:`finetune.data.schema`, below
+this module and medical) with a message that names the file; :mod:`finetune.data.check` turns it
+into a located DataError.
 
 Sizes are read from headers before anything is decoded and held against the
 current :class:`~finetune.data.schema.Limits` (the recipe's ``data.max_*``):
@@ -23,15 +24,24 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from finetune.data.schema import NotRegularFileError, Part, current_limits, open_regular, special_file
-from finetune.errors import UserError
+from finetune.data.medical import is_medical, medical_image_sizes, read_medical_images
+from finetune.data.schema import (
+    MediaError,
+    NotRegularFileError,
+    Part,
+    check_image_pixels,
+    current_limits,
+    open_regular,
+    require_regular,
+    special_file,
+    too_many_pixels,
+)
 
 FRAME_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
 #: the image formats Pillow may open: raster formats with their own decoders (not EPS, which runs
 #: Ghostscript when it is installed, nor plugins that shell out or read external files)
 IMAGE_FORMATS = ("PNG", "JPEG", "GIF", "BMP", "TIFF", "WEBP", "PPM", "TGA")  # (JPEG opens MPO too)
 VIDEO_SUFFIXES = (".mp4", ".avi", ".mkv", ".webm", ".mov")
-MEDICAL_SUFFIXES = (".dcm", ".dicom", ".ima", ".nii", ".nii.gz")  # see finetune.data.medical
 
 _AUDIO_FORMATS_HINT = (
     "soundfile reads WAV, FLAC, OGG/Vorbis and MP3 (MP3 needs libsndfile>=1.1); "
@@ -47,41 +57,6 @@ AUDIO_BUDGET_RATE = 48_000
 MAX_AUDIO_RATE = 384_000
 _AUDIO_BLOCK = 1 << 22  # samples (frames x channels) decoded at a time, mixed to mono as they come
 _SF_UNKNOWN = 1 << 62  # libsndfile reports an unknown length (a streamed FLAC) as SF_COUNT_MAX
-
-
-class MediaError(UserError):
-    """A media file could not be read; ``kind`` optionally refines the category and ``fix``, when
-    given, is the specific fix (which recipe key to raise, how to downsample)."""
-
-    def __init__(self, message: str, kind: str | None = None, fix: str | None = None) -> None:
-        super().__init__(message)
-        self.kind = kind
-        self.fix = fix
-
-
-def require_regular(path: Path, what: str) -> None:
-    """Refuse a path that exists and is not a regular file (a FIFO would block the reader forever,
-    a device would never end) before any reader opens it."""
-    kind = special_file(path)
-    if kind is not None:
-        raise MediaError(f"{what} '{path}' is {kind}, not a regular file; only regular files are read",
-                         kind="not_regular_file",
-                         fix="replace it with the file itself (a FIFO or device could block the reader or never end)")
-
-
-def _too_many_pixels(path, what: str, pixels: int | None, size: str = "") -> MediaError:
-    cap = current_limits().max_image_pixels
-    got = f"{size} = {pixels:,} pixels" if size else (f"{pixels:,} pixels" if pixels else "too many pixels")
-    return MediaError(f"{what} '{path}' is {got} (from its header), more than data.max_image_pixels={cap:,}; "
-                      "it was not decoded", kind="too_large",
-                      fix="downsample it (the model resizes every image to model.max_pixels anyway), e.g. "
-                          "mogrify -resize 4096x4096 FILE, or raise data.max_image_pixels in the recipe")
-
-
-def check_image_pixels(path, width: int, height: int, what: str = "image") -> None:
-    """Refuse an image whose header claims more than data.max_image_pixels."""
-    if int(width) * int(height) > current_limits().max_image_pixels:
-        raise _too_many_pixels(path, what, int(width) * int(height), f"{int(width)}x{int(height)}")
 
 
 @contextlib.contextmanager
@@ -105,17 +80,10 @@ def _open_image(path: Path):
                 im = Image.open(fh, formats=IMAGE_FORMATS)
             except Image.DecompressionBombError as e:
                 n = re.search(r"\((\d+) pixels\)", str(e))
-                raise _too_many_pixels(path, "image", int(n.group(1)) if n else None) from None
+                raise too_many_pixels(path, "image", int(n.group(1)) if n else None) from None
         with im:
             check_image_pixels(path, *im.size)
             yield im
-
-
-def _is_medical(path: Path) -> bool:
-    # DICOM/NIfTI by extension, or an extension-less DICOM file (DICM marker).
-    from finetune.data.medical import is_medical
-
-    return is_medical(path)
 
 
 def load_images(part: Part) -> list[Image.Image]:
@@ -126,9 +94,7 @@ def load_images(part: Part) -> list[Image.Image]:
     frame, slice, ...); a NIfTI part with ``"slices": n`` gives n images.
     """
     path = _image_part_path(part)
-    if _is_medical(path):
-        from finetune.data.medical import read_medical_images
-
+    if is_medical(path):
         return read_medical_images(path, part.extra)
     return [load_image(path)]
 
@@ -136,9 +102,7 @@ def load_images(part: Part) -> list[Image.Image]:
 def image_sizes(part: Part) -> list[tuple[int, int]]:
     """``(width, height)`` of every image :func:`load_images` gives, from headers only."""
     path = _image_part_path(part)
-    if _is_medical(path):
-        from finetune.data.medical import medical_image_sizes
-
+    if is_medical(path):
         return medical_image_sizes(path, part.extra)
     return [image_size(path)]
 
@@ -157,9 +121,7 @@ def load_image(path: Path) -> Image.Image:
     a part's options.
     """
     path = Path(path)
-    if _is_medical(path):
-        from finetune.data.medical import read_medical_images
-
+    if is_medical(path):
         return read_medical_images(path, {})[0]
     try:
         with _open_image(path) as im:
@@ -218,9 +180,7 @@ def _to_rgb(im: Image.Image, path: Path | str = "") -> Image.Image:
 def image_size(path: Path) -> tuple[int, int]:
     """``(width, height)`` read from the image header, without decoding pixels."""
     path = Path(path)
-    if _is_medical(path):
-        from finetune.data.medical import medical_image_sizes
-
+    if is_medical(path):
         return medical_image_sizes(path, {})[0]
     try:
         with _open_image(path) as im:

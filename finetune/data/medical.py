@@ -14,11 +14,13 @@ Windowing (DICOM and NIfTI), in priority order:
 * ``"window"``: a preset name (see :data:`WINDOW_PRESETS`, e.g. ``"lung"``),
   ``[centre, width]``, or ``"minmax"`` (stretch the data's own range);
 * ``"window_center"`` and ``"window_width"`` (numbers, given together);
-* otherwise the DICOM file's WindowCenter/WindowWidth (the first value when
-  there are several); otherwise the min-max of the image (for NIfTI, of each
-  slice).
+* otherwise the DICOM file's VOI LUT Sequence (pydicom's ``apply_voi_lut``; its
+  output range, 0 .. 2**bits - 1 by the LUT descriptor, is shown as 0 .. 255);
+  otherwise its WindowCenter/WindowWidth (the first value when there are
+  several); otherwise the min-max of the image (for NIfTI, of each slice).
 
-Values are rescaled first (DICOM RescaleSlope/RescaleIntercept, NIfTI
+Values are rescaled first (a DICOM Modality LUT Sequence through pydicom's
+``apply_modality_lut``, or RescaleSlope/RescaleIntercept; NIfTI
 scl_slope/scl_inter as applied by nibabel), so CT windows are in Hounsfield
 units. The window maps ``centre - width/2 .. centre + width/2`` linearly to
 ``0 .. 255``: below is 0, above is 255, the centre is 127.5 (rounded to 128).
@@ -43,7 +45,7 @@ of height ``shape[0]`` and width ``shape[1]``. Reorient volumes beforehand
 (``nibabel.as_closest_canonical``) for a consistent anatomical orientation.
 
 Every image comes back as an 8-bit PIL RGB image; every failure is a
-:class:`~finetune.data.media.MediaError` naming the file and the fix.
+:class:`~finetune.data.schema.MediaError` naming the file and the fix.
 
 Bounds: the header's image size (DICOM Rows x Columns, a NIfTI slice) is held
 against ``data.max_image_pixels`` and the whole (DICOM Rows x Columns x frames,
@@ -60,8 +62,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from finetune.data.media import MediaError, check_image_pixels, require_regular
-from finetune.data.schema import current_limits, open_regular
+from finetune.data.schema import MediaError, check_image_pixels, current_limits, open_regular, require_regular
 
 DICOM_SUFFIXES = (".dcm", ".dicom", ".ima")
 NIFTI_SUFFIXES = (".nii", ".nii.gz")
@@ -469,6 +470,65 @@ def _dicom_image(path: Path, opts: _Options) -> Image.Image:
     if samples >= 3 or arr.ndim == 3:
         return _rgb_to_image(arr, int(ds.get("BitsStored", 8) or 8))
 
+    values = _modality_values(path, ds, arr, frame)
+    _require_finite(values, path)
+
+    window = opts.window
+    voi_lut = _voi_lut(ds) if window is None else None
+    if voi_lut is not None:
+        arr8 = _through_voi_lut(path, ds, voi_lut, values)
+    else:
+        if window is None:
+            c = _first(_frame_attr(ds, frame, "FrameVOILUTSequence", "WindowCenter"))
+            w = _first(_frame_attr(ds, frame, "FrameVOILUTSequence", "WindowWidth"))
+            if c is not None and w is not None and w > 0:
+                window = (c, w)
+        arr8 = _apply_window(values, None if window == _MINMAX else window)
+    if photometric == "MONOCHROME1":
+        arr8 = 255 - arr8
+    return _gray_to_rgb(arr8)
+
+
+# pydicom's LUT functions hold several whole-size temporaries (a mask, an index, the looked-up values):
+# they are applied a band of rows at a time, so those stay this size, whatever the image's
+_BAND_PIXELS = 1 << 20
+
+
+def _bands(rows: int, cols: int):
+    step = max(1, _BAND_PIXELS // max(1, cols))
+    return (slice(r, min(rows, r + step)) for r in range(0, rows, step))
+
+
+def _lut_functions():
+    """pydicom's apply_modality_lut and apply_voi_lut (in pydicom.pixels from pydicom 3)."""
+    try:
+        from pydicom.pixels import apply_modality_lut, apply_voi_lut
+    except ImportError:  # pydicom 2.x
+        from pydicom.pixel_data_handlers.util import apply_modality_lut, apply_voi_lut
+    return apply_modality_lut, apply_voi_lut
+
+
+def _lut_error(path: Path, which: str, e: Exception) -> MediaError:
+    return MediaError(f"cannot apply the {which} LUT Sequence of DICOM '{path}' ({_VIA}): {_reason(e)}; "
+                      f"fix: {_DICOM_FIX}", kind="unreadable_image")
+
+
+def _modality_values(path: Path, ds, arr: np.ndarray, frame: int) -> np.ndarray:
+    """The frame's stored values in the modality's units (Hounsfield units for CT), in float32.
+
+    A Modality LUT Sequence is looked up by pydicom's apply_modality_lut. Rescale slope and intercept
+    are applied here: pydicom's function computes them in a float64 copy of the frame (8 bytes a pixel
+    where this takes 4) and reads only the top-level tags, not an enhanced multi-frame file's
+    per-frame PixelValueTransformationSequence."""
+    if ds.get("ModalityLUTSequence"):
+        apply_modality_lut = _lut_functions()[0]
+        values = np.empty(arr.shape, dtype=np.float32)
+        try:
+            for rows in _bands(*arr.shape):
+                values[rows] = apply_modality_lut(arr[rows], ds)
+        except Exception as e:
+            raise _lut_error(path, "Modality", e) from e
+        return values
     values = arr.astype(np.float32)  # float32 throughout: half the memory of float64, ample for 16-bit data
     slope = _first(_frame_attr(ds, frame, "PixelValueTransformationSequence", "RescaleSlope"))
     intercept = _first(_frame_attr(ds, frame, "PixelValueTransformationSequence",
@@ -477,18 +537,39 @@ def _dicom_image(path: Path, opts: _Options) -> Image.Image:
         values *= np.float32(slope)
     if intercept is not None:
         values += np.float32(intercept)
-    _require_finite(values, path)
+    return values
 
-    window = opts.window
-    if window is None:
-        c = _first(_frame_attr(ds, frame, "FrameVOILUTSequence", "WindowCenter"))
-        w = _first(_frame_attr(ds, frame, "FrameVOILUTSequence", "WindowWidth"))
-        if c is not None and w is not None and w > 0:
-            window = (c, w)
-    arr8 = _apply_window(values, None if window == _MINMAX else window)
-    if photometric == "MONOCHROME1":
-        arr8 = 255 - arr8
-    return _gray_to_rgb(arr8)
+
+def _voi_lut(ds):
+    """The VOI LUT Sequence's first item when it has a descriptor and data, else None: pydicom's
+    apply_voi_lut applies it then, in preference to WindowCenter/WindowWidth."""
+    seq = ds.get("VOILUTSequence")
+    if not seq:
+        return None
+    item = seq[0]
+    if item.get("LUTDescriptor") is None or item.get("LUTData") is None:
+        return None
+    return item
+
+
+def _through_voi_lut(path: Path, ds, item, values: np.ndarray) -> np.ndarray:
+    """8-bit grey levels through the file's VOI LUT Sequence: pydicom's apply_voi_lut on the modality
+    values, its output range (0 .. 2**bits - 1, the descriptor's third value) shown as 0 .. 255.
+
+    The values reach it as whole numbers within the LUT's input range (it maps those beyond its ends
+    to its first and last entries anyway), so that its unsigned index cannot wrap."""
+    apply_voi_lut = _lut_functions()[1]
+    out = np.empty(values.shape, dtype=np.uint8)
+    try:
+        entries, first, bits = (int(x) for x in item.LUTDescriptor)
+        last = first + (entries or 1 << 16) - 1
+        top = float(2 ** bits - 1)
+        for rows in _bands(*values.shape):
+            index = np.clip(np.floor(values[rows]), first, last).astype(np.int32)
+            out[rows] = _apply_window(apply_voi_lut(index, ds), (top / 2, top))
+    except Exception as e:
+        raise _lut_error(path, "VOI", e) from e
+    return out
 
 
 def _require_finite(values: np.ndarray, path: Path, where: str = "") -> None:

@@ -17,6 +17,9 @@ Every input is bounded before it is parsed or decoded (:class:`Limits`, set from
 ``data.max_*`` keys): a line's bytes before JSON parsing, its nesting depth, a sample's text
 before tokenising, and (in :mod:`finetune.data.media`) pixels, voxels, seconds and frames from
 the media headers. Only regular files are read: a FIFO, device or socket is refused, not opened.
+:class:`MediaError` and the checks both media readers share (:func:`require_regular`,
+:func:`check_image_pixels`) live here, below :mod:`finetune.data.media` and
+:mod:`finetune.data.medical`.
 """
 
 from __future__ import annotations
@@ -134,6 +137,43 @@ def open_regular(path):
     except BaseException:
         os.close(fd)
         raise
+
+
+class MediaError(UserError):
+    """A media file could not be read; ``kind`` optionally refines the category and ``fix``, when
+    given, is the specific fix (which recipe key to raise, how to downsample). Raised by the readers
+    of finetune.data.media and finetune.data.medical."""
+
+    def __init__(self, message: str, kind: str | None = None, fix: str | None = None) -> None:
+        super().__init__(message)
+        self.kind = kind
+        self.fix = fix
+
+
+def require_regular(path: Path, what: str) -> None:
+    """Refuse a path that exists and is not a regular file (a FIFO would block the reader forever,
+    a device would never end) before any reader opens it."""
+    kind = special_file(path)
+    if kind is not None:
+        raise MediaError(f"{what} '{path}' is {kind}, not a regular file; only regular files are read",
+                         kind="not_regular_file",
+                         fix="replace it with the file itself (a FIFO or device could block the reader or never end)")
+
+
+def too_many_pixels(path, what: str, pixels: int | None, size: str = "") -> MediaError:
+    """The error for an image whose header claims more than data.max_image_pixels."""
+    cap = current_limits().max_image_pixels
+    got = f"{size} = {pixels:,} pixels" if size else (f"{pixels:,} pixels" if pixels else "too many pixels")
+    return MediaError(f"{what} '{path}' is {got} (from its header), more than data.max_image_pixels={cap:,}; "
+                      "it was not decoded", kind="too_large",
+                      fix="downsample it (the model resizes every image to model.max_pixels anyway), e.g. "
+                          "mogrify -resize 4096x4096 FILE, or raise data.max_image_pixels in the recipe")
+
+
+def check_image_pixels(path, width: int, height: int, what: str = "image") -> None:
+    """Refuse an image whose header claims more than data.max_image_pixels."""
+    if int(width) * int(height) > current_limits().max_image_pixels:
+        raise too_many_pixels(path, what, int(width) * int(height), f"{int(width)}x{int(height)}")
 
 
 class UnsafeJsonError(ValueError):
