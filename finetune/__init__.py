@@ -3,13 +3,13 @@
 Layers (imports point down; tests/test_layers.py reads every import, function-local ones too,
 and fails on a cycle or an upward import):
 
-    7  cli
+    7  cli __main__
     6  train evaluate export verify plan
     5  engines distributed console runfolder callbacks trainer stages
     4  recipe models data.hf data.sources data.convert data.samples data.prepare data.check
        data.reading packing collate adapters mixture metrics report probes
     3  families
-    2  data.schema data.medical data.media demo_data kernels attention loss
+    2  data data.schema data.medical data.media demo_data kernels attention loss
     1  errors paths runtime fsutil hub checkpoint
 
     7  the commands; a staged recipe's stages run in order by the CLI

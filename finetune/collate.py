@@ -17,8 +17,16 @@ from finetune import attention
 from finetune.data.schema import Sample
 from finetune.families.base import EncodedSample, Family
 from finetune.loss import LABEL_POSITIONS, label_positions
-from finetune.packing import (REAL_TOKENS, EncodedCache, PackedCollator, SharedRows, bin_dataset, efficiency,
-                              plan_bins, with_idle_media)
+from finetune.packing import (
+    REAL_TOKENS,
+    EncodedCache,
+    PackedCollator,
+    SharedRows,
+    bin_dataset,
+    efficiency,
+    plan_bins,
+    with_idle_media,
+)
 from finetune.paths import cache_root
 from finetune.recipe import Recipe
 from finetune.runtime import data_workers, rank

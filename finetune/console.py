@@ -19,6 +19,9 @@ import math
 import sys
 import time
 
+from finetune.recipe import recipe_provenance
+
+
 def _clock(seconds: float) -> str:
     seconds = int(round(seconds))
     h, rest = divmod(seconds, 3600)
@@ -148,7 +151,6 @@ def system_prompt_lines(recipe, prompt: str | None, samples: list) -> list[str]:
     note when it was set in another recipe layer than data.train (a recipe's prompt inherited
     onto the user's own data: it still applies, since a run is what its resolved values say,
     whatever their history; the note says how to change it)."""
-    from finetune.recipe import recipe_provenance
 
     src = recipe_provenance(recipe)
     where, data_from = src["data.system_prompt"], src["data.train"]

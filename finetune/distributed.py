@@ -25,7 +25,6 @@ from finetune.paths import PROJECT, recipes_dir
 from finetune.recipe import DEEPSPEED_PRESETS, Recipe
 from finetune.runtime import is_main_process, world_size
 
-
 DEEPSPEED_INSTALL = 'pip install -e ".[deepspeed]"'
 
 

@@ -30,7 +30,6 @@ import time
 from pathlib import Path
 
 import torch
-
 from peft import PeftModel
 
 from finetune import fsutil, metrics

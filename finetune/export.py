@@ -20,11 +20,18 @@ from pathlib import Path
 
 import torch
 
-from finetune.models import load_spec
 from finetune import fsutil
+from finetune.checkpoint import raw_equal, tensors_of
+from finetune.data.prepare import prepare, record_path
+from finetune.data.reading import read_split
 from finetune.errors import UserError
+from finetune.families import family_for
+from finetune.models import load_spec
+from finetune.paths import cache_root
 from finetune.probes import pick_probes, probe_logits
-from finetune.recipe import ROLE_NAMES, file_name, model_name
+from finetune.recipe import ROLE_NAMES, file_name, load_resolved, model_name, save_resolved, save_shareable
+from finetune.runfolder import lock_run
+from finetune.runtime import is_main_process, quiet_libraries
 
 
 class ExportError(UserError, RuntimeError):
@@ -171,9 +178,6 @@ def export_run(run_dir: Path, *, force: bool = False, fmt: str | None = None, re
 
     Under torchrun (`run` launched on several processes) only rank 0 exports; the others
     return at once with nothing written."""
-    from finetune.recipe import load_resolved
-    from finetune.runtime import is_main_process
-    from finetune.runtime import quiet_libraries
 
     if not is_main_process():
         return {}
@@ -181,7 +185,6 @@ def export_run(run_dir: Path, *, force: bool = False, fmt: str | None = None, re
     run_dir = Path(run_dir)
     if not (run_dir / "recipe.yaml").exists():
         raise ExportError(f"{run_dir}: not a run folder (no recipe.yaml); train first")
-    from finetune.runfolder import lock_run
 
     lock_run(run_dir)  # refuses a folder that is not a run folder of ours; recovers a cut adapter swap
     adapter = run_dir / "adapter"
@@ -208,9 +211,6 @@ def probe_samples(recipe, family, processor, config: dict, rope) -> list:
     training checked them (remembered by content: instant after training). Under data.on_error
     skip a sample the model cannot take (a video for a family without video, say) is left out
     and counted; under raise the first stops the export, naming its line."""
-    from finetune.data.prepare import prepare, record_path
-    from finetune.paths import cache_root
-    from finetune.data.reading import read_split
 
     split = recipe.data.eval or recipe.data.train
     samples, skipped = read_split(split, recipe, on_error="skip")
@@ -265,7 +265,6 @@ def _kill_point(where: str) -> None:
 
 def export_adapter(run_dir: Path, recipe, *, force: bool) -> Path:
     """The PEFT adapter with the processor files beside it and a README on how to load it."""
-    from finetune.families import family_for
 
     family = family_for(recipe.model.path, recipe.model.family, recipe.model.revision)
     base = family.resolve_path(recipe.model.path, recipe.model.tiny_seed, recipe.model.revision)
@@ -305,9 +304,6 @@ def export_merged(run_dir: Path, recipe, *, force: bool) -> Path:
     """Merge, write in the base's layout, reload from disk, compare, then rename into place."""
     from peft import PeftModel
 
-    from finetune.checkpoint import raw_equal, tensors_of
-    from finetune.families import family_for
-    from finetune.recipe import save_resolved, save_shareable
 
     family = family_for(recipe.model.path, recipe.model.family, recipe.model.revision)
     target = run_dir / "merged"
@@ -378,7 +374,6 @@ def export_merged(run_dir: Path, recipe, *, force: bool) -> Path:
 def _stages_of(run_dir: Path) -> dict | None:
     """A staged run (stages.yaml beside recipe.yaml): the original base and the stages in order;
     the merged model is the last stage's adapter on the stage before's merged export."""
-    from finetune.recipe import load_resolved
 
     path = Path(run_dir) / "stages.yaml"
     if not path.exists():
@@ -389,7 +384,6 @@ def _stages_of(run_dir: Path) -> dict | None:
 
 def export_quantized(run_dir: Path, recipe, *, force: bool) -> Path:
     """merged-<4bit|8bit>/: the verified merged export quantised, reloaded and compared."""
-    from finetune.families import family_for
 
     family = family_for(recipe.model.path, recipe.model.family, recipe.model.revision)
     q = recipe.export.quantize

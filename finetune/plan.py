@@ -53,7 +53,11 @@ import json
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
+from finetune.adapters import plan_roles
 from finetune.errors import MissingFileError
+from finetune.families import _registry, family_for, get_family, model_types
+from finetune.families.base import ROLE_NAMES
+from finetune.recipe import DEEPSPEED_PRESETS, deepspeed_stage, deepspeed_zero
 
 GB = 1024 ** 3
 CONFIG_DIR = Path(__file__).resolve().parent / "configs"
@@ -64,7 +68,6 @@ OPTIM_BYTES = {"auto": 8, "adamw_torch": 8, "adamw_torch_fused": 8, "adamw_8bit"
 
 def shipped_configs() -> dict[str, str]:
     """`config:<name>` -> file in finetune/configs/: each family's `Family.shipped_configs`."""
-    from finetune.families import _registry
 
     return {Path(f).stem: f for cls in _registry().values() for f in cls.shipped_configs}
 
@@ -109,7 +112,6 @@ class ModelCount:
 def resolve_config(path: str, family: str = "auto", revision: str = "") -> tuple[str, Path]:
     """(family name, config.json path) of `model.path`: a folder, a hub id (its snapshot at `revision`
     in the HF cache), `tiny:<family>` or `config:<name>`."""
-    from finetune.families import family_for, get_family, model_types
 
     if path.startswith("config:"):
         name = path.split(":", 1)[1]
@@ -134,7 +136,6 @@ def resolve_config(path: str, family: str = "auto", revision: str = "") -> tuple
 def _count_cached(family: str, cfg_path: str, mtime: float) -> tuple:
     from torch import nn
 
-    from finetune.families import get_family
 
     fam = get_family(family)
     model, cfg = fam.meta_model(Path(cfg_path))
@@ -217,7 +218,6 @@ TRAIN_SETTING = {"ddp": "train.distributed=ddp", "fsdp": "train.distributed=fsdp
 
 def strategy_of(recipe, gpus: int) -> str:
     """The recipe's strategy as the planner names it (a DeepSpeed JSON by its stage and offloads)."""
-    from finetune.recipe import DEEPSPEED_PRESETS, deepspeed_stage, deepspeed_zero
 
     t = recipe.train
     if t.distributed == "fsdp":
@@ -264,8 +264,6 @@ class Plan:
 
 
 def _role_lines(count: ModelCount, rp, recipe, s: Settings) -> list[RoleLine]:
-    from finetune.families.base import ROLE_NAMES
-
     shard_state, shard_weights, off_state, _ = STRATEGIES[s.strategy]
     # on the GPU: the gradient (4 B) and, unless offloaded, the fp32 copy and optimizer states
     per_param_state = 4 + (0 if off_state else 4 + OPTIM_BYTES.get(s.optim, 8))
@@ -364,8 +362,6 @@ def _settings(recipe, gpus: int) -> Settings:
 
 def plan(recipe, gpu_gb: float = 24, gpus: int = 1) -> Plan:
     """The memory plan of a recipe (a `Recipe`) on `gpus` GPUs of `gpu_gb` GiB each."""
-    from finetune.adapters import plan_roles
-    from finetune.families import get_family
 
     family, cfg_path = resolve_config(recipe.model.path, recipe.model.family, recipe.model.revision)
     model, count = count_model(family, cfg_path)

@@ -33,7 +33,6 @@ from finetune.families.base import Family, LoadedModel
 from finetune.report import loss_svg
 from finetune.runtime import is_main_process
 
-
 _held: dict[Path, object] = {}
 RUN_FOLDER = "run folder"  # the marker's `what` of a run folder
 

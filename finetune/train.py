@@ -22,8 +22,13 @@ from pathlib import Path
 import torch
 
 from finetune import adapters, attention, fsutil, hub, kernels
-from finetune.callbacks import (make_checkpoint_modes_callback, make_crash_callback, make_metrics_callback,
-                                make_preflight_callback, make_shard_report_callback)
+from finetune.callbacks import (
+    make_checkpoint_modes_callback,
+    make_crash_callback,
+    make_metrics_callback,
+    make_preflight_callback,
+    make_shard_report_callback,
+)
 from finetune.collate import collator_cache_bytes, make_collator, record_batches, rows_folder
 from finetune.console import system_prompt_lines
 from finetune.data.reading import mix_sources, prepare_data, prepare_split, read_source, read_split
@@ -32,9 +37,18 @@ from finetune.errors import ConfigError
 from finetune.models import family_of, model_folder
 from finetune.packing import EncodedCache, idle_media
 from finetune.recipe import Recipe, save_resolved
-from finetune.runfolder import (complete, last_checkpoint, legacy_adapter, lock_run, save_adapter,
-                                save_sharded_adapter, step_checkpoints, truncate_metrics, write_loss_curve,
-                                write_skipped)
+from finetune.runfolder import (
+    complete,
+    last_checkpoint,
+    legacy_adapter,
+    lock_run,
+    save_adapter,
+    save_sharded_adapter,
+    step_checkpoints,
+    truncate_metrics,
+    write_loss_curve,
+    write_skipped,
+)
 from finetune.runtime import choose_precision, data_workers, is_main_process, quiet_libraries, torch_dtype, world_size
 from finetune.trainer import load_for_training, make_trainer, training_args
 

@@ -23,7 +23,6 @@ from finetune.packing import REAL_TOKENS
 from finetune.recipe import Recipe
 from finetune.runtime import data_workers, tell_4bit_on_cpu, torch_dtype
 
-
 #: train.logging_steps `auto` on CUDA: a logged step reads the loss and the gradient norm on the host
 GPU_LOGGING_STEPS = 10
 

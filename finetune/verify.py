@@ -12,11 +12,15 @@ from dataclasses import dataclass
 
 import torch
 
-from finetune.models import load_spec
+from finetune import adapters, attention
+from finetune.data.reading import prepare_data, prepare_split, read_split
 from finetune.errors import ConfigError
+from finetune.families import family_for
 from finetune.families.base import IGNORE_INDEX
+from finetune.models import load_spec
 from finetune.packing import pack_encoded, plan_bins
 from finetune.probes import to_model
+from finetune.runtime import choose_precision, quiet_libraries, torch_dtype
 
 
 @dataclass
@@ -77,7 +81,6 @@ def compare_packed(model, family, processor, samples, rope, *, max_tokens: int, 
     runs the packed pass as training does: the towers' inputs from the collator and their
     attention one varlen call per layer (ENCODER_VARLEN), the reference with the towers' own.
     """
-    from finetune import attention
 
     model.eval()  # no dropout: both passes must be the same function
     params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
@@ -178,10 +181,6 @@ def verify_packing(recipe, n_samples: int = 8, *, device: str | None = None, dty
     The one-by-one pass always runs the LLM on SDPA with a padding mask, the reference any
     packed backend must match. float32 is held to 1e-5 absolute; bf16/fp16 to TOL_16BIT relative.
     """
-    from finetune import adapters, attention
-    from finetune.families import family_for
-    from finetune.data.reading import prepare_data, prepare_split, read_split
-    from finetune.runtime import choose_precision, quiet_libraries, torch_dtype
 
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     dtype = dtype or ("float32" if device == "cpu" else choose_precision(recipe.train.precision))

@@ -296,7 +296,7 @@ def test_decode_record_skips_unchanged_files_only(tmp_path, monkeypatch):
     import os
 
     from finetune.data import media as media_mod
-    from finetune.data.check import _MediaChecker
+    from finetune.data.samples import MediaChecker
 
     ok = _png(tmp_path / "ok.png")
     bad = tmp_path / "bad.png"
@@ -309,7 +309,7 @@ def test_decode_record_skips_unchanged_files_only(tmp_path, monkeypatch):
 
     def run():
         calls.clear()
-        checker = _MediaChecker(record)
+        checker = MediaChecker(record)
         found = {p: list(checker.problems(part, "f")) for p, part in parts.items()}
         checker.save()
         return found

@@ -113,8 +113,7 @@ def test_tiny_model_loads(family, loaded):
 def test_modalities_are_declared_and_others_refused_at_their_line(family, loaded, media_dir):  # noqa: F811
     """`Family.modalities`: the media kinds the model takes, one per tower call (media_keys); a
     sample with any other kind is a located error before training, whose fix names the part."""
-    from finetune.data.check import modality_errors
-    from finetune.data.prepare import problems_of
+    from finetune.data.samples import modality_errors, problems_of
 
     assert isinstance(family.modalities, frozenset) and family.modalities
     assert family.modalities <= set(KINDS) and family.modalities == set(family.media_keys)

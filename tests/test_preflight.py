@@ -53,7 +53,7 @@ def test_an_inconsistent_sample_is_skipped_and_counted(tmp_path, small_demo, mis
 
 def test_placeholders_against_feature_rows(tiny_qwen, small_demo):
     """A prompt with one image token too many is found from the media tensors' shapes."""
-    from finetune.data.prepare import problems_of
+    from finetune.data.samples import problems_of
     from finetune.data.schema import load_samples
     from finetune.families.qwen2_5_omni import IMAGE_TOKEN
 

@@ -33,7 +33,9 @@ from typing import Any, Iterator
 import numpy as np
 
 from finetune import fsutil
+from finetune.data import media
 from finetune.data.schema import DataError, Sample, UnsafeJsonError, loads_bounded, parse_sample, special_file
+from finetune.hub import resolve_dataset
 
 #: our fields a dataset's columns can be mapped to (`columns: {our field: the dataset's column}`)
 FIELDS = ("image", "audio", "question", "answer", "messages", "system", "id", "task")
@@ -83,7 +85,6 @@ def open_dataset(src: Any, *, split: str = "") -> tuple[Any, str, Path, Path]:
     split = split or _get(src, "split") or ""
     hub, path = _get(src, "hub"), str(_get(src, "path"))
     if hub:
-        from finetune.hub import resolve_dataset
 
         folder = resolve_dataset(hub, _get(src, "revision"))
         label = f"{hub}[{split or 'train'}]"
@@ -282,7 +283,6 @@ class MediaStore:
     def _media_bytes(self, data: bytes, kind: str) -> str:
         """An embedded image or audio file: published once under its content hash, after the
         full decode training does (a truncated file fails here, named by its row)."""
-        from finetune.data import media
 
         digest = hashlib.sha256(data).hexdigest()
         suffix = _image_suffix(data) if kind == "image" else _audio_suffix(data)

@@ -18,10 +18,9 @@ import hashlib
 import json
 from pathlib import Path
 
-from finetune.data.check import _MediaChecker, media_errors, modality_errors
+from finetune import fsutil
+from finetune.data.samples import MediaChecker, audio_notes, check_sample
 from finetune.data.schema import DataError, Sample, current_limits
-
-_ENCODE_FIX = "run `python -m finetune data check --recipe RECIPE` on the file; it names the part to change"
 
 
 def _stats(part) -> list:
@@ -48,90 +47,6 @@ def sample_key(s: Sample, settings: dict) -> str:
     media = [_stats(p) for m in s.messages for p in m.parts if p.is_media]
     blob = json.dumps([content, media, settings], sort_keys=True, default=str)
     return hashlib.sha1(blob.encode()).hexdigest()
-
-
-def problems_of(s: Sample, family, processor, config: dict, rope, max_tokens: int | None,
-                checker: _MediaChecker | None = None, tally: dict | None = None) -> tuple[int | None, list[DataError]]:
-    """(planned token count, errors) of one sample: media decode, metadata count, encode + check.
-    `tally` (if given) counts, over the samples that passed, the clips `data.long_audio: truncate`
-    cut and the video sound tracks the model does not read (`audio_notes` words them)."""
-    n, errors, _ = _check(s, family, processor, config, rope, max_tokens, checker, tally)
-    if tally is not None and not errors:
-        _count_video_sound(s, family, processor, tally)
-    return n, errors
-
-
-def _check(s: Sample, family, processor, config: dict, rope, max_tokens: int | None,
-           checker: _MediaChecker | None = None, tally: dict | None = None):
-    """(planned token count, errors, the encoding when there was one) of one sample."""
-    bad = modality_errors(s, family) or media_errors(s, checker)
-    if bad:
-        return None, bad, None
-
-    def error(kind, problem, fix=_ENCODE_FIX):
-        return DataError(kind, problem, fix, file=s.source, line=s.line, field="messages")
-
-    try:
-        n = family.count_tokens(s, processor)
-    except DataError as e:  # a located problem of the sample's own (a clip past the processor's limit, ...)
-        return None, [e], None
-    except Exception as e:  # a header or option the processor cannot use: the sample's problem
-        return None, [error("encode", f"counting its tokens failed: {type(e).__name__}: {e}")], None
-    if max_tokens is not None and n > max_tokens:
-        return n, [error("too_long", f"{n} tokens exceed data.max_tokens={max_tokens}",
-                         "raise data.max_tokens, lower model.max_pixels, or shorten the sample")], None
-    try:
-        enc = family.encode(s, processor, rope=rope)
-    except DataError as e:
-        return n, [e], None
-    except Exception as e:
-        return n, [error("encode", f"encoding it as training does failed: {type(e).__name__}: {e}")], None
-    problems = [error("inconsistent", p) for p in family.check_encoded(enc, config, planned=n)]
-    if tally is not None and not problems:
-        tally["truncated_audio"] = tally.get("truncated_audio", 0) + truncated_clips(s, family, processor)
-    return n, problems, enc
-
-
-def truncated_clips(s: Sample, family, processor) -> int:
-    """How many of a sample's clips `data.long_audio: truncate` cuts to what the family's processor
-    reads (0 under error and split: those refuse or keep every sample)."""
-    limit = family.max_audio_samples(processor)
-    if processor.long_audio != "truncate" or limit is None:
-        return 0
-    return sum(n > limit for _, n, _ in family.audio_clips(s, processor))
-
-
-def _count_video_sound(s: Sample, family, processor, tally: dict) -> None:
-    """Video files with a sound track that the run does not read (the family cannot, or was not asked to)."""
-    from finetune.data import media as M
-
-    for msg in s.messages:
-        for part in msg.parts:
-            if part.type != "video" or part.path is None or not M.video_has_audio(part.path):
-                continue
-            if not family.audio_in_video:
-                tally["video_sound_ignored"] = tally.get("video_sound_ignored", 0) + 1
-            elif not family.reads_video_sound(s, part, processor):
-                tally["video_sound_unread"] = tally.get("video_sound_unread", 0) + 1
-
-
-def audio_notes(tally: dict, family, processor) -> list[str]:
-    """One line for each kind of audio the run does not read whole (the tally of `problems_of` /
-    `prepare`): clips truncated to the processor's limit, video sound tracks not read."""
-    notes = []
-    if tally.get("truncated_audio"):
-        limit = family.max_audio_samples(processor) / processor.sampling_rate
-        notes.append(f"{tally['truncated_audio']} audio clip(s) longer than the {limit:g} s that {family.title}'s processor "
-                     f"reads were truncated to their first {limit:g} s (data.long_audio: truncate; split keeps all of "
-                     "them as consecutive clips)")
-    if tally.get("video_sound_ignored"):
-        notes.append(f"{tally['video_sound_ignored']} video(s) have a sound track: {family.title}'s processor reads no "
-                     "sound from a video, so they are read for their frames only")
-    if tally.get("video_sound_unread"):
-        notes.append(f"{tally['video_sound_unread']} video(s) have a sound track that is not read: set "
-                     "model.use_audio_in_video: true (or \"use_audio_in_video\": true on a video part) to read it with "
-                     f"the frames, as {family.title}'s processor does with use_audio_in_video")
-    return notes
 
 
 def prepare(samples: list[Sample], family, processor, config: dict, rope, *, max_tokens: int | None,
@@ -163,7 +78,7 @@ def prepare(samples: list[Sample], family, processor, config: dict, rope, *, max
             known = json.loads(record.read_text())
         except (OSError, ValueError):
             known = {}  # a damaged record only costs a re-check
-    checker = _MediaChecker(record.with_name(record.stem + "-media.json") if record is not None else None)
+    checker = MediaChecker(record.with_name(record.stem + "-media.json") if record is not None else None)
     good, lengths, errors, seen = [], [], [], {}
     stats["checked"] = stats["remembered"] = 0
     truncated = 0
@@ -175,7 +90,7 @@ def prepare(samples: list[Sample], family, processor, config: dict, rope, *, max
             if n is None or (max_tokens is not None and n > max_tokens):
                 stats["checked"] += 1
                 tally: dict = {}
-                n, errs, enc = _check(s, family, processor, config, rope, max_tokens, checker, tally)
+                n, errs, enc = check_sample(s, family, processor, config, rope, max_tokens, checker, tally)
                 if errs:
                     errors.extend(errs)
                     continue
@@ -193,9 +108,8 @@ def prepare(samples: list[Sample], family, processor, config: dict, rope, *, max
     finally:
         checker.save()
         if record is not None:
-            from finetune.data.convert import atomic_write
 
-            atomic_write(record, lambda fh: fh.write(json.dumps(seen)))
+            fsutil.atomic_write_text(record, json.dumps(seen))
     if truncated:  # reported, and in `stats` only when there are some
         stats["truncated_audio"] = truncated
         for note in audio_notes(stats, family, processor):

@@ -21,6 +21,7 @@ from finetune.data.convert import dataset_ref, read_converted
 from finetune.data.hf import _get, is_hf_path, load_hf_samples
 from finetune.data.schema import DataError, Limits, Sample, load_samples, parse_sample, set_limits, special_file
 from finetune.errors import ConfigError, MissingFileError
+from finetune.paths import cache_root
 
 FORMATS = ("auto", "jsonl", "hf")
 
@@ -77,7 +78,6 @@ def load_source(src: Any, recipe, *, on_error: str | None = None,
     if isinstance(src, (str, Path)):
         src = {"path": str(src)}
     if media_dir is None:
-        from finetune.paths import cache_root
 
         media_dir = cache_root() / "media"
     path = _get(src, "path")

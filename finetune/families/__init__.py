@@ -19,6 +19,11 @@ def _registry() -> dict[str, type[Family]]:
             "qwen3_omni_moe": Qwen3OmniMoeFamily, "gemma3n": Gemma3nFamily}
 
 
+def registry() -> dict[str, type[Family]]:
+    """Every family: name -> class (its module imported on first use)."""
+    return _registry()
+
+
 def model_types() -> dict[str, str]:
     """config.json `model_type` -> family name, from each family's own list."""
     return {mt: name for name, cls in _registry().items() for mt in cls.model_types}

@@ -37,6 +37,8 @@ from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutpu
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from transformers.models.qwen2.modeling_qwen2 import eager_attention_forward
 
+from finetune.families.baichuan_audio import AudioEncoder, AudioTokenizer, _sinusoids
+
 # transformers 5.24 renamed the mask builder's `past_key_values` argument to `cache`
 _MASK_CACHE_ARG = "cache" if "cache" in inspect.signature(create_causal_mask).parameters else "past_key_values"
 
@@ -242,7 +244,6 @@ class BaichuanOmniPreTrainedModel(PreTrainedModel):
         """
         from transformers import initialization as init
 
-        from finetune.families.baichuan_audio import AudioEncoder, _sinusoids
 
         if isinstance(module, RotaryEmbedding):
             init.copy_(module.inv_freq, module.compute_inv_freq())
@@ -386,7 +387,6 @@ class BaichuanOmniForCausalLM(BaichuanOmniPreTrainedModel, GenerationMixin):
 
     def __init__(self, config: BaichuanOmniConfig):
         super().__init__(config)
-        from finetune.families.baichuan_audio import AudioTokenizer
 
         self.model = BaichuanOmniModel(config)
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)

@@ -26,10 +26,15 @@ from typing import Any
 import numpy as np
 import torch
 
+from finetune.checkpoint import assemble, copy_extras
+from finetune.data import media as M
 from finetune.errors import ConfigError
+from finetune.families.baichuan_audio import SAMPLE_RATE, SEGMENT_SAMPLES, audio_features, audio_token_count
+from finetune.families.baichuan_model import BaichuanOmniConfig, BaichuanOmniForCausalLM
 from finetune.families.base import IGNORE_INDEX, EncodedSample, Family, LoadedModel, LoadSpec, quantization_config
-from finetune.paths import cache_root
 from finetune.families.shared import OmniProcessor, atomic_build, chat_turns, smart_resize, text_and_media_chunks
+from finetune.families.tiny import build_bpe_tokenizer
+from finetune.paths import cache_root
 
 EOT = "<|endoftext|>"
 B_SYS, C_Q, C_A = "<B_SYS>", "<C_Q>", "<C_A>"
@@ -92,7 +97,6 @@ class BaichuanProcessor(OmniProcessor):
         cuts a clip into consecutive `max_audio_seconds` segments (`split_overlap` 0, the released
         config: no limit), or truncates it there (`split_overlap` < 0). Overlapping segments (> 0) and
         another segment length are not what this toolkit's features implement: refused."""
-        from finetune.families.baichuan_audio import SAMPLE_RATE, SEGMENT_SAMPLES
 
         seconds, overlap = audio.get("max_audio_seconds", 30), float(audio.get("split_overlap", 0.0))
         if seconds * SAMPLE_RATE != SEGMENT_SAMPLES or overlap > 0:
@@ -119,8 +123,6 @@ class BaichuanProcessor(OmniProcessor):
                                    min_pixels=self.min_pixels, token_ids=self.token_ids, _text_cache=self._text_cache)
 
     def process_audio_segments(self, wave: np.ndarray) -> list[torch.Tensor]:
-        from finetune.families.baichuan_audio import audio_features
-
         return audio_features(wave.astype(np.float32))
 
 
@@ -155,8 +157,6 @@ class BaichuanOmniFamily(Family):
 
     # ---- loading -----------------------------------------------------------------------
     def load_model(self, folder: Path, kwargs: dict, spec: LoadSpec) -> torch.nn.Module:
-        from finetune.families.baichuan_model import BaichuanOmniConfig, BaichuanOmniForCausalLM
-
         kwargs["config"] = BaichuanOmniConfig.from_pretrained(str(folder))
         model, info = BaichuanOmniForCausalLM.from_pretrained(str(folder), output_loading_info=True, **kwargs)
         missing = [k for k in info.get("missing_keys", []) if not k.endswith("positional_embedding")]
@@ -205,8 +205,6 @@ class BaichuanOmniFamily(Family):
     # ---- encoding ----------------------------------------------------------------------
     def _walk(self, sample, processor: BaichuanProcessor, *, for_generation: bool, media: dict | None):
         """Token ids and labels of a sample; with `media` None, counts from metadata only."""
-        from finetune.data import media as M
-        from finetune.families.baichuan_audio import audio_token_count
 
         tid = processor.token_ids
         ids: list[int] = []
@@ -332,8 +330,6 @@ class BaichuanOmniFamily(Family):
         return out
 
     def meta_model(self, config_path: Path):
-        from finetune.families.baichuan_model import BaichuanOmniConfig, BaichuanOmniForCausalLM
-
         cfg = BaichuanOmniConfig.from_pretrained(str(config_path))
         with torch.device("meta"):
             return BaichuanOmniForCausalLM._from_config(cfg, dtype=torch.bfloat16), cfg
@@ -380,7 +376,6 @@ class BaichuanOmniFamily(Family):
     def save_merged(self, model, loaded: LoadedModel, out_dir: Path, *, dtype: torch.dtype,
                     max_shard_size: str) -> dict:
         """The merged model in the released layout; the speech-output tensors copied unchanged."""
-        from finetune.checkpoint import assemble, copy_extras
 
         out_dir = Path(out_dir)
         model = model.to(dtype)
@@ -403,14 +398,11 @@ class BaichuanOmniFamily(Family):
             target.write_text(CHAT_TEMPLATE)
 
     def load_merged_for_check(self, folder: Path, dtype: torch.dtype):
-        from finetune.families.baichuan_model import BaichuanOmniForCausalLM
-
         return BaichuanOmniForCausalLM.from_pretrained(str(folder), dtype=dtype)
 
     def save_quantized(self, merged_dir: Path, out_dir: Path, *, quantize: str, dtype: torch.dtype) -> str:
         """The merged text model quantised with bitsandbytes (the LLM's linear layers, as QLoRA
         does); the speech-output parts are not part of it (merged/ keeps them)."""
-        from finetune.families.baichuan_model import BaichuanOmniForCausalLM
 
         cfg = quantization_config(quantize, dtype, self.quant_skip)
         model = BaichuanOmniForCausalLM.from_pretrained(str(merged_dir), dtype=dtype, quantization_config=cfg)
@@ -421,8 +413,6 @@ class BaichuanOmniFamily(Family):
             "(the speech-output parts stay in merged/)"
 
     def load_quantized_for_check(self, folder: Path):
-        from finetune.families.baichuan_model import BaichuanOmniForCausalLM
-
         return BaichuanOmniForCausalLM.from_pretrained(str(folder))
 
 
@@ -469,8 +459,6 @@ def build_tiny(folder: Path, seed: int = 0) -> None:
     from safetensors.torch import load_file, save_file
     from transformers import GenerationConfig, Qwen2Tokenizer
 
-    from finetune.families.baichuan_model import BaichuanOmniConfig, BaichuanOmniForCausalLM
-    from finetune.families.tiny import build_bpe_tokenizer
 
     tok = Qwen2Tokenizer(tokenizer_object=build_bpe_tokenizer(SPECIAL_TOKENS), eos_token=EOT, pad_token=EOT,
                          unk_token=None, chat_template=CHAT_TEMPLATE)

@@ -10,8 +10,8 @@ back into a complete checkpoint. The rest of the toolkit is written once against
 from __future__ import annotations
 
 import abc
-import typing
 import shutil
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -21,6 +21,7 @@ import torch
 from finetune.data import media as M
 from finetune.data.schema import DataError
 from finetune.errors import ConfigError, MissingFileError
+from finetune.hub import resolve_model
 
 if TYPE_CHECKING:  # families never import the trainer; data types only
     from finetune.data.schema import Sample
@@ -445,7 +446,6 @@ class Family(abc.ABC):
                 raise ConfigError(f"model.path {path!r}: unknown tiny model; use one of "
                                  + ", ".join(f"tiny:{n}" for n in builders))
             return builders[name](tiny_seed)
-        from finetune.hub import resolve_model
 
         return resolve_model(path, revision, hint=self.folder_hint)
 

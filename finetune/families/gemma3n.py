@@ -55,10 +55,22 @@ from typing import Any
 import numpy as np
 import torch
 
+from finetune.checkpoint import assemble, copy_extras
+from finetune.data import media as M
+from finetune.demo_data import KINDS, make_image
 from finetune.errors import ConfigError
-from finetune.families.base import (IGNORE_INDEX, EncodedSample, Family, LoadedModel, LoadSpec,
-                                    processor_settings, quantization_config)
+from finetune.families.base import (
+    IGNORE_INDEX,
+    EncodedSample,
+    Family,
+    LoadedModel,
+    LoadSpec,
+    processor_settings,
+    quantization_config,
+)
+from finetune.families.gemma3n_timm import TINY_ARCH, ensure_timm
 from finetune.families.shared import atomic_build, chat_turns, tiny_cache_dir
+from finetune.families.tiny import build_bpe_tokenizer
 
 BOS, START_TURN, END_TURN = "<bos>", "<start_of_turn>", "<end_of_turn>"
 BOI, EOI, IMAGE_TOKEN = "<start_of_image>", "<end_of_image>", "<image_soft_token>"
@@ -77,7 +89,6 @@ IMAGE_SIZE, IMAGE_SEQ, AUDIO_SEQ, MAX_AUDIO_SAMPLES = 768, 256, 188, 480_000
 
 def _hf(name: str):
     """A transformers class by name, with timm made importable first (the vision tower needs it)."""
-    from finetune.families.gemma3n_timm import ensure_timm
 
     ensure_timm()
     import transformers
@@ -325,7 +336,6 @@ class Gemma3nFamily(Family):
 
     def encode(self, sample, processor: Gemma3nOmniProcessor, *, for_generation: bool = False,
                rope: Any = None) -> EncodedSample:
-        from finetune.data import media as M
 
         pix: list[torch.Tensor] = []
         feats: list[torch.Tensor] = []
@@ -363,7 +373,6 @@ class Gemma3nFamily(Family):
     def count_tokens(self, sample, processor: Gemma3nOmniProcessor) -> int:
         """From text, image counts and clip lengths (headers) alone: every image and clip has a fixed
         token count."""
-        from finetune.data import media as M
 
         def clips(part) -> int:
             return len(self.clip_spans(sample, part, processor, M.audio_samples(part.path, processor.sampling_rate)))
@@ -425,7 +434,6 @@ class Gemma3nFamily(Family):
                     max_shard_size: str) -> dict:
         """The merged model in the base's layout: transformers' tensor names (the tied output
         matrix once, as the base holds it), base tensors the model does not hold copied as they are."""
-        from finetune.checkpoint import assemble, copy_extras
 
         out_dir = Path(out_dir)
         model = model.to(dtype)
@@ -654,7 +662,6 @@ def build_tiny_tokenizer():
     ids) | audio block (likewise). The model routes ids by these ranges."""
     from transformers import PreTrainedTokenizerFast
 
-    from finetune.families.tiny import build_bpe_tokenizer
 
     vision = [EOI, IMAGE_TOKEN] + [f"<vision_reserved_{i}>" for i in range(TINY_TOWER_VOCAB - 2)]
     audio = [EOA, AUDIO_TOKEN] + [f"<audio_reserved_{i}>" for i in range(TINY_TOWER_VOCAB - 2)]
@@ -672,7 +679,6 @@ def tiny_config(tok):
     and global layers, activation sparsity in the first layer, MobileNetV5 with attention blocks
     and the MSFA, the conformer) at small widths, initialised with std 0.1 as the other tiny
     models are (the library's 0.02 is tuned for widths in the thousands)."""
-    from finetune.families.gemma3n_timm import TINY_ARCH
 
     ids = {t: tok.convert_tokens_to_ids(t) for t in (BOI, EOI, IMAGE_TOKEN, BOA, EOA, AUDIO_TOKEN, "<pad>", "<eos>", BOS)}
     vocab = len(tok)
@@ -775,7 +781,6 @@ def centre_image_embedder(model, seed: int) -> None:
     space, after which images differ by about 90% of the embeddings' size."""
     from PIL import Image
 
-    from finetune.demo_data import KINDS, make_image
 
     rng = np.random.default_rng(seed)
     inner = model.model

@@ -34,13 +34,29 @@ from typing import Any
 import numpy as np
 import torch
 
+from finetune.checkpoint import assemble, copy_extras
+from finetune.data import media as M
 from finetune.data.schema import DataError
 from finetune.errors import ConfigError
 from finetune.families.base import IGNORE_INDEX, EncodedSample, Family, LoadedModel, LoadSpec, quantization_config
-from finetune.families.shared import (AUDIO_BOS, AUDIO_EOS, AUDIO_TOKEN, IM_END, IMAGE_TOKEN, VIDEO_TOKEN,
-                                      VISION_BOS, VISION_EOS, OmniProcessor, _feat_to_tokens, atomic_build,
-                                      audio_output_lengths, chat_turns, text_and_media_chunks, tiny_cache_dir)
-
+from finetune.families.shared import (
+    AUDIO_BOS,
+    AUDIO_EOS,
+    AUDIO_TOKEN,
+    IM_END,
+    IMAGE_TOKEN,
+    VIDEO_TOKEN,
+    VISION_BOS,
+    VISION_EOS,
+    OmniProcessor,
+    _feat_to_tokens,
+    atomic_build,
+    audio_output_lengths,
+    chat_turns,
+    text_and_media_chunks,
+    tiny_cache_dir,
+)
+from finetune.families.tiny import SPECIAL_TOKENS_QWEN, build_bpe_tokenizer
 
 # The files a loader needs beside the weights; copied from the base into exports.
 PROCESSOR_FILES = (
@@ -207,11 +223,13 @@ def _tower_helpers():
     import types
 
     try:
-        from transformers.models.qwen2_5_omni.modeling_qwen2_5_omni import (chunk_and_pad_features,
-                                                                             get_audio_cu_seqlens, get_pool_indices,
-                                                                             get_valid_indices)
-        from transformers.vision_utils import (get_vision_cu_seqlens, get_vision_position_ids,
-                                               get_vision_window_index)
+        from transformers.models.qwen2_5_omni.modeling_qwen2_5_omni import (
+            chunk_and_pad_features,
+            get_audio_cu_seqlens,
+            get_pool_indices,
+            get_valid_indices,
+        )
+        from transformers.vision_utils import get_vision_cu_seqlens, get_vision_position_ids, get_vision_window_index
     except ImportError:
         return None
     return types.SimpleNamespace(**{f.__name__: f for f in (
@@ -350,7 +368,6 @@ class Qwen25OmniFamily(Family):
     # ---- encoding ----------------------------------------------------------------------
     def encode(self, sample, processor: OmniProcessor, *, for_generation: bool = False,
                rope: _RopeIndex | None = None) -> EncodedSample:
-        from finetune.data import media as M
 
         tid = processor.ids()
         ids: list[int] = []
@@ -424,8 +441,6 @@ class Qwen25OmniFamily(Family):
                              sample_id=sample.id or "", where=getattr(sample, "where", ""))
 
     def count_tokens(self, sample, processor: OmniProcessor) -> int:
-        from finetune.data import media as M
-
         n = 0
         videos: list[bool] = []
         for msg in chat_turns(sample, processor.system_prompt, for_generation=False):
@@ -532,7 +547,6 @@ class Qwen25OmniFamily(Family):
         loads with Qwen2_5OmniForConditionalGeneration and still speaks; for a thinker-only
         base the output is a thinker checkpoint.
         """
-        from finetune.checkpoint import assemble, copy_extras
 
         out_dir = Path(out_dir)
         model = model.to(dtype)
@@ -665,7 +679,6 @@ def build_tiny_tokenizer():
     """The tiny Qwen-style tokenizer (byte-level BPE trained in code)."""
     from transformers import Qwen2Tokenizer
 
-    from finetune.families.tiny import SPECIAL_TOKENS_QWEN, build_bpe_tokenizer
 
     tok = build_bpe_tokenizer(SPECIAL_TOKENS_QWEN)
     return Qwen2Tokenizer(

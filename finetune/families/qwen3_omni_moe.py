@@ -44,6 +44,7 @@ import torch
 from finetune.families.base import Family, LoadSpec
 from finetune.families.qwen2_5_omni import PROCESSOR_FILES, Qwen25OmniFamily, _video_token_times
 from finetune.families.shared import OmniProcessor
+from finetune.families.tiny import build_bpe_tokenizer
 
 IM_START, IM_END = "<|im_start|>", "<|im_end|>"
 VISION_START, VISION_END = "<|vision_start|>", "<|vision_end|>"
@@ -109,8 +110,11 @@ class _TowerInputs:
         self.n_window, self.n_window_infer = a.n_window, a.n_window_infer
 
     def __call__(self, batch: dict) -> dict:
-        from transformers.vision_utils import (get_vision_cu_seqlens, get_vision_interpolation_indices_and_weights,
-                                               get_vision_position_ids)
+        from transformers.vision_utils import (
+            get_vision_cu_seqlens,
+            get_vision_interpolation_indices_and_weights,
+            get_vision_position_ids,
+        )
 
         out: dict[str, Any] = {}
         for kind, key in (("image", "image_grid_thw"), ("video", "video_grid_thw")):
@@ -342,7 +346,6 @@ def build_tiny_tokenizer():
     """The tiny Qwen3-Omni-style tokenizer (byte-level BPE trained in code, the released special tokens)."""
     from transformers import Qwen2Tokenizer
 
-    from finetune.families.tiny import build_bpe_tokenizer
 
     return Qwen2Tokenizer(
         tokenizer_object=build_bpe_tokenizer(SPECIAL_TOKENS), eos_token=IM_END, pad_token="<|endoftext|>",
@@ -401,8 +404,11 @@ def build_tiny_full(folder: Path, thinker_dir: Path, seed: int = 0) -> None:
     """A random tiny Qwen3-Omni with talker (MoE, code predictor) and code2wav; its thinker is the tiny thinker."""
     import shutil
 
-    from transformers import (Qwen3OmniMoeConfig, Qwen3OmniMoeForConditionalGeneration,
-                              Qwen3OmniMoeThinkerForConditionalGeneration)
+    from transformers import (
+        Qwen3OmniMoeConfig,
+        Qwen3OmniMoeForConditionalGeneration,
+        Qwen3OmniMoeThinkerForConditionalGeneration,
+    )
 
     thinker = Qwen3OmniMoeThinkerForConditionalGeneration.from_pretrained(str(thinker_dir), dtype=torch.float32)
     th = thinker.config

@@ -16,6 +16,7 @@ import numpy as np
 import torch
 
 from finetune import fsutil
+from finetune.data.schema import Message, Part
 from finetune.errors import ConfigError
 from finetune.families.base import processor_settings
 from finetune.paths import cache_root
@@ -292,7 +293,6 @@ class OmniProcessor:
 def chat_turns(sample, system_prompt: str | None, for_generation: bool) -> list:
     """The messages a sample renders: the recipe's system prompt first when the sample has
     none; for generation, without the trailing assistant turn(s)."""
-    from finetune.data.schema import Message, Part
 
     messages = list(sample.messages)
     if for_generation:
