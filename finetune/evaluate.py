@@ -37,6 +37,7 @@ from finetune.data.reading import prepare_split, read_split
 from finetune.data.schema import DataError
 from finetune.errors import ConfigError, MissingFileError
 from finetune.families.base import IGNORE_INDEX
+from finetune.loss import shifted_cross_entropy
 from finetune.metrics import first_sentence, is_match, normalise  # noqa: F401  (this module's API before metrics.py)
 from finetune.models import family_of, load_spec
 from finetune.probes import generate, to_model
@@ -148,11 +149,8 @@ def token_loss(model, family, processor, samples, rope, *, batch_size: int) -> f
         batch = family.collate_padded(enc, processor.pad_id)
         labels = batch.pop("labels").to(dev)
         logits = model(**to_model(batch, model, family)).logits.float()
-        shift_logits = logits[:, :-1].reshape(-1, logits.shape[-1])
-        shift_labels = labels[:, 1:].reshape(-1)
-        total += float(torch.nn.functional.cross_entropy(shift_logits, shift_labels, ignore_index=IGNORE_INDEX,
-                                                         reduction="sum"))
-        count += int((shift_labels != IGNORE_INDEX).sum())
+        total += float(shifted_cross_entropy(logits, labels))
+        count += int((labels[:, 1:] != IGNORE_INDEX).sum())
     return total / max(count, 1)
 
 

@@ -25,13 +25,12 @@ from finetune.checkpoint import raw_equal, tensors_of
 from finetune.data.prepare import prepare, record_path
 from finetune.data.reading import read_split
 from finetune.errors import UserError
-from finetune.families import family_for
-from finetune.models import load_spec
+from finetune.models import family_of, load_spec, model_folder, processor_of
 from finetune.paths import cache_root
 from finetune.probes import pick_probes, probe_logits
 from finetune.recipe import ROLE_NAMES, file_name, load_resolved, model_name, save_resolved, save_shareable
 from finetune.runfolder import lock_run
-from finetune.runtime import is_main_process, quiet_libraries
+from finetune.runtime import is_main_process, quiet_libraries, torch_dtype
 
 
 class ExportError(UserError, RuntimeError):
@@ -49,9 +48,9 @@ def sha256(path: Path) -> str:
 def export_dtype(setting: str, base_path: Path, family) -> torch.dtype:
     """auto -> the dtype the base checkpoint was saved in (bfloat16 when it does not say)."""
     if setting != "auto":
-        return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[setting]
-    name = family.saved_dtype(base_path)
-    return {"float32": torch.float32, "float16": torch.float16}.get(str(name), torch.bfloat16)
+        return torch_dtype(setting)
+    name = str(family.saved_dtype(base_path))
+    return torch_dtype(name) if name in ("float32", "float16") else torch.bfloat16
 
 
 def max_diff(a: list[torch.Tensor], b: list[torch.Tensor]) -> float:
@@ -266,8 +265,8 @@ def _kill_point(where: str) -> None:
 def export_adapter(run_dir: Path, recipe, *, force: bool) -> Path:
     """The PEFT adapter with the processor files beside it and a README on how to load it."""
 
-    family = family_for(recipe.model.path, recipe.model.family, recipe.model.revision)
-    base = family.resolve_path(recipe.model.path, recipe.model.tiny_seed, recipe.model.revision)
+    family = family_of(recipe)
+    base = model_folder(recipe, family)
     target = run_dir / "adapter_export"
     if target.exists() and not force:
         raise ExportError(f"{target} exists; pass --force to replace it")
@@ -277,7 +276,7 @@ def export_adapter(run_dir: Path, recipe, *, force: bool) -> Path:
             if p.is_file():
                 shutil.copyfile(p, tmp / p.name)
         family.copy_processor_files(base, tmp)
-        proc = family.processor(base, recipe)
+        proc = processor_of(recipe, family, base)
         family.write_processor_settings(tmp, proc)
         if not recipe.export.include_data_details:
             _name_base_only(tmp, recipe)
@@ -305,13 +304,13 @@ def export_merged(run_dir: Path, recipe, *, force: bool) -> Path:
     from peft import PeftModel
 
 
-    family = family_for(recipe.model.path, recipe.model.family, recipe.model.revision)
+    family = family_of(recipe)
     target = run_dir / "merged"
     if target.exists() and not force:
         raise ExportError(f"{target} exists; pass --force to replace it (the old one is kept until the new "
                           "one is verified)")
     fsutil.check_replaceable(target, legacy_export)  # before the model is loaded
-    base_path = family.resolve_path(recipe.model.path, recipe.model.tiny_seed, recipe.model.revision)
+    base_path = model_folder(recipe, family)
     dtype = export_dtype(recipe.export.dtype, base_path, family)
     # QLoRA runs too: the base is reloaded unquantised, in the export dtype, and merged there
     loaded = family.load(load_spec(recipe, quantize="none", dtype=dtype, attn="sdpa"))
@@ -385,7 +384,7 @@ def _stages_of(run_dir: Path) -> dict | None:
 def export_quantized(run_dir: Path, recipe, *, force: bool) -> Path:
     """merged-<4bit|8bit>/: the verified merged export quantised, reloaded and compared."""
 
-    family = family_for(recipe.model.path, recipe.model.family, recipe.model.revision)
+    family = family_of(recipe)
     q = recipe.export.quantize
     merged = run_dir / "merged"
     target = run_dir / f"merged-{q}"
@@ -396,10 +395,10 @@ def export_quantized(run_dir: Path, recipe, *, force: bool) -> Path:
     compute = torch.bfloat16 if dtype == torch.float32 and torch.cuda.is_available() else dtype
     with _staged(target) as tmp:
         fmt = family.save_quantized(merged, tmp, quantize=q, dtype=compute)
-        processor = family.processor(family.resolve_path(recipe.model.path, recipe.model.tiny_seed, recipe.model.revision), recipe)
+        processor = processor_of(recipe, family)
         reference = family.load_merged_for_check(merged, torch.float32)
         rope = family.rope_index(reference)
-        base = family.resolve_path(recipe.model.path, recipe.model.tiny_seed, recipe.model.revision)
+        base = model_folder(recipe, family)
         probes = pick_probes(probe_samples(recipe, family, processor, family.read_config(base), rope))
         ref = probe_logits(reference, family, processor, probes, rope)
         del reference

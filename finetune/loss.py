@@ -29,6 +29,14 @@ LABEL_POSITIONS = "label_positions"
 CHUNK = 32768
 
 
+def shifted_cross_entropy(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """The sum over label tokens of -log p(label) with the causal shift (position p predicts the
+    label at p + 1), in float32: logits [..., L, V], labels [..., L]. The one cross-entropy of the
+    package: the trainer's loss on small logits, evaluation's token loss, verify's comparison."""
+    return torch.nn.functional.cross_entropy(logits[..., :-1, :].flatten(0, -2).float(), labels[..., 1:].flatten(),
+                                             ignore_index=IGNORE_INDEX, reduction="sum")
+
+
 def label_positions(labels: torch.Tensor) -> torch.Tensor:
     """Host: the flat positions `r * L + p` of a [R, L] batch whose next token (r, p + 1) is a label
     (the prediction at p scores the label at p + 1, within the same row)."""

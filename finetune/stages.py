@@ -25,7 +25,7 @@ import json
 from pathlib import Path
 
 from finetune.errors import ConfigError
-from finetune.families import family_for
+from finetune.models import family_of
 from finetune.recipe import load_resolved, recipe_to_dict, save_resolved
 from finetune.runfolder import lock_run
 from finetune.runtime import is_main_process
@@ -42,7 +42,7 @@ def stage_recipes(recipe) -> list[tuple[str, Path, object]]:
     """(name, folder, recipe) per stage: each stage's recipe trains in its folder and loads the
     previous stage's merged export as its model (the family is the original model's)."""
     n = len(recipe.stages)
-    family = family_for(recipe.model.path, recipe.model.family, recipe.model.revision).name
+    family = family_of(recipe).name
     out = []
     for i, (name, _, rec) in enumerate(recipe.stages):
         rec = copy.deepcopy(rec)

@@ -17,7 +17,7 @@ from finetune import adapters, attention, engines
 from finetune.console import console_callback
 from finetune.distributed import cpu_sharded_state, distributed_args, distributed_mode
 from finetune.families.base import Family, LoadedModel
-from finetune.loss import LABEL_POSITIONS, add_label_head
+from finetune.loss import LABEL_POSITIONS, add_label_head, shifted_cross_entropy
 from finetune.models import load_spec
 from finetune.packing import REAL_TOKENS
 from finetune.recipe import Recipe
@@ -163,8 +163,7 @@ def make_trainer(recipe: Recipe, family: Family, model, processor, train_ds, col
                 # tiles (under 16-bit precision the chunked head also casts the fp32 lm_head copy)
                 outputs = model(**{k: v for k, v in inputs.items() if k != "labels"})
                 logits = outputs.logits
-                total = torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(),
-                                                          ignore_index=-100, reduction="sum")
+                total = shifted_cross_entropy(logits, labels)
                 n = (labels[:, 1:] != -100).sum() if num_items_in_batch is None else num_items_in_batch
             else:
                 outputs = model(**inputs, label_positions=positions)

@@ -15,9 +15,9 @@ import torch
 from finetune import adapters, attention
 from finetune.data.reading import prepare_data, prepare_split, read_split
 from finetune.errors import ConfigError
-from finetune.families import family_for
 from finetune.families.base import IGNORE_INDEX
-from finetune.models import load_spec
+from finetune.loss import shifted_cross_entropy
+from finetune.models import family_of, load_spec
 from finetune.packing import pack_encoded, plan_bins
 from finetune.probes import to_model
 from finetune.runtime import choose_precision, quiet_libraries, torch_dtype
@@ -63,11 +63,6 @@ class PackingCheck:
         ])
 
 
-def _sum_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    return torch.nn.functional.cross_entropy(logits[:-1].float(), labels[1:], ignore_index=IGNORE_INDEX,
-                                             reduction="sum")
-
-
 def compare_packed(model, family, processor, samples, rope, *, max_tokens: int, tol: float = 1e-5,
                    mutate=None, relative: bool = False, packed_attn: str | None = None,
                    varlen_args: bool = False, towers: bool = False, setting: str = "float32") -> PackingCheck:
@@ -94,7 +89,7 @@ def compare_packed(model, family, processor, samples, rope, *, max_tokens: int, 
         batch = to_model(family.collate_padded([e], processor.pad_id), model, family)
         labels = batch.pop("labels")[0]
         logits = model(**batch).logits[0].float()
-        loss = _sum_loss(logits, labels) / n_label
+        loss = shifted_cross_entropy(logits, labels) / n_label
         loss.backward()
         total += float(loss.detach())
         single_logits.append(logits.detach())
@@ -123,7 +118,7 @@ def compare_packed(model, family, processor, samples, rope, *, max_tokens: int, 
         text_cfg._attn_implementation = before
         for c, impl in zip(encoders, before_enc):
             c._attn_implementation = impl
-    loss = sum(_sum_loss(logits[r], labels[r]) for r in range(len(rows))) / n_label
+    loss = sum(shifted_cross_entropy(logits[r], labels[r]) for r in range(len(rows))) / n_label
     loss.backward()
     g_packed = {n: (p.grad.detach().clone() if p.grad is not None else torch.zeros_like(p)) for n, p in params}
     model.zero_grad(set_to_none=True)
@@ -188,7 +183,7 @@ def verify_packing(recipe, n_samples: int = 8, *, device: str | None = None, dty
     quiet_libraries()
     attention.configure_cuda_kernels()
     prepare_data(recipe)
-    family = family_for(recipe.model.path, recipe.model.family, recipe.model.revision)
+    family = family_of(recipe)
     dt = torch_dtype(dtype)
     loaded = family.load(load_spec(recipe, dtype=dt, attn="sdpa", quantize="none"))
     model, _ = adapters.apply_roles(loaded.model, family, recipe)

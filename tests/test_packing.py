@@ -146,7 +146,8 @@ def test_idle_media_run_every_tower_and_change_nothing(trainable_tiny, media_dir
     """Under sharded weights a batch without audio (or video) gets an idle sample that brings it
     (packing.idle_media): the tower runs, and the loss and every gradient stay what they were."""
     from finetune.packing import PackedCollator, idle_media
-    from finetune.verify import _sum_loss, to_model
+    from finetune.loss import shifted_cross_entropy as _sum_loss
+    from finetune.probes import to_model
 
     fam, loaded, model = trainable_tiny
     model.eval()

@@ -57,6 +57,7 @@ from finetune.families.shared import (
     tiny_cache_dir,
 )
 from finetune.families.tiny import SPECIAL_TOKENS_QWEN, build_bpe_tokenizer
+from finetune.runtime import torch_dtype
 
 # The files a loader needs beside the weights; copied from the base into exports.
 PROCESSOR_FILES = (
@@ -238,7 +239,7 @@ def _tower_helpers():
 
 
 def _dtype_of(name: str) -> torch.dtype:
-    return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
+    return torch_dtype(name)
 
 
 class Qwen25OmniFamily(Family):

@@ -34,7 +34,6 @@ from finetune.data.convert.records import (
 from finetune.data.convert.sharegpt import _convert_tagged
 from finetune.data.schema import MEDIA_TYPES, DataError, load_samples
 
-
 # --------------------------------------------------------------------------- LLaMA-Factory v1
 
 # LLaMA-Factory v1 (its src/llamafactory/v1): every turn's content is a list of {"type", "value"}

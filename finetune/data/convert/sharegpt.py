@@ -24,7 +24,6 @@ from finetune.data.convert.records import (
     _type_name,
 )
 
-
 # --------------------------------------------------------------------------- placeholders
 
 
