@@ -25,7 +25,8 @@ import yaml
 
 from finetune import fsutil
 from finetune.data.schema import Limits
-from finetune.errors import UserError
+from finetune.checkpoint import parse_size
+from finetune.errors import ConfigError, UserError
 from finetune.hub import is_hub_id
 
 __all__ = [
@@ -742,9 +743,6 @@ def _fill_sources(value: Any, path: str, problems: _Problems) -> Any:
     return out
 
 
-_SHARD_SIZE = re.compile(r"^\s*\d+(\.\d+)?\s*([KMGT]i?B|B)\s*$", re.IGNORECASE)
-
-
 def _check(recipe: Recipe, problems: _Problems, staged: bool = False) -> None:
     """Semantic checks that need more than one field's type (`staged`: the recipe has stages,
     whose own roles are checked with each stage)."""
@@ -900,7 +898,9 @@ def _check(recipe: Recipe, problems: _Problems, staged: bool = False) -> None:
         add("eval.bootstrap", f"must be >= 0 (0 = no intervals), got {e.bootstrap}")
 
     x = recipe.export
-    if not _SHARD_SIZE.match(x.max_shard_size):
+    try:
+        parse_size(x.max_shard_size)
+    except ConfigError:
         add("export.max_shard_size", f"must be a size such as '2GB' or '500MB', got {x.max_shard_size!r}")
     if x.verify_atol < 0:
         add("export.verify_atol", f"must be >= 0, got {x.verify_atol}")

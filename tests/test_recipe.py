@@ -533,3 +533,27 @@ def test_model_family_is_checked_against_the_registry():
     with pytest.raises(RecipeError, match="unknown family 'qwen25_omni'; did you mean 'qwen2_5_omni'"):
         load_recipe("medical-tiny", ["model.family=qwen25_omni"])
     assert load_recipe("medical-tiny", ["model.family=baichuan_omni"]).model.family == "baichuan_omni"
+
+
+def test_one_size_parser_for_the_recipe_and_the_export():
+    """export.max_shard_size: what the recipe accepts is exactly what the export's parser reads, to
+    the same bytes, and what one refuses the other refuses with a located, user-facing error."""
+    from finetune.checkpoint import parse_size
+    from finetune.errors import ConfigError
+
+    expected = {"5G": 5 * 10**9, "5g": 5 * 10**9, "2GB": 2 * 10**9, "500MB": 500 * 10**6, "200KB": 200_000,
+                "1.5GiB": int(1.5 * 2**30), "2 gb": 2 * 10**9, "3TB": 3 * 10**12, "500B": 500, "500": 500}
+    refused = ["", "abc", "GB", "5 GBB", "1.2.3GB", "5iB", "5i", "-1GB", "5XB", ".5GB", "1e9"]
+    for size in [*expected, *refused]:
+        try:
+            parsed = parse_size(size)
+        except ConfigError:
+            parsed = None
+        try:
+            load_recipe("medical-tiny", [f"export.max_shard_size={size}"])
+            accepted = True
+        except RecipeError as e:
+            assert f"export.max_shard_size: must be a size such as '2GB' or '500MB', got {size!r}" in str(e)
+            accepted = False
+        assert parsed == expected.get(size), (size, parsed)
+        assert accepted == (size in expected), (size, accepted, parsed)
