@@ -22,8 +22,9 @@ import torch
 
 from finetune import fsutil
 from finetune.errors import UserError
+from finetune.families.base import ROLE_NAMES
 from finetune.probes import pick_probes, probe_logits
-from finetune.recipe import ROLE_NAMES, file_name, model_name
+from finetune.recipe.run import file_name, model_name, save_shareable
 
 
 class ExportError(UserError, RuntimeError):
@@ -165,7 +166,7 @@ def adapter_card(recipe, family, base: Path) -> str:
 def export_run(run_dir: Path, *, force: bool = False, fmt: str | None = None, recipe=None) -> dict[str, Path]:
     """Export a trained run folder; returns the written folders ({'merged': ..., 'adapter': ...}).
     `recipe`: the settings to export with (the run's recipe.yaml with the command's overrides,
-    finetune.recipe.load_run; a staged run's last stage); default the run's recipe.yaml as it is.
+    finetune.recipe.run.load_run; a staged run's last stage); default the run's recipe.yaml as it is.
 
     Under torchrun (`run` launched on several processes) only rank 0 exports; the others
     return at once with nothing written."""
@@ -305,7 +306,7 @@ def export_merged(run_dir: Path, recipe, *, force: bool) -> Path:
 
     from finetune.checkpoint import raw_equal, tensors_of
     from finetune.families import family_for
-    from finetune.recipe import save_resolved, save_shareable
+    from finetune.recipe import save_resolved
 
     family = family_for(recipe.model.path, recipe.model.family, recipe.model.revision)
     target = run_dir / "merged"

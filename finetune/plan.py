@@ -53,6 +53,7 @@ import json
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
+from finetune.deepspeed_presets import DEEPSPEED_PRESETS, deepspeed_stage, deepspeed_zero
 from finetune.errors import MissingFileError
 
 GB = 1024 ** 3
@@ -217,8 +218,6 @@ TRAIN_SETTING = {"ddp": "train.distributed=ddp", "fsdp": "train.distributed=fsdp
 
 def strategy_of(recipe, gpus: int) -> str:
     """The recipe's strategy as the planner names it (a DeepSpeed JSON by its stage and offloads)."""
-    from finetune.recipe import DEEPSPEED_PRESETS, deepspeed_stage, deepspeed_zero
-
     t = recipe.train
     if t.distributed == "fsdp":
         return "fsdp"

@@ -32,10 +32,12 @@ import torch
 
 from finetune import adapters, attention, fsutil, hub, kernels
 from finetune.data.schema import DataError, Sample
+from finetune.deepspeed_presets import DEEPSPEED_PRESETS
 from finetune.errors import ConfigError, MissingFileError
 from finetune.families import family_for
 from finetune.families.base import EncodedSample, Family, LoadedModel, cache_root
 from finetune.recipe import Recipe, save_resolved
+from finetune.recipe.load import default_recipes_dir
 from finetune.runlock import is_main_process, legacy_adapter, lock_run, world_size
 
 
@@ -303,10 +305,8 @@ def distributed_mode(recipe: Recipe) -> str:
 
 def deepspeed_config(setting: str) -> Path:
     """A preset name (recipes/deepspeed/<name>.json) or a path to a DeepSpeed JSON config."""
-    from finetune.recipe import DEEPSPEED_PRESETS, _default_recipes_dir
-
     if setting in DEEPSPEED_PRESETS:
-        for folder in (_default_recipes_dir() / "deepspeed", Path(__file__).resolve().parent.parent / "recipes" / "deepspeed"):
+        for folder in (default_recipes_dir() / "deepspeed", Path(__file__).resolve().parent.parent / "recipes" / "deepspeed"):
             if (folder / f"{setting}.json").is_file():
                 return (folder / f"{setting}.json").resolve()
         raise MissingFileError(f"DeepSpeed preset {setting}.json not found in recipes/deepspeed/")

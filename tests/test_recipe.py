@@ -8,9 +8,9 @@ from pathlib import Path
 import pytest
 import yaml
 
+from finetune.families.base import ROLE_NAMES
 from finetune.recipe import (
     CHOICES,
-    ROLE_NAMES,
     Recipe,
     RecipeError,
     field_help,
@@ -439,7 +439,7 @@ def test_a_runs_recipe_yaml_is_a_recipe(tmp_path):
 
 
 def test_an_existing_run_takes_evaluation_and_export_overrides_only(tmp_path):
-    from finetune.recipe import RUN_SETTINGS, load_run
+    from finetune.recipe.run import RUN_SETTINGS, load_run
 
     assert "export.*" in RUN_SETTINGS and "eval.*" in RUN_SETTINGS and "data.eval" in RUN_SETTINGS
     rec = write(tmp_path, "exp.yaml", "train: {lr: 1.0e-3}\neval: {max_samples: 4}\n")
@@ -557,3 +557,46 @@ def test_one_size_parser_for_the_recipe_and_the_export():
             accepted = False
         assert parsed == expected.get(size), (size, parsed)
         assert accepted == (size in expected), (size, accepted, parsed)
+
+
+def _bounded_fields():
+    """(dotted path, field) of every setting that declares a bound, data sources included."""
+    from dataclasses import fields as dc_fields
+
+    from finetune.recipe.fields import BOUNDS, DataSource, walk_schema
+
+    out = [(path, f) for path, f, _ in walk_schema(Recipe) if any(k in f.metadata for k in BOUNDS)]
+    out += [(f"data.train[0].{f.name}", f) for f in dc_fields(DataSource) if any(k in f.metadata for k in BOUNDS)]
+    return out
+
+
+def test_every_declared_bound_is_enforced_with_its_path(tmp_path):
+    """The bounds live on the fields and one checker applies them all: for every bounded setting, a
+    value just outside is refused under its dotted path (and only it), a value on an inclusive
+    bound is accepted, one on an exclusive bound refused."""
+    bounded = _bounded_fields()
+    paths = {p for p, _ in bounded}
+    assert {"model.min_pixels", "roles.audio_head.r", "data.max_tokens", "train.warmup_ratio", "eval.bootstrap",
+            "export.verify_atol", "data.train[0].weight", "data.train[0].epochs"} <= paths, paths
+    path = write(tmp_path, "b.yaml", "")
+    for dotted, f in bounded:
+        step = 1 if f.type == "int" else 0.5
+        # (offset from the bound, accepted?): just outside is refused; on the bound only when inclusive
+        cases = {"ge": [(-step, False), (0, True)], "gt": [(0, False)], "le": [(step, False), (0, True)],
+                 "lt": [(0, False)]}
+        for key in (k for k in cases if k in f.metadata):
+            for offset, ok in cases[key]:
+                value = f.metadata[key] + offset
+                if dotted.startswith("data.train[0]."):  # a source's setting goes in with its list
+                    override = f"data.train=[{{path: a.jsonl, {dotted.rsplit('.', 1)[1]}: {value}}}]"
+                else:
+                    override = f"{dotted}={value}"
+                if ok:
+                    load_recipe(path, [override])
+                    continue
+                with pytest.raises(RecipeError) as exc:
+                    load_recipe(path, [override])
+                lines = problems_of(exc)
+                shown = float(value) if "float" in f.type else value
+                assert lines == [lines[0]] and lines[0].startswith(f"override: {dotted}: must be "), (override, lines)
+                assert lines[0].endswith(f", got {shown}"), (override, lines)

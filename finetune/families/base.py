@@ -29,7 +29,18 @@ if TYPE_CHECKING:  # families never import the trainer; data types only
 
 IGNORE_INDEX = -100
 
-from finetune.recipe import ROLE_NAMES  # noqa: E402  (one list of roles, defined with the recipe)
+#: the roles every family maps to module paths of its model, in this order (DESIGN: Roles); a recipe
+#: sets each one's mode (roles.<name>)
+ROLE_NAMES: tuple[str, ...] = (
+    "llm",
+    "embeddings",
+    "lm_head",
+    "vision_encoder",
+    "vision_projector",
+    "audio_encoder",
+    "audio_projector",
+    "audio_head",
+)
 
 
 @dataclass
