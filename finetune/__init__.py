@@ -10,7 +10,7 @@ and fails on a cycle or an upward import):
        data.reading packing collate adapters mixture metrics report probes
     3  families
     2  data data.schema data.medical data.media demo_data kernels attention loss
-    1  errors paths runtime fsutil hub checkpoint
+    1  errors paths runtime fsutil hub checkpoint deepspeed_presets
 
     7  the commands; a staged recipe's stages run in order by the CLI
     6  entry points: a script each; none imports another's helpers

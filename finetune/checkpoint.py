@@ -26,11 +26,15 @@ INDEX_NAME = "model.safetensors.index.json"
 WEIGHT_PATTERNS = ("*.safetensors", "*.safetensors.index.json", "pytorch_model*.bin", "*.bin.index.json")
 
 
+_SIZE = re.compile(r"\s*(\d+(?:\.\d+)?)\s*(?:([KMGT])(i?))?B?\s*", re.IGNORECASE)
+
+
 def parse_size(text: str | int) -> int:
-    """'5GB' / '500MB' / '2GiB' / 1000 -> bytes (decimal units, as transformers uses them)."""
+    """'5GB' / '5G' / '500MB' / '2GiB' / '500' / 1000 -> bytes (decimal units, as transformers uses
+    them; 'i' for binary ones). The one reader of export.max_shard_size: the recipe's check uses it."""
     if isinstance(text, int):
         return text
-    m = re.fullmatch(r"\s*([\d.]+)\s*([KMGT]?)(i?)B?\s*", str(text), flags=re.IGNORECASE)
+    m = _SIZE.fullmatch(str(text))
     if not m:
         raise ConfigError(f"export.max_shard_size {text!r}: expected a size such as 2GB, 500MB or 5GiB")
     base = 1024 if m.group(3) else 1000

@@ -34,7 +34,8 @@ from finetune.errors import ConfigError, UserError
 
 def _recipe(args):
     """The command's recipe with its overrides; a run folder stands for the recipe it was trained with."""
-    from finetune.recipe import load_recipe, run_folder_of, trained_recipe_file
+    from finetune.recipe import load_recipe
+    from finetune.recipe.run import run_folder_of, trained_recipe_file
 
     folder = run_folder_of(args.recipe)
     target = trained_recipe_file(folder) if folder is not None and Path(args.recipe).is_dir() else args.recipe
@@ -42,8 +43,8 @@ def _recipe(args):
 
 
 def _run(target: str, overrides):
-    """The recipe and folder of an existing run (finetune.recipe.load_run), its notes printed."""
-    from finetune.recipe import load_run
+    """The recipe and folder of an existing run (finetune.recipe.run.load_run), its notes printed."""
+    from finetune.recipe.run import load_run
 
     run = load_run(target, overrides)
     for note in run.notes:

@@ -20,9 +20,10 @@ from accelerate.utils import DistributedType
 from transformers.integrations.deepspeed import unset_hf_deepspeed_config
 
 from finetune import engines
+from finetune.deepspeed_presets import DEEPSPEED_PRESETS
 from finetune.errors import ConfigError, MissingFileError
 from finetune.paths import PROJECT, recipes_dir
-from finetune.recipe import DEEPSPEED_PRESETS, Recipe
+from finetune.recipe import Recipe
 from finetune.runtime import is_main_process, world_size
 
 DEEPSPEED_INSTALL = 'pip install -e ".[deepspeed]"'

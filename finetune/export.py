@@ -25,10 +25,12 @@ from finetune.checkpoint import raw_equal, tensors_of
 from finetune.data.prepare import prepare, record_path
 from finetune.data.reading import read_split
 from finetune.errors import UserError
+from finetune.families.base import ROLE_NAMES
 from finetune.models import family_of, load_spec, model_folder, processor_of
 from finetune.paths import cache_root
 from finetune.probes import pick_probes, probe_logits
-from finetune.recipe import ROLE_NAMES, file_name, load_resolved, model_name, save_resolved, save_shareable
+from finetune.recipe import load_resolved, save_resolved
+from finetune.recipe.run import file_name, model_name, save_shareable
 from finetune.runfolder import lock_run
 from finetune.runtime import is_main_process, quiet_libraries, torch_dtype
 
@@ -173,7 +175,7 @@ def adapter_card(recipe, family, base: Path) -> str:
 def export_run(run_dir: Path, *, force: bool = False, fmt: str | None = None, recipe=None) -> dict[str, Path]:
     """Export a trained run folder; returns the written folders ({'merged': ..., 'adapter': ...}).
     `recipe`: the settings to export with (the run's recipe.yaml with the command's overrides,
-    finetune.recipe.load_run; a staged run's last stage); default the run's recipe.yaml as it is.
+    finetune.recipe.run.load_run; a staged run's last stage); default the run's recipe.yaml as it is.
 
     Under torchrun (`run` launched on several processes) only rank 0 exports; the others
     return at once with nothing written."""

@@ -54,10 +54,10 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from finetune.adapters import plan_roles
+from finetune.deepspeed_presets import DEEPSPEED_PRESETS, deepspeed_stage, deepspeed_zero
 from finetune.errors import MissingFileError
-from finetune.families import _registry, family_for, get_family, model_types
+from finetune.families import family_for, get_family, model_types, registry
 from finetune.families.base import ROLE_NAMES
-from finetune.recipe import DEEPSPEED_PRESETS, deepspeed_stage, deepspeed_zero
 
 GB = 1024 ** 3
 CONFIG_DIR = Path(__file__).resolve().parent / "configs"
@@ -69,7 +69,7 @@ OPTIM_BYTES = {"auto": 8, "adamw_torch": 8, "adamw_torch_fused": 8, "adamw_8bit"
 def shipped_configs() -> dict[str, str]:
     """`config:<name>` -> file in finetune/configs/: each family's `Family.shipped_configs`."""
 
-    return {Path(f).stem: f for cls in _registry().values() for f in cls.shipped_configs}
+    return {Path(f).stem: f for cls in registry().values() for f in cls.shipped_configs}
 
 
 # ---- model geometry ------------------------------------------------------------------------
@@ -218,7 +218,6 @@ TRAIN_SETTING = {"ddp": "train.distributed=ddp", "fsdp": "train.distributed=fsdp
 
 def strategy_of(recipe, gpus: int) -> str:
     """The recipe's strategy as the planner names it (a DeepSpeed JSON by its stage and offloads)."""
-
     t = recipe.train
     if t.distributed == "fsdp":
         return "fsdp"

@@ -1,6 +1,6 @@
 """Staged recipes: stages trained in order, each from the weights the one before produced.
 
-A recipe with `stages:` (see recipe.STAGE_KEYS) trains each stage as a run of its own:
+A recipe with `stages:` (see finetune.recipe.stages.STAGE_KEYS) trains each stage as a run of its own:
 
     runs/<name>/stages/01-<first>/   checkpoints, adapter, metrics, recipe.yaml, merged/
     runs/<name>/stages/02-<second>/  ...

@@ -8,9 +8,9 @@ from pathlib import Path
 import pytest
 import yaml
 
+from finetune.families.base import ROLE_NAMES
 from finetune.recipe import (
     CHOICES,
-    ROLE_NAMES,
     Recipe,
     RecipeError,
     field_help,
@@ -439,7 +439,7 @@ def test_a_runs_recipe_yaml_is_a_recipe(tmp_path):
 
 
 def test_an_existing_run_takes_evaluation_and_export_overrides_only(tmp_path):
-    from finetune.recipe import RUN_SETTINGS, load_run
+    from finetune.recipe.run import RUN_SETTINGS, load_run
 
     assert "export.*" in RUN_SETTINGS and "eval.*" in RUN_SETTINGS and "data.eval" in RUN_SETTINGS
     rec = write(tmp_path, "exp.yaml", "train: {lr: 1.0e-3}\neval: {max_samples: 4}\n")
@@ -533,3 +533,70 @@ def test_model_family_is_checked_against_the_registry():
     with pytest.raises(RecipeError, match="unknown family 'qwen25_omni'; did you mean 'qwen2_5_omni'"):
         load_recipe("medical-tiny", ["model.family=qwen25_omni"])
     assert load_recipe("medical-tiny", ["model.family=baichuan_omni"]).model.family == "baichuan_omni"
+
+
+def test_one_size_parser_for_the_recipe_and_the_export():
+    """export.max_shard_size: what the recipe accepts is exactly what the export's parser reads, to
+    the same bytes, and what one refuses the other refuses with a located, user-facing error."""
+    from finetune.checkpoint import parse_size
+    from finetune.errors import ConfigError
+
+    expected = {"5G": 5 * 10**9, "5g": 5 * 10**9, "2GB": 2 * 10**9, "500MB": 500 * 10**6, "200KB": 200_000,
+                "1.5GiB": int(1.5 * 2**30), "2 gb": 2 * 10**9, "3TB": 3 * 10**12, "500B": 500, "500": 500}
+    refused = ["", "abc", "GB", "5 GBB", "1.2.3GB", "5iB", "5i", "-1GB", "5XB", ".5GB", "1e9"]
+    for size in [*expected, *refused]:
+        try:
+            parsed = parse_size(size)
+        except ConfigError:
+            parsed = None
+        try:
+            load_recipe("medical-tiny", [f"export.max_shard_size={size}"])
+            accepted = True
+        except RecipeError as e:
+            assert f"export.max_shard_size: must be a size such as '2GB' or '500MB', got {size!r}" in str(e)
+            accepted = False
+        assert parsed == expected.get(size), (size, parsed)
+        assert accepted == (size in expected), (size, accepted, parsed)
+
+
+def _bounded_fields():
+    """(dotted path, field) of every setting that declares a bound, data sources included."""
+    from dataclasses import fields as dc_fields
+
+    from finetune.recipe.fields import BOUNDS, DataSource, walk_schema
+
+    out = [(path, f) for path, f, _ in walk_schema(Recipe) if any(k in f.metadata for k in BOUNDS)]
+    out += [(f"data.train[0].{f.name}", f) for f in dc_fields(DataSource) if any(k in f.metadata for k in BOUNDS)]
+    return out
+
+
+def test_every_declared_bound_is_enforced_with_its_path(tmp_path):
+    """The bounds live on the fields and one checker applies them all: for every bounded setting, a
+    value just outside is refused under its dotted path (and only it), a value on an inclusive
+    bound is accepted, one on an exclusive bound refused."""
+    bounded = _bounded_fields()
+    paths = {p for p, _ in bounded}
+    assert {"model.min_pixels", "roles.audio_head.r", "data.max_tokens", "train.warmup_ratio", "eval.bootstrap",
+            "export.verify_atol", "data.train[0].weight", "data.train[0].epochs"} <= paths, paths
+    path = write(tmp_path, "b.yaml", "")
+    for dotted, f in bounded:
+        step = 1 if f.type == "int" else 0.5
+        # (offset from the bound, accepted?): just outside is refused; on the bound only when inclusive
+        cases = {"ge": [(-step, False), (0, True)], "gt": [(0, False)], "le": [(step, False), (0, True)],
+                 "lt": [(0, False)]}
+        for key in (k for k in cases if k in f.metadata):
+            for offset, ok in cases[key]:
+                value = f.metadata[key] + offset
+                if dotted.startswith("data.train[0]."):  # a source's setting goes in with its list
+                    override = f"data.train=[{{path: a.jsonl, {dotted.rsplit('.', 1)[1]}: {value}}}]"
+                else:
+                    override = f"{dotted}={value}"
+                if ok:
+                    load_recipe(path, [override])
+                    continue
+                with pytest.raises(RecipeError) as exc:
+                    load_recipe(path, [override])
+                lines = problems_of(exc)
+                shown = float(value) if "float" in f.type else value
+                assert lines == [lines[0]] and lines[0].startswith(f"override: {dotted}: must be "), (override, lines)
+                assert lines[0].endswith(f", got {shown}"), (override, lines)

@@ -29,6 +29,11 @@ def model_types() -> dict[str, str]:
     return {mt: name for name, cls in _registry().items() for mt in cls.model_types}
 
 
+def names() -> list[str]:
+    """The families' names (what model.family may give besides auto), sorted."""
+    return sorted(_registry())
+
+
 def get_family(name: str) -> Family:
     """A family by name, with the list of known names on a miss."""
     reg = _registry()

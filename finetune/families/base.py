@@ -28,7 +28,8 @@ if TYPE_CHECKING:  # families never import the trainer; data types only
 
 IGNORE_INDEX = -100
 
-#: the roles every family maps to module paths of its model (the recipe's `roles` section)
+#: the roles every family maps to module paths of its model, in this order (DESIGN: Roles); a recipe
+#: sets each one's mode (roles.<name>)
 ROLE_NAMES: tuple[str, ...] = (
     "llm",
     "embeddings",
