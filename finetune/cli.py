@@ -97,7 +97,8 @@ def cmd_train(args) -> int:
 
 
 def cmd_eval(args) -> int:
-    from finetune.evaluate import evaluate, summary_line
+    from finetune.evaluate import evaluate
+    from finetune.report import summary_line
 
     run = _run(args.recipe, args.overrides)
     r = evaluate(run.recipe, run.run_dir)
@@ -127,8 +128,9 @@ def cmd_export(args) -> int:
 
 def cmd_run(args) -> int:
     """train -> eval (base vs tuned) -> export, then say where everything is."""
-    from finetune.evaluate import evaluate, summary_line
+    from finetune.evaluate import evaluate
     from finetune.export import check_targets, export_run
+    from finetune.report import summary_line
     from finetune.runfolder import check_run_dir
 
     t0 = time.time()

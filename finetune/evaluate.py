@@ -41,7 +41,7 @@ from finetune.loss import shifted_cross_entropy
 from finetune.metrics import first_sentence, is_match, normalise  # noqa: F401  (this module's API before metrics.py)
 from finetune.models import family_of, load_spec
 from finetune.probes import generate, to_model
-from finetune.report import NO_TASK, format_markdown, summary_line, write_html  # noqa: F401  (summary_line: the CLI's)
+from finetune.report import NO_TASK, format_markdown, write_html
 from finetune.runfolder import lock_run, read_loss_history
 from finetune.runtime import choose_precision, is_main_process, quiet_libraries, torch_dtype
 from finetune.stages import final_recipe, original_base

@@ -81,7 +81,7 @@ def test_the_bitsandbytes_cpu_kernel_notice_is_held_until_4bit_runs_on_the_cpu(c
     import logging
 
     import finetune  # noqa: F401  (installs the hold)
-    from finetune import console
+    from finetune import runtime as console
 
     # a fresh process's state: on a CPU with AVX-512 BF16 bitsandbytes really logs the notice at
     # import, and a 4-bit test earlier in this process has then told it already

@@ -202,7 +202,7 @@ def test_two_processes_killed_and_resumed_equal_one_process(tmp_path, mixed, ref
     # exactly one set of outputs: one record per step, one adapter, one eval, one export
     assert [r["step"] for r in _records(run / "metrics.jsonl") if "loss" in r] == list(range(1, STEPS + 1))
     assert not list(run.glob("adapter*.tmp*"))
-    for name in ("recipe.yaml", "loss_curve.png", "eval.json"):
+    for name in ("recipe.yaml", "loss_curve.svg", "eval.json"):
         assert (run / name).exists(), name
     assert res.stdout.count("distributed: ") == 1  # rank 1 prints nothing
     if mode in ("zero3", "zero3-offload", "fsdp"):  # the weights really are sharded

@@ -6,7 +6,8 @@ import re
 import pytest
 
 from finetune.data.schema import DataError, parse_sample
-from finetune.evaluate import compare, format_markdown, modalities_of, plan_metrics, score, summary_line
+from finetune.evaluate import compare, modalities_of, plan_metrics, score
+from finetune.report import format_markdown, summary_line
 
 
 def _sample(line, question, reply, *, media=(), **top):
@@ -69,8 +70,9 @@ def test_score_figures_by_hand():
 
 def test_compare_counts_and_p_value():
     samples = [_sample(i, "Is there a lesion?", "Yes.", answer="yes", task="lesion") for i in range(1, 11)]
-    base = score(samples, ["no"] * 10, n_resamples=0)
-    tuned = score(samples, ["yes"] * 8 + ["no"] * 2, n_resamples=0)
+    groups = {"lesion": ["lesion", "audio"]}  # the demo recipes' eval.groups
+    base = score(samples, ["no"] * 10, n_resamples=0, groups=groups)
+    tuned = score(samples, ["yes"] * 8 + ["no"] * 2, n_resamples=0, groups=groups)
     c = compare(samples, base, tuned)
     assert c["overall"]["better"] == 8 and c["overall"]["worse"] == 0
     assert c["overall"]["change"] == pytest.approx(0.8)

@@ -19,6 +19,7 @@ from PIL import Image
 from finetune.data.check import check_dataset
 from finetune.data.convert import FORMATS, convert_file, detect_format, main
 from finetune.data.schema import DataError, load_samples, parse_sample
+from finetune.models import processor_of
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -241,7 +242,7 @@ def test_labels_follow_the_turn_loss_flag_in_every_family(name: str, tmp_path: P
 
     fam = get_family(name)
     recipe = _recipe(f"model.path=tiny:{name}")
-    proc = fam.processor(fam.resolve_path(recipe.model.path), recipe)
+    proc = processor_of(recipe, fam)
     _png(tmp_path / "a.png", 60)
 
     def enc(first_loss: bool, turns: int = 2):

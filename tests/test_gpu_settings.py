@@ -55,7 +55,7 @@ def test_gpu_runs_copy_batches_without_blocking_and_log_every_tenth_step(monkeyp
     dev = trainer.device_settings(recipe)
     assert dev["dataloader_pin_memory"] and dev["accelerator_config"]["non_blocking"] and not dev["use_cpu"]
     assert trainer.logging_steps(recipe) == trainer.GPU_LOGGING_STEPS > 1
-    assert trainer.logging_steps(load_recipe("medical-tiny", ["trainer.logging_steps=3"])) == 3
+    assert trainer.logging_steps(load_recipe("medical-tiny", ["train.logging_steps=3"])) == 3
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     assert trainer.logging_steps(recipe) == 1
     assert trainer.device_settings(recipe)["use_cpu"]

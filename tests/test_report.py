@@ -17,8 +17,8 @@ import soundfile as sf
 from PIL import Image
 
 from finetune.data.schema import parse_sample
-from finetune.evaluate import compare, figure_rows, plan_metrics, score
-from finetune.report import THUMB_PX, loss_svg, pick_examples, write_html
+from finetune.evaluate import compare, plan_metrics, score
+from finetune.report import THUMB_PX, figure_rows, loss_svg, pick_examples, write_html
 
 THUMB_RGB = (230, 20, 160)      # the lesion image's colour: nothing else on the page has it
 HEADER_RGB = (0x1F, 0x4E, 0x79)  # the metrics table's header cells (report.py's CSS)

@@ -153,7 +153,7 @@ def test_cli_run_writes_the_whole_run_folder(tmp_path, small_demo):
     res = subprocess.run(args, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert res.returncode == 0, res.stderr[-3000:]
     run = tmp_path / "run"
-    for name in ("recipe.yaml", "metrics.jsonl", "loss_curve.png", "eval.json", "eval.md",
+    for name in ("recipe.yaml", "metrics.jsonl", "loss_curve.svg", "eval.json", "eval.md",
                  "adapter/adapter_config.json", "adapter/adapter_model.safetensors", "merged/export_manifest.json"):
         assert (run / name).exists(), name
     assert any((run / "tensorboard").rglob("events.out.tfevents*"))
