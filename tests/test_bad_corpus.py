@@ -7,6 +7,8 @@ import json
 
 import pytest
 
+from finetune.models import processor_of
+
 from bad_corpus import write_corpus
 from conftest import tiny_recipe
 
@@ -30,7 +32,7 @@ def test_data_check_names_every_broken_sample(corpus):
     folder, expected = corpus
     fam = get_family("qwen2_5_omni")
     recipe = load_recipe("medical-tiny")
-    proc = fam.processor(fam.resolve_path(recipe.model.path), recipe)
+    proc = processor_of(recipe, fam)
     report = check_dataset([folder / "train.jsonl"], token_counter=lambda s: fam.count_tokens(s, proc),
                            max_tokens=256)
     got = {e.line: e.kind for e in report.errors}

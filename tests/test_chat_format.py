@@ -8,9 +8,10 @@ from pathlib import Path
 
 import pytest
 
-from test_qwen_family import media_dir  # noqa: F401  (fixture reuse)
-
 from finetune.data.schema import parse_sample
+from finetune.models import processor_of
+
+from test_qwen_family import media_dir  # noqa: F401  (fixture reuse)
 
 CONFIGS = Path(__file__).resolve().parent.parent / "finetune" / "configs"
 TEMPLATES = {"qwen2_5_omni": CONFIGS / "qwen2_5_omni.chat_template.jinja",
@@ -51,7 +52,7 @@ def tiny(request):
     recipe = load_recipe(request.param, ["model.max_pixels=12544", "data.system_prompt=null"])
     fam = family_for(recipe.model.path)
     folder = fam.resolve_path(recipe.model.path)
-    return fam, fam.processor(folder, recipe), recipe
+    return fam, processor_of(recipe, fam, folder), recipe
 
 
 def collapse(ids: list[int], fam, proc) -> list[int]:
@@ -119,9 +120,9 @@ def test_default_system_prompt_is_the_templates_and_can_be_turned_off(tiny):
     assert proc.system_prompt == want
     folder = fam.resolve_path(recipe.model.path)
     recipe.data.system_prompt = ""
-    assert fam.processor(folder, recipe).system_prompt is None
+    assert processor_of(recipe, fam, folder).system_prompt is None
     recipe.data.system_prompt = "You are a radiology assistant."
-    assert fam.processor(folder, recipe).system_prompt == "You are a radiology assistant."
+    assert processor_of(recipe, fam, folder).system_prompt == "You are a radiology assistant."
 
 
 def test_baichuan_exports_carry_the_template_over_the_released_chatml_one(tmp_path):

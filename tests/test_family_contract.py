@@ -14,13 +14,13 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from test_generation import greedy_without_cache
-from test_qwen_family import MIXES, media_dir, sample  # noqa: F401  (fixture reuse)
 
-from finetune.models import load_spec
 from finetune.families import _registry, get_family, model_types
 from finetune.families.base import ROLE_NAMES, LoadedModel, Processor, strip_peft_prefix
+from finetune.models import load_spec, processor_of
+
+from test_qwen_family import MIXES, media_dir, sample  # noqa: F401  (fixture reuse)
 
 FAMILIES = sorted(_registry())
 KINDS = ("image", "audio", "video")
@@ -256,12 +256,11 @@ def test_export_round_trip(tmp_path, small_demo, name, variant):
     toolkit does not train bit-identical, the reloaded export's logits the adapter model's."""
     from finetune import adapters
     from finetune.checkpoint import raw_equal, tensors_of
+    from finetune.data.reading import read_split
     from finetune.export import export_run
     from finetune.probes import pick_probes, probe_logits
     from finetune.recipe import save_resolved
-    from finetune.runfolder import lock_run, unlock_run
-    from finetune.data.reading import read_split
-    from finetune.runfolder import save_adapter
+    from finetune.runfolder import lock_run, save_adapter, unlock_run
     from finetune.verify import perturb_lora_b
 
     fam = get_family(name)
@@ -393,7 +392,7 @@ def test_audio_limit_and_video_sound_are_declared(family, loaded, media_dir):  #
         assert (family.media_keys["audio"] in with_sound.media) == family.audio_in_video
     recipe = recipe_for(family.name, "model.use_audio_in_video=true")
     if family.audio_in_video:
-        assert family.processor(loaded.base_path, recipe).use_audio_in_video is True
+        assert processor_of(recipe, family, loaded.base_path).use_audio_in_video is True
     else:
         with pytest.raises(ConfigError, match="use_audio_in_video"):
-            family.processor(loaded.base_path, recipe)
+            processor_of(recipe, family, loaded.base_path)
