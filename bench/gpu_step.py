@@ -157,8 +157,8 @@ def step_flops(family, model, row: list[EncodedSample], *, checkpointing: bool) 
     for e in row:
         for kind, _, n in family.media_placeholders(e, cfg):
             rows[kind] += n
-    flops += 2 * params(("vision_encoder", "vision_projector")) * shapes["patches_per_token"] * (rows["image"] + rows["video"])
-    flops += 2 * params(("audio_encoder", "audio_projector")) * shapes["frames_per_audio_token"] * rows["audio"]
+    flops += 2 * params(("vision_encoder", "vision_projector")) * shapes.patches_per_token * (rows["image"] + rows["video"])
+    flops += 2 * params(("audio_encoder", "audio_projector")) * shapes.frames_per_audio_token * rows["audio"]
     return float(flops)
 
 

@@ -151,7 +151,16 @@ def raw_equal(a: TensorSource, b: TensorSource) -> bool:
     return bool(torch.equal(x.contiguous().view(torch.uint8), y.contiguous().view(torch.uint8)))
 
 
-def assemble(stage: Path, base: Path, out_dir: Path, *, prefix: str, max_shard_size: str | int) -> dict:
+@dataclass(frozen=True)
+class Assembled:
+    """What `assemble` wrote."""
+
+    files: list[str]  # the shards and the index, in order
+    trained_tensors: int  # tensors written from the trained model
+    kept_tensors: list[str]  # base tensors copied unchanged, sorted
+
+
+def assemble(stage: Path, base: Path, out_dir: Path, *, prefix: str, max_shard_size: str | int) -> Assembled:
     """Write the trained model (saved in `stage`) back into the layout of the base checkpoint.
 
     Every tensor of `stage` is written under its base name (`prefix + name` unless the name is
@@ -172,7 +181,7 @@ def assemble(stage: Path, base: Path, out_dir: Path, *, prefix: str, max_shard_s
                          f"{unknown[:3]}: the trained model's parameter names differ from the checkpoint's")
     kept = {k: v for k, v in base_t.items() if k not in trained}
     files = write_sharded({**trained, **kept}, out_dir, max_shard_size)
-    return {"files": files, "trained_tensors": len(trained), "kept_tensors": sorted(kept)}
+    return Assembled(files=files, trained_tensors=len(trained), kept_tensors=sorted(kept))
 
 
 def copy_extras(base: Path, out_dir: Path, *, skip: tuple[str, ...] = ()) -> list[str]:

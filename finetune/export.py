@@ -323,7 +323,7 @@ def export_merged(run_dir: Path, recipe, *, force: bool) -> Path:
     merged = model.merge_and_unload()
 
     with _staged(target) as tmp:
-        info = family.save_merged(merged, loaded, tmp, dtype=dtype, max_shard_size=recipe.export.max_shard_size)
+        written = family.save_merged(merged, loaded, tmp, dtype=dtype, max_shard_size=recipe.export.max_shard_size)
         details = recipe.export.include_data_details
         (save_resolved if details else save_shareable)(recipe, tmp / "recipe.yaml")
         del merged, model
@@ -333,7 +333,7 @@ def export_merged(run_dir: Path, recipe, *, force: bool) -> Path:
         del reloaded
         diff = max_diff(ref, got)
         tol = tolerance(dtype, recipe.export.verify_atol, ref)
-        kept = info.get("kept_tensors", [])
+        kept = written.kept_tensors
         if kept:
             base_t, out_t = tensors_of(base_path), tensors_of(tmp)
             same = all(raw_equal(base_t[k], out_t[k]) for k in kept)
@@ -342,7 +342,7 @@ def export_merged(run_dir: Path, recipe, *, force: bool) -> Path:
         parts = _part_names(kept, tensors_of(tmp).keys())
         manifest = {
             "family": family.name,
-            "layout": info.get("layout", family.name),
+            "layout": written.layout,
             "base": str(recipe.model.path) if details else model_name(recipe.model.path),
             "recipe": recipe.name,
             "dtype": str(dtype).replace("torch.", ""),

@@ -159,15 +159,15 @@ def _count_cached(family: str, cfg_path: str, mtime: float) -> tuple:
                 quantisable[r] = (w + mod.weight.numel(), rows + mod.out_features)
         elif isinstance(mod, nn.Embedding):
             shapes.setdefault(r, []).append((name, mod.num_embeddings, mod.embedding_dim))
-    shapes_of = fam.tower_shapes(cfg)  # (hidden, layers, ffn, heads, gated MLP) per stack, or None
-    llm, vis, aud = (Tower(*shapes_of[k]) if shapes_of[k] else None for k in ("llm", "vision", "audio"))
+    shapes_of = fam.tower_shapes(cfg)
+    llm, vis, aud = (Tower(*stack) if stack else None for stack in (shapes_of.llm, shapes_of.vision, shapes_of.audio))
     # bitsandbytes quantises nn.Linear only: fused expert weights stay in the compute dtype under QLoRA
     experts = {n: tuple(p.shape) for n, p in model.named_parameters()
                if fam.expert_params and n.endswith(tuple("." + e for e in fam.expert_params))}
     routers = {n: sum(p.numel() for p in mod.parameters()) for n, mod in model.named_modules()
                if fam.router_modules and n.endswith(tuple("." + r for r in fam.router_modules))}
-    return model, ModelCount(family, cfg_path, roles, quantisable, shapes, llm, vis, aud, shapes_of["vocab"],
-                             shapes_of["patches_per_token"], shapes_of["frames_per_audio_token"], experts, routers)
+    return model, ModelCount(family, cfg_path, roles, quantisable, shapes, llm, vis, aud, shapes_of.vocab,
+                             shapes_of.patches_per_token, shapes_of.frames_per_audio_token, experts, routers)
 
 
 def count_model(family: str, cfg_path: Path):

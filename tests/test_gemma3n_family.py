@@ -208,7 +208,7 @@ def test_every_trained_parameter_gets_a_gradient(gemma, media_dir):  # noqa: F81
 
 
 def test_tiny_image_embeddings_differ_from_image_to_image(gemma, tmp_path):
-    """The tiny model's embedder is centred (gemma3n.centre_image_embedder): images the builder
+    """The tiny model's embedder is centred (gemma3n_tiny.centre_image_embedder): images the builder
     never saw (other seeds of the demo's generator, through our processor) reach the LLM with
     embeddings that differ from image to image by over half their size. Uncentred, a random
     MobileNetV5 left them about 9% apart and the demo learned nothing from its images."""

@@ -55,7 +55,7 @@ def test_placeholders_against_feature_rows(tiny_qwen, small_demo):
     """A prompt with one image token too many is found from the media tensors' shapes."""
     from finetune.data.samples import problems_of
     from finetune.data.schema import load_samples
-    from finetune.families.qwen2_5_omni import IMAGE_TOKEN
+    from finetune.families.shared import IMAGE_TOKEN
 
     fam, loaded = tiny_qwen
     proc = loaded.processor

@@ -1,4 +1,5 @@
-"""The Baichuan-Omni-1.5 family: prompt format, processor, loading, tiny model, export.
+"""The Baichuan-Omni-1.5 family: prompt format, loading, export (the processor and the special
+tokens are in `baichuan_processor`, the tiny model in `baichuan_omni_tiny`).
 
 Prompt format of the released model (no chat template applies; roles are single tokens):
 
@@ -14,116 +15,37 @@ assistant turn is learned together with the `<|endoftext|>` that ends it. Positi
 
 from __future__ import annotations
 
-import dataclasses
 import json
-import math
-import shutil
-import tempfile
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 
-from finetune.checkpoint import assemble, copy_extras
 from finetune.data import media as M
 from finetune.errors import ConfigError
-from finetune.families.baichuan_audio import SAMPLE_RATE, SEGMENT_SAMPLES, audio_features, audio_token_count
+from finetune.families import baichuan_omni_tiny as tiny
+from finetune.families.baichuan_audio import audio_token_count
 from finetune.families.baichuan_model import BaichuanOmniConfig, BaichuanOmniForCausalLM
-from finetune.families.base import IGNORE_INDEX, EncodedSample, Family, LoadedModel, LoadSpec, quantization_config
-from finetune.families.shared import OmniProcessor, atomic_build, chat_turns, smart_resize, text_and_media_chunks
-from finetune.families.tiny import build_bpe_tokenizer
-from finetune.paths import cache_root
+from finetune.families.baichuan_processor import (
+    AUDIO_END,
+    AUDIO_PAD,
+    AUDIO_START,
+    B_SYS,
+    C_A,
+    C_Q,
+    CHAT_TEMPLATE,
+    CHAT_TEMPLATE_FILE,
+    EOT,
+    IMG_END,
+    IMG_PAD,
+    IMG_START,
+    VIDEO_PAD,
+    BaichuanProcessor,
+)
+from finetune.families.base import IGNORE_INDEX, EncodedSample, Family, LoadedModel, LoadSpec, Stack, TowerShapes
+from finetune.families.shared import chat_turns, text_and_media_chunks
 
-EOT = "<|endoftext|>"
-B_SYS, C_Q, C_A = "<B_SYS>", "<C_Q>", "<C_A>"
-IMG_START, IMG_END, IMG_PAD = "<img_start_baichuan>", "<img_end_baichuan>", "<img_pad_baichuan>"
-VIDEO_PAD, VIDEO_START, VIDEO_END = "<video_palce_baichuan>", "<video_start_baichuan>", "<video_end_baichuan>"
-AUDIO_START, AUDIO_END, AUDIO_PAD = "<audio_start_baichuan>", "<audio_end_baichuan>", "<audio_pad_baichuan>"
 ROLE_TOKENS = {"system": B_SYS, "user": C_Q, "assistant": C_A}
-SPECIAL_TOKENS = [EOT, B_SYS, C_Q, C_A, AUDIO_START, AUDIO_END, AUDIO_PAD, IMG_START, IMG_END, IMG_PAD,
-                  VIDEO_PAD, VIDEO_START, VIDEO_END]
-TINY_VERSION = 4  # 2: torch_dtype float32 in config.json; 3: library init (vision rope buffers); 4: chat template,
-# and the vision tower initialised with the model's std 0.1 (it had the library's 0.02: a faint image signal)
-# Baichuan's prompt format as a chat template (ours): the tiny model carries it and exports add it, so
-# `apply_chat_template` gives the prompt the model was trained on (tests/test_chat_format.py)
-CHAT_TEMPLATE = (Path(__file__).resolve().parent.parent / "configs" / "baichuan_omni.chat_template.jinja").read_text()
-CHAT_TEMPLATE_FILE = "chat_template.jinja"
-
-
-@dataclass
-class BaichuanProcessor(OmniProcessor):
-    """Baichuan-Omni-1.5 inputs: the Qwen2-VL image patching (CLIP mean/std, 28-px factor,
-    2x2 merge; each video frame as its own image with the video pixel limit) and the audio
-    tokenizer's log-mel features per 30 s chunk."""
-
-    video_max_pixels: int = 768 * 28 * 28
-    #: the longest clip read whole, in samples (None: any length, as consecutive 30 s segments)
-    audio_limit: int | None = None
-    # a system turn in Baichuan's own format; the released tokenizer's ChatML template does not match
-    # it, so it gives no default (the released inference code adds no system turn either)
-    SYSTEM_TURN = (B_SYS, C_Q)
-
-    @classmethod
-    def from_folder(cls, folder: Path, *, min_pixels: int | None = None, max_pixels: int | None = None,
-                    video_fps: float = 1.0, video_max_frames: int = 32, system_prompt: str | None = None,
-                    long_audio: str = "error"):
-        from transformers import Qwen2Tokenizer
-
-        cfg = json.loads((Path(folder) / "config.json").read_text())
-        vis, vid = cfg.get("visual_config", {}), cfg.get("video_config", {})
-        audio_limit = cls.read_audio_limit(folder, cfg.get("audio_config", {}))
-        # the released tokenizer is Qwen2's byte-level BPE plus Baichuan's added tokens; loaded by
-        # class, since AutoTokenizer would follow config.json's auto_map into remote code
-        tok = Qwen2Tokenizer.from_pretrained(str(folder))
-        proc = cls(
-            tokenizer=tok, patch_size=int(vis.get("patch_size", 14)), merge_size=int(vis.get("merge_size", 2)),
-            temporal_patch_size=int(vis.get("temporal_patch_size", 2)),
-            min_pixels=int(min_pixels or vis.get("min_pixels", 3136)),
-            max_pixels=int(max_pixels or vis.get("max_pixels", 4096 * 28 * 28)),
-            image_mean=tuple(vis.get("image_mean", cls.image_mean)), image_std=tuple(vis.get("image_std", cls.image_std)),
-            video_fps=video_fps, video_max_frames=min(video_max_frames, int(vid.get("max_frame_num", 32))),
-            system_prompt=cls.effective_system_prompt(tok, system_prompt),
-            video_max_pixels=int(min(max_pixels or 10 ** 12, vid.get("max_pixels", 768 * 28 * 28))),
-            long_audio=long_audio, audio_limit=audio_limit,
-        )
-        proc.register_special_tokens(SPECIAL_TOKENS, folder, "Baichuan-Omni-1.5")
-        return proc
-
-    @staticmethod
-    def read_audio_limit(folder, audio: dict) -> int | None:
-        """The longest clip the reference processor reads whole, from config.json's audio_config: it
-        cuts a clip into consecutive `max_audio_seconds` segments (`split_overlap` 0, the released
-        config: no limit), or truncates it there (`split_overlap` < 0). Overlapping segments (> 0) and
-        another segment length are not what this toolkit's features implement: refused."""
-
-        seconds, overlap = audio.get("max_audio_seconds", 30), float(audio.get("split_overlap", 0.0))
-        if seconds * SAMPLE_RATE != SEGMENT_SAMPLES or overlap > 0:
-            raise ConfigError(f"{folder}/config.json: audio_config max_audio_seconds={seconds}, split_overlap={overlap}: "
-                              f"omni-finetune encodes audio as the released Baichuan-Omni-1.5 config does "
-                              f"(max_audio_seconds {SEGMENT_SAMPLES // SAMPLE_RATE}, split_overlap 0 or negative)")
-        return SEGMENT_SAMPLES if overlap < 0 else None
-
-    def settings(self) -> dict:
-        return {**super().settings(), "video_max_pixels": self.video_max_pixels, "format": "baichuan_omni",
-                "audio_limit": self.audio_limit}
-
-    @property
-    def pad_id(self) -> int:
-        return self.token_ids[EOT]
-
-    @property
-    def eos_id(self) -> int:
-        return self.token_ids[EOT]
-
-    def frame_view(self) -> "BaichuanProcessor":
-        """The same processor with the video frame pixel limit (frames are separate images)."""
-        return dataclasses.replace(self, max_pixels=min(self.max_pixels, self.video_max_pixels),
-                                   min_pixels=self.min_pixels, token_ids=self.token_ids, _text_cache=self._text_cache)
-
-    def process_audio_segments(self, wave: np.ndarray) -> list[torch.Tensor]:
-        return audio_features(wave.astype(np.float32))
 
 
 class BaichuanOmniFamily(Family):
@@ -342,19 +264,20 @@ class BaichuanOmniFamily(Family):
             cfg["num_hidden_layers"] = llm_layers
         (Path(folder) / "config.json").write_text(json.dumps(cfg, indent=2))
 
-    def tower_shapes(self, config) -> dict:
+    def tower_shapes(self, config) -> TowerShapes:
         v, a = config.visual_config, config.audio_config
         vis = aud = None
         if v.get("enable", True):
             e = v.get("embed_dim", 1280)
-            vis = (e, v.get("depth", 32), int(e * v.get("mlp_ratio", 4)), v.get("num_heads", 16), False)
+            vis = Stack(e, v.get("depth", 32), int(e * v.get("mlp_ratio", 4)), v.get("num_heads", 16), False)
         if a.get("enable", True):
-            aud = (a.get("d_model", 1280), a.get("encoder_layers", 32), a.get("encoder_ffn_dim", 5120),
-                   a.get("encoder_attention_heads", 20), False)
-        llm = (config.hidden_size, config.num_hidden_layers, config.intermediate_size, config.num_attention_heads, True)
-        return {"llm": llm, "vision": vis, "audio": aud, "vocab": config.vocab_size,
-                "patches_per_token": int(v.get("spatial_merge_size", 2)) ** 2,  # the bridge merges 2x2 patches
-                "frames_per_audio_token": int(a.get("avg_pooler", 4))}  # 50 frames/s pooled to 12.5 tokens/s
+            aud = Stack(a.get("d_model", 1280), a.get("encoder_layers", 32), a.get("encoder_ffn_dim", 5120),
+                        a.get("encoder_attention_heads", 20), False)
+        llm = Stack(config.hidden_size, config.num_hidden_layers, config.intermediate_size, config.num_attention_heads,
+                    True)
+        return TowerShapes(llm=llm, vision=vis, audio=aud, vocab=config.vocab_size,
+                           patches_per_token=int(v.get("spatial_merge_size", 2)) ** 2,  # the bridge merges 2x2 patches
+                           frames_per_audio_token=int(a.get("avg_pooler", 4)))  # 50 frames/s pooled to 12.5 tokens/s
 
     def usage(self, full_layout: bool) -> list[str]:
         return ["```python",
@@ -365,30 +288,20 @@ class BaichuanOmniFamily(Family):
                 "reference code of Baichuan-Omni-1.5 loads it too. Prompts use the released format "
                 "`<B_SYS>system<C_Q>user<C_A>`."]
 
-    # ---- tiny --------------------------------------------------------------------------
-    def materialize_tiny(self, seed: int = 0) -> Path:
-        root = cache_root() / "tiny" / f"baichuan_omni-s{seed}-v{TINY_VERSION}"
-        if (root / "config.json").exists():
-            return root
-        return atomic_build(root, lambda d: build_tiny(d, seed))
+    def tiny_models(self) -> dict:
+        return {self.name: tiny.materialize_tiny}
 
     # ---- export ------------------------------------------------------------------------
-    def save_merged(self, model, loaded: LoadedModel, out_dir: Path, *, dtype: torch.dtype,
-                    max_shard_size: str) -> dict:
-        """The merged model in the released layout; the speech-output tensors copied unchanged."""
+    # The export keeps the released layout: the base's config.json and files as they are, the
+    # speech-output tensors copied unchanged, the merged model's tensors under their own names.
+    generation_config_from_merged = False  # the released folder's files only
+    quantized_note = "; text output only (the speech-output parts stay in merged/)"
 
-        out_dir = Path(out_dir)
-        model = model.to(dtype)
-        stage = Path(tempfile.mkdtemp(prefix=".stage-", dir=out_dir))
-        try:
-            model.save_pretrained(str(stage), safe_serialization=True, max_shard_size="1000GB")
-            info = assemble(stage, loaded.base_path, out_dir, prefix="", max_shard_size=max_shard_size)
-        finally:
-            shutil.rmtree(stage, ignore_errors=True)
-        info["copied"] = copy_extras(loaded.base_path, out_dir)  # config.json included, unchanged
-        self.write_processor_settings(out_dir, loaded.processor)
-        info["layout"] = "baichuan_omni (with its speech-output parts)" if info["kept_tensors"] else "baichuan_omni"
-        return info
+    def merged_config_from_stage(self, loaded: LoadedModel) -> bool:
+        return False
+
+    def merged_layout(self, full: bool, kept: list[str]) -> str:
+        return "baichuan_omni (with its speech-output parts)" if kept else "baichuan_omni"
 
     def write_processor_settings(self, folder: Path, processor) -> None:
         """Exports carry Baichuan's prompt format as chat_template.jinja (read before the released
@@ -397,86 +310,12 @@ class BaichuanOmniFamily(Family):
         if not target.exists():
             target.write_text(CHAT_TEMPLATE)
 
-    def load_merged_for_check(self, folder: Path, dtype: torch.dtype):
-        return BaichuanOmniForCausalLM.from_pretrained(str(folder), dtype=dtype)
-
-    def save_quantized(self, merged_dir: Path, out_dir: Path, *, quantize: str, dtype: torch.dtype) -> str:
-        """The merged text model quantised with bitsandbytes (the LLM's linear layers, as QLoRA
-        does); the speech-output parts are not part of it (merged/ keeps them)."""
-
-        cfg = quantization_config(quantize, dtype, self.quant_skip)
-        model = BaichuanOmniForCausalLM.from_pretrained(str(merged_dir), dtype=dtype, quantization_config=cfg)
-        model.save_pretrained(str(out_dir), safe_serialization=True)
-        self.copy_processor_files(merged_dir, out_dir)
-        return ("bitsandbytes NF4 with double quantisation" if quantize == "4bit" else "bitsandbytes int8") + \
-            f" on the LLM's linear layers, compute dtype {str(dtype).replace('torch.', '')}; text output only " \
-            "(the speech-output parts stay in merged/)"
-
-    def load_quantized_for_check(self, folder: Path):
-        return BaichuanOmniForCausalLM.from_pretrained(str(folder))
+    def export_class(self) -> type:
+        return BaichuanOmniForCausalLM
 
 
 def _segment_tokens(valid_frames: int) -> int:
     return ((valid_frames - 1) // 2 + 1) // 4
 
 
-# ---- the tiny model ---------------------------------------------------------------------------
-def tiny_config(tok) -> dict:
-    """config.json of a tiny Baichuan-Omni-1.5: the released structure with small widths."""
-    ids = {t: tok.convert_tokens_to_ids(t) for t in SPECIAL_TOKENS}
-    vocab = int(math.ceil(len(tok) / 64) * 64)
-    return {
-        "architectures": ["OmniForCausalLM"], "model_type": "omni", "vocab_size": vocab, "hidden_size": 64,
-        "intermediate_size": 192, "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
-        "head_dim": 16, "hidden_act": "silu", "max_position_embeddings": 4096, "rms_norm_eps": 1e-6,
-        "rope_theta": 10000.0, "attention_qkv_bias": True, "tie_word_embeddings": False, "initializer_range": 0.1,
-        "bos_token_id": ids[EOT], "eos_token_id": ids[EOT], "pad_token_id": ids[EOT], "use_cache": True,
-        "torch_dtype": "float32",
-        "visual_config": {"enable": True, "depth": 2, "embed_dim": 64, "num_heads": 4, "mlp_ratio": 2,
-                          "hidden_act": "quick_gelu", "patch_size": 14, "merge_size": 2, "spatial_merge_size": 2,
-                          "temporal_patch_size": 2, "in_channels": 3, "min_pixels": 3136, "max_pixels": 12544,
-                          "image_start_token_id": ids[IMG_START], "image_end_token_id": ids[IMG_END],
-                          "image_pad_token_id": ids[IMG_PAD],
-                          "image_mean": [0.48145466, 0.4578275, 0.40821073],
-                          "image_std": [0.26862954, 0.26130258, 0.27577711]},
-        "video_config": {"max_frame_num": 8, "max_pixels": 12544, "video_place_token_id": ids[VIDEO_PAD],
-                         "video_start_token_id": ids[VIDEO_START], "video_end_token_id": ids[VIDEO_END]},
-        "audio_config": {"enable": True, "num_mel_bins": 128, "d_model": 32, "encoder_layers": 2,
-                         "encoder_attention_heads": 4, "encoder_ffn_dim": 64, "avg_pooler": 4,
-                         "max_source_positions": 1500, "audio_start_token_id": ids[AUDIO_START],
-                         "audio_end_token_id": ids[AUDIO_END], "audio_pad_token_id": ids[AUDIO_PAD],
-                         "vq_config": {"enable": True, "codebook_sizes": [64, 32, 32, 16, 16, 16, 16, 16]}},
-    }
-
-
-# tensors standing in for the speech-output parts of a released checkpoint (export copies them)
-_TINY_SPEECH = {"audio_head.headnorm.weight": (64,), "audio_head.heads.0.weight": (65, 64),
-                "audio_tokenizer.audio_decoder.dconv1.conv.weight": (32, 32, 3),
-                "audio_tokenizer.audio_flow_matching_decoder.prenet.out_proj.weight": (80, 32)}
-
-
-def build_tiny(folder: Path, seed: int = 0) -> None:
-    from safetensors.torch import load_file, save_file
-    from transformers import GenerationConfig, Qwen2Tokenizer
-
-
-    tok = Qwen2Tokenizer(tokenizer_object=build_bpe_tokenizer(SPECIAL_TOKENS), eos_token=EOT, pad_token=EOT,
-                         unk_token=None, chat_template=CHAT_TEMPLATE)
-    cfg_dict = tiny_config(tok)
-    torch.manual_seed(seed)
-    model = BaichuanOmniForCausalLM(BaichuanOmniConfig(**cfg_dict)).eval()
-    model.save_pretrained(str(folder), safe_serialization=True)
-    # the released layout: config.json as shipped, speech-output tensors in the same file
-    weights = Path(folder) / "model.safetensors"
-    state = load_file(str(weights))
-    g = torch.Generator().manual_seed(seed + 1)
-    for k, shape in _TINY_SPEECH.items():
-        state[k] = torch.randn(shape, generator=g)
-    save_file(state, str(weights), metadata={"format": "pt"})
-    (Path(folder) / "config.json").write_text(json.dumps(cfg_dict, indent=2, sort_keys=True) + "\n")
-    tok.save_pretrained(str(folder))
-    GenerationConfig(eos_token_id=tok.convert_tokens_to_ids(EOT), pad_token_id=tok.convert_tokens_to_ids(EOT),
-                     do_sample=False).save_pretrained(str(folder))
-
-
-__all__ = ["BaichuanOmniFamily", "BaichuanProcessor", "smart_resize"]
+__all__ = ["BaichuanOmniFamily", "BaichuanProcessor", "AUDIO_START", "AUDIO_END", "AUDIO_PAD"]

@@ -11,13 +11,15 @@ from __future__ import annotations
 
 import abc
 import shutil
+import tempfile
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import torch
 
+from finetune.checkpoint import assemble, copy_extras
 from finetune.data import media as M
 from finetune.data.schema import DataError
 from finetune.errors import ConfigError, MissingFileError
@@ -94,6 +96,39 @@ class LoadedModel:
     base_path: Path
     is_full_checkpoint: bool = False
     info: dict = field(default_factory=dict)
+
+
+class Stack(NamedTuple):
+    """A transformer stack's shape, as the planner's activation arithmetic reads it."""
+
+    hidden: int
+    layers: int
+    ffn: int  # the MLP's inner width
+    heads: int
+    gated: bool  # SwiGLU MLP (gate/up/down) vs GELU MLP (fc1/fc2)
+
+
+@dataclass(frozen=True)
+class TowerShapes:
+    """What `Family.tower_shapes` gives the planner and the benchmarks about a model's config."""
+
+    llm: Stack
+    vision: Stack | None  # None: the model has no such tower (or the config disables it)
+    audio: Stack | None
+    vocab: int
+    patches_per_token: int  # vision-tower positions per image token
+    frames_per_audio_token: int  # audio-tower positions per audio token
+
+
+@dataclass(frozen=True)
+class MergedExport:
+    """What `Family.save_merged` wrote into an export folder."""
+
+    files: list[str]  # the weight shards and their index
+    kept_tensors: list[str]  # base tensors copied unchanged (the export checks them bit for bit), sorted
+    layout: str  # the manifest's name of the folder's layout
+    trained_tensors: int = 0  # tensors written from the merged model
+    copied: list[str] = field(default_factory=list)  # the base folder's other files, copied unchanged
 
 
 @typing.runtime_checkable
@@ -303,9 +338,9 @@ class Family(abc.ABC):
                 continue
         return None
 
-    @abc.abstractmethod
     def materialize_tiny(self, seed: int = 0) -> Path:
-        """Build the tiny random model of this family into a cached folder and return it."""
+        """The tiny random model of this family (`tiny:<name>`), built into a cached folder on first use."""
+        return self.tiny_models()[self.name](seed)
 
     # ---- roles -------------------------------------------------------------------------
     def role_of(self, name: str) -> str | None:
@@ -397,10 +432,9 @@ class Family(abc.ABC):
         model.save_pretrained(str(folder), max_shard_size="5GB")
 
     @abc.abstractmethod
-    def tower_shapes(self, config: Any) -> dict[str, Any]:
-        """{"llm", "vision", "audio": (hidden, layers, ffn, heads, gated MLP) or None, "vocab": int,
-        "patches_per_token": vision-tower positions per image token, "frames_per_audio_token":
-        audio-tower positions per audio token}."""
+    def tower_shapes(self, config: Any) -> TowerShapes:
+        """The LLM's and the towers' stack shapes, the vocabulary, and the tower positions per image
+        and per audio token, from a model config (the planner's arithmetic, the benchmarks' FLOPs)."""
 
     def usage(self, full_layout: bool) -> list[str]:
         """Markdown lines for the exported model card: how to load the export (and its adapter)."""
@@ -433,9 +467,10 @@ class Family(abc.ABC):
     processor_class: type | None = None  # a Processor class (from_folder(folder, min_pixels=, ...))
     folder_hint: str = ""  # what model.path should point at, for error messages
 
+    @abc.abstractmethod
     def tiny_models(self) -> dict[str, Any]:
-        """`tiny:<name>` variants this family builds: name -> materialize(seed) -> folder."""
-        return {self.name: self.materialize_tiny}
+        """`tiny:<name>` variants this family builds: name -> materialize(seed) -> folder (the builders
+        live in the family's `<family>_tiny` module); one of them is named as the family."""
 
     def resolve_path(self, path: str, tiny_seed: int = 0, revision: str = "") -> Path:
         """`tiny:<name>` -> the cached tiny folder (built on first use); a local folder as it is; a
@@ -473,24 +508,97 @@ class Family(abc.ABC):
     def write_processor_settings(self, folder: Path, processor: Any) -> None:
         """Make an exported folder's processor config preprocess as training did (default: as is)."""
 
-    @abc.abstractmethod
+    # The export template: `save_merged` writes the merged model in the base's layout and the
+    # check loads read it back; a family fills in the hooks below them.
+    #: the base folder lacks generation_config.json: the export takes the one transformers writes
+    #: for the merged model (a family whose export keeps the released folder's files says False)
+    generation_config_from_merged: bool = True
+    #: what `save_quantized`'s description adds about the family's quantised export
+    quantized_note: str = ""
+
     def save_merged(self, model: torch.nn.Module, loaded: LoadedModel, out_dir: Path, *,
-                    dtype: torch.dtype, max_shard_size: str) -> dict:
+                    dtype: torch.dtype, max_shard_size: str) -> MergedExport:
         """Write a complete, loadable checkpoint of the merged model into `out_dir`, in the base's
-        layout. Returns {"files", "kept_tensors" (base tensors copied unchanged), "layout"}."""
+        layout: the model saved to a staging folder beside it, its tensors written under the base's
+        names (`merged_prefix`) with every base tensor it does not hold copied unchanged, the
+        config (`merged_config_from_stage`: the merged model's; else the base's, with its other
+        files), the processor settings training used."""
+        out_dir = Path(out_dir)
+        model = model.to(dtype)
+        self.prepare_merged(model, loaded)
+        own_config = self.merged_config_from_stage(loaded)
+        stage = Path(tempfile.mkdtemp(prefix=".stage-", dir=out_dir))
+        try:
+            model.save_pretrained(str(stage), safe_serialization=True, max_shard_size="1000GB")
+            written = assemble(stage, loaded.base_path, out_dir, prefix=self.merged_prefix(loaded),
+                               max_shard_size=max_shard_size)
+            if own_config:
+                shutil.copyfile(stage / "config.json", out_dir / "config.json")
+            gen = "generation_config.json"
+            if self.generation_config_from_merged and not (loaded.base_path / gen).exists() and (stage / gen).exists():
+                shutil.copyfile(stage / gen, out_dir / gen)
+        finally:
+            shutil.rmtree(stage, ignore_errors=True)
+        copied = copy_extras(loaded.base_path, out_dir, skip=("config.json",) if own_config else ())
+        self.write_processor_settings(out_dir, loaded.processor)
+        return MergedExport(files=written.files, kept_tensors=written.kept_tensors, trained_tensors=written.trained_tensors,
+                            layout=self.merged_layout(loaded.is_full_checkpoint, written.kept_tensors), copied=copied)
+
+    def prepare_merged(self, model: torch.nn.Module, loaded: LoadedModel) -> None:
+        """Set the merged model's config as the export should have it: the KV cache on (loading
+        switched it off for training); a family undoes its other training-time settings here."""
+        model.config.use_cache = True
+        model.config.get_text_config().use_cache = True
+
+    def merged_prefix(self, loaded: LoadedModel) -> str:
+        """What the trained model's tensor names take in the base's checkpoint (a full checkpoint's
+        `thinker.`, say)."""
+        return ""
+
+    def merged_config_from_stage(self, loaded: LoadedModel) -> bool:
+        """The export's config.json is the one transformers writes for the merged model (its dtype,
+        cache on); False: the base's, copied unchanged with its other files."""
+        return True
+
+    def merged_layout(self, full: bool, kept: list[str]) -> str:
+        """The manifest's name of an export's layout (`full`: a full checkpoint's; `kept`: the base
+        tensors it copied unchanged)."""
+        return self.model_types[0]
 
     @abc.abstractmethod
+    def export_class(self) -> type:
+        """The class whose from_pretrained reads an export's trainable model (and a quantised one)."""
+
+    def read_export(self, folder: Path, kwargs: dict) -> torch.nn.Module:
+        """An export folder's trainable model, read the way users read it, with from_pretrained's `kwargs`."""
+        return self.export_class().from_pretrained(str(folder), **kwargs)
+
+    def patch_loaded(self, model: torch.nn.Module) -> torch.nn.Module:
+        """What every load of the family's model gets, for training and for the export's checks
+        (instance attributes and hooks; weights and module names unchanged)."""
+        return model
+
     def load_merged_for_check(self, folder: Path, dtype: torch.dtype) -> torch.nn.Module:
         """Load an exported checkpoint's trainable model (for verification)."""
+        return self.patch_loaded(self.read_export(Path(folder), {"dtype": dtype}))
 
-    @abc.abstractmethod
+    def check_quantizable(self, merged_dir: Path) -> None:
+        """Refuse an export `save_quantized` cannot write (a ConfigError naming the fix)."""
+
     def save_quantized(self, merged_dir: Path, out_dir: Path, *, quantize: str, dtype: torch.dtype) -> str:
         """`export.quantize`: the merged model in out_dir with bitsandbytes 4/8-bit on the LLM's
-        linear layers; returns a description of the format for the manifest."""
+        linear layers (as QLoRA quantises them); returns a description of the format for the manifest."""
+        self.check_quantizable(Path(merged_dir))
+        cfg = quantization_config(quantize, dtype, self.quant_skip)
+        model = self.export_class().from_pretrained(str(merged_dir), dtype=dtype, quantization_config=cfg)
+        model.save_pretrained(str(out_dir), safe_serialization=True)
+        self.copy_processor_files(merged_dir, out_dir)
+        return ("bitsandbytes NF4 with double quantisation" if quantize == "4bit" else "bitsandbytes int8") + \
+            f" on the LLM's linear layers, compute dtype {str(dtype).replace('torch.', '')}" + self.quantized_note
 
-    @abc.abstractmethod
     def load_quantized_for_check(self, folder: Path) -> torch.nn.Module:
         """Load what `save_quantized` wrote (for the comparison with merged/)."""
+        return self.patch_loaded(self.read_export(Path(folder), {}))
 
 
 def part_field(sample: "Sample", part, key: str = "path") -> str:

@@ -45,168 +45,36 @@ full (it writes the weights in place, which 4/8-bit weights cannot take; see `lo
 from __future__ import annotations
 
 import hashlib
-import json
-import shutil
-import tempfile
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
-from finetune.checkpoint import assemble, copy_extras
 from finetune.data import media as M
-from finetune.demo_data import KINDS, make_image
 from finetune.errors import ConfigError
-from finetune.families.base import (
-    IGNORE_INDEX,
-    EncodedSample,
-    Family,
-    LoadedModel,
-    LoadSpec,
-    processor_settings,
-    quantization_config,
+from finetune.families import gemma3n_tiny as tiny
+from finetune.families.base import IGNORE_INDEX, EncodedSample, Family, LoadedModel, LoadSpec, Stack, TowerShapes
+from finetune.families.gemma3n_processor import (
+    AUDIO_TOKEN,
+    BOA,
+    BOI,
+    BOS,
+    END_TURN,
+    EOA,
+    EOI,
+    IMAGE_TOKEN,
+    START_TURN,
+    Gemma3nOmniProcessor,
 )
-from finetune.families.gemma3n_timm import TINY_ARCH, ensure_timm
-from finetune.families.shared import atomic_build, chat_turns, tiny_cache_dir
-from finetune.families.tiny import build_bpe_tokenizer
-
-BOS, START_TURN, END_TURN = "<bos>", "<start_of_turn>", "<end_of_turn>"
-BOI, EOI, IMAGE_TOKEN = "<start_of_image>", "<end_of_image>", "<image_soft_token>"
-BOA, EOA, AUDIO_TOKEN = "<start_of_audio>", "<end_of_audio>", "<audio_soft_token>"
+from finetune.families.gemma3n_timm import transformers_class as _hf
+from finetune.families.shared import chat_turns
 
 PROCESSOR_FILES = (
     "tokenizer.json", "tokenizer_config.json", "tokenizer.model", "special_tokens_map.json", "added_tokens.json",
     "chat_template.json", "chat_template.jinja", "preprocessor_config.json", "processor_config.json",
     "generation_config.json",
 )
-
-CHAT_TEMPLATE = (Path(__file__).resolve().parent.parent / "configs" / "gemma3n.chat_template.jinja").read_text()
-#: the released model's preprocessing (its preprocessor_config.json / processor_config.json)
-IMAGE_SIZE, IMAGE_SEQ, AUDIO_SEQ, MAX_AUDIO_SAMPLES = 768, 256, 188, 480_000
-
-
-def _hf(name: str):
-    """A transformers class by name, with timm made importable first (the vision tower needs it)."""
-
-    ensure_timm()
-    import transformers
-
-    return getattr(transformers, name)
-
-
-@dataclass
-class Gemma3nOmniProcessor:
-    """Tokenizer + image/audio preprocessing of a Gemma 3n checkpoint (our own, from transformers'
-    parts: the PIL SigLIP image processor and the Gemma 3n audio feature extractor)."""
-
-    TOKENS = (BOS, START_TURN, END_TURN, BOI, EOI, IMAGE_TOKEN, BOA, EOA, AUDIO_TOKEN)
-
-    tokenizer: Any
-    image_size: tuple = (IMAGE_SIZE, IMAGE_SIZE)  # (height, width)
-    image_seq_length: int = IMAGE_SEQ
-    audio_seq_length: int = AUDIO_SEQ
-    max_audio_samples: int = MAX_AUDIO_SAMPLES
-    sampling_rate: int = 16000
-    feature_settings: dict = field(default_factory=dict)
-    system_prompt: str | None = None
-    long_audio: str = "error"  # data.long_audio (Family.clip_spans)
-    token_ids: dict = field(default_factory=dict)
-    _image_proc: Any = None
-    _fe: Any = None
-    _runs: dict = field(default_factory=dict)
-
-    @classmethod
-    def from_folder(cls, folder: Path, *, min_pixels: int | None = None, max_pixels: int | None = None,
-                    video_fps: float = 2.0, video_max_frames: int = 16, system_prompt: str | None = None,
-                    long_audio: str = "error"):
-        """The folder's tokenizer and preprocessing settings. Gemma 3n resizes every image to one
-        fixed size, so the recipe's min/max pixels and video settings do not apply."""
-        from transformers import AutoTokenizer
-
-        tok = AutoTokenizer.from_pretrained(str(folder))
-        cfg = processor_settings(folder, keep=("size",))
-        size = cfg.get("size") or {}
-        fe_keys = ("feature_size", "sampling_rate", "padding_value", "frame_length", "hop_length", "fft_length",
-                   "min_frequency", "max_frequency", "preemphasis", "preemphasis_htk_flavor", "fft_overdrive",
-                   "dither", "input_scale_factor", "mel_floor", "per_bin_mean", "per_bin_stddev")
-        proc = cls(
-            tokenizer=tok,
-            image_size=(int(size.get("height", IMAGE_SIZE)), int(size.get("width", IMAGE_SIZE))),
-            image_seq_length=int(cfg.get("image_seq_length", IMAGE_SEQ)),
-            audio_seq_length=int(cfg.get("audio_seq_length", AUDIO_SEQ)),
-            max_audio_samples=int(cfg.get("max_length", MAX_AUDIO_SAMPLES)),
-            sampling_rate=int(cfg.get("sampling_rate", 16000)),
-            feature_settings={k: cfg[k] for k in fe_keys if k in cfg},
-            system_prompt=system_prompt or None,  # the released template adds no default system turn
-            long_audio=long_audio,
-        )
-        for s in cls.TOKENS:
-            tid = tok.convert_tokens_to_ids(s)
-            if tid is None or tid == tok.unk_token_id:
-                raise ConfigError(f"{folder}: tokenizer has no special token {s}; is this a Gemma 3n folder?")
-            proc.token_ids[s] = int(tid)
-        return proc
-
-    # ---- the Processor protocol ----------------------------------------------------------
-    @property
-    def pad_id(self) -> int:
-        pid = self.tokenizer.pad_token_id
-        return int(pid if pid is not None else self.token_ids[END_TURN])
-
-    @property
-    def eos_id(self) -> int:
-        return self.token_ids[END_TURN]  # an answer ends with <end_of_turn> (generation_config: [<eos>, it])
-
-    def settings(self) -> dict:
-        return {"image_size": list(self.image_size), "image_seq_length": self.image_seq_length,
-                "audio_seq_length": self.audio_seq_length, "max_audio_samples": self.max_audio_samples,
-                "system_prompt": self.system_prompt, "vocab": len(self.tokenizer), "long_audio": self.long_audio}
-
-    # ---- text ------------------------------------------------------------------------------
-    def run(self, text: str) -> tuple[list[int], list[int]]:
-        """(ids, start offsets) of a run of plain text between special tokens, cached."""
-        got = self._runs.get(text)
-        if got is None:
-            enc = self.tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
-            got = (list(enc["input_ids"]), [int(s) for s, _ in enc["offset_mapping"]])
-            if len(self._runs) < 100_000:
-                self._runs[text] = got
-        return got
-
-    # ---- media -------------------------------------------------------------------------------
-    @property
-    def image_processor(self):
-        if self._image_proc is None:
-            from transformers.models.siglip.image_processing_pil_siglip import SiglipImageProcessorPil
-
-            h, w = self.image_size
-            self._image_proc = SiglipImageProcessorPil(size={"height": h, "width": w}, resample=2, do_resize=True,
-                                                       do_rescale=True, rescale_factor=1 / 255, do_normalize=False,
-                                                       do_convert_rgb=True)
-        return self._image_proc
-
-    def process_image(self, img) -> torch.Tensor:
-        """An image -> pixel_values [3, H, W] in [0, 1]."""
-        return self.image_processor(images=[img.convert("RGB")], return_tensors="pt")["pixel_values"][0]
-
-    @property
-    def feature_extractor(self):
-        if self._fe is None:
-            from transformers import Gemma3nAudioFeatureExtractor
-
-            self._fe = Gemma3nAudioFeatureExtractor(**self.feature_settings)
-        return self._fe
-
-    def process_audio(self, wave: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
-        """A mono waveform -> (log-mel features [frames, mels], valid-frame mask [frames]), as the
-        released processor gives them. A clip longer than `max_audio_samples` (which that processor
-        cuts there) never gets here: the family refuses, splits or truncates it first (clip_spans)."""
-        out = self.feature_extractor(wave.astype(np.float32), sampling_rate=self.sampling_rate,
-                                     max_length=self.max_audio_samples, truncation=True, return_tensors="np")
-        feats = torch.from_numpy(out["input_features"][0].astype(np.float32))
-        return feats, torch.from_numpy(np.asarray(out["input_features_mask"][0], dtype=bool))
 
 
 class Gemma3nFamily(Family):
@@ -398,18 +266,17 @@ class Gemma3nFamily(Family):
         with torch.device("meta"):
             return _hf(self.hf_model)._from_config(cfg, dtype=torch.bfloat16), cfg
 
-    def tower_shapes(self, config) -> dict:
+    def tower_shapes(self, config) -> TowerShapes:
         t, a, v = config.text_config, config.audio_config, config.vision_config
         ffn = t.intermediate_size if isinstance(t.intermediate_size, int) else max(t.intermediate_size)
-        return {"llm": (t.hidden_size, t.num_hidden_layers, ffn, t.num_attention_heads, True),
-                # MobileNetV5 is a CNN, not a transformer stack: counted coarsely as one wide layer
-                # over its output grid (it is frozen in the recipes; only transient bytes count)
-                "vision": (v.hidden_size, 1, 4 * v.hidden_size, 8, False),
-                "audio": (a.hidden_size, a.conf_num_hidden_layers, 4 * a.hidden_size, a.conf_num_attention_heads,
-                          False),
-                "vocab": t.vocab_size,
-                "patches_per_token": 1,
-                "frames_per_audio_token": a.conf_reduction_factor}  # conformer frames per soft token
+        return TowerShapes(llm=Stack(t.hidden_size, t.num_hidden_layers, ffn, t.num_attention_heads, True),
+                           # MobileNetV5 is a CNN, not a transformer stack: counted coarsely as one wide layer
+                           # over its output grid (it is frozen in the recipes; only transient bytes count)
+                           vision=Stack(v.hidden_size, 1, 4 * v.hidden_size, 8, False),
+                           audio=Stack(a.hidden_size, a.conf_num_hidden_layers, 4 * a.hidden_size,
+                                       a.conf_num_attention_heads, False),
+                           vocab=t.vocab_size, patches_per_token=1,
+                           frames_per_audio_token=a.conf_reduction_factor)  # conformer frames per soft token
 
     def usage(self, full_layout: bool) -> list[str]:
         return ["```python",
@@ -422,52 +289,19 @@ class Gemma3nFamily(Family):
                 "The vision tower needs timm. Without torchvision, import `finetune.families.gemma3n_timm` and call "
                 "`ensure_timm()` first, and load the image processor with `backend=\"pil\"`."]
 
-    # ---- tiny --------------------------------------------------------------------------
-    def materialize_tiny(self, seed: int = 0) -> Path:
-        root = tiny_cache_dir() / f"gemma3n-s{seed}-v{TINY_VERSION}"
-        if (root / "config.json").exists():
-            return root
-        return atomic_build(root, lambda d: build_tiny(d, seed))
+    def tiny_models(self) -> dict:
+        return {self.name: tiny.materialize_tiny}
 
-    # ---- export ------------------------------------------------------------------------
-    def save_merged(self, model, loaded: LoadedModel, out_dir: Path, *, dtype: torch.dtype,
-                    max_shard_size: str) -> dict:
-        """The merged model in the base's layout: transformers' tensor names (the tied output
-        matrix once, as the base holds it), base tensors the model does not hold copied as they are."""
-
-        out_dir = Path(out_dir)
-        model = model.to(dtype)
-        model.config.use_cache = True
-        text = model.config.get_text_config()
-        text.use_cache = True
+    # ---- export: transformers' tensor names (the tied output matrix once, as the base holds it), base
+    # tensors the model does not hold copied as they are, the config transformers writes for it
+    def prepare_merged(self, model, loaded: LoadedModel) -> None:
+        super().prepare_merged(model, loaded)
         # load() may have switched AltUp's training-time clip off; the export keeps the base's
-        text.altup_coef_clip = _hf(self.hf_config).from_pretrained(str(loaded.base_path)).text_config.altup_coef_clip
-        stage = Path(tempfile.mkdtemp(prefix=".stage-", dir=out_dir))
-        try:
-            model.save_pretrained(str(stage), safe_serialization=True, max_shard_size="1000GB")
-            info = assemble(stage, loaded.base_path, out_dir, prefix="", max_shard_size=max_shard_size)
-            shutil.copyfile(stage / "config.json", out_dir / "config.json")
-            if not (loaded.base_path / "generation_config.json").exists() and (stage / "generation_config.json").exists():
-                shutil.copyfile(stage / "generation_config.json", out_dir / "generation_config.json")
-        finally:
-            shutil.rmtree(stage, ignore_errors=True)
-        info["copied"] = copy_extras(loaded.base_path, out_dir, skip=("config.json",))
-        info["layout"] = self.model_types[0]
-        return info
+        model.config.get_text_config().altup_coef_clip = \
+            _hf(self.hf_config).from_pretrained(str(loaded.base_path)).text_config.altup_coef_clip
 
-    def load_merged_for_check(self, folder: Path, dtype: torch.dtype):
-        return _hf(self.hf_model).from_pretrained(str(folder), dtype=dtype)
-
-    def save_quantized(self, merged_dir: Path, out_dir: Path, *, quantize: str, dtype: torch.dtype) -> str:
-        cfg = quantization_config(quantize, dtype, self.quant_skip)
-        model = _hf(self.hf_model).from_pretrained(str(merged_dir), dtype=dtype, quantization_config=cfg)
-        model.save_pretrained(str(out_dir), safe_serialization=True)
-        self.copy_processor_files(merged_dir, out_dir)
-        return ("bitsandbytes NF4 with double quantisation" if quantize == "4bit" else "bitsandbytes int8") + \
-            f" on the LLM's linear layers, compute dtype {str(dtype).replace('torch.', '')}"
-
-    def load_quantized_for_check(self, folder: Path):
-        return _hf(self.hf_model).from_pretrained(str(folder))
+    def export_class(self) -> type:
+        return _hf(self.hf_model)
 
 
 def images_one_by_one(model: torch.nn.Module) -> None:
@@ -638,180 +472,3 @@ def collate_media(batch: list[EncodedSample]) -> dict[str, Any]:
     return out
 
 
-# ---- the tiny model ------------------------------------------------------------------------
-TINY_VERSION = 5  # 2: 128x128 images, 16 tokens, no layer scale; 3: AltUp's output scale not zero;
-#                   4: sliding window 32 (was 8), q/k norm scales head_dim^-1/4,
-#                   a random stem bias, the image embedder centred; 5: the vision tower 2-3x wider,
-#                   192 px images (was 128)
-#: reserved ids per tower block of the vocabulary (the real model has 128 each)
-TINY_TOWER_VOCAB = 8
-# the MSFA fuses the stride-16 and stride-32 features (12x12 at 192 px) and pools them to 4x4
-# tokens: the demo's small lesions need that grid (at 64 px and 2x2 tokens the tiny model learned
-# which scan it sees but never where a lesion is). 192 px rather than 128 costs no tokens, only tower
-# time, which a frozen tower spends once per image (FrozenImageCache); the held-out lesion probe
-# of gemma3n_timm.TINY_BLOCKS reads 0.93-0.97 over 4 init seeds at 192 px, 0.90-0.95 at 128, and
-# the demo's held-out lesion accuracy went from 0.900-0.938 to 0.925-0.975 over three train seeds
-TINY_IMAGE_SIZE, TINY_IMAGE_TOKENS, TINY_IMAGE_GRID = 192, 16, 4
-TINY_MAX_AUDIO_SAMPLES = 4 * 16000  # 4 s: the tiny audio tower then gives at most 25 rows
-TEXT_SPECIALS = ["<pad>", "<eos>", BOS, "<unk>", "<mask>", START_TURN, END_TURN, BOI, BOA]
-
-
-def build_tiny_tokenizer():
-    """Byte-level BPE (trained in code) with Gemma 3n's special tokens in Gemma's vocabulary layout:
-    text | vision block (`<end_of_image>` at its offset, `<image_soft_token>` next, then reserved
-    ids) | audio block (likewise). The model routes ids by these ranges."""
-    from transformers import PreTrainedTokenizerFast
-
-
-    vision = [EOI, IMAGE_TOKEN] + [f"<vision_reserved_{i}>" for i in range(TINY_TOWER_VOCAB - 2)]
-    audio = [EOA, AUDIO_TOKEN] + [f"<audio_reserved_{i}>" for i in range(TINY_TOWER_VOCAB - 2)]
-    tok = build_bpe_tokenizer(TEXT_SPECIALS + vision + audio)
-    return PreTrainedTokenizerFast(
-        tokenizer_object=tok, bos_token=BOS, eos_token="<eos>", pad_token="<pad>", unk_token="<unk>",
-        extra_special_tokens={"image_token": IMAGE_TOKEN, "boi_token": BOI, "eoi_token": EOI,
-                              "audio_token": AUDIO_TOKEN, "boa_token": BOA, "eoa_token": EOA},
-        chat_template=CHAT_TEMPLATE,
-    )
-
-
-def tiny_config(tok):
-    """A small Gemma 3n: the real architecture (AltUp, LAuReL, per-layer inputs, KV sharing, sliding
-    and global layers, activation sparsity in the first layer, MobileNetV5 with attention blocks
-    and the MSFA, the conformer) at small widths, initialised with std 0.1 as the other tiny
-    models are (the library's 0.02 is tuned for widths in the thousands)."""
-
-    ids = {t: tok.convert_tokens_to_ids(t) for t in (BOI, EOI, IMAGE_TOKEN, BOA, EOA, AUDIO_TOKEN, "<pad>", "<eos>", BOS)}
-    vocab = len(tok)
-    v_off, a_off = ids[EOI], ids[EOA]
-    assert ids[IMAGE_TOKEN] == v_off + 1 and ids[AUDIO_TOKEN] == a_off + 1
-    assert a_off == v_off + TINY_TOWER_VOCAB and vocab == a_off + TINY_TOWER_VOCAB
-    init = 0.1
-    text = dict(vocab_size=vocab, vocab_size_per_layer_input=v_off, hidden_size=64, hidden_size_per_layer_input=16,
-                intermediate_size=128, num_hidden_layers=4, num_attention_heads=2, num_key_value_heads=1, head_dim=32,
-                layer_types=["sliding_attention", "full_attention"] * 2, sliding_window=32, num_kv_shared_layers=2,
-                laurel_rank=8, altup_num_inputs=2, activation_sparsity_pattern=[0.95, 0.0, 0.0, 0.0],
-                max_position_embeddings=4096, pad_token_id=ids["<pad>"], eos_token_id=ids["<eos>"],
-                bos_token_id=ids[BOS], initializer_range=init)
-    audio = dict(vocab_size=TINY_TOWER_VOCAB, vocab_offset=a_off, input_feat_size=128, hidden_size=32,
-                 conf_num_attention_heads=2, conf_num_hidden_layers=2, conf_attention_chunk_size=4,
-                 conf_attention_context_left=5, conf_attention_context_right=0, sscp_conv_channel_size=[8, 4],
-                 conf_reduction_factor=4, initializer_range=init)
-    vision = dict(architecture=TINY_ARCH, vocab_size=TINY_TOWER_VOCAB, vocab_offset=v_off, hidden_size=2048,
-                  model_args={"msfa_output_resolution": TINY_IMAGE_GRID}, initializer_range=init)
-    return _hf("Gemma3nConfig")(
-        text_config=text, vision_config=vision, audio_config=audio, vision_soft_tokens_per_image=TINY_IMAGE_TOKENS,
-        audio_soft_tokens_per_image=tiny_audio_rows(audio), boi_token_id=ids[BOI], eoi_token_id=v_off,
-        image_token_id=ids[IMAGE_TOKEN], boa_token_id=ids[BOA], eoa_token_id=a_off, audio_token_id=ids[AUDIO_TOKEN],
-        initializer_range=init, tie_word_embeddings=True)
-
-
-def tiny_audio_rows(audio: dict) -> int:
-    """Rows the tiny audio tower gives for the longest clip the tiny processor lets through."""
-    fe = _hf("Gemma3nAudioFeatureExtractor")()
-    frames = fe(np.zeros(TINY_MAX_AUDIO_SAMPLES, np.float32), sampling_rate=16000, max_length=TINY_MAX_AUDIO_SAMPLES,
-                truncation=True, return_tensors="np")["input_features"].shape[1]
-    n = frames
-    for _ in range(2):  # the subsampling convolutions: stride 2 each, padded to keep ceil(n / 2)
-        n = -(-n // 2)
-    return -(-n // audio["conf_reduction_factor"])
-
-
-def build_tiny(folder: Path, seed: int = 0) -> None:
-    """Write a random tiny Gemma 3n checkpoint with tokenizer and processor files to `folder`."""
-    from transformers import GenerationConfig
-
-    tok = build_tiny_tokenizer()
-    cfg = tiny_config(tok)
-    torch.manual_seed(seed)
-    model = _hf("Gemma3nForConditionalGeneration")(cfg).eval()
-    with torch.no_grad():
-        # AltUp scales each layer's corrected output (the per-layer-input path's input) by a vector
-        # that starts at zero: a random model would never use that path, and LoRA on it would learn
-        # nothing; a released model has it trained
-        for layer in model.model.language_model.layers:
-            layer.altup.correct_output_scale.normal_(1.0, 0.1)
-            # Gemma 3n's attention has no 1/sqrt(head_dim): its q/k norms' scales carry the
-            # temperature, which a released model has learned. At 1 the tiny model's attention
-            # logits have std sqrt(32) and its softmax starts saturated; head_dim^-1/4 on both
-            # gives the usual std 1 (the demo's loss after 800 steps: 0.19 instead of 0.26)
-            for name in ("q_norm", "k_norm"):  # a KV-shared layer has no k_norm (it reads its keys)
-                if hasattr(layer.self_attn, name):
-                    getattr(layer.self_attn, name).weight.fill_(cfg.text_config.head_dim ** -0.25)
-        # transformers' init zeroes the stem convolution's bias. Gemma 3n's pixels are 0..1 and an
-        # RMS norm over channels follows the stem, so without a bias every flat region gives the
-        # same normalised vector whatever its brightness: a dark lesion on a bright fundus was
-        # invisible to the tiny tower (a linear probe on its features: 0.52 held-out, on 16x16
-        # pixels 0.93). A released model's stem has a trained bias; with a random one of std 0.5
-        # the same probe reads 0.93 on the tower's output
-        model.model.vision_tower.timm_model.conv_stem.conv.bias.normal_(0.0, 0.5)
-        centre_image_embedder(model, seed)
-    _check_audio_rows(model, cfg)
-    model.save_pretrained(str(folder), safe_serialization=True)
-    tok.save_pretrained(str(folder))
-    fe = _hf("Gemma3nAudioFeatureExtractor")()
-    pre = {**fe.to_dict(), "image_processor_type": "SiglipImageProcessor", "processor_class": "Gemma3nProcessor",
-           "size": {"height": TINY_IMAGE_SIZE, "width": TINY_IMAGE_SIZE}, "resample": 2, "do_resize": True,
-           "do_rescale": True, "rescale_factor": 1 / 255, "do_normalize": False, "do_convert_rgb": True,
-           "image_mean": [0.5, 0.5, 0.5], "image_std": [0.5, 0.5, 0.5], "image_seq_length": TINY_IMAGE_TOKENS,
-           "max_length": TINY_MAX_AUDIO_SAMPLES}
-    pre.pop("mel_filters", None)
-    pre.pop("window", None)
-    (Path(folder) / "preprocessor_config.json").write_text(json.dumps(pre, indent=2, sort_keys=True, default=_plain))
-    (Path(folder) / "processor_config.json").write_text(json.dumps(
-        {"audio_seq_length": cfg.audio_soft_tokens_per_image, "image_seq_length": TINY_IMAGE_TOKENS,
-         "processor_class": "Gemma3nProcessor"}, indent=2))
-    (Path(folder) / "chat_template.jinja").write_text(CHAT_TEMPLATE)
-    gen = GenerationConfig(bos_token_id=tok.convert_tokens_to_ids(BOS), pad_token_id=tok.convert_tokens_to_ids("<pad>"),
-                           eos_token_id=[tok.convert_tokens_to_ids("<eos>"), tok.convert_tokens_to_ids(END_TURN)],
-                           do_sample=False)
-    gen.save_pretrained(str(folder))
-
-
-def centre_image_embedder(model, seed: int) -> None:
-    """Remove from the image embedder's projection what every image's features share.
-
-    A random MobileNetV5 gives every image nearly the same features: per soft token a mean that
-    no image changes, and on top of it a part that does (about 9% of the embeddings' size after the
-    embedder's norms, measured before the stem bias; about 30% for the other tiny families). A small
-    random LLM does not learn to read so small a difference in a demo's time, and training the
-    tower or the embedder makes it smaller still (their updates grow the shared part). A released
-    model's embedder is trained to give images distinct embeddings; the tiny one is given that
-    property by construction: the per-token mean features of 32 synthetic scans (the demo's own
-    generator, both kinds, with and without a lesion) are projected out of the projection's input
-    space, after which images differ by about 90% of the embeddings' size."""
-    from PIL import Image
-
-
-    rng = np.random.default_rng(seed)
-    inner = model.model
-    feats = []
-    for kind in KINDS:
-        for lesion in (False, True):
-            for _ in range(8):
-                img = Image.fromarray(make_image(kind, lesion, rng)[0]).convert("RGB")
-                img = img.resize((TINY_IMAGE_SIZE, TINY_IMAGE_SIZE), Image.Resampling.BILINEAR)
-                x = torch.from_numpy(np.asarray(img, np.float32) / 255).permute(2, 0, 1)[None]  # as the processor
-                h = inner.vision_tower(pixel_values=x, do_pooling=False, return_dict=True).last_hidden_state
-                h = h.reshape(1, h.shape[1], -1).permute(0, 2, 1) * model.config.vision_config.hidden_size ** 0.5
-                feats.append(inner.embed_vision.soft_embedding_norm(h))
-    q, _ = torch.linalg.qr(torch.cat(feats).mean(0).T)  # an orthonormal basis of the per-token means
-    w = inner.embed_vision.embedding_projection.weight
-    w.sub_((w @ q) @ q.T)
-
-
-def _plain(x):
-    return x.tolist() if hasattr(x, "tolist") else str(x)
-
-
-def _check_audio_rows(model, cfg) -> None:
-    """The longest clip fills exactly the fixed audio token count (the arithmetic above is the tower's)."""
-    frames = _hf("Gemma3nAudioFeatureExtractor")()(
-        np.zeros(TINY_MAX_AUDIO_SAMPLES, np.float32), sampling_rate=16000, max_length=TINY_MAX_AUDIO_SAMPLES,
-        truncation=True, return_tensors="pt")
-    with torch.no_grad():
-        out = model.model.get_audio_features(frames["input_features"].float(), ~frames["input_features_mask"].bool(),
-                                             return_dict=True)
-    rows = out.pooler_output.shape[1]
-    if rows != cfg.audio_soft_tokens_per_image:
-        raise RuntimeError(f"tiny Gemma 3n: the audio tower gives {rows} rows for the longest clip, the config "
-                           f"says {cfg.audio_soft_tokens_per_image}")

@@ -34,7 +34,7 @@ import types
 
 from finetune.errors import MissingExtraError
 
-__all__ = ["ensure_timm", "stand_in_installed", "TINY_ARCH", "TINY_BLOCKS"]
+__all__ = ["ensure_timm", "stand_in_installed", "transformers_class", "TINY_ARCH", "TINY_BLOCKS"]
 
 _ROOT = "torchvision"
 _installed = False
@@ -129,6 +129,14 @@ def _frozen_batch_norm():
 def stand_in_installed() -> bool:
     """Whether this process runs timm on the stand-in (no real torchvision installed)."""
     return _installed
+
+
+def transformers_class(name: str):
+    """A transformers class by name, with timm made importable first (Gemma 3n's vision tower needs it)."""
+    ensure_timm()
+    import transformers
+
+    return getattr(transformers, name)
 
 
 def ensure_timm() -> None:

@@ -2,8 +2,8 @@
 
 Loading takes a local folder holding either a full Qwen2.5-Omni checkpoint (thinker, talker,
 token2wav; `model_type: qwen2_5_omni`) or a thinker-only one (`qwen2_5_omni_thinker`).
-`tiny:qwen2_5_omni` materialises a random tiny thinker (and tokenizer) into a cached folder,
-so every later step treats it exactly like a real local checkpoint.
+`tiny:qwen2_5_omni` materialises a random tiny thinker (and tokenizer) into a cached folder
+(`qwen2_5_omni_tiny`), so every later step treats it exactly like a real local checkpoint.
 
 Our processor is built from transformers' component classes (tokenizer, the PIL image
 processor, the Whisper feature extractor) plus our own video patchifier: transformers'
@@ -24,9 +24,6 @@ use_audio_in_video, which the loaded model then decides per sample (`rope_per_sa
 from __future__ import annotations
 
 import json
-import math
-import shutil
-import tempfile
 import types
 from pathlib import Path
 from typing import Any
@@ -34,43 +31,22 @@ from typing import Any
 import numpy as np
 import torch
 
-from finetune.checkpoint import assemble, copy_extras
 from finetune.data import media as M
 from finetune.data.schema import DataError
 from finetune.errors import ConfigError
-from finetune.families.base import IGNORE_INDEX, EncodedSample, Family, LoadedModel, LoadSpec, quantization_config
+from finetune.families import qwen2_5_omni_tiny as tiny
+from finetune.families.base import IGNORE_INDEX, EncodedSample, Family, LoadedModel, LoadSpec, Stack, TowerShapes
 from finetune.families.shared import (
-    AUDIO_BOS,
-    AUDIO_EOS,
-    AUDIO_TOKEN,
-    IM_END,
-    IMAGE_TOKEN,
-    VIDEO_TOKEN,
-    VISION_BOS,
-    VISION_EOS,
+    PROCESSOR_FILES,
     OmniProcessor,
     _feat_to_tokens,
-    atomic_build,
     audio_output_lengths,
     chat_turns,
     text_and_media_chunks,
-    tiny_cache_dir,
 )
-from finetune.families.tiny import SPECIAL_TOKENS_QWEN, build_bpe_tokenizer
-from finetune.runtime import torch_dtype
 
-# The files a loader needs beside the weights; copied from the base into exports.
-PROCESSOR_FILES = (
-    "tokenizer.json", "tokenizer_config.json", "vocab.json", "merges.txt", "special_tokens_map.json",
-    "added_tokens.json", "chat_template.json", "chat_template.jinja", "preprocessor_config.json",
-    "processor_config.json", "video_preprocessor_config.json", "generation_config.json",
-)
 # Extra files of a full checkpoint that the speech output needs (copied unchanged).
 SPEECH_FILES = ("spk_dict.pt",)
-
-# The prompt format's chat template (our rendering of the released one's behaviour), shipped with the
-# package: the tiny model carries it, and tests/test_chat_format.py holds the encoder to it.
-CHAT_TEMPLATE = (Path(__file__).resolve().parent.parent / "configs" / "qwen2_5_omni.chat_template.jinja").read_text()
 
 
 class _RopeIndex:
@@ -238,10 +214,6 @@ def _tower_helpers():
         get_vision_position_ids, get_vision_window_index)})
 
 
-def _dtype_of(name: str) -> torch.dtype:
-    return torch_dtype(name)
-
-
 class Qwen25OmniFamily(Family):
     """Qwen2.5-Omni (7B and 3B): the thinker is trained, talker/token2wav kept for export."""
 
@@ -334,7 +306,7 @@ class Qwen25OmniFamily(Family):
         return cfg.get("dtype") or cfg.get("torch_dtype") or (cfg.get("thinker_config") or {}).get("torch_dtype")
 
     def tiny_models(self) -> dict:
-        return {self.name: self.materialize_tiny, f"{self.name}-full": self.materialize_tiny_full}
+        return {self.name: tiny.materialize_thinker, f"{self.name}-full": tiny.materialize_full}
 
     # ---- loading -----------------------------------------------------------------------
     def load_model(self, folder: Path, kwargs: dict, spec: LoadSpec) -> torch.nn.Module:
@@ -344,8 +316,7 @@ class Qwen25OmniFamily(Family):
             model = self._load_thinker_from_full(folder, tcfg, kwargs)
         else:
             model = self.hf(self.hf_thinker).from_pretrained(str(folder), config=tcfg, **kwargs)
-        rope_per_sample(model)
-        return model
+        return self.patch_loaded(model)
 
     def _load_thinker_from_full(self, folder: Path, tcfg, kwargs):
         """The thinker of a full checkpoint: its `thinker.` weights, nothing else loaded."""
@@ -492,14 +463,13 @@ class Qwen25OmniFamily(Family):
         with torch.device("meta"):
             return self.hf(self.hf_thinker)._from_config(cfg, dtype=torch.bfloat16), cfg
 
-    def tower_shapes(self, config) -> dict:
+    def tower_shapes(self, config) -> TowerShapes:
         t, v, a = config.text_config, config.vision_config, config.audio_config
-        return {"llm": (t.hidden_size, t.num_hidden_layers, t.intermediate_size, t.num_attention_heads, True),
-                "vision": (v.hidden_size, v.depth, v.intermediate_size, v.num_heads, True),
-                "audio": (a.d_model, a.encoder_layers, a.encoder_ffn_dim, a.encoder_attention_heads, False),
-                "vocab": t.vocab_size,
-                "patches_per_token": v.spatial_merge_size ** 2,
-                "frames_per_audio_token": 2}  # the tower's 50 frames/s average-pooled by 2 (_feat_to_tokens)
+        return TowerShapes(llm=Stack(t.hidden_size, t.num_hidden_layers, t.intermediate_size, t.num_attention_heads, True),
+                           vision=Stack(v.hidden_size, v.depth, v.intermediate_size, v.num_heads, True),
+                           audio=Stack(a.d_model, a.encoder_layers, a.encoder_ffn_dim, a.encoder_attention_heads, False),
+                           vocab=t.vocab_size, patches_per_token=v.spatial_merge_size ** 2,
+                           frames_per_audio_token=2)  # the tower's 50 frames/s average-pooled by 2 (_feat_to_tokens)
 
     def usage(self, full_layout: bool) -> list[str]:
         cls = self.hf_full if full_layout else self.hf_thinker
@@ -515,95 +485,40 @@ class Qwen25OmniFamily(Family):
                 "`WhisperFeatureExtractor`, the tokenizer); `examples/generate_with_transformers.py` in "
                 "omni-finetune shows how."]
 
-    # ---- tiny --------------------------------------------------------------------------
-    tiny_version = 3  # 2: initializer_range 0.1 (was the library default 0.02); 3: the released chat template
-
-    def build_tiny_thinker(self, folder: Path, seed: int) -> None:
-        build_tiny_thinker(folder, seed)
-
-    def build_tiny_full(self, folder: Path, thinker: Path, seed: int) -> None:
-        build_tiny_full(folder, thinker, seed)
-
-    def materialize_tiny(self, seed: int = 0) -> Path:
-        root = tiny_cache_dir() / f"{self.name}-thinker-s{seed}-v{self.tiny_version}"
-        if (root / "config.json").exists():
-            return root
-        return atomic_build(root, lambda d: self.build_tiny_thinker(d, seed))
-
-    def materialize_tiny_full(self, seed: int = 0) -> Path:
-        """A tiny full model: the tiny thinker with the speech output (talker and vocoder) beside it."""
-        root = tiny_cache_dir() / f"{self.name}-full-s{seed}-v{self.tiny_version}"
-        if (root / "config.json").exists():
-            return root
-        thinker = self.materialize_tiny(seed)
-        return atomic_build(root, lambda d: self.build_tiny_full(d, thinker, seed))
-
     # ---- export ------------------------------------------------------------------------
-    def save_merged(self, model, loaded: LoadedModel, out_dir: Path, *, dtype: torch.dtype,
-                    max_shard_size: str) -> dict:
-        """The merged thinker as a complete checkpoint in the base's layout.
+    # For a full Qwen2.5-Omni base the thinker goes back under `thinker.` and the talker and
+    # token2wav tensors, config and speaker dictionary are copied unchanged, so the export loads
+    # with Qwen2_5OmniForConditionalGeneration and still speaks; for a thinker-only base the
+    # export is a thinker checkpoint (with the config transformers writes for it).
+    def merged_prefix(self, loaded: LoadedModel) -> str:
+        return "thinker." if loaded.is_full_checkpoint else ""
 
-        For a full Qwen2.5-Omni base the thinker goes back under `thinker.` and the talker and
-        token2wav tensors, config and speaker dictionary are copied unchanged, so the output
-        loads with Qwen2_5OmniForConditionalGeneration and still speaks; for a thinker-only
-        base the output is a thinker checkpoint.
-        """
+    def merged_config_from_stage(self, loaded: LoadedModel) -> bool:
+        return not loaded.is_full_checkpoint
 
-        out_dir = Path(out_dir)
-        model = model.to(dtype)
-        model.config.use_cache = True
-        model.config.get_text_config().use_cache = True
-        stage = Path(tempfile.mkdtemp(prefix=".stage-", dir=out_dir))
-        try:
-            model.save_pretrained(str(stage), safe_serialization=True, max_shard_size="1000GB")
-            full = loaded.is_full_checkpoint
-            info = assemble(stage, loaded.base_path, out_dir, prefix="thinker." if full else "",
-                            max_shard_size=max_shard_size)
-            # full: the base's config (thinker, talker and token2wav); thinker-only: the one
-            # transformers wrote for the merged thinker (its dtype, cache on)
-            shutil.copyfile((loaded.base_path if full else stage) / "config.json", out_dir / "config.json")
-            if not (loaded.base_path / "generation_config.json").exists() and (stage / "generation_config.json").exists():
-                shutil.copyfile(stage / "generation_config.json", out_dir / "generation_config.json")
-        finally:
-            shutil.rmtree(stage, ignore_errors=True)
-        info["copied"] = copy_extras(loaded.base_path, out_dir, skip=("config.json",))
-        write_processor_settings(out_dir, loaded.processor)
-        info["layout"] = self.layout(loaded.is_full_checkpoint)
-        return info
-
-    def layout(self, full: bool) -> str:
-        """The manifest's name of an export's layout."""
+    def merged_layout(self, full: bool, kept: list[str]) -> str:
         return f"{self.model_types[0]} (thinker + talker + token2wav)" if full else self.model_types[1]
 
     def write_processor_settings(self, folder: Path, processor: "OmniProcessor") -> None:
         write_processor_settings(folder, processor)
 
-    def load_merged_for_check(self, folder: Path, dtype: torch.dtype):
-        """The thinker of an exported folder, read the way users read it (full or thinker-only)."""
-        folder = Path(folder)
+    def export_class(self) -> type:
+        return self.hf(self.hf_thinker)
+
+    def read_export(self, folder: Path, kwargs: dict):
+        """The thinker of an export folder, full or thinker-only."""
         if self.is_full(folder):
-            model = self._load_thinker_from_full(folder, self.thinker_config(folder), {"dtype": dtype})
-        else:
-            model = self.hf(self.hf_thinker).from_pretrained(str(folder), dtype=dtype)
+            return self._load_thinker_from_full(folder, self.thinker_config(folder), kwargs)
+        return super().read_export(folder, kwargs)
+
+    def patch_loaded(self, model):
         rope_per_sample(model)
         return model
 
-    def save_quantized(self, merged_dir: Path, out_dir: Path, *, quantize: str, dtype: torch.dtype) -> str:
-        """The merged thinker quantised with bitsandbytes (the LLM's linear layers, as QLoRA does)."""
+    def check_quantizable(self, merged_dir: Path) -> None:
         if self.is_full(merged_dir):
             raise ConfigError("export.quantize writes thinker checkpoints; it is not supported for a full "
                              f"{self.title} base yet (export unquantised and quantise at load time instead)")
-        cfg = quantization_config(quantize, dtype, self.quant_skip)
-        model = self.hf(self.hf_thinker).from_pretrained(str(merged_dir), dtype=dtype, quantization_config=cfg)
-        model.save_pretrained(str(out_dir), safe_serialization=True)
-        self.copy_processor_files(merged_dir, out_dir)
-        return ("bitsandbytes NF4 with double quantisation" if quantize == "4bit" else "bitsandbytes int8") + \
-            f" on the LLM's linear layers, compute dtype {str(dtype).replace('torch.', '')}"
-
-    def load_quantized_for_check(self, folder: Path):
-        model = self.hf(self.hf_thinker).from_pretrained(str(folder))
-        rope_per_sample(model)
-        return model
 
 
 def write_processor_settings(folder: Path, processor: "OmniProcessor") -> None:
@@ -639,135 +554,3 @@ def collate_media(batch: list[EncodedSample]) -> dict[str, Any]:
         out["input_features"] = x
         out["feature_attention_mask"] = m
     return out
-
-
-# ---- the tiny model ------------------------------------------------------------------------
-
-
-def tiny_thinker_config(vocab_size: int, token_ids: dict):
-    """A small Qwen2.5-Omni thinker config: the real architecture with small widths.
-
-    Weights are initialised with std 0.1 (about 1/sqrt(hidden)) instead of the library's 0.02,
-    which is tuned for widths in the thousands: at width 64, std 0.02 shrinks every linear
-    layer's output about 6x, so image features barely reach the answer token of the random
-    model, and the CPU demo took 700-800 steps (and a lucky seed) to learn the lesion question.
-    """
-    from transformers import Qwen2_5OmniThinkerConfig
-
-    hidden = 64
-    init = 0.1
-    return Qwen2_5OmniThinkerConfig(
-        audio_config=dict(d_model=64, encoder_layers=2, encoder_attention_heads=4, encoder_ffn_dim=128,
-                          num_mel_bins=128, output_dim=hidden, n_window=50, max_source_positions=1500,
-                          initializer_range=init),
-        vision_config=dict(depth=2, hidden_size=64, intermediate_size=128, num_heads=4, out_hidden_size=hidden,
-                           patch_size=14, spatial_merge_size=2, temporal_patch_size=2, window_size=112,
-                           fullatt_block_indexes=[1], in_channels=3, initializer_range=init),
-        text_config=dict(hidden_size=hidden, intermediate_size=192, num_hidden_layers=2, num_attention_heads=4,
-                         num_key_value_heads=2, vocab_size=vocab_size, max_position_embeddings=4096,
-                         rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 3, 3]},
-                         tie_word_embeddings=False, rms_norm_eps=1e-6, initializer_range=init),
-        initializer_range=init,
-        audio_token_index=token_ids[AUDIO_TOKEN], image_token_index=token_ids[IMAGE_TOKEN],
-        video_token_index=token_ids[VIDEO_TOKEN], audio_start_token_id=token_ids[AUDIO_BOS],
-        audio_end_token_id=token_ids[AUDIO_EOS], vision_start_token_id=token_ids[VISION_BOS],
-        vision_end_token_id=token_ids[VISION_EOS], user_token_id=token_ids.get("user", 0),
-        position_id_per_seconds=25, seconds_per_chunk=2, tie_word_embeddings=False,
-    )
-
-
-def build_tiny_tokenizer():
-    """The tiny Qwen-style tokenizer (byte-level BPE trained in code)."""
-    from transformers import Qwen2Tokenizer
-
-
-    tok = build_bpe_tokenizer(SPECIAL_TOKENS_QWEN)
-    return Qwen2Tokenizer(
-        tokenizer_object=tok, eos_token=IM_END, pad_token="<|endoftext|>", unk_token=None,
-        extra_special_tokens={
-            "image_token": IMAGE_TOKEN, "audio_token": AUDIO_TOKEN, "video_token": VIDEO_TOKEN,
-            "vision_bos_token": VISION_BOS, "vision_eos_token": VISION_EOS,
-            "audio_bos_token": AUDIO_BOS, "audio_eos_token": AUDIO_EOS,
-        },
-        chat_template=CHAT_TEMPLATE,
-    )
-
-
-def build_tiny_thinker(folder: Path, seed: int = 0) -> None:
-    """Write a random tiny thinker checkpoint with tokenizer and processor files to `folder`."""
-    from transformers import GenerationConfig, Qwen2_5OmniThinkerForConditionalGeneration
-
-    tok = build_tiny_tokenizer()
-    ids = {t: tok.convert_tokens_to_ids(t) for t in (AUDIO_TOKEN, IMAGE_TOKEN, VIDEO_TOKEN, AUDIO_BOS,
-                                                     AUDIO_EOS, VISION_BOS, VISION_EOS)}
-    vocab = int(math.ceil(len(tok) / 64) * 64)
-    cfg = tiny_thinker_config(vocab, ids)
-    torch.manual_seed(seed)
-    model = Qwen2_5OmniThinkerForConditionalGeneration(cfg).eval()
-    model.save_pretrained(str(folder), safe_serialization=True)
-    tok.save_pretrained(str(folder))
-    write_processor_config(folder, min_pixels=56 * 56, max_pixels=28 * 28 * 1280)
-    (Path(folder) / "chat_template.json").write_text(json.dumps({"chat_template": CHAT_TEMPLATE}, indent=2))
-    gen = GenerationConfig(eos_token_id=[tok.convert_tokens_to_ids(IM_END), tok.convert_tokens_to_ids("<|endoftext|>")],
-                           pad_token_id=tok.convert_tokens_to_ids("<|endoftext|>"), do_sample=False)
-    gen.save_pretrained(str(folder))
-
-
-def build_tiny_full(folder: Path, thinker_dir: Path, seed: int = 0) -> None:
-    """A random tiny Qwen2.5-Omni with talker and token2wav; its thinker is the tiny thinker."""
-    from transformers import (
-        Qwen2_5OmniConfig,
-        Qwen2_5OmniForConditionalGeneration,
-        Qwen2_5OmniThinkerForConditionalGeneration,
-    )
-
-    thinker = Qwen2_5OmniThinkerForConditionalGeneration.from_pretrained(str(thinker_dir), dtype=torch.float32)
-    th = thinker.config
-    rope = {"rope_type": "default", "rope_theta": 10000.0}
-    talker = dict(
-        vocab_size=512, embedding_size=th.text_config.hidden_size, hidden_size=64, intermediate_size=128,
-        num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=4096,
-        rope_parameters={**rope, "mrope_section": [2, 3, 3]}, initializer_range=0.1,
-        tts_codec_start_token_id=500, tts_codec_end_token_id=501, tts_codec_pad_token_id=502,
-        tts_codec_mask_token_id=503, tts_text_start_token_id=1, tts_text_end_token_id=2, tts_text_pad_token_id=3,
-        audio_token_index=th.audio_token_index, image_token_index=th.image_token_index,
-        video_token_index=th.video_token_index, vision_start_token_id=th.vision_start_token_id,
-        vision_end_token_id=th.vision_end_token_id, audio_start_token_id=th.audio_start_token_id,
-        audio_end_token_id=th.audio_end_token_id)
-    token2wav = dict(
-        dit_config=dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, head_dim=16, emb_dim=32,
-                        num_embeds=512, mel_dim=80, enc_emb_dim=32, enc_dim=32, enc_channels=[32, 32, 32, 32, 96],
-                        enc_attention_channels=16, enc_se_channels=16, look_ahead_layers=[1],
-                        look_backward_layers=[0, 1], block_size=24, ff_mult=2, rope_parameters=rope),
-        bigvgan_config=dict(mel_dim=80, upsample_initial_channel=64, resblock_kernel_sizes=[3],
-                            resblock_dilation_sizes=[[1, 3, 5]], upsample_rates=[5, 3, 2, 2, 2, 2],
-                            upsample_kernel_sizes=[11, 7, 4, 4, 4, 4]))
-    cfg = Qwen2_5OmniConfig(thinker_config=th.to_dict(), talker_config=talker, token2wav_config=token2wav)
-    torch.manual_seed(seed)
-    model = Qwen2_5OmniForConditionalGeneration(cfg).eval()
-    model.thinker.load_state_dict(thinker.state_dict())
-    model.save_pretrained(str(folder), safe_serialization=True)
-    g = torch.Generator().manual_seed(seed)
-    torch.save({"Chelsie": {"cond": torch.randn(1, 32, generator=g), "ref_mel": torch.randn(1, 30, 80, generator=g),
-                            "bos_token": 1}}, Path(folder) / "spk_dict.pt")
-    for name in PROCESSOR_FILES:
-        if (Path(thinker_dir) / name).exists() and not (Path(folder) / name).exists():
-            shutil.copyfile(Path(thinker_dir) / name, Path(folder) / name)
-
-
-def write_processor_config(folder: Path, *, min_pixels: int, max_pixels: int) -> None:
-    """preprocessor_config.json in the flat layout Qwen2.5-Omni checkpoints ship."""
-    cfg = {
-        "processor_class": "Qwen2_5OmniProcessor",
-        "image_processor_type": "Qwen2VLImageProcessor",
-        "feature_extractor_type": "WhisperFeatureExtractor",
-        "patch_size": 14, "merge_size": 2, "temporal_patch_size": 2,
-        "min_pixels": min_pixels, "max_pixels": max_pixels,
-        "image_mean": list(OmniProcessor.image_mean), "image_std": list(OmniProcessor.image_std),
-        "do_rescale": True, "rescale_factor": 1 / 255, "do_normalize": True, "do_resize": True,
-        "do_convert_rgb": True, "resample": 3,
-        "feature_size": 128, "sampling_rate": 16000, "hop_length": 160, "n_fft": 400,
-        "chunk_length": 300, "n_samples": 4800000, "nb_max_frames": 30000,
-        "padding_side": "right", "padding_value": 0.0, "return_attention_mask": True, "dither": 0.0,
-    }
-    (Path(folder) / "preprocessor_config.json").write_text(json.dumps(cfg, indent=2, sort_keys=True))

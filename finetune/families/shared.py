@@ -1,7 +1,8 @@
-"""What more than one family uses, below the family files (both import it; neither imports
-the other): the processor of the Qwen-style omni models (our tokenizer + PIL image processor +
-Whisper feature extractor + video patchifier, which Baichuan-Omni-1.5's processor extends),
-the chat-turn helpers of the encoders, and the tiny models' cache.
+"""What more than one family uses, below the family files (they import it; none imports
+another): the processors of the Qwen-style omni models (Qwen2.5-Omni's and Qwen3-Omni's: the
+tokenizer, transformers' PIL Qwen2-VL image processor, the Whisper feature extractor and our
+video patchifier; Baichuan-Omni-1.5's extends them), the chat-turn helpers of the encoders, and
+the tiny models' cache.
 """
 
 from __future__ import annotations
@@ -26,6 +27,17 @@ IM_START, IM_END = "<|im_start|>", "<|im_end|>"
 VISION_BOS, VISION_EOS = "<|vision_bos|>", "<|vision_eos|>"
 AUDIO_BOS, AUDIO_EOS = "<|audio_bos|>", "<|audio_eos|>"
 IMAGE_TOKEN, VIDEO_TOKEN, AUDIO_TOKEN = "<|IMAGE|>", "<|VIDEO|>", "<|AUDIO|>"
+# Qwen3-Omni's names for the media markers and placeholders
+VISION_START, VISION_END = "<|vision_start|>", "<|vision_end|>"
+AUDIO_START, AUDIO_END = "<|audio_start|>", "<|audio_end|>"
+IMAGE_PAD, VIDEO_PAD, AUDIO_PAD = "<|image_pad|>", "<|video_pad|>", "<|audio_pad|>"
+
+#: the files a Qwen-style loader needs beside the weights; copied from the base into exports
+PROCESSOR_FILES = (
+    "tokenizer.json", "tokenizer_config.json", "vocab.json", "merges.txt", "special_tokens_map.json",
+    "added_tokens.json", "chat_template.json", "chat_template.jinja", "preprocessor_config.json",
+    "processor_config.json", "video_preprocessor_config.json", "generation_config.json",
+)
 
 
 def _feat_to_tokens(n_frames: int) -> int:
@@ -96,6 +108,7 @@ class OmniProcessor:
     use_audio_in_video: bool = False  # model.use_audio_in_video (a video part's own key overrides it)
     token_ids: dict = field(default_factory=dict)
     _fe: Any = None
+    _image_proc: Any = None  # (settings, transformers' image processor), made on first use
     _text_cache: dict = field(default_factory=dict)
 
     @classmethod
@@ -204,9 +217,43 @@ class OmniProcessor:
                 "use_audio_in_video": self.use_audio_in_video,
                 "position_id_per_seconds": self.position_id_per_seconds, "seconds_per_chunk": self.seconds_per_chunk}
 
-    # ---- images ----------------------------------------------------------------------
+    # ---- images: transformers' Qwen2-VL image processor -----------------------------
+    @property
+    def image_processor(self):
+        """transformers' Qwen2-VL image processor with this processor's settings: its PIL backend
+        (the default one is torchvision's, which is not installed beside a CPU torch)."""
+        key = (self.patch_size, self.merge_size, self.temporal_patch_size, self.min_pixels, self.max_pixels,
+               tuple(self.image_mean), tuple(self.image_std))
+        if self._image_proc is None or self._image_proc[0] != key:  # a dataclasses.replace copy may change them
+            from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+
+            self._image_proc = (key, Qwen2VLImageProcessorPil(
+                patch_size=self.patch_size, merge_size=self.merge_size, temporal_patch_size=self.temporal_patch_size,
+                min_pixels=self.min_pixels, max_pixels=self.max_pixels, image_mean=list(self.image_mean),
+                image_std=list(self.image_std)))
+        return self._image_proc[1]
+
     def image_grid(self, width: int, height: int) -> tuple[int, int, int]:
-        """(t, h, w) patch grid of an image of this size, without decoding it."""
+        """(t, h, w) patch grid of an image of this size, without decoding it: the image processor's
+        own resize rule."""
+        from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import smart_resize as processor_resize
+
+        h, w = processor_resize(height, width, self.patch_size * self.merge_size, self.min_pixels, self.max_pixels)
+        return 1, h // self.patch_size, w // self.patch_size
+
+    def process_image(self, img) -> tuple[torch.Tensor, torch.Tensor]:
+        """An image -> (pixel_values [n_patches, dim], grid_thw [3]), by the image processor."""
+        out = self.image_processor(images=[img], return_tensors="pt")
+        return out["pixel_values"], out["image_grid_thw"][0]
+
+    # ---- video frames: our own patchifier --------------------------------------------
+    # transformers' Qwen2-VL video processor runs on torchvision (not installed beside a CPU torch),
+    # and its image processor repeats one image over a temporal patch instead of pairing two frames,
+    # so a video's frames are resized, normalised and patchified here (as that video processor lays
+    # them out). Frames keep Qwen2-VL's earlier resize rule (`smart_resize`: a side is never rounded
+    # below one patch), which Baichuan-Omni-1.5's released processor also uses for its images.
+    def frame_grid(self, width: int, height: int) -> tuple[int, int, int]:
+        """(t, h, w) patch grid of one video frame of this size, without decoding it."""
         factor = self.patch_size * self.merge_size
         h, w = smart_resize(height, width, factor, self.min_pixels, self.max_pixels)
         return 1, h // self.patch_size, w // self.patch_size
@@ -235,8 +282,8 @@ class OmniProcessor:
         x = x.transpose(0, 3, 6, 4, 7, 2, 1, 5, 8)
         return np.ascontiguousarray(x.reshape(gt * gh * gw, c * tp * p * p)), (gt, gh, gw)
 
-    def process_image(self, img) -> tuple[torch.Tensor, torch.Tensor]:
-        """An image -> (pixel_values [n_patches, dim], grid_thw [3])."""
+    def process_frame(self, img) -> tuple[torch.Tensor, torch.Tensor]:
+        """One frame as an image of its own -> (pixel_values [n_patches, dim], grid_thw [3])."""
         arr, _, _ = self._normalise(img)
         patches, grid = self._patchify(arr[None])
         return torch.from_numpy(patches), torch.tensor(grid, dtype=torch.long)
@@ -253,7 +300,7 @@ class OmniProcessor:
 
     def video_grid(self, n_frames: int, width: int, height: int) -> tuple[int, int, int]:
         """(t, h, w) grid of a video from frame count and size, without decoding."""
-        _, gh, gw = self.image_grid(width, height)
+        _, gh, gw = self.frame_grid(width, height)
         return math.ceil(n_frames / self.temporal_patch_size), gh, gw
 
     # ---- audio -----------------------------------------------------------------------
@@ -290,6 +337,43 @@ class OmniProcessor:
         return torch.from_numpy(feats["input_features"][0][:, :n_valid].astype(np.float32))
 
 
+@dataclass
+class Qwen3OmniProcessor(OmniProcessor):
+    """Tokenizer + image/audio/video preprocessing of a Qwen3-Omni checkpoint."""
+
+    TOKENS = {"im_start": IM_START, "im_end": IM_END, "vision_bos": VISION_START, "vision_eos": VISION_END,
+              "audio_bos": AUDIO_START, "audio_eos": AUDIO_END, "image": IMAGE_PAD, "video": VIDEO_PAD,
+              "audio": AUDIO_PAD}
+    MODEL = "Qwen3-Omni"
+    SYSTEM_TURN = ("<|im_start|>system\n", "<|im_end|>")
+
+    patch_size: int = 16
+    image_mean: tuple = (0.5, 0.5, 0.5)
+    image_std: tuple = (0.5, 0.5, 0.5)
+    n_window: int = 50  # half an audio chunk, in mel frames (the audio tower's and the processor's)
+    position_id_per_seconds: float = 13.0  # Qwen3OmniMoeProcessor's (13 audio tokens a second)
+
+    @classmethod
+    def extra_settings(cls, cfg: dict) -> dict:
+        return {"n_window": int(cfg.get("n_window", cls.n_window))}
+
+    def settings(self) -> dict:
+        return {**super().settings(), "n_window": self.n_window}
+
+    def audio_frames(self, n_samples: int) -> int:
+        """Mel frames of a clip as Qwen3-Omni's processor computes them alone (its features are
+        padded to the longest clip, not to 300 s as Qwen2.5-Omni's): whole hops."""
+        return max(1, n_samples // self.hop_length)
+
+    def process_audio(self, wave: np.ndarray) -> torch.Tensor:
+        """A mono waveform -> log-mel features [n_mels, frames], as the processor gives a clip alone."""
+        feats = self.feature_extractor(wave.astype(np.float32), sampling_rate=self.sampling_rate, padding="longest",
+                                       truncation=False, return_attention_mask=True, return_tensors="np")
+        n = self.audio_frames(len(wave))
+        return torch.from_numpy(feats["input_features"][0][:, :n].astype(np.float32))
+
+
+
 def chat_turns(sample, system_prompt: str | None, for_generation: bool) -> list:
     """The messages a sample renders: the recipe's system prompt first when the sample has
     none; for generation, without the trailing assistant turn(s)."""
@@ -322,6 +406,14 @@ def text_and_media_chunks(msg):
 def tiny_cache_dir() -> Path:
     """Where tiny models are materialised (under the toolkit's cache folder)."""
     return cache_root() / "tiny"
+
+
+def materialize(name: str, build) -> Path:
+    """The tiny cache's folder `name`, built by `build(folder)` on first use (`atomic_build`)."""
+    root = tiny_cache_dir() / name
+    if (root / "config.json").exists():
+        return root
+    return atomic_build(root, build)
 
 
 def atomic_build(root: Path, build) -> Path:
