@@ -17,7 +17,7 @@ import torch
 from test_generation import greedy_without_cache
 
 from finetune.families import _registry, get_family, model_types
-from finetune.families.base import ROLE_NAMES, LoadedModel, Processor, strip_peft_prefix
+from finetune.families.base import ROLE_NAMES, LoadedModel, Processor, Stack, TowerShapes, strip_peft_prefix
 from finetune.models import load_spec, processor_of
 
 from test_qwen_family import MIXES, media_dir, sample  # noqa: F401  (fixture reuse)
@@ -108,6 +108,29 @@ def test_tiny_model_loads(family, loaded):
     settings = proc.settings()
     assert isinstance(settings, dict) and settings
     json.dumps(settings)  # keys the token-length cache: must serialise
+
+
+def test_tiny_models_are_built_apart_from_the_family_file(family, loaded):
+    """The builders `tiny_models()` names live in the family's `<family>_tiny` module, and the one
+    named as the family is the folder `tiny:<family>` loads."""
+    builders = family.tiny_models()
+    assert family.name in builders
+    assert {b.__module__ for b in builders.values()} == {f"finetune.families.{family.name}_tiny"}
+    assert family.materialize_tiny(0) == loaded.base_path
+
+
+def test_tower_shapes_are_typed(family, loaded):
+    """`tower_shapes` of the model's config: a Stack for the LLM and for each tower the family has
+    (positive sizes), the vocabulary the embeddings hold, positive positions per media token."""
+    shapes = family.tower_shapes(loaded.model.config)
+    assert isinstance(shapes, TowerShapes)
+    for stack, present in ((shapes.llm, True), (shapes.vision, "image" in family.media_keys),
+                           (shapes.audio, "audio" in family.media_keys)):
+        assert isinstance(stack, Stack) if present else stack is None
+        if present:
+            assert all(isinstance(x, int) and x > 0 for x in stack[:4]) and isinstance(stack.gated, bool)
+    assert shapes.vocab == loaded.model.get_input_embeddings().num_embeddings
+    assert shapes.patches_per_token > 0 and shapes.frames_per_audio_token > 0
 
 
 def test_modalities_are_declared_and_others_refused_at_their_line(family, loaded, media_dir):  # noqa: F811

@@ -135,13 +135,16 @@ def test_export_keeps_the_base_config_and_tensors(gemma, tmp_path):
     assert loaded.model.config.get_text_config().altup_coef_clip is None
     out = tmp_path / "merged"
     out.mkdir()
-    fam.save_merged(loaded.model, loaded, out, dtype=torch.float32, max_shard_size="5GB")
+    written = fam.save_merged(loaded.model, loaded, out, dtype=torch.float32, max_shard_size="5GB")
+    assert written.files == ["model-00001-of-00001.safetensors", "model.safetensors.index.json"]
+    assert written.layout == "gemma3n" and written.kept_tensors == []  # the model holds every base tensor
     base_cfg = json.loads((loaded.base_path / "config.json").read_text())
     cfg = json.loads((out / "config.json").read_text())
     assert cfg["text_config"]["altup_coef_clip"] == base_cfg["text_config"]["altup_coef_clip"] is not None
     assert cfg["text_config"]["use_cache"] is True
     base_t, out_t = tensors_of(loaded.base_path), tensors_of(out)
     assert base_t.keys() == out_t.keys() and "lm_head.weight" not in out_t
+    assert written.trained_tensors == len(base_t)
     assert all(raw_equal(base_t[k], out_t[k]) for k in base_t)
     text = loaded.model.config.get_text_config()  # the fixture's model as loaded again
     object.__setattr__(text, "altup_coef_clip", None)

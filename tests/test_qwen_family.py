@@ -99,6 +99,59 @@ def test_image_and_audio_preprocessing_match_transformers(tiny_qwen, media_dir):
     np.testing.assert_allclose(feats.numpy(), full["input_features"][0][:, :n], atol=1e-6)
 
 
+#: the pixel settings images are read with: the tiny Qwen2.5-Omni folder's, the released Qwen2.5-Omni's,
+#: the released Qwen3-Omni's (16-px patches, mean = std = 0.5) and a small max_pixels (every image shrunk)
+PIXEL_SETTINGS = {
+    "qwen2_5_tiny": ("qwen2_5", dict(min_pixels=56 * 56, max_pixels=28 * 28 * 1280)),
+    "qwen2_5_released": ("qwen2_5", dict(min_pixels=4 * 28 * 28, max_pixels=16384 * 28 * 28)),
+    "qwen3_released": ("qwen3", dict(min_pixels=128 * 32 * 32, max_pixels=16384 * 32 * 32)),
+    "small_max": ("qwen2_5", dict(min_pixels=3136, max_pixels=12544)),
+}
+
+
+def omni_processor(kind: str, settings: dict):
+    from finetune.families.shared import OmniProcessor, Qwen3OmniProcessor
+
+    return (OmniProcessor if kind == "qwen2_5" else Qwen3OmniProcessor)(tokenizer=None, **settings)
+
+
+@pytest.mark.parametrize("settings", sorted(PIXEL_SETTINGS))
+def test_images_through_transformers_equal_our_own_patchifier(settings):
+    """Images go through transformers' Qwen2VLImageProcessorPil: its pixel values and grids are bit for
+    bit what our own resize + normalise + patchify (the path video frames keep) gives, over sizes
+    that are up- and downscaled, kept, odd, and far from square, in RGB, grey and palette images;
+    `image_grid` (token counts from the header) gives the same grid without decoding."""
+    proc_kind, kw = PIXEL_SETTINGS[settings]
+    proc = omni_processor(proc_kind, kw)
+    rng = np.random.default_rng(0)
+    sizes = [(28, 28), (56, 56), (57, 91), (100, 300), (300, 100), (220, 150), (448, 448), (640, 480),
+             (1000, 15), (15, 1000), (2000, 1500), (4000, 60)]
+    for w, h in sizes:
+        for mode in ("RGB", "L", "P"):
+            img = Image.fromarray((rng.random((h, w, 3)) * 255).astype("uint8")).convert(mode)
+            pv, grid = proc.process_image(img)
+            own_pv, own_grid = proc.process_frame(img)
+            assert grid.tolist() == own_grid.tolist() == list(proc.image_grid(w, h)), (w, h, mode)
+            assert pv.dtype == own_pv.dtype == torch.float32 and torch.equal(pv, own_pv), (w, h, mode)
+
+
+@pytest.mark.parametrize("size", [(10, 1000), (1000, 10), (14, 700), (3, 500)])
+def test_an_image_with_a_side_under_half_a_patch_pair_is_resized_as_transformers_does(size):
+    """A side that rounds to no 28-px unit at all: transformers' resize rule scales the image up to
+    min_pixels (where Qwen2-VL's earlier rule, kept for video frames, rounded the side up to 28 px
+    and the other side as it was); the grid counted from the header is the one the pixels get."""
+    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+
+    proc = omni_processor("qwen2_5", dict(min_pixels=56 * 56, max_pixels=28 * 28 * 1280))
+    w, h = size
+    img = Image.fromarray((np.random.default_rng(0).random((h, w, 3)) * 255).astype("uint8"))
+    ref = Qwen2VLImageProcessorPil(min_pixels=proc.min_pixels, max_pixels=proc.max_pixels)(images=[img],
+                                                                                           return_tensors="pt")
+    pv, grid = proc.process_image(img)
+    assert grid.tolist() == ref["image_grid_thw"][0].tolist() == list(proc.image_grid(w, h))
+    assert torch.equal(pv, ref["pixel_values"])
+
+
 @pytest.mark.parametrize("mix", sorted(MIXES))
 def test_count_tokens_matches_encode_and_positions_match_model(tiny_qwen, media_dir, mix):
     fam, loaded = tiny_qwen

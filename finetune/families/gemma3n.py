@@ -4,7 +4,8 @@ The model: a MobileNetV5 vision tower (timm, see `gemma3n_timm` for running it w
 torchvision), a USM-style conformer audio tower, one multimodal embedder per tower, and a
 decoder with AltUp (several parallel hidden-state streams), LAuReL (low-rank residual branches),
 per-layer token embeddings, KV sharing across the last layers, and sliding-window layers
-interleaved with global ones. 1-D RoPE (no M-RoPE), logits soft-capped at 30.
+interleaved with global ones. 1-D RoPE (no M-RoPE), logits soft-capped at 30. The processor and
+the prompt format's special tokens are in `gemma3n_processor`, the tiny model in `gemma3n_tiny`.
 
 Roles, by module path:
 

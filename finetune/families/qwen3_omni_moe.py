@@ -2,7 +2,8 @@
 
 Qwen3-Omni keeps Qwen2.5-Omni's layout (a thinker with `model.visual`, `model.audio_tower`,
 `model.language_model` and `lm_head`; a full checkpoint adds the speech output under `talker.`
-and `code2wav.`), so this family extends that one and changes what differs:
+and `code2wav.`), so this family extends that one and changes what differs (its processor is
+`shared.Qwen3OmniProcessor`, its tiny model in `qwen3_omni_moe_tiny`):
 
 - the LLM is a mixture of experts: 128 experts, 8 active per token, stored fused as
   `mlp.experts.gate_up_proj` [experts, 2*moe_ffn, hidden] and `mlp.experts.down_proj`
