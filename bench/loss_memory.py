@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import resource
 import statistics
 import subprocess
 import sys
@@ -51,6 +50,13 @@ def loss_of(kind: str, h, w, labels):
     return -(log_probs * mask).sum()
 
 
+def _resident_mb(field: str) -> float:
+    """VmRSS / VmHWM of this process in MB (Linux). ru_maxrss would not do: it keeps the parent's
+    high-water mark across fork and exec, so a child of a large process reads the parent's peak."""
+    text = Path("/proc/self/status").read_text()
+    return int(next(line.split()[1] for line in text.splitlines() if line.startswith(field + ":"))) / 1024
+
+
 def one(kind: str, tokens: int, hidden: int, vocab: int, device: str, repeats: int) -> dict:
     """In a fresh process: peak memory and median time of forward + backward."""
     h, w, labels = inputs(tokens, hidden, vocab, device)
@@ -59,7 +65,8 @@ def one(kind: str, tokens: int, hidden: int, vocab: int, device: str, repeats: i
         torch.cuda.reset_peak_memory_stats()
         base = torch.cuda.memory_allocated()
     else:
-        base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+        Path("/proc/self/clear_refs").write_text("5")  # the high-water mark starts again from here
+        base = _resident_mb("VmRSS") * 2 ** 20
     times = []
     for _ in range(repeats):
         h.grad = w.grad = None
@@ -69,7 +76,7 @@ def one(kind: str, tokens: int, hidden: int, vocab: int, device: str, repeats: i
             torch.cuda.synchronize()
         times.append(time.perf_counter() - t0)
     peak = (torch.cuda.max_memory_allocated() if device == "cuda"
-            else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024) - base
+            else _resident_mb("VmHWM") * 2 ** 20) - base
     return {"peak_mb": peak / 2 ** 20, "ms": 1000 * statistics.median(times)}
 
 

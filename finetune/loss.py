@@ -59,6 +59,11 @@ def _head_weight(lm_head):
     if hasattr(lm_head, "lora_A"):
         return None
     weight, bias = lm_head.weight, getattr(lm_head, "bias", None)
+    if hasattr(weight, "ds_id") and any(p is not None and p.requires_grad for p in (weight, bias)):
+        # a trained head under ZeRO-3: its gradient can only be accumulated while the module's own
+        # backward hooks hold it gathered, which a weight read past the module never arms (measured:
+        # "size of tensor a (0) must match ... 64" in backward); the module runs on the label rows
+        return None
     if hasattr(weight, "full_tensor"):
         # FSDP2 still holds it sharded: gathering it here (DTensor.full_tensor) would leave each rank
         # only its own rows' gradient; the trainer has FSDP gather it first (engines.fsdp_forward)

@@ -27,9 +27,12 @@ MEMORY_LIMIT = 4 << 30  # bytes of address space for the checker's process, as i
 TIMEOUT = 60  # seconds; a bomb is refused from its header in well under one
 
 
-_LAUNCH = ("import atexit, resource, runpy, sys; "
-           "atexit.register(lambda: print('peak-rss-mb:', resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024, "
-           "file=sys.stderr)); sys.argv = ['finetune', *sys.argv[1:]]; runpy.run_module('finetune', run_name='__main__')")
+# the peak is this process's own VmHWM: ru_maxrss would carry the forking pytest process's high-water
+# mark across fork and exec (a suite that has loaded models reads >1 GB for every child)
+_LAUNCH = ("import atexit, re, runpy, sys; "
+           "atexit.register(lambda: print('peak-rss-mb:', int(re.search(r'VmHWM:\\s+(\\d+)', "
+           "open('/proc/self/status').read()).group(1)) // 1024, file=sys.stderr)); "
+           "sys.argv = ['finetune', *sys.argv[1:]]; runpy.run_module('finetune', run_name='__main__')")
 
 
 def run_check(*args: str, timeout: float = TIMEOUT) -> tuple[subprocess.CompletedProcess, float, int]:
