@@ -188,6 +188,7 @@ def test_the_backbone_alone_sees_the_media(tiny_bc, media_dir):  # noqa: F811
 
 
 @pytest.mark.slow
+@pytest.mark.quality
 def test_medical_baichuan_tiny_reaches_the_accuracy_bar(tmp_path):
     """`make finetune RECIPE=medical-baichuan-tiny`: the held-out lesion question is learned."""
     import os
