@@ -14,6 +14,8 @@ Parts, each with its own time limit so one slow part cannot take the others' tim
   4. bench/step_split.py on the CPU demo recipe: where a GPU step's time goes;
   5. bench/packing.py --size small: packed vs padded throughput on the demo and long-tail mixtures;
   6. bench/loss_memory.py on CUDA: full logits vs TRL's chunked head (Triton), memory and time;
+  6b. bench/gpu_vllm.py: vLLM serves the merged tiny Qwen2.5-Omni and Qwen3-Omni exports with our greedy
+     answers (reports "skipped" at once where vLLM is not installed, as on the lent machines);
   7. a few steps of each engine on CUDA in one process: DeepSpeed ZeRO-2, ZeRO-3 with a 4-bit base,
      ZeRO-3-offload (when deepspeed is installed), FSDP2, and the tiny Qwen3-Omni (LoRA on its
      fused experts, trained routers) under ZeRO-3 with a 4-bit base.
@@ -98,6 +100,8 @@ def main(argv=None) -> int:
                                 *([] if smoke else ["--size", "small"])], 150),
         ("loss memory", [py, "bench/loss_memory.py", "--device", "cuda" if cuda else "cpu",
                          *(["--vocab", "640", "--tokens", "256"] if smoke else ["--tokens", "4096"])], 90),
+        # seconds where vLLM is absent, as on the lent machines (it cannot be carried: over 64 MiB)
+        ("vLLM serves the exports", [py, "bench/gpu_vllm.py", *(["--smoke"] if smoke else [])], 600),
     ]
     import importlib.util
 

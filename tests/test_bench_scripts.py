@@ -46,5 +46,5 @@ def test_gpu_check_driver_runs_every_part_on_the_cpu(tmp_path):
     assert res.returncode == 0, res.stdout[-4000:] + res.stderr[-2000:]
     text = out.read_text()
     for part in ("GPU-marked tests", "verify packing", "7B training steps", "step split", "packing throughput",
-                 "loss memory"):
+                 "loss memory", "vLLM serves the exports"):
         assert f"## {part}" in text and "FAILED" not in text, text[-3000:]
