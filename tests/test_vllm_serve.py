@@ -1,6 +1,7 @@
 """vLLM serves our merged Qwen2.5-Omni and Qwen3-Omni exports, thinker-only and full, with our greedy answers
-(issue 30). Opt-in: it needs the separate vLLM venv (bash tools/vllm_venv.sh) and takes about 15 minutes on
-2 CPU cores (4 short training runs, 6 vLLM server starts), more than CI's budget allows:
+(issue 30). Opt-in: it needs the separate vLLM venv (bash tools/vllm_venv.sh, about 4 minutes and 3.5 GB) and
+takes 10-15 minutes on 2 CPU cores (614 s measured on a loaded machine: 4 short training runs, 6 vLLM server
+starts), more than CI's budget allows:
 
     OMNI_TEST_VLLM=1 .venv/bin/python -m pytest -q -p no:cacheprovider tests/test_vllm_serve.py
 
@@ -20,7 +21,7 @@ from conftest import ROOT
 VENV = os.environ.get("OMNI_VLLM_VENV", os.path.expanduser("~/.cache/omni-finetune/vllm-venv"))
 
 pytestmark = pytest.mark.skipif(os.environ.get("OMNI_TEST_VLLM") != "1",
-                                reason="opt-in (about 15 min): OMNI_TEST_VLLM=1, after bash tools/vllm_venv.sh")
+                                reason="opt-in (10-15 min): OMNI_TEST_VLLM=1, after bash tools/vllm_venv.sh")
 
 
 def test_vllm_serves_our_exports_with_our_greedy_answers(tmp_path):
