@@ -22,7 +22,10 @@ left than its minimum is recorded as skipped:
                `planned GB` column is finetune.plan.plan, what `python -m finetune plan medical-qlora`
                prints for the same shape);
   5. zero3     one DeepSpeed ZeRO-3 training step of medical-tiny (torchrun, one process);
-  6. packing   bench/packing.py: packed vs padded throughput (the packing table).
+  6. packing   bench/packing.py: packed vs padded throughput (the packing table);
+  7. vllm      bench/gpu_vllm.py: vLLM serves the merged tiny Qwen2.5-Omni and Qwen3-Omni exports with
+               our greedy answers (reports "skipped" at once where vLLM is not installed, as on the
+               lent machines: its wheel is over the 64 MiB that can be carried).
 
 MFU, as bench/gpu_step.py's step_flops defines it: the LLM's 6N FLOPs per token with gradient
 checkpointing (2N forward, 2N backward for the inputs' gradients under LoRA, 2N recompute), plus the
@@ -333,6 +336,9 @@ def make_parts(dry: bool, peak: float) -> list[Part]:
                 *(["--repeats", "1", "--max-tokens", "512", "--samples", "12"] if dry else
                   ["--size", "small", "--repeats", "3"])]
 
+    def vllm(run, tmp):
+        return [run.py, "bench/gpu_vllm.py", *(["--smoke"] if dry else [])]
+
     # the DRY walk's times are not a GPU's: small minimums, and no cap but the deadline (a loaded
     # CPU, or DeepSpeed's first build of its CPU op, can take minutes)
     d = 0.1 if dry else 1.0
@@ -352,6 +358,8 @@ def make_parts(dry: bool, peak: float) -> list[Part]:
              re.compile(r"^(distributed:|model |trained |[A-Za-z]*Error)")),
         Part("packing", "packing table (bench/packing.py)", 40 * d, 180, packing,
              re.compile(r"^(packing benchmark:|mixture |demo |long-tail )")),
+        Part("vllm", "vLLM serves the merged exports with our greedy answers (gpu_vllm)", 10 * d, 300, vllm,
+             re.compile(r"^\| ")),
     ]
     if dry:
         for p in parts:

@@ -117,7 +117,7 @@ def test_the_carried_wheels_are_the_list_at_the_locked_versions_complete_and_sma
 # ----------------------------------------------------------------------------------------------
 # The driver
 
-PART_KEYS = ["env", "finetune", "tests", "steps", "qlora", "zero3", "packing"]
+PART_KEYS = ["env", "finetune", "tests", "steps", "qlora", "zero3", "packing", "vllm"]
 SIZE_LINE = re.compile(r"^gpu-check: results (\S+): (\d+) bytes after part (\w+) \((.*)\)$", re.M)
 
 
@@ -155,7 +155,7 @@ def test_each_part_is_saved_when_it_ends_and_a_failing_one_keeps_the_status(tmp_
     stand_ins = {"env": "echo 'python 3.12.3'", "finetune": "echo 'trained 408 steps in 1:02'",
                  "tests": "echo '9 passed in 20.00s'", "steps": "echo 'qwen2_5_omni   lora   varlen  all  4096'",
                  "qlora": "echo 'qwen2_5_omni   qlora  varlen'; exit 3", "zero3": "echo 'trained 1 steps'",
-                 "packing": "echo 'demo   400   60.4%'"}
+                 "packing": "echo 'demo   400   60.4%'", "vllm": "echo '| vllm | not installed |'"}
     seen = []
     rc = G.main(["--dry", "--budget", "300", "--out", str(out), *[f"--stand-in={k}={c}" for k, c in stand_ins.items()]],
                 on_write=lambda p: seen.append(p.read_text()))
@@ -248,6 +248,7 @@ def test_make_gpu_check_dry_walks_every_part_on_the_cpu_and_the_file_grows_part_
     for family in ("qwen2_5_omni", "baichuan_omni", "qwen3_omni_moe"):
         assert re.search(rf"^{family} +lora +\w+ +all +\d+", text, re.M), family
     assert re.search(r"^qwen2_5_omni +qlora +\w+ +all +\d+", text, re.M)
+    assert re.search(r"^\| smoke \| \w+ wrap, \d+ probes answered", text, re.M)  # vLLM's driver, no vLLM here
     assert re.search(r"^trained 1 steps in ", text, re.M)  # ZeRO-3
     assert re.search(r"^demo +\d+ ", text, re.M) and re.search(r"^long-tail +\d+ ", text, re.M)
     assert "requirements: all met" in text
