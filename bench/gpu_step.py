@@ -4,7 +4,7 @@
     python bench/gpu_step.py --family qwen2_5_omni --mode qlora --max-tokens 4096 --steps 4
     python bench/gpu_step.py --tiny --device cpu   # smoke run of the same code on the tiny configs
 
-For each family (Qwen2.5-Omni-7B thinker, Baichuan-Omni-1.5, Qwen3-Omni-30B-A3B thinker; each
+For each family (Qwen2.5-Omni-7B thinker, Baichuan-Omni-1.5, Qwen3-Omni-30B-A3B thinker, Nemotron-3-Nano-Omni; each
 family's first shipped config in finetune/configs) and each mode, it writes a random checkpoint of
 the real shape to a temporary folder (Family.random_checkpoint), loads it
 through the family's own loader (so QLoRA quantises exactly as training does), applies the
@@ -44,7 +44,9 @@ from finetune.verify import to_model  # noqa: E402
 #: which recipes each family's rows run (data, not code: everything else comes from the Family contract)
 RECIPES = {("qwen2_5_omni", "lora"): "medical", ("qwen2_5_omni", "qlora"): "medical-qlora",
            ("baichuan_omni", "lora"): "medical-baichuan", ("baichuan_omni", "qlora"): "medical-baichuan-qlora",
-           ("qwen3_omni_moe", "lora"): "medical-qwen3-omni", ("qwen3_omni_moe", "qlora"): "medical-qwen3-omni-qlora"}
+           ("qwen3_omni_moe", "lora"): "medical-qwen3-omni", ("qwen3_omni_moe", "qlora"): "medical-qwen3-omni-qlora",
+           ("nemotron_omni", "lora"): "medical-nemotron-omni",
+           ("nemotron_omni", "qlora"): "medical-nemotron-omni model.quantize=4bit"}  # a recipe [overrides]
 FAMILIES = sorted({f for f, _ in RECIPES})
 WORDS = ("the a lesion lung left right upper lower small large round bright dark spot mass heart eye retina "
          "normal abnormal nodule report findings impression compare prior current study patient").split()
@@ -146,11 +148,12 @@ def step_flops(family, model, row: list[EncodedSample], *, checkpointing: bool) 
     cfg = json.loads((Path(model.name_or_path) / "config.json").read_text())
     shapes = family.tower_shapes(model.config)
     n_llm = params(("llm", "lm_head"))
-    experts = sum(p.numel() for n, p in model.named_parameters() if family.expert_params
-                  and n.endswith(tuple("." + e for e in family.expert_params)))
-    if experts:  # a token runs its top-k experts only
+    fused = [p for n, p in model.named_parameters() if family.expert_params
+             and n.endswith(tuple("." + e for e in family.expert_params))]
+    experts = sum(p.numel() for p in fused)
+    if experts:  # a token runs its top-k experts only (of the fused tensors' [experts, out, in])
         text = model.config.get_text_config()
-        n_llm -= experts * (1 - text.num_experts_per_tok / text.num_experts)
+        n_llm -= experts * (1 - text.num_experts_per_tok / fused[0].shape[0])
     tokens = sum(e.num_tokens for e in row)
     flops = (6 if checkpointing else 4) * n_llm * tokens
     rows = {"image": 0, "video": 0, "audio": 0}
@@ -180,8 +183,9 @@ def run_one(family_name: str, mode: str, args) -> dict:
 
     family = get_family(family_name)
     # one process on one GPU: the recipe's multi-GPU strategy (Qwen3-Omni's) is not what is measured
-    recipe = load_recipe(RECIPES[(family_name, mode)], [f"data.max_tokens={args.max_tokens}",
-                                                         "train.gradient_checkpointing=true", "train.distributed=auto"])
+    name, *overrides = RECIPES[(family_name, mode)].split()
+    recipe = load_recipe(name, [*overrides, f"data.max_tokens={args.max_tokens}", "train.gradient_checkpointing=true",
+                                "train.distributed=auto"])
     dtype = torch.bfloat16 if args.device.startswith("cuda") else torch.float32
     tmp = Path(tempfile.mkdtemp(prefix="gpu-step-"))
     try:
@@ -202,10 +206,11 @@ def run_one(family_name: str, mode: str, args) -> dict:
         if recipe.model.quantize == "none":
             model.to(args.device)
         model.train()
-        # the training loss: TRL's chunked LM head (its Triton kernel on CUDA), log-probabilities only
-        from trl.trainer.utils import add_fused_lm_head
+        # the training loss: training's label-token head (TRL's chunked log-probabilities, its Triton kernel on
+        # CUDA, on the label tokens only), through the family's backbone and lm_head
+        from finetune.loss import add_label_head, label_positions
 
-        add_fused_lm_head(model.get_base_model(), outputs=("log_probs",))
+        add_label_head(model.get_base_model(), family.label_head_parts)
         opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5,
                                 fused=args.device.startswith("cuda"))  # train.optim: adamw_torch_fused
         towers = family.tower_inputs(loaded.model)
@@ -223,9 +228,10 @@ def run_one(family_name: str, mode: str, args) -> dict:
         def step(b):
             b = dict(b)
             labels = b.pop("labels")
+            positions = label_positions(labels.cpu()).to(labels.device)
             with torch.autocast(args.device.split(":")[0], dtype=dtype, enabled=dtype != torch.float32):
-                out = model(**b, labels=labels, fused_lm_head=True)
-                loss = -out.log_probs.sum() / out.label_mask.sum().clamp(min=1)
+                out = model(**b, labels=labels, label_positions=positions)
+                loss = -out.log_probs.sum() / max(1, positions.numel())
             loss.backward()
             opt.step()
             opt.zero_grad(set_to_none=True)

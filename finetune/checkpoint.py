@@ -148,7 +148,8 @@ def raw_equal(a: TensorSource, b: TensorSource) -> bool:
     x, y = a.load(), b.load()
     if x.dtype != y.dtype or x.shape != y.shape:
         return False
-    return bool(torch.equal(x.contiguous().view(torch.uint8), y.contiguous().view(torch.uint8)))
+    # flat first: a 0-dim tensor (a batch norm's num_batches_tracked) has no byte view of its own
+    return bool(torch.equal(x.reshape(-1).contiguous().view(torch.uint8), y.reshape(-1).contiguous().view(torch.uint8)))
 
 
 @dataclass(frozen=True)

@@ -51,6 +51,7 @@ class LabelHeadOutput:
 
     log_probs: torch.Tensor  # [K] float32
     router_logits: Any = None
+    aux_loss: Any = None  # the load-balancing loss, where the backbone's forward computes it
 
 
 def _head_weight(lm_head):
@@ -91,10 +92,11 @@ def label_log_probs(hidden: torch.Tensor, lm_head, targets: torch.Tensor, *, sof
     return out[0]
 
 
-def add_label_head(model) -> None:
+def add_label_head(model, parts=None) -> None:
     """Patch `model.forward` (a transformers model, before PEFT wraps it): with `label_positions`
     it runs the backbone and scores only those positions (see the module docstring); without it the
-    forward is the original one (generation, the plain loss path)."""
+    forward is the original one (generation, the plain loss path). `parts(model)` gives (backbone,
+    lm_head) (the family's `label_head_parts`); default the model's base model and output embeddings."""
     original = model.forward
     text_config = model.config.get_text_config()
     softcap = getattr(text_config, "final_logit_softcapping", None)
@@ -107,13 +109,14 @@ def add_label_head(model) -> None:
                 kwargs["labels"] = labels
             return original(*args, **kwargs)
         kwargs["use_cache"] = False
-        out = self.base_model(*args, **kwargs)
+        backbone, lm_head = parts(self) if parts is not None else (self.base_model, self.get_output_embeddings())
+        out = backbone(*args, **kwargs)
         hidden = out.last_hidden_state
         flat = hidden.reshape(-1, hidden.shape[-1])
         targets = labels.reshape(-1).index_select(0, label_positions + 1)
-        lm_head = self.get_output_embeddings()
         picked = flat.index_select(0, label_positions.to(flat.device)).to(lm_head.weight.device)
         log_probs = label_log_probs(picked, lm_head, targets.to(picked.device), softcap=softcap, scale=scale)
-        return LabelHeadOutput(log_probs=log_probs, router_logits=getattr(out, "router_logits", None))
+        return LabelHeadOutput(log_probs=log_probs, router_logits=getattr(out, "router_logits", None),
+                               aux_loss=getattr(out, "aux_loss", None))
 
     model.forward = types.MethodType(forward, model)

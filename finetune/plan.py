@@ -43,6 +43,20 @@ encoders     the most media a packed row can hold: an encoder sees all of a row'
              nothing for backward: only one layer's activations exist at a time. A trained one
              (lora/full) stores all layers (or layer inputs with checkpointing). A row is all
              image or all audio tokens at worst, so the bound is the larger of the two.
+hybrid LLMs  (a family's `tower_shapes` gives `hybrid`: Mamba-2 / attention / MoE / MLP layers, as
+             NemotronH mixes them) each layer kind by its own formula, per token, 16-bit: every
+             block stores its norm's input (2h). Attention (no rotary): the QKV input 2h, Q and the
+             output 2 * 2*a*d, K and V 2 * 2*kv*d. MoE: router input 2h + fp32 scores 4*E, per
+             routed slot (top-k) and for the shared expert a relu^2 MLP 2h + 4*I. Mamba-2: in_proj
+             input 2h, its output 2*(2*d_in + 2*G*N + H) (gate, conv input, dt), the convolution's
+             output 2*(d_in + 2*G*N) (the scan's x, B, C), dt and its cumulative decay in fp32 8*H,
+             the scan output and the gated norm's output 2 * 2*d_in (out_proj's input), with
+             d_in = heads x head_dim. The Mamba-2 state: H*P*N fp32 per sequence and layer; the scan
+             keeps one per chunk (L/chunk of them) while a layer runs, which the CUDA kernels
+             (mamba_ssm) recompute in backward instead of storing: counted in the one-layer
+             transient. Without those kernels (PyTorch's reference scan, and the exact packed scan
+             of the CPU) every chunk also stores fp32 chunk x chunk decay and score matrices per
+             head (about 3 * 4*H*chunk bytes per token): shown beside the plan, not in it.
 overhead     a fixed 1 GB for the CUDA context, cuBLAS workspaces and allocator slack.
 """
 
@@ -57,7 +71,7 @@ from finetune.adapters import plan_roles
 from finetune.deepspeed_presets import DEEPSPEED_PRESETS, deepspeed_stage, deepspeed_zero
 from finetune.errors import MissingFileError
 from finetune.families import family_for, get_family, model_types, registry
-from finetune.families.base import ROLE_NAMES
+from finetune.families.base import ROLE_NAMES, HybridShape
 
 GB = 1024 ** 3
 CONFIG_DIR = Path(__file__).resolve().parent / "configs"
@@ -107,6 +121,8 @@ class ModelCount:
     #: MoE LLMs: fused expert weight path -> [experts, out, in], router module path -> its parameters
     experts: dict[str, tuple[int, int, int]] = field(default_factory=dict)
     routers: dict[str, int] = field(default_factory=dict)
+    #: hybrid LLMs (Mamba-2 / attention / MoE layers): the family's layer mix and sizes, else None
+    hybrid: HybridShape | None = None
 
 
 def resolve_config(path: str, family: str = "auto", revision: str = "") -> tuple[str, Path]:
@@ -167,7 +183,8 @@ def _count_cached(family: str, cfg_path: str, mtime: float) -> tuple:
     routers = {n: sum(p.numel() for p in mod.parameters()) for n, mod in model.named_modules()
                if fam.router_modules and n.endswith(tuple("." + r for r in fam.router_modules))}
     return model, ModelCount(family, cfg_path, roles, quantisable, shapes, llm, vis, aud, shapes_of.vocab,
-                             shapes_of.patches_per_token, shapes_of.frames_per_audio_token, experts, routers)
+                             shapes_of.patches_per_token, shapes_of.frames_per_audio_token, experts, routers,
+                             shapes_of.hybrid)
 
 
 def count_model(family: str, cfg_path: Path):
@@ -255,6 +272,8 @@ class Plan:
     gathered: float = 0.0  # weights unsharded at a time (ZeRO-3, FSDP)
     strategies: list = field(default_factory=list)  # (strategy, peak per GPU, host per rank, fits) on this GPU count
     suggestions: list[str] = field(default_factory=list)
+    hybrid: HybridShape | None = None  # hybrid LLMs: the layer mix and Mamba-2 sizes (ModelCount.hybrid)
+    mamba_reference: float = 0.0  # bytes the PyTorch reference scan would store on top (not in the peak)
 
     @property
     def activations(self) -> float:
@@ -299,8 +318,14 @@ def _role_lines(count: ModelCount, rp, recipe, s: Settings) -> list[RoleLine]:
 def _activations(count: ModelCount, s: Settings, modes: dict) -> dict[str, float]:
     tokens = s.max_tokens * s.batch_size
     llm = count.llm
-    per_layer = llm.layer_bytes_per_token(s.max_tokens, s.eager) * tokens
-    full = llm.layers * per_layer
+    if count.hybrid:
+        kinds = hybrid_layer_bytes(count.hybrid, llm.hidden, llm.heads, s.max_tokens, s.eager)
+        states = mamba_transient(count.hybrid, s.max_tokens) * s.batch_size
+        full = sum(getattr(count.hybrid, k) * b for k, b in kinds.items()) * tokens + states
+        per_layer = max(kinds.values()) * tokens + states
+    else:
+        per_layer = llm.layer_bytes_per_token(s.max_tokens, s.eager) * tokens
+        full = llm.layers * per_layer
     ckpt = llm.layers * 2 * llm.hidden * tokens + per_layer
     logits = float(tokens) * count.vocab * 4
 
@@ -321,6 +346,46 @@ def _activations(count: ModelCount, s: Settings, modes: dict) -> dict[str, float
     a_store, a_tmp = tower(count.audio, count.frames_per_audio_token * media_tokens, ("audio_encoder",))
     encoders = max(v_store, a_store) + max(v_tmp, a_tmp)
     return {"full": full, "ckpt": ckpt, "logits": logits, "encoders": encoders}
+
+
+def hybrid_layer_bytes(hy: HybridShape, h: int, heads: int, seq: int = 0, eager: bool = False) -> dict[str, float]:
+    """Stored activation bytes per token of each layer kind of a hybrid LLM (module docstring)."""
+    a, d, kv = heads, hy.head_dim, hy.kv_heads
+    d_in, gn, H = hy.mamba_heads * hy.mamba_head_dim, hy.groups * hy.state, hy.mamba_heads
+
+    def mlp(i: int) -> int:  # relu^2: the up projection's output and the down projection's input
+        return 2 * h + 4 * i
+
+    return {
+        "attention": 2 * h + 2 * h + 4 * a * d + 4 * kv * d + (5 * a * seq if eager else 0),
+        "moe": 2 * h + 2 * h + 4 * hy.experts + hy.top_k * mlp(hy.moe_ffn) + mlp(hy.shared_ffn),
+        "mlp": 2 * h + mlp(hy.mlp_ffn),
+        "mamba": 2 * h + 2 * h + 2 * (2 * d_in + 2 * gn + H) + 2 * (d_in + 2 * gn) + 8 * H + 4 * d_in,
+    }
+
+
+def mamba_state_bytes(hy: HybridShape) -> int:
+    """One Mamba-2 layer's recurrent state for one sequence: heads x head_dim x state, fp32."""
+    return hy.mamba_heads * hy.mamba_head_dim * hy.state * 4
+
+
+def mamba_transient(hy: HybridShape, seq: int) -> float:
+    """The chunk states of one Mamba-2 layer's scan over a row of `seq` tokens (one per chunk, and
+    the propagated copy), alive while the layer runs; 0 without Mamba layers."""
+    if not hy.mamba:
+        return 0.0
+    return 2.0 * -(-seq // hy.chunk) * mamba_state_bytes(hy)
+
+
+def mamba_reference_extra(hy: HybridShape, tokens: int, checkpointing: bool) -> float:
+    """What PyTorch's reference chunked scan (no mamba_ssm kernels; the exact packed scan too) stores
+    on top: per token and Mamba layer about three fp32 [heads, chunk] rows (decay, scores, their
+    product) and the chunk states; with checkpointing for one layer at a time."""
+    if not hy.mamba:
+        return 0.0
+    chunks = -(-tokens // hy.chunk)
+    per_layer = tokens * 3 * 4 * hy.mamba_heads * hy.chunk + 2.0 * chunks * mamba_state_bytes(hy)
+    return per_layer * (1 if checkpointing else hy.mamba)
 
 
 def _estimate(count: ModelCount, rp, recipe, s: Settings, gpu_gb: float) -> dict:
@@ -375,7 +440,11 @@ def plan(recipe, gpu_gb: float = 24, gpus: int = 1) -> Plan:
         activations_ckpt=e["act"]["ckpt"], activations_full=e["act"]["full"], logits=e["act"]["logits"],
         encoders=e["act"]["encoders"], overhead=OVERHEAD_BYTES, peak=e["peak"], fits=e["fits"], host=e["host"],
         gathered=e["gathered"],
-        experts_16bit=sum(a * b * c for a, b, c in count.experts.values()) if s.quantize != "none" else 0)
+        experts_16bit=sum(a * b * c for a, b, c in count.experts.values()) if s.quantize != "none" else 0,
+        hybrid=count.hybrid)
+    if count.hybrid:
+        out.mamba_reference = mamba_reference_extra(count.hybrid, s.max_tokens * s.batch_size,
+                                                    s.gradient_checkpointing)
     for name in STRATEGIES:
         if (name == "single") != (s.gpus == 1) and not name.startswith("zero"):
             continue  # one GPU: single or DeepSpeed (offload); several: no "single"
@@ -491,6 +560,16 @@ def format_plan(p: Plan) -> str:
     if p.experts_16bit:
         lines.append(f"  ({_n(p.experts_16bit)} fused expert weights stay {wdt}: bitsandbytes quantises "
                      "nn.Linear layers only)")
+    if p.hybrid:
+        hy = p.hybrid
+        lines.append(f"  hybrid LLM: {hy.mamba} Mamba-2, {hy.attention} attention, {hy.moe} MoE"
+                     + (f", {hy.mlp} MLP" if hy.mlp else "") + " layers; Mamba-2 state "
+                     f"{hy.mamba_heads}x{hy.mamba_head_dim}x{hy.state} fp32 = {_gb(mamba_state_bytes(hy))} per "
+                     f"sequence and layer, {_gb(mamba_transient(hy, s.max_tokens) * s.batch_size)} of chunk states "
+                     "while a layer runs (counted)")
+        if p.mamba_reference:
+            lines.append(f"  without the mamba_ssm / causal_conv1d CUDA kernels the PyTorch reference scan stores "
+                         f"{_gb(p.mamba_reference)} more (not counted: install them on CUDA)")
     lines.append("")
     lines += [f"  {label:<30}{_gb(b):>10}" + (f"   ({note})" if note else "") for label, b, note in rows]
     lines += [

@@ -200,7 +200,7 @@ def make_trainer(recipe: Recipe, family: Family, model, processor, train_ds, col
         # the LM head on the label tokens only, at the collator's host positions (finetune.loss);
         # TRL's own path (token_metrics) also computes entropy and top-1 hits every step
         base = trainer.model.get_base_model() if hasattr(trainer.model, "get_base_model") else trainer.model
-        add_label_head(base)
+        add_label_head(base, family.label_head_parts)
     # the console shows the LLM's rate (roles.llm.lr, else train.lr), or the largest group's without LoRA on it
     trainer.add_callback(console_callback(recipe.train.print_every, main_lr=None if llm.mode == "frozen" else
                                           (llm.lr if llm.lr is not None else recipe.train.lr)))

@@ -57,3 +57,19 @@ def test_the_same_tensors_give_the_same_bytes_from_memory_and_from_disk(tmp_path
     for folder in (again, lazy):
         assert sorted(p.name for p in folder.iterdir()) == written
         assert all((folder / n).read_bytes() == (first / n).read_bytes() for n in written)
+
+
+def test_raw_equal_compares_scalar_tensors_of_any_dtype(tmp_path):
+    """A checkpoint's 0-dim tensors (a batch norm's num_batches_tracked, int64) compare by their
+    bytes like any other tensor (the export's bit-identity check reads every base tensor)."""
+    from safetensors.torch import save_file
+
+    from finetune.checkpoint import raw_equal
+
+    for name, scalar in (("a", 1.5), ("b", 2.5)):
+        (tmp_path / name).mkdir()
+        save_file({"n": torch.tensor(3), "x": torch.tensor(scalar), "v": torch.arange(4)},
+                  str(tmp_path / name / "model.safetensors"))
+    a, b = tensors_of(tmp_path / "a"), tensors_of(tmp_path / "b")
+    assert raw_equal(a["n"], b["n"]) and raw_equal(a["v"], b["v"])
+    assert not raw_equal(a["x"], b["x"])

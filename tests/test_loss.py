@@ -156,3 +156,37 @@ def test_the_label_head_equals_trls_fused_head_without_a_host_read(trainer_and_b
         torch.testing.assert_close(mine, ref, rtol=1e-6, atol=0)
         for k in g_mine:
             torch.testing.assert_close(g_mine[k], g_ref[k], rtol=1e-4, atol=1e-6)
+
+
+def test_the_label_head_runs_the_familys_backbone_and_head(trainer_and_batch):
+    """The head runs the (backbone, lm_head) that `Family.label_head_parts` gives (a composite model
+    without transformers' base model gives its own): the default parts' log-probabilities, through
+    the backbone the hook returned."""
+    from finetune.loss import LABEL_POSITIONS, add_label_head
+    from finetune.packing import REAL_TOKENS
+
+    trainer, model, batch = trainer_and_batch
+    model.eval()
+    inputs = {k: v for k, v in batch.items() if k not in (REAL_TOKENS, LABEL_POSITIONS)}
+    positions = batch[LABEL_POSITIONS]
+    base = model.get_base_model()
+    ours = base.forward
+    with torch.no_grad():
+        want = model(**inputs, label_positions=positions).log_probs
+    calls = []
+
+    def parts(m):
+        def backbone(*args, **kwargs):
+            calls.append(len(args) + len(kwargs))
+            return m.base_model(*args, **kwargs)
+
+        return backbone, m.get_output_embeddings()
+
+    add_label_head(base, parts)
+    try:
+        with torch.no_grad():
+            got = model(**inputs, label_positions=positions).log_probs
+    finally:
+        base.forward = ours
+    assert len(calls) == 1
+    assert torch.equal(got, want)

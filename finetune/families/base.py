@@ -108,6 +108,29 @@ class Stack(NamedTuple):
     gated: bool  # SwiGLU MLP (gate/up/down) vs GELU MLP (fc1/fc2)
 
 
+class HybridShape(NamedTuple):
+    """A hybrid LLM's layer mix and sizes (Mamba-2 mixers, attention, MoE and MLP layers, one kind
+    per layer), as the planner's activation arithmetic reads it layer kind by layer kind."""
+
+    mamba: int  # layers of each kind
+    attention: int
+    moe: int
+    mlp: int
+    mamba_heads: int
+    mamba_head_dim: int
+    state: int  # the SSM state size N
+    groups: int  # B/C groups G
+    conv: int  # the causal convolution's width
+    chunk: int  # the chunked scan's chunk length
+    kv_heads: int
+    head_dim: int
+    experts: int  # routed experts
+    top_k: int
+    moe_ffn: int  # one routed expert's inner width
+    shared_ffn: int  # the shared expert's
+    mlp_ffn: int  # a dense MLP layer's
+
+
 @dataclass(frozen=True)
 class TowerShapes:
     """What `Family.tower_shapes` gives the planner and the benchmarks about a model's config."""
@@ -118,6 +141,9 @@ class TowerShapes:
     vocab: int
     patches_per_token: int  # vision-tower positions per image token
     frames_per_audio_token: int  # audio-tower positions per audio token
+    #: a hybrid LLM's layer mix (the planner then counts each layer kind as it is); None: every
+    #: layer of the LLM is the `llm` stack's transformer layer
+    hybrid: HybridShape | None = None
 
 
 @dataclass(frozen=True)
@@ -216,6 +242,13 @@ class Family(abc.ABC):
         or the label head's with the router logits; `text_config` the LLM's), as the model computes
         it; dense LLMs have none."""
         raise NotImplementedError(f"{self.title} has no mixture-of-experts LLM")
+
+    def label_head_parts(self, model) -> tuple[Any, torch.nn.Module]:
+        """(backbone, lm_head) of a loaded model (unwrapped) for the label-token loss head
+        (finetune.loss.add_label_head): the callable whose output has `last_hidden_state` (and the
+        router logits when asked), and the output projection. transformers' base model and output
+        embeddings, unless the family's composite model has no such base model."""
+        return model.base_model, model.get_output_embeddings()
 
     def aux_loss_coef(self, model) -> float:
         """The coefficient the model's config gives the load-balancing loss (train.router_aux_loss_coef
