@@ -74,17 +74,20 @@ TINY_RECIPES = {"qwen2_5_omni": "medical-tiny", "baichuan_omni": "medical-baichu
 def tiny_runs(tmp_path_factory, small_demo):
     """family -> a run folder of 3 training steps (lr 5e-3: the adapter moves the answers) on the
     small demo data, trained once per session on first use: for the tests that use a trained run."""
-    runs: dict[str, Path] = {}
+    runs: dict[tuple, Path] = {}
 
-    def run_of(family: str) -> Path:
-        if family not in runs:
+    def run_of(family: str, *overrides: str) -> Path:
+        """The run of `family` (with `overrides`, e.g. model.quantize=4bit: a run of its own)."""
+        key = (family, *overrides)
+        if key not in runs:
             from finetune.recipe import load_recipe
             from finetune.train import train
 
             tmp = tmp_path_factory.mktemp(f"run-{family}")
             recipe = load_recipe(TINY_RECIPES[family], tiny_overrides(tmp, small_demo, "train.max_steps=3",
-                                                                      "train.save_steps=3", "train.lr=5e-3"))
-            runs[family] = Path(train(recipe))
-        return runs[family]
+                                                                      "train.save_steps=3", "train.lr=5e-3",
+                                                                      *overrides))
+            runs[key] = Path(train(recipe))
+        return runs[key]
 
     return run_of

@@ -13,7 +13,7 @@ from conftest import TINY_RECIPES
 from finetune.chat import answer_once, interactive
 from finetune.cli import main
 from finetune.data.reading import read_split
-from finetune.inference import Turn, open_model
+from finetune.inference import Turn, describe, open_model
 from finetune.probes import generate
 
 pytestmark = pytest.mark.slow
@@ -139,3 +139,14 @@ def test_a_bad_attachment_is_named_and_the_chat_goes_on(chat_run, small_demo, tm
         assert str(video) in errors[2]
     assert "attached" not in text
     assert a.ask([], QUESTION).answer in text  # the question is answered without the refused files
+
+
+def test_a_4bit_base_answers_as_eval_does_with_and_without_the_adapter(tiny_runs, small_demo, tmp_path):
+    """QLoRA: the base loads quantised (bitsandbytes' CPU path, as training loaded it)."""
+    a = open_model(str(tiny_runs("qwen2_5_omni", "model.quantize=4bit")), device="cpu")
+    assert "(4-bit base)" in describe(a)
+    assert any(type(m).__name__ == "Linear4bit" for m in a.model.modules())  # quantised, not a float copy
+    image = _media(small_demo, "image", tmp_path)
+    ref = _eval_answers(a, _eval_file(tmp_path, [([("image", image)], QUESTION, "No.")]))
+    got = {name: answer_once(a, QUESTION, [("image", image)], tuned=name == "tuned") for name in ref}
+    assert got == ref and got["tuned"] != got["base"]
