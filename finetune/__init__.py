@@ -4,7 +4,7 @@ Layers (imports point down; tests/test_layers.py reads every import, function-lo
 and fails on a cycle or an upward import):
 
     7  cli __main__
-    6  train evaluate export verify plan chat
+    6  train evaluate export verify plan chat serve
     5  engines distributed console runfolder callbacks trainer stages inference
     4  recipe models data.hf data.sources data.convert data.samples data.prepare data.check
        data.reading packing collate adapters mixture metrics report probes

@@ -11,6 +11,7 @@ commands:
   verify packing R     packed vs one-by-one logits, loss and gradients on the recipe's data
   plan RECIPE          GPU memory of a recipe from its config alone (--gpu 24GB --gpus N)
   chat TARGET          talk to the tuned model in the terminal (--prompt ... answers once, for scripts)
+  serve TARGET         a local web page: ask with an image, audio or video, base and tuned side by side
   recipes              list the recipes
 
 Every command that takes a recipe also takes `key.path=value` overrides after it, before or after
@@ -254,6 +255,16 @@ def cmd_chat(args) -> int:
     return 0
 
 
+def cmd_serve(args) -> int:
+    """The local page: base and tuned answers side by side, the run's evaluation and training."""
+    from finetune.inference import open_model
+    from finetune.serve import require_gradio, serve
+
+    require_gradio()  # before the model loads
+    assistant = open_model(args.target, args.overrides, system=args.system, device=args.device)
+    return serve(assistant, host=args.host, port=args.port, max_upload_mb=args.max_upload_mb)
+
+
 class _Attach(argparse.Action):
     """--image/--audio/--video: (kind, path) pairs in the order given."""
 
@@ -352,6 +363,15 @@ def build_parser() -> argparse.ArgumentParser:
     ch.add_argument("--base", action="store_true", help="answer with the adapter off (the base model)")
     ch.add_argument("--max-new-tokens", type=int, help="default: the run's eval.max_new_tokens")
     ch.set_defaults(fn=cmd_chat, attachments=[])
+
+    sv = sub.add_parser("serve", help="a local web page: base and tuned answers side by side, the run's "
+                                      "evaluation and training progress")
+    _target_options(sv)
+    sv.add_argument("--port", type=int, default=7860, help="default 7860; 0 picks a free one")
+    sv.add_argument("--host", default="127.0.0.1", help="default 127.0.0.1 (this machine only); another address "
+                                                        "exposes the page and the data it shows")
+    sv.add_argument("--max-upload-mb", type=float, default=256, help="the largest upload (default 256 MB)")
+    sv.set_defaults(fn=cmd_serve)
 
     rc = sub.add_parser("recipes", help="list the recipes")
     rc.set_defaults(fn=cmd_recipes)

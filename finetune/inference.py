@@ -13,14 +13,15 @@ an answer here equals `eval`'s for the same sample.
 from __future__ import annotations
 
 import contextlib
-import json
+import threading
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
 import torch
 import yaml
 from peft import PeftModel
+from transformers import TextIteratorStreamer
 
 from finetune.data.samples import check_sample
 from finetune.data.schema import MEDIA_TYPES, Limits, Sample, parse_sample, set_limits
@@ -58,6 +59,7 @@ class Assistant:
         self.config = family.read_config(loaded.base_path)
         self.label, self.has_adapter, self.max_new_tokens = label, has_adapter, max_new_tokens
         self.notes, self.run_dir, self.limits = notes, run_dir, limits
+        self._lock = threading.Lock()
 
     @property
     def modalities(self) -> frozenset[str]:
@@ -90,16 +92,47 @@ class Assistant:
             raise errors[0]
         return s
 
-    def answer(self, sample: Sample, *, tuned: bool = True, on_text: Callable[[str], None] | None = None) -> str:
+    def answer(self, sample: Sample, *, tuned: bool = True, on_text: Callable[[str], None] | None = None,
+               streamer=None) -> str:
         """The greedy answer to `sample` with the adapter on (tuned) or off (base); `on_text` gets
-        the answer's text as it is generated (the returned answer is eval's, whitespace trimmed)."""
+        the answer's text as it is generated, or `streamer` (transformers' streamer protocol) its
+        tokens (the returned answer is eval's, whitespace trimmed)."""
         if tuned and not self.has_adapter:
             raise ConfigError(f"{self.label} has no adapter: its answers are the model's own (/base)")
         ctx = contextlib.nullcontext if tuned or not self.has_adapter else self.model.disable_adapter
-        streamer = _Streamer(self.processor.tokenizer, on_text) if on_text is not None else None
-        with ctx():
+        if on_text is not None:
+            streamer = _Streamer(self.processor.tokenizer, on_text)
+        with self._lock, ctx():  # one model: one answer at a time, the adapter switched for it alone
             return generate(self.model, self.family, self.processor, [sample], self.rope,
                             max_new_tokens=self.max_new_tokens, batch_size=1, streamer=streamer)[0]
+
+    def stream(self, sample: Sample, *, tuned: bool = True) -> Iterator[str]:
+        """The answer's text so far, each time it grows (generation runs in a thread, as
+        transformers' TextIteratorStreamer is meant to be used); the last text yielded is
+        `answer`'s, and a failure of the generation is raised here."""
+        streamer = TextIteratorStreamer(self.processor.tokenizer, skip_prompt=True, skip_special_tokens=True)
+        result: dict = {}
+
+        def run():
+            try:
+                result["answer"] = self.answer(sample, tuned=tuned, streamer=streamer)
+            except BaseException as e:  # handed to the caller below; the iterator must still end
+                result["error"] = e
+                streamer.end()
+
+        worker = threading.Thread(target=run, name="finetune-answer", daemon=True)
+        worker.start()
+        text = ""
+        try:
+            for piece in streamer:
+                if piece:
+                    text += piece
+                    yield text
+        finally:
+            worker.join()
+        if "error" in result:
+            raise result["error"]
+        yield result["answer"]
 
     def ask(self, history: list[Turn], question: str, attachments=(), *, tuned: bool = True,
             on_text: Callable[[str], None] | None = None) -> Turn:
@@ -241,9 +274,4 @@ def describe(a: Assistant) -> str:
     return f"{a.family.title} from {a.label}{quant} on {dev.type}, {what}"
 
 
-def json_line(obj) -> str:
-    """One JSON line (the streamed answers' wire format)."""
-    return json.dumps(obj, ensure_ascii=False) + "\n"
-
-
-__all__ = ["Assistant", "Turn", "open_model", "is_export_folder", "describe", "json_line"]
+__all__ = ["Assistant", "Turn", "open_model", "is_export_folder", "describe"]
