@@ -28,10 +28,11 @@ from finetune.data.schema import MEDIA_TYPES, Limits, Sample, parse_sample, set_
 from finetune.errors import ConfigError, MissingFileError
 from finetune.families import family_for
 from finetune.families.base import LoadSpec
+from finetune.fsutil import MARKER
 from finetune.models import family_of, load_spec, processor_settings
 from finetune.probes import generate
 from finetune.recipe import Recipe, RecipeError, load_resolved
-from finetune.recipe.run import load_run, run_folder_of
+from finetune.recipe.run import load_run
 from finetune.runtime import choose_precision, quiet_libraries, torch_dtype
 from finetune.stages import final_recipe
 
@@ -164,9 +165,11 @@ class _Streamer:
 
 
 def is_export_folder(path: str | Path) -> bool:
-    """A model folder (config.json) that is not a run folder: an export such as runs/x/merged."""
+    """A model folder (config.json) that is not a run folder: an export such as runs/x/merged.
+    (An export carries its recipe.yaml too, so that file does not make a folder a run; a run
+    folder has no config.json and bears the toolkit's marker.)"""
     p = Path(path)
-    return p.is_dir() and (p / "config.json").is_file() and run_folder_of(p) is None
+    return p.is_dir() and (p / "config.json").is_file() and not (p / MARKER).exists()
 
 
 def _device_dtype(setting: str, device: str | None) -> tuple[str, torch.dtype]:

@@ -150,3 +150,33 @@ def test_a_4bit_base_answers_as_eval_does_with_and_without_the_adapter(tiny_runs
     ref = _eval_answers(a, _eval_file(tmp_path, [([("image", image)], QUESTION, "No.")]))
     got = {name: answer_once(a, QUESTION, [("image", image)], tuned=name == "tuned") for name in ref}
     assert got == ref and got["tuned"] != got["base"]
+
+
+def test_an_export_folder_is_told_from_a_run_folder(tmp_path):
+    """Every export carries its recipe.yaml beside config.json: still an export, not a run."""
+    from finetune.inference import is_export_folder
+
+    export, run = tmp_path / "merged", tmp_path / "run"
+    for folder in (export, run):
+        folder.mkdir()
+        (folder / "recipe.yaml").write_text("recipe: {}\n")
+    (export / "config.json").write_text("{}")
+    (run / ".omni-finetune").write_text("{}")
+    assert is_export_folder(export) and is_export_folder(str(export))
+    assert not is_export_folder(run) and not is_export_folder(run / "recipe.yaml")
+
+
+def test_chat_on_the_runs_merged_export_answers_as_the_tuned_run(tiny_runs, small_demo, tmp_path):
+    from finetune.export import export_run
+
+    run = tiny_runs("qwen2_5_omni")
+    merged = export_run(run, force=True)["merged"]
+    tuned = open_model(str(run), device="cpu")
+    # the export leaves the system prompt's text out by default: given as `--system` gives it
+    exported = open_model(str(merged), system=tuned.recipe.data.system_prompt, device="cpu")
+    assert exported.run_dir is None and not exported.has_adapter
+    assert not any("no trained adapter" in n for n in exported.notes), exported.notes
+    image = _media(small_demo, "image", tmp_path)
+    # the merged model's own answer (no adapter to switch: what `chat merged --prompt` prints)
+    assert answer_once(exported, QUESTION, [("image", image)], tuned=False) == answer_once(tuned, QUESTION,
+                                                                                          [("image", image)])
