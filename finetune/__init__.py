@@ -4,8 +4,8 @@ Layers (imports point down; tests/test_layers.py reads every import, function-lo
 and fails on a cycle or an upward import):
 
     7  cli __main__
-    6  train evaluate export verify plan
-    5  engines distributed console runfolder callbacks trainer stages
+    6  train evaluate export verify plan chat serve
+    5  engines distributed console runfolder callbacks trainer stages inference
     4  recipe models data.hf data.sources data.convert data.samples data.prepare data.check
        data.reading packing collate adapters mixture metrics report probes
     3  families
@@ -15,7 +15,8 @@ and fails on a cycle or an upward import):
     7  the commands; a staged recipe's stages run in order by the CLI
     6  entry points: a script each; none imports another's helpers
     5  the Trainer subclass and its loss, several processes and their engines, the run folder
-       (marker, lock, checkpoints, adapter, metrics), callbacks, the console, stages
+       (marker, lock, checkpoints, adapter, metrics), callbacks, the console, stages, a model
+       to talk to (inference: chat and serve answer with it)
     4  typed recipes and a recipe's model (models), reading and checking data, packing and
        collating, roles -> LoRA/full, scores and pages, the probe passes
     3  the Family contract (families/base.py), one file per family, tiny builders apart;

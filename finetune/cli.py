@@ -10,6 +10,8 @@ commands:
   demo medical         write the synthetic medical dataset
   verify packing R     packed vs one-by-one logits, loss and gradients on the recipe's data
   plan RECIPE          GPU memory of a recipe from its config alone (--gpu 24GB --gpus N)
+  chat TARGET          talk to the tuned model in the terminal (--prompt ... answers once, for scripts)
+  serve TARGET         a local web page: ask with an image, audio or video, base and tuned side by side
   recipes              list the recipes
 
 Every command that takes a recipe also takes `key.path=value` overrides after it, before or after
@@ -237,6 +239,47 @@ def cmd_plan(args) -> int:
     return 0
 
 
+def cmd_chat(args) -> int:
+    """Chat with a run's tuned model (or an export, or a recipe's base) in the terminal."""
+    from finetune.chat import answer_once, interactive
+    from finetune.inference import open_model
+
+    assistant = open_model(args.target, args.overrides, system=args.system, device=args.device)
+    if args.max_new_tokens:
+        assistant.max_new_tokens = args.max_new_tokens
+    if args.prompt is None:
+        return interactive(assistant, tuned=not args.base, attachments=args.attachments)
+    for note in assistant.notes:
+        print(f"note: {note}", file=sys.stderr)
+    print(answer_once(assistant, args.prompt, args.attachments, tuned=not args.base and assistant.has_adapter))
+    return 0
+
+
+def cmd_serve(args) -> int:
+    """The local page: base and tuned answers side by side, the run's evaluation and training."""
+    from finetune.inference import open_model
+    from finetune.serve import require_gradio, serve
+
+    require_gradio()  # before the model loads
+    assistant = open_model(args.target, args.overrides, system=args.system, device=args.device)
+    return serve(assistant, host=args.host, port=args.port, max_upload_mb=args.max_upload_mb)
+
+
+class _Attach(argparse.Action):
+    """--image/--audio/--video: (kind, path) pairs in the order given."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        namespace.attachments = [*(getattr(namespace, "attachments", None) or []), (self.dest, values)]
+
+
+def _target_options(sp) -> None:
+    sp.add_argument("target", help="a run folder (or its recipe.yaml), an export folder (runs/x/merged) or a recipe")
+    sp.add_argument("overrides", nargs="*", help="eval.* overrides of a run, e.g. eval.max_new_tokens=64")
+    sp.add_argument("--system", help="the system prompt (default: the run's data.system_prompt; an export folder "
+                                     "carries its text only when exported with export.include_data_details)")
+    sp.add_argument("--device", choices=["cpu", "cuda"], help="default: cuda when present")
+
+
 def cmd_recipes(args) -> int:
     from finetune.recipe import list_recipes, load_recipe
 
@@ -309,6 +352,26 @@ def build_parser() -> argparse.ArgumentParser:
     pl.add_argument("--gpu", default="24GB", help="memory of one GPU, e.g. 24GB or 80")
     pl.add_argument("--gpus", type=int, default=1, help="number of GPUs (per-GPU memory under the recipe's strategy "
                                                         "and a table of every strategy)")
+
+    ch = sub.add_parser("chat", help="talk to the tuned model: /image /audio /video PATH attach, /base /tuned "
+                                     "switch the adapter, --prompt answers once")
+    _target_options(ch)
+    ch.add_argument("--prompt", help="answer this once and exit (prints the answer alone)")
+    for kind in ("image", "audio", "video"):
+        ch.add_argument(f"--{kind}", dest=kind, action=_Attach, metavar="PATH",
+                        help=f"attach a{'n' if kind[0] in 'aeiou' else ''} {kind} file (repeatable; kept in order)")
+    ch.add_argument("--base", action="store_true", help="answer with the adapter off (the base model)")
+    ch.add_argument("--max-new-tokens", type=int, help="default: the run's eval.max_new_tokens")
+    ch.set_defaults(fn=cmd_chat, attachments=[])
+
+    sv = sub.add_parser("serve", help="a local web page: base and tuned answers side by side, the run's "
+                                      "evaluation and training progress")
+    _target_options(sv)
+    sv.add_argument("--port", type=int, default=7860, help="default 7860; 0 picks a free one")
+    sv.add_argument("--host", default="127.0.0.1", help="default 127.0.0.1 (this machine only); another address "
+                                                        "exposes the page and the data it shows")
+    sv.add_argument("--max-upload-mb", type=float, default=256, help="the largest upload (default 256 MB)")
+    sv.set_defaults(fn=cmd_serve)
 
     rc = sub.add_parser("recipes", help="list the recipes")
     rc.set_defaults(fn=cmd_recipes)

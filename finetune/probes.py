@@ -61,9 +61,11 @@ def probe_logits(model, family, processor, probes, rope, amp=contextlib.nullcont
 
 @torch.no_grad()
 def generate(model, family, processor, samples, rope, *, max_new_tokens: int, batch_size: int,
-             amp=contextlib.nullcontext) -> list[str]:
+             amp=contextlib.nullcontext, streamer=None) -> list[str]:
     """Greedy answers for each sample's prompt (its conversation without the last answer); the
-    model runs inside `amp()` (autocast for a 16-bit base beside fp32 trained weights)."""
+    model runs inside `amp()` (autocast for a 16-bit base beside fp32 trained weights). A
+    `streamer` (transformers' streamer protocol, batch_size 1: chat and serve) is handed each new
+    token as it comes; the answers returned are the same with or without one."""
     model.eval()
     outs: list[str] = []
     eos = [processor.eos_id]
@@ -75,7 +77,8 @@ def generate(model, family, processor, samples, rope, *, max_new_tokens: int, ba
         batch = to_model(batch, model, family)
         with amp():
             gen = model.generate(**batch, max_new_tokens=max_new_tokens, do_sample=False, eos_token_id=eos,
-                                 pad_token_id=processor.pad_id, use_cache=True)
+                                 pad_token_id=processor.pad_id, use_cache=True,
+                                 **({"streamer": streamer} if streamer is not None else {}))
         new = gen[:, batch["input_ids"].shape[1]:]
         outs.extend(processor.tokenizer.batch_decode(new, skip_special_tokens=True))
     return [o.strip() for o in outs]

@@ -63,3 +63,31 @@ def tiny_overrides(tmp_path: Path, demo: dict, *overrides: str) -> list[str]:
             "data.max_tokens=256", "data.packing=true", "train.max_steps=6", "train.save_steps=3", "train.logging_steps=1", "eval.max_samples=6",
             "eval.max_new_tokens=6"]
     return base + list(overrides)
+
+
+#: each family's tiny recipe (the one `make finetune RECIPE=...` runs on the CPU)
+TINY_RECIPES = {"qwen2_5_omni": "medical-tiny", "baichuan_omni": "medical-baichuan-tiny",
+                "qwen3_omni_moe": "medical-qwen3-omni-tiny", "gemma3n": "medical-gemma3n-tiny"}
+
+
+@pytest.fixture(scope="session")
+def tiny_runs(tmp_path_factory, small_demo):
+    """family -> a run folder of 3 training steps (lr 5e-3: the adapter moves the answers) on the
+    small demo data, trained once per session on first use: for the tests that use a trained run."""
+    runs: dict[tuple, Path] = {}
+
+    def run_of(family: str, *overrides: str) -> Path:
+        """The run of `family` (with `overrides`, e.g. model.quantize=4bit: a run of its own)."""
+        key = (family, *overrides)
+        if key not in runs:
+            from finetune.recipe import load_recipe
+            from finetune.train import train
+
+            tmp = tmp_path_factory.mktemp(f"run-{family}")
+            recipe = load_recipe(TINY_RECIPES[family], tiny_overrides(tmp, small_demo, "train.max_steps=3",
+                                                                      "train.save_steps=3", "train.lr=5e-3",
+                                                                      *overrides))
+            runs[key] = Path(train(recipe))
+        return runs[key]
+
+    return run_of

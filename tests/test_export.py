@@ -247,3 +247,27 @@ def test_quantized_export_is_written_beside_and_loads(cli_run):
     assert any("4bit" in type(m.weight).__name__.lower() or "params4bit" in type(m.weight).__name__.lower()
                for m in model.modules() if hasattr(m, "weight") and m.weight is not None)
     assert (out / "tokenizer.json").exists() and (out / "preprocessor_config.json").exists()
+
+
+@pytest.mark.parametrize("family", ["qwen3_omni_moe", "gemma3n"])
+def test_the_transformers_example_answers_other_families_exports_as_eval_does(family, tiny_runs, small_demo, tmp_path):
+    """The example answers each export transformers has a class for, as eval's greedy generation
+    answers the same samples with the run's adapter."""
+    from finetune.data.reading import read_split
+    from finetune.export import export_run
+    from finetune.inference import open_model
+    from finetune.probes import generate
+
+    run = tiny_runs(family)
+    merged = export_run(run, force=True)["merged"]
+    preds = tmp_path / "fresh.jsonl"
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    res = subprocess.run([sys.executable, str(ROOT / "examples" / "generate_with_transformers.py"), str(merged),
+                          str(small_demo["eval"]), "--limit", "3", "--out", str(preds)],
+                         cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stderr[-3000:]
+    fresh = [json.loads(x) for x in preds.read_text().splitlines()]
+    a = open_model(str(run), device="cpu")
+    samples, _ = read_split(str(small_demo["eval"]), a.recipe)
+    ours = generate(a.model, a.family, a.processor, samples[:3], a.rope, max_new_tokens=a.max_new_tokens, batch_size=1)
+    assert len(fresh) == 3 and [f["prediction"] for f in fresh] == ours
