@@ -42,6 +42,8 @@ PART_TYPES = ("text",) + MEDIA_TYPES
 _TEXT_KEYS = {"type", "text"}
 _MEDIA_KEYS = {"type", "path", "frames"}
 _TOP_KEYS = {"messages", "id", "answer", "task"}
+#: the preference form: the last (assistant) turn holds two answers instead of a 'content'
+PREFERENCE_KEYS = ("chosen", "rejected")
 
 # Role names used by other chat formats (ShareGPT, Gemini, ...) that difflib
 # would not match to ours because they share no letters.
@@ -315,6 +317,23 @@ class Sample:
     source: str = ""
     line: int = 0
     meta: dict = field(default_factory=dict)
+    #: the preference form: the rejected answer; messages[-1] is then the chosen one
+    rejected: Message | None = None
+
+    @property
+    def is_preference(self) -> bool:
+        """True for a preference pair (a chosen and a rejected last answer)."""
+        return self.rejected is not None
+
+    def chosen_sample(self) -> "Sample":
+        """The conversation ending with the chosen answer, as a plain sample."""
+        return Sample(messages=self.messages, answer=self.answer, id=self.id, task=self.task, source=self.source,
+                      line=self.line, meta=self.meta)
+
+    def rejected_sample(self) -> "Sample":
+        """The same prompt ending with the rejected answer, as a plain sample."""
+        return Sample(messages=self.messages[:-1] + [self.rejected], answer=self.answer, id=self.id, task=self.task,
+                      source=self.source, line=self.line, meta=self.meta)
 
     def media(self) -> list[Part]:
         """Media parts in order of appearance."""
@@ -411,6 +430,7 @@ def parse_sample(
                   "add at least one user turn and one assistant turn")
 
     messages: list[Message] = []
+    rejected: Message | None = None
     prev_role: str | None = None
     for i, raw in enumerate(raw_messages):
         mfield = f"messages[{i}]"
@@ -428,6 +448,13 @@ def parse_sample(
                       f"two consecutive '{role}' messages (messages[{i - 1}] and messages[{i}])",
                       "merge them into one message, or insert the missing turn between them")
         prev_role = role
+        if any(k in raw for k in PREFERENCE_KEYS):
+            rejected = _parse_pair(raw, role, i == len(raw_messages) - 1, mfield, err, base, allow_outside_paths,
+                                   check_files)
+            messages.append(Message(role=role, parts=_parse_content({"content": raw["chosen"]}, role, f"{mfield}.chosen",
+                                                                    err, base, allow_outside_paths, check_files,
+                                                                    key="chosen")))
+            continue
         parts = _parse_content(raw, role, mfield, err, base, allow_outside_paths, check_files)
         messages.append(Message(role=role, parts=parts, loss=_parse_loss(raw, role, mfield, err)))
 
@@ -472,7 +499,33 @@ def parse_sample(
 
     meta = {k: v for k, v in obj.items() if k not in _TOP_KEYS}
     return Sample(messages=messages, answer=answer, id=sample_id, task=task,
-                  source=source, line=line, meta=meta)
+                  source=source, line=line, meta=meta, rejected=rejected)
+
+
+def _parse_pair(raw: dict, role: str, last: bool, mfield: str, err, base, allow_outside, check_files) -> Message:
+    """The rejected answer of a preference turn (`chosen` and `rejected` instead of `content`),
+    after checking that the turn may hold a pair."""
+    if not last or role != "assistant":
+        where = f"a {role} turn" if last else "a turn that is not the last"
+        raise err("bad_pair", mfield, f"'chosen'/'rejected' on {where}",
+                  "put the two answers on the last turn, an assistant one: "
+                  '{"role": "assistant", "chosen": "...", "rejected": "..."}')
+    missing = [k for k in PREFERENCE_KEYS if k not in raw]
+    if missing:
+        raise err("bad_pair", f"{mfield}.{missing[0]}", f"the preference turn has no '{missing[0]}' answer",
+                  f"add \"{missing[0]}\": the {'preferred' if missing[0] == 'chosen' else 'dispreferred'} answer "
+                  "(a pair needs both)")
+    if "content" in raw:
+        raise err("bad_pair", f"{mfield}.content", "the preference turn has 'content' besides 'chosen' and 'rejected'",
+                  "remove 'content': the turn's answers are 'chosen' and 'rejected'")
+    if "loss" in raw:
+        raise err("bad_loss", f"{mfield}.loss", "'loss' on a preference turn", "remove it: both answers are learned")
+    parts = _parse_content({"content": raw["rejected"]}, role, f"{mfield}.rejected", err, base, allow_outside,
+                           check_files, key="rejected")
+    if raw["rejected"] == raw["chosen"]:
+        raise err("bad_pair", f"{mfield}.rejected", "the rejected answer is the chosen one",
+                  "give a different, dispreferred answer as 'rejected', or drop the pair (it teaches nothing)")
+    return Message(role=role, parts=parts)
 
 
 def _parse_role(raw: dict, mfield: str, err) -> str:
@@ -504,8 +557,8 @@ def _parse_loss(raw: dict, role: str, mfield: str, err) -> bool:
     return loss
 
 
-def _parse_content(raw, role, mfield, err, base, allow_outside, check_files) -> list[Part]:
-    cfield = f"{mfield}.content"
+def _parse_content(raw, role, mfield, err, base, allow_outside, check_files, key: str = "") -> list[Part]:
+    cfield = mfield if key else f"{mfield}.content"
     if "content" not in raw:
         fix = ("rename 'value' to 'content'" if "value" in raw
                else "add \"content\": a string or a list of parts")

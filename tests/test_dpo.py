@@ -1,0 +1,166 @@
+"""DPO on packed preference pairs: the loss and its gradients on packed rows equal those of each
+completion run alone (fp32, 1e-5; bf16 autocast within a looser bound), with a control whose
+broken isolation fails; the pair bins, the segment sums and the recipe's rules for the method."""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+
+import pytest
+import torch
+
+from test_qwen_family import media_dir  # noqa: F401  (fixture reuse)
+
+from finetune.data.schema import parse_sample
+from finetune.models import load_spec
+
+BETA = 0.5
+
+
+def pair(media_dir, parts, chosen, rejected, system=True):
+    msgs = ([{"role": "system", "content": "You are a radiology assistant."}] if system else []) + [
+        {"role": "user", "content": parts}, {"role": "assistant", "chosen": chosen, "rejected": rejected}]
+    return parse_sample({"messages": msgs}, source="p.jsonl", line=1, base_dir=media_dir)
+
+
+IMAGE_AUDIO = [{"type": "image", "path": "b.png"}, {"type": "audio", "path": "a.wav"},
+               {"type": "text", "text": "Is there a lesion?"}]
+
+
+def pairs(media_dir):
+    # media anywhere in the prompt: image and audio first, audio after the text, text only
+    return [pair(media_dir, IMAGE_AUDIO, "Yes, in the left lower lobe.", "No."),
+            pair(media_dir, [{"type": "text", "text": "Listen to this."}, {"type": "audio", "path": "a.wav"}],
+                 "A cough.", "Music, with a long and winding melody."),
+            pair(media_dir, "What does MRI stand for?", "Magnetic resonance imaging.", "Medical radio.", system=False)]
+
+
+@pytest.fixture(scope="module")
+def policy():
+    """The tiny Qwen2.5-Omni thinker with LoRA on the LLM and both encoders (B perturbed, so the
+    policy differs from its reference), and the label-token head as training installs it."""
+    from finetune import adapters
+    from finetune.families import get_family
+    from finetune.loss import add_label_head
+    from finetune.recipe import load_recipe
+    from finetune.verify import perturb_lora_b
+
+    fam = get_family("qwen2_5_omni")
+    recipe = load_recipe("medical-tiny", ["model.max_pixels=12544", "roles.vision_encoder.mode=lora",
+                                          "roles.audio_encoder.mode=lora", "roles.vision_projector.mode=frozen",
+                                          "roles.lm_head.mode=frozen", "train.method=dpo"])
+    loaded = fam.load(load_spec(recipe, dtype=torch.float32, attn="sdpa"))
+    model, _ = adapters.apply_roles(loaded.model, fam, recipe)
+    perturb_lora_b(model, 0.05)
+    add_label_head(model.get_base_model())
+    model.eval()  # no LoRA dropout: both passes see the same function
+    return fam, loaded, model
+
+
+def packed(fam, loaded, flat, break_isolation=False):
+    from finetune.packing import PairPackedCollator
+
+    col = PairPackedCollator(fam, loaded.processor, flat, fam.rope_index(loaded.model))
+    batch = col.collate([{"bin": list(range(len(flat)))}])
+    assert batch["input_ids"].shape[0] == 1  # every completion in one row: they really share it
+    if break_isolation:  # the control: positions that do not restart, so samples see each other
+        pos = batch["position_ids"]
+        pos[0] = torch.arange(pos.shape[-1])
+    return batch
+
+
+def packed_result(model, batch, loss_type, autocast=contextlib.nullcontext):
+    from finetune.trainer import preference_loss
+
+    model.zero_grad()
+    with autocast():
+        total, scores = preference_loss(model, batch, BETA, loss_type)
+    total.backward()
+    return total.detach(), scores, grads(model)
+
+
+def alone_result(model, fam, loaded, flat, loss_type, autocast=contextlib.nullcontext):
+    """Each completion in a batch of its own, through the model's own padded path and plain
+    logits (no packing, no label head, no segment sum)."""
+    from finetune.dpo import pair_scores
+    from finetune.loss import shifted_cross_entropy
+
+    model.zero_grad()
+    rope = fam.rope_index(loaded.model)
+    logps, refs, counts = [], [], []
+    for s in flat:
+        batch = fam.collate_padded([fam.encode(s, loaded.processor, rope=rope)], loaded.processor.pad_id)
+        labels = batch.pop("labels")
+        with autocast():
+            logps.append(-shifted_cross_entropy(model(**batch).logits, labels))
+            with torch.no_grad(), model.disable_adapter():
+                refs.append(-shifted_cross_entropy(model(**batch).logits, labels))
+        counts.append((labels[:, 1:] != -100).sum())
+    scores = pair_scores(torch.stack(logps), torch.stack(refs), torch.stack(counts), BETA, loss_type)
+    total = scores.losses.sum()
+    total.backward()
+    return total.detach(), scores, grads(model)
+
+
+def grads(model):
+    return {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+def max_grad_diff(a, b):
+    assert a.keys() == b.keys() and a
+    return max((a[k] - b[k]).abs().max().item() for k in a)
+
+
+@pytest.mark.parametrize("loss_type", ["sigmoid", "ipo"])
+def test_packed_dpo_loss_and_gradients_equal_one_by_one(policy, media_dir, loss_type):  # noqa: F811
+    fam, loaded, model = policy
+    flat = [x for p in pairs(media_dir) for x in (p.chosen_sample(), p.rejected_sample())]
+    total, scores, g = packed_result(model, packed(fam, loaded, flat), loss_type)
+    total1, scores1, g1 = alone_result(model, fam, loaded, flat, loss_type)
+    assert abs(total - total1) <= 1e-5, (total, total1)
+    for a, b in [(scores.chosen_rewards, scores1.chosen_rewards), (scores.rejected_rewards, scores1.rejected_rewards)]:
+        assert torch.allclose(a, b, atol=1e-5), (a, b)
+    assert scores.chosen_rewards.abs().max() > 1e-3  # the policy really differs from its reference
+    assert max_grad_diff(g, g1) <= 1e-5
+    # the encoders' LoRA got gradients too: the media in the prompts reach the loss
+    assert any("audio" in k for k in g) and any("visual" in k for k in g)
+
+
+def test_the_exactness_check_catches_samples_that_see_each_other(policy, media_dir):  # noqa: F811
+    fam, loaded, model = policy
+    flat = [x for p in pairs(media_dir) for x in (p.chosen_sample(), p.rejected_sample())]
+    total, scores, g = packed_result(model, packed(fam, loaded, flat, break_isolation=True), "sigmoid")
+    total1, scores1, g1 = alone_result(model, fam, loaded, flat, "sigmoid")
+    assert (scores.chosen_rewards - scores1.chosen_rewards).abs().max() > 1e-3
+    assert max_grad_diff(g, g1) > 1e-5
+
+
+def test_packed_dpo_under_bf16_autocast_is_close(policy, media_dir):  # noqa: F811
+    fam, loaded, model = policy
+    flat = [x for p in pairs(media_dir) for x in (p.chosen_sample(), p.rejected_sample())]
+    bf16 = functools.partial(torch.autocast, "cpu", dtype=torch.bfloat16)
+    total, scores, g = packed_result(model, packed(fam, loaded, flat), "sigmoid", bf16)
+    total1, scores1, g1 = alone_result(model, fam, loaded, flat, "sigmoid", bf16)
+    print(f"bf16: loss {total.item():.6f} vs {total1.item():.6f}, max grad diff {max_grad_diff(g, g1):.3g}")
+    assert abs(total - total1) <= 2e-2 * abs(total1), (total, total1)
+    scale = max(v.abs().max().item() for v in g1.values())
+    assert max_grad_diff(g, g1) <= 5e-2 * scale
+
+
+def test_pairs_are_binned_whole_chosen_first():
+    from finetune.packing import plan_pair_bins
+
+    lengths = [30, 50, 10, 10, 60, 5, 20, 20]  # pairs: 80, 20, 65, 40
+    bins = plan_pair_bins(lengths, 100)
+    assert sorted(i for b in bins for i in b) == list(range(8))
+    for b in bins:
+        assert sum(lengths[i] for i in b) <= 100
+        assert all(b[k] % 2 == 0 and b[k + 1] == b[k] + 1 for k in range(0, len(b), 2))
+
+
+def test_segment_sums_sum_each_samples_label_tokens():
+    from finetune.dpo import segment_sums
+
+    got = segment_sums(torch.tensor([1.0, 2.0, 3.0, 4.0]), torch.tensor([0, 0, 2, 1]), 4)
+    assert got.tolist() == [3.0, 4.0, 3.0, 0.0]
