@@ -36,6 +36,7 @@ from finetune.errors import UserError
 
 __all__ = [
     "generate_medical",
+    "preference_pairs",
     "main",
     "LESION_QUESTIONS",
     "MODALITY_QUESTION",
@@ -533,6 +534,26 @@ def _build_split(root: Path, split: str, n: int, seed: int) -> tuple[list[dict[s
         entry["task"] = task
         manifest.append(entry)
     return samples, manifest
+
+
+def preference_pairs(samples: list[dict[str, Any]], seed: int = 0) -> list[dict[str, Any]]:
+    """Preference pairs (our JSONL's preference form) from demo samples: each sample's last reply
+    is the chosen answer; the rejected one is the last reply of another sample of the same task
+    with another answer (a lesion question answered the other way), or of any other sample when
+    the task has no other answer. Media paths stay as they are (relative to the demo folder)."""
+    rng = np.random.default_rng(seed)
+    out = []
+    for i, s in enumerate(samples):
+        reply = s["messages"][-1]["content"]
+        others = [t for t in samples if t.get("task") == s.get("task") and t.get("answer") != s.get("answer")
+                  and t["messages"][-1]["content"] != reply]
+        others = others or [t for t in samples if t["messages"][-1]["content"] != reply]
+        if not others:
+            continue
+        rejected = others[int(rng.integers(len(others)))]["messages"][-1]["content"]
+        last = {"role": "assistant", "chosen": reply, "rejected": rejected}
+        out.append({**s, "id": f"{s.get('id', i)}-pair", "messages": s["messages"][:-1] + [last]})
+    return out
 
 
 def _write_jsonl(samples: list[dict[str, Any]], path: Path) -> None:

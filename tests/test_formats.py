@@ -342,8 +342,10 @@ def test_dataset_info_entries(tmp_path: Path, capsys):
     assert e.kind == "dataset_info" and "did you mean 'mllm_demo'" in str(e) and "mllm_demo, vqa" in str(e)
     e = one_error(f"{info}#hub")
     assert e.kind == "dataset_info" and "hf_hub_url" in str(e) and "hub:" in str(e)
-    e = one_error(f"{info}#dpo")
-    assert e.kind == "preference_data" and "ranking" in str(e)
+    # a ranking entry whose records have no chosen answer: each record says so (issue 29 reads ranking files)
+    report = check_dataset([Path(f"{info}#dpo")])
+    assert report.errors and all(e.kind == "missing_column" and "'chosen'" in str(e) and "ranking" in str(e)
+                                 for e in report.errors), report.format()
     e = one_error(f"{info}")
     assert e.kind == "dataset_info" and "#mllm_demo" in str(e)
     # the entry's file is held inside the list's folder, as its media are
@@ -392,31 +394,44 @@ def preference_files(folder: Path) -> dict[str, tuple[Path, str]]:
     return out
 
 
-def test_preference_files_are_reported_once_as_preference_data(tmp_path: Path, capsys):
-    from finetune.data.reading import read_split
+def test_preference_files_are_read_as_pairs_and_sft_says_dpo_once(tmp_path: Path, capsys):
+    """Every pair form is read as our preference pairs (data check clean, convert, read as training
+    reads it); SFT on them stops once with what to set (issue 29: it was ~300 unrelated errors);
+    KTO feedback, which is not pairs, is still one error for the file."""
+    from finetune.data.reading import check_method, read_split
+    from finetune.errors import ConfigError
 
     for name, (path, word) in preference_files(tmp_path).items():
         report = check_dataset([path])
-        assert len(report.errors) == 1, (name, report.format())
-        (e,) = report.errors
-        msg = str(e)
-        assert e.kind == "preference_data", (name, msg)
-        assert str(path) in msg and "preference data" in msg and word in msg, (name, msg)
-        assert "train.method: dpo" in msg and "not available yet" in msg, (name, msg)
-
-        for fmt in ("auto",) + FORMATS:
+        if name.startswith("KTO"):
+            assert len(report.errors) == 1, (name, report.format())
+            (e,) = report.errors
+            assert e.kind == "preference_data" and str(path) in str(e) and word in str(e), (name, str(e))
             with pytest.raises(DataError) as raised:
-                convert_file(path, fmt, on_error="skip")
-            assert raised.value.kind == "preference_data", (name, fmt, str(raised.value))
+                convert_file(path, on_error="skip")
+            assert raised.value.kind == "preference_data"
+            assert main(["convert", str(path), str(tmp_path / "o.jsonl")]) == 1
+            err = capsys.readouterr().err
+            assert err.count("the file holds preference data") == 1 and len(err.strip().splitlines()) == 1, err
+            continue
+        assert report.errors == [] and report.n_ok == 40, (name, report.format())
+        converted = convert_file(path, on_error="raise")
+        last = converted.samples[0]["messages"][-1]
+        assert (last["chosen"], last["rejected"]) in (("Yes.", "No."), ([{"type": "text", "text": "Yes."}],
+                                                                         [{"type": "text", "text": "No."}])), (name, last)
+        out = tmp_path / "o.jsonl"
+        assert main(["convert", str(path), str(out)]) == 0, capsys.readouterr().err
+        assert check_dataset([out], allow_outside_paths=True).errors == []
 
-        recipe = _recipe(f"data.train={path}", "data.on_error=skip")
-        with pytest.raises(DataError) as raised:
-            read_split(recipe.data.train, recipe)
-        assert raised.value.kind == "preference_data"
-
-        assert main(["convert", str(path), str(tmp_path / "o.jsonl")]) == 1
-        err = capsys.readouterr().err
-        assert err.count("preference data") == 1 and "train.method: dpo" in err, (name, err)
+        recipe = _recipe(f"data.train={path}")
+        samples, errors = read_split(recipe.data.train, recipe)
+        assert errors == [] and len(samples) == 40 and all(s.is_preference for s in samples), name
+        assert samples[0].rejected_sample().messages[-1].text() == "No."
+        with pytest.raises(ConfigError) as raised:
+            check_method(samples, "sft", str(path))
+        msg = str(raised.value)
+        assert msg.count("preference data") == 1 and "set train.method: dpo" in msg, msg
+        check_method(samples, "dpo", str(path))  # what dpo takes
 
 
 def test_a_json_list_of_our_samples_is_read_as_records(tmp_path: Path):

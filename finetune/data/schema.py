@@ -41,7 +41,7 @@ PART_TYPES = ("text",) + MEDIA_TYPES
 # Keys read by the schema itself; everything else on a part goes to Part.extra.
 _TEXT_KEYS = {"type", "text"}
 _MEDIA_KEYS = {"type", "path", "frames"}
-_TOP_KEYS = {"messages", "id", "answer", "task"}
+_TOP_KEYS = {"messages", "id", "answer", "task", "chosen", "rejected"}
 #: the preference form: the last (assistant) turn holds two answers instead of a 'content'
 PREFERENCE_KEYS = ("chosen", "rejected")
 
@@ -419,6 +419,8 @@ def parse_sample(
             fix = 'add "messages": [{"role": "user", ...}, {"role": "assistant", ...}]'
         raise err("missing_messages", "messages", "the sample has no 'messages'", fix)
     raw_messages = obj["messages"]
+    if isinstance(raw_messages, list) and any(k in obj for k in PREFERENCE_KEYS):
+        raw_messages = _top_level_pair(obj, raw_messages, err)
     if not isinstance(raw_messages, list):
         raise err(
             "bad_messages", "messages",
@@ -500,6 +502,29 @@ def parse_sample(
     meta = {k: v for k, v in obj.items() if k not in _TOP_KEYS}
     return Sample(messages=messages, answer=answer, id=sample_id, task=task,
                   source=source, line=line, meta=meta, rejected=rejected)
+
+
+def _answer(value):
+    """An answer given as a column: text or parts, an assistant message, or a list of one (TRL's
+    conversational form) -> the turn's content."""
+    if isinstance(value, list) and len(value) == 1 and isinstance(value[0], dict) and "role" in value[0]:
+        value = value[0]
+    if isinstance(value, dict) and "content" in value:
+        return value["content"]
+    return value
+
+
+def _top_level_pair(obj: dict, raw_messages: list, err) -> list:
+    """`messages` (the prompt) with top-level `chosen` and `rejected` answers (a table's columns) ->
+    the messages with the preference turn appended."""
+    missing = [k for k in PREFERENCE_KEYS if k not in obj]
+    if missing:
+        raise err("bad_pair", missing[0], f"the sample has no '{missing[0]}' answer beside "
+                  f"'{PREFERENCE_KEYS[missing[0] == 'chosen']}'", f"add \"{missing[0]}\" (a pair needs both answers)")
+    if raw_messages and isinstance(raw_messages[-1], dict) and raw_messages[-1].get("role") == "assistant":
+        raise err("bad_pair", f"messages[{len(raw_messages) - 1}]", "the prompt ends with an assistant turn, and "
+                  "'chosen'/'rejected' answer it again", "end 'messages' with the user's turn that both answers reply to")
+    return raw_messages + [{"role": "assistant", "chosen": _answer(obj["chosen"]), "rejected": _answer(obj["rejected"])}]
 
 
 def _parse_pair(raw: dict, role: str, last: bool, mfield: str, err, base, allow_outside, check_files) -> Message:
