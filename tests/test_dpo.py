@@ -191,6 +191,7 @@ DPO_RUN = ["train.method=dpo", "roles.vision_encoder.mode=frozen", "roles.vision
            "train.lr=3e-3", "train.warmup_ratio=0", "train.scheduler=constant", "train.dpo_beta=0.5"]
 
 
+@pytest.mark.slow
 def test_a_tiny_dpo_run_raises_preference_accuracy(tmp_path, small_demo):
     """A short DPO run on pairs built from the demo's training split: the logged rewards, margins and
     preference accuracy are in metrics.jsonl, and the accuracy and margin of the last steps are above
@@ -217,3 +218,86 @@ def test_a_tiny_dpo_run_raises_preference_accuracy(tmp_path, small_demo):
     assert mean(last, "rewards/accuracies") > mean(first, "rewards/accuracies") + 0.2
     assert mean(last, "rewards/margins") > mean(first, "rewards/margins")
     assert mean(last, "loss") < mean(first, "loss")
+
+
+STAGED = """extends: medical-tiny
+stages:
+  - name: sft
+    roles: {{llm: {{mode: lora, r: 8, alpha: 16, dropout: 0.0}}}}
+    train: {{max_steps: 4}}
+  - name: dpo
+    roles: {{llm: {{mode: lora, r: 8, alpha: 16, dropout: 0.0}}}}
+    data: {{train: {pairs}, eval: "", allow_outside_paths: true, max_tokens: 512}}
+    train: {{method: dpo, max_steps: 3, dpo_beta: 0.5, warmup_ratio: 0}}
+"""
+
+
+@pytest.mark.slow
+def test_dpo_as_a_stage_after_sft_has_the_sft_model_as_its_reference(tmp_path, small_demo):
+    """SFT, then DPO on pairs: the DPO stage loads the SFT stage's merged export, and its first step
+    scores exactly log 2 with zero rewards: the policy (fresh LoRA, B = 0) equals its reference, the
+    model with the adapters disabled, which is that merged export (not the original base)."""
+    import json
+    import math
+    from pathlib import Path
+
+    from conftest import tiny_overrides
+
+    from finetune.cli import run_stages
+    from finetune.recipe import load_recipe
+
+    recipe = tmp_path / "staged.yaml"
+    recipe.write_text(STAGED.format(pairs=demo_pairs(small_demo, tmp_path)))
+    run = run_stages(load_recipe(recipe, tiny_overrides(tmp_path, small_demo)))
+    sft = run / "stages" / "01-sft"
+    assert (sft / "merged" / "export_manifest.json").exists()
+    base = json.loads((run / "adapter" / "base_model.json").read_text())["base_path"]
+    assert Path(base).resolve() == (sft / "merged").resolve()
+    logs = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    first = next(r for r in logs if r.get("step") == 1 and "loss" in r)
+    assert first["loss"] == pytest.approx(math.log(2), abs=1e-5)
+    assert first["rewards/chosen"] == pytest.approx(0, abs=1e-5) and first["rewards/margins"] == pytest.approx(0, abs=1e-5)
+    assert any(r.get("rewards/margins", 0) != 0 for r in logs if r.get("step", 0) > 1)  # and then it trains
+
+
+def test_the_recipe_refuses_dpo_without_a_lora_reference_or_without_packing():
+    from finetune.recipe import load_recipe
+    from finetune.recipe.fields import RecipeError
+
+    with pytest.raises(RecipeError) as raised:  # medical-tiny trains its vision encoder, projector and lm_head in full
+        load_recipe("medical-tiny", ["data.demo=", "train.method=dpo"])
+    msg = str(raised.value)
+    assert "adapters disabled" in msg and "lm_head" in msg and "roles.vision_encoder.mode" in msg, msg
+    with pytest.raises(RecipeError, match="set e.g. roles.llm.mode: lora"):
+        load_recipe("medical-tiny", ["data.demo=", "train.method=dpo", "roles.llm.mode=frozen",
+                                     "roles.vision_encoder.mode=frozen", "roles.vision_projector.mode=frozen",
+                                     "roles.lm_head.mode=frozen"])
+    lora_only = ["data.demo=", "train.method=dpo", "roles.vision_encoder.mode=frozen",
+                 "roles.vision_projector.mode=frozen", "roles.lm_head.mode=frozen"]
+    with pytest.raises(RecipeError, match="set data.packing: true"):
+        load_recipe("medical-tiny", [*lora_only, "data.packing=false"])
+    with pytest.raises(RecipeError, match="dpo_loss"):
+        load_recipe("medical-tiny", [*lora_only, "train.dpo_loss=hinge"])
+    with pytest.raises(RecipeError, match="dpo_beta"):
+        load_recipe("medical-tiny", [*lora_only, "train.dpo_beta=0"])
+    r = load_recipe("medical-tiny", lora_only)
+    assert (r.train.method, r.train.dpo_beta, r.train.dpo_loss) == ("dpo", 0.1, "sigmoid")
+    assert load_recipe("medical-tiny", ["data.demo="]).train.method == "sft"
+
+
+def test_dpo_on_chat_data_and_sft_on_pairs_stop_once_naming_the_line(media_dir):  # noqa: F811
+    from finetune.data.reading import check_method
+    from finetune.errors import ConfigError
+
+    chat = parse_sample({"messages": [{"role": "user", "content": "Q"}, {"role": "assistant", "content": "A"}]},
+                        source="chat.jsonl", line=3, base_dir=media_dir)
+    prefs = pairs(media_dir)
+    with pytest.raises(ConfigError) as raised:
+        check_method(prefs + [chat], "dpo", "data.train")
+    assert "chat.jsonl:3 is a plain conversation" in str(raised.value)
+    with pytest.raises(ConfigError) as raised:
+        check_method([chat] * 300 + prefs, "sft", "data.train")
+    msg = str(raised.value)
+    assert msg.count("preference data") == 1 and "p.jsonl:1" in msg and "set train.method: dpo" in msg
+    check_method(prefs, "dpo", "data.train")
+    check_method([chat], "sft", "data.train")
