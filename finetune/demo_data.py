@@ -124,6 +124,8 @@ NO_TEMPLATES = {
 _SPLITS = {"train": (0, 0.05), "eval": (1, 0.0)}
 _EVAL_SEED_OFFSET = 1000
 _MANAGED = ("images", "audio", "manifest.json", "README.md")
+#: each split as preference pairs (the DPO demo's data), written beside train.jsonl and eval.jsonl
+_PAIRS = ("train_pairs.jsonl", "eval_pairs.jsonl")
 DEMO = "demo dataset"  # the marker's `what` of a demo folder
 _LOCK = ".demo_data.lock"
 _STAGING = ".demo_data"  # the temporary folder is .demo_data.tmp-<random>
@@ -644,7 +646,7 @@ def check_demo_folder(out_dir: Path) -> None:
 def _check_managed(out_dir: Path, legacy: bool) -> None:
     """Before regenerating: every file of the names the generator replaces must be one it wrote
     (a folder generated before the record existed: its files are taken as the generator's)."""
-    foreign = [f for name in (*_MANAGED, "train.jsonl", "eval.jsonl") if (out_dir / name).exists()
+    foreign = [f for name in (*_MANAGED, *_PAIRS, "train.jsonl", "eval.jsonl") if (out_dir / name).exists()
                for f in fsutil.foreign_files(out_dir, name)]
     if legacy:
         fsutil.update_owned(out_dir, add=foreign)
@@ -663,8 +665,10 @@ def generate_medical(
 ) -> dict[str, Path]:
     """Generate the synthetic medical dataset into ``out_dir``.
 
-    Returns ``{"train": out_dir/"train.jsonl", "eval": out_dir/"eval.jsonl"}``.  If both files
-    already exist and ``force`` is False nothing is written.  ``out_dir`` must be new, empty, or
+    Returns ``{"train": out_dir/"train.jsonl", "eval": out_dir/"eval.jsonl"}``; beside them
+    ``train_pairs.jsonl`` and ``eval_pairs.jsonl`` hold each split as preference pairs
+    (preference_pairs; the DPO demo's data).  If all four files already exist and ``force`` is
+    False nothing is written.  ``out_dir`` must be new, empty, or
     a demo folder the generator made (its fsutil marker records every file it wrote); anything
     else is refused (fsutil.NotOursError) before anything is written, and in a demo folder only
     the generator's own files are replaced (a file someone added among them stops it).  The
@@ -675,12 +679,13 @@ def generate_medical(
         raise ValueError("n_train and n_eval must be >= 0")
     out_dir = Path(out_dir)
     paths = {"train": out_dir / "train.jsonl", "eval": out_dir / "eval.jsonl"}
-    if not force and all(p.is_file() for p in paths.values()):
+    complete = [*paths.values(), *(out_dir / name for name in _PAIRS)]
+    if not force and all(p.is_file() for p in complete):
         return paths
     check_demo_folder(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     with _locked(out_dir):
-        if not force and all(p.is_file() for p in paths.values()):
+        if not force and all(p.is_file() for p in complete):
             return paths  # another process finished it meanwhile
         check_demo_folder(out_dir)
         legacy = fsutil.read_marker(out_dir) is None and _legacy_demo(out_dir)
@@ -696,6 +701,7 @@ def generate_medical(
             for split, n in (("train", n_train), ("eval", n_eval)):
                 samples, manifest[split] = _build_split(tmp, split, n, seed)
                 _write_jsonl(samples, tmp / f"{split}.jsonl")
+                _write_jsonl(preference_pairs(samples, seed), tmp / f"{split}_pairs.jsonl")
                 stats[split] = {t: sum(s["task"] == t for s in samples)
                                 for t in ("lesion", "modality", "audio", "text", "multi")}
             with open(tmp / "manifest.json", "w", encoding="utf-8", newline="\n") as f:
@@ -706,7 +712,7 @@ def generate_medical(
             # swap into place: invalidate the old dataset first, publish the jsonl files last
             for p in paths.values():
                 fsutil.remove_owned(out_dir, p.name)
-            fsutil.move_in(tmp, out_dir, [*_MANAGED, "eval.jsonl", "train.jsonl"])
+            fsutil.move_in(tmp, out_dir, [*_MANAGED, *_PAIRS, "eval.jsonl", "train.jsonl"])
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
             fsutil.update_owned(out_dir, drop=[tmp.name])

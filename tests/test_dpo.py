@@ -166,22 +166,72 @@ def test_segment_sums_sum_each_samples_label_tokens():
     assert got.tolist() == [3.0, 4.0, 3.0, 0.0]
 
 
-def demo_pairs(demo: dict, folder) -> str:
-    """The small demo's training samples as preference pairs (demo_data.preference_pairs), written
+def test_preference_figures_from_sequence_log_probabilities():
+    """score_preferences: the implicit rewards of tuned against the reference, their accuracy and
+    margin, and per model how often it prefers the chosen answer, with tuned's paired tests."""
+    from finetune.evaluate import score_preferences
+
+    # three pairs [chosen, rejected]: log-ratios (tuned - start) of (+2, -1), (0, +1), (+1, 0)
+    start = torch.tensor([-10.0, -8.0, -5.0, -6.0, -7.0, -7.0])
+    tuned = start + torch.tensor([2.0, -1.0, 0.0, 1.0, 1.0, 0.0])
+    base = torch.tensor([-1.0, -9.0, -1.0, -9.0, -1.0, -9.0])
+    got = score_preferences({"tuned": tuned, "start": start, "base": base}, 0.5, reference="start", n_resamples=200)
+    assert got["n_pairs"] == 3
+    assert got["accuracy"]["mean"] == pytest.approx(2 / 3)
+    assert got["margin"]["mean"] == pytest.approx(0.5 * (3 - 1 + 1) / 3)
+    assert got["chosen_reward"]["mean"] == pytest.approx(0.5 * 3 / 3)
+    assert got["rejected_reward"]["mean"] == pytest.approx(0.5 * 0 / 3)
+    assert {k: v["mean"] for k, v in got["prefers_chosen"].items()} == pytest.approx(
+        {"tuned": 2 / 3, "start": 1 / 3, "base": 1.0})  # tuned: -8 > -9, -5 = -5, -6 > -7
+    assert got["paired"]["tuned_vs_base"]["change"] == pytest.approx(-1 / 3)
+    assert got["paired"]["tuned_vs_start"]["change"] == pytest.approx(1 / 3)
+    assert set(got["paired"]) == {"tuned_vs_start", "tuned_vs_base"}
+    assert got["accuracy"]["ci"][0] <= got["accuracy"]["mean"] <= got["accuracy"]["ci"][1]
+
+
+def test_the_demo_writes_each_split_as_preference_pairs(tmp_path):
+    """The demo folder holds train_pairs.jsonl and eval_pairs.jsonl beside the conversations: one
+    pair per sample, the chosen answer its reply, the rejected one a reply of the same task with
+    another answer; they read as DPO data (check_method) with the media the samples have."""
+    import json
+
+    from finetune.data.reading import check_method
+    from finetune.demo_data import generate_medical
+
+    paths = generate_medical(tmp_path / "demo", n_train=16, n_eval=8, seed=0)
+    for split in ("train", "eval"):
+        rows = [json.loads(line) for line in paths[split].read_text().splitlines()]
+        pairs_file = tmp_path / "demo" / f"{split}_pairs.jsonl"
+        got = [parse_sample(json.loads(line), source=str(pairs_file), line=i + 1, base_dir=pairs_file.parent)
+               for i, line in enumerate(pairs_file.read_text().splitlines())]
+        assert len(got) == len(rows)
+        check_method(got, "dpo", split)
+        for row, p in zip(rows, got):
+            assert p.chosen_sample().messages[-1].text() == row["messages"][-1]["content"]
+            assert p.rejected.text() != row["messages"][-1]["content"]
+            assert p.task == row["task"] and len(p.media()) == sum(
+                isinstance(m["content"], list) and sum("path" in x for x in m["content"]) for m in row["messages"])
+    lesion = [json.loads(line) for line in (tmp_path / "demo" / "train_pairs.jsonl").read_text().splitlines()
+              if json.loads(line)["task"] == "lesion"]
+    assert lesion and all(r["messages"][-1]["chosen"][:3] != r["messages"][-1]["rejected"][:3] for r in lesion)
+
+
+def demo_pairs(demo: dict, folder, split: str = "train") -> str:
+    """The small demo's samples of `split` as preference pairs (demo_data.preference_pairs), written
     to `folder` with their media paths made absolute."""
     import json
     from pathlib import Path
 
     from finetune.demo_data import preference_pairs
 
-    root = Path(demo["train"]).parent
-    rows = [json.loads(line) for line in Path(demo["train"]).read_text().splitlines() if line.strip()]
+    root = Path(demo[split]).parent
+    rows = [json.loads(line) for line in Path(demo[split]).read_text().splitlines() if line.strip()]
     for r in rows:
         for m in r["messages"]:
             for part in m["content"] if isinstance(m["content"], list) else []:
                 if "path" in part:
                     part["path"] = str(root / part["path"])
-    out = Path(folder) / "pairs.jsonl"
+    out = Path(folder) / f"{split}_pairs.jsonl"
     out.write_text("".join(json.dumps(p) + "\n" for p in preference_pairs(rows)))
     return str(out)
 
@@ -227,7 +277,7 @@ stages:
     train: {{max_steps: 4}}
   - name: dpo
     roles: {{llm: {{mode: lora, r: 8, alpha: 16, dropout: 0.0}}}}
-    data: {{train: {pairs}, eval: "", allow_outside_paths: true, max_tokens: 512}}
+    data: {{train: {pairs}, eval: {pairs_eval}, allow_outside_paths: true, max_tokens: 512}}
     train: {{method: dpo, max_steps: 3, dpo_beta: 0.5, warmup_ratio: 0}}
 """
 
@@ -247,7 +297,8 @@ def test_dpo_as_a_stage_after_sft_has_the_sft_model_as_its_reference(tmp_path, s
     from finetune.recipe import load_recipe
 
     recipe = tmp_path / "staged.yaml"
-    recipe.write_text(STAGED.format(pairs=demo_pairs(small_demo, tmp_path)))
+    recipe.write_text(STAGED.format(pairs=demo_pairs(small_demo, tmp_path),
+                                    pairs_eval=demo_pairs(small_demo, tmp_path, "eval")))
     run = run_stages(load_recipe(recipe, tiny_overrides(tmp_path, small_demo)))
     sft = run / "stages" / "01-sft"
     assert (sft / "merged" / "export_manifest.json").exists()
@@ -258,6 +309,17 @@ def test_dpo_as_a_stage_after_sft_has_the_sft_model_as_its_reference(tmp_path, s
     assert first["loss"] == pytest.approx(math.log(2), abs=1e-5)
     assert first["rewards/chosen"] == pytest.approx(0, abs=1e-5) and first["rewards/margins"] == pytest.approx(0, abs=1e-5)
     assert any(r.get("rewards/margins", 0) != 0 for r in logs if r.get("step", 0) > 1)  # and then it trains
+    # eval on held-out pairs: rewards against the SFT model (the adapters disabled), and how often
+    # the original model, the SFT model (start) and the final one prefer the chosen answer
+    from finetune.evaluate import evaluate
+
+    got = evaluate(load_recipe(recipe, tiny_overrides(tmp_path, small_demo)), run)
+    pref = json.loads((run / "eval.json").read_text())["preference"]
+    assert got["preference"] == pref and pref["n_pairs"] == 6 and pref["reference"] == "start"  # eval.max_samples
+    assert set(pref["prefers_chosen"]) == {"base", "start", "tuned"}
+    assert pref["prefers_chosen"]["base"] != pref["prefers_chosen"]["start"]  # base is the original, not the SFT model
+    assert 0 <= pref["accuracy"]["mean"] <= 1 and pref["margin"]["n"] == 6
+    assert len((run / "predictions.jsonl").read_text().splitlines()) == 6
 
 
 def test_the_recipe_refuses_dpo_without_a_lora_reference_or_without_packing():

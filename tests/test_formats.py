@@ -434,6 +434,54 @@ def test_preference_files_are_read_as_pairs_and_sft_says_dpo_once(tmp_path: Path
         check_method(samples, "dpo", str(path))  # what dpo takes
 
 
+def test_an_omni_preference_file_in_each_form_reads_as_pairs_with_both_media(tmp_path: Path):
+    """Issue 29: a preference file with an image and an audio in the prompt, in each form read
+    (LLaMA-Factory sharegpt, alpaca and v1, ms-swift, ours at the top level and on the last turn):
+    data check is clean, it converts to our pairs with both media before the question, and
+    training's reader gives pairs whose two conversations both carry them."""
+    from finetune.data.reading import check_method, read_split
+
+    _png(tmp_path / "img" / "a.png")
+    _wav(tmp_path / "audio" / "a.wav")
+    q = "Is there a lesion?"
+    v1 = lambda a: [  # noqa: E731
+        {"role": "user", "content": [{"type": "image_url", "value": "img/a.png"},
+                                     {"type": "audio_url", "value": "audio/a.wav"}, _text(q)], "loss_weight": 0.0},
+        {"role": "assistant", "content": [_text(a)], "loss_weight": 1.0}]
+    ours_prompt = [{"role": "user", "content": [{"type": "image", "path": "img/a.png"},
+                                                {"type": "audio", "path": "audio/a.wav"}, {"type": "text", "text": q}]}]
+    media = {"images": ["img/a.png"], "audios": ["audio/a.wav"]}
+    forms = {
+        "llamafactory sharegpt": {"conversations": [{"from": "human", "value": f"<image><audio>{q}"}],
+                                  "chosen": {"from": "gpt", "value": "Yes."},
+                                  "rejected": {"from": "gpt", "value": "No."}, **media},
+        "llamafactory alpaca": {"instruction": f"<image><audio>{q}", "input": "", "chosen": "Yes.", "rejected": "No.",
+                                **media},
+        "llamafactory v1": {"chosen_messages": v1("Yes."), "rejected_messages": v1("No.")},
+        "ms-swift": {"messages": [{"role": "user", "content": f"<image><audio>{q}"},
+                                  {"role": "assistant", "content": "Yes."}], "rejected_response": "No.", **media},
+        "ours (top level)": {"messages": ours_prompt, "chosen": "Yes.", "rejected": "No."},
+        "ours (last turn)": {"messages": [*ours_prompt, {"role": "assistant", "chosen": "Yes.", "rejected": "No."}]},
+    }
+    for k, (name, record) in enumerate(forms.items()):
+        path = _jsonl(tmp_path / f"omni{k}.jsonl", [record] * 3)
+        report = check_dataset([path])
+        assert report.errors == [] and report.n_ok == 3, (name, report.format())
+        assert report.modality_counts == {"image+audio": 3}, (name, report.modality_counts)
+        got = convert_file(path, on_error="raise").samples[0]["messages"]
+        assert [m["role"] for m in got][-2:] == ["user", "assistant"], (name, got)
+        assert [p["type"] for p in got[-2]["content"]][:2] == ["image", "audio"], (name, got)
+        text = lambda a: a if isinstance(a, str) else "".join(p.get("text", "") for p in a)  # noqa: E731
+        assert (text(got[-1]["chosen"]), text(got[-1]["rejected"])) == ("Yes.", "No."), (name, got[-1])
+        recipe = _recipe(f"data.train={path}")
+        samples, errors = read_split(recipe.data.train, recipe)
+        assert errors == [] and len(samples) == 3, name
+        check_method(samples, "dpo", name)
+        for conv in (samples[0].chosen_sample(), samples[0].rejected_sample()):
+            assert sorted(p.type for p in conv.media()) == ["audio", "image"], name
+            assert conv.media()[0].path.is_file() and conv.media()[1].path.is_file(), name
+
+
 def test_a_json_list_of_our_samples_is_read_as_records(tmp_path: Path):
     """A pretty-printed JSON list in our format (as LLaMA-Factory's demo files are written) is read
     record by record, not line by line."""

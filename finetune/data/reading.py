@@ -36,9 +36,11 @@ def demo_folder(recipe: Recipe) -> Path | None:
     sources = recipe.data.sources()
     if len(sources) != 1 or sources[0].hub or not sources[0].path:
         return None
-    if Path(sources[0].path).resolve() != (folder / "train.jsonl").resolve():
+    # the demo's splits as conversations, or as preference pairs (train.method dpo)
+    if Path(sources[0].path).resolve() not in {(folder / n).resolve() for n in ("train.jsonl", "train_pairs.jsonl")}:
         return None
-    if recipe.data.eval and Path(recipe.data.eval).resolve() != (folder / "eval.jsonl").resolve():
+    if recipe.data.eval and Path(recipe.data.eval).resolve() not in {(folder / n).resolve()
+                                                                     for n in ("eval.jsonl", "eval_pairs.jsonl")}:
         return None
     return folder
 
@@ -51,7 +53,7 @@ def prepare_data(recipe: Recipe) -> None:
     if out is None:
         return
 
-    if not (out / "train.jsonl").exists() or not (out / "eval.jsonl").exists():
+    if not all((out / n).exists() for n in ("train.jsonl", "eval.jsonl", "train_pairs.jsonl", "eval_pairs.jsonl")):
         print(f"generating the synthetic medical dataset in {out}/ ...", flush=True)
     generate_medical(out, seed=0)
 
