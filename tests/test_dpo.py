@@ -317,9 +317,12 @@ def test_dpo_as_a_stage_after_sft_has_the_sft_model_as_its_reference(tmp_path, s
     pref = json.loads((run / "eval.json").read_text())["preference"]
     assert got["preference"] == pref and pref["n_pairs"] == 6 and pref["reference"] == "start"  # eval.max_samples
     assert set(pref["prefers_chosen"]) == {"base", "start", "tuned"}
-    assert pref["prefers_chosen"]["base"] != pref["prefers_chosen"]["start"]  # base is the original, not the SFT model
     assert 0 <= pref["accuracy"]["mean"] <= 1 and pref["margin"]["n"] == 6
-    assert len((run / "predictions.jsonl").read_text().splitlines()) == 6
+    rows = [json.loads(line) for line in (run / "predictions.jsonl").read_text().splitlines()]
+    assert len(rows) == 6
+    for r in rows:  # base is the original model, start the SFT model, tuned the SFT model with DPO's LoRA
+        assert r["base_logp_chosen"] != pytest.approx(r["start_logp_chosen"], abs=1e-4)
+        assert r["tuned_logp_chosen"] != pytest.approx(r["start_logp_chosen"], abs=1e-6)
 
 
 def test_the_recipe_refuses_dpo_without_a_lora_reference_or_without_packing():
