@@ -21,10 +21,12 @@ from finetune.packing import (
     REAL_TOKENS,
     EncodedCache,
     PackedCollator,
+    PairPackedCollator,
     SharedRows,
     bin_dataset,
     efficiency,
     plan_bins,
+    plan_pair_bins,
     with_idle_media,
 )
 from finetune.paths import cache_root
@@ -136,7 +138,9 @@ def make_collator(recipe: Recipe, family: Family, processor, samples: list[Sampl
     cache = collator_cache_bytes(recipe)
     if recipe.data.packing:
 
-        bins = plan_bins(lengths, recipe.data.max_tokens)
+        # dpo: samples are [c0, r0, c1, r1, ...]; each pair is packed whole, in one row
+        pairs = recipe.train.method == "dpo"
+        bins = (plan_pair_bins if pairs else plan_bins)(lengths, recipe.data.max_tokens)
         print(f"packing: {len(samples)} samples in {len(bins)} rows of <= {recipe.data.max_tokens} tokens "
               f"({100 * efficiency(lengths, bins, recipe.data.max_tokens):.1f}% of the budget used; rows carry "
               "no padding between samples)", flush=True)
@@ -144,7 +148,7 @@ def make_collator(recipe: Recipe, family: Family, processor, samples: list[Sampl
             if rows is not None and data_workers(recipe.data.num_workers) > 0 else None
         if shared is None and data_workers(recipe.data.num_workers) > 0:
             encodings = None  # each worker would grow its own copy of them: each keeps its own share instead
-        collator = PackedCollator(family, processor, samples, rope, with_varlen_args=attn in attention.VARLEN_ARGS,
+        collator = (PairPackedCollator if pairs else PackedCollator)(family, processor, samples, rope, with_varlen_args=attn in attention.VARLEN_ARGS,
                                   towers=towers, cache_bytes=cache, encoded=encodings, idle=idle or [], shared=shared)
         if shared is not None:
             collator.prefill(bins)  # before the workers start: the encodings of the checks are not made again

@@ -36,6 +36,7 @@ from finetune.errors import UserError
 
 __all__ = [
     "generate_medical",
+    "preference_pairs",
     "main",
     "LESION_QUESTIONS",
     "MODALITY_QUESTION",
@@ -123,6 +124,8 @@ NO_TEMPLATES = {
 _SPLITS = {"train": (0, 0.05), "eval": (1, 0.0)}
 _EVAL_SEED_OFFSET = 1000
 _MANAGED = ("images", "audio", "manifest.json", "README.md")
+#: each split as preference pairs (the DPO demo's data), written beside train.jsonl and eval.jsonl
+_PAIRS = ("train_pairs.jsonl", "eval_pairs.jsonl")
 DEMO = "demo dataset"  # the marker's `what` of a demo folder
 _LOCK = ".demo_data.lock"
 _STAGING = ".demo_data"  # the temporary folder is .demo_data.tmp-<random>
@@ -535,6 +538,26 @@ def _build_split(root: Path, split: str, n: int, seed: int) -> tuple[list[dict[s
     return samples, manifest
 
 
+def preference_pairs(samples: list[dict[str, Any]], seed: int = 0) -> list[dict[str, Any]]:
+    """Preference pairs (our JSONL's preference form) from demo samples: each sample's last reply
+    is the chosen answer; the rejected one is the last reply of another sample of the same task
+    with another answer (a lesion question answered the other way), or of any other sample when
+    the task has no other answer. Media paths stay as they are (relative to the demo folder)."""
+    rng = np.random.default_rng(seed)
+    out = []
+    for i, s in enumerate(samples):
+        reply = s["messages"][-1]["content"]
+        others = [t for t in samples if t.get("task") == s.get("task") and t.get("answer") != s.get("answer")
+                  and t["messages"][-1]["content"] != reply]
+        others = others or [t for t in samples if t["messages"][-1]["content"] != reply]
+        if not others:
+            continue
+        rejected = others[int(rng.integers(len(others)))]["messages"][-1]["content"]
+        last = {"role": "assistant", "chosen": reply, "rejected": rejected}
+        out.append({**s, "id": f"{s.get('id', i)}-pair", "messages": s["messages"][:-1] + [last]})
+    return out
+
+
 def _write_jsonl(samples: list[dict[str, Any]], path: Path) -> None:
     with open(path, "w", encoding="utf-8", newline="\n") as f:
         for s in samples:
@@ -623,7 +646,7 @@ def check_demo_folder(out_dir: Path) -> None:
 def _check_managed(out_dir: Path, legacy: bool) -> None:
     """Before regenerating: every file of the names the generator replaces must be one it wrote
     (a folder generated before the record existed: its files are taken as the generator's)."""
-    foreign = [f for name in (*_MANAGED, "train.jsonl", "eval.jsonl") if (out_dir / name).exists()
+    foreign = [f for name in (*_MANAGED, *_PAIRS, "train.jsonl", "eval.jsonl") if (out_dir / name).exists()
                for f in fsutil.foreign_files(out_dir, name)]
     if legacy:
         fsutil.update_owned(out_dir, add=foreign)
@@ -642,8 +665,10 @@ def generate_medical(
 ) -> dict[str, Path]:
     """Generate the synthetic medical dataset into ``out_dir``.
 
-    Returns ``{"train": out_dir/"train.jsonl", "eval": out_dir/"eval.jsonl"}``.  If both files
-    already exist and ``force`` is False nothing is written.  ``out_dir`` must be new, empty, or
+    Returns ``{"train": out_dir/"train.jsonl", "eval": out_dir/"eval.jsonl"}``; beside them
+    ``train_pairs.jsonl`` and ``eval_pairs.jsonl`` hold each split as preference pairs
+    (preference_pairs; the DPO demo's data).  If all four files already exist and ``force`` is
+    False nothing is written.  ``out_dir`` must be new, empty, or
     a demo folder the generator made (its fsutil marker records every file it wrote); anything
     else is refused (fsutil.NotOursError) before anything is written, and in a demo folder only
     the generator's own files are replaced (a file someone added among them stops it).  The
@@ -654,12 +679,13 @@ def generate_medical(
         raise ValueError("n_train and n_eval must be >= 0")
     out_dir = Path(out_dir)
     paths = {"train": out_dir / "train.jsonl", "eval": out_dir / "eval.jsonl"}
-    if not force and all(p.is_file() for p in paths.values()):
+    complete = [*paths.values(), *(out_dir / name for name in _PAIRS)]
+    if not force and all(p.is_file() for p in complete):
         return paths
     check_demo_folder(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     with _locked(out_dir):
-        if not force and all(p.is_file() for p in paths.values()):
+        if not force and all(p.is_file() for p in complete):
             return paths  # another process finished it meanwhile
         check_demo_folder(out_dir)
         legacy = fsutil.read_marker(out_dir) is None and _legacy_demo(out_dir)
@@ -675,6 +701,7 @@ def generate_medical(
             for split, n in (("train", n_train), ("eval", n_eval)):
                 samples, manifest[split] = _build_split(tmp, split, n, seed)
                 _write_jsonl(samples, tmp / f"{split}.jsonl")
+                _write_jsonl(preference_pairs(samples, seed), tmp / f"{split}_pairs.jsonl")
                 stats[split] = {t: sum(s["task"] == t for s in samples)
                                 for t in ("lesion", "modality", "audio", "text", "multi")}
             with open(tmp / "manifest.json", "w", encoding="utf-8", newline="\n") as f:
@@ -685,7 +712,7 @@ def generate_medical(
             # swap into place: invalidate the old dataset first, publish the jsonl files last
             for p in paths.values():
                 fsutil.remove_owned(out_dir, p.name)
-            fsutil.move_in(tmp, out_dir, [*_MANAGED, "eval.jsonl", "train.jsonl"])
+            fsutil.move_in(tmp, out_dir, [*_MANAGED, *_PAIRS, "eval.jsonl", "train.jsonl"])
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
             fsutil.update_owned(out_dir, drop=[tmp.name])

@@ -33,7 +33,7 @@ import torch
 from peft import PeftModel
 
 from finetune import fsutil, metrics
-from finetune.data.reading import prepare_split, read_split
+from finetune.data.reading import check_method, prepare_pairs, prepare_split, read_split
 from finetune.data.schema import DataError
 from finetune.errors import ConfigError, MissingFileError
 from finetune.families.base import IGNORE_INDEX
@@ -212,6 +212,87 @@ def compare(samples, base: dict, tuned: dict, *, n_resamples: int = 10000, seed:
             "per_modality": {k: one(v) for k, v in by_mod.items()}}
 
 
+@torch.no_grad()
+def sequence_logps(model, family, processor, samples, rope, *, batch_size: int) -> torch.Tensor:
+    """Per sample: the sum of the log-probabilities of its label tokens (float32, on the host),
+    through the model's own padded path: what DPO compares."""
+    model.eval()
+    dev = next(model.parameters()).device
+    out = []
+    for i in range(0, len(samples), batch_size):
+        enc = [family.encode(s, processor, rope=rope) for s in samples[i: i + batch_size]]
+        batch = family.collate_padded(enc, processor.pad_id)
+        labels = batch.pop("labels").to(dev)
+        logits = model(**to_model(batch, model, family)).logits
+        out += [-float(shifted_cross_entropy(logits[r], labels[r])) for r in range(labels.shape[0])]
+    return torch.tensor(out, dtype=torch.float32)
+
+
+def score_preferences(logps: dict[str, torch.Tensor], beta: float, *, reference: str, n_resamples: int = 1000,
+                      seed: int = 0) -> dict:
+    """Held-out preference figures from each model's per-sample sequence log-probabilities
+    (`logps`: name -> [2P], chosen and rejected interleaved, as prepare_pairs orders them).
+
+    `tuned` against `reference` (the model DPO compared with: the adapters disabled) gives the
+    implicit rewards, beta times the log-ratios: `accuracy` (the share of pairs whose chosen reward
+    is above the rejected one, TRL's rewards/accuracies), `margin`, `chosen_reward`,
+    `rejected_reward`, each with its bootstrap interval. Per model, `prefers_chosen`: the share of
+    pairs in which the model itself gives the chosen answer the higher log-probability, and the
+    paired test of tuned against every other model."""
+    pairs = {k: v.view(-1, 2) for k, v in logps.items()}
+    rewards = beta * (pairs["tuned"] - pairs[reference])
+    margins = rewards[:, 0] - rewards[:, 1]
+
+    def fig(values):
+        return metrics.summarise(values.tolist(), n_resamples=n_resamples, seed=seed)
+
+    prefers = {k: (v[:, 0] > v[:, 1]).float() for k, v in pairs.items()}
+    return {"beta": beta, "reference": reference, "n_pairs": int(margins.numel()),
+            "accuracy": fig((margins > 0).float()), "margin": fig(margins),
+            "chosen_reward": fig(rewards[:, 0]), "rejected_reward": fig(rewards[:, 1]),
+            "prefers_chosen": {k: fig(v) for k, v in prefers.items()},
+            "paired": {f"tuned_vs_{k}": {"change": float((prefers["tuned"] - v).mean()),
+                                         "p": metrics.paired_test(v.tolist(), prefers["tuned"].tolist(),
+                                                                  seed=seed)}
+                       for k, v in prefers.items() if k != "tuned"}}
+
+
+def _evaluate_preferences(recipe, run_dir: Path, model, family, proc, flat, rope, start, base) -> dict:
+    """eval for train.method dpo: the held-out pairs (`flat`: [c0, r0, c1, r1, ...], prepare_pairs)
+    scored by score_preferences; `start` disables the adapters (the model before DPO: in a staged
+    run the stage before's merged export), `base` is the original model of a staged run (or None)."""
+    samples = flat[::2]
+    bs = recipe.eval.batch_size
+    t0 = time.time()
+    logps = {"tuned": sequence_logps(model, family, proc, flat, rope, batch_size=bs)}
+    with start():
+        logps["start"] = sequence_logps(model, family, proc, flat, rope, batch_size=bs)
+    if base is not None:
+        logps["base"] = sequence_logps(base, family, proc, flat, rope, batch_size=bs)
+    pref = score_preferences(logps, recipe.train.dpo_beta, reference="start", n_resamples=recipe.eval.bootstrap,
+                             seed=recipe.train.seed)
+    results = {"recipe": recipe.name, "eval_file": recipe.data.eval, "n_samples": len(samples),
+               "method": "dpo", "bootstrap": recipe.eval.bootstrap, "preference": pref,
+               "seconds": round(time.time() - t0, 1)}
+    (run_dir / "eval.html").unlink(missing_ok=True)  # no page from an earlier evaluation left beside these
+    fsutil.atomic_write_text(run_dir / "eval.json", json.dumps(results, indent=2))
+    with fsutil.atomic_open(run_dir / "predictions.jsonl") as f:  # every pair's log-probabilities
+        for i, s in enumerate(samples):
+            f.write(json.dumps({"id": s.id, "task": s.task, **{f"{k}_logp_chosen": float(v[2 * i])
+                                                                for k, v in logps.items()},
+                                **{f"{k}_logp_rejected": float(v[2 * i + 1]) for k, v in logps.items()}}) + "\n")
+
+    def line(name, d):
+        return f"| {name} | {d['mean']:.3f} | [{d['ci'][0]:.3f}, {d['ci'][1]:.3f}] |"
+    md = [f"# Preference evaluation: {recipe.name}", "", f"{len(samples)} held-out pairs ({recipe.data.eval}), "
+          f"rewards against the model before DPO (beta {pref['beta']})", "", "| figure | mean | 95% CI |",
+          "|---|---|---|", line("preference accuracy", pref["accuracy"]), line("reward margin", pref["margin"]),
+          *(line(f"{k}: prefers the chosen answer", v) for k, v in pref["prefers_chosen"].items()), "",
+          *(f"- {k}: change {v['change']:+.3f}, p = {v['p']:.3g}" for k, v in pref["paired"].items()), ""]
+    fsutil.atomic_write_text(run_dir / "eval.md", "\n".join(md))
+    return results
+
+
 def _score_variants(model, family, proc, samples, rope, recipe, plans, base=None) -> tuple[dict, dict[str, list[str]]]:
     """Generate and score with the adapters off (base, when eval.compare_base) and on (tuned);
     `base`, when given, is the base model loaded on its own (a staged run's original model)."""
@@ -284,18 +365,30 @@ def evaluate(recipe, run_dir: Path | None = None) -> dict:
     loaded = family.load(load_spec(recipe, dtype=torch_dtype(precision), attn="sdpa"))
     # the checks training ran on this split (instant when it did): under `skip` the same samples
     # are left out, under `raise` the first bad one stops here
-    samples, _ = prepare_split(samples, family, loaded, recipe, skipped)
+    dpo = recipe.train.method == "dpo"
+    if dpo:  # the pairs, each checked as its two conversations (kept whole or dropped whole)
+        check_method(samples, "dpo", f"data.eval ({recipe.data.eval})")
+        samples, _ = prepare_pairs(samples, family, loaded, recipe, skipped)  # [c0, r0, c1, r1, ...]
+    else:
+        samples, _ = prepare_split(samples, family, loaded, recipe, skipped)
     if skipped and recipe.data.on_error == "raise":
         raise min(skipped, key=lambda e: (str(e.file), e.line or 0))
     if not samples:
         raise ConfigError(f"{recipe.data.eval}: no usable evaluation samples")
     if recipe.eval.max_samples:
-        samples = samples[: recipe.eval.max_samples]
+        samples = samples[: recipe.eval.max_samples * (2 if dpo else 1)]
     if torch.cuda.is_available() and recipe.model.quantize == "none":
         loaded.model.to("cuda")
     model = PeftModel.from_pretrained(loaded.model, str(adapter))
     rope = family.rope_index(loaded.model)
     proc = loaded.processor
+    if dpo:
+        base = None
+        if recipe.eval.compare_base and base_recipe is not None:  # a staged run: the original model too
+            base = family.load(load_spec(base_recipe, dtype=torch_dtype(precision), attn="sdpa")).model
+            if torch.cuda.is_available() and recipe.model.quantize == "none":
+                base.to("cuda")
+        return _evaluate_preferences(recipe, run_dir, model, family, proc, samples, rope, model.disable_adapter, base)
     plans = plan_metrics(samples, recipe.eval.metric)
     general = _read_general(recipe, family, loaded)
     general_plans = plan_metrics(general, recipe.eval.metric) if general else []

@@ -24,6 +24,7 @@ from typing import Any
 import torch
 
 from finetune import fsutil
+from finetune.dpo import NUM_PAIRS, PAIR_SEGMENTS
 from finetune.families.base import IGNORE_INDEX, EncodedSample, Family
 from finetune.loss import LABEL_POSITIONS, label_positions
 
@@ -326,7 +327,10 @@ class PackedCollator:
 
     def collate(self, features: list[dict]) -> dict[str, Any]:
         """One packed batch of the features' bins, encoding what is not kept."""
-        rows = [[self.encoded(i) for i in f["bin"]] for f in features]
+        return self.pack_rows([[self.encoded(i) for i in f["bin"]] for f in features])
+
+    def pack_rows(self, rows: list[list[EncodedSample]]) -> dict[str, Any]:
+        """One packed batch of rows of encoded samples, with the idle media, token count and label positions."""
         real = sum(e.num_tokens for r in rows for e in r)
         rows[-1] = rows[-1] + with_idle_media(self.family, [e for r in rows for e in r], self.idle)
         batch = pack_encoded(self.family, rows, self.processor.pad_id, with_varlen_args=self.with_varlen_args,
@@ -339,6 +343,42 @@ class PackedCollator:
         self.stats["rows"] += batch["input_ids"].shape[0]
         self.stats["tokens"] += batch[REAL_TOKENS]
         self.stats["slots"] += batch["input_ids"].numel()
+
+
+def pair_samples(samples: list) -> list:
+    """Preference pairs as plain samples, each pair's chosen then its rejected: [c0, r0, c1, r1, ...]."""
+    return [x for s in samples for x in (s.chosen_sample(), s.rejected_sample())]
+
+
+def plan_pair_bins(lengths: list[int], max_tokens: int) -> list[list[int]]:
+    """Bins of the pair_samples() indices: each pair (2k, 2k + 1) whole in one bin, by best-fit
+    decreasing over the pairs' total lengths, chosen before rejected within a bin."""
+    pairs = plan_bins([lengths[2 * k] + lengths[2 * k + 1] for k in range(len(lengths) // 2)], max_tokens)
+    return [[i for k in b for i in (2 * k, 2 * k + 1)] for b in pairs]
+
+
+@dataclass
+class PairPackedCollator(PackedCollator):
+    """PackedCollator for preference pairs: each bin lists whole pairs (plan_pair_bins), and each
+    label position gets its sample's index in the batch (finetune.dpo: 2k chosen, 2k + 1 rejected)."""
+
+    def pack_rows(self, rows: list[list[EncodedSample]]) -> dict[str, Any]:
+        lengths = [[e.num_tokens for e in row] for row in rows]
+        batch = super().pack_rows(rows)
+        rows = lengths
+        L = batch["input_ids"].shape[1]
+        owner = torch.full((len(rows), L), -1, dtype=torch.long)
+        j = 0
+        for r, row in enumerate(rows):
+            o = 0
+            for n in row:
+                owner[r, o:o + n] = j
+                o, j = o + n, j + 1
+        # the prediction at p scores the label at p + 1, which belongs to the same sample (the first
+        # token of a sample is never a label)
+        batch[PAIR_SEGMENTS] = owner.flatten().index_select(0, batch[LABEL_POSITIONS] + 1)
+        batch[NUM_PAIRS] = j // 2
+        return batch
 
 
 def bin_dataset(bins: list[list[int]]):

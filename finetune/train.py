@@ -31,7 +31,15 @@ from finetune.callbacks import (
 )
 from finetune.collate import collator_cache_bytes, make_collator, record_batches, rows_folder
 from finetune.console import system_prompt_lines
-from finetune.data.reading import mix_sources, prepare_data, prepare_split, read_source, read_split
+from finetune.data.reading import (
+    check_method,
+    mix_sources,
+    prepare_data,
+    prepare_pairs,
+    prepare_split,
+    read_source,
+    read_split,
+)
 from finetune.distributed import check_distributed, distributed_mode, end_distributed, quiet_other_ranks
 from finetune.errors import ConfigError
 from finetune.models import family_of, model_folder
@@ -94,6 +102,13 @@ def train(recipe: Recipe) -> Path:
         skipped = [e for _, errs in per_source for e in errs]
         eval_samples, eval_skipped = read_split(recipe.data.eval, recipe, on_error="skip")
         model_folder(recipe, family)  # a tiny model is built once
+    method = recipe.train.method
+    for src, (got, _) in zip(sources, per_source):
+        check_method(got, method, src.label)
+    check_method(eval_samples, method, f"data.eval ({recipe.data.eval})")
+    if method == "dpo" and len(sources) > 1:
+        raise ConfigError("train.method dpo reads one source (data.train: a path or one source); a mixture of "
+                          "several would pick chosen and rejected answers apart")
     if main:
         hub.write_resolved(run_dir)  # the commits of the hub ids above, before anything is trained
     # every rank loads at once: under ZeRO-3 each weight is partitioned as it is created, a
@@ -106,8 +121,10 @@ def train(recipe: Recipe) -> Path:
         # mixture repeats and subsamples its sources, so the collator keeps its own from epoch 1
         encodings = EncodedCache(family, processor, [], rope, collator_cache_bytes(recipe, shared=True)) \
             if len(sources) == 1 else None
-        ready = [prepare_split(got, family, loaded, recipe, skipped, encodings) for got, _ in per_source]
-        eval_samples, _ = prepare_split(eval_samples, family, loaded, recipe, eval_skipped)
+        # dpo: each pair as its chosen and its rejected conversation, adjacent ([c0, r0, c1, r1, ...])
+        prep = prepare_pairs if method == "dpo" else prepare_split
+        ready = [prep(got, family, loaded, recipe, skipped, encodings) for got, _ in per_source]
+        eval_samples, _ = prep(eval_samples, family, loaded, recipe, eval_skipped)
     if recipe.data.on_error == "raise" and (skipped or eval_skipped):
         raise min(skipped or eval_skipped, key=lambda e: (str(e.file), e.line or 0))
     for src, (got, _) in zip(sources, ready):

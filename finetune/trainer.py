@@ -1,6 +1,8 @@
 """The Trainer (layer 5): TRL's SFTTrainer with a learning rate per role, the token-mean loss on
 the label tokens only (finetune.loss), a mixture-of-experts LLM's load-balancing loss through its
-family, token counts from the collator, and the settings a device calls for.
+family, token counts from the collator, and the settings a device calls for. With
+`train.method: dpo` the loss is DPO's on packed preference pairs (preference_loss), the reference
+being the same model with its LoRA adapters disabled.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from trl import SFTConfig, SFTTrainer
 
 from finetune import adapters, attention, engines
 from finetune.console import console_callback
+from finetune.dpo import NUM_PAIRS, PAIR_SEGMENTS, PairScores, pair_scores, segment_sums
 from finetune.distributed import cpu_sharded_state, distributed_args, distributed_mode
 from finetune.families.base import Family, LoadedModel
 from finetune.loss import LABEL_POSITIONS, add_label_head, shifted_cross_entropy
@@ -79,6 +82,25 @@ def keep_4bit_layout_for_training(model) -> None:
 
 
 # ---- trainer --------------------------------------------------------------------------------
+def preference_loss(model, inputs: dict, beta: float, loss_type: str) -> tuple[torch.Tensor, PairScores]:
+    """(the sum of the pair losses, the pair scores) of a packed preference batch
+    (packing.PairPackedCollator). The policy and the reference run the same packed rows through the
+    label-token head; the reference is the policy with its LoRA adapters disabled (PEFT's
+    disable_adapter: no second copy of the base), without gradients."""
+    positions, segments, n = inputs[LABEL_POSITIONS], inputs[PAIR_SEGMENTS], 2 * int(inputs[NUM_PAIRS])
+    forward = {k: v for k, v in inputs.items() if k not in (REAL_TOKENS, NUM_PAIRS, PAIR_SEGMENTS, LABEL_POSITIONS)}
+    forward["use_cache"] = False
+    logps = segment_sums(model(**forward, label_positions=positions).log_probs, segments, n)
+    peft = model
+    while not hasattr(peft, "disable_adapter") and hasattr(peft, "module"):  # DDP, DeepSpeed
+        peft = peft.module
+    with torch.no_grad(), peft.disable_adapter():
+        ref = segment_sums(model(**forward, label_positions=positions).log_probs, segments, n)
+    counts = torch.bincount(segments, minlength=n)
+    scores = pair_scores(logps, ref, counts, beta, loss_type)
+    return scores.losses.sum(), scores
+
+
 #: logits (tokens x vocabulary) up to this many elements are cheaper as one cross-entropy than in
 #: TRL's chunked head off CUDA, whose torch tiles recompute the logits in backward (on CUDA its
 #: Triton kernel is used at every size); bench/loss_memory.py measures both
@@ -115,7 +137,18 @@ def make_trainer(recipe: Recipe, family: Family, model, processor, train_ds, col
             self.args.warmup_steps = math.ceil(recipe.train.warmup_ratio * num_training_steps)
             return super().create_scheduler(num_training_steps, optimizer)
 
+        def _get_num_items_in_batch(self, batch_samples, device):
+            if not batch_samples or NUM_PAIRS not in batch_samples[0]:
+                return super()._get_num_items_in_batch(batch_samples, device)
+            # DPO: the step's loss is the mean over the step's pairs (all micro-batches, all ranks)
+            n = torch.tensor(sum(int(b[NUM_PAIRS]) for b in batch_samples), device=device)
+            if self.args.average_tokens_across_devices and self.args.world_size > 1:
+                n = self.accelerator.gather(n).sum()
+            return n
+
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+            if PAIR_SEGMENTS in inputs:
+                return self.dpo_loss(model, inputs, return_outputs, num_items_in_batch)
             real = inputs.pop(REAL_TOKENS, None)
             positions = inputs.pop(LABEL_POSITIONS, None)
             if recipe.train.token_metrics:  # TRL's path: entropy and token accuracy every step
@@ -133,7 +166,33 @@ def make_trainer(recipe: Recipe, family: Family, model, processor, train_ds, col
                 self._tokens_unlogged = getattr(self, "_tokens_unlogged", 0) + int(real)
             return out
 
+        def dpo_loss(self, model, inputs, return_outputs, num_items_in_batch):
+            """The mean DPO loss over the step's pairs (preference_loss); the rewards, margins and
+            accuracy summed as device tensors until the step is logged."""
+            real, pairs = int(inputs[REAL_TOKENS]), int(inputs[NUM_PAIRS])
+            total, scores = preference_loss(model, inputs, recipe.train.dpo_beta, recipe.train.dpo_loss)
+            n = pairs if num_items_in_batch is None else num_items_in_batch
+            loss = total / torch.as_tensor(n, device=total.device).clamp(min=1)
+            if self.args.average_tokens_across_devices and num_items_in_batch is not None:
+                loss = loss * (self.accelerator.num_processes // self.get_tp_size())  # DDP averages gradients
+            if self.model.training:
+                kept = getattr(self, "_pref_sums", None) or {}
+                for key, value in scores.metrics().items():
+                    kept[key] = kept.get(key, 0) + value
+                self._pref_sums, self._pref_pairs = kept, getattr(self, "_pref_pairs", 0) + pairs
+                self._tokens_unlogged = getattr(self, "_tokens_unlogged", 0) + real
+            return (loss, scores) if return_outputs else loss
+
         def log(self, logs, *args, **kwargs):
+            sums = getattr(self, "_pref_sums", None)
+            if sums and self.model.training:  # one read per logged step, not per micro-batch
+                values = torch.stack([sums[k] for k in sums] + [torch.tensor(float(self._pref_pairs),
+                                                                             device=next(iter(sums.values())).device)])
+                if self.accelerator.num_processes > 1:
+                    values = self.accelerator.reduce(values, "sum")
+                for key, value in zip(sums, values[:-1].tolist()):
+                    self._metrics["train"][key] = [value / max(values[-1].item(), 1)]
+                self._pref_sums, self._pref_pairs = {}, 0
             aux = self._metrics["train"].get("aux_loss")
             if aux:  # kept as device tensors between logs: one read per logged step, not per micro-batch
                 self._metrics["train"]["aux_loss"] = [float(torch.stack(aux).mean())]
@@ -196,7 +255,7 @@ def make_trainer(recipe: Recipe, family: Family, model, processor, train_ds, col
     # fp32 master weights (DESIGN: Precision), as in every other run: a bf16 lm_head copy also broke
     # the plain forward in fp32 runs (found by the check before step 1)
     adapters.fp32_trainable(trainer.model)
-    if not recipe.train.token_metrics:
+    if not recipe.train.token_metrics or recipe.train.method == "dpo":
         # the LM head on the label tokens only, at the collator's host positions (finetune.loss);
         # TRL's own path (token_metrics) also computes entropy and top-1 hits every step
         base = trainer.model.get_base_model() if hasattr(trainer.model, "get_base_model") else trainer.model

@@ -324,3 +324,46 @@ def test_decode_record_skips_unchanged_files_only(tmp_path, monkeypatch):
     assert sorted(calls) == sorted([ok, bad])
     ok.write_bytes(b"not an image any more")  # broken after it was recorded: size and time differ
     assert run()[ok]
+
+
+def test_preference_pairs_are_checked_and_bad_pairs_named_by_line(ds):
+    """Pairs in our form, in LLaMA-Factory v1's and ms-swift's: both answers present, different,
+    on the last turn, prompts identical; each bad pair is named by file:line with its fix, and
+    media in a pair's prompt are decoded like any other (issue 29)."""
+    prompt = [user(img("img/good.png"), aud("audio/good.wav"), TXT)]
+
+    def pair(**last):
+        return {"messages": prompt + [{"role": "assistant", **last}]}
+
+    def v1(chosen_q, rejected_q):
+        turn = lambda q, a: [{"role": "user", "content": [{"type": "text", "value": q}], "loss_weight": 0.0},  # noqa: E731
+                             {"role": "assistant", "content": [{"type": "text", "value": a}], "loss_weight": 1.0}]
+        return {"chosen_messages": turn(chosen_q, "Yes."), "rejected_messages": turn(rejected_q, "No.")}
+
+    ours = _write_lines(ds / "pairs.jsonl", [
+        pair(chosen="Yes.", rejected="No."),                                      # 1 ok
+        pair(chosen="Yes."),                                                      # 2 no rejected
+        pair(chosen="Yes.", rejected="Yes."),                                     # 3 the same answer
+        {"messages": [user(TXT), {"role": "assistant", "chosen": "A", "rejected": "B"}, user(TXT), asst()]},  # 4
+        {"messages": [user(img("img/garbage.png"), TXT), {"role": "assistant", "chosen": "A", "rejected": "B"}]},  # 5
+    ])
+    report = check_dataset([ours])
+    assert report.n_samples == 5 and report.n_ok == 1, report.format()
+    by_line = {e.line: e for e in report.errors}
+    assert sorted(by_line) == [2, 3, 4, 5], report.format()
+    assert str(by_line[2]).startswith(f"{ours}:2: messages[1].rejected: the preference turn has no 'rejected'")
+    assert "rejected answer is the chosen one" in str(by_line[3]) and "Fix:" in str(by_line[3])
+    assert "not the last" in str(by_line[4]) and "Fix: put the two answers on the last turn" in str(by_line[4])
+    assert by_line[5].kind == "unreadable_image"
+
+    lf = _write_lines(ds / "v1.jsonl", [v1("Q", "Q"), v1("Q", "Another question")])
+    report = check_dataset([lf])
+    assert report.n_ok == 1 and len(report.errors) == 1, report.format()
+    (e,) = report.errors
+    assert e.line == 2 and e.kind == "bad_pair" and "differ before their answers" in str(e) and "same prompt" in e.fix
+
+    swift = _write_lines(ds / "swift.jsonl", [
+        {"messages": [{"role": "user", "content": "<image><audio>Lesion?"}, asst("Yes.")],
+         "rejected_response": "No.", "images": ["img/good.png"], "audios": ["audio/good.wav"]}])
+    report = check_dataset([swift])
+    assert report.errors == [] and report.modality_counts == {"image+audio": 1}, report.format()

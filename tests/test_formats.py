@@ -342,8 +342,10 @@ def test_dataset_info_entries(tmp_path: Path, capsys):
     assert e.kind == "dataset_info" and "did you mean 'mllm_demo'" in str(e) and "mllm_demo, vqa" in str(e)
     e = one_error(f"{info}#hub")
     assert e.kind == "dataset_info" and "hf_hub_url" in str(e) and "hub:" in str(e)
-    e = one_error(f"{info}#dpo")
-    assert e.kind == "preference_data" and "ranking" in str(e)
+    # a ranking entry whose records have no chosen answer: each record says so (issue 29 reads ranking files)
+    report = check_dataset([Path(f"{info}#dpo")])
+    assert report.errors and all(e.kind == "missing_column" and "'chosen'" in str(e) and "ranking" in str(e)
+                                 for e in report.errors), report.format()
     e = one_error(f"{info}")
     assert e.kind == "dataset_info" and "#mllm_demo" in str(e)
     # the entry's file is held inside the list's folder, as its media are
@@ -392,31 +394,92 @@ def preference_files(folder: Path) -> dict[str, tuple[Path, str]]:
     return out
 
 
-def test_preference_files_are_reported_once_as_preference_data(tmp_path: Path, capsys):
-    from finetune.data.reading import read_split
+def test_preference_files_are_read_as_pairs_and_sft_says_dpo_once(tmp_path: Path, capsys):
+    """Every pair form is read as our preference pairs (data check clean, convert, read as training
+    reads it); SFT on them stops once with what to set (issue 29: it was ~300 unrelated errors);
+    KTO feedback, which is not pairs, is still one error for the file."""
+    from finetune.data.reading import check_method, read_split
+    from finetune.errors import ConfigError
 
     for name, (path, word) in preference_files(tmp_path).items():
         report = check_dataset([path])
-        assert len(report.errors) == 1, (name, report.format())
-        (e,) = report.errors
-        msg = str(e)
-        assert e.kind == "preference_data", (name, msg)
-        assert str(path) in msg and "preference data" in msg and word in msg, (name, msg)
-        assert "train.method: dpo" in msg and "not available yet" in msg, (name, msg)
-
-        for fmt in ("auto",) + FORMATS:
+        if name.startswith("KTO"):
+            assert len(report.errors) == 1, (name, report.format())
+            (e,) = report.errors
+            assert e.kind == "preference_data" and str(path) in str(e) and word in str(e), (name, str(e))
             with pytest.raises(DataError) as raised:
-                convert_file(path, fmt, on_error="skip")
-            assert raised.value.kind == "preference_data", (name, fmt, str(raised.value))
+                convert_file(path, on_error="skip")
+            assert raised.value.kind == "preference_data"
+            assert main(["convert", str(path), str(tmp_path / "o.jsonl")]) == 1
+            err = capsys.readouterr().err
+            assert err.count("the file holds preference data") == 1 and len(err.strip().splitlines()) == 1, err
+            continue
+        assert report.errors == [] and report.n_ok == 40, (name, report.format())
+        converted = convert_file(path, on_error="raise")
+        last = converted.samples[0]["messages"][-1]
+        assert (last["chosen"], last["rejected"]) in (("Yes.", "No."), ([{"type": "text", "text": "Yes."}],
+                                                                         [{"type": "text", "text": "No."}])), (name, last)
+        out = tmp_path / "o.jsonl"
+        assert main(["convert", str(path), str(out)]) == 0, capsys.readouterr().err
+        assert check_dataset([out], allow_outside_paths=True).errors == []
 
-        recipe = _recipe(f"data.train={path}", "data.on_error=skip")
-        with pytest.raises(DataError) as raised:
-            read_split(recipe.data.train, recipe)
-        assert raised.value.kind == "preference_data"
+        recipe = _recipe(f"data.train={path}")
+        samples, errors = read_split(recipe.data.train, recipe)
+        assert errors == [] and len(samples) == 40 and all(s.is_preference for s in samples), name
+        assert samples[0].rejected_sample().messages[-1].text() == "No."
+        with pytest.raises(ConfigError) as raised:
+            check_method(samples, "sft", str(path))
+        msg = str(raised.value)
+        assert msg.count("preference data") == 1 and "set train.method: dpo" in msg, msg
+        check_method(samples, "dpo", str(path))  # what dpo takes
 
-        assert main(["convert", str(path), str(tmp_path / "o.jsonl")]) == 1
-        err = capsys.readouterr().err
-        assert err.count("preference data") == 1 and "train.method: dpo" in err, (name, err)
+
+def test_an_omni_preference_file_in_each_form_reads_as_pairs_with_both_media(tmp_path: Path):
+    """Issue 29: a preference file with an image and an audio in the prompt, in each form read
+    (LLaMA-Factory sharegpt, alpaca and v1, ms-swift, ours at the top level and on the last turn):
+    data check is clean, it converts to our pairs with both media before the question, and
+    training's reader gives pairs whose two conversations both carry them."""
+    from finetune.data.reading import check_method, read_split
+
+    _png(tmp_path / "img" / "a.png")
+    _wav(tmp_path / "audio" / "a.wav")
+    q = "Is there a lesion?"
+    v1 = lambda a: [  # noqa: E731
+        {"role": "user", "content": [{"type": "image_url", "value": "img/a.png"},
+                                     {"type": "audio_url", "value": "audio/a.wav"}, _text(q)], "loss_weight": 0.0},
+        {"role": "assistant", "content": [_text(a)], "loss_weight": 1.0}]
+    ours_prompt = [{"role": "user", "content": [{"type": "image", "path": "img/a.png"},
+                                                {"type": "audio", "path": "audio/a.wav"}, {"type": "text", "text": q}]}]
+    media = {"images": ["img/a.png"], "audios": ["audio/a.wav"]}
+    forms = {
+        "llamafactory sharegpt": {"conversations": [{"from": "human", "value": f"<image><audio>{q}"}],
+                                  "chosen": {"from": "gpt", "value": "Yes."},
+                                  "rejected": {"from": "gpt", "value": "No."}, **media},
+        "llamafactory alpaca": {"instruction": f"<image><audio>{q}", "input": "", "chosen": "Yes.", "rejected": "No.",
+                                **media},
+        "llamafactory v1": {"chosen_messages": v1("Yes."), "rejected_messages": v1("No.")},
+        "ms-swift": {"messages": [{"role": "user", "content": f"<image><audio>{q}"},
+                                  {"role": "assistant", "content": "Yes."}], "rejected_response": "No.", **media},
+        "ours (top level)": {"messages": ours_prompt, "chosen": "Yes.", "rejected": "No."},
+        "ours (last turn)": {"messages": [*ours_prompt, {"role": "assistant", "chosen": "Yes.", "rejected": "No."}]},
+    }
+    for k, (name, record) in enumerate(forms.items()):
+        path = _jsonl(tmp_path / f"omni{k}.jsonl", [record] * 3)
+        report = check_dataset([path])
+        assert report.errors == [] and report.n_ok == 3, (name, report.format())
+        assert report.modality_counts == {"image+audio": 3}, (name, report.modality_counts)
+        got = convert_file(path, on_error="raise").samples[0]["messages"]
+        assert [m["role"] for m in got][-2:] == ["user", "assistant"], (name, got)
+        assert [p["type"] for p in got[-2]["content"]][:2] == ["image", "audio"], (name, got)
+        text = lambda a: a if isinstance(a, str) else "".join(p.get("text", "") for p in a)  # noqa: E731
+        assert (text(got[-1]["chosen"]), text(got[-1]["rejected"])) == ("Yes.", "No."), (name, got[-1])
+        recipe = _recipe(f"data.train={path}")
+        samples, errors = read_split(recipe.data.train, recipe)
+        assert errors == [] and len(samples) == 3, name
+        check_method(samples, "dpo", name)
+        for conv in (samples[0].chosen_sample(), samples[0].rejected_sample()):
+            assert sorted(p.type for p in conv.media()) == ["audio", "image"], name
+            assert conv.media()[0].path.is_file() and conv.media()[1].path.is_file(), name
 
 
 def test_a_json_list_of_our_samples_is_read_as_records(tmp_path: Path):

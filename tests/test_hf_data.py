@@ -323,3 +323,31 @@ def test_tables_train_as_the_equivalent_jsonl_first_step_loss(demo, tmp_path):
     assert runs["parquet"][1][0] == pytest.approx(runs["vqa-jsonl"][1][0], abs=1e-6)
     assert runs["disk"][1][1] == runs["jsonl"][1][1] and runs["parquet"][1][1] == runs["vqa-jsonl"][1][1]
     assert runs["jsonl"][1][0] != runs["vqa-jsonl"][1][0]  # the two pairs are different data
+
+
+def test_parquet_and_saved_rows_with_chosen_and_rejected_columns_are_pairs(demo, tmp_path):
+    """Preference rows (issue 29): VQA rows whose answer columns are chosen and rejected (an image
+    embedded in the row), and chat rows whose messages are the prompt, with the image and audio
+    from their columns: each becomes the pair its JSONL would be; a row without its rejected
+    answer is named by its row."""
+    from finetune.data.check import check_dataset
+
+    rows, _ = vqa_table(demo["train"])
+    rows = [{**{k: v for k, v in r.items() if k != "answer"}, "chosen": r["answer"], "rejected": "I cannot tell."}
+            for r in rows]
+    parquet = save_vqa_parquet(rows, tmp_path / "pairs.parquet")
+    got, errors = load(Source(path=str(parquet)), tmp_path / "media")
+    assert errors == [] and len(got) == len(rows) and all(s.is_preference for s in got)
+    assert got[0].messages[-1].text() == rows[0]["chosen"] and got[0].rejected.text() == "I cannot tell."
+    assert got[0].messages[-2].role == "user" and any(p.type == "image" for p in got[0].messages[-2].parts)
+
+    chats = [dict(r, messages=r["messages"][:-1], chosen=r["messages"][-1]["content"][0]["text"], rejected="No idea.")
+             for r in chat_table(demo["train"]) if r["messages"][-1]["role"] == "assistant"]
+    folder = save_disk(chats, tmp_path / "saved")
+    got, errors = load(Source(path=str(folder)), tmp_path / "media")
+    assert errors == [] and len(got) == len(chats) and all(s.is_preference for s in got)
+    assert {p.type for s in got for p in s.media()} >= {"image", "audio"}
+
+    broken = save_vqa_parquet([dict(rows[0], rejected=None), rows[1]], tmp_path / "broken.parquet")
+    report = check_dataset([broken])
+    assert [e.line for e in report.errors] == [1] and "rejected" in str(report.errors[0]), report.format()

@@ -38,7 +38,7 @@ from finetune.data.schema import DataError, Sample, UnsafeJsonError, loads_bound
 from finetune.hub import resolve_dataset
 
 #: our fields a dataset's columns can be mapped to (`columns: {our field: the dataset's column}`)
-FIELDS = ("image", "audio", "question", "answer", "messages", "system", "id", "task")
+FIELDS = ("image", "audio", "question", "answer", "messages", "system", "id", "task", "chosen", "rejected")
 #: markers of a `save_to_disk` folder (a Dataset: state.json + dataset_info.json; a DatasetDict:
 #: dataset_dict.json)
 DISK_MARKERS = ("dataset_dict.json", "state.json", "dataset_info.json")
@@ -195,8 +195,10 @@ def column_map(src: Any, names: list[str], label: str) -> dict[str, str]:
         # a mapped question means VQA rows, even when the table also has a messages column
         if f not in given and f in names and not (f == "messages" and "question" in given):
             cols[f] = f
-    if "messages" not in cols and not {"question", "answer"} <= set(cols):
-        lacking = [f for f in ("question", "answer") if f not in cols]
+    # preference rows: the prompt (messages or question) answered by the chosen and rejected columns
+    answers = ("chosen", "rejected") if {"chosen", "rejected"} & set(cols) else ("answer",)
+    if "messages" not in cols and not {"question", *answers} <= set(cols):
+        lacking = [f for f in ("question", *answers) if f not in cols]
         raise DataError("missing_column", f"no column for {' and '.join(lacking)} (and no messages column); the "
                         f"dataset's columns: {', '.join(names)}",
                         "map them, e.g. columns: {image: img, question: q, answer: a}, or map messages to a "
@@ -455,12 +457,24 @@ def _vqa_row(row: dict, cols: dict, store: MediaStore, dtypes: dict) -> dict:
                 content.append({"type": kind, "path": _media(store, kind, v, f"column {cols[kind]!r}",
                                                              dtypes.get(kind))})
     content.append({"type": "text", "text": _text(row[cols["question"]], cols["question"], required=True)})
-    answer = _text(row[cols["answer"]], cols["answer"], required=True)
-    messages = [{"role": "user", "content": content}, {"role": "assistant", "content": answer}]
+    pair = _pair(row, cols)
+    answer = _text(row[cols["answer"]], cols["answer"], required=not pair) if "answer" in cols else None
+    messages = [{"role": "user", "content": content}] + ([] if pair else [{"role": "assistant", "content": answer}])
     system = _text(row[cols["system"]], cols["system"], required=False) if "system" in cols else None
     if system:
         messages.insert(0, {"role": "system", "content": system})
-    return {"messages": messages, "answer": answer}
+    return {"messages": messages, **({"answer": answer} if answer is not None else {}), **pair}
+
+
+def _pair(row: dict, cols: dict) -> dict:
+    """A preference row's chosen and rejected answers (text, or our parts / an assistant message as
+    JSON-like values), as top-level keys that parse_sample appends to the prompt; {} for other rows."""
+    out = {}
+    for key in ("chosen", "rejected"):
+        if key in cols:
+            value = row[cols[key]]
+            out[key] = _text(value, cols[key], required=True) if isinstance(value, str) or value is None else value
+    return out
 
 
 def _chat_row(row: dict, cols: dict, store: MediaStore, dtypes: dict) -> dict:
@@ -499,7 +513,7 @@ def _chat_row(row: dict, cols: dict, store: MediaStore, dtypes: dict) -> dict:
             raise _RowError("media_count", f"column {cols[kind]!r}",
                             f"column {cols[kind]!r} holds {len(items)} {kind}(s), the messages use {used[kind]}",
                             f"add a {{\"type\": \"{kind}\"}} part for each, or drop the extra ones")
-    obj: dict = {"messages": out}
+    obj: dict = {"messages": out, **_pair(row, cols)}
     if "system" in cols:
         system = _text(row[cols["system"]], cols["system"], required=False)
         if system and not (out and isinstance(out[0], dict) and out[0].get("role") == "system"):

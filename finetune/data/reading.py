@@ -14,6 +14,7 @@ from pathlib import Path
 from finetune import mixture
 from finetune.data.prepare import prepare, record_path
 from finetune.data.schema import DataError, Sample
+from finetune.errors import ConfigError
 from finetune.data.sources import load_source
 from finetune.demo_data import DEMO_FOLDERS, generate_medical
 from finetune.families.base import Family, LoadedModel
@@ -35,9 +36,11 @@ def demo_folder(recipe: Recipe) -> Path | None:
     sources = recipe.data.sources()
     if len(sources) != 1 or sources[0].hub or not sources[0].path:
         return None
-    if Path(sources[0].path).resolve() != (folder / "train.jsonl").resolve():
+    # the demo's splits as conversations, or as preference pairs (train.method dpo)
+    if Path(sources[0].path).resolve() not in {(folder / n).resolve() for n in ("train.jsonl", "train_pairs.jsonl")}:
         return None
-    if recipe.data.eval and Path(recipe.data.eval).resolve() != (folder / "eval.jsonl").resolve():
+    if recipe.data.eval and Path(recipe.data.eval).resolve() not in {(folder / n).resolve()
+                                                                     for n in ("eval.jsonl", "eval_pairs.jsonl")}:
         return None
     return folder
 
@@ -50,7 +53,7 @@ def prepare_data(recipe: Recipe) -> None:
     if out is None:
         return
 
-    if not (out / "train.jsonl").exists() or not (out / "eval.jsonl").exists():
+    if not all((out / n).exists() for n in ("train.jsonl", "eval.jsonl", "train_pairs.jsonl", "eval_pairs.jsonl")):
         print(f"generating the synthetic medical dataset in {out}/ ...", flush=True)
     generate_medical(out, seed=0)
 
@@ -109,3 +112,38 @@ def mix_sources(recipe: Recipe, sources: list, ready: list, run_dir: Path | None
     return samples, lengths
 
 
+
+
+def check_method(samples: list[Sample], method: str, label: str) -> None:
+    """Refuse data of the other kind than train.method takes, once for the source (not once per
+    line): preference pairs under sft, plain conversations under dpo."""
+    pair = next((s for s in samples if s.is_preference), None)
+    if method == "sft" and pair is not None:
+        raise ConfigError(f"{label}: this is preference data ({pair.where} has a 'chosen' and a 'rejected' answer); "
+                          "set train.method: dpo to train on the pairs, or give SFT data (one answer per "
+                          "conversation)")
+    plain = next((s for s in samples if not s.is_preference), None)
+    if method == "dpo" and plain is not None:
+        raise ConfigError(f"{label}: train.method dpo needs preference pairs, but {plain.where} is a plain "
+                          "conversation (one answer); give its last turn a 'chosen' and a 'rejected' answer "
+                          "(README: Preference training), or set train.method: sft")
+
+
+def prepare_pairs(pairs: list[Sample], family: Family, loaded: LoadedModel, recipe: Recipe,
+                  skipped: list[DataError], encodings=None) -> tuple[list[Sample], list[int]]:
+    """prepare_split for preference pairs: each pair as its chosen and its rejected conversation
+    (packing order: [c0, r0, c1, r1, ...]), checked before step 1 like any sample; a pair one of
+    whose two conversations fails is dropped whole (its error is in `skipped`)."""
+    flat = [x for s in pairs for x in (s.chosen_sample(), s.rejected_sample())]
+    good, lengths = prepare_split(flat, family, loaded, recipe, skipped, encodings)
+    kept = {id(s): k for k, s in enumerate(good)}
+    out, out_len = [], []
+    for p in range(len(pairs)):
+        c, r = kept.get(id(flat[2 * p])), kept.get(id(flat[2 * p + 1]))
+        if c is not None and r is not None:
+            out += [good[c], good[r]]
+            out_len += [lengths[c], lengths[r]]
+    if len(out) != len(good) and encodings is not None:
+        for i in list(encodings.kept):  # indexed by the checked samples, no longer the kept ones
+            encodings.forget(i)
+    return out, out_len

@@ -41,7 +41,9 @@ PART_TYPES = ("text",) + MEDIA_TYPES
 # Keys read by the schema itself; everything else on a part goes to Part.extra.
 _TEXT_KEYS = {"type", "text"}
 _MEDIA_KEYS = {"type", "path", "frames"}
-_TOP_KEYS = {"messages", "id", "answer", "task"}
+_TOP_KEYS = {"messages", "id", "answer", "task", "chosen", "rejected"}
+#: the preference form: the last (assistant) turn holds two answers instead of a 'content'
+PREFERENCE_KEYS = ("chosen", "rejected")
 
 # Role names used by other chat formats (ShareGPT, Gemini, ...) that difflib
 # would not match to ours because they share no letters.
@@ -315,6 +317,23 @@ class Sample:
     source: str = ""
     line: int = 0
     meta: dict = field(default_factory=dict)
+    #: the preference form: the rejected answer; messages[-1] is then the chosen one
+    rejected: Message | None = None
+
+    @property
+    def is_preference(self) -> bool:
+        """True for a preference pair (a chosen and a rejected last answer)."""
+        return self.rejected is not None
+
+    def chosen_sample(self) -> "Sample":
+        """The conversation ending with the chosen answer, as a plain sample."""
+        return Sample(messages=self.messages, answer=self.answer, id=self.id, task=self.task, source=self.source,
+                      line=self.line, meta=self.meta)
+
+    def rejected_sample(self) -> "Sample":
+        """The same prompt ending with the rejected answer, as a plain sample."""
+        return Sample(messages=self.messages[:-1] + [self.rejected], answer=self.answer, id=self.id, task=self.task,
+                      source=self.source, line=self.line, meta=self.meta)
 
     def media(self) -> list[Part]:
         """Media parts in order of appearance."""
@@ -400,6 +419,8 @@ def parse_sample(
             fix = 'add "messages": [{"role": "user", ...}, {"role": "assistant", ...}]'
         raise err("missing_messages", "messages", "the sample has no 'messages'", fix)
     raw_messages = obj["messages"]
+    if isinstance(raw_messages, list) and any(k in obj for k in PREFERENCE_KEYS):
+        raw_messages = _top_level_pair(obj, raw_messages, err)
     if not isinstance(raw_messages, list):
         raise err(
             "bad_messages", "messages",
@@ -411,6 +432,7 @@ def parse_sample(
                   "add at least one user turn and one assistant turn")
 
     messages: list[Message] = []
+    rejected: Message | None = None
     prev_role: str | None = None
     for i, raw in enumerate(raw_messages):
         mfield = f"messages[{i}]"
@@ -428,6 +450,13 @@ def parse_sample(
                       f"two consecutive '{role}' messages (messages[{i - 1}] and messages[{i}])",
                       "merge them into one message, or insert the missing turn between them")
         prev_role = role
+        if any(k in raw for k in PREFERENCE_KEYS):
+            rejected = _parse_pair(raw, role, i == len(raw_messages) - 1, mfield, err, base, allow_outside_paths,
+                                   check_files)
+            messages.append(Message(role=role, parts=_parse_content({"content": raw["chosen"]}, role, f"{mfield}.chosen",
+                                                                    err, base, allow_outside_paths, check_files,
+                                                                    key="chosen")))
+            continue
         parts = _parse_content(raw, role, mfield, err, base, allow_outside_paths, check_files)
         messages.append(Message(role=role, parts=parts, loss=_parse_loss(raw, role, mfield, err)))
 
@@ -472,7 +501,56 @@ def parse_sample(
 
     meta = {k: v for k, v in obj.items() if k not in _TOP_KEYS}
     return Sample(messages=messages, answer=answer, id=sample_id, task=task,
-                  source=source, line=line, meta=meta)
+                  source=source, line=line, meta=meta, rejected=rejected)
+
+
+def _answer(value):
+    """An answer given as a column: text or parts, an assistant message, or a list of one (TRL's
+    conversational form) -> the turn's content."""
+    if isinstance(value, list) and len(value) == 1 and isinstance(value[0], dict) and "role" in value[0]:
+        value = value[0]
+    if isinstance(value, dict) and "content" in value:
+        return value["content"]
+    return value
+
+
+def _top_level_pair(obj: dict, raw_messages: list, err) -> list:
+    """`messages` (the prompt) with top-level `chosen` and `rejected` answers (a table's columns) ->
+    the messages with the preference turn appended."""
+    missing = [k for k in PREFERENCE_KEYS if k not in obj]
+    if missing:
+        raise err("bad_pair", missing[0], f"the sample has no '{missing[0]}' answer beside "
+                  f"'{PREFERENCE_KEYS[missing[0] == 'chosen']}'", f"add \"{missing[0]}\" (a pair needs both answers)")
+    if raw_messages and isinstance(raw_messages[-1], dict) and raw_messages[-1].get("role") == "assistant":
+        raise err("bad_pair", f"messages[{len(raw_messages) - 1}]", "the prompt ends with an assistant turn, and "
+                  "'chosen'/'rejected' answer it again", "end 'messages' with the user's turn that both answers reply to")
+    return raw_messages + [{"role": "assistant", "chosen": _answer(obj["chosen"]), "rejected": _answer(obj["rejected"])}]
+
+
+def _parse_pair(raw: dict, role: str, last: bool, mfield: str, err, base, allow_outside, check_files) -> Message:
+    """The rejected answer of a preference turn (`chosen` and `rejected` instead of `content`),
+    after checking that the turn may hold a pair."""
+    if not last or role != "assistant":
+        where = f"a {role} turn" if last else "a turn that is not the last"
+        raise err("bad_pair", mfield, f"'chosen'/'rejected' on {where}",
+                  "put the two answers on the last turn, an assistant one: "
+                  '{"role": "assistant", "chosen": "...", "rejected": "..."}')
+    missing = [k for k in PREFERENCE_KEYS if k not in raw]
+    if missing:
+        raise err("bad_pair", f"{mfield}.{missing[0]}", f"the preference turn has no '{missing[0]}' answer",
+                  f"add \"{missing[0]}\": the {'preferred' if missing[0] == 'chosen' else 'dispreferred'} answer "
+                  "(a pair needs both)")
+    if "content" in raw:
+        raise err("bad_pair", f"{mfield}.content", "the preference turn has 'content' besides 'chosen' and 'rejected'",
+                  "remove 'content': the turn's answers are 'chosen' and 'rejected'")
+    if "loss" in raw:
+        raise err("bad_loss", f"{mfield}.loss", "'loss' on a preference turn", "remove it: both answers are learned")
+    parts = _parse_content({"content": raw["rejected"]}, role, f"{mfield}.rejected", err, base, allow_outside,
+                           check_files, key="rejected")
+    if raw["rejected"] == raw["chosen"]:
+        raise err("bad_pair", f"{mfield}.rejected", "the rejected answer is the chosen one",
+                  "give a different, dispreferred answer as 'rejected', or drop the pair (it teaches nothing)")
+    return Message(role=role, parts=parts)
 
 
 def _parse_role(raw: dict, mfield: str, err) -> str:
@@ -504,8 +582,8 @@ def _parse_loss(raw: dict, role: str, mfield: str, err) -> bool:
     return loss
 
 
-def _parse_content(raw, role, mfield, err, base, allow_outside, check_files) -> list[Part]:
-    cfield = f"{mfield}.content"
+def _parse_content(raw, role, mfield, err, base, allow_outside, check_files, key: str = "") -> list[Part]:
+    cfield = mfield if key else f"{mfield}.content"
     if "content" not in raw:
         fix = ("rename 'value' to 'content'" if "value" in raw
                else "add \"content\": a string or a list of parts")

@@ -285,6 +285,13 @@ class TrainConfig:
     """Optimisation settings."""
 
     seed: int = _opt(42, "random seed")
+    method: str = _opt("sft", "sft: learn the answers (chat data); dpo: prefer each pair's chosen answer to its rejected "
+                              "one (preference data), against the model with its LoRA adapters disabled",
+                       ("sft", "dpo"))
+    dpo_beta: float = _opt(0.1, "train.method dpo: how far the model may move from the reference (the weight of "
+                                "the log-ratios; larger = closer to the reference)", gt=0)
+    dpo_loss: str = _opt("sigmoid", "train.method dpo: sigmoid (DPO) or ipo (IPO, the log-ratios averaged per "
+                                    "completion token)", ("sigmoid", "ipo"))
     epochs: float = _opt(1.0, "number of passes over the training data")
     max_steps: int = _opt(-1, "stop after this many optimizer steps; -1 = use epochs")
     lr: float = _opt(2e-4, "peak learning rate", gt=0)

@@ -30,7 +30,7 @@ def _print_result(result: ConvertResult, out: Path, n_written: int, outside: int
     kinds: Counter = Counter()
     for s in result.samples:
         for m in s["messages"]:
-            if isinstance(m["content"], list):
+            if isinstance(m.get("content"), list):
                 kinds.update(p["type"] for p in m["content"] if p["type"] in MEDIA_TYPES)
     media = ", ".join(f"{n} {k}{'s' if n != 1 else ''}" for k, n in kinds.items()) or "no media"
     print(f"converted {result.source} ({result.format}): {result.n_records} records, "
@@ -95,7 +95,7 @@ def main(argv: list[str] | None = None) -> int:
             n = write_llamafactory(result.samples, args.output)
             _print_result(result, args.output, n, 0, "LLaMA-Factory ShareGPT")
             used = {p["type"] for s in result.samples for m in s["messages"]
-                    if isinstance(m["content"], list) for p in m["content"]}
+                    if isinstance(m.get("content"), list) for p in m["content"]}
             cols = [col for kind, col in _MEDIA_COLUMN.items() if kind in used]
             entry = {args.output.stem: llamafactory_dataset_info(args.output, cols)}
             print("dataset_info.json entry:\n" + json.dumps(entry, indent=2))

@@ -12,6 +12,7 @@ from typing import Any
 
 from finetune.data.convert.llamafactory import _is_v1, dataset_ref
 from finetune.data.convert.openai import _OPENAI_PART_TYPES
+from finetune.data.convert.preference import UNPAIRED, split_pair
 from finetune.data.convert.records import _MEDIA_COLUMN, _PREFERENCE_FIX, _TAG_RE, _Loc, _read_records
 from finetune.data.schema import PART_TYPES, DataError
 
@@ -48,10 +49,26 @@ def _preference_form(obj: Any) -> str | None:
     return None
 
 
+def _unpaired_form(obj: Any) -> str | None:
+    """The preference form of a record that is not read as a pair (KTO feedback, TRL's prompt +
+    chosen + rejected), or None."""
+    form = _preference_form(obj)
+    if form is None or form == "a last turn with chosen + rejected":
+        return None
+    if not form.startswith(UNPAIRED):
+        try:
+            if split_pair(obj, _Loc("", 0)) is not None:
+                return None
+        except DataError:
+            return None  # a pair with a problem: its converter names it
+    return form
+
+
 def _preference_error(head: list[tuple[_Loc, Any]], source: str) -> DataError | None:
-    """One error for a file whose first records are mostly preference data (instead of one per record)."""
+    """One error for a file whose first records are mostly preference data that is not read as
+    pairs (KTO feedback), instead of one per record."""
     records = [obj for _, obj in head if not isinstance(obj, DataError)]
-    forms = [f for f in map(_preference_form, records) if f]
+    forms = [f for f in map(_unpaired_form, records) if f]
     if not forms or 2 * len(forms) <= len(records):
         return None
     return DataError("preference_data", f"the file holds preference data ({forms[0]}), not chat samples for "
@@ -61,8 +78,14 @@ def _preference_error(head: list[tuple[_Loc, Any]], source: str) -> DataError | 
 def _classify(obj: Any) -> str | None:
     if not isinstance(obj, dict):
         return None
-    if _preference_form(obj):
+    if _unpaired_form(obj):
         return "preference"
+    try:
+        pair = split_pair(obj, _Loc("", 0))
+    except DataError:
+        pair = None
+    if pair is not None:  # a pair of another tool: the format of its conversations
+        return _classify(pair[0])
     if "conversations" in obj or ("instruction" in obj and "output" in obj):
         return "llamafactory"
     if "query" in obj and "response" in obj:

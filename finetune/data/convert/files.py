@@ -30,6 +30,7 @@ from finetune.data.convert.llamafactory import (
     dataset_ref,
 )
 from finetune.data.convert.openai import _convert_openai
+from finetune.data.convert.preference import convert_pair
 from finetune.data.convert.ours import _convert_ours
 from finetune.data.convert.records import (
     _PREFERENCE_FIX,
@@ -93,7 +94,8 @@ def _convert_records(result: ConvertResult, records, convert, fmt: str | None, o
     for loc, obj in records:
         def make(obj=obj, loc=loc):
             try:
-                return convert(obj, loc, **kw)
+                # a preference record: its two conversations through the same converter, joined again
+                return convert_pair(convert, obj, loc, **kw) or convert(obj, loc, **kw)
             except DataError as e:
                 raise (_hinted(e, obj, loc, fmt, kw) if fmt else e) from None
 
@@ -117,7 +119,8 @@ def convert_file(
     folder; the info's folder for a dataset_info.json entry) and returned absolute;
     :func:`write_jsonl` makes them relative. Unless ``allow_outside_paths``, every media file must
     lie inside that folder, as for our JSONL. ``role_map`` maps extra role names to ours
-    (``{"doctor": "assistant"}``). Preference data is refused with one error for the file.
+    (``{"doctor": "assistant"}``). Preference pairs become our preference form (convert.preference);
+    KTO feedback is refused with one error for the file.
     """
     _check_on_error(on_error)
     if fmt != "auto" and fmt not in _CONVERTERS:

@@ -219,10 +219,11 @@ def _info_entry(info: Path, name: str, allow_outside_paths: bool = True) -> _Inf
         raise bad("'columns' and 'tags' must be objects", 'write "columns": {"messages": "conversations", ...}')
     # as LLaMA-Factory reads it: with "columns" given, a column it does not name is not read
     columns = {k: (columns.get(k) if "columns" in entry else v) for k, v in _INFO_COLUMNS.items()}
-    if entry.get("ranking") or columns["kto_tag"]:
-        form = "ranking: true" if entry.get("ranking") else "KTO feedback: kto_tag"
-        raise bad(f"the dataset is preference data ({form}), not chat samples for supervised fine-tuning",
+    if columns["kto_tag"]:
+        raise bad("the dataset is KTO feedback (kto_tag), not chat samples or preference pairs",
                   _PREFERENCE_FIX, "preference_data")
+    if entry.get("ranking"):  # preference pairs: the chosen and rejected columns (as LLaMA-Factory's defaults)
+        columns = {**columns, "chosen": columns["chosen"] or "chosen", "rejected": columns["rejected"] or "rejected"}
     formatting = entry.get("formatting", "alpaca")
     if formatting not in ("alpaca", "sharegpt", "openai"):
         raise bad(f"unknown formatting {json.dumps(formatting)}", "use alpaca or sharegpt")
@@ -255,12 +256,21 @@ def _info_record(obj: Any, e: _InfoEntry, loc: _Loc) -> Any:
         return obj
     c, out = e.columns, {}
     where = f"of the dataset_info.json entry '{e.name}'"
+    for key in ("chosen", "rejected"):  # ranking: true
+        if c[key] and c[key] not in obj:
+            raise loc.err("missing_column", c[key], f"the record has no '{c[key]}' answer (columns.{key} {where}, a "
+                          "ranking dataset)", f"give each record its {key} answer, or fix columns.{key} (or "
+                          "'ranking') in dataset_info.json")
     if e.formatting == "alpaca":
         for key, ours in (("prompt", "instruction"), ("query", "input"), ("response", "output"),
                           ("history", "history")):
             if c[key] and c[key] in obj:
                 out[ours] = obj[c[key]]
-        for key, ours in (("prompt", "instruction"), ("response", "output")):
+        for key in ("chosen", "rejected"):  # a ranking dataset's answers
+            if c[key] and c[key] in obj:
+                out[key] = obj[c[key]]
+        needed = [("prompt", "instruction")] + ([("response", "output")] if "chosen" not in out else [])
+        for key, ours in needed:
             if not isinstance(out.get(ours), str):
                 raise loc.err("missing_column", c[key] or key, f"the record has no text in column '{c[key]}' "
                               f"(columns.{key} {where})", f"fix columns.{key} in dataset_info.json, or the record")
@@ -275,6 +285,11 @@ def _info_record(obj: Any, e: _InfoEntry, loc: _Loc) -> Any:
                  t["observation_tag"]: "observation", t["function_tag"]: "function_call"}
         out["messages"] = [{"role": roles.get(m.get(t["role_tag"]), m.get(t["role_tag"])),
                             "content": m.get(t["content_tag"])} if isinstance(m, dict) else m for m in turns]
+        for key in ("chosen", "rejected"):  # a ranking dataset's answer turns, in the same tags
+            m = obj.get(c[key]) if c[key] else None
+            if m is not None:
+                out[key] = {"role": roles.get(m.get(t["role_tag"]), m.get(t["role_tag"])),
+                            "content": m.get(t["content_tag"])} if isinstance(m, dict) else m
     if c["system"] and obj.get(c["system"]) not in (None, ""):
         out["system"] = obj[c["system"]]
     for col in _MEDIA_COLUMN.values():

@@ -37,8 +37,10 @@ _ROLES = {
 
 _TOOL_ROLES = ("observation", "function_call", "function", "tool", "tool_call", "tool_response", "ipython")
 
-_PREFERENCE_FIX = ("preference training (train.method: dpo) is not available yet (planned: issue 29); supervised "
-                   "fine-tuning takes chat samples whose answers are all to be learned")
+_PREFERENCE_FIX = ("only preference pairs are read (a chosen and a rejected answer to the same prompt, for "
+                   "train.method: dpo): LLaMA-Factory ranking files, its v1 chosen_messages/rejected_messages, "
+                   "ms-swift's rejected_response, or our last turn with chosen + rejected; give the data in one "
+                   "of those forms")
 
 
 # --------------------------------------------------------------------------- results
@@ -315,6 +317,9 @@ def sample_to_dict(sample: Sample) -> dict:
             else:
                 parts.append({"type": p.type, "path": str(p.path), **p.extra})
         messages.append({"role": m.role, "content": parts, **({} if m.loss else {"loss": False})})
+    if sample.rejected is not None:  # the preference form: the last turn's two answers
+        rejected = sample_to_dict(sample.rejected_sample())["messages"][-1]["content"]
+        messages[-1] = {"role": "assistant", "chosen": messages[-1]["content"], "rejected": rejected}
     out: dict[str, Any] = {}
     if sample.id is not None:
         out["id"] = sample.id
