@@ -9,7 +9,7 @@ and fails on a cycle or an upward import):
     4  recipe models data.hf data.sources data.convert data.samples data.prepare data.check
        data.reading packing collate adapters mixture metrics report probes
     3  families
-    2  data data.schema data.medical data.media demo_data kernels attention loss dpo
+    2  data data.bounds data.schema data.medical data.media demo_data kernels attention loss dpo
     1  errors paths runtime fsutil hub checkpoint deepspeed_presets
 
     7  the commands; a staged recipe's stages run in order by the CLI
@@ -21,8 +21,8 @@ and fails on a cycle or an upward import):
        collating, roles -> LoRA/full, scores and pages, the probe passes
     3  the Family contract (families/base.py), one file per family, tiny builders apart;
        nothing above it is imported there
-    2  samples, media readers, the synthetic demo data, attention kernels, the label-token loss,
-       the DPO loss on packed pairs
+    2  what reading a file may cost (bounds), samples, media readers, the synthetic demo data,
+       attention kernels, the label-token loss, the DPO loss on packed pairs
     1  errors, where files are, the process (ranks, precision, dtypes), the one atomic writer
        and lock, hub ids, safetensors files
 
