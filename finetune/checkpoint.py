@@ -148,7 +148,7 @@ def raw_equal(a: TensorSource, b: TensorSource) -> bool:
     x, y = a.load(), b.load()
     if x.dtype != y.dtype or x.shape != y.shape:
         return False
-    return bool(torch.equal(x.contiguous().view(torch.uint8), y.contiguous().view(torch.uint8)))
+    return bool(torch.equal(x.reshape(-1).view(torch.uint8), y.reshape(-1).view(torch.uint8)))  # 0-dim too
 
 
 @dataclass(frozen=True)

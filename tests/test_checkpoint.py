@@ -57,3 +57,22 @@ def test_the_same_tensors_give_the_same_bytes_from_memory_and_from_disk(tmp_path
     for folder in (again, lazy):
         assert sorted(p.name for p in folder.iterdir()) == written
         assert all((folder / n).read_bytes() == (first / n).read_bytes() for n in written)
+
+
+def test_bit_identity_check_takes_scalar_tensors(tmp_path):
+    """0-dimensional tensors (Gemma 4's towers keep their clip bounds as `input_min`, `input_max`, ...):
+    the export's bit-identity check (raw_equal) compares them as it compares every other tensor, and
+    tells a changed one apart."""
+    from safetensors.torch import save_file
+
+    from finetune.checkpoint import raw_equal
+
+    sources = {}
+    for name, low in (("a", 1.0), ("b", 1.0), ("c", 2.0)):
+        (tmp_path / name).mkdir()
+        save_file({"x.input_min": torch.tensor(low), "x.input_max": torch.tensor(float("inf"))},
+                  str(tmp_path / name / "model.safetensors"))
+        sources[name] = tensors_of(tmp_path / name)
+    a, b, c = sources["a"], sources["b"], sources["c"]
+    assert raw_equal(a["x.input_max"], b["x.input_max"]) and raw_equal(a["x.input_min"], b["x.input_min"])
+    assert not raw_equal(a["x.input_min"], c["x.input_min"])
