@@ -108,48 +108,11 @@ def audio_rows(mask: torch.Tensor) -> int:
 
 
 def read_video(part, max_frames: int, fps: float | None):
-    """(frames, seconds of each frame) of a video part, the frames picked as `media.load_video` picks
-    them; a frame's time is its index in the source over the source's rate (the part's "fps" for frame
-    lists and folders; 24 where none is known, as the released processor assumes)."""
-    if part.frames or (part.path is not None and Path(part.path).is_dir()):
-        paths = list(part.frames) if part.frames else M.list_video_frames(part.path)
-        src = part.extra.get("fps")
-        picked = pick_frames(len(paths), src, fps, max_frames)
-        return [M.load_image(paths[i]) for i in picked], [i / (src or DEFAULT_VIDEO_FPS) for i in picked]
-    if part.path is None:
-        raise M.MediaError("the video part has neither 'path' nor 'frames'")
-    frames, src = decode_video(Path(part.path))
-    picked = pick_frames(len(frames), src, fps, max_frames)
-    return [frames[i].convert("RGB") for i in picked], [i / (src or DEFAULT_VIDEO_FPS) for i in picked]
-
-
-def pick_frames(n: int, src_fps: float | None, fps: float | None, max_frames: int) -> list[int]:
-    """Indices of the frames `media.load_video` keeps of n: thinned to `fps`, then evenly to `max_frames`."""
-    kept = M._fps_indices(n, src_fps, fps)
-    return [kept[i] for i in M._even_indices(len(kept), max_frames)]
-
-
-def decode_video(path: Path):
-    """(every frame, the stream's rate) of a video file, with media's errors."""
-    if not path.exists():
-        raise M.MediaError(f"video '{path}' does not exist")
-    if path.suffix.lower() not in M.VIDEO_SUFFIXES:
-        raise M.MediaError(f"'{path}' is not a frame folder or a video file ({', '.join(M.VIDEO_SUFFIXES)})")
-    try:
-        import av
-    except ImportError:
-        raise M.MediaError(f"reading video file '{path}' needs PyAV: pip install av "
-                           "(or give the video as a folder of frames)") from None
-    try:
-        with av.open(str(path)) as container:
-            stream = container.streams.video[0]
-            src = float(stream.average_rate) if stream.average_rate else None
-            frames = [f.to_image() for f in container.decode(stream)]
-    except Exception as e:
-        raise M.MediaError(f"cannot decode video '{path}': {e}") from e
-    if not frames:
-        raise M.MediaError(f"video '{path}' has no frames")
-    return frames, src
+    """(frames, seconds of each frame) of a video part, the frames `media.load_video` reads (within the
+    media limits); a frame's time is its index in the source over the source's rate (the part's "fps"
+    for frame lists and folders; 24 where none is known, as the released processor assumes)."""
+    frames, indices, src = M.load_video_indexed(part, max_frames, fps)
+    return frames, [i / (src or DEFAULT_VIDEO_FPS) for i in indices]
 
 
 def patchify(pixels: torch.Tensor, patch: int, max_patches: int) -> tuple[torch.Tensor, torch.Tensor]:
