@@ -465,6 +465,7 @@ torch.save(logits, sys.argv[3])
 """
 
 
+@pytest.mark.slow
 def test_export_loads_in_a_fresh_process_without_the_toolkit(gemma, trained_roles, media_dir, tmp_path):  # noqa: F811
     """The merged export of a model with every role trained (LoRA merged, full roles written back,
     the tied matrix once) loads with Gemma4ForConditionalGeneration in a new Python process that

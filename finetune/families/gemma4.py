@@ -117,6 +117,8 @@ class Gemma4Family(Family):
         return self.patch_loaded(hf(self.hf_model).from_pretrained(str(folder), **kwargs))
 
     def patch_loaded(self, model: torch.nn.Module) -> torch.nn.Module:
+        """The KV-shared layers keep every position under a 2-D padding mask (the varlen backend's
+        generation and probes before step 1; see full_length_under_padding_masks)."""
         full_length_under_padding_masks(model)
         return model
 
