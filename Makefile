@@ -98,7 +98,7 @@ recipes: $(STAMP)
 	$(PY) -m finetune recipes
 
 test: $(STAMP)
-	$(PY) -m pytest -q -p no:cacheprovider tests
+	$(PY) -m pytest -q -p no:cacheprovider --durations=40 tests
 
 # the inner loop: unit tests and the family contract suite, under 3 minutes on 2 cores
 test-fast: $(STAMP)

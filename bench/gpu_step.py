@@ -45,8 +45,10 @@ from finetune.verify import to_model  # noqa: E402
 RECIPES = {("qwen2_5_omni", "lora"): "medical", ("qwen2_5_omni", "qlora"): "medical-qlora",
            ("baichuan_omni", "lora"): "medical-baichuan", ("baichuan_omni", "qlora"): "medical-baichuan-qlora",
            ("qwen3_omni_moe", "lora"): "medical-qwen3-omni", ("qwen3_omni_moe", "qlora"): "medical-qwen3-omni-qlora",
+           # a recipe and its overrides
+           ("gemma4", "lora"): "medical-gemma4 model.quantize=none", ("gemma4", "qlora"): "medical-gemma4",
            ("nemotron_omni", "lora"): "medical-nemotron-omni",
-           ("nemotron_omni", "qlora"): "medical-nemotron-omni model.quantize=4bit"}  # a recipe [overrides]
+           ("nemotron_omni", "qlora"): "medical-nemotron-omni model.quantize=4bit"}
 FAMILIES = sorted({f for f, _ in RECIPES})
 WORDS = ("the a lesion lung left right upper lower small large round bright dark spot mass heart eye retina "
          "normal abnormal nodule report findings impression compare prior current study patient").split()
@@ -76,8 +78,8 @@ def random_checkpoint(family, tiny: bool, dtype, folder: Path, llm_layers: int |
     family.random_checkpoint(CONFIG_DIR / family.shipped_configs[0], folder, dtype, llm_layers)
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
-    for p in tiny_dir.iterdir():
-        if p.is_file() and not p.name.endswith(".safetensors") and p.name != "config.json":
+    for p in tiny_dir.iterdir():  # what the family wrote beside the weights (its processor settings) stays
+        if p.is_file() and not p.name.endswith(".safetensors") and not (folder / p.name).exists():
             shutil.copyfile(p, folder / p.name)
     return folder
 

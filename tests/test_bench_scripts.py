@@ -16,7 +16,7 @@ def test_gpu_step_runs_on_tiny_configs(capsys):
         sys.path.pop(0)
     assert gpu_step.main(["--tiny", "--device", "cpu", "--max-tokens", "700", "--steps", "1"]) == 0
     out = capsys.readouterr().out
-    for fam in ("qwen2_5_omni", "baichuan_omni"):
+    for fam in ("qwen2_5_omni", "baichuan_omni", "gemma4"):
         assert out.count(fam) == 2  # LoRA and QLoRA rows
 
 

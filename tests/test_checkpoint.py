@@ -73,3 +73,4 @@ def test_raw_equal_compares_scalar_tensors_of_any_dtype(tmp_path):
     a, b = tensors_of(tmp_path / "a"), tensors_of(tmp_path / "b")
     assert raw_equal(a["n"], b["n"]) and raw_equal(a["v"], b["v"])
     assert not raw_equal(a["x"], b["x"])
+

@@ -245,7 +245,7 @@ def test_make_gpu_check_dry_walks_every_part_on_the_cpu_and_the_file_grows_part_
     text = out.read_text()
     assert (dest / out.name).read_text() == text
     assert re.search(r"^trained 3 steps in ", text, re.M) and "  merged " in text  # train, eval, export
-    for family in ("qwen2_5_omni", "baichuan_omni", "qwen3_omni_moe"):
+    for family in ("qwen2_5_omni", "baichuan_omni", "qwen3_omni_moe", "gemma4"):
         assert re.search(rf"^{family} +lora +\w+ +all +\d+", text, re.M), family
     assert re.search(r"^qwen2_5_omni +qlora +\w+ +all +\d+", text, re.M)
     assert re.search(r"^\| smoke \| \w+ wrap, \d+ probes answered", text, re.M)  # vLLM's driver, no vLLM here

@@ -443,6 +443,14 @@ def load_video(part: Part, max_frames: int, fps: float | None = None) -> list[Im
     thins frames first when the source rate is known (video files, or a frame
     folder whose part carries ``"fps"``).
     """
+    return load_video_indexed(part, max_frames, fps)[0]
+
+
+def load_video_indexed(part: Part, max_frames: int, fps: float | None = None
+                       ) -> tuple[list[Image.Image], list[int], float | None]:
+    """`load_video`'s frames, each one's index in the source, and the source's frame rate (the file's,
+    or the part's "fps" for frame lists and folders; None where unknown): a frame's time is its
+    index over that rate."""
     if max_frames < 1:
         raise ValueError(f"max_frames must be >= 1, not {max_frames}")
     if part.frames:
@@ -462,13 +470,13 @@ def load_video(part: Part, max_frames: int, fps: float | None = None) -> list[Im
     )
 
 
-def _load_frame_list(frames: list[Path], max_frames: int, fps, src_fps) -> list[Image.Image]:
-    picked = [frames[i] for i in _fps_indices(len(frames), src_fps, fps)]
-    picked = [picked[i] for i in _even_indices(len(picked), max_frames)]
-    return [load_image(p) for p in picked]
+def _load_frame_list(frames: list[Path], max_frames: int, fps, src_fps):
+    kept = _fps_indices(len(frames), src_fps, fps)
+    picked = [kept[i] for i in _even_indices(len(kept), max_frames)]
+    return [load_image(frames[i]) for i in picked], picked, src_fps
 
 
-def _load_video_file(path: Path, max_frames: int, fps: float | None) -> list[Image.Image]:
+def _load_video_file(path: Path, max_frames: int, fps: float | None):
     """Frames of a video file: the header's frame size, duration and frame count checked first, the
     packets counted without decoding (a header may lie), then one decoding pass that keeps only the
     frames picked (memory for `max_frames` images, whatever the video's length)."""
@@ -531,7 +539,8 @@ def _load_video_file(path: Path, max_frames: int, fps: float | None) -> list[Ima
         raise MediaError(f"cannot decode video '{path}': {e}") from e
     if not images:
         raise MediaError(f"video '{path}' has no frames")
-    return [images[k].convert("RGB") for k in sorted(images)]
+    order = sorted(wanted, key=wanted.get)
+    return [images[k].convert("RGB") for k in sorted(images)], order, src_fps
 
 
 def audio_samples(path: Path, sampling_rate: int = 16000) -> int:

@@ -12,12 +12,14 @@ from finetune.families.base import Family
 def _registry() -> dict[str, type[Family]]:
     from finetune.families.baichuan_omni import BaichuanOmniFamily
     from finetune.families.gemma3n import Gemma3nFamily
+    from finetune.families.gemma4 import Gemma4Family
     from finetune.families.nemotron_omni import NemotronOmniFamily
     from finetune.families.qwen2_5_omni import Qwen25OmniFamily
     from finetune.families.qwen3_omni_moe import Qwen3OmniMoeFamily
 
     return {"qwen2_5_omni": Qwen25OmniFamily, "baichuan_omni": BaichuanOmniFamily,
-            "qwen3_omni_moe": Qwen3OmniMoeFamily, "gemma3n": Gemma3nFamily, "nemotron_omni": NemotronOmniFamily}
+            "qwen3_omni_moe": Qwen3OmniMoeFamily, "gemma3n": Gemma3nFamily, "gemma4": Gemma4Family,
+            "nemotron_omni": NemotronOmniFamily}
 
 
 def registry() -> dict[str, type[Family]]:
