@@ -38,6 +38,7 @@ import os
 import re
 import secrets
 import shutil
+import tempfile
 from pathlib import Path
 from typing import IO, Any, Callable, Iterable, Iterator
 
@@ -322,6 +323,12 @@ def new_staging_dir(target: str | Path, name: str | None = None) -> Path:
         if name:
             raise NotOursError(f"{tmp} is in the way and was not made by omni-finetune; move it elsewhere and run "
                                "again (nothing was changed)")
+
+
+def private_temp_dir(prefix: str) -> Path:
+    """A new folder in the system's temporary folder that only this user can read (mode 0700), for
+    what must not land in a run folder (a web page's uploads); the caller removes it."""
+    return Path(tempfile.mkdtemp(prefix=prefix)).resolve()
 
 
 def kill_point(env: str | None, where: str) -> None:

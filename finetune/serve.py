@@ -22,12 +22,12 @@ import json
 import os
 import shutil
 import sys
-import tempfile
 from pathlib import Path
 from typing import Iterator
 
 from finetune.data.schema import MEDIA_TYPES
 from finetune.errors import ConfigError, MissingExtraError, UserError
+from finetune.fsutil import private_temp_dir
 from finetune.inference import Assistant
 from finetune.runfolder import read_loss_history
 
@@ -59,7 +59,7 @@ class Uploads:
     """The one folder uploads are written to: a new temporary folder, removed by `close`."""
 
     def __init__(self) -> None:
-        self.dir = Path(tempfile.mkdtemp(prefix="finetune-serve-")).resolve()
+        self.dir = private_temp_dir("finetune-serve-")
 
     def holds(self, path: str | Path) -> bool:
         """Whether `path` is a file inside this folder (links resolved)."""

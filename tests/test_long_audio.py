@@ -312,11 +312,12 @@ def test_baichuan_folder_that_truncates_has_the_limit(tmp_path):
 # ---- the recipe ------------------------------------------------------------------------------------
 def test_recipe_fields_reach_the_processor_and_bad_values_are_refused():
     from finetune.errors import ConfigError
+    from finetune.models import processor_settings
     from finetune.recipe import RecipeError, load_recipe
 
     r = load_recipe("medical-tiny", ["data.long_audio=split", "model.use_audio_in_video=true"])
     fam = get_family("qwen2_5_omni")
-    proc = fam.processor(fam.resolve_path(r.model.path), r)
+    proc = fam.processor(fam.resolve_path(r.model.path), processor_settings(r))
     assert (proc.long_audio, proc.use_audio_in_video) == ("split", True)
     assert proc.settings()["long_audio"] == "split" and proc.settings()["use_audio_in_video"] is True
     assert load_recipe("medical-tiny").data.long_audio == "error"
@@ -324,8 +325,8 @@ def test_recipe_fields_reach_the_processor_and_bad_values_are_refused():
         load_recipe("medical-tiny", ["data.long_audio=cut"])
     bc = get_family("baichuan_omni")  # its processor has no use_audio_in_video: asking for it is an error
     with pytest.raises(ConfigError, match="use_audio_in_video"):
-        bc.processor(bc.resolve_path("tiny:baichuan_omni"), load_recipe(
-            "medical-baichuan-tiny", ["model.use_audio_in_video=true"]))
+        bc.processor(bc.resolve_path("tiny:baichuan_omni"), processor_settings(load_recipe(
+            "medical-baichuan-tiny", ["model.use_audio_in_video=true"])))
 
 
 # ---- a video's own sound ---------------------------------------------------------------------------

@@ -70,12 +70,12 @@ def test_two_stages_kill_9_in_stage_2_resumes_it_and_stage_2_starts_from_stage_1
     import torch
     from safetensors.torch import load_file
 
+    from finetune.cli import run_stages  # the CLI runs a staged recipe's stages
     from finetune.export import export_run
     from finetune.recipe import load_recipe
-    from finetune.train import train
 
     recipe = staged_file(tmp_path)
-    ref = train(load_recipe(recipe, tiny_overrides(tmp_path / "a", small_demo)))
+    ref = run_stages(load_recipe(recipe, tiny_overrides(tmp_path / "a", small_demo)))
     align_dir = ref / "stages" / "01-align"
     assert sorted(losses(align_dir)) == [1, 2, 3, 4] and sorted(losses(ref)) == [1, 2, 3, 4, 5, 6]
 
@@ -113,7 +113,7 @@ def test_two_stages_kill_9_in_stage_2_resumes_it_and_stage_2_starts_from_stage_1
     from finetune.errors import ConfigError
 
     with pytest.raises(ConfigError, match="was trained with other settings"):
-        train(load_recipe(recipe, tiny_overrides(tmp_path / "b", small_demo, "train.lr=1e-3")))
+        run_stages(load_recipe(recipe, tiny_overrides(tmp_path / "b", small_demo, "train.lr=1e-3")))
 
     out = export_run(run, force=True)
     manifest = json.loads((out["merged"] / "export_manifest.json").read_text())
