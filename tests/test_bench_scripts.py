@@ -8,6 +8,7 @@ import sys
 from conftest import ROOT
 
 
+@pytest.mark.slow
 def test_gpu_step_runs_on_tiny_configs(capsys):
     sys.path.insert(0, str(ROOT / "bench"))
     try:
@@ -20,6 +21,7 @@ def test_gpu_step_runs_on_tiny_configs(capsys):
         assert out.count(fam) == 2  # LoRA and QLoRA rows
 
 
+@pytest.mark.slow
 def test_packing_bench_prints_both_mixtures(capsys):
     sys.path.insert(0, str(ROOT / "bench"))
     try:

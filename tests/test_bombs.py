@@ -22,6 +22,9 @@ import pytest
 
 import bombs
 
+# several processes or a compiled library each: not in make test-fast
+pytestmark = pytest.mark.slow
+
 ROOT = Path(__file__).resolve().parent.parent
 MEMORY_LIMIT = 4 << 30  # bytes of address space for the checker's process, as in the probes
 TIMEOUT = 60  # seconds; a bomb is refused from its header in well under one

@@ -59,6 +59,7 @@ def test_makefile_export_replaces_only_with_force_and_check_needs_no_files():
     assert dry("check", "RECIPE=x").split() == [".venv/bin/python", "-m", "finetune", "data", "check", "--recipe", "x"]
 
 
+@pytest.mark.slow
 def test_the_console_prints_tens_of_lines_not_one_dict_per_step(tmp_path, small_demo):
     import sys
 

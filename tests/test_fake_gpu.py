@@ -21,6 +21,9 @@ import pytest
 
 from conftest import tiny_overrides
 
+# several processes or a compiled library each: not in make test-fast
+pytestmark = pytest.mark.slow
+
 FAMILIES = {"qwen2_5_omni": "medical-tiny", "baichuan_omni": "medical-baichuan-tiny",
             "qwen3_omni_moe": "medical-qwen3-omni-tiny", "gemma3n": "medical-gemma3n-tiny"}
 

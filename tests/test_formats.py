@@ -157,6 +157,7 @@ def test_llamafactory_v1_read_directly_as_data_train(omni: Path):
     assert samples[0].where == f"{src}:1"
 
 
+@pytest.mark.slow
 def test_data_check_with_a_recipe_encodes_a_v1_file(omni: Path):
     """`data check --recipe` reads the v1 file and encodes every sample as training does."""
     src = _jsonl(omni / "v1_omni.jsonl", v1_records())

@@ -61,6 +61,7 @@ def test_a_temporary_file_left_by_a_killed_writer_is_removed_by_the_next_write(t
     assert [p.name for p in tmp_path.iterdir()] == ["metrics.jsonl"]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("umask, file_mode, dir_mode", [(0o022, 0o644, 0o755), (0o027, 0o640, 0o750),
                                                          (0o002, 0o664, 0o775)])
 def test_files_and_folders_follow_the_umask(tmp_path, umask, file_mode, dir_mode):
@@ -104,6 +105,7 @@ SWAP = """
     """
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("point, after", [("written", "old"), ("swapping", "old"), (None, "new")])
 def test_kill_9_at_each_point_of_a_swap_leaves_a_recoverable_folder(tmp_path, point, after):
     from finetune import fsutil

@@ -173,6 +173,7 @@ def test_each_part_is_saved_when_it_ends_and_a_failing_one_keeps_the_status(tmp_
     assert len(sizes) == len(PART_KEYS) and sizes == sorted(sizes) and len(set(sizes)) == len(sizes)
 
 
+@pytest.mark.slow
 def test_a_part_past_its_time_is_killed_with_all_it_started_and_its_files_removed(tmp_path):
     pids = tmp_path / "pids"
     tmp = tmp_path / "tmp"

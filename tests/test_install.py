@@ -61,6 +61,7 @@ def test_gpu_check_never_installs():
     assert "pip install -q -c" not in out and ".installed-" not in out and "bench/gpu_check.py" in out, out
 
 
+@pytest.mark.slow
 def test_an_environment_that_holds_the_lock_is_stamped_without_pip(tmp_path):
     """A real run (not -n): a .venv already at the locked versions (this one, behind a wrapper) is
     checked and stamped, and the target runs; a changed lock is checked again and re-stamped, the

@@ -22,6 +22,7 @@ TORCH_2_13 = FlashSignature(is_causal=False, window_size=True, scale=True, enabl
 CUDA = torch.device("cuda", 0)
 
 
+@pytest.mark.slow
 def test_the_cuda_kernel_is_found_after_importing_the_package():
     """torch.nn.attention.varlen is a submodule: it exists only once something imports it. In a
     fresh process that imports the toolkit (and the libraries it uses), the kernel must be there."""

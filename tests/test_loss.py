@@ -72,6 +72,7 @@ def test_token_mean_loss_equals_the_models_own_cross_entropy(trainer_and_batch, 
     assert max(float((g[k] - g_ref[k]).abs().max()) for k in g) <= 1e-5
 
 
+@pytest.mark.slow
 def test_the_chunked_heads_peak_memory_is_below_the_full_logits():
     sys.path.insert(0, str(ROOT / "bench"))
     import loss_memory

@@ -38,6 +38,7 @@ def loaded():
 
 
 # ---- mixture of experts ----------------------------------------------------------------------
+@pytest.mark.slow
 @pytest.mark.parametrize("head", ["plain", "label_positions"])
 def test_expert_lora_router_and_aux_loss_train(tmp_path, monkeypatch, head):
     """roles.llm.experts: lora puts LoRA on every expert of the fused up/down weights and
@@ -291,6 +292,7 @@ print(json.dumps({"passed": res.passed, "logits": res.max_logit_diff, "grads": r
 '''
 
 
+@pytest.mark.slow
 def test_cuda_kernels_get_the_packed_boundaries(media_dir, tmp_path):  # noqa: F811
     """Where `causal_conv1d` and `mamba_ssm` are installed (CUDA), packed rows go to their kernels
     with `seq_idx` (int32 [rows, L], each token's sample), not to our scan; single samples go without

@@ -142,6 +142,7 @@ def test_short_audio_packs_exactly_beside_a_long_clip(loaded, media_dir):  # noq
     assert float((run(plain, both, ours=False)[:rows] - ref).abs().max()) > 1e-3
 
 
+@pytest.mark.slow
 def test_expert_lora_and_router_train_and_export(tmp_path):
     """roles.llm.experts: lora puts LoRA of rank r on every expert of the fused weights and
     roles.llm.router: full trains the routers; the load-balancing loss is logged every step and
@@ -214,6 +215,7 @@ print(sorted(n for n, _ in model.named_children()))
 '''
 
 
+@pytest.mark.slow
 def test_full_export_loads_in_a_fresh_process_with_transformers_alone(tmp_path, small_demo):
     """A merged export of the tiny full Qwen3-Omni (thinker trained, talker and code2wav copied)
     loads with Qwen3OmniMoeForConditionalGeneration in a process that never imports the toolkit,
