@@ -49,7 +49,6 @@ import hashlib
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 
 from finetune.data import media as M
@@ -69,7 +68,7 @@ from finetune.families.gemma3n_processor import (
     Gemma3nOmniProcessor,
 )
 from finetune.families.gemma3n_timm import transformers_class as _hf
-from finetune.families.shared import chat_turns
+from finetune.families.shared import TemplateTokens, chat_turns
 
 PROCESSOR_FILES = (
     "tokenizer.json", "tokenizer_config.json", "tokenizer.model", "special_tokens_map.json", "added_tokens.json",
@@ -138,29 +137,8 @@ class Gemma3nFamily(Family):
         """The sample's token ids and labels in the chat template's layout. `on_image(part)` gives
         the number of images a part holds (and may process them), `on_audio(part)` the number of
         clips an audio part is read as (one; or the consecutive clips of a split long one)."""
-        tid = proc.token_ids
-        ids: list[int] = [tid[BOS]]
-        labels: list[int] = [IGNORE_INDEX]
-        text: list[tuple[str, bool]] = []  # the pending run of plain text: (piece, learned)
-
-        def flush():
-            if not text:
-                return
-            run = "".join(t for t, _ in text)
-            learned = np.zeros(len(run) + 1, dtype=bool)
-            o = 0
-            for t, learn in text:
-                learned[o:o + len(t)] = learn
-                o += len(t)
-            toks, starts = proc.run(run)
-            ids.extend(toks)
-            labels.extend(t if learned[s] else IGNORE_INDEX for t, s in zip(toks, starts))
-            text.clear()
-
-        def special(token: str, learn: bool, n: int = 1):
-            flush()
-            ids.extend([tid[token]] * n)
-            labels.extend([tid[token] if learn else IGNORE_INDEX] * n)
+        out = TemplateTokens(proc)
+        out.special(BOS)
 
         messages = chat_turns(sample, proc.system_prompt, for_generation)
         prefix = ""
@@ -173,35 +151,34 @@ class Gemma3nFamily(Family):
                 raise ConfigError(f"{getattr(sample, 'where', '')}: Gemma 3n's chat format needs the turns to "
                                   "alternate user/assistant/user/..., after at most one leading system turn")
             learn = msg.role == "assistant" and msg.loss and not for_generation
-            special(START_TURN, False)
-            text.append((("model" if msg.role == "assistant" else msg.role) + "\n" + (prefix if i == 0 else ""), False))
+            out.special(START_TURN)
+            out.text(("model" if msg.role == "assistant" else msg.role) + "\n" + (prefix if i == 0 else ""))
             for part in msg.parts:
                 if part.type == "text":
-                    text.append(((part.text or "").strip(), learn))
+                    out.text((part.text or "").strip(), learn)
                 elif part.type == "image":
                     for _ in range(on_image(part)):
-                        text.append(("\n\n", False))
-                        special(BOI, False)
-                        special(IMAGE_TOKEN, False, proc.image_seq_length)
-                        special(EOI, False)
-                        text.append(("\n\n", False))
+                        out.text("\n\n")
+                        out.special(BOI)
+                        out.special(IMAGE_TOKEN, n=proc.image_seq_length)
+                        out.special(EOI)
+                        out.text("\n\n")
                 elif part.type == "audio":
                     for _ in range(on_audio(part)):  # each clip its own block, as the processor gives clips in turn
-                        text.append(("\n\n", False))
-                        special(BOA, False)
-                        special(AUDIO_TOKEN, False, proc.audio_seq_length)
-                        special(EOA, False)
-                        text.append(("\n\n", False))
+                        out.text("\n\n")
+                        out.special(BOA)
+                        out.special(AUDIO_TOKEN, n=proc.audio_seq_length)
+                        out.special(EOA)
+                        out.text("\n\n")
                 else:
                     raise ConfigError(f"{getattr(sample, 'where', '')}: Gemma 3n takes text, image and audio "
                                       f"parts, not {part.type}")
-            special(END_TURN, learn)
-            text.append(("\n", False))
+            out.special(END_TURN, learn)
+            out.text("\n")
         if for_generation:
-            special(START_TURN, False)
-            text.append(("model\n", False))
-        flush()
-        return ids, labels
+            out.special(START_TURN)
+            out.text("model\n")
+        return out.done()
 
     def encode(self, sample, processor: Gemma3nOmniProcessor, *, for_generation: bool = False,
                rope: Any = None) -> EncodedSample:

@@ -12,8 +12,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from finetune.errors import ConfigError
 from finetune.families.base import processor_settings
+from finetune.families.shared import CachedTextRuns, special_token_ids
 
 BOS, START_TURN, END_TURN = "<bos>", "<start_of_turn>", "<end_of_turn>"
 BOI, EOI, IMAGE_TOKEN = "<start_of_image>", "<end_of_image>", "<image_soft_token>"
@@ -24,7 +24,7 @@ IMAGE_SIZE, IMAGE_SEQ, AUDIO_SEQ, MAX_AUDIO_SAMPLES = 768, 256, 188, 480_000
 
 
 @dataclass
-class Gemma3nOmniProcessor:
+class Gemma3nOmniProcessor(CachedTextRuns):
     """Tokenizer + image/audio preprocessing of a Gemma 3n checkpoint (our own, from transformers'
     parts: the PIL SigLIP image processor and the Gemma 3n audio feature extractor)."""
 
@@ -69,11 +69,7 @@ class Gemma3nOmniProcessor:
             system_prompt=system_prompt or None,  # the released template adds no default system turn
             long_audio=long_audio,
         )
-        for s in cls.TOKENS:
-            tid = tok.convert_tokens_to_ids(s)
-            if tid is None or tid == tok.unk_token_id:
-                raise ConfigError(f"{folder}: tokenizer has no special token {s}; is this a Gemma 3n folder?")
-            proc.token_ids[s] = int(tid)
+        proc.token_ids.update(special_token_ids(tok, cls.TOKENS, folder, "Gemma 3n"))
         return proc
 
     # ---- the Processor protocol ----------------------------------------------------------
@@ -90,17 +86,6 @@ class Gemma3nOmniProcessor:
         return {"image_size": list(self.image_size), "image_seq_length": self.image_seq_length,
                 "audio_seq_length": self.audio_seq_length, "max_audio_samples": self.max_audio_samples,
                 "system_prompt": self.system_prompt, "vocab": len(self.tokenizer), "long_audio": self.long_audio}
-
-    # ---- text ------------------------------------------------------------------------------
-    def run(self, text: str) -> tuple[list[int], list[int]]:
-        """(ids, start offsets) of a run of plain text between special tokens, cached."""
-        got = self._runs.get(text)
-        if got is None:
-            enc = self.tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
-            got = (list(enc["input_ids"]), [int(s) for s, _ in enc["offset_mapping"]])
-            if len(self._runs) < 100_000:
-                self._runs[text] = got
-        return got
 
     # ---- media -------------------------------------------------------------------------------
     @property

@@ -51,7 +51,6 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 
 from finetune.data import media as M
@@ -79,7 +78,7 @@ from finetune.families.gemma4_processor import (
     timestamp,
     write_processor_config,
 )
-from finetune.families.shared import chat_turns
+from finetune.families.shared import TemplateTokens, chat_turns
 
 
 class Gemma4Family(Family):
@@ -137,41 +136,20 @@ class Gemma4Family(Family):
         `on_audio(part)` of each clip it is read as (one; or the consecutive clips of a split long
         one), `on_video(part)` (each frame's time in seconds, soft tokens per frame); each may
         process the media."""
-        tid = proc.token_ids
-        ids: list[int] = [tid[BOS]]
-        labels: list[int] = [IGNORE_INDEX]
-        text: list[tuple[str, bool]] = []  # the pending run of plain text: (piece, learned)
-
-        def flush():
-            if not text:
-                return
-            run = "".join(t for t, _ in text)
-            learned = np.zeros(len(run) + 1, dtype=bool)
-            o = 0
-            for t, learn in text:
-                learned[o:o + len(t)] = learn
-                o += len(t)
-            toks, starts = proc.run(run)
-            ids.extend(toks)
-            labels.extend(t if learned[s] else IGNORE_INDEX for t, s in zip(toks, starts))
-            text.clear()
-
-        def special(token: str, learn: bool = False, n: int = 1):
-            flush()
-            ids.extend([tid[token]] * n)
-            labels.extend([tid[token] if learn else IGNORE_INDEX] * n)
+        out = TemplateTokens(proc)
+        out.special(BOS)
 
         def block(open_: str, token: str, n: int, close: str):
-            special(open_)
-            special(token, n=n)
-            special(close)
+            out.special(open_)
+            out.special(token, n=n)
+            out.special(close)
 
         messages = chat_turns(sample, proc.system_prompt, for_generation)
         if messages and messages[0].role == "system":
-            special(START_TURN)
-            text.append(("system\n" + messages[0].text().strip(), False))
-            special(END_TURN)
-            text.append(("\n", False))
+            out.special(START_TURN)
+            out.text("system\n" + messages[0].text().strip())
+            out.special(END_TURN)
+            out.text("\n")
             messages = messages[1:]
         for msg in messages:
             if msg.role not in ("user", "assistant"):
@@ -179,12 +157,12 @@ class Gemma4Family(Family):
                                   f"and assistant turns, not a {msg.role!r} turn there")
             model_turn = msg.role == "assistant"
             learn = model_turn and msg.loss and not for_generation
-            special(START_TURN)
-            text.append((("model" if model_turn else msg.role) + "\n", False))
+            out.special(START_TURN)
+            out.text(("model" if model_turn else msg.role) + "\n")
             for part in msg.parts:
                 if part.type == "text":
                     t = part.text or ""
-                    text.append((strip_thinking(t) if model_turn else t.strip(), learn))
+                    out.text(strip_thinking(t) if model_turn else t.strip(), learn)
                 elif part.type == "image":
                     for n in on_image(part):
                         block(BOI, IMAGE_TOKEN, n, EOI)
@@ -194,18 +172,17 @@ class Gemma4Family(Family):
                 elif part.type == "video":
                     times, n = on_video(part)
                     for j, t in enumerate(times):
-                        text.append((("" if j == 0 else " ") + timestamp(t) + " ", False))
+                        out.text(("" if j == 0 else " ") + timestamp(t) + " ")
                         block(BOI, VIDEO_TOKEN, n, EOI)
                 else:
                     raise ConfigError(f"{getattr(sample, 'where', '')}: Gemma 4 takes text, image, audio and video "
                                       f"parts, not {part.type}")
-            special(END_TURN, learn)
-            text.append(("\n", False))
+            out.special(END_TURN, learn)
+            out.text("\n")
         if for_generation:
-            special(START_TURN)
-            text.append(("model\n", False))
-        flush()
-        return ids, labels
+            out.special(START_TURN)
+            out.text("model\n")
+        return out.done()
 
     def encode(self, sample, processor: Gemma4OmniProcessor, *, for_generation: bool = False,
                rope: Any = None) -> EncodedSample:

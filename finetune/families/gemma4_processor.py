@@ -33,8 +33,8 @@ import numpy as np
 import torch
 
 from finetune.data import media as M
-from finetune.errors import ConfigError
 from finetune.families.base import processor_settings
+from finetune.families.shared import CachedTextRuns, special_token_ids
 
 BOS, START_TURN, END_TURN = "<bos>", "<|turn>", "<turn|>"
 BOI, EOI, IMAGE_TOKEN = "<|image>", "<image|>", "<|image|>"
@@ -131,7 +131,7 @@ def patchify(pixels: torch.Tensor, patch: int, max_patches: int) -> tuple[torch.
 
 
 @dataclass
-class Gemma4OmniProcessor:
+class Gemma4OmniProcessor(CachedTextRuns):
     """Tokenizer + image/video/audio preprocessing of a Gemma 4 checkpoint (our own, from transformers'
     parts: its PIL image processor, its audio feature extractor; video frames as its video processor
     resizes them on the CPU)."""
@@ -189,11 +189,7 @@ class Gemma4OmniProcessor:
             system_prompt=system_prompt or None,  # the released template adds no default system turn
             long_audio=long_audio,
         )
-        for s in cls.TOKENS:
-            tid = tok.convert_tokens_to_ids(s)
-            if tid is None or tid == tok.unk_token_id:
-                raise ConfigError(f"{folder}: tokenizer has no special token {s}; is this a Gemma 4 folder?")
-            proc.token_ids[s] = int(tid)
+        proc.token_ids.update(special_token_ids(tok, cls.TOKENS, folder, "Gemma 4"))
         return proc
 
     # ---- the Processor protocol ----------------------------------------------------------
@@ -213,17 +209,6 @@ class Gemma4OmniProcessor:
                 "max_audio_samples": self.max_audio_samples, "audio_seq_length": self.audio_seq_length,
                 "features": json.dumps(self.feature_settings, sort_keys=True, default=str),
                 "system_prompt": self.system_prompt, "vocab": len(self.tokenizer), "long_audio": self.long_audio}
-
-    # ---- text ------------------------------------------------------------------------------
-    def run(self, text: str) -> tuple[list[int], list[int]]:
-        """(ids, start offsets) of a run of plain text between special tokens, cached."""
-        got = self._runs.get(text)
-        if got is None:
-            enc = self.tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
-            got = (list(enc["input_ids"]), [int(s) for s, _ in enc["offset_mapping"]])
-            if len(self._runs) < 100_000:
-                self._runs[text] = got
-        return got
 
     # ---- images ------------------------------------------------------------------------------
     @property

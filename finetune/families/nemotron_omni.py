@@ -63,7 +63,6 @@ import types
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 
 from finetune.data import media as M
@@ -75,7 +74,7 @@ from finetune.families.base import (IGNORE_INDEX, EncodedSample, Family, HybridS
                                     part_field)
 from finetune.families.nemotron_omni_processor import (AUDIO, AUDIO_END, AUDIO_START, IM_END, IM_START, IMAGE,
                                                        IMG_END, IMG_START, NemotronOmniProcessor)
-from finetune.families.shared import chat_turns
+from finetune.families.shared import TemplateTokens, chat_turns
 
 PROCESSOR_FILES = (
     "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json", "chat_template.json",
@@ -298,55 +297,33 @@ class NemotronOmniFamily(Family):
         """(ids, labels) in the chat template's layout. `on_image(part)` gives the token counts of
         the images a part holds (processing them), `on_audio(part)` those of the clips an audio part
         is read as."""
-        tid = proc.token_ids
-        ids: list[int] = []
-        labels: list[int] = []
-        text: list[tuple[str, bool]] = []
-
-        def flush():
-            if not text:
-                return
-            run = "".join(t for t, _ in text)
-            learned = np.zeros(len(run) + 1, dtype=bool)
-            o = 0
-            for t, learn in text:
-                learned[o:o + len(t)] = learn
-                o += len(t)
-            toks, starts = proc.run(run)
-            ids.extend(toks)
-            labels.extend(t if learned[s] else IGNORE_INDEX for t, s in zip(toks, starts))
-            text.clear()
-
-        def special(token: str, learn: bool = False, n: int = 1):
-            flush()
-            ids.extend([tid[token]] * n)
-            labels.extend([tid[token] if learn else IGNORE_INDEX] * n)
+        out = TemplateTokens(proc)
 
         messages = chat_turns(sample, proc.system_prompt, for_generation)
         system = ""
         if messages and messages[0].role == "system":
             system = "".join(p.text or "" for p in messages[0].parts if p.type == "text")
             messages = messages[1:]
-        special(IM_START)
-        text.append(("system\n" + system, False))
-        special(IM_END)
-        text.append(("\n", False))
+        out.special(IM_START)
+        out.text("system\n" + system)
+        out.special(IM_END)
+        out.text("\n")
         for msg in messages:
             if msg.role not in ("user", "assistant"):
                 raise ConfigError(f"{getattr(sample, 'where', '')}: {self.title}'s chat format has one system turn "
                                   f"first, then user and assistant turns; got a {msg.role} turn later")
             learn = msg.role == "assistant" and msg.loss and not for_generation
-            special(IM_START)
-            text.append((msg.role + "\n" + ("<think></think>" if msg.role == "assistant" else ""), False))
+            out.special(IM_START)
+            out.text(msg.role + "\n" + ("<think></think>" if msg.role == "assistant" else ""))
             for part in msg.parts:
                 if part.type == "text":
-                    text.append((part.text or "", learn))
+                    out.text(part.text or "", learn)
                 elif part.type == "image":
                     for n in on_image(part):
-                        special(IMG_START)
-                        special(IMAGE, n=n)
-                        special(IMG_END)
-                        text.append(("\n", False))
+                        out.special(IMG_START)
+                        out.special(IMAGE, n=n)
+                        out.special(IMG_END)
+                        out.text("\n")
                 elif part.type == "audio":
                     if not proc.has_audio:
                         raise DataError("bad_part", f"an audio part, but this {self.title} checkpoint has no audio "
@@ -355,20 +332,19 @@ class NemotronOmniFamily(Family):
                                         "with the audio encoder", file=sample.source, line=sample.line,
                                         field=part_field(sample, part))
                     for n in on_audio(part):
-                        special(AUDIO_START)
-                        special(AUDIO, n=n)
-                        special(AUDIO_END)
-                        text.append(("\n", False))
+                        out.special(AUDIO_START)
+                        out.special(AUDIO, n=n)
+                        out.special(AUDIO_END)
+                        out.text("\n")
                 else:
                     raise ConfigError(f"{getattr(sample, 'where', '')}: {self.title} takes text, image and audio "
                                       f"parts, not {part.type}")
-            special(IM_END, learn)
-            text.append(("\n", False))
+            out.special(IM_END, learn)
+            out.text("\n")
         if for_generation:
-            special(IM_START)
-            text.append(("assistant\n<think></think>", False))
-        flush()
-        return ids, labels
+            out.special(IM_START)
+            out.text("assistant\n<think></think>")
+        return out.done()
 
     def encode(self, sample, processor: NemotronOmniProcessor, *, for_generation: bool = False,
                rope: Any = None) -> EncodedSample:

@@ -25,6 +25,7 @@ import torch.nn.functional as F
 
 from finetune.errors import ConfigError
 from finetune.families.base import processor_settings
+from finetune.families.shared import CachedTextRuns, special_token_ids
 
 IM_START, IM_END, PAD = "<|im_start|>", "<|im_end|>", "<pad>"
 IMAGE, IMG_START, IMG_END, VIDEO = "<image>", "<img>", "</img>", "<video>"
@@ -76,7 +77,7 @@ def audio_tokens(n_samples: int, hop: int, factor: int) -> int:
 
 
 @dataclass
-class NemotronOmniProcessor:
+class NemotronOmniProcessor(CachedTextRuns):
     """Tokenizer + image/audio preprocessing of a Nemotron-3-Nano-Omni folder (module docstring)."""
 
     TOKENS = (IM_START, IM_END, IMAGE, IMG_START, IMG_END, AUDIO, AUDIO_START, AUDIO_END)
@@ -132,12 +133,7 @@ class NemotronOmniProcessor:
         if proc.max_patches < proc.min_patches:
             raise ConfigError(f"model.max_pixels {max_pixels} gives fewer patches ({proc.max_patches}) than "
                               f"model.min_pixels ({proc.min_patches}); raise model.max_pixels")
-        for s in cls.TOKENS:
-            tid = tok.convert_tokens_to_ids(s)
-            if tid is None or tid == tok.unk_token_id:
-                raise ConfigError(f"{folder}: tokenizer has no special token {s}; "
-                                  "is this a Nemotron-3-Nano-Omni folder?")
-            proc.token_ids[s] = int(tid)
+        proc.token_ids.update(special_token_ids(tok, cls.TOKENS, folder, "Nemotron-3-Nano-Omni"))
         return proc
 
     # ---- the Processor protocol ----------------------------------------------------------
@@ -156,17 +152,6 @@ class NemotronOmniProcessor:
                 "system_prompt": self.system_prompt,
                 "vocab": len(self.tokenizer), "long_audio": self.long_audio, "hop_length": self.hop_length,
                 "subsampling": self.subsampling, "has_audio": self.has_audio}
-
-    # ---- text ------------------------------------------------------------------------------
-    def run(self, text: str) -> tuple[list[int], list[int]]:
-        """(ids, start offsets) of a run of text between special tokens, cached."""
-        got = self._runs.get(text)
-        if got is None:
-            enc = self.tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
-            got = (list(enc["input_ids"]), [int(s) for s, _ in enc["offset_mapping"]])
-            if len(self._runs) < 100_000:
-                self._runs[text] = got
-        return got
 
     # ---- images ----------------------------------------------------------------------------
     def image_grid(self, width: int, height: int) -> tuple[int, int]:

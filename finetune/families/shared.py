@@ -1,8 +1,8 @@
 """What more than one family uses, below the family files (they import it; none imports
 another): the processors of the Qwen-style omni models (Qwen2.5-Omni's and Qwen3-Omni's: the
 tokenizer, transformers' PIL Qwen2-VL image processor, the Whisper feature extractor and our
-video patchifier; Baichuan-Omni-1.5's extends them), the chat-turn helpers of the encoders, and
-the tiny models' cache.
+video patchifier; Baichuan-Omni-1.5's extends them), the chat-turn helpers of the encoders (a
+template's tokens and labels, text runs, special-token ids), and the tiny models' cache.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ import torch
 from finetune import fsutil
 from finetune.data.schema import Message, Part
 from finetune.errors import ConfigError
-from finetune.families.base import processor_settings
+from finetune.families.base import IGNORE_INDEX, processor_settings
 from finetune.paths import cache_root
 
 # the special tokens of the Qwen-style chat format and media placeholders
@@ -372,6 +372,70 @@ class Qwen3OmniProcessor(OmniProcessor):
         n = self.audio_frames(len(wave))
         return torch.from_numpy(feats["input_features"][0][:, :n].astype(np.float32))
 
+
+
+class CachedTextRuns:
+    """For a processor with a `tokenizer` and a `_runs` dict: the ids of a run of plain text
+    between special tokens and each token's start offset, tokenised once per distinct run."""
+
+    def run(self, text: str) -> tuple[list[int], list[int]]:
+        got = self._runs.get(text)
+        if got is None:
+            enc = self.tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+            got = (list(enc["input_ids"]), [int(s) for s, _ in enc["offset_mapping"]])
+            if len(self._runs) < 100_000:
+                self._runs[text] = got
+        return got
+
+
+def special_token_ids(tokenizer, tokens, folder, title: str) -> dict[str, int]:
+    """The ids of a prompt format's special tokens; an error naming the folder when one is missing."""
+    got = {}
+    for s in tokens:
+        tid = tokenizer.convert_tokens_to_ids(s)
+        if tid is None or tid == tokenizer.unk_token_id:
+            raise ConfigError(f"{folder}: tokenizer has no special token {s}; is this a {title} folder?")
+        got[s] = int(tid)
+    return got
+
+
+class TemplateTokens:
+    """Token ids and labels laid out as a chat template lays them out. Pieces of plain text between
+    two special tokens are tokenised as one run (as the rendered string is), each token learned when
+    the piece holding its first character is; special tokens go in by id (`proc.token_ids`)."""
+
+    def __init__(self, proc):
+        self.proc = proc
+        self.ids: list[int] = []
+        self.labels: list[int] = []
+        self._text: list[tuple[str, bool]] = []  # the pending run: (piece, learned)
+
+    def text(self, piece: str, learn: bool = False) -> None:
+        self._text.append((piece, learn))
+
+    def special(self, token: str, learn: bool = False, n: int = 1) -> None:
+        self.flush()
+        tid = self.proc.token_ids[token]
+        self.ids.extend([tid] * n)
+        self.labels.extend([tid if learn else IGNORE_INDEX] * n)
+
+    def flush(self) -> None:
+        if not self._text:
+            return
+        run = "".join(t for t, _ in self._text)
+        learned = np.zeros(len(run) + 1, dtype=bool)
+        o = 0
+        for t, learn in self._text:
+            learned[o:o + len(t)] = learn
+            o += len(t)
+        toks, starts = self.proc.run(run)
+        self.ids.extend(toks)
+        self.labels.extend(t if learned[s] else IGNORE_INDEX for t, s in zip(toks, starts))
+        self._text.clear()
+
+    def done(self) -> tuple[list[int], list[int]]:
+        self.flush()
+        return self.ids, self.labels
 
 
 def chat_turns(sample, system_prompt: str | None, for_generation: bool) -> list:
