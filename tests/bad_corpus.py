@@ -56,7 +56,7 @@ def write_corpus(folder: Path) -> dict[int, str]:
     wav_bomb(folder / "slow.wav", rate=1, n_samples=20000)  # 20000 s at 1 Hz: 320 M samples at 16 kHz
     if not (folder / "scan.png").exists():
         os.mkfifo(folder / "scan.png")  # reading it would block forever
-    from test_medical_images import write_dicom  # a valid CT: the failure is the sample's window option
+    from media_samples import write_dicom  # a valid CT: the failure is the sample's window option
 
     write_dicom(folder / "ct.dcm", np.full((32, 32), 1000, dtype=np.uint16), RescaleSlope=1, RescaleIntercept=-1024)
 

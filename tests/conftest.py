@@ -91,3 +91,11 @@ def tiny_runs(tmp_path_factory, small_demo):
         return runs[key]
 
     return run_of
+
+
+@pytest.fixture()
+def media_dir(tmp_path):
+    """Two images, a WAV, a folder of frames and an MP4 with sound (media_samples.write_media)."""
+    from media_samples import write_media
+
+    return write_media(tmp_path)

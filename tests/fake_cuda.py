@@ -351,7 +351,7 @@ def _patch_torch_cuda(torch) -> None:
 
 def _mode_class(torch):
     from torch.utils._python_dispatch import TorchDispatchMode
-    from torch.utils._pytree import tree_leaves, tree_map, tree_map_only
+    from torch.utils._pytree import tree_leaves, tree_map_only
 
     aten = torch.ops.aten
     cuda, cpu = torch.device("cuda", 0), torch.device("cpu")

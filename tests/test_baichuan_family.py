@@ -8,7 +8,7 @@ import json
 import pytest
 import torch
 
-from test_qwen_family import MIXES, media_dir, sample  # noqa: F401  (fixture reuse)
+from media_samples import MIXES, sample
 
 from conftest import tiny_recipe
 from finetune.models import load_spec
@@ -56,7 +56,7 @@ def test_checkpoint_loads_with_no_missing_or_unexpected_trained_keys(tiny_bc):
     assert "model.layers.0.self_attn.o_proj.bias" not in model_keys
 
 
-def test_prompt_format_labels_and_metadata_counts(tiny_bc, media_dir):  # noqa: F811
+def test_prompt_format_labels_and_metadata_counts(tiny_bc, media_dir):
     fam, loaded = tiny_bc
     proc = loaded.processor
     for mix, parts in MIXES.items():
@@ -106,7 +106,7 @@ def test_roles_and_lora_qlora_targets():
 
 
 @pytest.mark.parametrize("backend", ["sdpa", "eager", "varlen", "training"])
-def test_packed_equals_one_by_one(media_dir, backend):  # noqa: F811
+def test_packed_equals_one_by_one(media_dir, backend):
     """`training`: varlen LLM with the collator's boundaries, the vision tower's positions and
     boundaries from the collator and its attention one varlen call per layer."""
     from finetune import adapters
@@ -171,7 +171,7 @@ def test_export_round_trip_keeps_the_speech_parts(tmp_path, small_demo, quantize
     BaichuanOmniForCausalLM.from_pretrained(str(out))  # loads as the family's model
 
 
-def test_the_backbone_alone_sees_the_media(tiny_bc, media_dir):  # noqa: F811
+def test_the_backbone_alone_sees_the_media(tiny_bc, media_dir):
     """TRL's fused LM head calls `model.base_model(**batch)` and projects the hidden states
     itself: the backbone must embed images, video and audio, not only the text."""
     fam, loaded = tiny_bc

@@ -11,7 +11,6 @@ import pytest
 from finetune.data.schema import parse_sample
 from finetune.models import processor_of
 
-from test_qwen_family import media_dir  # noqa: F401  (fixture reuse)
 
 CONFIGS = Path(__file__).resolve().parent.parent / "finetune" / "configs"
 TEMPLATES = {"qwen2_5_omni": CONFIGS / "qwen2_5_omni.chat_template.jinja",
@@ -90,7 +89,7 @@ def expanded(tok, messages, proc, **kw) -> list[int]:
 
 
 @pytest.mark.parametrize("name", sorted(CONVERSATIONS))
-def test_training_prompt_equals_the_chat_template(tiny, media_dir, name):  # noqa: F811
+def test_training_prompt_equals_the_chat_template(tiny, media_dir, name):
     fam, proc, _ = tiny
     messages = CONVERSATIONS[name]
     if fam.name == "gemma3n" and any(p["type"] == "video" for m in messages if not isinstance(m["content"], str)

@@ -10,7 +10,6 @@ import functools
 import pytest
 import torch
 
-from test_qwen_family import media_dir  # noqa: F401  (fixture reuse)
 
 from finetune.data.schema import parse_sample
 from finetune.models import load_spec
@@ -113,7 +112,7 @@ def max_grad_diff(a, b):
 
 
 @pytest.mark.parametrize("loss_type", ["sigmoid", "ipo"])
-def test_packed_dpo_loss_and_gradients_equal_one_by_one(policy, media_dir, loss_type):  # noqa: F811
+def test_packed_dpo_loss_and_gradients_equal_one_by_one(policy, media_dir, loss_type):
     fam, loaded, model = policy
     flat = [x for p in pairs(media_dir) for x in (p.chosen_sample(), p.rejected_sample())]
     total, scores, g = packed_result(model, packed(fam, loaded, flat), loss_type)
@@ -127,7 +126,7 @@ def test_packed_dpo_loss_and_gradients_equal_one_by_one(policy, media_dir, loss_
     assert any("audio" in k for k in g) and any("visual" in k for k in g)
 
 
-def test_the_exactness_check_catches_samples_that_see_each_other(policy, media_dir):  # noqa: F811
+def test_the_exactness_check_catches_samples_that_see_each_other(policy, media_dir):
     fam, loaded, model = policy
     flat = [x for p in pairs(media_dir) for x in (p.chosen_sample(), p.rejected_sample())]
     total, scores, g = packed_result(model, packed(fam, loaded, flat, break_isolation=True), "sigmoid")
@@ -136,7 +135,7 @@ def test_the_exactness_check_catches_samples_that_see_each_other(policy, media_d
     assert max_grad_diff(g, g1) > 1e-5
 
 
-def test_packed_dpo_under_bf16_autocast_is_close(policy, media_dir):  # noqa: F811
+def test_packed_dpo_under_bf16_autocast_is_close(policy, media_dir):
     fam, loaded, model = policy
     flat = [x for p in pairs(media_dir) for x in (p.chosen_sample(), p.rejected_sample())]
     bf16 = functools.partial(torch.autocast, "cpu", dtype=torch.bfloat16)
@@ -350,7 +349,7 @@ def test_the_recipe_refuses_dpo_without_a_lora_reference_or_without_packing():
     assert load_recipe("medical-tiny", ["data.demo="]).train.method == "sft"
 
 
-def test_dpo_on_chat_data_and_sft_on_pairs_stop_once_naming_the_line(media_dir):  # noqa: F811
+def test_dpo_on_chat_data_and_sft_on_pairs_stop_once_naming_the_line(media_dir):
     from finetune.data.reading import check_method
     from finetune.errors import ConfigError
 

@@ -14,13 +14,13 @@ from pathlib import Path
 
 import pytest
 import torch
-from test_generation import greedy_without_cache
+from media_samples import greedy_without_cache
 
 from finetune.families import _registry, get_family, model_types
 from finetune.families.base import ROLE_NAMES, LoadedModel, Processor, Stack, TowerShapes, strip_peft_prefix
 from finetune.models import load_spec, processor_of
 
-from test_qwen_family import MIXES, media_dir, sample  # noqa: F401  (fixture reuse)
+from media_samples import MIXES, sample
 
 FAMILIES = sorted(_registry())
 KINDS = ("image", "audio", "video")
@@ -133,7 +133,7 @@ def test_tower_shapes_are_typed(family, loaded):
     assert shapes.patches_per_token > 0 and shapes.frames_per_audio_token > 0
 
 
-def test_modalities_are_declared_and_others_refused_at_their_line(family, loaded, media_dir):  # noqa: F811
+def test_modalities_are_declared_and_others_refused_at_their_line(family, loaded, media_dir):
     """`Family.modalities`: the media kinds the model takes, one per tower call (media_keys); a
     sample with any other kind is a located error before training, whose fix names the part."""
     from finetune.data.samples import modality_errors, problems_of
@@ -179,7 +179,7 @@ def test_every_parameter_has_exactly_one_role(family, loaded, trainable):
 
 # ---- 3. token counts from metadata ----------------------------------------------------------
 @pytest.mark.parametrize("mix", sorted(MIXES))
-def test_count_tokens_equals_the_encoded_length(family, loaded, media_dir, mix):  # noqa: F811
+def test_count_tokens_equals_the_encoded_length(family, loaded, media_dir, mix):
     missing = kinds_of(mix) - set(family.media_keys)
     if missing:
         pytest.skip(f"{family.name} has no {', '.join(sorted(missing))} input")
@@ -205,7 +205,7 @@ PIPELINES = {"sdpa": {}, "training": {"packed_attn": "varlen", "varlen_args": Tr
 
 
 @pytest.mark.parametrize("pipeline", sorted(PIPELINES))
-def test_packed_equals_one_by_one_on_every_mix(family, trainable, media_dir, pipeline):  # noqa: F811
+def test_packed_equals_one_by_one_on_every_mix(family, trainable, media_dir, pipeline):
     """Every modality mix the family has, in one packed row: per-token logits, loss and every
     trainable parameter's gradient as each sample alone, in float32 within 1e-5. `training`
     runs the packed pass as training does (varlen LLM, tower inputs from the collator)."""
@@ -224,7 +224,7 @@ def test_packed_equals_one_by_one_on_every_mix(family, trainable, media_dir, pip
     assert res.passed
 
 
-def test_the_packing_check_catches_a_row_without_isolation(family, trainable, media_dir):  # noqa: F811
+def test_the_packing_check_catches_a_row_without_isolation(family, trainable, media_dir):
     """The comparison above is not vacuous: a packed row under an all-ones mask (samples
     attending to each other) fails it."""
     from finetune.verify import compare_packed
@@ -327,7 +327,7 @@ def test_export_round_trip(tmp_path, small_demo, name, variant):
 
 
 # ---- 7. generation --------------------------------------------------------------------------
-def test_batched_generation_on_mixed_modalities(family, loaded, media_dir):  # noqa: F811
+def test_batched_generation_on_mixed_modalities(family, loaded, media_dir):
     """A left-padded batch of every mix the family has, with the KV cache, answers what a
     cache-free greedy loop answers for each prompt alone."""
     from finetune.probes import generate
@@ -362,7 +362,7 @@ def test_plan_on_the_shipped_config(family, loaded):
 
 
 # ---- 9. audio past the processor's limit; a video's own sound --------------------------------
-def test_audio_limit_and_video_sound_are_declared(family, loaded, media_dir):  # noqa: F811
+def test_audio_limit_and_video_sound_are_declared(family, loaded, media_dir):
     """`max_audio_samples` and `audio_in_video` (Family): a clip one sample past the limit is a
     located error by default, the processor's own cut under `truncate` and consecutive clips under
     `split`, each counted from metadata as encoded; without a limit a clip longer than 300 s (where

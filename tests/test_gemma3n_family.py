@@ -11,7 +11,6 @@ import soundfile as sf
 import torch
 from PIL import Image
 
-from test_qwen_family import media_dir  # noqa: F401  (fixture reuse)
 
 from finetune.models import load_spec
 from finetune.data.schema import parse_sample
@@ -41,7 +40,7 @@ MESSAGES = [
 ]
 
 
-def test_encoding_equals_transformers_gemma3n_processor(gemma, media_dir):  # noqa: F811
+def test_encoding_equals_transformers_gemma3n_processor(gemma, media_dir):
     """Token ids, pixels and audio features of a chat with images, audio and text: ours are what
     transformers' Gemma3nProcessor (PIL SigLIP images, the Gemma 3n feature extractor, the tiny
     tokenizer) gives for the chat template's text."""
@@ -73,7 +72,7 @@ def test_encoding_equals_transformers_gemma3n_processor(gemma, media_dir):  # no
     assert learned == "Yes. A lesion in the upper left.<end_of_turn>No.<end_of_turn>"
 
 
-def test_model_takes_the_encoding(gemma, media_dir):  # noqa: F811
+def test_model_takes_the_encoding(gemma, media_dir):
     fam, loaded = gemma
     s = parse_sample({"messages": MESSAGES}, source="t.jsonl", line=1, base_dir=media_dir)
     enc = fam.encode(s, loaded.processor)
@@ -83,7 +82,7 @@ def test_model_takes_the_encoding(gemma, media_dir):  # noqa: F811
     assert torch.isfinite(out.loss)
 
 
-def test_turns_must_alternate(gemma, media_dir):  # noqa: F811
+def test_turns_must_alternate(gemma, media_dir):
     from finetune.errors import ConfigError
 
     fam, loaded = gemma
@@ -181,7 +180,7 @@ def test_lora_on_the_tied_lm_head_is_refused(gemma):
         adapters.apply_roles(ld.model, fam, recipe)
 
 
-def test_every_trained_parameter_gets_a_gradient(gemma, media_dir):  # noqa: F811
+def test_every_trained_parameter_gets_a_gradient(gemma, media_dir):
     """The towers' trained copies (PEFT modules_to_save) are the ones that run: with the vision
     encoder, projectors and lm_head in full and LoRA on the LLM, every trainable parameter gets a
     nonzero gradient from an image + audio + text sample."""
@@ -231,7 +230,7 @@ def test_tiny_image_embeddings_differ_from_image_to_image(gemma, tmp_path):
     assert spread > 0.5, spread
 
 
-def test_tiny_sliding_window_is_shorter_than_an_image_sample(gemma, media_dir):  # noqa: F811
+def test_tiny_sliding_window_is_shorter_than_an_image_sample(gemma, media_dir):
     """The sliding layers really clip: one image turn is longer than the tiny model's window, so
     the packing checks exercise both layer kinds."""
     fam, loaded = gemma
@@ -242,7 +241,7 @@ def test_tiny_sliding_window_is_shorter_than_an_image_sample(gemma, media_dir): 
     assert enc.num_tokens > window + 8, (enc.num_tokens, window)
 
 
-def test_a_frozen_vision_path_encodes_an_image_once(gemma, media_dir):  # noqa: F811
+def test_a_frozen_vision_path_encodes_an_image_once(gemma, media_dir):
     """With the tower and embedder frozen, an image seen before is served from the cache: the
     same features to the bit, no tower call. A weight changed in place is a miss (no stale
     features), and a trainable path is never cached."""
@@ -284,7 +283,7 @@ def test_a_frozen_vision_path_encodes_an_image_once(gemma, media_dir):  # noqa: 
             p.requires_grad_(r)
 
 
-def test_the_frozen_image_cache_hits_for_pixels_on_the_device(gemma, media_dir, monkeypatch):  # noqa: F811
+def test_the_frozen_image_cache_hits_for_pixels_on_the_device(gemma, media_dir, monkeypatch):
     """On a GPU the loader has moved the pixels to the device before the model sees them, where
     hashing them would make the host wait: the collator's digests (tower_inputs) key the cache
     instead, so a second forward of the same images runs no tower call. Pixels "on the device" are

@@ -13,7 +13,7 @@ import soundfile as sf
 import torch
 from PIL import Image
 
-from test_qwen_family import media_dir, write_video  # noqa: F401  (fixture reuse)
+from media_samples import write_video
 
 from finetune.data.schema import parse_sample
 from finetune.models import load_spec
@@ -35,11 +35,11 @@ def gemma():
     return fam, loaded
 
 
-def chat(media_dir, messages):  # noqa: F811
+def chat(media_dir, messages):
     return parse_sample({"messages": messages}, source="t.jsonl", line=1, base_dir=media_dir)
 
 
-def test_generation_on_the_training_backend(gemma, media_dir):  # noqa: F811
+def test_generation_on_the_training_backend(gemma, media_dir):
     """Before step 1 training generates and probes with the model as it trains: its LLM on the varlen
     backend, the batch left-padded (a 2-D mask). The answers are the SDPA model's; Gemma 4's cut of the
     KV-shared layers to the last positions must not meet a mask it cannot slice."""
@@ -396,7 +396,7 @@ def test_packed_equals_one_by_one_with_clips_and_images_of_different_sizes(gemma
     assert res.passed and res.grad_scale > 0, res.format()
 
 
-def test_tiny_model_exercises_the_windows_and_chunks(gemma, media_dir):  # noqa: F811
+def test_tiny_model_exercises_the_windows_and_chunks(gemma, media_dir):
     """The tiny model's sliding window is shorter than one image turn (the packing checks meet both
     layer kinds), an audio clip of the test data spans several conformer chunks, and an image several
     pooling windows of the 2-D grid."""
@@ -466,7 +466,7 @@ torch.save(logits, sys.argv[3])
 
 
 @pytest.mark.slow
-def test_export_loads_in_a_fresh_process_without_the_toolkit(gemma, trained_roles, media_dir, tmp_path):  # noqa: F811
+def test_export_loads_in_a_fresh_process_without_the_toolkit(gemma, trained_roles, media_dir, tmp_path):
     """The merged export of a model with every role trained (LoRA merged, full roles written back,
     the tied matrix once) loads with Gemma4ForConditionalGeneration in a new Python process that
     never imports the toolkit, and gives the adapter model's logits on an image + audio + video sample."""

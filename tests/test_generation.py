@@ -12,7 +12,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from test_qwen_family import MIXES, media_dir, sample  # noqa: F401  (fixture reuse)
+from media_samples import MIXES, greedy_without_cache, sample
 
 from finetune.models import load_spec
 from finetune.probes import generate
@@ -34,30 +34,8 @@ def tiny_model(request):
     return fam, loaded
 
 
-@torch.no_grad()
-def greedy_without_cache(model, fam, proc, s, rope, n: int) -> list[int]:
-    """The reference: n greedy steps, each a full forward over prompt + answer so far."""
-    enc = fam.encode(s, proc, for_generation=True, rope=rope)
-    ids = enc.input_ids.tolist()
-    out: list[int] = []
-    for _ in range(n):
-        enc.input_ids = torch.tensor(ids + out)
-        enc.labels = torch.full_like(enc.input_ids, -100)
-        if rope is not None:  # M-RoPE: the new tokens continue the prompt's text positions
-            enc.position_ids = rope(enc.input_ids, enc.media)
-        else:
-            enc.position_ids = torch.arange(len(enc.input_ids))
-        batch = fam.collate_padded([enc], proc.pad_id)
-        batch.pop("labels")
-        logits = model(**batch, use_cache=False).logits[0, -1]
-        tok = int(logits.argmax())
-        out.append(tok)
-        if tok == proc.eos_id:
-            break
-    return out
 
-
-def test_batched_generation_with_cache_equals_cache_free_greedy(tiny_model, media_dir):  # noqa: F811
+def test_batched_generation_with_cache_equals_cache_free_greedy(tiny_model, media_dir):
     fam, loaded = tiny_model
     proc, model = loaded.processor, loaded.model
     rope = fam.rope_index(model)
@@ -70,7 +48,7 @@ def test_batched_generation_with_cache_equals_cache_free_greedy(tiny_model, medi
         assert text == want, (fam.name, mix)
 
 
-def test_continued_prompt_with_new_media_uses_it(tiny_model, media_dir):  # noqa: F811
+def test_continued_prompt_with_new_media_uses_it(tiny_model, media_dir):
     """A cache that already holds a prompt, then new input carrying image placeholders: the
     new image's features must be used (decoding steps ignore media, continued prompts do not)."""
     fam, loaded = tiny_model

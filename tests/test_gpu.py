@@ -11,7 +11,7 @@ import importlib.util
 import pytest
 import torch
 
-from test_qwen_family import MIXES, media_dir, sample  # noqa: F401  (fixture reuse)
+from media_samples import MIXES, sample
 
 from finetune.models import load_spec
 from finetune.verify import TOL_16BIT, compare_packed, perturb_lora_b
@@ -40,7 +40,7 @@ BACKENDS = ["varlen", "sdpa"] + (["flash_attention_2"] if importlib.util.find_sp
 
 @pytest.mark.parametrize("towers", [False, True], ids=["towers_own", "towers_as_training"])
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_packed_equals_one_by_one_on_cuda_bf16(tiny_cuda_bf16, media_dir, backend, towers):  # noqa: F811
+def test_packed_equals_one_by_one_on_cuda_bf16(tiny_cuda_bf16, media_dir, backend, towers):
     """`towers_as_training`: the towers' inputs from the collator and their attention one
     varlen call per layer (PyTorch's CUDA kernel), as training runs them."""
     from finetune import attention
@@ -70,7 +70,7 @@ def assert_flash_ran():
     assert chosen.get(torch.bfloat16) == kernels.FLASH, kernels.CHOSEN
 
 
-def test_broken_isolation_is_caught_on_cuda(tiny_cuda_bf16, media_dir):  # noqa: F811
+def test_broken_isolation_is_caught_on_cuda(tiny_cuda_bf16, media_dir):
     fam, loaded, model = tiny_cuda_bf16
     samples = [sample(media_dir, MIXES[m], answer="Yes. Broken.") for m in ("image", "text", "audio")]
 
@@ -84,19 +84,19 @@ def test_broken_isolation_is_caught_on_cuda(tiny_cuda_bf16, media_dir):  # noqa:
 
 
 @pytest.mark.parametrize("recipe_name", ["medical-tiny", "medical-baichuan-tiny"])
-def test_no_host_sync_inside_the_llm_and_the_towers_on_cuda(media_dir, recipe_name):  # noqa: F811
+def test_no_host_sync_inside_the_llm_and_the_towers_on_cuda(media_dir, recipe_name):
     """tests/test_host_syncs.py on the GPU itself, with CUDA's varlen kernel: no device read in the
     decoder layers, the towers or the backward; the glue as named there."""
-    import test_host_syncs as H
+    import sync_counter as H
 
-    fam, loaded, model, batch, _ = H._step(None, recipe_name, media_dir)
+    fam, loaded, model, batch, _ = H.packed_step(None, recipe_name, media_dir)
     model.to("cuda")
     from finetune.verify import to_model
 
     batch = to_model(batch, model, fam)
     labels = batch.pop("labels")
     # bf16 autocast, as training runs on a GPU: the flash kernel (fp32 would take the dense one)
-    with H.counting(H._regions(fam, model)) as c, torch.autocast("cuda", dtype=torch.bfloat16):
+    with H.counting(H.regions(fam, model)) as c, torch.autocast("cuda", dtype=torch.bfloat16):
         out = model(**batch, labels=labels)
         c.region = "backward"
         out.loss.backward()

@@ -188,4 +188,4 @@ def test_the_checker_fails_on_a_planted_cycle_an_upward_and_a_hidden_import(tmp_
                                            ("import pkg.low as L\n", "low")])
 def test_the_checker_reads_relative_and_aliased_imports(tmp_path, text, expected):
     pkg = _plant(tmp_path, {"__init__.py": DOC, "top.py": "", "low.py": text.replace("low", "top"), "other.py": ""})
-    assert problems(pkg, lazy={}) == [f"low:1: imports top (layer 2) from layer 1"]
+    assert problems(pkg, lazy={}) == ["low:1: imports top (layer 2) from layer 1"]

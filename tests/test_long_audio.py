@@ -20,7 +20,7 @@ import pytest
 import soundfile as sf
 import torch
 
-from test_qwen_family import MIXES, media_dir, sample, write_video  # noqa: F401  (fixture reuse)
+from media_samples import MIXES, sample, write_video
 
 from finetune.models import load_spec
 from finetune.data.schema import DataError, parse_sample
@@ -502,7 +502,7 @@ def test_truncations_are_counted_in_data_check_and_before_step_1(tmp_path, capsy
 
 
 @pytest.mark.parametrize("name", ["qwen2_5_omni", "qwen3_omni_moe"])
-def test_the_models_own_positions_are_per_sample_in_a_batch_mixing_video_sound(media_dir, name):  # noqa: F811
+def test_the_models_own_positions_are_per_sample_in_a_batch_mixing_video_sound(media_dir, name):
     """transformers' get_rope_index takes use_audio_in_video for a whole batch, so a left-padded
     generation batch holding a video read with its sound and a video read without gives one of them
     wrong positions either way. The model as the family loads it decides per sample: every row's

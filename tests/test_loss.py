@@ -105,7 +105,7 @@ def test_the_label_head_equals_trls_fused_head_without_a_host_read(trainer_and_b
 
     from finetune.loss import LABEL_POSITIONS
     from finetune.packing import REAL_TOKENS
-    from test_host_syncs import counting
+    from sync_counter import counting
 
     trainer, model, batch = trainer_and_batch
     model.train()

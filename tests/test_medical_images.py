@@ -11,8 +11,7 @@ import pytest
 pydicom = pytest.importorskip("pydicom")
 nib = pytest.importorskip("nibabel")
 
-from pydicom.dataset import Dataset, FileMetaDataset  # noqa: E402
-from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid  # noqa: E402
+from pydicom.dataset import Dataset  # noqa: E402
 
 from finetune.models import load_spec
 from finetune.data import media  # noqa: E402
@@ -27,37 +26,7 @@ from finetune.data.medical import (  # noqa: E402
 from finetune.data.schema import Part  # noqa: E402
 
 
-def write_dicom(path, arr, *, photometric="MONOCHROME2", bits_stored=12, **tags):
-    """A minimal uncompressed DICOM file; ``arr`` is (rows, cols), (frames, rows, cols) or RGB."""
-    meta = FileMetaDataset()
-    meta.MediaStorageSOPClassUID = CTImageStorage
-    meta.MediaStorageSOPInstanceUID = generate_uid()
-    meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    ds = Dataset()
-    ds.file_meta = meta
-    ds.SOPClassUID = CTImageStorage
-    ds.SOPInstanceUID = meta.MediaStorageSOPInstanceUID
-    ds.Modality = "CT"
-    rgb = photometric == "RGB"
-    if rgb:
-        ds.Rows, ds.Columns = arr.shape[:2]
-        ds.SamplesPerPixel = 3
-        ds.PlanarConfiguration = 0
-    else:
-        ds.Rows, ds.Columns = arr.shape[-2:]
-        ds.SamplesPerPixel = 1
-        if arr.ndim == 3:
-            ds.NumberOfFrames = arr.shape[0]
-    ds.PhotometricInterpretation = photometric
-    ds.BitsAllocated = arr.dtype.itemsize * 8
-    ds.BitsStored = bits_stored
-    ds.HighBit = bits_stored - 1
-    ds.PixelRepresentation = 1 if arr.dtype.kind == "i" else 0
-    for k, v in tags.items():
-        setattr(ds, k, v)
-    ds.PixelData = np.ascontiguousarray(arr).tobytes()
-    ds.save_as(str(path), enforce_file_format=True)
-    return path
+from media_samples import write_dicom  # noqa: E402
 
 
 def gray(im) -> np.ndarray:

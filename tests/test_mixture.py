@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from conftest import tiny_recipe
-from test_train_e2e import losses
+from run_files import losses
 
 
 @dataclass

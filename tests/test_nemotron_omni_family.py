@@ -18,7 +18,7 @@ import soundfile as sf
 import torch
 from PIL import Image
 
-from test_qwen_family import media_dir, sample  # noqa: F401  (fixture reuse)
+from media_samples import sample
 
 from finetune.families import get_family
 from finetune.models import load_spec
@@ -132,7 +132,7 @@ def _to_boundaries(encs) -> list[int]:
     return out
 
 
-def _mixed_samples(media_dir, fam, proc):  # noqa: F811
+def _mixed_samples(media_dir, fam, proc):
     """Text, image, audio and image+audio samples whose packed row puts a boundary on a Mamba chunk
     edge and others inside chunks (answers lengthened a word at a time to land on an edge)."""
     sf.write(media_dir / "odd.wav", (np.random.default_rng(3).standard_normal(16_700) * 0.1).astype(np.float32), 16000)
@@ -175,7 +175,7 @@ def trained_model():
 
 
 @pytest.mark.parametrize("pipeline", ["sdpa", "training"])
-def test_mamba_packing_is_exact_on_mixed_rows(media_dir, trained_model, pipeline):  # noqa: F811
+def test_mamba_packing_is_exact_on_mixed_rows(media_dir, trained_model, pipeline):
     """Images, audio and text in one packed row, boundaries inside Mamba chunks and on a chunk edge:
     per-token logits, the loss and every trainable parameter's gradient equal each sample alone
     (fp32, 1e-5), through the SDPA mask and through training's pipeline (varlen LLM attention with
@@ -192,7 +192,7 @@ def test_mamba_packing_is_exact_on_mixed_rows(media_dir, trained_model, pipeline
 
 
 @pytest.mark.parametrize("removed", ["scan", "convolution"])
-def test_mamba_packing_control_without_the_reset(media_dir, trained_model, monkeypatch, removed):  # noqa: F811
+def test_mamba_packing_control_without_the_reset(media_dir, trained_model, monkeypatch, removed):
     """The control: the same row with the scan's (or the convolution's) reset removed, every token
     treated as one sample's, fails the comparison above: the reset is what makes it exact."""
     from finetune.families import nemotron_mamba as NM
@@ -293,7 +293,7 @@ print(json.dumps({"passed": res.passed, "logits": res.max_logit_diff, "grads": r
 
 
 @pytest.mark.slow
-def test_cuda_kernels_get_the_packed_boundaries(media_dir, tmp_path):  # noqa: F811
+def test_cuda_kernels_get_the_packed_boundaries(media_dir, tmp_path):
     """Where `causal_conv1d` and `mamba_ssm` are installed (CUDA), packed rows go to their kernels
     with `seq_idx` (int32 [rows, L], each token's sample), not to our scan; single samples go without
     it. The packages are not installable here: stand-ins with the kernels' signatures record their
@@ -564,7 +564,7 @@ def test_export_loads_in_a_fresh_process_with_transformers_alone(tmp_path, small
 
 
 # ---- the optional audio branch ---------------------------------------------------------------
-def test_a_checkpoint_without_audio_branch(loaded, media_dir, tmp_path):  # noqa: F811
+def test_a_checkpoint_without_audio_branch(loaded, media_dir, tmp_path):
     """The audio branch is optional in the config: without `audio_config` every parameter still has
     a role (no audio roles), and an audio part is a located data error before training (the model
     would leave its placeholders as plain embeddings), counted or encoded."""

@@ -7,7 +7,7 @@ import random
 import pytest
 import torch
 
-from test_qwen_family import MIXES, media_dir, sample  # noqa: F401  (fixture reuse)
+from media_samples import MIXES, sample
 
 from finetune.models import load_spec
 from finetune.packing import efficiency, plan_bins
@@ -65,7 +65,7 @@ PIPELINES = {"sdpa": {}, "training": {"packed_attn": "varlen", "varlen_args": Tr
 
 @pytest.mark.parametrize("pipeline", sorted(PIPELINES))
 @pytest.mark.parametrize("case", sorted(CASES))
-def test_packed_equals_one_by_one(trainable_tiny, media_dir, case, pipeline):  # noqa: F811
+def test_packed_equals_one_by_one(trainable_tiny, media_dir, case, pipeline):
     """`training`: the packed pass as training runs it: the LLM on varlen with the collator's
     boundaries, the towers' inputs from the collator and their attention one varlen call per
     layer; against each sample alone on the model's own SDPA paths (the encoders here train
@@ -82,7 +82,7 @@ def test_packed_equals_one_by_one(trainable_tiny, media_dir, case, pipeline):  #
 
 
 @pytest.mark.parametrize("backend", ["sdpa", "varlen"])
-def test_rows_padded_to_the_same_length_stay_isolated(trainable_tiny, media_dir, backend):  # noqa: F811
+def test_rows_padded_to_the_same_length_stay_isolated(trainable_tiny, media_dir, backend):
     fam, loaded, model = trainable_tiny
     samples = [sample(media_dir, MIXES[m], answer="No.") for m in ("image", "text", "audio", "text")]
     # a budget that forces two rows of different lengths -> the shorter row gets a padding segment
@@ -95,7 +95,7 @@ def test_rows_padded_to_the_same_length_stay_isolated(trainable_tiny, media_dir,
 
 
 @pytest.mark.parametrize("breakage", ["no_text_row", "all_ones_mask"])
-def test_the_exactness_check_catches_broken_isolation(trainable_tiny, media_dir, breakage):  # noqa: F811
+def test_the_exactness_check_catches_broken_isolation(trainable_tiny, media_dir, breakage):
     fam, loaded, model = trainable_tiny
     samples = [sample(media_dir, MIXES[m], answer="Yes. Broken.") for m in ("image", "text", "audio")]
 
@@ -113,7 +113,7 @@ def test_the_exactness_check_catches_broken_isolation(trainable_tiny, media_dir,
 
 
 @pytest.mark.parametrize("varlen_args", [False, True], ids=["bounds_from_positions", "cu_seq_lens"])
-def test_varlen_backend_matches_one_by_one(trainable_tiny, media_dir, varlen_args):  # noqa: F811
+def test_varlen_backend_matches_one_by_one(trainable_tiny, media_dir, varlen_args):
     from finetune import attention
 
     fam, loaded, model = trainable_tiny
@@ -129,7 +129,7 @@ def test_varlen_backend_matches_one_by_one(trainable_tiny, media_dir, varlen_arg
     assert res.passed, res.format()
 
 
-def test_the_sync_free_cpu_kernel_is_exact_too(trainable_tiny, media_dir, monkeypatch):  # noqa: F811
+def test_the_sync_free_cpu_kernel_is_exact_too(trainable_tiny, media_dir, monkeypatch):
     """The dense kernel (segments from cu_seqlens on the device, one masked SDPA), which the
     host-sync test runs in place of CUDA's varlen kernel, gives the same logits and gradients."""
     from finetune import kernels
@@ -142,7 +142,7 @@ def test_the_sync_free_cpu_kernel_is_exact_too(trainable_tiny, media_dir, monkey
     assert res.passed, res.format()
 
 
-def test_idle_media_run_every_tower_and_change_nothing(trainable_tiny, media_dir):  # noqa: F811
+def test_idle_media_run_every_tower_and_change_nothing(trainable_tiny, media_dir):
     """Under sharded weights a batch without audio (or video) gets an idle sample that brings it
     (packing.idle_media): the tower runs, and the loss and every gradient stay what they were."""
     from finetune.packing import PackedCollator, idle_media

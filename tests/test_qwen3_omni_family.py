@@ -12,7 +12,7 @@ import soundfile as sf
 import torch
 from PIL import Image
 
-from test_qwen_family import media_dir, sample  # noqa: F401  (fixture reuse)
+from media_samples import sample
 
 from finetune.models import load_spec
 from finetune.data.schema import parse_sample
@@ -93,7 +93,7 @@ def test_prompt_ids_equal_transformers_processor(loaded, tmp_path, settings):
     assert torch.equal(enc.position_ids, pos[:, 0].long())
 
 
-def test_short_audio_packs_exactly_beside_a_long_clip(loaded, media_dir):  # noqa: F811
+def test_short_audio_packs_exactly_beside_a_long_clip(loaded, media_dir):
     """A clip under one chunk (100 mel frames) in a row with a longer one: packed (the training
     pipeline, tower inputs from the collator) equals each alone within 1e-5. transformers' own
     audio path pads the short clip's chunk to the batch's longest and does not mask the padding

@@ -10,72 +10,7 @@ from PIL import Image
 
 from finetune.data.schema import parse_sample
 from finetune.families.base import IGNORE_INDEX
-
-
-@pytest.fixture()
-def media_dir(tmp_path):
-    rng = np.random.default_rng(0)
-    Image.fromarray((rng.random((150, 220)) * 255).astype("uint8")).save(tmp_path / "a.png")
-    Image.fromarray((rng.random((90, 60, 3)) * 255).astype("uint8")).save(tmp_path / "b.png")
-    sf.write(tmp_path / "a.wav", (rng.standard_normal(24000) * 0.1).astype(np.float32), 16000)
-    (tmp_path / "vid").mkdir()
-    for i in range(5):
-        Image.fromarray((rng.random((100, 120, 3)) * 255).astype("uint8")).save(tmp_path / "vid" / f"{i:03d}.png")
-    write_video(tmp_path / "av.mp4", seconds=2.5)
-    return tmp_path
-
-
-def write_video(path, seconds: float = 3.0, fps: int = 4, sound: bool = True, freq: float = 440.0,
-                size=(64, 48), sr: int = 16000):
-    """An MP4 written with PyAV: random frames, and (with `sound`) a sine tone in an AAC track."""
-    import fractions
-
-    import av
-
-    rng = np.random.default_rng(0)
-    with av.open(str(path), "w") as out:
-        v = out.add_stream("mpeg4", rate=fps)
-        v.width, v.height, v.pix_fmt = size[0], size[1], "yuv420p"
-        a = None
-        if sound:
-            a = out.add_stream("aac", rate=sr)
-            a.layout = "mono"
-        for _ in range(int(seconds * fps)):
-            img = (rng.random((size[1], size[0], 3)) * 255).astype(np.uint8)
-            out.mux(v.encode(av.VideoFrame.from_ndarray(img, format="rgb24")))
-        out.mux(v.encode())
-        if a is not None:
-            t = np.arange(int(seconds * sr)) / sr
-            wave = (0.5 * np.sin(2 * np.pi * freq * t)).astype(np.float32)
-            step = a.codec_context.frame_size or 1024
-            for start in range(0, len(wave), step):
-                frame = av.AudioFrame.from_ndarray(wave[None, start:start + step], format="fltp", layout="mono")
-                frame.sample_rate, frame.pts, frame.time_base = sr, start, fractions.Fraction(1, sr)
-                out.mux(a.encode(frame))
-            out.mux(a.encode())
-    return path
-
-
-def sample(media_dir, user_parts, answer="Yes. A lesion.", extra_turns=()):
-    msgs = [{"role": "system", "content": "You are a radiology assistant."},
-            {"role": "user", "content": user_parts},
-            {"role": "assistant", "content": answer}, *extra_turns]
-    return parse_sample({"messages": msgs, "answer": "yes"}, source="t.jsonl", line=1, base_dir=media_dir)
-
-
-MIXES = {
-    "text": [{"type": "text", "text": "What does MRI stand for?"}],
-    "image": [{"type": "image", "path": "a.png"}, {"type": "text", "text": "Is there a lesion?"}],
-    "audio": [{"type": "audio", "path": "a.wav"}, {"type": "text", "text": "Listen."}],
-    "video": [{"type": "video", "path": "vid"}, {"type": "text", "text": "Describe."}],
-    "two_images": [{"type": "image", "path": "a.png"}, {"type": "image", "path": "b.png"},
-                   {"type": "text", "text": "Compare prior and current."}],
-    "all": [{"type": "image", "path": "b.png"}, {"type": "audio", "path": "a.wav"},
-            {"type": "video", "path": "vid"}, {"type": "text", "text": "All of it."}],
-    # a video file with a sound track, read with it where the family can (Family.audio_in_video)
-    "video_sound": [{"type": "video", "path": "av.mp4", "use_audio_in_video": True},
-                    {"type": "text", "text": "What do you hear?"}],
-}
+from media_samples import MIXES, sample
 
 
 def test_image_and_audio_preprocessing_match_transformers(tiny_qwen, media_dir):

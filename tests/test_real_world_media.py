@@ -17,7 +17,7 @@ from finetune.data.media import MediaError
 
 pydicom = pytest.importorskip("pydicom")
 
-from test_medical_images import write_dicom  # noqa: E402
+from media_samples import write_dicom  # noqa: E402
 
 
 def test_exif_rotated_jpeg_is_read_upright_and_counted_upright(tmp_path, tiny_qwen):

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from conftest import ROOT, tiny_overrides
-from test_train_e2e import losses
+from run_files import losses
 
 pytestmark = pytest.mark.slow
 

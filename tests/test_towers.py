@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from test_qwen_family import MIXES, media_dir, sample  # noqa: F401  (fixture reuse)
+from media_samples import MIXES, sample
 from finetune.models import load_spec
 
 
@@ -25,7 +25,7 @@ def _loaded(recipe_name, *overrides, checkpointing=False):
     return fam, loaded, model
 
 
-def _batch(fam, loaded, model, mixes, media_dir):  # noqa: F811
+def _batch(fam, loaded, model, mixes, media_dir):
     from finetune.packing import pack_encoded
     from finetune.verify import to_model
 
@@ -36,7 +36,7 @@ def _batch(fam, loaded, model, mixes, media_dir):  # noqa: F811
 
 
 @pytest.mark.parametrize("recipe_name", ["medical-tiny", "medical-baichuan-tiny"])
-def test_encoder_attention_calls_do_not_grow_with_the_media_in_a_row(media_dir, recipe_name,  # noqa: F811
+def test_encoder_attention_calls_do_not_grow_with_the_media_in_a_row(media_dir, recipe_name,
                                                                      monkeypatch):
     from finetune import kernels
 
@@ -65,7 +65,7 @@ def test_encoder_attention_calls_do_not_grow_with_the_media_in_a_row(media_dir, 
     assert many[1] > few[1]  # ... for more images, windows and chunks
 
 
-def test_a_frozen_tower_runs_once_under_checkpointing(media_dir):  # noqa: F811
+def test_a_frozen_tower_runs_once_under_checkpointing(media_dir):
     """recipes/medical.yaml's roles: frozen encoders, full vision projector, LoRA LLM, with
     checkpointing. The frozen vision blocks run in the forward only (no graph: their input needs
     no gradient) and are not recomputed in backward; the projector above them still learns."""

@@ -10,18 +10,11 @@ import sys
 import pytest
 
 from conftest import ROOT, tiny_recipe
+from run_files import losses
 from finetune.models import load_spec
 
 pytestmark = pytest.mark.slow
 
-
-def losses(run_dir):
-    out = {}
-    for line in (run_dir / "metrics.jsonl").read_text().splitlines():
-        rec = json.loads(line)
-        if "loss" in rec:
-            out[rec["step"]] = rec["loss"]
-    return out
 
 
 def test_resume_after_interruption_gives_the_same_losses(tmp_path, small_demo, monkeypatch):

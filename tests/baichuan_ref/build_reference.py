@@ -400,7 +400,6 @@ def trim_tokenizer(tokenizer, ref: Path, texts: list[str], dest: Path) -> dict:
 def export_golden(dest: Path, *, out: Path, ref: Path, model, cases: dict, tokenizer, tok_desc: str,
                   tok_sources: dict, weight_rules: dict, weight_digests: dict, seed: int, meta: dict) -> None:
     """Write the golden numbers into dest (see README.md, "Golden numbers")."""
-    import torch
     from safetensors.torch import save_file
 
     dest.mkdir(parents=True, exist_ok=True)
