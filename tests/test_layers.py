@@ -189,3 +189,17 @@ def test_the_checker_fails_on_a_planted_cycle_an_upward_and_a_hidden_import(tmp_
 def test_the_checker_reads_relative_and_aliased_imports(tmp_path, text, expected):
     pkg = _plant(tmp_path, {"__init__.py": DOC, "top.py": "", "low.py": text.replace("low", "top"), "other.py": ""})
     assert problems(pkg, lazy={}) == ["low:1: imports top (layer 2) from layer 1"]
+
+
+def test_no_test_module_imports_another():
+    """Fixtures live in conftest.py and shared helpers in the support modules beside the tests
+    (media_samples, run_files, sync_counter, ...): a test module imports neither another test module
+    nor a fixture from one."""
+    found = []
+    for path in sorted((ROOT / "tests").rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            names = [a.name for a in node.names] if isinstance(node, ast.Import) else \
+                [node.module or ""] if isinstance(node, ast.ImportFrom) and not node.level else []
+            found += [f"{path.relative_to(ROOT)}:{node.lineno}: imports {n}" for n in names
+                      if n.split(".")[0].startswith("test_")]
+    assert found == []
