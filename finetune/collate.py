@@ -15,8 +15,11 @@ from typing import Any
 
 from finetune import attention
 from finetune.data.schema import Sample
+from finetune.errors import ConfigError
 from finetune.families.base import EncodedSample, Family
+from finetune.grpo import NUM_COMPLETIONS
 from finetune.loss import LABEL_POSITIONS, label_positions
+from finetune.metrics import plan_metrics
 from finetune.packing import (
     REAL_TOKENS,
     EncodedCache,
@@ -25,6 +28,7 @@ from finetune.packing import (
     SharedRows,
     bin_dataset,
     efficiency,
+    pack_completions,
     plan_bins,
     plan_pair_bins,
     with_idle_media,
@@ -75,6 +79,40 @@ class PaddedCollator:
         batch[REAL_TOKENS] = real  # a host int for the token count
         batch[LABEL_POSITIONS] = label_positions(batch["labels"])  # the loss's head runs there only
         return batch
+
+
+#: the GRPO collator's key: the step's prompts (Sample objects) and their metric plans
+PROMPTS = "grpo_prompts"
+PLANS = "grpo_plans"
+
+
+@dataclass
+class PromptCollator:
+    """GRPO: a batch is its prompts, not tensors: the completions are sampled and packed in the
+    trainer's step (finetune.rollout, packing.pack_completions), with what this collator holds (the
+    family, processor, positions, towers, row budget and group size). NUM_COMPLETIONS counts the
+    completions (a host int), so the step's loss is their mean over micro-batches and ranks."""
+
+    family: Family
+    processor: Any
+    samples: list
+    rope: Any
+    plans: list
+    group: int
+    max_tokens: int
+    with_varlen_args: bool = False
+    towers: Any = None
+
+    def __call__(self, features: list[dict]) -> dict[str, Any]:
+        idx = [f["index"] for f in features]
+        return {PROMPTS: [self.samples[i] for i in idx], PLANS: [self.plans[i] for i in idx],
+                NUM_COMPLETIONS: len(idx) * self.group}
+
+    def pack(self, samples: list) -> dict[str, Any]:
+        """The completions' conversations encoded and packed (packing.pack_completions)."""
+        encoded = [self.family.encode(s, self.processor, rope=self.rope) for s in samples]
+        return pack_completions(self.family, encoded, self.processor.pad_id, self.max_tokens,
+                                with_varlen_args=self.with_varlen_args, towers=self.towers)
 
 
 @dataclass
@@ -136,6 +174,17 @@ def make_collator(recipe: Recipe, family: Family, processor, samples: list[Sampl
     data-loader workers and `rows` (a folder), packed rows are collated once for all of them
     (packing.SharedRows), starting with those whose samples `encodings` holds already."""
     cache = collator_cache_bytes(recipe)
+    t = recipe.train
+    if t.method == "grpo":  # one item per prompt; its completions are sampled and packed in the step
+        longest = max(lengths, default=0)
+        if longest + t.grpo_max_new_tokens > recipe.data.max_tokens:
+            raise ConfigError(f"train.method grpo: the longest prompt with its answer has {longest} tokens, and a "
+                              f"sampled answer may add train.grpo_max_new_tokens={t.grpo_max_new_tokens}: over "
+                              f"data.max_tokens={recipe.data.max_tokens}, so a completion could not be packed; "
+                              "raise data.max_tokens or lower train.grpo_max_new_tokens")
+        return index_dataset(len(samples)), PromptCollator(
+            family, processor, samples, rope, plan_metrics(samples, recipe.eval.metric), t.grpo_group,
+            recipe.data.max_tokens, with_varlen_args=attn in attention.VARLEN_ARGS, towers=towers)
     if recipe.data.packing:
 
         # dpo: samples are [c0, r0, c1, r1, ...]; each pair is packed whole, in one row

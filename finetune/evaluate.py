@@ -34,11 +34,24 @@ from peft import PeftModel
 
 from finetune import fsutil, metrics
 from finetune.data.reading import check_method, prepare_pairs, prepare_split, read_split
-from finetune.data.schema import DataError
 from finetune.errors import ConfigError, MissingFileError
 from finetune.families.base import IGNORE_INDEX
 from finetune.loss import shifted_cross_entropy
-from finetune.metrics import first_sentence, is_match, normalise  # noqa: F401  (this module's API before metrics.py)
+from finetune.metrics import (  # noqa: F401  (this module's API before metrics.py; scoring plans live there)
+    first_sentence,
+    is_match,
+    normalise,
+    open_reference_of,
+    plan_metrics,
+    reference_of,
+)
+    first_sentence,
+    is_match,
+    normalise,
+    open_reference_of,
+    plan_metrics,
+    reference_of,
+)
 from finetune.models import family_of, load_spec
 from finetune.probes import generate, to_model
 from finetune.report import NO_TASK, format_markdown, write_html
@@ -49,83 +62,11 @@ from finetune.stages import final_recipe, original_base
 MODALITIES = ("image", "audio", "video", "text")
 
 
-def reference_of(sample) -> str:
-    """The short reference answer of a sample."""
-    if sample.answer:
-        return sample.answer
-    last = [m for m in sample.messages if m.role == "assistant"][-1]
-    return first_sentence(last.text())
-
-
-def open_reference_of(sample) -> str:
-    """The reference of an open answer: `answer`, else the whole last assistant turn."""
-    if sample.answer:
-        return sample.answer
-    return [m for m in sample.messages if m.role == "assistant"][-1].text()
-
-
 def modalities_of(sample) -> list[str]:
     """The media kinds of a sample (image, audio, video), or ['text'] for a text-only one.
     A sample with an image and audio counts under both."""
     kinds = [k for k in MODALITIES[:3] if k in sample.modalities()]
     return kinds or ["text"]
-
-
-_METRIC_FIX = {
-    "choice": 'add "options": {"A": "...", "B": "..."} (or a list of option texts) to the sample, or give it '
-              '"metric": "exact" (or set eval.metric)',
-}
-
-
-def plan_metrics(samples, metric: str = "auto") -> list[dict]:
-    """For each sample: the metric it is scored by, its reference and its options (None without).
-
-    Checked before any generation: a sample the metric cannot score raises a DataError naming
-    its file:line and the fix (with how many more samples have problems)."""
-    plans, problems = [], []
-    for s in samples:
-        try:
-            plans.append(_plan_one(s, metric))
-        except DataError as e:
-            problems.append(e)
-    if problems:
-        first = problems[0]
-        if len(problems) > 1:
-            first.problem += f" (and {len(problems) - 1} more sample(s) with problems)"
-        raise DataError(first.kind, first.problem, first.fix, file=first.file, line=first.line, field=first.field)
-    return plans
-
-
-def _plan_one(s, default: str) -> dict:
-    def err(fld, problem, fix):
-        return DataError("eval_metric", problem, fix, file=s.source, line=s.line, field=fld)
-
-    m = s.meta.get("metric", default)
-    where = "the sample's \"metric\"" if "metric" in s.meta else "eval.metric"
-    if m not in ("auto",) + metrics.METRICS:
-        raise err("metric", f"unknown metric {m!r}", f"use one of auto, {', '.join(metrics.METRICS)}")
-    options = None
-    if "options" in s.meta:
-        try:
-            options = metrics.parse_options(s.meta["options"])
-        except ValueError as e:
-            raise err("options", str(e), 'write "options": {"A": "text", "B": "text"} or ["text", "text"]') from None
-    ref = reference_of(s)
-    if m == "auto":
-        m = metrics.auto_metric(ref, options is not None)
-    if m == "open":
-        ref = open_reference_of(s)
-    elif m == "choice":
-        if options is None:
-            raise err("options", f"the metric is choice ({where}) but the sample has no \"options\"",
-                      _METRIC_FIX["choice"])
-        if metrics.chosen_option(ref, options) not in options:
-            raise err("answer", f"the reference {ref!r} is neither an option letter ({', '.join(options)}) nor an "
-                      "option's text", 'set "answer" to the right option\'s letter, e.g. "answer": "B"')
-    elif m == "yesno" and metrics.yes_or_no(ref) is None:
-        raise err("answer", f"the metric is yesno ({where}) but the reference {ref!r} does not start with yes or no",
-                  'set "answer": "yes" or "no", or give the sample "metric": "exact"')
-    return {"metric": m, "reference": ref, "options": options}
 
 
 def _groups(samples) -> tuple[dict[str, list[int]], dict[str, list[int]]]:
@@ -295,13 +236,16 @@ def _evaluate_preferences(recipe, run_dir: Path, model, family, proc, flat, rope
 
 def _score_variants(model, family, proc, samples, rope, recipe, plans, base=None) -> tuple[dict, dict[str, list[str]]]:
     """Generate and score with the adapters off (base, when eval.compare_base) and on (tuned);
-    `base`, when given, is the base model loaded on its own (a staged run's original model)."""
+    `base`, when given, is the base model loaded on its own (a staged run's original model), and
+    the adapters off are then `start`: the model before the last stage (its merged export)."""
     results: dict = {}
     predictions: dict[str, list[str]] = {}
     variants = [("tuned", model, contextlib.nullcontext)]
     if recipe.eval.compare_base:
         variants.insert(0, ("base", model, model.disable_adapter) if base is None
                         else ("base", base, contextlib.nullcontext))
+        if base is not None:  # a staged run: the model before its last stage is the adapters disabled
+            variants.insert(1, ("start", model, model.disable_adapter))
     for name, m, ctx in variants:
         t0 = time.time()
         with ctx():
@@ -314,6 +258,8 @@ def _score_variants(model, family, proc, samples, rope, recipe, plans, base=None
                          "token_loss": loss, "seconds": round(time.time() - t0, 1)}
     if "base" in results:
         results["paired"] = compare(samples, results["base"], results["tuned"], seed=recipe.train.seed)
+    if "start" in results:  # the last stage's own gain (a DPO or GRPO stage after SFT, say)
+        results["paired_start"] = compare(samples, results["start"], results["tuned"], seed=recipe.train.seed)
     return results, predictions
 
 

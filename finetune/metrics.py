@@ -39,6 +39,8 @@ from collections.abc import Mapping, Sequence
 
 import numpy as np
 
+from finetune.data.schema import DataError
+
 METRICS = ("exact", "yesno", "choice", "open")
 
 _ARTICLES = re.compile(r"^(the|a|an)\s+")
@@ -255,6 +257,79 @@ def score_one(metric: str, prediction: str, reference: str, options=None) -> dic
         o = open_answer(prediction, reference)
         return {"score": o["f1"], "rouge_l": o["rouge_l"]}
     raise ValueError(f"unknown metric {metric!r}; use one of {', '.join(METRICS)}")
+
+
+# ---- what each sample is scored by ---------------------------------------------------------
+def reference_of(sample) -> str:
+    """The short reference answer of a sample."""
+    if sample.answer:
+        return sample.answer
+    last = [m for m in sample.messages if m.role == "assistant"][-1]
+    return first_sentence(last.text())
+
+
+def open_reference_of(sample) -> str:
+    """The reference of an open answer: `answer`, else the whole last assistant turn."""
+    if sample.answer:
+        return sample.answer
+    return [m for m in sample.messages if m.role == "assistant"][-1].text()
+
+
+_METRIC_FIX = {
+    "choice": 'add "options": {"A": "...", "B": "..."} (or a list of option texts) to the sample, or give it '
+              '"metric": "exact" (or set eval.metric)',
+}
+
+
+def plan_metrics(samples, metric: str = "auto") -> list[dict]:
+    """For each sample: the metric it is scored by, its reference and its options (None without).
+
+    Checked before any generation: a sample the metric cannot score raises a DataError naming
+    its file:line and the fix (with how many more samples have problems)."""
+    plans, problems = [], []
+    for s in samples:
+        try:
+            plans.append(_plan_one(s, metric))
+        except DataError as e:
+            problems.append(e)
+    if problems:
+        first = problems[0]
+        if len(problems) > 1:
+            first.problem += f" (and {len(problems) - 1} more sample(s) with problems)"
+        raise DataError(first.kind, first.problem, first.fix, file=first.file, line=first.line, field=first.field)
+    return plans
+
+
+def _plan_one(s, default: str) -> dict:
+    def err(fld, problem, fix):
+        return DataError("eval_metric", problem, fix, file=s.source, line=s.line, field=fld)
+
+    m = s.meta.get("metric", default)
+    where = "the sample's \"metric\"" if "metric" in s.meta else "eval.metric"
+    if m not in ("auto",) + METRICS:
+        raise err("metric", f"unknown metric {m!r}", f"use one of auto, {', '.join(METRICS)}")
+    options = None
+    if "options" in s.meta:
+        try:
+            options = parse_options(s.meta["options"])
+        except ValueError as e:
+            raise err("options", str(e), 'write "options": {"A": "text", "B": "text"} or ["text", "text"]') from None
+    ref = reference_of(s)
+    if m == "auto":
+        m = auto_metric(ref, options is not None)
+    if m == "open":
+        ref = open_reference_of(s)
+    elif m == "choice":
+        if options is None:
+            raise err("options", f"the metric is choice ({where}) but the sample has no \"options\"",
+                      _METRIC_FIX["choice"])
+        if chosen_option(ref, options) not in options:
+            raise err("answer", f"the reference {ref!r} is neither an option letter ({', '.join(options)}) nor an "
+                      "option's text", 'set "answer" to the right option\'s letter, e.g. "answer": "B"')
+    elif m == "yesno" and yes_or_no(ref) is None:
+        raise err("answer", f"the metric is yesno ({where}) but the reference {ref!r} does not start with yes or no",
+                  'set "answer": "yes" or "no", or give the sample "metric": "exact"')
+    return {"metric": m, "reference": ref, "options": options}
 
 
 # ---- intervals and tests ---------------------------------------------------------------------

@@ -26,6 +26,7 @@ import torch
 from finetune import fsutil
 from finetune.dpo import NUM_PAIRS, PAIR_SEGMENTS
 from finetune.families.base import IGNORE_INDEX, EncodedSample, Family
+from finetune.grpo import COMPLETION_SEGMENTS, NUM_COMPLETIONS
 from finetune.loss import LABEL_POSITIONS, label_positions
 
 
@@ -363,22 +364,48 @@ class PairPackedCollator(PackedCollator):
     label position gets its sample's index in the batch (finetune.dpo: 2k chosen, 2k + 1 rejected)."""
 
     def pack_rows(self, rows: list[list[EncodedSample]]) -> dict[str, Any]:
-        lengths = [[e.num_tokens for e in row] for row in rows]
+        owners, j = [], 0
+        for row in rows:
+            owners.append([(j + k, e.num_tokens) for k, e in enumerate(row)])
+            j += len(row)
         batch = super().pack_rows(rows)
-        rows = lengths
-        L = batch["input_ids"].shape[1]
-        owner = torch.full((len(rows), L), -1, dtype=torch.long)
-        j = 0
-        for r, row in enumerate(rows):
-            o = 0
-            for n in row:
-                owner[r, o:o + n] = j
-                o, j = o + n, j + 1
-        # the prediction at p scores the label at p + 1, which belongs to the same sample (the first
-        # token of a sample is never a label)
-        batch[PAIR_SEGMENTS] = owner.flatten().index_select(0, batch[LABEL_POSITIONS] + 1)
+        batch[PAIR_SEGMENTS] = label_segments(owners, batch)
         batch[NUM_PAIRS] = j // 2
         return batch
+
+
+def label_segments(owners: list[list[tuple[int, int]]], batch: dict) -> torch.Tensor:
+    """For each label position of a packed batch (LABEL_POSITIONS, in order), the index of the
+    sample it belongs to; `owners` gives per row its samples as (index, token count), in row order
+    (a row's trailing padding and idle samples belong to none)."""
+    L = batch["input_ids"].shape[1]
+    owner = torch.full((len(owners), L), -1, dtype=torch.long)
+    for r, row in enumerate(owners):
+        o = 0
+        for j, n in row:
+            owner[r, o:o + n] = j
+            o += n
+    # the prediction at p scores the label at p + 1, which belongs to the same sample (the first
+    # token of a sample is never a label)
+    return owner.flatten().index_select(0, batch[LABEL_POSITIONS] + 1)
+
+
+def pack_completions(family: Family, encoded: list[EncodedSample], pad_id: int, max_tokens: int, *,
+                     with_varlen_args: bool = False, towers=None) -> dict[str, Any]:
+    """GRPO: the encoded completions (prompt + sampled answer, each an isolated sample) packed by
+    best-fit decreasing into rows of <= max_tokens, one batch; COMPLETION_SEGMENTS gives each label
+    position the index of its completion in `encoded` (finetune.grpo), whatever row and order it
+    was packed in. A completion whose re-tokenised answer outgrew the budget (the train's check
+    allows for grpo_max_new_tokens sampled tokens) gets a row of its own rather than stopping the run."""
+    lengths = [e.num_tokens for e in encoded]
+    bins = plan_bins(lengths, max([max_tokens, *lengths]))
+    rows = [[encoded[i] for i in b] for b in bins]
+    batch = pack_encoded(family, rows, pad_id, with_varlen_args=with_varlen_args, towers=towers)
+    batch[REAL_TOKENS] = sum(e.num_tokens for e in encoded)
+    batch[LABEL_POSITIONS] = label_positions(batch["labels"])
+    batch[COMPLETION_SEGMENTS] = label_segments([[(i, encoded[i].num_tokens) for i in b] for b in bins], batch)
+    batch[NUM_COMPLETIONS] = len(encoded)
+    return batch
 
 
 def bin_dataset(bins: list[list[int]]):

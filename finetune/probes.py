@@ -61,14 +61,18 @@ def probe_logits(model, family, processor, probes, rope, amp=contextlib.nullcont
 
 @torch.no_grad()
 def generate(model, family, processor, samples, rope, *, max_new_tokens: int, batch_size: int,
-             amp=contextlib.nullcontext, streamer=None) -> list[str]:
-    """Greedy answers for each sample's prompt (its conversation without the last answer); the
+             amp=contextlib.nullcontext, streamer=None, temperature: float = 0.0) -> list[str]:
+    """Greedy answers for each sample's prompt (its conversation without the last answer), or with
+    `temperature` > 0 answers sampled from the model's distribution at that temperature (no top-k
+    or top-p cut: GRPO's rollouts, finetune.rollout); the
     model runs inside `amp()` (autocast for a 16-bit base beside fp32 trained weights). A
     `streamer` (transformers' streamer protocol, batch_size 1: chat and serve) is handed each new
     token as it comes; the answers returned are the same with or without one."""
     model.eval()
     outs: list[str] = []
     eos = [processor.eos_id]
+    sampling = {"do_sample": True, "temperature": temperature, "top_k": 0, "top_p": 1.0} if temperature > 0 else \
+        {"do_sample": False}
     for i in range(0, len(samples), batch_size):
         chunk = samples[i: i + batch_size]
         enc = [family.encode(s, processor, for_generation=True, rope=rope) for s in chunk]
@@ -76,7 +80,7 @@ def generate(model, family, processor, samples, rope, *, max_new_tokens: int, ba
         batch.pop("labels", None)
         batch = to_model(batch, model, family)
         with amp():
-            gen = model.generate(**batch, max_new_tokens=max_new_tokens, do_sample=False, eos_token_id=eos,
+            gen = model.generate(**batch, max_new_tokens=max_new_tokens, eos_token_id=eos, **sampling,
                                  pad_token_id=processor.pad_id, use_cache=True,
                                  **({"streamer": streamer} if streamer is not None else {}))
         new = gen[:, batch["input_ids"].shape[1]:]

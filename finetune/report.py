@@ -260,10 +260,16 @@ def _metric_label(counts) -> str:
     return ", ".join(counts)
 
 
+#: the models an evaluation scores, in order: the original base, a staged run's model before its last
+#: stage, the tuned model
+MODELS = ("base", "start", "tuned")
+
+
 def figure_rows(r: dict) -> list[dict]:
     """The rows of the metrics table (eval.md and eval.html): label, n, a figure per model,
-    the change and its p-value."""
-    names = [n for n in ("base", "tuned") if n in r]
+    the change and its p-value (tuned against base; a staged run's `start`, the model before its
+    last stage, has a column of its own)."""
+    names = [n for n in MODELS if n in r]
     paired = r.get("paired", {})
     rows = []
 
@@ -305,7 +311,7 @@ def format_markdown(r: dict) -> str:
 
     Every data-derived field (ids, tasks, references, answers, file names) goes through
     report.md_text: a tag in a model answer stays text, a pipe does not split a table cell."""
-    names = [n for n in ("base", "tuned") if n in r]
+    names = [n for n in MODELS if n in r]
     lines = [f"# Evaluation of {md_text(r['recipe'])}", "", f"{r['n_samples']} held-out samples from "
              f"{md_text(r['eval_file'])}; metric {md_text(r.get('metric', 'exact'))}. Figures are means with a 95% "
              f"bootstrap interval ({r.get('bootstrap', 0)} resamples); p is a paired sign-flip test of base vs tuned "
@@ -319,6 +325,10 @@ def format_markdown(r: dict) -> str:
             ch = "" if row["change"] is None else f"{row['change']:+.3f} {fmt_p(row['p'])}"
             line += f" {ch} |"
         lines.append(line)
+    start = r.get("paired_start", {}).get("overall")
+    if start:
+        lines += ["", f"The last stage's own gain: tuned against start (the model before the last stage), change "
+                      f"{start['change']:+.3f} {fmt_p(start['p'])} ({start['better']} better, {start['worse']} worse)."]
     if r.get("report"):
         lines += ["", f"The page with the loss curve and the examples: {md_text(Path(r['report']).name)}."]
     lines += ["", "## Examples", ""]
@@ -359,7 +369,7 @@ def _figure_cell(f) -> str:
 
 
 def _metrics_table(results: dict) -> str:
-    names = [n for n in ("base", "tuned") if n in results]
+    names = [n for n in MODELS if n in results]
     paired = "paired" in results
     head = "<tr><th>figure</th><th>n</th>" + "".join(f"<th>{n}</th>" for n in names) + \
         ("<th>change</th>" if paired else "") + "</tr>"

@@ -16,14 +16,22 @@ from transformers.trainer_callback import PrinterCallback, ProgressCallback
 from trl import SFTConfig, SFTTrainer
 
 from finetune import adapters, attention, engines
+from finetune.collate import PLANS, PROMPTS
 from finetune.console import console_callback
-from finetune.dpo import NUM_PAIRS, PAIR_SEGMENTS, PairScores, pair_scores, segment_sums
 from finetune.distributed import cpu_sharded_state, distributed_args, distributed_mode
+from finetune.dpo import NUM_PAIRS, PAIR_SEGMENTS, PairScores, pair_scores, segment_sums
 from finetune.families.base import Family, LoadedModel
+from finetune.grpo import (
+    COMPLETION_SEGMENTS,
+    NUM_COMPLETIONS,
+    CompletionScores,
+    completion_scores,
+)
 from finetune.loss import LABEL_POSITIONS, add_label_head, shifted_cross_entropy
 from finetune.models import load_spec
 from finetune.packing import REAL_TOKENS
 from finetune.recipe import Recipe
+from finetune.rollout import roll_out
 from finetune.runtime import data_workers, tell_4bit_on_cpu, torch_dtype
 
 #: train.logging_steps `auto` on CUDA: a logged step reads the loss and the gradient norm on the host
@@ -91,13 +99,38 @@ def preference_loss(model, inputs: dict, beta: float, loss_type: str) -> tuple[t
     forward = {k: v for k, v in inputs.items() if k not in (REAL_TOKENS, NUM_PAIRS, PAIR_SEGMENTS, LABEL_POSITIONS)}
     forward["use_cache"] = False
     logps = segment_sums(model(**forward, label_positions=positions).log_probs, segments, n)
-    peft = model
-    while not hasattr(peft, "disable_adapter") and hasattr(peft, "module"):  # DDP, DeepSpeed
-        peft = peft.module
-    with torch.no_grad(), peft.disable_adapter():
+    with torch.no_grad(), unwrap_peft(model).disable_adapter():
         ref = segment_sums(model(**forward, label_positions=positions).log_probs, segments, n)
     counts = torch.bincount(segments, minlength=n)
     scores = pair_scores(logps, ref, counts, beta, loss_type)
+    return scores.losses.sum(), scores
+
+
+def unwrap_peft(model):
+    """The PEFT model under DDP's or DeepSpeed's wrapper (what has disable_adapter)."""
+    while not hasattr(model, "disable_adapter") and hasattr(model, "module"):
+        model = model.module
+    return model
+
+
+def completion_loss(model, inputs: dict, rewards: torch.Tensor, group: int, *, beta: float,
+                    epsilon: float) -> tuple[torch.Tensor, CompletionScores]:
+    """(the sum of the completions' GRPO losses, their scores) of a packed batch of completions
+    (packing.pack_completions) with their rewards (grouped: a prompt's G completions consecutive).
+    The policy runs the packed rows through the label-token head; the sampling policy is the policy
+    itself (one step per rollout); the reference is the policy with its LoRA adapters disabled,
+    without gradients (skipped when beta is 0: the KL is then logged as 0)."""
+    positions, segments = inputs[LABEL_POSITIONS], inputs[COMPLETION_SEGMENTS]
+    forward = {k: v for k, v in inputs.items()
+               if k not in (REAL_TOKENS, NUM_COMPLETIONS, COMPLETION_SEGMENTS, LABEL_POSITIONS)}
+    forward["use_cache"] = False
+    logps = model(**forward, label_positions=positions).log_probs
+    if beta:
+        with torch.no_grad(), unwrap_peft(model).disable_adapter():
+            ref = model(**forward, label_positions=positions).log_probs
+    else:
+        ref = logps.detach()
+    scores = completion_scores(logps, logps.detach(), ref, segments, rewards, group, beta=beta, epsilon=epsilon)
     return scores.losses.sum(), scores
 
 
@@ -138,10 +171,12 @@ def make_trainer(recipe: Recipe, family: Family, model, processor, train_ds, col
             return super().create_scheduler(num_training_steps, optimizer)
 
         def _get_num_items_in_batch(self, batch_samples, device):
-            if not batch_samples or NUM_PAIRS not in batch_samples[0]:
+            key = next((k for k in (NUM_PAIRS, NUM_COMPLETIONS) if batch_samples and k in batch_samples[0]), None)
+            if key is None:
                 return super()._get_num_items_in_batch(batch_samples, device)
-            # DPO: the step's loss is the mean over the step's pairs (all micro-batches, all ranks)
-            n = torch.tensor(sum(int(b[NUM_PAIRS]) for b in batch_samples), device=device)
+            # DPO, GRPO: the step's loss is the mean over the step's pairs or completions (all
+            # micro-batches, all ranks)
+            n = torch.tensor(sum(int(b[key]) for b in batch_samples), device=device)
             if self.args.average_tokens_across_devices and self.args.world_size > 1:
                 n = self.accelerator.gather(n).sum()
             return n
@@ -149,6 +184,8 @@ def make_trainer(recipe: Recipe, family: Family, model, processor, train_ds, col
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
             if PAIR_SEGMENTS in inputs:
                 return self.dpo_loss(model, inputs, return_outputs, num_items_in_batch)
+            if PROMPTS in inputs:
+                return self.grpo_loss(model, inputs, return_outputs, num_items_in_batch)
             real = inputs.pop(REAL_TOKENS, None)
             positions = inputs.pop(LABEL_POSITIONS, None)
             if recipe.train.token_metrics:  # TRL's path: entropy and token accuracy every step
@@ -176,11 +213,41 @@ def make_trainer(recipe: Recipe, family: Family, model, processor, train_ds, col
             if self.args.average_tokens_across_devices and num_items_in_batch is not None:
                 loss = loss * (self.accelerator.num_processes // self.get_tp_size())  # DDP averages gradients
             if self.model.training:
-                kept = getattr(self, "_pref_sums", None) or {}
-                for key, value in scores.metrics().items():
-                    kept[key] = kept.get(key, 0) + value
-                self._pref_sums, self._pref_pairs = kept, getattr(self, "_pref_pairs", 0) + pairs
-                self._tokens_unlogged = getattr(self, "_tokens_unlogged", 0) + real
+                self.keep_sums(scores.metrics(), pairs, real)
+            return (loss, scores) if return_outputs else loss
+
+        def keep_sums(self, sums: dict, count: int, real: int) -> None:
+            """Add a micro-batch's summed figures (device tensors) and its pair or completion count
+            until the step is logged, where they become means (log)."""
+            kept = getattr(self, "_pref_sums", None) or {}
+            for key, value in sums.items():
+                kept[key] = kept.get(key, 0) + value
+            self._pref_sums, self._pref_pairs = kept, getattr(self, "_pref_pairs", 0) + count
+            self._tokens_unlogged = getattr(self, "_tokens_unlogged", 0) + real
+
+        def grpo_loss(self, model, inputs, return_outputs, num_items_in_batch):
+            """GRPO: sample train.grpo_group answers to each prompt with the model itself, reward
+            them, pack them as isolated samples and return the mean loss over the step's
+            completions (completion_loss); reward, KL, clipping and answer length kept as sums until
+            the step is logged."""
+            t, col = recipe.train, self.data_collator
+            prompts, plans = inputs[PROMPTS], inputs[PLANS]
+            out = roll_out(self.accelerator.unwrap_model(model), family, processor, prompts, plans, col.rope,
+                           group=t.grpo_group, temperature=t.grpo_temperature, max_new_tokens=t.grpo_max_new_tokens,
+                           format_reward=t.grpo_format_reward, amp=self.autocast_smart_context_manager)
+            batch = self._prepare_inputs(col.pack(out.samples))
+            real = int(batch[REAL_TOKENS])
+            total, scores = completion_loss(model, batch, out.rewards, t.grpo_group, beta=t.grpo_beta,
+                                            epsilon=t.grpo_epsilon)
+            n = len(out.samples) if num_items_in_batch is None else num_items_in_batch
+            loss = total / torch.as_tensor(n, device=total.device).clamp(min=1)
+            if self.args.average_tokens_across_devices and num_items_in_batch is not None:
+                loss = loss * (self.accelerator.num_processes // self.get_tp_size())  # DDP averages gradients
+            if self.model.training:
+                sums = scores.metrics()
+                spread = scores.rewards.view(-1, t.grpo_group).std(1)  # each group's reward spread, per completion
+                sums["reward_group_std"] = spread.sum() * t.grpo_group
+                self.keep_sums(sums, len(out.samples), real)
             return (loss, scores) if return_outputs else loss
 
         def log(self, logs, *args, **kwargs):
@@ -255,7 +322,7 @@ def make_trainer(recipe: Recipe, family: Family, model, processor, train_ds, col
     # fp32 master weights (DESIGN: Precision), as in every other run: a bf16 lm_head copy also broke
     # the plain forward in fp32 runs (found by the check before step 1)
     adapters.fp32_trainable(trainer.model)
-    if not recipe.train.token_metrics or recipe.train.method == "dpo":
+    if not recipe.train.token_metrics or recipe.train.method in ("dpo", "grpo"):
         # the LM head on the label tokens only, at the collator's host positions (finetune.loss);
         # TRL's own path (token_metrics) also computes entropy and top-1 hits every step
         base = trainer.model.get_base_model() if hasattr(trainer.model, "get_base_model") else trainer.model

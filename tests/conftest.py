@@ -99,3 +99,29 @@ def media_dir(tmp_path):
     from media_samples import write_media
 
     return write_media(tmp_path)
+
+
+@pytest.fixture(scope="session")
+def policy():
+    """For the DPO and GRPO exactness tests: the tiny Qwen2.5-Omni thinker with LoRA on the LLM and
+    both encoders (B perturbed, so the policy differs from its reference), and the label-token head
+    as training installs it."""
+    import torch
+
+    from finetune import adapters
+    from finetune.families import get_family
+    from finetune.loss import add_label_head
+    from finetune.models import load_spec
+    from finetune.recipe import load_recipe
+    from finetune.verify import perturb_lora_b
+
+    fam = get_family("qwen2_5_omni")
+    recipe = load_recipe("medical-tiny", ["model.max_pixels=12544", "roles.vision_encoder.mode=lora",
+                                          "roles.audio_encoder.mode=lora", "roles.vision_projector.mode=frozen",
+                                          "roles.lm_head.mode=frozen", "train.method=dpo"])
+    loaded = fam.load(load_spec(recipe, dtype=torch.float32, attn="sdpa"))
+    model, _ = adapters.apply_roles(loaded.model, fam, recipe)
+    perturb_lora_b(model, 0.05)
+    add_label_head(model.get_base_model())
+    model.eval()  # no LoRA dropout: both passes see the same function
+    return fam, loaded, model

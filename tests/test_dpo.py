@@ -12,7 +12,6 @@ import torch
 
 
 from finetune.data.schema import parse_sample
-from finetune.models import load_spec
 
 BETA = 0.5
 
@@ -33,28 +32,6 @@ def pairs(media_dir):
             pair(media_dir, [{"type": "text", "text": "Listen to this."}, {"type": "audio", "path": "a.wav"}],
                  "A cough.", "Music, with a long and winding melody."),
             pair(media_dir, "What does MRI stand for?", "Magnetic resonance imaging.", "Medical radio.", system=False)]
-
-
-@pytest.fixture(scope="module")
-def policy():
-    """The tiny Qwen2.5-Omni thinker with LoRA on the LLM and both encoders (B perturbed, so the
-    policy differs from its reference), and the label-token head as training installs it."""
-    from finetune import adapters
-    from finetune.families import get_family
-    from finetune.loss import add_label_head
-    from finetune.recipe import load_recipe
-    from finetune.verify import perturb_lora_b
-
-    fam = get_family("qwen2_5_omni")
-    recipe = load_recipe("medical-tiny", ["model.max_pixels=12544", "roles.vision_encoder.mode=lora",
-                                          "roles.audio_encoder.mode=lora", "roles.vision_projector.mode=frozen",
-                                          "roles.lm_head.mode=frozen", "train.method=dpo"])
-    loaded = fam.load(load_spec(recipe, dtype=torch.float32, attn="sdpa"))
-    model, _ = adapters.apply_roles(loaded.model, fam, recipe)
-    perturb_lora_b(model, 0.05)
-    add_label_head(model.get_base_model())
-    model.eval()  # no LoRA dropout: both passes see the same function
-    return fam, loaded, model
 
 
 def packed(fam, loaded, flat, break_isolation=False):

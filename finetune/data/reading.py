@@ -116,12 +116,13 @@ def mix_sources(recipe: Recipe, sources: list, ready: list, run_dir: Path | None
 
 def check_method(samples: list[Sample], method: str, label: str) -> None:
     """Refuse data of the other kind than train.method takes, once for the source (not once per
-    line): preference pairs under sft, plain conversations under dpo."""
+    line): preference pairs under sft or grpo, plain conversations under dpo."""
     pair = next((s for s in samples if s.is_preference), None)
-    if method == "sft" and pair is not None:
+    if method in ("sft", "grpo") and pair is not None:
+        wants = "SFT data (one answer per conversation)" if method == "sft" else \
+            "GRPO prompts (conversations whose last answer is the reference the rewards check)"
         raise ConfigError(f"{label}: this is preference data ({pair.where} has a 'chosen' and a 'rejected' answer); "
-                          "set train.method: dpo to train on the pairs, or give SFT data (one answer per "
-                          "conversation)")
+                          f"set train.method: dpo to train on the pairs, or give {wants}")
     plain = next((s for s in samples if not s.is_preference), None)
     if method == "dpo" and plain is not None:
         raise ConfigError(f"{label}: train.method dpo needs preference pairs, but {plain.where} is a plain "

@@ -336,21 +336,23 @@ def check_recipe(recipe: Recipe, problems: Problems, staged: bool = False) -> No
             f"cannot fully train a quantized LLM (model.quantize={m.quantize}, roles.llm.mode=full): "
             "quantized weights cannot be updated; use roles.llm.mode: lora (QLoRA) or model.quantize: none",
         )
-    if recipe.train.method == "dpo" and not staged:
+    method = recipe.train.method
+    if method in ("dpo", "grpo") and not staged:
         full = [role for role, cfg in roles.items() if cfg.mode == "full"]
         if full:
             path = problems.latest("train.method", *(f"roles.{r}.mode" for r in full))
-            add(path, f"train.method dpo compares the model with its reference, the same model with its LoRA adapters "
-                      f"disabled; fully trained roles ({', '.join(full)}) would change the reference too; set "
+            add(path, f"train.method {method} compares the model with its reference, the same model with its LoRA "
+                      f"adapters disabled; fully trained roles ({', '.join(full)}) would change the reference too; set "
                       f"{', '.join(f'roles.{r}.mode' for r in full)}: lora (a second full copy of the model as the "
                       "reference is not supported)")
         elif not any(cfg.mode == "lora" for _, cfg in roles.items()):
-            add("train.method", "train.method dpo trains LoRA adapters (the reference is the model with them "
+            add("train.method", f"train.method {method} trains LoRA adapters (the reference is the model with them "
                                 "disabled); set e.g. roles.llm.mode: lora")
         if not recipe.data.packing:
             path = problems.latest("train.method", "data.packing")
-            add(path, "train.method dpo packs each pair's chosen and rejected answers as isolated samples in the "
-                      "same rows; set data.packing: true")
+            what = "each pair's chosen and rejected answers" if method == "dpo" else "each prompt's sampled answers"
+            add(path, f"train.method {method} packs {what} as isolated samples in the same rows; set "
+                      "data.packing: true")
     if all(cfg.mode == "frozen" for _, cfg in roles.items()) and not staged:
         add("roles", "every role is frozen, so nothing would be trained; set e.g. roles.llm.mode: lora")
 

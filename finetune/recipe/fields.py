@@ -285,13 +285,27 @@ class TrainConfig:
     """Optimisation settings."""
 
     seed: int = _opt(42, "random seed")
-    method: str = _opt("sft", "sft: learn the answers (chat data); dpo: prefer each pair's chosen answer to its rejected "
-                              "one (preference data), against the model with its LoRA adapters disabled",
-                       ("sft", "dpo"))
+    method: str = _opt("sft", "sft: learn the answers (chat data); dpo: prefer each pair's chosen answer to its "
+                              "rejected one (preference data), against the model with its LoRA adapters disabled; "
+                              "grpo: sample train.grpo_group answers to each prompt and reinforce those the "
+                              "evaluation's metric scores above their group's mean (closed questions with a checkable "
+                              "answer)",
+                       ("sft", "dpo", "grpo"))
     dpo_beta: float = _opt(0.1, "train.method dpo: how far the model may move from the reference (the weight of "
                                 "the log-ratios; larger = closer to the reference)", gt=0)
     dpo_loss: str = _opt("sigmoid", "train.method dpo: sigmoid (DPO) or ipo (IPO, the log-ratios averaged per "
                                     "completion token)", ("sigmoid", "ipo"))
+    grpo_group: int = _opt(4, "train.method grpo: answers sampled per prompt (G); each is rewarded against its "
+                              "group's mean and spread", ge=2, le=64)
+    grpo_beta: float = _opt(0.04, "train.method grpo: weight of the KL penalty to the reference (the model with its "
+                                  "LoRA adapters disabled); 0 = none", ge=0)
+    grpo_epsilon: float = _opt(0.2, "train.method grpo: the policy ratio's clip range", gt=0, lt=1)
+    grpo_temperature: float = _opt(1.0, "train.method grpo: sampling temperature of the answers", gt=0, le=4)
+    grpo_max_new_tokens: int = _opt(16, "train.method grpo: longest sampled answer in tokens", ge=1, le=4096)
+    grpo_format_reward: float = _opt(0.0, "train.method grpo: added to the reward of an answer the metric can "
+                                          "read (yes/no first for yesno, an option for choice, a non-empty answer "
+                                          "otherwise)",
+                                     ge=0, le=1)
     epochs: float = _opt(1.0, "number of passes over the training data")
     max_steps: int = _opt(-1, "stop after this many optimizer steps; -1 = use epochs")
     lr: float = _opt(2e-4, "peak learning rate", gt=0)
