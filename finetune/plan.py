@@ -57,6 +57,15 @@ hybrid LLMs  (a family's `tower_shapes` gives `hybrid`: Mamba-2 / attention / Mo
              transient. Without those kernels (PyTorch's reference scan, and the exact packed scan
              of the CPU) every chunk also stores fp32 chunk x chunk decay and score matrices per
              head (about 3 * 4*H*chunk bytes per token): shown beside the plan, not in it.
+method       DPO packs each pair's two answers into the same rows (no more tokens than SFT) and runs
+             the reference (the adapters disabled) without gradients after the policy's forward,
+             while its activations are kept: one decoder layer's activations on top. GRPO does the
+             same for the G answers of each prompt, each of which fills at most one row, so a
+             micro-batch holds up to batch_size x G rows (activations, logits and encoders scale by
+             G); before that, generation keeps a KV cache for batch_size x G sequences of up to
+             max_tokens tokens: 2 (K, V) x the K projection's width x 16-bit per token and
+             attention layer (a hybrid's Mamba layers keep their state instead). Generation ends
+             before the loss's forward starts, so the peak holds the larger of the two.
 overhead     a fixed 1 GB for the CUDA context, cuBLAS workspaces and allocator slack.
 """
 
@@ -123,6 +132,8 @@ class ModelCount:
     routers: dict[str, int] = field(default_factory=dict)
     #: hybrid LLMs (Mamba-2 / attention / MoE layers): the family's layer mix and sizes, else None
     hybrid: HybridShape | None = None
+    #: the LLM's K projection width (kv heads x head dim; the KV cache's per-token size), 0 if unknown
+    kv_dim: int = 0
 
 
 def resolve_config(path: str, family: str = "auto", revision: str = "") -> tuple[str, Path]:
@@ -182,9 +193,10 @@ def _count_cached(family: str, cfg_path: str, mtime: float) -> tuple:
                if fam.expert_params and n.endswith(tuple("." + e for e in fam.expert_params))}
     routers = {n: sum(p.numel() for p in mod.parameters()) for n, mod in model.named_modules()
                if fam.router_modules and n.endswith(tuple("." + r for r in fam.router_modules))}
+    kv_dim = next((o for n, _, o in shapes.get("llm", []) if n.endswith("k_proj")), 0)
     return model, ModelCount(family, cfg_path, roles, quantisable, shapes, llm, vis, aud, shapes_of.vocab,
                              shapes_of.patches_per_token, shapes_of.frames_per_audio_token, experts, routers,
-                             shapes_of.hybrid)
+                             shapes_of.hybrid, kv_dim)
 
 
 def count_model(family: str, cfg_path: Path):
@@ -217,6 +229,8 @@ class Settings:
     eager: bool
     gpus: int
     strategy: str = "single"  # one of STRATEGIES
+    method: str = "sft"  # train.method: dpo adds the reference pass, grpo the G answers and generation
+    group: int = 1  # GRPO: answers per prompt
 
 
 # how each strategy places the per-rank state: (state sharded, weights sharded, state offloaded, weights offloaded)
@@ -274,6 +288,8 @@ class Plan:
     suggestions: list[str] = field(default_factory=list)
     hybrid: HybridShape | None = None  # hybrid LLMs: the layer mix and Mamba-2 sizes (ModelCount.hybrid)
     mamba_reference: float = 0.0  # bytes the PyTorch reference scan would store on top (not in the peak)
+    reference: float = 0.0  # DPO / GRPO: the reference's forward without gradients (one layer's activations)
+    generation: float = 0.0  # GRPO: the KV cache of the sampled answers (not at the same time as the activations)
 
     @property
     def activations(self) -> float:
@@ -316,11 +332,12 @@ def _role_lines(count: ModelCount, rp, recipe, s: Settings) -> list[RoleLine]:
 
 
 def _activations(count: ModelCount, s: Settings, modes: dict) -> dict[str, float]:
-    tokens = s.max_tokens * s.batch_size
+    rows = s.batch_size * (s.group if s.method == "grpo" else 1)  # GRPO: each answer fills at most a row
+    tokens = s.max_tokens * rows
     llm = count.llm
     if count.hybrid:
         kinds = hybrid_layer_bytes(count.hybrid, llm.hidden, llm.heads, s.max_tokens, s.eager)
-        states = mamba_transient(count.hybrid, s.max_tokens) * s.batch_size
+        states = mamba_transient(count.hybrid, s.max_tokens) * rows
         full = sum(getattr(count.hybrid, k) * b for k, b in kinds.items()) * tokens + states
         per_layer = max(kinds.values()) * tokens + states
     else:
@@ -341,11 +358,20 @@ def _activations(count: ModelCount, s: Settings, modes: dict) -> dict[str, float
             return t.layers * 2 * t.hidden * items, one
         return t.layers * one, 0.0
 
-    media_tokens = s.max_tokens * s.batch_size  # a row of nothing but image (or audio) tokens
+    media_tokens = tokens  # rows of nothing but image (or audio) tokens
     v_store, v_tmp = tower(count.vision, count.patches_per_token * media_tokens, ("vision_encoder",))
     a_store, a_tmp = tower(count.audio, count.frames_per_audio_token * media_tokens, ("audio_encoder",))
     encoders = max(v_store, a_store) + max(v_tmp, a_tmp)
-    return {"full": full, "ckpt": ckpt, "logits": logits, "encoders": encoders}
+    reference = per_layer if s.method in ("dpo", "grpo") else 0.0  # the reference's forward, no gradients
+    generation = 0.0
+    if s.method == "grpo":
+        attn_layers = count.hybrid.attention if count.hybrid else llm.layers
+        per_token = 2 * (count.kv_dim or llm.hidden) * 2  # K and V, 16-bit
+        generation = float(rows) * s.max_tokens * attn_layers * per_token
+        if count.hybrid:
+            generation += rows * count.hybrid.mamba * mamba_state_bytes(count.hybrid)
+    return {"full": full, "ckpt": ckpt, "logits": logits, "encoders": encoders, "reference": reference,
+            "generation": generation}
 
 
 def hybrid_layer_bytes(hy: HybridShape, h: int, heads: int, seq: int = 0, eager: bool = False) -> dict[str, float]:
@@ -408,7 +434,9 @@ def _estimate(count: ModelCount, rp, recipe, s: Settings, gpu_gb: float) -> dict
         host += weights
         weights = 0.0
     used_act = act["ckpt"] if s.gradient_checkpointing else act["full"]
-    peak = weights + gathered + state + used_act + act["logits"] + act["encoders"] + OVERHEAD_BYTES
+    # generation (GRPO) ends before the loss's forward: its cache and the activations are not alive together
+    step = max(used_act + act["logits"] + act["encoders"] + act["reference"], act["generation"])
+    peak = weights + gathered + state + step + OVERHEAD_BYTES
     return {"lines": lines, "weights": weights, "state": state, "act": act, "peak": peak, "host": host,
             "gathered": gathered, "fits": peak <= gpu_gb * GB}
 
@@ -421,7 +449,8 @@ def _settings(recipe, gpus: int) -> Settings:
         quantize=recipe.model.quantize, weight_bytes=4 if dtype == "float32" else 2,
         max_tokens=recipe.data.max_tokens, batch_size=recipe.train.batch_size,
         gradient_checkpointing=bool(recipe.train.gradient_checkpointing), optim=recipe.train.optim,
-        eager=recipe.model.attn == "eager", gpus=max(1, int(gpus)), strategy=strategy_of(recipe, int(gpus)))
+        eager=recipe.model.attn == "eager", gpus=max(1, int(gpus)), strategy=strategy_of(recipe, int(gpus)),
+        method=recipe.train.method, group=recipe.train.grpo_group if recipe.train.method == "grpo" else 1)
 
 
 def plan(recipe, gpu_gb: float = 24, gpus: int = 1) -> Plan:
@@ -439,7 +468,7 @@ def plan(recipe, gpu_gb: float = 24, gpus: int = 1) -> Plan:
         trainable_params=sum(ln.trainable for ln in e["lines"]), trainable_state=e["state"],
         activations_ckpt=e["act"]["ckpt"], activations_full=e["act"]["full"], logits=e["act"]["logits"],
         encoders=e["act"]["encoders"], overhead=OVERHEAD_BYTES, peak=e["peak"], fits=e["fits"], host=e["host"],
-        gathered=e["gathered"],
+        gathered=e["gathered"], reference=e["act"]["reference"], generation=e["act"]["generation"],
         experts_16bit=sum(a * b * c for a, b, c in count.experts.values()) if s.quantize != "none" else 0,
         hybrid=count.hybrid)
     if count.hybrid:
@@ -524,7 +553,9 @@ def format_plan(p: Plan) -> str:
     q = {"none": wdt, "4bit": f"LLM linears 4-bit NF4, rest {wdt}", "8bit": f"LLM linears 8-bit, rest {wdt}"}[s.quantize]
     lines = [
         f"memory plan: {p.recipe}  ({p.family}, {p.model_path}; config {p.config_path})",
-        (f"  weights {q}; tokens/step {s.max_tokens} x {s.batch_size}; gradient checkpointing "
+        (f"  weights {q}; tokens/step {s.max_tokens} x {s.batch_size}"
+         + (f" x {s.group} answers (GRPO)" if s.method == "grpo" else "")
+         + (" (DPO: pairs packed in the rows)" if s.method == "dpo" else "") + "; gradient checkpointing "
          f"{'on' if s.gradient_checkpointing else 'off'}; optim {s.optim}; {s.gpus} x {p.gpu_gb:g} GB GPU; "
          f"strategy {s.strategy}"),
         "",
@@ -551,8 +582,13 @@ def format_plan(p: Plan) -> str:
         ("activations, checkpointing" + ck, p.activations_ckpt, "layer inputs + one layer"),
         ("activations, no checkpoint" + nock, p.activations_full, "all layers"),
         ("logits (fp32, for the loss)", p.logits, "tokens x vocab x 4; a chunked loss cuts it"),
-        ("encoders (a row of media)", p.encoders, f"{s.max_tokens * s.batch_size} image or audio tokens in one "
-                                                   "encoder call"),
+        ("encoders (a row of media)", p.encoders, f"{s.max_tokens * s.batch_size * s.group} image or audio tokens "
+                                                   "in one encoder call"),
+        *([("reference forward (" + s.method.upper() + ")", p.reference,
+            "one layer's activations, no gradients")] if p.reference else []),
+        *([("generation cache (GRPO)", p.generation,
+            f"KV of {s.batch_size} x {s.group} answers of <= {s.max_tokens} tokens; not beside the activations")]
+          if p.generation else []),
         ("CUDA / runtime overhead", p.overhead, ""),
         ("expected peak", p.peak, "* = the recipe's setting"),
         *([("host memory per rank", p.host, "offloaded state")] if p.host else []),

@@ -184,6 +184,28 @@ def test_checkpointing_lowers_activations():
     assert off.logits == 4096 * 152064 * 4
 
 
+def test_the_method_is_planned_dpo_adds_the_reference_grpo_the_answers_and_their_generation():
+    """DPO: the pairs share the rows, so only the reference's forward (one layer's activations, no
+    gradients) comes on top. GRPO: G answers per prompt fill up to batch x G rows (activations and
+    logits scale by G) and generation keeps their KV cache (2 x the K projection's width x 16-bit
+    per token and layer), which is not alive beside the activations."""
+    common = [QWEN, "data.max_tokens=4096", "roles.vision_projector.mode=frozen"]
+    sft = plan(load_recipe("medical", common))
+    dpo = plan(load_recipe("medical", [*common, "train.method=dpo"]))
+    grpo = plan(load_recipe("medical", [*common, "train.method=grpo", "train.grpo_group=4"]))
+    assert sft.reference == 0 and sft.generation == 0
+    assert dpo.activations == sft.activations and dpo.logits == sft.logits
+    assert dpo.reference > 0 and dpo.peak == pytest.approx(sft.peak + dpo.reference)
+    assert grpo.activations == pytest.approx(4 * sft.activations) and grpo.logits == 4 * sft.logits
+    # Qwen2.5-Omni 7B: 28 layers, 4 KV heads of 128 -> K projection 512 wide
+    assert grpo.generation == pytest.approx(4 * 4096 * 28 * 2 * 512 * 2)
+    step = grpo.activations + grpo.logits + grpo.encoders + grpo.reference
+    assert grpo.peak == pytest.approx(grpo.weights + grpo.trainable_state + max(step, grpo.generation) + grpo.overhead)
+    out = format_plan(grpo)
+    assert "x 4 answers (GRPO)" in out and "generation cache (GRPO)" in out and "reference forward (GRPO)" in out
+    assert "reference forward (DPO)" in format_plan(dpo)
+
+
 def test_suggestions_when_it_does_not_fit():
     p = plan(load_recipe("medical", [QWEN, "train.gradient_checkpointing=false"]), gpu_gb=24)
     assert not p.fits and p.peak > 24 * GB
