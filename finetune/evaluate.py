@@ -45,13 +45,6 @@ from finetune.metrics import (  # noqa: F401  (this module's API before metrics.
     plan_metrics,
     reference_of,
 )
-    first_sentence,
-    is_match,
-    normalise,
-    open_reference_of,
-    plan_metrics,
-    reference_of,
-)
 from finetune.models import family_of, load_spec
 from finetune.probes import generate, to_model
 from finetune.report import NO_TASK, format_markdown, write_html
