@@ -187,25 +187,41 @@ def test_the_recipe_refuses_grpo_without_a_lora_reference_or_without_packing():
         load_recipe("medical-tiny", ["train.method=grpo", "train.grpo_group=1"])
 
 
-GRPO_RUN = ["train.method=grpo", "roles.vision_encoder.mode=frozen", "roles.vision_projector.mode=frozen",
-            "roles.lm_head.mode=frozen",
-            "train.grpo_group=4", "train.grpo_max_new_tokens=6", "train.batch_size=2", "train.grad_accum=1",
-            "train.lr=1e-3", "train.warmup_ratio=0", "train.scheduler=constant", "train.save_steps=100"]
+STAGED = """extends: medical-tiny
+stages:
+  - name: sft
+    train: {max_steps: 4}
+  - name: grpo
+    roles:
+      llm: {mode: lora, r: 8, alpha: 16, dropout: 0.0}
+      vision_encoder: {mode: frozen}
+      vision_projector: {mode: frozen}
+      lm_head: {mode: frozen}
+    train: {method: grpo, max_steps: 3, batch_size: 2, grpo_group: 4, grpo_max_new_tokens: 6, lr: 1.0e-3,
+            warmup_ratio: 0, scheduler: constant}
+"""
 
 
 @pytest.mark.slow
-def test_a_tiny_grpo_run_logs_its_rewards_and_refuses_answers_that_cannot_fit(tmp_path, small_demo):
-    """Three GRPO steps on the demo's closed questions: each logged step has the reward, its
-    spread, the KL, the clip ratio and the answer length; the run leaves an adapter. A budget that
-    cannot hold a prompt with its longest answer stops before step 1, naming both settings."""
+def test_grpo_as_a_stage_after_sft_logs_its_rewards_and_eval_scores_its_start(tmp_path, small_demo):
+    """SFT, then three GRPO steps on the demo's closed questions: each logged step has the reward,
+    its spread, the KL (0 at step 1: a fresh LoRA on the SFT model is its reference), the clip ratio
+    and the answer length; eval scores base (the original model), start (the SFT model) and tuned,
+    with GRPO's own gain tested against start. A budget that cannot hold a prompt with its longest
+    answer stops before step 1, naming both settings."""
     import json
 
-    from conftest import tiny_recipe
+    from conftest import tiny_overrides, tiny_recipe
 
+    from finetune.cli import run_stages
     from finetune.errors import ConfigError
+    from finetune.evaluate import evaluate
+    from finetune.recipe import load_recipe
     from finetune.train import train
 
-    run = train(tiny_recipe(tmp_path, small_demo, *GRPO_RUN, "train.max_steps=3"))
+    recipe = tmp_path / "staged.yaml"
+    recipe.write_text(STAGED)
+    run = run_stages(load_recipe(recipe, tiny_overrides(tmp_path, small_demo)))
     logs = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     steps = [r for r in logs if "reward" in r]
     assert [r["step"] for r in steps] == [1, 2, 3]
@@ -213,8 +229,12 @@ def test_a_tiny_grpo_run_logs_its_rewards_and_refuses_answers_that_cannot_fit(tm
         assert 0 <= r["reward"] <= 1 and r["reward_group_std"] >= 0 and r["kl"] >= 0
         assert r["clip_ratio"] == 0 and r["completion_length"] >= 1  # the answer and its end of turn, re-tokenised
         assert math.isfinite(r["loss"])
-    assert steps[0]["kl"] == pytest.approx(0, abs=1e-6)  # a fresh LoRA (B = 0) is its reference
-    assert (run / "adapter" / "adapter_config.json").exists()
+    assert steps[0]["kl"] == pytest.approx(0, abs=1e-6)
+    got = evaluate(load_recipe(recipe, tiny_overrides(tmp_path, small_demo)), run)
+    assert {"base", "start", "tuned", "paired", "paired_start"} <= set(got)
+    assert got["paired_start"]["overall"]["n"] == got["n_samples"] == 6
+    assert "The last stage's own gain" in (run / "eval.md").read_text()
     with pytest.raises(ConfigError, match="grpo_max_new_tokens"):
-        train(tiny_recipe(tmp_path / "small", small_demo, *GRPO_RUN, "train.max_steps=1",
+        train(tiny_recipe(tmp_path / "small", small_demo, "train.method=grpo", "roles.vision_encoder.mode=frozen",
+                          "roles.vision_projector.mode=frozen", "roles.lm_head.mode=frozen",
                           "train.grpo_max_new_tokens=4000", "data.max_tokens=4096"))
