@@ -63,10 +63,13 @@ class CompletionScores:
     rewards: torch.Tensor
     advantages: torch.Tensor
 
-    def metrics(self) -> dict[str, torch.Tensor]:
-        """Sums over the completions (divided by the completion count when logged)."""
+    def metrics(self, group: int) -> dict[str, torch.Tensor]:
+        """Sums over the completions (divided by the completion count when logged); the spread of
+        each group's rewards counted once per completion, so that it logs as the groups' mean."""
+        spread = self.rewards.view(-1, group).std(1)
         return {"reward": self.rewards.sum(), "kl": self.kl.sum(), "clip_ratio": self.clipped.sum(),
-                "completion_length": self.lengths.float().sum(), "advantage_abs": self.advantages.abs().sum()}
+                "completion_length": self.lengths.float().sum(), "advantage_abs": self.advantages.abs().sum(),
+                "reward_group_std": spread.sum() * group}
 
 
 def completion_scores(logps: torch.Tensor, old_logps: torch.Tensor, ref_logps: torch.Tensor, segments: torch.Tensor,

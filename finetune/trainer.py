@@ -209,12 +209,19 @@ def make_trainer(recipe: Recipe, family: Family, model, processor, train_ds, col
             real, pairs = int(inputs[REAL_TOKENS]), int(inputs[NUM_PAIRS])
             total, scores = preference_loss(model, inputs, recipe.train.dpo_beta, recipe.train.dpo_loss)
             n = pairs if num_items_in_batch is None else num_items_in_batch
-            loss = total / torch.as_tensor(n, device=total.device).clamp(min=1)
-            if self.args.average_tokens_across_devices and num_items_in_batch is not None:
-                loss = loss * (self.accelerator.num_processes // self.get_tp_size())  # DDP averages gradients
+            loss = self.step_mean(total, n, num_items_in_batch)
             if self.model.training:
                 self.keep_sums(scores.metrics(), pairs, real)
             return (loss, scores) if return_outputs else loss
+
+        def step_mean(self, total, n, num_items_in_batch):
+            """A micro-batch's summed loss as its share of the step's mean: divided by the step's
+            count of tokens, pairs or completions (all micro-batches, all ranks; `n`, this batch's
+            own, without one) and multiplied back by the ranks, whose gradients DDP averages."""
+            loss = total / torch.as_tensor(n, device=total.device).clamp(min=1)
+            if self.args.average_tokens_across_devices and num_items_in_batch is not None:
+                loss = loss * (self.accelerator.num_processes // self.get_tp_size())
+            return loss
 
         def keep_sums(self, sums: dict, count: int, real: int) -> None:
             """Add a micro-batch's summed figures (device tensors) and its pair or completion count
@@ -240,14 +247,9 @@ def make_trainer(recipe: Recipe, family: Family, model, processor, train_ds, col
             total, scores = completion_loss(model, batch, out.rewards, t.grpo_group, beta=t.grpo_beta,
                                             epsilon=t.grpo_epsilon)
             n = len(out.samples) if num_items_in_batch is None else num_items_in_batch
-            loss = total / torch.as_tensor(n, device=total.device).clamp(min=1)
-            if self.args.average_tokens_across_devices and num_items_in_batch is not None:
-                loss = loss * (self.accelerator.num_processes // self.get_tp_size())  # DDP averages gradients
+            loss = self.step_mean(total, n, num_items_in_batch)
             if self.model.training:
-                sums = scores.metrics()
-                spread = scores.rewards.view(-1, t.grpo_group).std(1)  # each group's reward spread, per completion
-                sums["reward_group_std"] = spread.sum() * t.grpo_group
-                self.keep_sums(sums, len(out.samples), real)
+                self.keep_sums(scores.metrics(t.grpo_group), len(out.samples), real)
             return (loss, scores) if return_outputs else loss
 
         def log(self, logs, *args, **kwargs):
@@ -295,9 +297,7 @@ def make_trainer(recipe: Recipe, family: Family, model, processor, train_ds, col
                 outputs = model(**inputs, label_positions=positions)
                 total = -outputs.log_probs.sum()
                 n = positions.numel() if num_items_in_batch is None else num_items_in_batch
-            loss = total / torch.as_tensor(n, device=total.device).clamp(min=1)
-            if self.args.average_tokens_across_devices and num_items_in_batch is not None:
-                loss = loss * (self.accelerator.num_processes // self.get_tp_size())  # DDP averages gradients
+            loss = self.step_mean(total, n, num_items_in_batch)
             if moe:
                 aux = family.aux_loss(outputs, inputs, text_config)
                 if self.model.training:
