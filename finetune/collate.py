@@ -31,6 +31,7 @@ from finetune.packing import (
     pack_completions,
     plan_bins,
     plan_pair_bins,
+    idle_indices,
     with_idle_media,
 )
 from finetune.paths import cache_root
@@ -102,6 +103,11 @@ class PromptCollator:
     max_tokens: int
     with_varlen_args: bool = False
     towers: Any = None
+    # sharded weights: every tower runs on every rank (packing.idle_media), in the rollouts too:
+    # the prompts that stand for each media kind (generated beside the step's, answers dropped)
+    # and their encodings with labels ignored (packed beside the completions)
+    idle_prompts: list = field(default_factory=list)
+    idle: list = field(default_factory=list)
 
     def __call__(self, features: list[dict]) -> dict[str, Any]:
         idx = [f["index"] for f in features]
@@ -112,7 +118,17 @@ class PromptCollator:
         """The completions' conversations encoded and packed (packing.pack_completions)."""
         encoded = [self.family.encode(s, self.processor, rope=self.rope) for s in samples]
         return pack_completions(self.family, encoded, self.processor.pad_id, self.max_tokens,
-                                with_varlen_args=self.with_varlen_args, towers=self.towers)
+                                with_varlen_args=self.with_varlen_args, towers=self.towers, idle=self.idle)
+
+    def idle_prompts_for(self, prompts: list) -> list:
+        """The idle prompts that bring the media kinds none of `prompts` has (sharded weights)."""
+        have = set().union(*(p.modalities() for p in prompts)) if prompts else set()
+        out = []
+        for s in self.idle_prompts:
+            if (s.modalities() & set(self.family.media_keys)) - have:
+                out.append(s)
+                have |= s.modalities()
+        return out
 
 
 @dataclass
@@ -184,7 +200,9 @@ def make_collator(recipe: Recipe, family: Family, processor, samples: list[Sampl
                               "raise data.max_tokens or lower train.grpo_max_new_tokens")
         return index_dataset(len(samples)), PromptCollator(
             family, processor, samples, rope, plan_metrics(samples, recipe.eval.metric), t.grpo_group,
-            recipe.data.max_tokens, with_varlen_args=attn in attention.VARLEN_ARGS, towers=towers)
+            recipe.data.max_tokens, with_varlen_args=attn in attention.VARLEN_ARGS, towers=towers,
+            idle_prompts=[samples[i] for i in idle_indices(family, samples, lengths)] if idle else [],
+            idle=idle or [])
     if recipe.data.packing:
 
         # dpo: samples are [c0, r0, c1, r1, ...]; each pair is packed whole, in one row

@@ -109,6 +109,18 @@ def pack_encoded(family: Family, rows: list[list[EncodedSample]], pad_id: int, *
 REAL_TOKENS = "num_real_tokens"
 
 
+def idle_indices(family: Family, samples: list, lengths: list[int]) -> list[int]:
+    """The samples that stand for the data's media kinds (idle_media): for each kind the shortest
+    sample with the fewest media kinds."""
+    kinds = family.media_keys
+    chosen: dict[str, int] = {}
+    for kind in kinds:
+        having = [i for i, s in enumerate(samples) if kind in s.modalities()]
+        if having:
+            chosen[kind] = min(having, key=lambda i: (len(samples[i].modalities() & set(kinds)), lengths[i], i))
+    return sorted(set(chosen.values()))
+
+
 def idle_media(family: Family, processor, samples: list, lengths: list[int], rope) -> list[EncodedSample]:
     """For each media kind of the data, one encoded sample with that kind and its labels all
     ignored, for batches that lack the kind (`with_idle_media`).
@@ -118,16 +130,9 @@ def idle_media(family: Family, processor, samples: list, lengths: list[int], rop
     vision tower, and the ranks would wait on different collectives: the known ZeRO-3 hang of
     omni models. With an idle sample every rank runs every tower once per step. It is packed as
     a sample of its own (isolated attention) with no label, so it changes no logit of the other
-    samples, no loss and no gradient: its contributions are exact zeros. The shortest sample
-    with the fewest media kinds stands for each kind."""
-    kinds = family.media_keys
-    chosen: dict[str, int] = {}
-    for kind in kinds:
-        having = [i for i, s in enumerate(samples) if kind in s.modalities()]
-        if having:
-            chosen[kind] = min(having, key=lambda i: (len(samples[i].modalities() & set(kinds)), lengths[i], i))
+    samples, no loss and no gradient: its contributions are exact zeros (idle_indices chooses them)."""
     out = []
-    for i in sorted(set(chosen.values())):
+    for i in idle_indices(family, samples, lengths):
         e = family.encode(samples[i], processor, rope=rope)
         e.labels = torch.full_like(e.labels, IGNORE_INDEX)
         e.where = f"{e.where} (idle media)"
@@ -391,19 +396,26 @@ def label_segments(owners: list[list[tuple[int, int]]], batch: dict) -> torch.Te
 
 
 def pack_completions(family: Family, encoded: list[EncodedSample], pad_id: int, max_tokens: int, *,
-                     with_varlen_args: bool = False, towers=None) -> dict[str, Any]:
+                     with_varlen_args: bool = False, towers=None, idle: list | None = None) -> dict[str, Any]:
     """GRPO: the encoded completions (prompt + sampled answer, each an isolated sample) packed by
     best-fit decreasing into rows of <= max_tokens, one batch; COMPLETION_SEGMENTS gives each label
     position the index of its completion in `encoded` (finetune.grpo), whatever row and order it
     was packed in. A completion whose re-tokenised answer outgrew the budget (the train's check
-    allows for grpo_max_new_tokens sampled tokens) gets a row of its own rather than stopping the run."""
+    allows for grpo_max_new_tokens sampled tokens) gets a row of its own rather than stopping the run.
+    `idle` (idle_media: sharded weights) brings the media kinds the completions lack, in a row of
+    their own whose labels are all ignored."""
     lengths = [e.num_tokens for e in encoded]
     bins = plan_bins(lengths, max([max_tokens, *lengths]))
     rows = [[encoded[i] for i in b] for b in bins]
+    owners = [[(i, encoded[i].num_tokens) for i in b] for b in bins]
+    idle = with_idle_media(family, encoded, idle or [])
+    if idle:
+        rows.append(idle)
+        owners.append([])
     batch = pack_encoded(family, rows, pad_id, with_varlen_args=with_varlen_args, towers=towers)
     batch[REAL_TOKENS] = sum(e.num_tokens for e in encoded)
     batch[LABEL_POSITIONS] = label_positions(batch["labels"])
-    batch[COMPLETION_SEGMENTS] = label_segments([[(i, encoded[i].num_tokens) for i in b] for b in bins], batch)
+    batch[COMPLETION_SEGMENTS] = label_segments(owners, batch)
     batch[NUM_COMPLETIONS] = len(encoded)
     return batch
 

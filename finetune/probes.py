@@ -59,22 +59,54 @@ def probe_logits(model, family, processor, probes, rope, amp=contextlib.nullcont
     return out
 
 
+class SeededSampler:
+    """A logits processor that turns greedy decoding into sampling at `temperature` (no top-k or
+    top-p cut) with one random stream per row, seeded by `seeds`: the Gumbel-max trick, argmax of
+    logits / T + Gumbel noise, draws the next token from softmax(logits / T). A row's answer then
+    depends on its own seed and prompt only, not on the rows beside it nor on the global random
+    state: GRPO's rollouts are the same under any number of processes, batch composition or a
+    resume (finetune.rollout)."""
+
+    def __init__(self, temperature: float, seeds: list[int]):
+        self.temperature, self.seeds, self.gens = temperature, seeds, None
+
+    def __call__(self, input_ids, scores):
+        if self.gens is None:  # on the logits' device, so no vocabulary-sized copy per token
+            self.gens = [torch.Generator(device=scores.device).manual_seed(s) for s in self.seeds]
+        if scores.shape[0] != len(self.gens):
+            raise ValueError(f"SeededSampler: {scores.shape[0]} rows but {len(self.gens)} seeds")
+        u = torch.stack([torch.rand(scores.shape[-1], generator=g, device=scores.device, dtype=torch.float64)
+                         for g in self.gens])
+        tiny = torch.finfo(torch.float64).tiny
+        gumbel = -torch.log(-torch.log(u.clamp(tiny, 1 - 1e-16)))
+        return (scores.double() / self.temperature + gumbel).float()
+
+
 @torch.no_grad()
 def generate(model, family, processor, samples, rope, *, max_new_tokens: int, batch_size: int,
-             amp=contextlib.nullcontext, streamer=None, temperature: float = 0.0) -> list[str]:
+             amp=contextlib.nullcontext, streamer=None, temperature: float = 0.0,
+             seeds: list[int] | None = None) -> list[str]:
     """Greedy answers for each sample's prompt (its conversation without the last answer), or with
     `temperature` > 0 answers sampled from the model's distribution at that temperature (no top-k
-    or top-p cut: GRPO's rollouts, finetune.rollout); the
+    or top-p cut: GRPO's rollouts, finetune.rollout), each sample's from its own random stream when
+    `seeds` (one per sample) are given (SeededSampler), else from the global one; the
     model runs inside `amp()` (autocast for a 16-bit base beside fp32 trained weights). A
     `streamer` (transformers' streamer protocol, batch_size 1: chat and serve) is handed each new
     token as it comes; the answers returned are the same with or without one."""
     model.eval()
     outs: list[str] = []
     eos = [processor.eos_id]
+    if seeds is not None and len(seeds) != len(samples):
+        raise ValueError(f"generate: {len(seeds)} seeds for {len(samples)} samples")
     sampling = {"do_sample": True, "temperature": temperature, "top_k": 0, "top_p": 1.0} if temperature > 0 else \
         {"do_sample": False}
     for i in range(0, len(samples), batch_size):
         chunk = samples[i: i + batch_size]
+        if temperature > 0 and seeds is not None:
+            from transformers import LogitsProcessorList
+
+            sampling = {"do_sample": False,
+                        "logits_processor": LogitsProcessorList([SeededSampler(temperature, seeds[i: i + batch_size])])}
         enc = [family.encode(s, processor, for_generation=True, rope=rope) for s in chunk]
         batch = family.collate_padded(enc, processor.pad_id, side="left")
         batch.pop("labels", None)

@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import hashlib
+import os
 from dataclasses import dataclass
 
 import torch
@@ -61,16 +63,32 @@ class Rollout:
     rewards: torch.Tensor
 
 
+def completion_seeds(prompts: list[Sample], group: int, seed: int, step: int) -> list[int]:
+    """One random seed per completion, from the run's seed, the optimizer step, the sample's
+    identity (its file name, line, id and prompt) and the completion's number within its group: a rollout is
+    then the same whichever rank, micro-batch or resumed process draws it."""
+    out = []
+    for p in prompts:
+        text = "|".join(part.text or os.path.basename(str(part.path or "")) for m in p.messages for part in m.parts)
+        for k in range(group):
+            key = f"{seed}|{step}|{os.path.basename(p.source)}|{p.line}|{p.id}|{text}|{k}".encode()
+            out.append(int.from_bytes(hashlib.blake2b(key, digest_size=8).digest(), "little") >> 1)
+    return out
+
+
 def roll_out(model, family, processor, prompts: list[Sample], plans: list[dict], rope, *, group: int,
              temperature: float, max_new_tokens: int, format_reward: float = 0.0,
-             amp=contextlib.nullcontext) -> Rollout:
+             amp=contextlib.nullcontext, seeds: list[int] | None = None, idle: list[Sample] = ()) -> Rollout:
     """Sample `group` answers to each prompt in one left-padded batch (the model's train/eval mode
-    is restored), reward each, and build the conversations the loss scores."""
+    is restored), each from its own random stream when `seeds` are given (completion_seeds), reward
+    each, and build the conversations the loss scores. `idle` prompts are answered in the same batch
+    and dropped: with sharded weights every rank must run every media tower (packing.idle_media)."""
     was_training = model.training
     expanded = [p for p in prompts for _ in range(group)]
     try:
-        answers = generate(model, family, processor, expanded, rope, max_new_tokens=max_new_tokens,
-                           batch_size=len(expanded), amp=amp, temperature=temperature)
+        answers = generate(model, family, processor, expanded + list(idle), rope, max_new_tokens=max_new_tokens,
+                           batch_size=len(expanded) + len(idle), amp=amp, temperature=temperature,
+                           seeds=None if seeds is None else list(seeds) + [0] * len(idle))[:len(expanded)]
     finally:
         model.train(was_training)
     rewards = [reward(plans[k // group], a, format_reward) for k, a in enumerate(answers)]

@@ -31,7 +31,7 @@ from finetune.loss import LABEL_POSITIONS, add_label_head, shifted_cross_entropy
 from finetune.models import load_spec
 from finetune.packing import REAL_TOKENS
 from finetune.recipe import Recipe
-from finetune.rollout import roll_out
+from finetune.rollout import completion_seeds, roll_out
 from finetune.runtime import data_workers, tell_4bit_on_cpu, torch_dtype
 
 #: train.logging_steps `auto` on CUDA: a logged step reads the loss and the gradient norm on the host
@@ -241,7 +241,9 @@ def make_trainer(recipe: Recipe, family: Family, model, processor, train_ds, col
             prompts, plans = inputs[PROMPTS], inputs[PLANS]
             out = roll_out(self.accelerator.unwrap_model(model), family, processor, prompts, plans, col.rope,
                            group=t.grpo_group, temperature=t.grpo_temperature, max_new_tokens=t.grpo_max_new_tokens,
-                           format_reward=t.grpo_format_reward, amp=self.autocast_smart_context_manager)
+                           format_reward=t.grpo_format_reward, amp=self.autocast_smart_context_manager,
+                           seeds=completion_seeds(prompts, t.grpo_group, t.seed, self.state.global_step),
+                           idle=col.idle_prompts_for(prompts))
             batch = self._prepare_inputs(col.pack(out.samples))
             real = int(batch[REAL_TOKENS])
             total, scores = completion_loss(model, batch, out.rewards, t.grpo_group, beta=t.grpo_beta,

@@ -26,6 +26,9 @@ EXTENDED = {
     "test_distributed.py::test_sharded_variants_equal_one_process[baichuan-ddp]",
     "test_distributed.py::test_sharded_variants_equal_one_process[baichuan-zero3]",
     "test_distributed.py::test_two_nodes_of_one_process_equal_two_processes_on_one_node",
+    # DPO and GRPO: DDP for DPO and ZeRO-3 for GRPO (its rollouts with idle media) stay
+    "test_distributed.py::test_dpo_and_grpo_two_processes_equal_one_process[dpo-zero3]",
+    "test_distributed.py::test_dpo_and_grpo_two_processes_equal_one_process[grpo-ddp]",
 }
 
 
@@ -84,6 +87,26 @@ def tiny_overrides(tmp_path: Path, demo: dict, *overrides: str) -> list[str]:
             "data.max_tokens=256", "data.packing=true", "train.max_steps=6", "train.save_steps=3", "train.logging_steps=1", "eval.max_samples=6",
             "eval.max_new_tokens=6"]
     return base + list(overrides)
+
+
+def demo_pairs(demo: dict, folder, split: str = "train") -> str:
+    """The small demo's samples of `split` as preference pairs (demo_data.preference_pairs), written
+    to `folder` with their media paths made absolute."""
+    import json
+    from pathlib import Path
+
+    from finetune.demo_data import preference_pairs
+
+    root = Path(demo[split]).parent
+    rows = [json.loads(line) for line in Path(demo[split]).read_text().splitlines() if line.strip()]
+    for r in rows:
+        for m in r["messages"]:
+            for part in m["content"] if isinstance(m["content"], list) else []:
+                if "path" in part:
+                    part["path"] = str(root / part["path"])
+    out = Path(folder) / f"{split}_pairs.jsonl"
+    out.write_text("".join(json.dumps(p) + "\n" for p in preference_pairs(rows)))
+    return str(out)
 
 
 #: each family's tiny recipe (the one `make finetune RECIPE=...` runs on the CPU)

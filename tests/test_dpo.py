@@ -192,26 +192,6 @@ def test_the_demo_writes_each_split_as_preference_pairs(tmp_path):
     assert lesion and all(r["messages"][-1]["chosen"][:3] != r["messages"][-1]["rejected"][:3] for r in lesion)
 
 
-def demo_pairs(demo: dict, folder, split: str = "train") -> str:
-    """The small demo's samples of `split` as preference pairs (demo_data.preference_pairs), written
-    to `folder` with their media paths made absolute."""
-    import json
-    from pathlib import Path
-
-    from finetune.demo_data import preference_pairs
-
-    root = Path(demo[split]).parent
-    rows = [json.loads(line) for line in Path(demo[split]).read_text().splitlines() if line.strip()]
-    for r in rows:
-        for m in r["messages"]:
-            for part in m["content"] if isinstance(m["content"], list) else []:
-                if "path" in part:
-                    part["path"] = str(root / part["path"])
-    out = Path(folder) / f"{split}_pairs.jsonl"
-    out.write_text("".join(json.dumps(p) + "\n" for p in preference_pairs(rows)))
-    return str(out)
-
-
 DPO_RUN = ["train.method=dpo", "roles.vision_encoder.mode=frozen", "roles.vision_projector.mode=frozen",
            "roles.lm_head.mode=frozen", "data.allow_outside_paths=true", "data.eval=", "data.max_tokens=512",
            "train.lr=3e-3", "train.warmup_ratio=0", "train.scheduler=constant", "train.dpo_beta=0.5"]
@@ -227,6 +207,8 @@ def test_a_tiny_dpo_run_raises_preference_accuracy(tmp_path, small_demo):
     from conftest import tiny_recipe
 
     from finetune.train import train
+
+    from conftest import demo_pairs
 
     data = demo_pairs(small_demo, tmp_path)
     recipe = tiny_recipe(tmp_path, small_demo, *DPO_RUN, f"data.train={data}", "train.max_steps=30",
@@ -267,7 +249,7 @@ def test_dpo_as_a_stage_after_sft_has_the_sft_model_as_its_reference(tmp_path, s
     import math
     from pathlib import Path
 
-    from conftest import tiny_overrides
+    from conftest import demo_pairs, tiny_overrides
 
     from finetune.cli import run_stages
     from finetune.recipe import load_recipe

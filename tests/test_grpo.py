@@ -238,3 +238,44 @@ def test_grpo_as_a_stage_after_sft_logs_its_rewards_and_eval_scores_its_start(tm
         train(tiny_recipe(tmp_path / "small", small_demo, "train.method=grpo", "roles.vision_encoder.mode=frozen",
                           "roles.vision_projector.mode=frozen", "roles.lm_head.mode=frozen",
                           "train.grpo_max_new_tokens=4000", "data.max_tokens=4096"))
+
+
+def test_the_seeded_sampler_draws_from_the_softmax_at_its_temperature():
+    """Gumbel-max sampling: over 20,000 draws each token's frequency is its softmax(logits / T)
+    probability within 4.5 standard errors, and the same seeds draw the same tokens."""
+    from finetune.probes import SeededSampler
+
+    logits, temperature, rows, calls = torch.tensor([2.0, 1.0, 0.0, -1.0, -3.0]), 0.7, 2000, 10
+    sampler = SeededSampler(temperature, list(range(rows)))
+    draws = torch.cat([sampler(None, logits.expand(rows, -1)).argmax(-1) for _ in range(calls)])
+    freq = torch.bincount(draws, minlength=5).double() / draws.numel()
+    p = torch.softmax(logits.double() / temperature, -1)
+    se = (p * (1 - p) / draws.numel()).sqrt()
+    assert ((freq - p).abs() <= 4.5 * se + 1e-12).all(), (freq, p)
+    again = SeededSampler(temperature, list(range(rows)))
+    assert torch.equal(torch.cat([again(None, logits.expand(rows, -1)).argmax(-1) for _ in range(calls)]), draws)
+
+
+def test_a_seeded_rollout_depends_on_its_seed_not_on_the_rows_beside_it(policy, media_dir):
+    """A completion sampled with its own seed is the same in one batch with the other prompts' as
+    alone with its group (what makes GRPO's rollouts equal under 1 or 2 processes and after a
+    resume); another step's seeds sample other answers."""
+    from finetune.probes import generate
+    from finetune.rollout import completion_seeds
+
+    fam, loaded, model = policy
+    ps, rope = prompts(media_dir), fam.rope_index(loaded.model)
+    seeds = completion_seeds(ps, 2, seed=7, step=3)
+    assert len(set(seeds)) == 6 and completion_seeds(ps[1:], 2, seed=7, step=3) == seeds[2:]
+
+    def sample(chunk, chunk_seeds):
+        return generate(model, fam, loaded.processor, [p for p in chunk for _ in range(2)], rope, max_new_tokens=6,
+                        batch_size=2 * len(chunk), temperature=1.0, seeds=chunk_seeds)
+
+    together = sample(ps, seeds)
+    alone = [a for k, p in enumerate(ps) for a in sample([p], seeds[2 * k: 2 * k + 2])]
+    print(together)
+    assert together == alone
+    assert together[0] != together[1] or together[2] != together[3]  # sampled, not greedy
+    assert sample(ps, seeds) == together
+    assert sample(ps, completion_seeds(ps, 2, seed=7, step=4)) != together

@@ -125,3 +125,62 @@ def _tiny_weights() -> list[Path]:
     from finetune.families import get_family
 
     return sorted(get_family("qwen2_5_omni").materialize_tiny(0).glob("*.safetensors"))
+
+
+METHOD_STAGE = """extends: medical-tiny
+stages:
+  - name: sft
+    roles: {{llm: {{mode: lora, r: 8, alpha: 16, dropout: 0.0}}}}
+    train: {{max_steps: 2}}
+  - name: {method}
+    roles: {{llm: {{mode: lora, r: 8, alpha: 16, dropout: 0.0}}}}
+    data: {{{data}allow_outside_paths: true, max_tokens: 512}}
+    train: {{method: {method}, max_steps: 5, save_steps: 2, warmup_ratio: 0, {train}}}
+"""
+
+
+@pytest.mark.parametrize("method", ["dpo", "grpo"])
+def test_a_dpo_or_grpo_stage_killed_resumes_with_the_same_losses(tmp_path, small_demo, method):
+    """SFT, then DPO (or GRPO), killed with SIGKILL after step 3 of the second stage and run
+    again: the SFT stage is not run again, the DPO (GRPO) stage resumes from its step-2 checkpoint
+    and logs the losses and figures (DPO's rewards; GRPO's rewards, KL and answer lengths, its
+    rollouts drawn from per-sample seeds) of a run never interrupted."""
+    from conftest import demo_pairs
+
+    from finetune.cli import run_stages
+    from finetune.recipe import load_recipe
+
+    if method == "dpo":
+        data = f"train: {demo_pairs(small_demo, tmp_path)}, eval: {demo_pairs(small_demo, tmp_path, 'eval')}, "
+        train, keys = "dpo_beta: 0.5", ["rewards/chosen", "rewards/margins", "rewards/accuracies"]
+    else:
+        data = ""
+        train = "grpo_group: 4, grpo_max_new_tokens: 4, grpo_temperature: 1.5, grpo_format_reward: 0.5"
+        keys = ["reward", "reward_group_std", "kl", "completion_length", "advantage_abs"]
+    recipe = tmp_path / "staged.yaml"
+    recipe.write_text(METHOD_STAGE.format(method=method, data=data, train=train))
+    ref = run_stages(load_recipe(recipe, tiny_overrides(tmp_path / "a", small_demo)))
+
+    env = dict(os.environ, PYTHONPATH=str(ROOT), FINETUNE_KILL_AFTER_STEP="3")
+    args = [sys.executable, "-m", "finetune", "train", str(recipe), *tiny_overrides(tmp_path / "b", small_demo)]
+    res = subprocess.run(args, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+    assert res.returncode == -signal.SIGKILL, res.stderr[-2000:]
+    run = tmp_path / "b" / "run"
+    assert (run / "stages" / "01-sft" / "merged" / "export_manifest.json").exists()
+    assert (run / "checkpoints" / "checkpoint-2").is_dir() and not (run / "adapter").exists()
+    env.pop("FINETUNE_KILL_AFTER_STEP")
+    res = subprocess.run(args, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert "stage 1/2 'sft': done before" in res.stdout
+    assert "resuming from" in res.stdout and "checkpoint-2" in res.stdout
+
+    def steps(folder):
+        return {r["step"]: r for r in map(json.loads, (folder / "metrics.jsonl").read_text().splitlines())
+                if "loss" in r}
+
+    got, want = steps(run), steps(ref)
+    assert sorted(got) == sorted(want) == [1, 2, 3, 4, 5]
+    for step in want:
+        for k in ["loss", *keys]:
+            assert got[step][k] == pytest.approx(want[step][k], abs=1e-6), (step, k)
+    assert any(want[s][keys[1]] != 0 for s in want)  # it trained on something: margins, or a reward spread
