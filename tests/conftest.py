@@ -26,9 +26,11 @@ EXTENDED = {
     "test_distributed.py::test_sharded_variants_equal_one_process[baichuan-ddp]",
     "test_distributed.py::test_sharded_variants_equal_one_process[baichuan-zero3]",
     "test_distributed.py::test_two_nodes_of_one_process_equal_two_processes_on_one_node",
-    # DPO and GRPO: DDP for DPO and ZeRO-3 for GRPO (its rollouts with idle media) stay
+    # DPO and GRPO: DDP for DPO and ZeRO-3 for GRPO (its rollouts with idle media) stay in make test
     "test_distributed.py::test_dpo_and_grpo_two_processes_equal_one_process[dpo-zero3]",
     "test_distributed.py::test_dpo_and_grpo_two_processes_equal_one_process[grpo-ddp]",
+    "test_distributed.py::test_dpo_and_grpo_two_processes_equal_one_process[dpo-fsdp]",
+    "test_distributed.py::test_dpo_and_grpo_two_processes_equal_one_process[grpo-fsdp]",
 }
 
 

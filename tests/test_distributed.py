@@ -509,7 +509,7 @@ def method_reference(tmp_path_factory, method_data):
 
 
 @pytest.mark.parametrize("method,mode", [pytest.param(m, e, marks=needs_deepspeed(e))
-                                         for m in METHODS for e in ("ddp", "zero3")])
+                                         for m in METHODS for e in ("ddp", "zero3", "fsdp")])
 def test_dpo_and_grpo_two_processes_equal_one_process(tmp_path, method_data, method_reference, method, mode):
     """DPO's pairs and GRPO's prompts split over two processes train as one process with the same
     global batch: the same losses and logged figures (DPO's rewards and accuracy; GRPO's reward,
