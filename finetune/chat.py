@@ -46,7 +46,7 @@ def interactive(assistant: Assistant, *, tuned: bool = True, attachments=(), std
     pending: list[tuple[str, Path]] = list(attachments)
     tuned = tuned and assistant.has_adapter
     while True:
-        say(f"{'tuned' if tuned else 'base'}> ", end="")
+        say(f"{assistant.name(tuned)}> ", end="")
         line = stdin.readline()
         if not line:
             say()
@@ -62,7 +62,9 @@ def interactive(assistant: Assistant, *, tuned: bool = True, attachments=(), std
             continue
         if cmd in ("/base", "/tuned"):
             if not assistant.has_adapter:
-                say(f"{assistant.label} has no adapter: every answer is the model's own")
+                say(f"{assistant.label} is the tuned model merged, with no adapter to switch off: chat with its run "
+                    "folder for /base" if assistant.own == "merged" else
+                    f"{assistant.label} has no adapter: every answer is the model's own")
                 continue
             tuned = cmd == "/tuned"
             say(f"adapter {'on' if tuned else 'off'}: answers from the {'tuned' if tuned else 'base'} model")
@@ -84,7 +86,7 @@ def interactive(assistant: Assistant, *, tuned: bool = True, attachments=(), std
         if cmd.startswith("/"):
             say(f"unknown command {cmd}; {HELP}")
             continue
-        say(f"{'tuned' if tuned else 'base'}: ", end="")
+        say(f"{assistant.name(tuned)}: ", end="")
         try:
             turn = assistant.ask(history, line, pending, tuned=tuned, on_text=lambda t: say(t, end=""))
         except UserError as e:

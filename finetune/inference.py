@@ -53,14 +53,20 @@ class Assistant:
     """One loaded model, its adapter on (tuned) or off (base), and how its samples are built."""
 
     def __init__(self, *, family, loaded, model, recipe: Recipe | None, label: str, has_adapter: bool,
-                 max_new_tokens: int, notes: list[str], run_dir: Path | None, limits: Limits):
+                 max_new_tokens: int, notes: list[str], run_dir: Path | None, limits: Limits, own: str = "base"):
         self.family, self.loaded, self.model, self.recipe = family, loaded, model, recipe
+        self.own = own  # what answers when there is no adapter: the base, or a merged (tuned) export
         self.processor = loaded.processor
         self.rope = family.rope_index(loaded.model)
         self.config = family.read_config(loaded.base_path)
         self.label, self.has_adapter, self.max_new_tokens = label, has_adapter, max_new_tokens
         self.notes, self.run_dir, self.limits = notes, run_dir, limits
         self._lock = threading.Lock()
+
+    def name(self, tuned: bool) -> str:
+        """Whose answers these are: tuned or base (the adapter on or off), or, without an adapter,
+        the model's own (`merged` for an export: the tuned model, merged)."""
+        return ("tuned" if tuned else "base") if self.has_adapter else self.own
 
     @property
     def modalities(self) -> frozenset[str]:
@@ -266,7 +272,8 @@ def _open_export(folder: Path, *, system: str | None, device: str | None) -> Ass
     loaded.model.eval()
     max_new = recipe.eval.max_new_tokens if recipe is not None else DEFAULT_MAX_NEW_TOKENS
     return Assistant(family=family, loaded=loaded, model=loaded.model, recipe=recipe, label=str(folder),
-                     has_adapter=False, max_new_tokens=max_new, notes=notes, run_dir=None, limits=limits)
+                     has_adapter=False, max_new_tokens=max_new, notes=notes, run_dir=None, limits=limits,
+                     own="merged")
 
 
 def describe(a: Assistant) -> str:

@@ -178,5 +178,13 @@ def test_chat_on_the_runs_merged_export_answers_as_the_tuned_run(tiny_runs, smal
     assert not any("no trained adapter" in n for n in exported.notes), exported.notes
     image = _media(small_demo, "image", tmp_path)
     # the merged model's own answer (no adapter to switch: what `chat merged --prompt` prints)
-    assert answer_once(exported, QUESTION, [("image", image)], tuned=False) == answer_once(tuned, QUESTION,
-                                                                                          [("image", image)])
+    answer = answer_once(exported, QUESTION, [("image", image)], tuned=False)
+    assert answer == answer_once(tuned, QUESTION, [("image", image)])
+    # the terminal chat labels it as the merged (tuned) model's, never as the base's
+    out = io.StringIO()
+    assert interactive(exported, stdin=io.StringIO(f"/image {image}\n{QUESTION}\n/base\n/quit\n"), stdout=out) == 0
+    text = out.getvalue()
+    lines = text.splitlines()
+    assert any(x.startswith("merged> merged: ") and x.strip().endswith(answer) for x in lines), text
+    assert not any(x.startswith(("base", "tuned")) or "> base" in x for x in lines), text
+    assert "the tuned model merged" in text  # what /base says there
