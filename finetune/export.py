@@ -130,6 +130,13 @@ def _usage(recipe, family, full: bool) -> list[str]:
         lines += ["", "Training used a system prompt of its own on samples without one; its text is not written "
                       "into this export (the run folder's `recipe.yaml` has it; `export.include_data_details: true` "
                       "copies it here). Give the model the same system prompt at inference."]
+    lines += ["", "## Serve it", "",
+              "With omni-finetune: `python -m finetune chat path/to/merged` answers in the terminal (`--prompt TEXT "
+              "--image FILE` once, for scripts), and `python -m finetune serve path/to/merged` opens a local page "
+              "(127.0.0.1) that answers an uploaded image, audio clip or video."]
+    serving = family.serving(full)
+    if serving:
+        lines += [""] + serving
     return lines
 
 

@@ -82,6 +82,12 @@ def test_merged_export_reproduces_the_adapter_model(tmp_path, small_demo, quanti
     assert len(shards) > 1 and all((out / s).exists() for s in shards)  # 200KB shards: really sharded
     assert json.loads((out / "preprocessor_config.json").read_text())["max_pixels"] == 12544  # training's
     assert manifest["files"].keys() == {p.name for p in out.iterdir() if p.name != "export_manifest.json"}
+    # the card says how to serve it: the toolkit's commands, and vLLM's tested command, whose thinker-only
+    # layout needs the full one first
+    card = (out / "README.md").read_text()
+    serve = card[card.index("## Serve it"):]
+    assert "python -m finetune chat path/to/merged" in serve and "python -m finetune serve path/to/merged" in serve
+    assert "vllm serve path/to/merged" in serve and "thinker-only layout" in serve and "wrap_full" in serve
 
     # independent check: plain transformers loads the export; logits match base+adapter (fp32)
     fam = get_family("qwen2_5_omni")
@@ -115,6 +121,8 @@ def test_full_omni_base_exports_a_full_checkpoint(tmp_path, small_demo):
     manifest = json.loads((out / "export_manifest.json").read_text())
     assert manifest["verify"]["passed"] and manifest["verify"]["max_abs_diff"] <= 1e-4
     assert manifest["unchanged_from_base"]["parts"] == ["talker", "token2wav"]
+    card = (out / "README.md").read_text()  # the full layout serves in vLLM as exported
+    assert "vllm serve path/to/merged" in card and "thinker-only layout" not in card
 
     # same tensor names as the base; talker and token2wav bit-identical; thinker changed
     base_t, out_t = tensors_of(base_dir), tensors_of(out)

@@ -473,6 +473,11 @@ class Family(abc.ABC):
         """Markdown lines for the exported model card: how to load the export (and its adapter)."""
         return []
 
+    def serving(self, full_layout: bool) -> list[str]:
+        """Markdown lines for the model card's "Serve it" section beyond the toolkit's own chat and
+        serve commands: a serving engine's command that was tested on this family's exports."""
+        return []
+
     @abc.abstractmethod
     def collate_media(self, batch: list[EncodedSample]) -> dict[str, Any]:
         """The batch's media tensors in sample order (shared by padded and packed batches)."""

