@@ -61,25 +61,28 @@ def probe_logits(model, family, processor, probes, rope, amp=contextlib.nullcont
 
 class SeededSampler:
     """A logits processor that turns greedy decoding into sampling at `temperature` (no top-k or
-    top-p cut) with one random stream per row, seeded by `seeds`: the Gumbel-max trick, argmax of
-    logits / T + Gumbel noise, draws the next token from softmax(logits / T). A row's answer then
-    depends on its own seed and prompt only, not on the rows beside it nor on the global random
-    state: GRPO's rollouts are the same under any number of processes, batch composition or a
-    resume (finetune.rollout)."""
+    top-p cut) with one random stream per row, seeded by `seeds`: each step draws one uniform u per
+    row and picks the first token whose cumulative softmax(logits / T) probability exceeds u
+    (inverse-CDF sampling, in float64), returned as the only finite score so that greedy decoding
+    takes it. A row's answer then depends on its own seed and prompt only, not on the rows beside
+    it nor on the global random state: GRPO's rollouts are the same under any number of
+    processes, batch composition or a resume (finetune.rollout). One random number per row and
+    token, not a vocabulary's worth (as the Gumbel-max trick would draw)."""
 
     def __init__(self, temperature: float, seeds: list[int]):
         self.temperature, self.seeds, self.gens = temperature, seeds, None
 
     def __call__(self, input_ids, scores):
-        if self.gens is None:  # on the logits' device, so no vocabulary-sized copy per token
+        if self.gens is None:  # on the logits' device: no host copy per token
             self.gens = [torch.Generator(device=scores.device).manual_seed(s) for s in self.seeds]
         if scores.shape[0] != len(self.gens):
             raise ValueError(f"SeededSampler: {scores.shape[0]} rows but {len(self.gens)} seeds")
-        u = torch.stack([torch.rand(scores.shape[-1], generator=g, device=scores.device, dtype=torch.float64)
-                         for g in self.gens])
-        tiny = torch.finfo(torch.float64).tiny
-        gumbel = -torch.log(-torch.log(u.clamp(tiny, 1 - 1e-16)))
-        return (scores.double() / self.temperature + gumbel).float()
+        u = torch.cat([torch.rand(1, generator=g, device=scores.device, dtype=torch.float64) for g in self.gens])
+        cdf = torch.softmax(scores.double() / self.temperature, dim=-1).cumsum(-1)
+        # the first token whose cumulative probability exceeds u (right=True: never a zero-probability one)
+        token = torch.searchsorted(cdf, u[:, None], right=True).clamp(max=scores.shape[-1] - 1)
+        out = torch.full(scores.shape, float("-inf"), dtype=torch.float32, device=scores.device)
+        return out.scatter_(1, token, 0.0)
 
 
 @torch.no_grad()

@@ -241,7 +241,7 @@ def test_grpo_as_a_stage_after_sft_logs_its_rewards_and_eval_scores_its_start(tm
 
 
 def test_the_seeded_sampler_draws_from_the_softmax_at_its_temperature():
-    """Gumbel-max sampling: over 20,000 draws each token's frequency is its softmax(logits / T)
+    """Inverse-CDF sampling: over 20,000 draws each token's frequency is its softmax(logits / T)
     probability within 4.5 standard errors, and the same seeds draw the same tokens."""
     from finetune.probes import SeededSampler
 
