@@ -52,8 +52,8 @@ STAMP ?= $(VENV)/.installed-$(LOCK_HASH)
 # for MobileNetV5 (see finetune/families/gemma3n_timm.py); its other requirements are ours already
 # PyAV (the `video` extra) reads video files; its wheel bundles FFmpeg's CPU libraries, no CUDA
 # Gradio (the `serve` extra: the page of `python -m finetune serve`) goes in without its dependencies
-# too: every Gradio 6 release caps pillow below 13 (a cap, not an incompatibility; the upload path
-# hands Gradio file paths, never PIL images), and our locked pillow 13 stays. Its other requirements
+# too: gradio 6.31 (the locked one) caps pillow below 13, and our locked pillow 13 stays (the page hands
+# Gradio file paths, never PIL images; tests/test_serve_page.py runs it on pillow 13). Its other requirements
 # (SERVE_DEPS, from its wheel's Requires-Dist less pillow) install normally under the lock; pip then
 # reports "gradio requires pillow<13", which is expected. tests/test_serve_page.py drives the page.
 install: venv

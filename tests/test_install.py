@@ -101,7 +101,7 @@ def test_pyav_is_installed_by_make_install_and_takes_no_cuda_wheel():
 
 
 def test_gradio_is_installed_without_its_pillow_cap_and_with_everything_else_it_requires():
-    """`make install` installs gradio with --no-deps (every Gradio 6 caps pillow below 13; the lock
+    """`make install` installs gradio with --no-deps (gradio 6.31 caps pillow below 13; the lock
     keeps pillow 13) and SERVE_DEPS: gradio's other requirements, so none is missing or stray."""
     import re
     import shlex
