@@ -10,9 +10,10 @@ LlamaBoard and ms-swift's web-ui users know, kept up by Hugging Face, with file 
 and plots built in. It binds 127.0.0.1 unless --host says otherwise (then a warning: the data the
 page shows goes to whoever reaches it). It loads nothing from outside the machine: system fonts,
 no telemetry, no version check, no run history kept in the browser (tests/test_serve_page.py
-drives it in headless Chromium behind a proxy that records any other request). Every upload lands in one temporary folder of ours (Gradio's upload folder is
-pointed there) and is removed with it; each is checked as a dataset's media are before the model
-sees it: a size cap, then the recipe's data.max_* caps and the decoders (Assistant.sample).
+drives it in headless Chromium behind a proxy that records any other request). Every upload
+lands in one temporary folder of ours (Gradio's upload folder is pointed there) and is removed
+with it; each is checked as a dataset's media are before the model sees it: a size cap, then the
+recipe's data.max_* caps and the decoders (Assistant.sample).
 
 Everything but the page itself (`page`) is plain functions, tested without Gradio.
 """

@@ -108,8 +108,8 @@ def test_the_page_answers_base_and_tuned_side_by_side_and_loads_nothing_from_out
         browser.call("Emulation.setDeviceMetricsOverride", width=SIZE[0], height=SIZE[1], deviceScaleFactor=1,
                      mobile=False)
         browser.call("Page.navigate", url=origin + "/")
-        browser.wait_for("document.querySelector('input[type=file]') && document.querySelectorAll('textarea').length >= 3",
-                         30, "the page to render")
+        browser.wait_for("!!(document.querySelector('input[type=file]') && document.getElementById('ask'))", 30,
+                         "the page to render")
         browser.js(JS_HELPERS)
         assert browser.js("!!(_box('question') && _box('base (adapter off)') && _box('tuned (adapter on)') && _ask())")
 
@@ -118,11 +118,13 @@ def test_the_page_answers_base_and_tuned_side_by_side_and_loads_nothing_from_out
         field = browser.call("DOM.querySelector", nodeId=root, selector="input[type=file]")["nodeId"]
         browser.call("DOM.setFileInputFiles", nodeId=field, files=[str(image)])
         browser.wait_for(f"document.body.innerText.includes({image.name!r})", 30, "the upload to show")
+        # in our upload folder, and nowhere else in the server's temporary folder (Gradio writes a
+        # temporary name first, then moves it to a folder named by its hash)
         deadline = time.monotonic() + 30
-        while not [p for p in upload_dir.rglob("*") if p.is_file()] and time.monotonic() < deadline:
+        while [p.name for p in tmp.rglob("*") if p.is_file()] != [image.name] and time.monotonic() < deadline:
             time.sleep(0.2)
-        # in our upload folder, and nowhere else in the server's temporary folder
-        assert [p.name for p in upload_dir.rglob("*") if p.is_file()] == [image.name], sorted(map(str, tmp.rglob("*")))
+        assert [p.relative_to(upload_dir).parts[-1] for p in tmp.rglob("*") if p.is_file()] == [image.name], \
+            sorted(map(str, tmp.rglob("*")))
 
         # type the question and press Ask
         browser.js("_box('question').focus()")
