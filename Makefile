@@ -11,6 +11,14 @@ ARGS ?=
 # override with e.g. `make install TORCH="torch==2.9.1"`.
 TORCH ?= torch==2.13.0
 EXTRAS ?= dev,medical,deepspeed,video
+# the `serve` extra, installed apart (see install:): Gradio 6 and what it needs, pillow left out
+GRADIO ?= gradio>=6,<7
+SERVE_DEPS := "anyio>=3,<5" "audioop-lts<=0.2.2; python_version >= '3.13'" "brotli>=1.2.1" "fastapi>=0.115.2,<1" \
+	"gradio-client>=2,<3" "groovy~=0.1" "hf-gradio>=0.4.1,<1" "httpx>=0.24.1,<1" "huggingface-hub>=1.16,<3" \
+	"jinja2<4" "markupsafe>=2,<4" "numpy>=1,<3" "orjson~=3.0" packaging "pandas>=1,<4" "pydantic>=2,<=3" \
+	"pydub<1" "python-multipart>=0.0.18,<1" "pytz>=2017.2" "pyyaml>=5,<7" "safehttpx>=0.1.7,<0.2" \
+	"semantic-version~=2.0" "starlette>=1.0.1,<2" "tomlkit>=0.12,<0.15" "typer>=0.12,<1" "typing-extensions~=4.0" \
+	"uvicorn>=0.14"
 # several GPUs / nodes: `make finetune RECIPE=x GPUS=4` runs torchrun with 4 processes on this
 # machine; multi-node: the same command on every node with NNODES, NODE_RANK, MASTER_ADDR and
 # MASTER_PORT set (torchrun's standard variables). GPUS=1 and NNODES=1: one plain process.
@@ -43,9 +51,16 @@ STAMP ?= $(VENV)/.installed-$(LOCK_HASH)
 # torchvision, whose PyPI wheel is a CUDA build that breaks beside a CPU torch, and never calls it
 # for MobileNetV5 (see finetune/families/gemma3n_timm.py); its other requirements are ours already
 # PyAV (the `video` extra) reads video files; its wheel bundles FFmpeg's CPU libraries, no CUDA
+# Gradio (the `serve` extra: the page of `python -m finetune serve`) goes in without its dependencies
+# too: gradio 6.31 (the locked one) caps pillow below 13, and our locked pillow 13 stays (the page hands
+# Gradio file paths, never PIL images; tests/test_serve_page.py runs it on pillow 13). Its other requirements
+# (SERVE_DEPS, from its wheel's Requires-Dist less pillow) install normally under the lock; pip then
+# reports "gradio requires pillow<13", which is expected. tests/test_serve_page.py drives the page.
 install: venv
 	DS_BUILD_OPS=0 $(PY) -m pip install -q -c $(LOCK) -e ".[$(EXTRAS)]"
 	$(PY) -m pip install -q --no-deps -c $(LOCK) timm
+	$(PY) -m pip install -q -c $(LOCK) $(SERVE_DEPS)
+	$(PY) -m pip install -q --no-deps -c $(LOCK) "$(GRADIO)"
 	$(PY) tools/lock.py check
 	@rm -f $(VENV)/.installed-*$(if $(STAMP),; touch $(STAMP))
 
@@ -63,6 +78,8 @@ install-latest: venv
 	$(PY) -c "import torch; print('torch==' + torch.__version__)" > $(VENV)/torch-pin.txt
 	DS_BUILD_OPS=0 $(PY) -m pip install -q --upgrade --upgrade-strategy eager -c $(VENV)/torch-pin.txt -e ".[$(EXTRAS)]"
 	$(PY) -m pip install -q --upgrade --no-deps "timm>=1.0.16,<2"
+	$(PY) -m pip install -q --upgrade --upgrade-strategy eager -c $(VENV)/torch-pin.txt $(SERVE_DEPS)
+	$(PY) -m pip install -q --upgrade --no-deps "$(GRADIO)"
 	@$(PY) -c "import transformers, peft, trl; print(f'installed the newest allowed: transformers {transformers.__version__}, peft {peft.__version__}, trl {trl.__version__}; now make test, then make lock')"
 
 lock:

@@ -5,12 +5,15 @@ answers appear side by side, streamed; one model is in memory, so they are gener
 the other. The page also shows the run's evaluation (eval.html, predictions.jsonl) and a
 running training's progress (metrics.jsonl, read again every few seconds).
 
-The page is Gradio's (the `serve` extra): the UI library LLaMA-Factory's LlamaBoard and ms-swift's
-web-ui users know, kept up by Hugging Face, with file upload, streaming and plots built in. It
-binds 127.0.0.1 unless --host says otherwise (then a warning: the data the page shows goes to
-whoever reaches it). Every upload lands in one temporary folder of ours (Gradio's upload folder is
-pointed there) and is removed with it; each is checked as a dataset's media are before the model
-sees it: a size cap, then the recipe's data.max_* caps and the decoders (Assistant.sample).
+The page is Gradio 6's (the `serve` extra, in `make install`): the UI library LLaMA-Factory's
+LlamaBoard and ms-swift's web-ui users know, kept up by Hugging Face, with file upload, streaming
+and plots built in. It binds 127.0.0.1 unless --host says otherwise (then a warning: the data the
+page shows goes to whoever reaches it). It loads nothing from outside the machine: system fonts,
+no telemetry, no version check, no run history kept in the browser (tests/test_serve_page.py
+drives it in headless Chromium behind a proxy that records any other request). Every upload
+lands in one temporary folder of ours (Gradio's upload folder is pointed there) and is removed
+with it; each is checked as a dataset's media are before the model sees it: a size cap, then the
+recipe's data.max_* caps and the decoders (Assistant.sample).
 
 Everything but the page itself (`page`) is plain functions, tested without Gradio.
 """
@@ -156,6 +159,8 @@ def eval_page(run_dir: Path | None) -> Path | None:
 
 def require_gradio():
     """Gradio, or the MissingExtraError that names the extra (checked before the model loads)."""
+    # before the import: Gradio's telemetry and version check (calls to api.gradio.app) stay off
+    os.environ["GRADIO_ANALYTICS_ENABLED"] = "False"
     try:
         import gradio as gr
     except ImportError as e:
@@ -164,7 +169,8 @@ def require_gradio():
 
 
 def page(assistant: Assistant, *, uploads: Uploads, max_bytes: int):
-    """The Gradio page (Blocks) over the functions above."""
+    """The Gradio page over the functions above: (Blocks, the app-level settings Gradio 6 takes
+    in launch(): its theme)."""
     gr = require_gradio()
     run_dir = assistant.run_dir
     kinds = [k for k in MEDIA_TYPES if k in assistant.modalities]
@@ -179,19 +185,19 @@ def page(assistant: Assistant, *, uploads: Uploads, max_bytes: int):
         except UserError as e:
             raise gr.Error(str(e)) from None
 
-    # system fonts: the page loads nothing from the network
+    # system fonts (the default theme's are Google Fonts): the page loads nothing from the network
     theme = gr.themes.Default(font=["system-ui", "sans-serif"], font_mono=["monospace"])
-    with gr.Blocks(title="omni-finetune", theme=theme, analytics_enabled=False) as demo:
+    with gr.Blocks(title="omni-finetune", analytics_enabled=False) as demo:
         gr.Markdown(f"**{assistant.family.title}** from `{assistant.label}`")
         with gr.Tab("Ask"):
             with gr.Row():
                 inputs = [gr.File(label=kind, type="filepath") for kind in kinds]
             question = gr.Textbox(label="question")
-            go = gr.Button("Ask")
+            go = gr.Button("Ask", variant="primary", elem_id="ask")
             with gr.Row():
                 base = gr.Textbox(label="base (adapter off)", interactive=False)
                 tuned = gr.Textbox(label="tuned (adapter on)", interactive=False)
-            go.click(ask, [question, *inputs], [base, tuned])
+            go.click(ask, [question, *inputs], [base, tuned], api_visibility="undocumented")
         if run_dir is not None:
             with gr.Tab("Training"):
                 status = gr.Markdown()
@@ -203,8 +209,8 @@ def page(assistant: Assistant, *, uploads: Uploads, max_bytes: int):
                     p = training_progress(run_dir)
                     return p["text"], pd.DataFrame(p["curve"] or [{"step": 0, "loss": float("nan")}])
 
-                gr.Timer(5).tick(refresh, None, [status, curve])
-                demo.load(refresh, None, [status, curve])
+                gr.Timer(5).tick(refresh, None, [status, curve], api_visibility="undocumented")
+                demo.load(refresh, None, [status, curve], api_visibility="undocumented")
             with gr.Tab("Evaluation"):
                 html = eval_page(run_dir)
                 if html is not None:
@@ -214,7 +220,7 @@ def page(assistant: Assistant, *, uploads: Uploads, max_bytes: int):
                     gr.Dataframe(value=[[r.get(k, "") for k in rows[0]] for r in rows], headers=list(rows[0]))
                 if html is None and not rows:
                     gr.Markdown("no evaluation yet: `python -m finetune eval RUN` writes eval.html and predictions")
-    return demo
+    return demo, {"theme": theme}
 
 
 def serve(assistant: Assistant, *, host: str = "127.0.0.1", port: int = 7860, max_upload_mb: float = 256) -> int:
@@ -224,14 +230,17 @@ def serve(assistant: Assistant, *, host: str = "127.0.0.1", port: int = 7860, ma
         print(EXPOSED_WARNING.format(host=host), file=sys.stderr)
     uploads = Uploads()
     os.environ["GRADIO_TEMP_DIR"] = str(uploads.dir)  # Gradio writes each upload under it
-    os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
     try:
-        demo = page(assistant, uploads=uploads, max_bytes=int(max_upload_mb * 1e6))
+        demo, app = page(assistant, uploads=uploads, max_bytes=int(max_upload_mb * 1e6))
         html = eval_page(assistant.run_dir)
         allowed = [str(html)] if html is not None else []  # that page alone, not the run folder
-        demo.queue(default_concurrency_limit=1).launch(server_name=host, server_port=port or None,
-                                                       allowed_paths=allowed, max_file_size=int(max_upload_mb * 1e6),
-                                                       share=False, show_api=False)
+        # no API-docs link (the endpoints are undocumented), no /monitoring page, no run history
+        # in the browser (questions about patients' scans stay out of its storage), no share link,
+        # no Node server, no MCP server
+        demo.queue(default_concurrency_limit=1).launch(
+            server_name=host, server_port=port or None, allowed_paths=allowed,
+            max_file_size=int(max_upload_mb * 1e6), share=False, footer_links=["gradio", "settings"],
+            enable_monitoring=False, run_history=False, ssr_mode=False, mcp_server=False, **app)
     finally:
         uploads.close()
     return 0

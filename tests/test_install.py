@@ -98,3 +98,24 @@ def test_pyav_is_installed_by_make_install_and_takes_no_cuda_wheel():
     assert not [r for r in metadata.distribution("av").requires or [] if "extra ==" not in r]
     files = [str(f) for f in metadata.distribution("av").files or []]
     assert files and not [f for f in files if "cuda" in f.lower() or "nvidia" in f.lower()], files
+
+
+def test_gradio_is_installed_without_its_pillow_cap_and_with_everything_else_it_requires():
+    """`make install` installs gradio with --no-deps (gradio 6.31 caps pillow below 13; the lock
+    keeps pillow 13) and SERVE_DEPS: gradio's other requirements, so none is missing or stray."""
+    import re
+    import shlex
+    from importlib import metadata
+
+    from packaging.requirements import Requirement
+
+    lock = dict(line.split("==") for line in (ROOT / "requirements" / "lock.txt").read_text().splitlines()
+                if "==" in line and not line.startswith("#"))
+    assert metadata.version("gradio") == lock["gradio"] and metadata.version("pillow") == lock["pillow"]
+    assert int(lock["pillow"].split(".")[0]) >= 13
+    steps = _make("install", "STAMP=").stdout
+    assert re.search(r'pip install -q --no-deps -c requirements/lock.txt "gradio>=6,<7"', steps), steps
+    [deps_line] = [line for line in steps.splitlines() if '"fastapi' in line]
+    listed = {Requirement(r).name.lower() for r in shlex.split(deps_line.split("requirements/lock.txt", 1)[1])}
+    needed = {Requirement(r).name.lower() for r in metadata.requires("gradio") or [] if "extra ==" not in r}
+    assert listed == needed - {"pillow"}, (listed ^ (needed - {"pillow"}))

@@ -4,83 +4,28 @@ recording proxy; only Chromium's own service calls may appear there)."""
 
 import base64
 import io
-import os
 import re
-import shutil
-import socket
 import subprocess
-import threading
 
 import numpy as np
 import pytest
 import soundfile as sf
 from PIL import Image
 
+from browser import QUIET_FLAGS, RecordingProxy
+from browser import chromium as _chromium
 from finetune.data.schema import parse_sample
 from finetune.evaluate import compare, plan_metrics, score
 from finetune.report import THUMB_PX, figure_rows, loss_svg, pick_examples, write_html
 
 THUMB_RGB = (230, 20, 160)      # the lesion image's colour: nothing else on the page has it
 HEADER_RGB = (0x1F, 0x4E, 0x79)  # the metrics table's header cells (report.py's CSS)
-# hosts Chromium itself calls (component updater, sign-in) even with background networking off
-CHROMIUM_OWN = {"update.googleapis.com", "accounts.google.com", "clients2.google.com", "clients1.google.com",
-                "redirector.gvt1.com", "edgedl.me.gvt1.com"}
-
-
-def _chromium() -> str:
-    for name in ("chromium", "chromium-browser", "google-chrome", "chrome"):
-        if shutil.which(name):
-            return shutil.which(name)
-    if os.environ.get("CI", "").lower() not in ("", "0", "false", "no"):
-        pytest.fail("CI is set and Chromium is missing: .ci/run installs it (apt-get install chromium)")
-    pytest.skip("Chromium is not installed (apt-get install chromium); CI installs it and runs this test")
-
-
-class RecordingProxy:
-    """An HTTP proxy that answers nothing and records the first line of every request."""
-
-    def __init__(self):
-        self.requests: list[str] = []
-        self.sock = socket.socket()
-        self.sock.bind(("127.0.0.1", 0))
-        self.sock.listen(32)
-        self.port = self.sock.getsockname()[1]
-        threading.Thread(target=self._serve, daemon=True).start()
-
-    def _serve(self):
-        while True:
-            try:
-                conn, _ = self.sock.accept()
-            except OSError:
-                return
-            conn.settimeout(2)
-            try:
-                self.requests.append(conn.recv(4096).split(b"\r\n")[0].decode("latin1"))
-            except OSError:
-                pass
-            conn.close()
-
-    def page_requests(self) -> list[str]:
-        """The requests not made by Chromium for itself."""
-        out = []
-        for line in self.requests:
-            m = re.match(r"(?:CONNECT\s+([^:/\s]+)|\w+\s+\w+://([^:/\s]+))", line)
-            if not m or (m.group(1) or m.group(2)) not in CHROMIUM_OWN:
-                out.append(line)
-        return out
-
-    def close(self):
-        self.sock.close()
 
 
 def _run(chromium, proxy, tmp, url, *args):
     prof = tmp / f"profile{len(list(tmp.glob('profile*')))}"
-    cmd = [chromium, "--headless", "--disable-gpu", "--no-sandbox", "--no-first-run", f"--user-data-dir={prof}",
-           "--disable-background-networking", "--disable-component-update", "--disable-sync",
-           "--disable-default-apps", "--disable-domain-reliability", "--no-pings", "--hide-scrollbars",
-           "--force-color-profile=srgb", "--force-device-scale-factor=1",
-           "--disable-features=OptimizationHints,Translate,MediaRouter,NetworkTimeServiceQuerying",
-           f"--proxy-server=127.0.0.1:{proxy.port}", "--proxy-bypass-list=<-loopback>", *args, url]
+    cmd = [chromium, *QUIET_FLAGS, f"--user-data-dir={prof}", f"--proxy-server=127.0.0.1:{proxy.port}",
+           "--proxy-bypass-list=<-loopback>", *args, url]
     res = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
     assert res.returncode == 0, res.stderr[-2000:]
     return res.stdout

@@ -1,13 +1,13 @@
-"""`python -m finetune serve`: the page's logic without the page (Gradio is an optional extra):
-base and tuned answers streamed side by side, uploads checked as dataset media inside one
-temporary folder, the run's training read live, the address and its warning."""
+"""`python -m finetune serve`: the page's logic without the page (tests/test_serve_page.py drives
+the page in Chromium): base and tuned answers streamed side by side, uploads checked as dataset
+media inside one temporary folder, the run's training read live, the address and its warning."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import shutil
+import sys
 import tempfile
 from pathlib import Path
 
@@ -130,8 +130,9 @@ def test_only_loopback_addresses_count_as_local(host, local):
 
 @pytest.mark.parametrize("host,warned", [("127.0.0.1", False), ("0.0.0.0", True)])
 def test_serve_binds_where_asked_warns_when_exposed_and_leaves_no_upload_folder(monkeypatch, capsys, host, warned):
-    """serve() with the page stubbed (Gradio is optional): the address given to the server, the
-    warning, Gradio's upload folder pointed at ours and removed after."""
+    """serve() with the page stubbed: the address given to the server, the warning, the app-level
+    settings (Gradio 6 takes the theme in launch()), Gradio's upload folder pointed at ours and
+    removed after."""
     seen = {}
 
     class Page:
@@ -146,16 +147,18 @@ def test_serve_binds_where_asked_warns_when_exposed_and_leaves_no_upload_folder(
         run_dir = None
 
     monkeypatch.setattr(srv, "require_gradio", lambda: None)
-    monkeypatch.setattr(srv, "page", lambda a, uploads, max_bytes: Page())
+    monkeypatch.setattr(srv, "page", lambda a, uploads, max_bytes: (Page(), {"theme": "system fonts"}))
     monkeypatch.delenv("GRADIO_TEMP_DIR", raising=False)
     assert srv.serve(Stub(), host=host, port=0, max_upload_mb=1) == 0
     assert seen["server_name"] == host and seen["share"] is False and seen["max_file_size"] == 1_000_000
+    assert seen["theme"] == "system fonts" and "api" not in seen["footer_links"] and seen["run_history"] is False
     assert not Path(seen["temp"]).exists()
     err = capsys.readouterr().err
     assert ("medical data" in err) is warned
 
 
-@pytest.mark.skipif(importlib.util.find_spec("gradio") is not None, reason="gradio is installed")
-def test_serve_without_gradio_names_the_extra_before_loading_anything(capsys, tmp_path):
+def test_serve_without_gradio_names_the_extra_before_loading_anything(monkeypatch, capsys, tmp_path):
+    monkeypatch.setitem(sys.modules, "gradio", None)  # an environment without the extra: import fails
+    monkeypatch.setenv("GRADIO_ANALYTICS_ENABLED", "False")
     assert main(["serve", str(tmp_path / "no-such-run")]) == 2
     assert "pip install -e '.[serve]'" in capsys.readouterr().err
