@@ -113,7 +113,8 @@ def demo_pairs(demo: dict, folder, split: str = "train") -> str:
 
 #: each family's tiny recipe (the one `make finetune RECIPE=...` runs on the CPU)
 TINY_RECIPES = {"qwen2_5_omni": "medical-tiny", "baichuan_omni": "medical-baichuan-tiny",
-                "qwen3_omni_moe": "medical-qwen3-omni-tiny", "gemma3n": "medical-gemma3n-tiny"}
+                "qwen3_omni_moe": "medical-qwen3-omni-tiny", "gemma3n": "medical-gemma3n-tiny",
+                "gemma4": "medical-gemma4-tiny", "nemotron_omni": "medical-nemotron-omni-tiny"}
 
 
 @pytest.fixture(scope="session")

@@ -257,25 +257,68 @@ def test_quantized_export_is_written_beside_and_loads(cli_run):
     assert (out / "tokenizer.json").exists() and (out / "preprocessor_config.json").exists()
 
 
-@pytest.mark.parametrize("family", ["qwen3_omni_moe", "gemma3n"])
-def test_the_transformers_example_answers_other_families_exports_as_eval_does(family, tiny_runs, small_demo, tmp_path):
-    """The example answers each export transformers has a class for, as eval's greedy generation
-    answers the same samples with the run's adapter."""
-    from finetune.data.reading import read_split
+def example_answers(run, data, tmp_path, *extra):
+    """(the run's merged export's answers by the transformers-only example, its stdout)."""
     from finetune.export import export_run
-    from finetune.inference import open_model
-    from finetune.probes import generate
 
-    run = tiny_runs(family)
     merged = export_run(run, force=True)["merged"]
     preds = tmp_path / "fresh.jsonl"
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
     res = subprocess.run([sys.executable, str(ROOT / "examples" / "generate_with_transformers.py"), str(merged),
-                          str(small_demo["eval"]), "--limit", "3", "--out", str(preds)],
+                          str(data), *extra, "--out", str(preds)],
                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
     assert res.returncode == 0, res.stderr[-3000:]
-    fresh = [json.loads(x) for x in preds.read_text().splitlines()]
+    return [json.loads(x) for x in preds.read_text().splitlines()], res.stdout
+
+
+def eval_answers(run, data, keep=lambda s: True) -> list[str]:
+    """Eval's greedy answers (the run's adapter) to the samples of `data` that `keep` keeps."""
+    from finetune.data.reading import read_split
+    from finetune.inference import open_model
+    from finetune.probes import generate
+
     a = open_model(str(run), device="cpu")
-    samples, _ = read_split(str(small_demo["eval"]), a.recipe)
-    ours = generate(a.model, a.family, a.processor, samples[:3], a.rope, max_new_tokens=a.max_new_tokens, batch_size=1)
+    samples, _ = read_split(str(data), a.recipe)
+    samples = [s for s in samples if keep(s)]
+    return generate(a.model, a.family, a.processor, samples, a.rope, max_new_tokens=a.max_new_tokens, batch_size=1)
+
+
+@pytest.mark.parametrize("family", ["qwen3_omni_moe", "gemma3n", "gemma4", "nemotron_omni"])
+def test_the_transformers_example_answers_other_families_exports_as_eval_does(family, tiny_runs, small_demo, tmp_path):
+    """The example answers each export transformers has a class for, as eval's greedy generation
+    answers the same samples with the run's adapter."""
+    run = tiny_runs(family)
+    fresh, _ = example_answers(run, small_demo["eval"], tmp_path, "--limit", "3")
+    ours = eval_answers(run, small_demo["eval"])[:3]
     assert len(fresh) == 3 and [f["prediction"] for f in fresh] == ours
+
+
+VIDEO_SAMPLES = [  # media from media_samples.write_media: a.png, a.wav, vid/ (5 frames), av.mp4 (4 fps, 2.5 s)
+    [{"type": "image", "path": "a.png"}, {"type": "audio", "path": "a.wav"}, {"type": "text", "text": "Listen."}],
+    [{"type": "video", "path": "vid"}, {"type": "text", "text": "Is there a lesion?"}],
+    [{"type": "video", "path": "av.mp4"}, {"type": "text", "text": "Is there a lesion?"}],
+    [{"type": "image", "path": "b.png"}, {"type": "audio", "path": "a.wav"}, {"type": "video", "path": "vid", "fps": 4},
+     {"type": "text", "text": "All of it."}],
+]
+
+
+@pytest.mark.parametrize("family", ["gemma4", "nemotron_omni"])
+def test_the_transformers_example_answers_video_as_eval_does(family, tiny_runs, media_dir, tmp_path):
+    """Video from a file and from a folder of frames (thinned by its fps), alone and beside an image
+    and audio: the example answers it as eval does where it reads the family's video (Gemma 4), and
+    elsewhere skips those samples, says so with the reason, and answers the rest as eval does."""
+    data = media_dir / "eval.jsonl"
+    data.write_text("".join(json.dumps({"id": f"v{i}", "messages": [
+        {"role": "system", "content": "You are a radiology assistant."}, {"role": "user", "content": parts},
+        {"role": "assistant", "content": "Yes. A lesion."}], "answer": "yes"}) + "\n"
+        for i, parts in enumerate(VIDEO_SAMPLES)))
+    run = tiny_runs(family)
+    fresh, stdout = example_answers(run, data, tmp_path)
+    if family == "gemma4":
+        assert [f["id"] for f in fresh] == ["v0", "v1", "v2", "v3"] and "skipped" not in stdout
+        ours = eval_answers(run, data)
+    else:
+        assert [f["id"] for f in fresh] == ["v0"]
+        assert "1 samples answered (3 with video skipped: the toolkit answers no video for Nemotron" in stdout
+        ours = eval_answers(run, data, keep=lambda s: not any(p.type == "video" for m in s.messages for p in m.parts))
+    assert [f["prediction"] for f in fresh] == ours

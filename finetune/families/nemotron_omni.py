@@ -58,6 +58,7 @@ Packing:
 from __future__ import annotations
 
 import functools
+import json
 import math
 import types
 from pathlib import Path
@@ -463,6 +464,23 @@ class NemotronOmniFamily(Family):
                 "```", "",
                 "transformers' image processor for this model needs torchvision; the `mamba_ssm` and `causal_conv1d` "
                 "packages give the Mamba-2 layers their CUDA kernels (PyTorch's reference path otherwise)."]
+
+    def write_processor_settings(self, folder: Path, processor: NemotronOmniProcessor) -> None:
+        """The exported processor config cuts images as training did: the recipe's pixels became the
+        patch budget (min_num_patches, max_num_patches), which the base folder's config does not hold."""
+        want = {"min_num_patches": processor.min_patches, "max_num_patches": processor.max_patches}
+        for name in ("processor_config.json", "preprocessor_config.json"):
+            p = Path(folder) / name
+            if not p.exists():
+                continue
+            cfg = json.loads(p.read_text())
+            section = cfg.get("image_processor") if isinstance(cfg.get("image_processor"), dict) else cfg
+            if "max_num_patches" not in section and "min_num_patches" not in section:
+                continue
+            if all(section.get(k) == v for k, v in want.items()):
+                continue
+            section.update(want)
+            p.write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
 
     def tiny_models(self) -> dict:
         return {self.name: tiny.materialize_tiny}
