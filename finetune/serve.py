@@ -106,7 +106,9 @@ def compare(assistant: Assistant, question: str, attachments=()) -> Iterator[tup
         for base in assistant.stream(sample, tuned=False):
             yield base, ""
     else:
-        base = f"({assistant.label} has no adapter: the answer on the right is the model's own)"
+        base = (f"({assistant.label} is the tuned model merged: the base answers where its run folder is served)"
+                if assistant.own == "merged" else
+                f"({assistant.label} has no adapter: the answer on the right is the model's own)")
         yield base, ""
     for tuned in assistant.stream(sample, tuned=assistant.has_adapter):
         yield base, tuned
@@ -195,8 +197,9 @@ def page(assistant: Assistant, *, uploads: Uploads, max_bytes: int):
             question = gr.Textbox(label="question")
             go = gr.Button("Ask", variant="primary", elem_id="ask")
             with gr.Row():
-                base = gr.Textbox(label="base (adapter off)", interactive=False)
-                tuned = gr.Textbox(label="tuned (adapter on)", interactive=False)
+                plain = not assistant.has_adapter  # an export (merged) or a run not trained yet (base)
+                base = gr.Textbox(label="base" if plain else "base (adapter off)", interactive=False)
+                tuned = gr.Textbox(label=assistant.name(True) if plain else "tuned (adapter on)", interactive=False)
             go.click(ask, [question, *inputs], [base, tuned], api_visibility="undocumented")
         if run_dir is not None:
             with gr.Tab("Training"):

@@ -162,3 +162,21 @@ def test_serve_without_gradio_names_the_extra_before_loading_anything(monkeypatc
     monkeypatch.setenv("GRADIO_ANALYTICS_ENABLED", "False")
     assert main(["serve", str(tmp_path / "no-such-run")]) == 2
     assert "pip install -e '.[serve]'" in capsys.readouterr().err
+
+
+def test_an_export_answers_alone_on_the_right_and_says_why():
+    """An export folder (no adapter: the tuned model merged) streams its answer on the right; the
+    left says the base answers where the run folder is served. The labels come from the assistant."""
+    class Export:
+        has_adapter, own, label = False, "merged", "runs/x/merged"
+
+        def sample(self, history, question, attachments):
+            return question
+
+        def stream(self, sample, *, tuned):
+            assert tuned is False  # no adapter to switch on: the merged weights answer
+            yield "Yes"
+            yield "Yes."
+
+    steps = list(srv.compare(Export(), QUESTION))
+    assert steps[-1][1] == "Yes." and "tuned model merged" in steps[-1][0] and steps[0][1] == ""
