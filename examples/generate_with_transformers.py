@@ -548,7 +548,8 @@ def main(argv=None) -> int:
     model = load_model(args.model_dir)
     config = json.loads((Path(args.model_dir) / "config.json").read_text())
     family = family_of(config)
-    inputs_of = {"gemma3n": Gemma3nInputs, "gemma4": Gemma4Inputs, "nemotron_omni": NemotronInputs}.get(family, QwenInputs)
+    inputs_of = {"gemma3n": Gemma3nInputs, "gemma4": Gemma4Inputs,
+                 "nemotron_omni": NemotronInputs}.get(family, QwenInputs)
     processor = inputs_of(args.model_dir, config)
     tok = processor.tokenizer
     rate = processor.sampling_rate

@@ -473,8 +473,8 @@ def test_bf16_two_processes_keep_fp32_masters_and_equal_one_process(tmp_path, mi
 #: DPO and GRPO train LoRA on the LLM only (their reference is the model with the adapters disabled);
 #: at lr 5e-4 (at COMMON's 2e-3, DPO's margins swing from +0.7 to -1.2 in 4 steps and Adam's
 #: roundoff amplification moves 6 adapter entries by up to 8e-5)
-LORA_ONLY = ["train.lr=5e-4", "roles.vision_encoder.mode=frozen", "roles.vision_projector.mode=frozen", "roles.lm_head.mode=frozen",
-             "data.allow_outside_paths=true", "data.max_tokens=512"]
+LORA_ONLY = ["train.lr=5e-4", "roles.vision_encoder.mode=frozen", "roles.vision_projector.mode=frozen",
+             "roles.lm_head.mode=frozen", "data.allow_outside_paths=true", "data.max_tokens=512"]
 METHODS = {
     "dpo": ["train.method=dpo", "train.dpo_beta=0.5", *LORA_ONLY],
     # 4 answers per prompt at temperature 1.5, so the tiny random model's answers differ in reward

@@ -10,7 +10,6 @@ import functools
 import pytest
 import torch
 
-
 from finetune.data.schema import parse_sample
 
 BETA = 0.5
@@ -204,11 +203,9 @@ def test_a_tiny_dpo_run_raises_preference_accuracy(tmp_path, small_demo):
     the first ones'."""
     import json
 
-    from conftest import tiny_recipe
+    from conftest import demo_pairs, tiny_recipe
 
     from finetune.train import train
-
-    from conftest import demo_pairs
 
     data = demo_pairs(small_demo, tmp_path)
     recipe = tiny_recipe(tmp_path, small_demo, *DPO_RUN, f"data.train={data}", "train.max_steps=30",
