@@ -21,10 +21,16 @@ tokenizer and Parakeet feature extractor with its image arithmetic written out (
 Video frames are picked as the toolkit picks them (the recipe's model.video_fps and
 video_max_frames, from the export's recipe.yaml: `read_video`), decoded with PyAV.
 
-What is answered: text, images and audio for every family above; video for Gemma 4. Samples with
-video are skipped and counted, with the reason, for the others:
-- Qwen2.5-Omni and Qwen3-Omni: their video inputs are not built here (transformers' Qwen video
-  processors need torchvision, and this script does not write out their frame rules);
+Qwen's video frames are resized, normalised and cut into patches (temporal_patch_size frames each)
+here with PIL and numpy, by the toolkit's rule (`QwenInputs.video`: transformers' Qwen video
+processors need torchvision), with video_second_per_grid (temporal_patch_size / video_fps) for the
+rope's time axis.
+
+What is answered: text, images and audio for every family above; video for Qwen2.5-Omni, Qwen3-Omni
+and Gemma 4. Samples with video are skipped and counted, with the reason, for the others:
+- Qwen2.5-Omni and Qwen3-Omni: only a video file read with its own sound (a part's
+  "use_audio_in_video", else the recipe's model.use_audio_in_video, and a file with a sound track):
+  the sound's tokens interleaved with the video's by time are not built here;
 - Gemma 3n: it takes no video;
 - Nemotron-3-Nano-Omni: the toolkit answers no video for it (its family reads images and audio), so
   there is no eval answer to match, and transformers' video processor for it needs torchvision.
@@ -114,10 +120,11 @@ def _is_toolkit(module: str) -> bool:
 
 class QwenInputs:
     """Qwen2.5-Omni's and Qwen3-Omni's input rules from transformers' own parts: the PIL image
-    processor, the Whisper feature extractor and the tokenizer with the model's chat template.
-    (transformers' Qwen2_5OmniProcessor and Qwen3OmniMoeProcessor would do the same but cannot be
-    built without torchvision, which their video processors need.) Each image/audio placeholder
-    becomes as many tokens as the encoder yields: grid t*h*w / merge^2 for an image; for audio,
+    processor, the Whisper feature extractor and the tokenizer with the model's chat template, and
+    video frames patched here (`video`). (transformers' Qwen2_5OmniProcessor and
+    Qwen3OmniMoeProcessor cannot be built without torchvision, which their video processors need.)
+    Each image/video/audio placeholder becomes as many tokens as the encoder yields: grid
+    t*h*w / merge^2 for an image or a video; for audio,
     Qwen2.5-Omni's ((frames-1)//2+1-2)//2+1 of features padded to 30 s, Qwen3-Omni's own count
     (transformers' _get_feat_extract_output_lengths) of features padded to the longest clip."""
 
@@ -139,9 +146,53 @@ class QwenInputs:
         self.audio_token = ids(th.get("audio_token_index", th.get("audio_token_id")))
         self.n_window = int(th.get("audio_config", {}).get("n_window", 50))
         self.eos = [self.tokenizer.convert_tokens_to_ids("<|im_end|>")]
+        self.video_token = ids(th.get("video_token_index", th.get("video_token_id")))
+        self.fps = float(recipe_setting(folder, "model", "video_fps", 2.0))
+        self.with_sound = bool(recipe_setting(folder, "model", "use_audio_in_video", False))
 
-    no_video = ("Qwen's video inputs are not built here: transformers' Qwen video processors need torchvision, "
-                "and this script does not yet write out their frame rules")
+    #: samples with video are answered (but for a video read with its sound: `skips_video`)
+    no_video = None
+
+    def skips_video(self, parts: list, root: Path) -> str | None:
+        """Why a sample's videos are not answered here, or None: a video file read with its own sound
+        (the part's "use_audio_in_video", else the recipe's model.use_audio_in_video) is not built."""
+        for part in parts:
+            path = root / part["path"] if part.get("path") else None
+            if part.get("use_audio_in_video", self.with_sound) and path is not None and path.is_file():
+                import av
+
+                with av.open(str(path)) as container:
+                    if container.streams.audio:
+                        return ("a Qwen video read with its sound (use_audio_in_video) is not built here: its "
+                                "sound's tokens interleave with the video's by time")
+        return None
+
+    def video(self, frames: list) -> tuple[torch.Tensor, list[int]]:
+        """A video's frames -> (pixel_values_videos [t*h*w, 3*tp*p*p], grid [t, h, w]) as the toolkit
+        makes them: every frame resized to the first one's size (PIL's default filter), then to the
+        resize rule's size (bicubic), scaled to [0, 1] and normalised in float32; the last frame
+        repeated to fill the last temporal patch; patches laid out as the vision tower reads them."""
+        ip = self.images
+        p, m, tp = ip.patch_size, ip.merge_size, ip.temporal_patch_size
+        mean = np.asarray(ip.image_mean, np.float32)
+        std = np.asarray(ip.image_std, np.float32)
+        w0, h0 = frames[0].width, frames[0].height
+        h, w = _qwen_frame_size(h0, w0, p * m, ip.size["shortest_edge"], ip.size["longest_edge"])
+        arrs = []
+        for i, frame in enumerate(frames):
+            if i:
+                frame = frame.resize((w0, h0))
+            frame = frame.convert("RGB")
+            if (frame.width, frame.height) != (w, h):
+                frame = frame.resize((w, h), Image.BICUBIC)
+            a = np.asarray(frame, dtype=np.float32) / 255.0
+            arrs.append(((a - mean) / std).transpose(2, 0, 1))
+        x = np.stack(arrs)
+        if len(x) % tp:
+            x = np.concatenate([x, np.repeat(x[-1:], tp - len(x) % tp, axis=0)])
+        gt, gh, gw = len(x) // tp, h // p, w // p
+        x = x.reshape(gt, tp, 3, gh // m, m, p, gw // m, m, p).transpose(0, 3, 6, 4, 7, 2, 1, 5, 8)
+        return torch.from_numpy(np.ascontiguousarray(x.reshape(gt * gh * gw, 3 * tp * p * p))), [gt, gh, gw]
 
     def __call__(self, messages, images, audios, videos=()) -> dict:
         text = self.tokenizer.apply_chat_template(messages, chat_template=self.template, add_generation_prompt=True,
@@ -152,6 +203,15 @@ class QwenInputs:
             out.update(pixel_values=im["pixel_values"], image_grid_thw=im["image_grid_thw"])
             merge = self.images.merge_size ** 2
             text = _expand(text, self.image_token, [int(g.prod()) // merge for g in im["image_grid_thw"]])
+        if videos:
+            made = [self.video(clip) for clip, _ in videos]
+            grids = torch.tensor([g for _, g in made], dtype=torch.long)
+            # seconds per temporal patch (the rope's time axis): temporal_patch_size frames at the recipe's fps
+            out.update(pixel_values_videos=torch.cat([x for x, _ in made]), video_grid_thw=grids,
+                       video_second_per_grid=torch.full((len(made),), self.images.temporal_patch_size / self.fps,
+                                                        dtype=torch.float32))
+            merge = self.images.merge_size ** 2
+            text = _expand(text, self.video_token, [int(g.prod()) // merge for g in grids])
         if audios:
             if self.family == "qwen3_omni_moe":
                 from transformers.models.qwen3_omni_moe.modeling_qwen3_omni_moe import (
@@ -375,6 +435,21 @@ def _padded_clips(feats: list, masks: list) -> dict:
     return {"input_features": x, "input_features_mask": m}
 
 
+def _qwen_frame_size(height: int, width: int, factor: int, min_pixels: int, max_pixels: int) -> tuple[int, int]:
+    """(height, width) a Qwen video frame is resized to, by the toolkit's rule (Qwen2-VL's earlier
+    one: sides rounded to a multiple of `factor`, never below it; the area brought within
+    [min_pixels, max_pixels] keeping the aspect ratio)."""
+    h, w = max(factor, round(height / factor) * factor), max(factor, round(width / factor) * factor)
+    if h * w > max_pixels:
+        beta = math.sqrt(height * width / max_pixels)
+        h = max(factor, math.floor(height / beta / factor) * factor)
+        w = max(factor, math.floor(width / beta / factor) * factor)
+    elif h * w < min_pixels:
+        beta = math.sqrt(min_pixels / (height * width))
+        h, w = math.ceil(height * beta / factor) * factor, math.ceil(width * beta / factor) * factor
+    return h, w
+
+
 def _expand(text: str, token: str, items: list) -> str:
     """Each `token` placeholder in turn replaced: by the item's text, or by `token` repeated (a count)."""
     pieces = text.split(token)
@@ -562,11 +637,14 @@ def main(argv=None) -> int:
     lines = [json.loads(x) for x in Path(args.data).read_text().splitlines() if x.strip()]
     if args.limit:
         lines = lines[: args.limit]
-    rows, hits, skipped = [], 0, 0
+    rows, hits, skipped, reasons = [], 0, 0, []
     for sample in lines:
         msgs, images, audios, videos = conversation(sample, root, system, rate)
-        if videos and processor.no_video:
+        reason = (processor.no_video or (processor.skips_video(videos, root) if hasattr(processor, "skips_video")
+                                         else None)) if videos else None
+        if reason:
             skipped += 1
+            reasons += [reason] if reason not in reasons else []
             continue
         clips = [read_video(v, root, fps, max_frames) for v in videos]
         inputs = processor(msgs, images, audios, clips)
@@ -578,7 +656,7 @@ def main(argv=None) -> int:
         hits += ok
         rows.append({"id": sample.get("id"), "prediction": pred, "reference": reference_of(sample), "match": ok})
     n = len(rows)
-    why = f" ({skipped} with video skipped: {processor.no_video})" if skipped else ""
+    why = f" ({skipped} with video skipped: {'; '.join(reasons)})" if skipped else ""
     print(f"{n} samples answered{why}: exact-match accuracy {hits / max(n, 1):.3f}")
     if args.out:
         Path(args.out).write_text("".join(json.dumps(r) + "\n" for r in rows))

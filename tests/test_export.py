@@ -302,10 +302,11 @@ VIDEO_SAMPLES = [  # media from media_samples.write_media: a.png, a.wav, vid/ (5
 ]
 
 
-@pytest.mark.parametrize("family", ["gemma4", "nemotron_omni"])
+@pytest.mark.parametrize("family", ["gemma4", "qwen2_5_omni", "qwen3_omni_moe", "nemotron_omni"])
 def test_the_transformers_example_answers_video_as_eval_does(family, tiny_runs, media_dir, tmp_path):
     """Video from a file and from a folder of frames (thinned by its fps), alone and beside an image
-    and audio: the example answers it as eval does where it reads the family's video (Gemma 4), and
+    and audio: the example answers it as eval does where it reads the family's video (Gemma 4,
+    Qwen2.5-Omni, Qwen3-Omni: for Qwen its inputs equal the toolkit's encoding exactly), and
     elsewhere skips those samples, says so with the reason, and answers the rest as eval does."""
     data = media_dir / "eval.jsonl"
     data.write_text("".join(json.dumps({"id": f"v{i}", "messages": [
@@ -314,11 +315,48 @@ def test_the_transformers_example_answers_video_as_eval_does(family, tiny_runs, 
         for i, parts in enumerate(VIDEO_SAMPLES)))
     run = tiny_runs(family)
     fresh, stdout = example_answers(run, data, tmp_path)
-    if family == "gemma4":
+    if family != "nemotron_omni":
         assert [f["id"] for f in fresh] == ["v0", "v1", "v2", "v3"] and "skipped" not in stdout
         ours = eval_answers(run, data)
+        if family != "gemma4":
+            qwen_inputs_equal_the_toolkits(run, data)
     else:
         assert [f["id"] for f in fresh] == ["v0"]
         assert "1 samples answered (3 with video skipped: the toolkit answers no video for Nemotron" in stdout
         ours = eval_answers(run, data, keep=lambda s: not any(p.type == "video" for m in s.messages for p in m.parts))
     assert [f["prediction"] for f in fresh] == ours
+
+
+def qwen_inputs_equal_the_toolkits(run, data):
+    """The example's Qwen inputs for each sample of `data` (token ids, video pixels, grid, seconds
+    per grid, image pixels and grid) are the toolkit's generation encoding of it, value for value."""
+    import importlib.util
+    from pathlib import Path
+
+    from finetune.data.reading import read_split
+    from finetune.inference import open_model
+
+    spec = importlib.util.spec_from_file_location("example_gwt", ROOT / "examples" / "generate_with_transformers.py")
+    ex = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(ex)
+    merged = Path(run) / "merged"  # written by example_answers
+    config = json.loads((Path(merged) / "config.json").read_text())
+    proc = ex.QwenInputs(str(merged), config)
+    fps = float(ex.recipe_setting(str(merged), "model", "video_fps", 2.0))
+    max_frames = int(ex.recipe_setting(str(merged), "model", "video_max_frames", 16))
+    system = ex.recipe_setting(str(merged), "data", "system_prompt")
+    a = open_model(str(run), device="cpu")
+    samples, _ = read_split(str(data), a.recipe)
+    lines = [json.loads(x) for x in Path(data).read_text().splitlines()]
+    assert len(samples) == len(lines) == 4
+    for line, sample in zip(lines, samples):
+        msgs, images, audios, videos = ex.conversation(line, Path(data).parent, system, proc.sampling_rate)
+        got = proc(msgs, images, audios, [ex.read_video(v, Path(data).parent, fps, max_frames) for v in videos])
+        enc = a.family.encode(sample, a.processor, for_generation=True)
+        assert torch.equal(got["input_ids"][0], enc.input_ids), line["id"]
+        for key in ("pixel_values_videos", "video_grid_thw", "video_second_per_grid", "pixel_values",
+                    "image_grid_thw"):
+            assert (key in got) == (key in enc.media), (line["id"], key)
+            if key in got:
+                same = got[key].dtype == enc.media[key].dtype and torch.equal(got[key], enc.media[key])
+                assert same, (line["id"], key)
