@@ -31,6 +31,10 @@ EXTENDED = {
     "test_distributed.py::test_dpo_and_grpo_two_processes_equal_one_process[grpo-ddp]",
     "test_distributed.py::test_dpo_and_grpo_two_processes_equal_one_process[dpo-fsdp]",
     "test_distributed.py::test_dpo_and_grpo_two_processes_equal_one_process[grpo-fsdp]",
+    # kill -9 in a preference stage: DPO stays; the transformers example's video: Gemma 4 and Qwen2.5-Omni stay
+    "test_stages.py::test_a_dpo_or_grpo_stage_killed_resumes_with_the_same_losses[grpo]",
+    "test_export.py::test_the_transformers_example_answers_video_as_eval_does[qwen3_omni_moe]",
+    "test_export.py::test_the_transformers_example_answers_video_as_eval_does[nemotron_omni]",
 }
 
 

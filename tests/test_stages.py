@@ -155,7 +155,7 @@ def test_a_dpo_or_grpo_stage_killed_resumes_with_the_same_losses(tmp_path, small
         train, keys = "dpo_beta: 0.5", ["rewards/chosen", "rewards/margins", "rewards/accuracies"]
     else:
         data = ""
-        train = "grpo_group: 4, grpo_max_new_tokens: 4, grpo_temperature: 1.5, grpo_format_reward: 0.5"
+        train = "grpo_group: 8, grpo_max_new_tokens: 4, grpo_temperature: 1.5, grpo_format_reward: 0.5, seed: 1"
         keys = ["reward", "reward_group_std", "kl", "completion_length", "advantage_abs"]
     recipe = tmp_path / "staged.yaml"
     recipe.write_text(METHOD_STAGE.format(method=method, data=data, train=train))

@@ -493,7 +493,8 @@ class Qwen25OmniFamily(Family):
                  "vllm serve path/to/merged --served-model-name tuned --dtype float32 --enforce-eager \\",
                  f"    --max-model-len 2048 --limit-mm-per-prompt {limits}",
                  "```", "",
-                 "then ask through its OpenAI chat API (`/v1/chat/completions`, images as data: URLs, audio as "
+                 "then ask through its OpenAI-compatible chat API (the `chat/completions` route; images as data: "
+                 "URLs, audio as "
                  "base64 WAV). That is the command tested on the CPU; on a GPU, `--dtype auto` without "
                  "`--enforce-eager` is vLLM's usual setting (not tested here). Video was not tested."]
         if not full_layout:
