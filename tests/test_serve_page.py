@@ -163,7 +163,8 @@ def test_the_page_answers_base_and_tuned_side_by_side_and_loads_nothing_from_out
         server.send_signal(signal.SIGINT)  # Ctrl-C, as a user stops serve
         stopping = time.monotonic()
         try:
-            server.wait(timeout=90)  # measured: 2.5 s on an idle machine; a fresh-clone CI under load took over 30 s once
+            # measured: 2.5 s on an idle machine; a fresh-clone CI under load took over 30 s once
+            server.wait(timeout=90)
             print(f"serve stopped {time.monotonic() - stopping:.1f} s after Ctrl-C")
         except subprocess.TimeoutExpired:
             server.kill()
